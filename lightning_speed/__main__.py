@@ -1,0 +1,3 @@
+from lightning_speed.cli import main
+
+main()

@@ -1,0 +1,44 @@
+"""The ``lightning-speed`` command: LightningCLI over DiffusionModule and our data modules.
+
+``lightning-speed fit --config configs/quickstart.yaml`` trains; every constructor argument
+of the model, the data module and the callbacks can be set from YAML or the command line,
+and ``--print_config`` shows them all.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_speed.module import DiffusionModule
+
+
+class SpeedCLI(LightningCLI):
+    """LightningCLI with TensorBoard logging by default and the data's shape linked into the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
+        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "lightning_speed"},
+                }
+            }
+        )
+
+
+def main(args: list[str] | None = None) -> SpeedCLI:
+    """Entry point of the console script and of ``python -m lightning_speed``."""
+    return SpeedCLI(
+        DiffusionModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args if args is not None else sys.argv[1:],
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
