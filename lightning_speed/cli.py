@@ -29,14 +29,19 @@ class SpeedCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> SpeedCLI:
-    """Entry point of the console script and of ``python -m lightning_speed``."""
+def main(args: list[str] | None = None, run: bool = True) -> SpeedCLI:
+    """Entry point of the console script and of ``python -m lightning_speed``.
+
+    ``run=False`` parses and instantiates without running (``args`` then has no subcommand),
+    for scripts that adjust the trainer before calling ``fit`` themselves.
+    """
     return SpeedCLI(
         DiffusionModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args if args is not None else sys.argv[1:],
         auto_configure_optimizers=False,
+        run=run,
     )
 
 

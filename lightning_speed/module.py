@@ -93,6 +93,7 @@ class DiffusionModule(pl.LightningModule):
         self.timestep_sampler: TimestepSampler = UniformSampler(self.noise_schedule.num_timesteps)
         self.loss_weighting: LossWeighting = ConstantWeighting()
         self._train_forward = self.backbone
+        self._cuda_graphs = False
 
     @property
     def num_timesteps(self) -> int:
@@ -129,6 +130,7 @@ class DiffusionModule(pl.LightningModule):
             self._check_backbone_accepts(self.image_shape)
         if self.compile and stage == "fit":
             self._train_forward = torch.compile(self.backbone, mode=self.compile_mode)
+            self._cuda_graphs = self.compile_mode is not None and "reduce-overhead" in self.compile_mode
 
     def _check_backbone_accepts(self, shape: tuple[int, int, int]) -> None:
         """One tiny forward on the CPU-side copy of the shapes, so a mismatch fails at setup."""
@@ -175,6 +177,8 @@ class DiffusionModule(pl.LightningModule):
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
         x0, y = self._split_batch(batch)
         if y is not None:
             y = self._drop_labels(y)
@@ -225,6 +229,12 @@ class DiffusionModule(pl.LightningModule):
 
         return guided
 
+    def _sampling_autocast(self) -> Any:
+        """Sample in bf16 when the Trainer trains in bf16 (the network runs in bf16, the update in fp32)."""
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        enabled = "bf16" in precision
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
     @torch.no_grad()
     def sample(
         self,
@@ -267,7 +277,9 @@ class DiffusionModule(pl.LightningModule):
             for start in range(0, num_samples, size):
                 part = slice(start, start + size)
                 fn = self.denoiser(labels[part] if labels is not None else None, guidance_scale)
-                chunks.append(self.diffusion.sample(fn, noise[part].to(self.device), steps=steps, eta=eta, generator=generator))
+                with self._sampling_autocast():
+                    x = self.diffusion.sample(fn, noise[part].to(self.device), steps=steps, eta=eta, generator=generator)
+                chunks.append(x.float())
             return torch.cat(chunks)
         finally:
             self.train(was_training)

@@ -1,7 +1,10 @@
 """The two seams of the training step: where time steps come from and how losses are weighted.
 
 A ``TimestepSampler`` draws ``t`` for a batch; a ``LossWeighting`` turns ``t`` into per-sample
-loss weights. Both are called once per step with tensors only: no host-device synchronisation.
+loss weights. Both are called once per step with tensors only: no host-device synchronisation
+(no ``.item()``, ``.cpu()``, ``.tolist()``, boolean masking or ``torch.multinomial``'s
+single-draw validity check). Table samplers draw by inverse-CDF lookup (``torch.rand`` +
+``torch.searchsorted``), which runs entirely on the device.
 
 They are deliberately *not* ``nn.Module``: assigning one to a LightningModule attribute must
 not change the model's parameters, buffers or checkpoint keys (EMA weight averaging pairs
@@ -13,10 +16,19 @@ state through ``extra_state`` / ``load_extra_state``, called by the installing c
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def _normalise_device(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` so device comparisons with generators are exact."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class DeviceTables:
@@ -25,16 +37,48 @@ class DeviceTables:
     device: torch.device = torch.device("cpu")
 
     def to(self, device: torch.device | str) -> DeviceTables:
-        device = torch.device(device)
+        device = _normalise_device(device)
         for name, value in vars(self).items():
             if isinstance(value, Tensor):
                 setattr(self, name, value.to(device))
         self.device = device
         return self
 
+    # -- checkpointing (stateless by default) -------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """State that must survive a resume (CPU tensors and plain Python values only)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned."""
+
+
+def inverse_cdf_sample(cdf: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Draw ``n`` indices from the categorical distribution whose cumulative table is ``cdf``.
+
+    ``cdf`` must be non-decreasing and end at 1. Entries with zero probability are never drawn
+    (``right=True`` skips ties). Sync-free on every device, unlike ``torch.multinomial``.
+    """
+    u = torch.rand(n, device=cdf.device, dtype=cdf.dtype, generator=generator)
+    t = torch.searchsorted(cdf, u, right=True)
+    return t.clamp_(max=cdf.numel() - 1)
+
+
+def probabilities_to_cdf(probs: Tensor) -> Tensor:
+    """Normalised cumulative table of non-negative weights, ending exactly at 1 (same dtype)."""
+    cdf = torch.cumsum(probs, dim=0)
+    return cdf / cdf[-1:]
+
 
 class TimestepSampler(DeviceTables):
-    """Draws integer time steps in ``[0, num_timesteps)`` on ``self.device``."""
+    """Draws integer time steps in ``[0, num_timesteps)`` on ``self.device``.
+
+    Randomness: after ``manual_seed(seed)`` the sampler owns a ``torch.Generator`` on its
+    device, so its draws can be replayed and resumed. The generator is created lazily on the
+    current device; when the sampler moves to another device *type* (CPU -> CUDA) the stream
+    restarts from the seed, since CPU and CUDA generator states are not interchangeable.
+    Without a seed it uses the global RNG of its device.
+    """
 
     def __init__(self, num_timesteps: int) -> None:
         if int(num_timesteps) < 1:
@@ -42,23 +86,45 @@ class TimestepSampler(DeviceTables):
         self.num_timesteps = int(num_timesteps)
         self._generator: torch.Generator | None = None
         self._seed: int | None = None
+        # (device type, CPU byte tensor) restored from a checkpoint, applied when the
+        # generator is (re)built on a device of that type.
+        self._pending_rng: tuple[str, Tensor] | None = None
 
     # -- randomness ---------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
         """Give the sampler its own generator, so its draws can be replayed and resumed."""
         self._seed = int(seed)
         self._generator = None  # (re)built lazily on the current device
+        self._pending_rng = None
+
+    @property
+    def seed(self) -> int | None:
+        return self._seed
 
     @property
     def generator(self) -> torch.Generator | None:
         if self._seed is None:
             return None
-        if self._generator is None or self._generator.device != self.device:
-            state = self._generator.get_state() if self._generator is not None else None
-            self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(self._seed)
-            if state is not None:
-                self._generator.set_state(state)
+        old = self._generator
+        if old is None or old.device != self.device:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(self._seed)
+            if self._pending_rng is not None:
+                device_type, state = self._pending_rng
+                self._pending_rng = None
+                if device_type == self.device.type:
+                    gen.set_state(state)
+                else:
+                    warnings.warn(
+                        f"The time-step sampler's RNG state was saved on {device_type} but the run continues "
+                        f"on {self.device.type}: its stream restarts from seed {self._seed}, so the time steps "
+                        "after this resume differ from an uninterrupted run. Resume on the same device type "
+                        "for an exact continuation.",
+                        stacklevel=2,
+                    )
+            elif old is not None and old.device.type == self.device.type:
+                gen.set_state(old.get_state())  # e.g. cuda:0 -> cuda:1: keep the stream
+            self._generator = gen
         return self._generator
 
     # -- the protocol ---------------------------------------------------------------------
@@ -78,16 +144,27 @@ class TimestepSampler(DeviceTables):
         raise NotImplementedError
 
     # -- checkpointing --------------------------------------------------------------------
+    def _rng_state(self) -> dict[str, Any] | None:
+        if self._pending_rng is not None:
+            device_type, state = self._pending_rng
+            return {"device_type": device_type, "state": state.clone()}
+        if self._generator is not None:
+            return {"device_type": self._generator.device.type, "state": self._generator.get_state()}
+        return None
+
     def extra_state(self) -> dict[str, Any]:
-        """State that must survive a resume: the generator's and any running statistics."""
-        gen = self.generator
-        return {"seed": self._seed, "generator": gen.get_state() if gen is not None else None}
+        """State that must survive a resume: the seed and generator state (CPU tensors only)."""
+        return {"seed": self._seed, "rng": self._rng_state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("seed") is not None:
-            self.manual_seed(state["seed"])
-            if state.get("generator") is not None:
-                self.generator.set_state(torch.as_tensor(state["generator"]).cpu())
+        if state.get("seed") is None:
+            return
+        self.manual_seed(state["seed"])
+        rng = state.get("rng")
+        if rng is not None:
+            self._pending_rng = (str(rng["device_type"]), torch.as_tensor(rng["state"]).cpu())
+        elif state.get("generator") is not None:  # the first version of this format: a CPU state
+            self._pending_rng = ("cpu", torch.as_tensor(state["generator"]).cpu())
 
 
 class UniformSampler(TimestepSampler):
@@ -101,17 +178,23 @@ class UniformSampler(TimestepSampler):
 
 
 class TableSampler(TimestepSampler):
-    """Samples from a fixed categorical distribution over t held on the device."""
+    """Samples from a fixed categorical distribution over t held on the device.
+
+    ``probs`` (float32, normalised) is kept for logging; draws use ``cdf``, built in float64
+    and stored in float32 with its last entry exactly 1.
+    """
 
     def __init__(self, probs: Tensor) -> None:
-        probs = torch.as_tensor(probs, dtype=torch.float64).flatten()
-        if (probs < 0).any() or not torch.isfinite(probs).all() or probs.sum() <= 0:
+        probs = torch.as_tensor(probs, dtype=torch.float64).flatten().cpu()
+        if probs.numel() < 1 or not torch.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
             raise ValueError("Time-step probabilities must be finite, non-negative and not all zero.")
         super().__init__(probs.numel())
-        self.probs = (probs / probs.sum()).float()
+        probs = probs / probs.sum()
+        self.probs = probs.float()
+        self.cdf = probabilities_to_cdf(probs).float()
 
     def sample(self, n: int) -> Tensor:
-        return torch.multinomial(self.probs, n, replacement=True, generator=self.generator)
+        return inverse_cdf_sample(self.cdf, n, self.generator)
 
     def probabilities(self) -> Tensor:
         return self.probs
@@ -135,8 +218,8 @@ class TableWeighting(LossWeighting):
     """Weights looked up from a fixed table over t held on the device."""
 
     def __init__(self, weights: Tensor) -> None:
-        weights = torch.as_tensor(weights, dtype=torch.float64).flatten()
-        if not torch.isfinite(weights).all() or (weights < 0).any():
+        weights = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
+        if weights.numel() < 1 or not torch.isfinite(weights).all() or (weights < 0).any():
             raise ValueError("Loss weights must be finite and non-negative.")
         self.table = weights.float()
 

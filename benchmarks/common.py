@@ -1,0 +1,76 @@
+"""Helpers shared by the benchmark scripts: configs, device facts, JSON results."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def instantiate(spec: Any) -> Any:
+    """Build ``{"class_path": ..., "init_args": {...}}`` (nested) the way the CLI would."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        kwargs = {k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+        return cls(**kwargs)
+    if isinstance(spec, list):
+        return [instantiate(v) for v in spec]
+    return spec
+
+
+def load_config(name: str) -> dict[str, Any]:
+    with open(REPO / "configs" / name) as f:
+        return yaml.safe_load(f)
+
+
+def default_backbone(config: str = "fashion_mnist_uniform.yaml", **overrides: Any) -> torch.nn.Module:
+    """The backbone of a shipped config (the project's default Fashion-MNIST UNet)."""
+    spec = load_config(config)["model"]["backbone"]
+    spec = {"class_path": spec["class_path"], "init_args": {**spec.get("init_args", {}), **overrides}}
+    return instantiate(spec)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def measured_bf16_matmul_tflops(n: int = 8192, iters: int = 20) -> float:
+    """The card's bf16 matrix-product rate, measured (not the datasheet)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def update_summary(path: Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge keys into summary.json (other benchmarks own other keys)."""
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update(updates)
+    write_json(path, summary)
+    return summary
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d")

@@ -1,0 +1,305 @@
+"""Convergence: does SpeeD reach the uniform baseline's FID in fewer steps?
+
+Each run trains one shipped config (``configs/fashion_mnist_<strategy>.yaml``) through the
+project's own CLI objects, evaluates FID (EMA weights, DDIM-50, the offline Fashion-MNIST
+feature network) every ``--eval-every`` steps, and writes ``<out>/<strategy>_s<seed>/result.json``.
+Runs execute as concurrent processes on one GPU. Every run checkpoints when it stops
+(``--time-limit`` or N reached), and running the same command again resumes each run
+from its checkpoint, so a long benchmark fits in parts of a few minutes.
+
+    python benchmarks/convergence.py launch --strategies uniform speed --seeds 0 1 --steps 20000
+    python benchmarks/convergence.py report --out benchmarks/results/convergence
+    python benchmarks/convergence.py launch --smoke ...   # tiny CPU run for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS, today, update_summary, write_json  # noqa: E402
+
+STRATEGIES = {
+    "uniform": "fashion_mnist_uniform.yaml",
+    "speed": "fashion_mnist_speed.yaml",
+    "speed_auto": "fashion_mnist_speed_auto.yaml",
+    "speed_cosine": "fashion_mnist_speed_cosine.yaml",
+    "p2": "fashion_mnist_p2.yaml",
+    "min_snr": "fashion_mnist_min_snr.yaml",
+    "logit_normal": "fashion_mnist_logit_normal.yaml",
+    "clts": "fashion_mnist_clts.yaml",
+    "loss_aware": "fashion_mnist_loss_aware.yaml",
+}
+SMOKE_MODEL = [
+    "--model.backbone.init_args.base_channels", "16", "--model.backbone.init_args.channel_mult", "[1, 2]",
+    "--model.backbone.init_args.num_res_blocks", "1", "--model.backbone.init_args.attention_resolutions", "[]",
+    "--model.compile", "false", "--trainer.precision", "32-true", "--trainer.accelerator", "cpu",
+    "--data.init_args.on_device", "false",
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- one run
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) one strategy/seed until ``args.steps`` or the time limit; write result.json."""
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_speed.callbacks import FIDCallback, SampleGridCallback
+    from lightning_speed.cli import main as cli_main
+
+    run_dir = Path(args.out) / f"{args.strategy}_s{args.seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "last.ckpt"
+    cli_args = [
+        "--config", str(REPO / "configs" / STRATEGIES[args.strategy]),
+        "--seed_everything", str(args.seed),
+        "--trainer.max_steps", str(args.steps),
+        "--trainer.max_time", time.strftime("00:%H:%M:%S", time.gmtime(args.time_limit)),
+        "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.logger.init_args.name", "tb",
+        "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+    ]  # fmt: skip
+    if args.root:
+        cli_args += ["--data.init_args.root", args.root]
+    if args.batch_size:
+        cli_args += ["--data.init_args.batch_size", str(args.batch_size)]
+    if args.smoke:
+        cli_args += SMOKE_MODEL
+    cli = cli_main(cli_args, run=False)
+    trainer = cli.trainer
+    callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+    for cb in callbacks:
+        if isinstance(cb, FIDCallback):
+            cb.every_n_steps, cb.num_samples, cb.eval_on_train_end = args.eval_every, args.fid_samples, False
+            cb.batch_size = min(cb.batch_size, args.fid_samples)
+            cb.sampling_steps = args.fid_steps
+            fid_cb = cb
+        if isinstance(cb, SampleGridCallback):
+            cb.every_n_steps = args.eval_every
+    trainer.callbacks = callbacks
+    if args.smoke:
+        torch.set_num_threads(1)
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
+    trainer.save_checkpoint(ckpt)
+    result = {
+        "strategy": args.strategy,
+        "seed": args.seed,
+        "config": STRATEGIES[args.strategy],
+        "steps_target": args.steps,
+        "steps_done": trainer.global_step,
+        "batch_size": cli.datamodule.batch_size,
+        "fid_samples": args.fid_samples,
+        "fid_sampler": f"ddim-{args.fid_steps}",
+        "fid_history": fid_cb.history,
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": today(),
+    }
+    if trainer.global_step >= args.steps and args.final_samples:
+        result["final"] = final_fids(trainer, cli.model, fid_cb, args)
+    write_json(run_dir / "result.json", result)
+    return result
+
+
+def final_fids(trainer: Any, module: Any, fid_cb: Any, args: argparse.Namespace) -> dict[str, float]:
+    """FID at N with more samples: DDIM-50 and DDPM-250 (EMA weights)."""
+    out = {}
+    fid_cb.num_samples = args.final_samples
+    for sampler, steps in (("ddim", 50), ("ddpm", 250)):
+        fid_cb.sampler, fid_cb.sampling_steps = sampler, min(steps, args.fid_steps if args.smoke else steps)
+        start = time.perf_counter()
+        out[f"{sampler}-{steps}"] = fid_cb.evaluate(trainer, module)
+        out[f"{sampler}-{steps}_seconds"] = time.perf_counter() - start
+        fid_cb.history.pop()  # keep the curve to its fixed sample count
+    return out
+
+
+# ----------------------------------------------------------------------------- many runs
+def launch(args: argparse.Namespace) -> None:
+    """Run every (strategy, seed) as a concurrent process, ``--parallel`` at a time; then report."""
+    jobs = [(s, seed) for s in args.strategies for seed in args.seeds]
+    pending, running, failed = list(jobs), [], []
+    log_dir = Path(args.out) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            strategy, seed = pending.pop(0)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--strategy", strategy, "--seed", str(seed)]
+            cmd += _forward(args)
+            log = open(log_dir / f"{strategy}_s{seed}.log", "a")
+            running.append(((strategy, seed), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log))
+            print(f"started {strategy} seed {seed}", flush=True)
+        time.sleep(1 if args.smoke else 5)
+        for item in list(running):
+            (strategy, seed), proc, log = item
+            if proc.poll() is not None:
+                running.remove(item)
+                log.close()
+                print(f"finished {strategy} seed {seed}: exit {proc.returncode}", flush=True)
+                if proc.returncode:
+                    failed.append((strategy, seed))
+    report(args)
+    if failed:
+        raise SystemExit(f"runs failed: {failed}; see {log_dir}")
+
+
+def _forward(args: argparse.Namespace) -> list[str]:
+    out = ["--out", args.out, "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+           "--fid-samples", str(args.fid_samples), "--fid-steps", str(args.fid_steps),
+           "--final-samples", str(args.final_samples), "--time-limit", str(args.time_limit)]  # fmt: skip
+    if args.root:
+        out += ["--root", args.root]
+    if args.batch_size:
+        out += ["--batch-size", str(args.batch_size)]
+    if args.smoke:
+        out.append("--smoke")
+    return out
+
+
+# ----------------------------------------------------------------------------- the figure of merit
+def first_step_reaching(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first step, linearly interpolated, at which the FID curve falls to ``target``."""
+    prev = None
+    for step, fid in curve:
+        if fid <= target:
+            if prev is None or prev[1] == fid:
+                return float(step)
+            s0, f0 = prev
+            return s0 + (f0 - target) / (f0 - fid) * (step - s0)
+        prev = (step, fid)
+    return None
+
+
+def fid_at(curve: list[tuple[int, float]], step: int) -> float | None:
+    return next((f for s, f in curve if s == step), None)
+
+
+def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
+    """Speed-up = budget / first step reaching the uniform baseline's mean FID at ``budget``."""
+    base = [fid_at(r["fid_history"], budget) for r in results if r["strategy"] == "uniform"]
+    base = [b for b in base if b is not None]
+    if not base:
+        return {}
+    target = sum(base) / len(base)
+    out: dict[str, Any] = {"_baseline_fid": target, "_baseline_seeds": len(base)}
+    for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
+        per_seed, fids = [], []
+        for r in results:
+            if r["strategy"] != strategy:
+                continue
+            curve = [(s, f) for s, f in r["fid_history"] if s <= budget]
+            if not curve or curve[-1][0] < budget:
+                continue
+            reach = first_step_reaching(curve, target)
+            per_seed.append(budget / reach if reach else None)
+            fids.append(fid_at(curve, budget))
+        reached = [v for v in per_seed if v is not None]
+        out[strategy] = {
+            "mean": sum(reached) / len(reached) if reached and len(reached) == len(per_seed) else None,
+            "min": min(reached) if reached else None,
+            "max": max(reached) if reached else None,
+            "per_seed": per_seed,
+            "seeds": len(per_seed),
+            "steps": budget,
+            "fid_at_steps": fids,
+            "note": None if len(reached) == len(per_seed) else "some seeds never reached the baseline FID (speed-up < 1)",
+        }
+    return out
+
+
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """Collect result.json files, compute speed-ups at N and N/2, plot the curves, update summary.json."""
+    out = Path(args.out)
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    if not results:
+        print("no results yet")
+        return {}
+    budget = max(r["steps_done"] for r in results)
+    budget = max((s for r in results for s, _ in r["fid_history"] if s <= budget), default=budget)
+    eval_steps = sorted({s for r in results for s, _ in r["fid_history"]})
+    half = max((s for s in eval_steps if s <= budget // 2), default=None)
+    table = {"N": speedups(results, budget), "N_half": speedups(results, half) if half else {}}
+    table.update({"budget": budget, "half": half, "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done")}
+                                                          for r in results]})
+    write_json(out / "speedups.json", table)
+    plot(results, out / "fid_vs_step.png")
+    if not args.smoke and table["N"]:
+        update_summary(RESULTS / "summary.json", {"speedup": {
+            k: {f: v[f] for f in ("mean", "min", "max", "seeds", "steps")}
+            for k, v in table["N"].items() if not k.startswith("_")
+        }, "speedup_half": {k: {f: v[f] for f in ("mean", "min", "max", "seeds", "steps")}
+                            for k, v in table["N_half"].items() if not k.startswith("_")}})
+    print(json.dumps(table, indent=1))
+    return table
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors: dict[str, Any] = {}
+    for r in sorted(results, key=lambda r: (r["strategy"], r["seed"])):
+        curve = r["fid_history"]
+        if not curve:
+            continue
+        color = colors.setdefault(r["strategy"], f"C{len(colors)}")
+        ax.plot([s for s, _ in curve], [f for _, f in curve], color=color, marker="o", ms=3,
+                label=r["strategy"] if r["seed"] == min(x["seed"] for x in results if x["strategy"] == r["strategy"]) else None,
+                lw=2.5 if r["strategy"] in ("uniform", "speed") else 1.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID (Fashion-MNIST features, EMA, DDIM-50)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["launch", "run", "report"])
+    p.add_argument("--strategies", nargs="+", default=["uniform", "speed"], choices=sorted(STRATEGIES))
+    p.add_argument("--strategy", choices=sorted(STRATEGIES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20_000, help="N: the training budget")
+    p.add_argument("--eval-every", type=int, default=2_000)
+    p.add_argument("--fid-samples", type=int, default=5_000)
+    p.add_argument("--fid-steps", type=int, default=50)
+    p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--parallel", type=int, default=4)
+    p.add_argument("--time-limit", type=int, default=540, help="seconds each run trains in this part before it checkpoints")
+    p.add_argument("--root", default=None)
+    p.add_argument("--out", default=str(RESULTS / "convergence"))
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    if args.command == "run":
+        if not args.strategy:
+            p.error("run needs --strategy")
+        run_one(args)
+    elif args.command == "launch":
+        launch(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,264 @@
+"""Training throughput: how close is the Lightning training loop to what the GPU can do?
+
+Measured side by side in one process, same backbone and batch:
+  a0  naive eager fp32 PyTorch loop (AdamW, TF32 off)
+  a   plain PyTorch loop with our fast settings (bf16 autocast, torch.compile, fused AdamW)
+  b   DiffusionModule under the Lightning Trainer, uniform sampling (same fast settings)
+  c   b plus the SpeeD callbacks (asymmetric sampling + change-aware weighting)
+Also: FLOPs per training image, the achieved fraction of the card's measured bf16 matmul
+rate, peak memory, and host-device syncs per step in (c) (profiler trace + sync debug mode).
+
+    python benchmarks/throughput.py --batch-sizes 128 512 --out benchmarks/results/throughput.json
+    python benchmarks/throughput.py --smoke          # a few CPU steps of a tiny model (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import (
+    RESULTS,
+    default_backbone,
+    device_name,
+    measured_bf16_matmul_tflops,
+    today,
+    update_summary,
+    write_json,
+)
+from lightning_speed import DiffusionModule
+from lightning_speed.process import GaussianDiffusion
+from lightning_speed.schedules import NoiseSchedule
+
+
+def synthetic_images(n: int, device: torch.device) -> torch.Tensor:
+    """uint8 images standing in for a device-resident data set (the loops only gather from it)."""
+    return torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, device=device)
+
+
+def plain_loop(backbone: torch.nn.Module, data: torch.Tensor, batch: int, warmup: int, steps: int, fast: bool) -> float:
+    """Images/s of a hand-written training loop (the a0 / a rows)."""
+    device = data.device
+    diffusion = GaussianDiffusion(NoiseSchedule.from_name("linear", 1000)).to(device)
+    model = torch.compile(backbone) if fast else backbone
+    opt = torch.optim.AdamW(backbone.parameters(), lr=1e-4, weight_decay=0.0, fused=fast and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext()
+
+    def step() -> None:
+        idx = torch.randint(0, data.shape[0], (batch,), device=device)
+        x0 = data[idx].float() / 127.5 - 1
+        t = torch.randint(0, 1000, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        with autocast:
+            out = model(diffusion.q_sample(x0, t, noise), t)
+        loss = F.mse_loss(out.float(), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+class _StepTimer(pl.Callback):
+    """Times the steps after ``warmup`` with one synchronisation at each end of the window."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = self.end = 0.0
+        self.timed_steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.warmup:
+            _sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        _sync(pl_module.device)
+        self.end = time.perf_counter()
+        self.timed_steps = trainer.global_step - self.warmup
+
+
+def lightning_loop(
+    backbone: torch.nn.Module, root: str | None, batch: int, warmup: int, steps: int, speed: bool, smoke: bool
+) -> float:
+    """Images/s of DiffusionModule under the Trainer (the b / c rows)."""
+    from lightning_speed.data import FashionMNISTDataModule
+
+    callbacks: list[pl.Callback] = []
+    if speed:
+        from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting
+
+        callbacks += [AsymmetricTimestepSampling(tau=700, k=5, dual=True), ChangeAwareWeighting(lam=0.6, tau=700)]
+    timer = _StepTimer(warmup)
+    cuda = torch.cuda.is_available()
+    module = DiffusionModule(backbone, compile=not smoke)
+    data = FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0)
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[*callbacks, timer],
+    )
+    trainer.fit(module, datamodule=data)
+    return batch * timer.timed_steps / (timer.end - timer.start)
+
+
+def flops_per_image(backbone: torch.nn.Module, device: torch.device, batch: int = 16) -> float:
+    """Forward + backward FLOPs of one training image (matmuls and convolutions)."""
+    x = torch.randn(batch, 1, 32, 32, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        backbone(x, t).square().mean().backward()
+    backbone.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def count_syncs(backbone: torch.nn.Module, root: str | None, batch: int, steps: int = 20) -> dict[str, float]:
+    """Host-device syncs per training step of (c): sync-debug warnings and profiler CUDA events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting
+    from lightning_speed.data import FashionMNISTDataModule
+
+    class Probe(pl.Callback):
+        def __init__(self) -> None:
+            self.warned = 0
+            self.prof = None
+            self._ctx = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            if trainer.global_step == 10:
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self._ctx = warnings.catch_warnings(record=True)
+                self.records = self._ctx.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+            torch.cuda.set_sync_debug_mode("default")
+            self._ctx.__exit__(None, None, None)
+            self.prof.__exit__(None, None, None)
+            self.warned = sum("synchroniz" in str(w.message) for w in self.records)
+            self.messages = sorted({str(w.message)[:120] for w in self.records if "synchroniz" in str(w.message)})
+
+    probe = Probe()
+    module = DiffusionModule(backbone, compile=True)
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=10 + steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[AsymmetricTimestepSampling(), ChangeAwareWeighting(), probe],
+    )
+    trainer.fit(module, datamodule=FashionMNISTDataModule(root=root, batch_size=batch, on_device=True, val_images=0))
+    names = [e.name for e in probe.prof.events()]
+    sync_calls = sum(("Synchronize" in n) for n in names)
+    dtoh = sum(("DtoH" in n) or ("Device -> Pageable" in n) for n in names)
+    return {
+        "sync_debug_warnings_per_step": probe.warned / steps,
+        "cuda_synchronize_calls_per_step": sync_calls / steps,
+        "device_to_host_copies_per_step": dtoh / steps,
+        "sync_messages": probe.messages,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--steps", type=int, default=200, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--root", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    p.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps (for the test suite)")
+    args = p.parse_args()
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False  # a0 is the naive fp32 baseline
+    overrides = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []} if args.smoke else {}
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return default_backbone(**overrides).to(device)
+
+    result: dict[str, Any] = {"card": device_name(), "date": today(), "rows": {}, "torch": torch.__version__}
+    result["flops_per_image"] = flops_per_image(fresh(), device)
+    if cuda:
+        result["bf16_matmul_tflops"] = measured_bf16_matmul_tflops()
+    data = synthetic_images(60_000 if cuda else 512, device)
+    for batch in args.batch_sizes:
+        row: dict[str, Any] = {}
+        for name, fn in [
+            ("a0_naive_fp32", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=False)),
+            ("a_plain_fast", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=cuda)),
+            ("b_lightning", lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, False, args.smoke)),
+            ("c_lightning_speed", lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, True, args.smoke)),
+        ]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                torch.backends.cuda.matmul.allow_tf32 = name != "a0_naive_fp32"
+            row[name] = {"images_per_s": fn(batch)}
+            if cuda:
+                row[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            print(f"batch {batch} {name}: {row[name]['images_per_s']:.0f} images/s", flush=True)
+        ips = {k: v["images_per_s"] for k, v in row.items()}
+        row["ratios"] = {
+            "a_over_a0": ips["a_plain_fast"] / ips["a0_naive_fp32"],
+            "b_over_a": ips["b_lightning"] / ips["a_plain_fast"],
+            "c_over_b": ips["c_lightning_speed"] / ips["b_lightning"],
+            "b_over_a0": ips["b_lightning"] / ips["a0_naive_fp32"],
+        }
+        if cuda:
+            achieved = result["flops_per_image"] * ips["b_lightning"] / 1e12
+            row["achieved_tflops_b"] = achieved
+            row["fraction_of_bf16_rate_b"] = achieved / result["bf16_matmul_tflops"]
+        result["rows"][str(batch)] = row
+    if cuda:
+        result["syncs"] = count_syncs(fresh(), args.root, args.batch_sizes[0])
+    write_json(__import__("pathlib").Path(args.out), result)
+    if cuda:
+        small, large = result["rows"][str(args.batch_sizes[0])], result["rows"][str(args.batch_sizes[-1])]
+        update_summary(RESULTS / "summary.json", {
+            "card": result["card"],
+            "date": result["date"],
+            "throughput": {
+                "lightning_vs_naive": small["ratios"]["b_over_a0"],
+                "lightning_vs_plain": small["ratios"]["b_over_a"],
+                "callbacks_vs_lightning": small["ratios"]["c_over_b"],
+                "bf16_peak_fraction": large["fraction_of_bf16_rate_b"],
+                "images_per_s": {b: r["b_lightning"]["images_per_s"] for b, r in result["rows"].items()},
+            },
+        })
+    print(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""A Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero conditioning.
+
+Images are cut into ``patch_size`` patches, embedded with a strided conv plus a fixed 2D
+sin-cos position table, passed through transformer blocks whose LayerNorms are modulated
+(shift, scale, gate) by the time(+class) embedding, and unpatchified back to an image.
+All modulation layers and the output projection start at zero, so each block starts as the
+identity and the untrained model predicts exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .embeddings import LabelEmbedding, TimestepEmbedding, check_inputs, labels_or_null, sinusoidal_embedding
+
+
+def sincos_position_table(grid_size: int, dim: int) -> Tensor:
+    """Fixed ``(grid_size**2, dim)`` table: half the features encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"The 2D sin-cos position embedding needs a width divisible by 4, got {dim}.")
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat(
+        [sinusoidal_embedding(rows.flatten(), dim // 2), sinusoidal_embedding(cols.flatten(), dim // 2)], dim=-1
+    )
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention via ``F.scaled_dot_product_attention`` (flash kernels on GPU)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block; the conditioning sets each norm's shift/scale and each branch's gate."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None, :].chunk(6, dim=-1)
+        x = x + gate1 * self.attn(_modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm then a linear map to ``patch_size**2 * out_channels`` per token."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c)[:, None, :].chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer: ``dit(x, t, y=None) -> prediction`` with the shape of ``x``.
+
+    Args:
+        input_size: height = width of the input images.
+        patch_size: side of the square patches (tokens = (input_size / patch_size) ** 2).
+        in_channels: image channels.
+        out_channels: predicted channels; defaults to ``in_channels``.
+        hidden_size: token width (divisible by num_heads and by 4).
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP width over hidden_size.
+        num_classes: classes for a class-conditional model (``None``: unconditional); the label
+            embedding has ``num_classes + 1`` rows, label ``num_classes`` meaning "no label".
+        num_timesteps: the diffusion's ``T``; time steps are rescaled to 0..1000 before embedding.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int | None = None,
+        num_timesteps: int = 1000,
+    ) -> None:
+        super().__init__()
+        if min(input_size, patch_size, in_channels, hidden_size, depth, num_heads) < 1 or mlp_ratio <= 0:
+            raise ValueError(
+                "input_size, patch_size, in_channels, hidden_size, depth, num_heads and mlp_ratio must be positive."
+            )
+        if input_size % patch_size:
+            raise ValueError(
+                f"input_size={input_size} is not divisible by patch_size={patch_size}: "
+                "pad the images or pick a patch size that divides the image size."
+            )
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
+        if hidden_size % 4:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2D sin-cos position embedding).")
+        self.input_size = int(input_size)
+        self.patch_size = int(patch_size)
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels) if out_channels is not None else self.in_channels
+        self.num_classes = int(num_classes) if num_classes is not None else None
+        self.num_timesteps = int(num_timesteps)
+        self.grid_size = self.input_size // self.patch_size
+
+        self.patch_embed = nn.Conv2d(self.in_channels, hidden_size, self.patch_size, stride=self.patch_size)
+        # A deterministic function of the config, so kept out of checkpoints.
+        self.register_buffer(
+            "pos_embed", sincos_position_table(self.grid_size, hidden_size)[None], persistent=False
+        )
+        self.time_embed = TimestepEmbedding(hidden_size, frequency_dim=256, num_timesteps=num_timesteps)
+        self.label_embed = LabelEmbedding(self.num_classes, hidden_size) if self.num_classes is not None else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final = FinalLayer(hidden_size, self.patch_size, self.out_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for layer in self.time_embed.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.embedding.weight, std=0.02)
+        # adaLN-Zero: modulation and the output projection start at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        for layer in (self.final.modulation[-1], self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """``(B, N, p*p*C)`` tokens back to ``(B, C, H, W)`` images."""
+        b, g, p, c = tokens.shape[0], self.grid_size, self.patch_size, self.out_channels
+        x = tokens.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, g * p, g * p)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """Predict from noisy images ``x`` (B, C, H, W), time steps ``t`` (B,) and optional labels ``y`` (B,)."""
+        t = check_inputs(
+            type(self).__name__, x, t, y, (self.in_channels, self.input_size, self.input_size), self.num_classes
+        )
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        c = self.time_embed(t)
+        if self.label_embed is not None:
+            c = c + self.label_embed(labels_or_null(y, x.shape[0], self.label_embed.null_label, x.device))
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final(h, c))
+
+
+class DiT_S_2(DiT):  # noqa: N801 - the paper's name
+    """DiT-S/2: hidden 384, depth 12, 6 heads, patch 2."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        num_classes: int | None = None,
+        num_timesteps: int = 1000,
+    ) -> None:
+        super().__init__(
+            input_size=input_size, patch_size=2, in_channels=in_channels, out_channels=out_channels,
+            hidden_size=384, depth=12, num_heads=6, num_classes=num_classes, num_timesteps=num_timesteps,
+        )
+
+
+class DiT_B_2(DiT):  # noqa: N801 - the paper's name
+    """DiT-B/2: hidden 768, depth 12, 12 heads, patch 2."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        num_classes: int | None = None,
+        num_timesteps: int = 1000,
+    ) -> None:
+        super().__init__(
+            input_size=input_size, patch_size=2, in_channels=in_channels, out_channels=out_channels,
+            hidden_size=768, depth=12, num_heads=12, num_classes=num_classes, num_timesteps=num_timesteps,
+        )

@@ -1,0 +1,310 @@
+"""FIDCallback: FID (and optionally KID) of generated samples during and after training.
+
+Every ``every_n_steps`` optimizer steps, at the end of validation epochs and/or at the end of
+training, the callback generates ``num_samples`` images with ``pl_module.sample`` (EMA weights
+when an ``EMAWeightAveraging`` callback keeps them; a fixed seed so successive points are
+comparable), passes them through the feature network and logs ``fid`` at ``trainer.global_step``
+together with ``fid/seconds`` (wall time of the whole evaluation, since we benchmark it).
+
+Real-image statistics are computed once in ``setup`` (before training, where a missing
+Inception file also surfaces), cached on disk (see ``lightning_speed.metrics.reference``) and
+injected into torchmetrics' ``FrechetInceptionDistance``, so evaluations only pay for the
+generated images. Under DDP each rank generates its share of the samples; torchmetrics sums the
+fake statistics across ranks at ``compute`` (the cached real statistics are injected on rank 0
+only, so the sum counts them once).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from lightning_speed.metrics.features import resolve_feature_extractor, to_uint8
+from lightning_speed.metrics.reference import (
+    ReferenceStats,
+    cache_file,
+    check_reference_images,
+    images_fingerprint,
+    load_or_compute_reference_stats,
+    load_reference_stats,
+)
+from lightning_speed.metrics.sampling import (
+    averaged_weights,
+    ema_swapped_in_during_validation,
+    generate_batches,
+    local_share,
+)
+
+ReferenceImages = Tensor | Callable[[], Tensor]
+
+
+class FIDCallback(pl.Callback):
+    """Log ``fid`` of generated samples every N steps, at validation and/or at train end.
+
+    Args:
+        every_n_steps: evaluate when ``trainer.global_step`` is a multiple of this (None: never by step).
+        on_validation: evaluate at the end of each validation epoch (not during the sanity check).
+        on_train_end: evaluate once more when training ends (skipped if that step was just evaluated).
+        num_samples: generated images per evaluation, over all ranks.
+        sampler / sampling_steps / eta: passed to ``pl_module.sample`` (eta None: the sampler's default).
+        batch_size: images per ``sample`` call and per feature-network batch.
+        feature_extractor: "inception" (standard; needs its weights file), "fashion_mnist" (offline),
+            an ``nn.Module`` taking uint8 (N, C, H, W), an import path "pkg.module.Name", or a file
+            saved with ``torch.save(module)``.
+        reference_split / num_reference: real images = ``datamodule.reference_images(split, num_reference)``
+            (None: the whole split).
+        reference_images: real images (uint8 (N, C, H, W)) or a no-argument callable returning them,
+            for training without our datamodules; overrides the datamodule.
+        cache_dir: where real statistics are cached (default ``~/.cache/lightning_speed/fid``).
+        seed: noise seed; rank r uses ``seed + r``, so every evaluation draws the same noise.
+        compute_kid: also log ``kid_mean`` / ``kid_std`` (keeps all real features in memory).
+        kid_subset_size: KID subset size (capped at the sample and reference counts).
+        use_ema: sample with the EMA weights of a ``WeightAveraging`` callback when one is present.
+        sample_kwargs: extra keyword arguments for ``pl_module.sample`` (e.g. ``guidance_scale``).
+        download_timeout: seconds to wait for the one Inception download attempt.
+        name: metric name; logs ``name``, ``name/seconds`` (and ``kid_mean``/``kid_std``, prefixed with
+            ``name/`` unless name is "fid"). Lets two callbacks coexist, e.g. ``fid`` (DDIM-50 curve) and
+            ``fid_ddpm250`` (final point).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        on_validation: bool = False,
+        on_train_end: bool = True,
+        num_samples: int = 5000,
+        sampler: str = "ddim",
+        sampling_steps: int = 50,
+        eta: float | None = None,
+        batch_size: int = 500,
+        feature_extractor: str | nn.Module = "inception",
+        reference_split: str = "test",
+        num_reference: int | None = None,
+        reference_images: ReferenceImages | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        compute_kid: bool = False,
+        kid_subset_size: int = 1000,
+        use_ema: bool = True,
+        sample_kwargs: dict[str, Any] | None = None,
+        download_timeout: float = 10.0,
+        name: str = "fid",
+    ) -> None:
+        super().__init__()
+        if every_n_steps is not None and every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps}.")
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be at least 2 for FID, got {num_samples}.")
+        if batch_size <= 0 or sampling_steps <= 0:
+            raise ValueError(f"batch_size and sampling_steps must be positive, got {batch_size}, {sampling_steps}.")
+        self.every_n_steps = every_n_steps
+        self.eval_on_validation = on_validation
+        self.eval_on_train_end = on_train_end
+        self.num_samples = num_samples
+        self.sampler = sampler
+        self.sampling_steps = sampling_steps
+        self.eta = eta
+        self.batch_size = batch_size
+        self.feature_extractor = feature_extractor
+        self.reference_split = reference_split
+        self.num_reference = num_reference
+        self.reference_images = reference_images
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.compute_kid = compute_kid
+        self.kid_subset_size = kid_subset_size
+        self.use_ema = use_ema
+        self.sample_kwargs = dict(sample_kwargs or {})
+        self.download_timeout = download_timeout
+        self.name = name
+
+        self.history: list[tuple[int, float]] = []
+        self.kid_history: list[tuple[int, float, float]] = []
+        self.reference_from_cache: bool | None = None  # set in setup: True if the real stats came from disk
+        self.reference_key: str | None = None
+        self._fid: FrechetInceptionDistance | None = None
+        self._kid: KernelInceptionDistance | None = None
+        self._last_eval_step = -1
+
+    # ------------------------------------------------------------------ setup: extractor + real statistics
+
+    def _reference_source(self, trainer: "pl.Trainer") -> tuple[str, Callable[[], Tensor]]:
+        """(cache key of the real images, a callable loading them)."""
+        if self.reference_images is not None:
+            given = self.reference_images
+            images = check_reference_images(given() if callable(given) else given)
+            return f"tensor-{images_fingerprint(images)}-n{images.shape[0]}", lambda: images
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not callable(getattr(datamodule, "reference_images", None)):
+            raise ValueError(
+                "FIDCallback needs real images: train with a datamodule that has reference_images(split, max_images) "
+                "and reference_key(split, max_images) (the lightning_speed datamodules do), or pass "
+                "FIDCallback(reference_images=<uint8 tensor (N, C, H, W)> or a callable returning one)."
+            )
+        split, n = self.reference_split, self.num_reference
+        if callable(getattr(datamodule, "reference_key", None)):
+            key = str(datamodule.reference_key(split, n))
+            return key, lambda: check_reference_images(datamodule.reference_images(split, n))
+        images = check_reference_images(datamodule.reference_images(split, n))
+        return f"{type(datamodule).__name__}-{split}-{images_fingerprint(images)}", lambda: images
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Resolve the feature network (a missing Inception file fails here) and load/compute real stats."""
+        if stage not in ("fit", "validate") or self._fid is not None:
+            return
+        start = time.perf_counter()
+        device = trainer.strategy.root_device
+        ref_key, load_images = self._reference_source(trainer)
+        image_shape = getattr(pl_module, "image_shape", None)
+        if image_shape is None and not isinstance(self.feature_extractor, str):
+            image_shape = tuple(load_images().shape[1:])
+        extractor = resolve_feature_extractor(
+            self.feature_extractor,
+            tuple(image_shape) if image_shape is not None else None,
+            download_timeout=self.download_timeout,
+        ).to(device)
+        key = f"{ref_key}|{extractor.fingerprint}"
+        self.reference_key = key
+
+        stats: ReferenceStats | None = None
+        if trainer.is_global_zero:
+            stats, self.reference_from_cache = load_or_compute_reference_stats(
+                key,
+                load_images,
+                extractor,
+                cache_dir=self.cache_dir,
+                batch_size=self.batch_size,
+                device=device,
+                keep_features=self.compute_kid,
+            )
+        trainer.strategy.barrier("fid_reference_stats")
+        if not trainer.is_global_zero and self.compute_kid:  # KID needs each rank's slice of the real features
+            stats = load_reference_stats(cache_file(self.cache_dir, key), key, need_features=True)
+            if stats is None:  # no shared filesystem: compute locally, don't write
+                stats, _ = load_or_compute_reference_stats(
+                    key, load_images, extractor, cache_dir=self.cache_dir, batch_size=self.batch_size,
+                    device=device, keep_features=True, write=False,
+                )
+
+        self._fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
+        if stats is not None and trainer.is_global_zero:
+            self._fid.real_features_sum = stats.feature_sum.to(device)
+            self._fid.real_features_cov_sum = stats.feature_cov_sum.to(device)
+            self._fid.real_features_num_samples = torch.tensor(stats.num_samples, dtype=torch.long, device=device)
+        if self.compute_kid:
+            assert stats is not None and stats.features is not None
+            subset = min(self.kid_subset_size, self.num_samples, stats.num_samples)
+            self._kid = KernelInceptionDistance(feature=extractor, subset_size=subset, reset_real_features=False)
+            self._kid = self._kid.to(device)
+            rank, world = trainer.global_rank, trainer.world_size
+            self._kid.real_features = [stats.features[rank::world].to(device)]
+        if trainer.is_global_zero:
+            where = "cache" if self.reference_from_cache else "computed"
+            rank_zero_info(
+                f"FIDCallback: {extractor.fingerprint} features, reference '{ref_key}' ({where}, "
+                f"{time.perf_counter() - start:.1f}s)"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *, ema_in: bool = False) -> float:
+        """Generate this rank's share of samples, compute FID over all ranks, log and record it."""
+        if self._fid is None:
+            raise RuntimeError("FIDCallback.evaluate called before setup (attach it to the Trainer).")
+        start = time.perf_counter()
+        rank, world = trainer.global_rank, trainer.world_size
+        count = local_share(self.num_samples, world, rank)
+        if count == 0:
+            raise ValueError(f"num_samples={self.num_samples} is smaller than the world size {world}.")
+        with averaged_weights(trainer, pl_module, enabled=self.use_ema, already_in=ema_in):
+            batches = generate_batches(
+                pl_module,
+                count,
+                batch_size=self.batch_size,
+                sampler=self.sampler,
+                steps=self.sampling_steps,
+                eta=self.eta,
+                seed=self.seed + rank,
+                sample_kwargs=self.sample_kwargs,
+            )
+            for images in batches:
+                fake = to_uint8(images)
+                self._fid.update(fake, real=False)
+                if self._kid is not None:
+                    self._kid.update(fake, real=False)
+        fid = float(self._fid.compute())  # one host sync per evaluation (also syncs across ranks)
+        self._fid.reset()
+        metrics = {self.name: fid}
+        if self._kid is not None:
+            kid_mean, kid_std = self._kid.compute()
+            self._kid.reset()
+            prefix = "" if self.name == "fid" else f"{self.name}/"
+            metrics[f"{prefix}kid_mean"], metrics[f"{prefix}kid_std"] = float(kid_mean), float(kid_std)
+            self.kid_history.append((trainer.global_step, float(kid_mean), float(kid_std)))
+        metrics[f"{self.name}/seconds"] = time.perf_counter() - start
+        self._log(trainer, metrics)
+        self.history.append((trainer.global_step, fid))
+        self._last_eval_step = trainer.global_step
+        return fid
+
+    @staticmethod
+    def _log(trainer: "pl.Trainer", metrics: dict[str, float]) -> None:
+        """Log at the true global step (not Lightning's log_every_n_steps cadence) and expose to other callbacks."""
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def _due(self, trainer: "pl.Trainer") -> bool:
+        return trainer.global_step != self._last_eval_step
+
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._due(trainer):
+            self.evaluate(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.eval_on_validation and not trainer.sanity_checking and self._due(trainer):
+            self.evaluate(trainer, pl_module, ema_in=ema_swapped_in_during_validation(trainer, self))
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.eval_on_train_end and self._due(trainer):
+            self.evaluate(trainer, pl_module)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per configuration, so several FID callbacks can share a checkpoint."""
+        extractor = self.feature_extractor if isinstance(self.feature_extractor, str) else type(self.feature_extractor).__name__
+        return self._generate_state_key(
+            name=self.name, num_samples=self.num_samples, sampler=self.sampler,
+            sampling_steps=self.sampling_steps, feature_extractor=extractor,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": list(self.history),
+            "kid_history": list(self.kid_history),
+            "last_eval_step": self._last_eval_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
+        self.kid_history = [tuple(x) for x in state_dict.get("kid_history", [])]  # type: ignore[misc]
+        self._last_eval_step = int(state_dict.get("last_eval_step", -1))
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, fid) of the lowest FID recorded so far, or None."""
+        finite = [(s, v) for s, v in self.history if math.isfinite(v)]
+        return min(finite, key=lambda sv: sv[1]) if finite else None

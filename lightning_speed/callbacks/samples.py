@@ -1,0 +1,134 @@
+"""SampleGridCallback: a grid of generated images every N steps, from the same noise each time.
+
+The fixed seed makes successive grids show how the same starting noise is denoised as training
+progresses. Grids go to TensorBoard (``add_image("samples", ...)``) when a TensorBoardLogger is
+attached, and to ``samples_step{N}.png`` in ``save_dir`` (every time) or, without ``save_dir``,
+in the trainer's log dir once at the end of training. EMA weights are used when an
+``EMAWeightAveraging`` callback keeps them, as in ``FIDCallback``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchvision.io import write_png
+from torchvision.utils import make_grid
+
+from lightning_speed.metrics.features import to_uint8
+from lightning_speed.metrics.sampling import averaged_weights, generate_batches
+
+
+class SampleGridCallback(pl.Callback):
+    """Log and save a grid of ``num_samples`` generated images every ``every_n_steps`` steps.
+
+    Args:
+        every_n_steps: steps between grids (``trainer.global_step`` multiples).
+        num_samples: images in the grid.
+        sampler / sampling_steps / eta: passed to ``pl_module.sample`` (eta None: the sampler's default).
+        seed: noise seed, the same for every grid.
+        save_dir: write ``samples_step{N}.png`` here at every grid; None: only at train end, in the log dir.
+        nrow: images per grid row (default: about the square root of ``num_samples``).
+        use_ema: sample with the EMA weights of a ``WeightAveraging`` callback when present.
+        at_train_end: also make a grid when training ends.
+        sample_kwargs: extra keyword arguments for ``pl_module.sample``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        sampler: str = "ddim",
+        sampling_steps: int = 50,
+        eta: float | None = None,
+        seed: int = 0,
+        save_dir: str | None = None,
+        nrow: int | None = None,
+        use_ema: bool = True,
+        at_train_end: bool = True,
+        sample_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if every_n_steps <= 0 or num_samples <= 0:
+            raise ValueError(f"every_n_steps and num_samples must be positive, got {every_n_steps}, {num_samples}.")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.sampler = sampler
+        self.sampling_steps = sampling_steps
+        self.eta = eta
+        self.seed = seed
+        self.save_dir = save_dir
+        self.nrow = nrow or max(1, math.isqrt(num_samples - 1) + 1)
+        self.use_ema = use_ema
+        self.at_train_end = at_train_end
+        self.sample_kwargs = dict(sample_kwargs or {})
+        self.last_grid: Tensor | None = None  # uint8 (3, H, W) on the CPU
+        self.saved_paths: list[Path] = []
+        self._last_step = -1
+
+    def make_grid(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
+        """Sample with the fixed seed (EMA weights if present) and return the grid as uint8 (3, H, W) on the CPU."""
+        with averaged_weights(trainer, pl_module, enabled=self.use_ema):
+            images = torch.cat(
+                list(
+                    generate_batches(
+                        pl_module,
+                        self.num_samples,
+                        batch_size=self.num_samples,
+                        sampler=self.sampler,
+                        steps=self.sampling_steps,
+                        eta=self.eta,
+                        seed=self.seed,
+                        sample_kwargs=self.sample_kwargs,
+                    )
+                )
+            )
+        return make_grid(to_uint8(images).cpu(), nrow=self.nrow, padding=2, pad_value=0)
+
+    def _output_dir(self, trainer: "pl.Trainer") -> Path:
+        return Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
+
+    def _emit(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", save: bool) -> None:
+        step = trainer.global_step
+        grid = self.make_grid(trainer, pl_module)
+        self.last_grid = grid
+        self._last_step = step
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, global_step=step)
+        if save:
+            out = self._output_dir(trainer)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"samples_step{step}.png"
+            write_png(grid, str(path))
+            self.saved_paths.append(path)
+
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step and trainer.is_global_zero:
+            self._emit(trainer, pl_module, save=self.save_dir is not None)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not (self.at_train_end and trainer.is_global_zero):
+            return
+        if trainer.global_step != self._last_step:
+            self._emit(trainer, pl_module, save=True)
+        elif self.save_dir is None and self.last_grid is not None:  # grid exists but was never written
+            out = self._output_dir(trainer)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"samples_step{trainer.global_step}.png"
+            write_png(self.last_grid, str(path))
+            self.saved_paths.append(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))

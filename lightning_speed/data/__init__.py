@@ -1,0 +1,22 @@
+"""LightningDataModules yielding ``(images in [-1, 1] (B, C, H, W) float, labels long)``.
+
+Each exposes ``image_shape``, ``num_classes``, ``name``, and ``reference_images`` /
+``reference_key`` for FID's real-image statistics.
+"""
+
+from .base import DeviceBatchLoader, UInt8ImageDataModule
+from .cifar10 import CIFAR10DataModule
+from .embedded import EmbeddedFashionMNISTDataModule
+from .fashion_mnist import FashionMNISTDataModule
+from .idx import read_idx
+from .image_folder import ImageFolderDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "DeviceBatchLoader",
+    "EmbeddedFashionMNISTDataModule",
+    "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "UInt8ImageDataModule",
+    "read_idx",
+]

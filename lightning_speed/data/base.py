@@ -1,0 +1,336 @@
+"""Shared machinery for datamodules whose whole dataset fits in memory as uint8 images.
+
+Subclasses only say where the arrays come from (``_load_split``); this base pads them
+once, keeps them as uint8 (4x smaller than float), and serves them two ways:
+
+* ``on_device=False``: a ``DataLoader`` whose dataset returns a whole batch per fetch (one
+  tensor gather instead of ``batch_size`` ``__getitem__`` calls) and whose collate converts
+  to float in [-1, 1] and flips, vectorised. Lightning's DDP sampler swap still works.
+* ``on_device=True``: the train set lives on the trainer's device and ``DeviceBatchLoader``
+  permutes, slices, scales and flips there. No per-batch CPU work, no host-device copies.
+
+Validation is the first ``val_images`` of the test split, so it is cheap and fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+SPLITS = ("train", "test")
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] (0 -> -1, 255 -> 1)."""
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def random_hflip(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image of a (B, C, H, W) batch left-right with probability 1/2, sync-free."""
+    mask = torch.rand(images.shape[0], 1, 1, 1, device=images.device, generator=generator) < 0.5
+    return torch.where(mask, images.flip(-1), images)
+
+
+def pad_images(images: Tensor, size: int | None) -> Tensor:
+    """Zero-pad (N, C, H, W) uint8 images to ``size`` x ``size`` (centred; odd extra goes right/bottom)."""
+    if size is None:
+        return images
+    h, w = images.shape[-2:]
+    if size < h or size < w:
+        raise ValueError(f"pad_to={size} is smaller than the images ({h}x{w}); use pad_to >= {max(h, w)}.")
+    if size == h and size == w:
+        return images
+    top, left = (size - h) // 2, (size - w) // 2
+    out = images.new_zeros((*images.shape[:-2], size, size))
+    out[..., top : top + h, left : left + w] = images
+    return out
+
+
+class BatchTensorDataset(TensorDataset):
+    """A ``TensorDataset`` that also answers a whole batch of indices with one gather.
+
+    ``DataLoader`` calls ``__getitems__`` when present, so a batch costs one indexing op.
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+class UInt8Collate:
+    """Collate for ``BatchTensorDataset``: uint8 batch -> (float images in [-1, 1], long labels)."""
+
+    def __init__(self, random_flip: bool) -> None:
+        self.random_flip = random_flip
+
+    def __call__(self, batch: tuple[Tensor, Tensor] | list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, list):  # per-sample fetch (e.g. a wrapped dataset without __getitems__)
+            images = torch.stack([b[0] for b in batch])
+            labels = torch.stack([torch.as_tensor(b[1]) for b in batch])
+        else:
+            images, labels = batch
+        x = to_unit_range(images)
+        if self.random_flip:
+            x = random_hflip(x)
+        return x, labels.long()
+
+
+class DeviceBatchLoader:
+    """Iterable over batches of a uint8 image tensor that already lives on the target device.
+
+    Each epoch draws a permutation on the device (seeded by ``seed`` and the epoch, so every
+    DDP rank draws the same one), takes this rank's contiguous shard, and yields
+    ``(float images in [-1, 1], labels)`` batches; ``drop_last`` semantics. Lightning calls
+    ``set_epoch`` (through ``.sampler``) before each epoch; without it the epoch counts up
+    on every ``iter``.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        random_flip: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"DeviceBatchLoader expects uint8 images, got {images.dtype}.")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}.")
+        self.images, self.labels = images, labels.to(images.device)
+        self.batch_size = int(batch_size)
+        self.random_flip = random_flip
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.per_rank = images.shape[0] // self.world_size
+        if self.per_rank < self.batch_size:
+            raise ValueError(
+                f"{self.per_rank} training images per rank is fewer than batch_size={self.batch_size}; "
+                "lower batch_size (batches are drop_last)."
+            )
+        self.epoch = 0
+        self._epoch_set = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def sampler(self) -> DeviceBatchLoader:
+        """Lets Lightning's ``_set_sampler_epoch`` find ``set_epoch``."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_set = int(epoch), True
+
+    def __len__(self) -> int:
+        return self.per_rank // self.batch_size
+
+    def _generator(self, salt: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.seed * 1_000_003 + self.epoch * 7_919 + salt) % (2**63 - 1))
+        return g
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        perm = torch.randperm(self.images.shape[0], generator=self._generator(0), device=self.device)
+        shard = perm[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        flip_gen = self._generator(1 + self.rank) if self.random_flip else None
+        if not self._epoch_set:
+            self.epoch += 1
+        self._epoch_set = False
+        bs = self.batch_size
+        for i in range(len(self)):
+            idx = shard[i * bs : (i + 1) * bs]
+            x = to_unit_range(self.images[idx])
+            if flip_gen is not None:
+                x = random_hflip(x, flip_gen)
+            yield x, self.labels[idx]
+
+
+class UInt8ImageDataModule(L.LightningDataModule):
+    """Base datamodule over in-memory uint8 image arrays; see the module docstring.
+
+    Subclasses set ``name``, ``image_shape`` and ``num_classes`` and implement
+    ``_load_split(split) -> (images (N, C, H, W) uint8, labels (N,))`` for split in
+    ``("train", "test")``; ``prepare_data`` is theirs to override (downloads, checks).
+    """
+
+    name: str = "uint8_images"
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        num_workers: int,
+        random_flip: bool,
+        pad_to: int | None,
+        val_images: int | None,
+        on_device: bool,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        if val_images is not None and val_images < 0:
+            raise ValueError(f"val_images must be >= 0 (or None for the whole test split), got {val_images}.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.pad_to = pad_to
+        self.val_images = val_images
+        self.on_device = on_device
+        self.seed = seed
+        self._data: dict[str, tuple[Tensor, Tensor]] = {}
+        self._device_train: DeviceBatchLoader | None = None
+
+    # ----------------------------------------------------------------- loading
+    def _load_split(self, split: str) -> tuple[np.ndarray | Tensor, np.ndarray | Tensor]:
+        raise NotImplementedError
+
+    def _split(self, split: str) -> tuple[Tensor, Tensor]:
+        """Padded uint8 (N, C, H, W) images and long labels of ``split``, loaded once."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        if split not in self._data:
+            images, labels = self._load_split(split)
+            images = torch.as_tensor(images)
+            labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).long()
+            if images.dtype != torch.uint8 or images.ndim != 4:
+                raise ValueError(
+                    f"{type(self).__name__}._load_split must return uint8 (N, C, H, W) images, "
+                    f"got {images.dtype} {tuple(images.shape)}."
+                )
+            if images.shape[0] != labels.shape[0]:
+                raise ValueError(f"{self.name} {split}: {images.shape[0]} images but {labels.shape[0]} labels.")
+            images = pad_images(images, self.pad_to).contiguous()
+            if tuple(images.shape[1:]) != tuple(self.image_shape):
+                raise ValueError(
+                    f"{self.name} {split}: images are {tuple(images.shape[1:])} after padding, "
+                    f"expected image_shape {tuple(self.image_shape)}."
+                )
+            self._data[split] = (images, labels)
+        return self._data[split]
+
+    def _num_val(self) -> int:
+        n_test = self._split("test")[0].shape[0]
+        if self.val_images is None:
+            return n_test
+        if self.val_images > n_test:
+            raise ValueError(
+                f"val_images={self.val_images} but the {self.name} test split has only {n_test} images; "
+                f"use val_images <= {n_test}."
+            )
+        return self.val_images
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (once) the splits this stage needs; raises here, before any training step."""
+        if stage in (None, "fit"):
+            self._split("train")
+        if stage in (None, "fit", "validate"):
+            self._num_val()
+        if stage in (None, "test", "predict"):
+            self._split("test")
+
+    def teardown(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._device_train = None  # frees the device copy of the train set
+
+    # ------------------------------------------------------------ dataloaders
+    def _target_device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return 0, 1
+
+    def _loader(self, images: Tensor, labels: Tensor, *, train: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if train else None
+        return DataLoader(
+            BatchTensorDataset(images, labels),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=UInt8Collate(random_flip=train and self.random_flip),
+        )
+
+    def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
+        images, labels = self._split("train")
+        if not self.on_device:
+            if images.shape[0] < self.batch_size:
+                raise ValueError(
+                    f"{self.name}: {images.shape[0]} training images is fewer than batch_size={self.batch_size}."
+                )
+            return self._loader(images, labels, train=True)
+        device = self._target_device()
+        rank, world = self._rank_world()
+        cached = self._device_train
+        if cached is None or cached.device != device or (cached.rank, cached.world_size) != (rank, world):
+            self._device_train = DeviceBatchLoader(
+                images.to(device),
+                labels.to(device),
+                batch_size=self.batch_size,
+                random_flip=self.random_flip,
+                seed=self.seed,
+                rank=rank,
+                world_size=world,
+            )
+        return self._device_train
+
+    def val_dataloader(self) -> DataLoader | list:
+        n = self._num_val()
+        if n == 0:
+            return []  # no validation loop
+        images, labels = self._split("test")
+        return self._loader(images[:n], labels[:n], train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        images, labels = self._split("test")
+        return self._loader(images, labels, train=False)
+
+    # -------------------------------------------------------------- references
+    def _num_reference(self, split: str, max_images: int | None) -> int:
+        n = self._split(split)[0].shape[0]
+        if max_images is not None:
+            if max_images < 1:
+                raise ValueError(f"max_images must be >= 1 or None, got {max_images}.")
+            n = min(n, max_images)
+        if n == 0:
+            raise ValueError(f"{self.name}: the {split} split is empty; use another split for reference images.")
+        return n
+
+    def reference_images(self, split: str = "test", max_images: int | None = None) -> Tensor:
+        """The first ``max_images`` (all if None) images of ``split`` as uint8 (N, C, H, W) in
+        [0, 255], padded exactly like training images; fixed order (for FID real statistics)."""
+        n = self._num_reference(split, max_images)
+        return self._split(split)[0][:n].clone()
+
+    def _key_extra(self) -> str:
+        """Subclass hook: anything else that changes the reference images (e.g. a folder fingerprint)."""
+        return ""
+
+    def reference_key(self, split: str = "test", max_images: int | None = None) -> str:
+        """Stable id of ``reference_images(split, max_images)`` (dataset, split, count, preprocessing)."""
+        n = self._num_reference(split, max_images)
+        c, h, w = self.image_shape
+        extra = self._key_extra()
+        return f"{self.name}-{split}-n{n}-{c}x{h}x{w}" + (f"-{extra}" if extra else "")

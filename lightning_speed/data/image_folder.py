@@ -1,0 +1,196 @@
+"""Your own images: any folder of png/jpg/... files (searched recursively), as a datamodule.
+
+Images are converted to ``channels`` (1 = grey, 3 = RGB), resized so the short side is
+``image_size`` and centre-cropped to a square, then kept in memory as uint8 (decoded once at
+setup, in parallel with ``num_workers``). If every image sits in a top-level subfolder,
+those subfolders are the classes (sorted by name); otherwise every label is 0. A seeded
+``val_fraction`` of the images is held out as the "test" split, which is also validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .base import UInt8ImageDataModule
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """All image files under ``root`` (sorted) with labels and class names; errors if none."""
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Image folder {str(folder)!r} does not exist (or is not a folder). Point root at a folder of "
+            f"images ({', '.join(IMAGE_EXTENSIONS)}); put them in subfolders to give them class labels."
+        )
+    paths = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not paths:
+        raise FileNotFoundError(
+            f"No images found under {str(folder)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}). "
+            "Point root at the folder that holds your images."
+        )
+    rel = [p.relative_to(folder) for p in paths]
+    if all(len(r.parts) > 1 for r in rel):
+        class_names = tuple(sorted({r.parts[0] for r in rel}))
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = np.array([index[r.parts[0]] for r in rel], dtype=np.int64)
+    else:
+        class_names = ("images",)
+        labels = np.zeros(len(paths), dtype=np.int64)
+    return paths, labels, class_names
+
+
+def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
+    """Decode, convert, resize the short side to ``image_size`` and centre-crop: uint8 (C, S, S)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "RGBA") else img
+            img = img.convert("L" if channels == 1 else "RGB")
+            w, h = img.size
+            scale = image_size / min(w, h)
+            nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - image_size) // 2, (nh - image_size) // 2
+            img = img.crop((left, top, left + image_size, top + image_size))
+            array = np.asarray(img, dtype=np.uint8)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot decode image ({err}). Fix or delete the file.") from err
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+class _DecodeDataset(Dataset):
+    """Decodes one file per index; used once at setup so workers can share the decoding."""
+
+    def __init__(self, paths: list[Path], image_size: int, channels: int) -> None:
+        self.paths, self.image_size, self.channels = paths, image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(load_image(self.paths[i], self.image_size, self.channels))
+
+
+class ImageFolderDataModule(UInt8ImageDataModule):
+    """A folder of images as ``(images in [-1, 1], labels)`` batches.
+
+    Args:
+        root: folder searched recursively for images; top-level subfolders become classes.
+        image_size: side length after resize + centre-crop.
+        channels: 1 (greyscale) or 3 (RGB).
+        batch_size: images per batch (per device under DDP).
+        num_workers: workers for decoding at setup and for the train DataLoader.
+        random_flip: random left-right flips of training images.
+        val_fraction: share of images held out (seeded) as the test / validation split.
+        on_device: keep the train set on the GPU and batch there.
+        seed: seeds the hold-out choice and the shuffling order.
+    """
+
+    name = "image_folder"
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        channels: int = 3,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        random_flip: bool = True,
+        val_fraction: float = 0.05,
+        on_device: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}.")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            random_flip=random_flip,
+            pad_to=None,
+            val_images=None,
+            on_device=on_device,
+            seed=seed,
+        )
+        self.save_hyperparameters()
+        self.root = root
+        self.channels = channels
+        self.image_size = image_size
+        self.val_fraction = val_fraction
+        self.image_shape = (channels, image_size, image_size)
+        self._scan: tuple[list[Path], np.ndarray, tuple[str, ...]] | None = None
+        self._decoded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def _scanned(self) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+        if self._scan is None:
+            self._scan = scan_image_folder(self.root)
+        return self._scan
+
+    @property
+    def num_classes(self) -> int:  # type: ignore[override]
+        """Number of top-level subfolders holding images (1 when the images are not grouped)."""
+        return len(self._scanned()[2])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self._scanned()[2]
+
+    def split_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted (train, held-out) indices into the scanned file list, fixed by ``seed``."""
+        n = len(self._scanned()[0])
+        n_val = int(round(n * self.val_fraction))
+        if self.val_fraction > 0:
+            n_val = min(max(n_val, 1), n - 1)
+        perm = np.random.default_rng(self.seed).permutation(n)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+    def prepare_data(self) -> None:
+        """Check the folder exists and holds images (errors before training)."""
+        self._scanned()
+
+    def _decode_all(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        if self._decoded is None:
+            paths, labels, _ = self._scanned()
+            loader = DataLoader(
+                _DecodeDataset(paths, self.image_size, self.channels),
+                batch_size=64,
+                num_workers=min(self.num_workers, os.cpu_count() or 1),
+            )
+            images = torch.cat(list(loader)).numpy()
+            train_idx, test_idx = self.split_indices()
+            self._decoded = {
+                "train": (images[train_idx], labels[train_idx]),
+                "test": (images[test_idx], labels[test_idx]),
+            }
+        return self._decoded
+
+    def _load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._decode_all()[split]
+
+    def _key_extra(self) -> str:
+        """Fingerprint of the folder contents and split, so a changed folder gets a new FID cache key."""
+        paths, _, _ = self._scanned()
+        root = Path(self.root).expanduser()
+        h = hashlib.sha1(f"{self.val_fraction}|{self.seed}".encode())
+        for p in paths:  # relative names + sizes: moving the folder keeps the key
+            h.update(f"|{p.relative_to(root).as_posix()}:{p.stat().st_size}".encode())
+        return h.hexdigest()[:12]

@@ -1,0 +1,289 @@
+"""The baselines SpeeD is compared with, as the same kind of small device-resident objects.
+
+Weightings (tables over t, gathered per step):
+
+* ``P2Weights``: w(t) = 1 / (k + SNR(t))^gamma (Choi et al. 2022; official k = 1, gamma = 1).
+* ``MinSNRWeights``: Min-SNR-gamma (Hang et al. 2023), gamma = 5. The clamp min(SNR, gamma)
+  is defined on the x0-space loss; expressed for the loss the network is trained on:
+  epsilon-prediction w = min(SNR, gamma) / SNR, v-prediction w = min(SNR, gamma) / (SNR + 1),
+  x0-prediction w = min(SNR, gamma).
+
+Samplers:
+
+* ``LogitNormalSampler`` (SD3, Esser et al. 2024): u ~ N(mean, std^2), t = round(sigmoid(u) (T - 1));
+  SD3's location m = 0 and scale s = 1 are ``mean`` and ``std``.
+* ``CLTSSampler``: curriculum p(t) = (1 - a) U(t) + a N(t; mu, sigma) with a = min(step / total_steps, 1).
+  mu = 300 (official) and sigma = 200 are given in steps of a T = 1000 process and scale by
+  T / 1000. Our choice of sigma = 200: the Gaussian's +-1.5 sigma band [0, 600] covers the
+  acceleration and deceleration areas of the linear schedule (peak 219, pivot 642) while its
+  tail still reaches the convergence area, so the curriculum concentrates on the informative
+  steps without starving any t (the mixture keeps the uniform part until a = 1 anyway).
+  The Gaussian is evaluated at the integers 0..T-1 and renormalised (truncated).
+  The distribution is a lerp between two fixed CDF tables, recomputed on the device from a
+  Python step count (``set_step``) without syncs.
+* ``LossAwareSampler`` (Nichol & Dhariwal 2021, "loss-second-moment"): keeps the last
+  ``history`` losses per t in a (T, history) device buffer; once every t has a full history
+  p(t) is proportional to sqrt(mean(L_t^2)), mixed with ``uniform_prob`` uniform; before that
+  it is uniform. Each sample's loss is multiplied by 1 / (T p(t)) so the objective stays
+  unbiased. ``update`` is vectorised (sort + scatter) and sync-free, and handles repeated t
+  in a batch deterministically: occurrences are written in batch order, so the buffer ends
+  up holding the last ``history`` losses of each t. Non-finite losses are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_speed.schedules import NoiseSchedule
+from lightning_speed.timesteps.base import (
+    TableWeighting,
+    TimestepSampler,
+    inverse_cdf_sample,
+    probabilities_to_cdf,
+)
+
+PREDICTIONS = ("epsilon", "v", "x0")
+
+
+def _positive(value: float, name: str, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive number, got {value!r}; {hint}.")
+    return float(value)
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"Unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")
+    return prediction
+
+
+# ------------------------------------------------------------------------------ weightings
+def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0) -> Tensor:
+    """P2 weighting 1 / (k + SNR)^gamma, float64 (T,)."""
+    return 1.0 / (k + schedule.snr) ** gamma
+
+
+class P2Weights(TableWeighting):
+    """Perception-prioritised weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma."""
+
+    def __init__(self, schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 <= k < math.inf:
+            raise ValueError(f"P2's k must be a non-negative number, got {k!r}; the official value is 1.")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < math.inf:
+            raise ValueError(f"P2's gamma must be a non-negative number, got {gamma!r}; the official value is 1.")
+        self.k, self.gamma = float(k), float(gamma)
+        super().__init__(p2_weights(schedule, self.k, self.gamma))
+
+
+def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: str = "epsilon") -> Tensor:
+    """Min-SNR-gamma weights for the given parameterisation, float64 (T,)."""
+    snr = schedule.snr
+    clamped = snr.clamp(max=gamma)
+    prediction = check_prediction(prediction)
+    if prediction == "epsilon":
+        return clamped / snr
+    if prediction == "v":
+        return clamped / (snr + 1.0)
+    return clamped
+
+
+class MinSNRWeights(TableWeighting):
+    """Min-SNR-gamma weighting (Hang et al. 2023) for epsilon-, v- or x0-prediction."""
+
+    def __init__(self, schedule: NoiseSchedule, gamma: float = 5.0, prediction: str = "epsilon") -> None:
+        self.gamma = _positive(gamma, "gamma", "the paper uses 5")
+        self.prediction = check_prediction(prediction)
+        super().__init__(min_snr_weights(schedule, self.gamma, self.prediction))
+
+
+# -------------------------------------------------------------------------------- samplers
+def logit_normal_probabilities(num_timesteps: int, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """Exact P(t) of t = round(sigmoid(u) (T - 1)), u ~ N(mean, std^2), float64 (T,)."""
+    T = int(num_timesteps)
+    edges = (torch.arange(T + 1, dtype=torch.float64) - 0.5) / (T - 1)  # t covers [t - 0.5, t + 0.5)
+    edges = edges.clamp(0.0, 1.0)
+    u = torch.logit(edges)  # -inf at 0, +inf at 1
+    cdf = torch.special.ndtr((u - mean) / std)
+    return cdf[1:] - cdf[:-1]
+
+
+class LogitNormalSampler(TimestepSampler):
+    """Logit-normal time steps (SD3): t = round(sigmoid(u) (T - 1)), u ~ N(mean, std^2)."""
+
+    def __init__(self, num_timesteps: int, mean: float = 0.0, std: float = 1.0) -> None:
+        super().__init__(num_timesteps)
+        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
+            raise ValueError(f"mean must be a finite number, got {mean!r}; SD3 uses 0.")
+        self.mean = float(mean)
+        self.std = _positive(std, "std", "SD3 uses 1")
+
+    def sample(self, n: int) -> Tensor:
+        u = torch.randn(n, device=self.device, generator=self.generator) * self.std + self.mean
+        return torch.round(torch.sigmoid(u) * (self.num_timesteps - 1)).long()
+
+    def probabilities(self) -> Tensor:
+        return logit_normal_probabilities(self.num_timesteps, self.mean, self.std).float().to(self.device)
+
+
+def clts_gaussian(num_timesteps: int, mu: float = 300.0, sigma: float = 200.0) -> Tensor:
+    """The curriculum's target: N(t; mu, sigma) at t = 0..T-1, renormalised; mu, sigma in T=1000 units."""
+    T = int(num_timesteps)
+    scale = T / 1000.0
+    t = torch.arange(T, dtype=torch.float64)
+    density = torch.exp(-0.5 * ((t - mu * scale) / (sigma * scale)) ** 2)
+    return density / density.sum()
+
+
+class CLTSSampler(TimestepSampler):
+    """Curriculum time-step sampling: uniform at step 0, moving to N(mu, sigma) by ``total_steps``.
+
+    Call ``set_step(step)`` once per optimizer step (the CLTSSampling callback does, from
+    ``trainer.global_step``); the tables stay on the device and nothing syncs.
+    """
+
+    def __init__(self, num_timesteps: int, mu: float = 300.0, sigma: float = 200.0, total_steps: int = 50_000) -> None:
+        super().__init__(num_timesteps)
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu):
+            raise ValueError(f"mu must be a finite number (in steps of a T = 1000 process), got {mu!r}.")
+        self.mu = float(mu)
+        self.sigma = _positive(sigma, "sigma", "use e.g. 200 (steps of a T = 1000 process)")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}; the paper uses 50000.")
+        self.total_steps = total_steps
+        uniform = torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
+        target = clts_gaussian(self.num_timesteps, self.mu, self.sigma)
+        self.uniform_probs, self.target_probs = uniform.float(), target.float()
+        self.uniform_cdf = probabilities_to_cdf(uniform).float()
+        self.target_cdf = probabilities_to_cdf(target).float()
+        self.step = 0
+        self.set_step(0)
+
+    @property
+    def progress(self) -> float:
+        """The mixing weight a = min(step / total_steps, 1)."""
+        return min(self.step / self.total_steps, 1.0)
+
+    def set_step(self, step: int) -> None:
+        """Move the curriculum to optimizer step ``step`` (a Python int: no sync)."""
+        self.step = int(step)
+        a = self.progress
+        self.cdf = torch.lerp(self.uniform_cdf, self.target_cdf, a)
+        self.probs = torch.lerp(self.uniform_probs, self.target_probs, a)
+
+    def sample(self, n: int) -> Tensor:
+        return inverse_cdf_sample(self.cdf, n, self.generator)
+
+    def probabilities(self) -> Tensor:
+        return self.probs
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "step": self.step}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        self.set_step(int(state.get("step", 0)))
+
+
+class LossAwareSampler(TimestepSampler):
+    """Importance sampling by the loss's second moment per t (improved DDPM).
+
+    Args:
+        num_timesteps: T.
+        history: losses kept per t (10 in the paper); sampling stays uniform until every t has them.
+        uniform_prob: share of the uniform distribution mixed in once warm (0.001).
+    """
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
+        super().__init__(num_timesteps)
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be a positive integer, got {history!r}; the paper keeps 10 losses per t.")
+        if isinstance(uniform_prob, bool) or not isinstance(uniform_prob, (int, float)) or not 0 < uniform_prob <= 1:
+            raise ValueError(f"uniform_prob must lie in (0, 1], got {uniform_prob!r}; the paper mixes in 0.001.")
+        self.history_size = history
+        self.uniform_prob = float(uniform_prob)
+        T = self.num_timesteps
+        # Row T is a scratch row: writes that must not land (non-finite losses, occurrences beyond
+        # the last `history` of a t in one batch) go there, so every real write is unique.
+        self._buffer = torch.zeros(T + 1, history)
+        self._counts = torch.zeros(T + 1, dtype=torch.long)
+        self._uniform = torch.full((T,), 1.0 / T)
+        self.probs = self._uniform.clone()
+        self.cdf = probabilities_to_cdf(self._uniform.double()).float()
+
+    # -- views ------------------------------------------------------------------------
+    @property
+    def history(self) -> Tensor:
+        """(T, history) ring buffer of the latest losses per t."""
+        return self._buffer[:-1]
+
+    @property
+    def counts(self) -> Tensor:
+        """(T,) number of losses seen per t (saturates nowhere; slots wrap around)."""
+        return self._counts[:-1]
+
+    @property
+    def warm(self) -> Tensor:
+        """Device bool scalar: every t has a full history."""
+        return (self.counts >= self.history_size).all()
+
+    # -- the protocol -----------------------------------------------------------------
+    def sample(self, n: int) -> Tensor:
+        return inverse_cdf_sample(self.cdf, n, self.generator)
+
+    def probabilities(self) -> Tensor:
+        return self.probs
+
+    def importance_weight(self, t: Tensor) -> Tensor:
+        return 1.0 / (self.num_timesteps * self.probs[t])
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        T, H = self.num_timesteps, self.history_size
+        t = t.reshape(-1).to(self._counts.device)
+        losses = losses.reshape(-1).detach().to(self._buffer.device, self._buffer.dtype)
+        key = torch.where(torch.isfinite(losses), t, torch.full_like(t, T))
+        key, order = torch.sort(key, stable=True)  # groups of equal t, batch order inside each
+        losses = losses[order]
+        pos = torch.arange(key.numel(), device=key.device)
+        is_start = torch.ones_like(key, dtype=torch.bool)
+        is_start[1:] = key[1:] != key[:-1]
+        group_start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), dim=0).values
+        rank = pos - group_start  # occurrence index of this t within the batch
+        sizes = torch.zeros_like(self._counts).scatter_add_(0, key, torch.ones_like(key))
+        keep = (rank >= sizes[key] - H) & (key < T)
+        slot = (self._counts[key] + rank) % H
+        row = torch.where(keep, key, torch.full_like(key, T))
+        slot = torch.where(keep, slot, torch.zeros_like(slot))
+        self._buffer.index_put_((row, slot), losses)
+        self._counts += sizes
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute p (and its CDF) from the buffer; uniform until warm (torch.where, no sync)."""
+        second_moment = self.history.pow(2).mean(dim=1).sqrt()
+        total = second_moment.sum()
+        learned = second_moment / total.clamp_min(torch.finfo(total.dtype).tiny)
+        learned = learned * (1.0 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+        use = self.warm & (total > 0)
+        self.probs = torch.where(use, learned, self._uniform)
+        self.cdf = probabilities_to_cdf(self.probs)
+
+    # -- checkpointing ----------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "history": self.history.cpu().clone(), "counts": self.counts.cpu().clone()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        if "history" in state:
+            history = torch.as_tensor(state["history"], dtype=self._buffer.dtype)
+            if tuple(history.shape) != (self.num_timesteps, self.history_size):
+                raise ValueError(
+                    f"The checkpoint's loss history has shape {tuple(history.shape)} but this sampler keeps "
+                    f"({self.num_timesteps}, {self.history_size}): resume with the same T and history."
+                )
+            self._buffer[:-1] = history.to(self._buffer.device)
+            self._counts[:-1] = torch.as_tensor(state["counts"], dtype=torch.long).to(self._counts.device)
+            self._refresh()

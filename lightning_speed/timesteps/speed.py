@@ -1,0 +1,104 @@
+"""SpeeD's two strategies: asymmetric time-step sampling and change-aware loss weighting.
+
+Both are tables over t computed once from the noise schedule (float64 on the CPU, stored in
+float32) and used per step with a gather or an inverse-CDF lookup on the device: no syncs.
+
+* Asymmetric sampling: P(t) = k / (T + tau (k - 1)) for t < tau and 1 / (T + tau (k - 1))
+  for t >= tau, i.e. the convergence area is drawn k times less often. With dual sampling
+  (the official default) n // 2 + 1 steps are drawn from P and each t is paired with
+  t' = m - t if t < m else t - m, where m is the schedule's auto pivot (``analysis.auto_tau``,
+  642 for linear T = 1000) whatever tau is; the batch keeps the first n of [t, t'].
+* Change-aware weighting: u(t) = min-max normalised d/dt Psi(t); w(t) = (1 - lam) +
+  (2 lam - 1) u(t) for t < tau, in [1 - lam, lam]; w(t) = 1 for t >= tau (official code).
+
+``tau="auto"`` uses the pivot m as tau; see ``lightning_speed.analysis`` for how "auto"
+behaves on other schedules and why it does not depend on the prediction type.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_speed.analysis import auto_tau, resolve_tau
+from lightning_speed.schedules import NoiseSchedule
+from lightning_speed.timesteps.base import TableSampler, TableWeighting
+
+
+def check_k(k: float) -> float:
+    """Suppression intensity k must be a positive finite number (k = 1 is uniform)."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0 or k == float("inf"):
+        raise ValueError(f"k (the suppression intensity) must be a positive number, got {k!r}; the paper uses 5.")
+    return float(k)
+
+
+def check_lam(lam: float) -> float:
+    """lambda must lie in [0.5, 1]: 0.5 gives w = 0.5 everywhere below tau, 1 the full range [0, 1]."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.5 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0.5, 1] (weights span [1 - lam, lam]), got {lam!r}; the paper uses 0.6.")
+    return float(lam)
+
+
+def asymmetric_probabilities(num_timesteps: int, tau: int, k: float) -> Tensor:
+    """P(t) of asymmetric sampling as a float64 tensor (T,)."""
+    T = int(num_timesteps)
+    if not 1 <= tau < T:
+        raise ValueError(f"tau must lie in [1, {T - 1}] for T = {T}, got {tau}.")
+    k = check_k(k)
+    probs = torch.full((T,), 1.0, dtype=torch.float64)
+    probs[:tau] = k
+    return probs / (T + tau * (k - 1))
+
+
+def dual_pairs(t: Tensor, pivot: int) -> Tensor:
+    """The official dual partner of each t: m - t below the pivot m, t - m from it on."""
+    return torch.where(t < pivot, pivot - t, t - pivot)
+
+
+class AsymmetricSampler(TableSampler):
+    """Asymmetric time-step sampling (SpeeD), optionally with dual pairs.
+
+    Args:
+        schedule: the noise schedule (gives T and the dual pivot).
+        tau: first time step of the convergence area, or "auto" (the pivot m).
+        k: how many times more often t < tau is drawn than t >= tau.
+        dual: pair every drawn t with its partner around the pivot m (official default).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, tau: int | str = 700, k: float = 5.0, dual: bool = True) -> None:
+        self.tau = resolve_tau(tau, schedule)
+        self.k = check_k(k)
+        super().__init__(asymmetric_probabilities(schedule.num_timesteps, self.tau, self.k))
+        self.dual = bool(dual)
+        self.pivot = auto_tau(schedule, warn=False)
+
+    def sample(self, n: int) -> Tensor:
+        if not self.dual:
+            return super().sample(n)
+        t = super().sample(n // 2 + 1)
+        return torch.cat([t, dual_pairs(t, self.pivot)])[:n]
+
+
+def change_aware_weights(schedule: NoiseSchedule, tau: int, lam: float) -> Tensor:
+    """w(t) of change-aware weighting as a float64 tensor (T,)."""
+    lam = check_lam(lam)
+    rate = schedule.psi_rate
+    u = (rate - rate.min()) / (rate.max() - rate.min()).clamp_min(torch.finfo(rate.dtype).tiny)
+    weights = (1.0 - lam) + (2.0 * lam - 1.0) * u
+    weights[tau:] = 1.0
+    return weights
+
+
+class ChangeAwareWeights(TableWeighting):
+    """Change-aware loss weighting (SpeeD): emphasise the steps where Psi changes fastest.
+
+    Args:
+        schedule: the noise schedule (gives d/dt Psi).
+        lam: lambda in [0.5, 1]; weights below tau span [1 - lam, lam].
+        tau: weights are 1 from tau on; an int or "auto".
+    """
+
+    def __init__(self, schedule: NoiseSchedule, lam: float = 0.6, tau: int | str = 700) -> None:
+        self.tau = resolve_tau(tau, schedule)
+        self.lam = check_lam(lam)
+        super().__init__(change_aware_weights(schedule, self.tau, self.lam))

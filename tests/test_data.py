@@ -1,0 +1,458 @@
+"""Tests for lightning_speed.data: IDX reading, Fashion-MNIST (full + embedded), CIFAR-10, image folders."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_speed.data import (
+    CIFAR10DataModule,
+    DeviceBatchLoader,
+    EmbeddedFashionMNISTDataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    UInt8ImageDataModule,
+    read_idx,
+)
+from lightning_speed.data import fashion_mnist as fm_module
+from lightning_speed.data.base import to_unit_range
+from lightning_speed.data.embedded import load_embedded_subset
+
+REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
+needs_real = pytest.mark.skipif(
+    not (REAL_ROOT / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed"
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as IDX."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_fake_fashion(folder: Path, n_train: int = 12, n_test: int = 6, gz: bool = False) -> None:
+    """A tiny dataset in the Fashion-MNIST file layout (random 28x28 images)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind, arr in (
+            ("images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+            ("labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8)),
+        ):
+            data = idx_bytes(arr)
+            name = f"{prefix}-{kind}"
+            if gz:
+                (folder / (name + ".gz")).write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+
+
+class ToyDataModule(UInt8ImageDataModule):
+    """Images whose left half is white: a flip moves the white to the right. Labels = index."""
+
+    name = "toy"
+    num_classes = 1
+
+    def __init__(self, n: int = 512, on_device: bool = False, batch_size: int = 64, random_flip: bool = True):
+        super().__init__(
+            batch_size=batch_size, num_workers=0, random_flip=random_flip, pad_to=8,
+            val_images=None, on_device=on_device, seed=0,
+        )  # fmt: skip
+        self.n = n
+        self.image_shape = (1, 8, 8)
+
+    def _load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        images = np.zeros((self.n, 1, 6, 6), dtype=np.uint8)
+        images[..., :3] = 255
+        return images, np.arange(self.n)
+
+
+def flipped_mask(x: torch.Tensor) -> torch.Tensor:
+    """For ToyDataModule batches: True where the image was flipped (white on the right)."""
+    left, right = x[:, 0, 4, 1], x[:, 0, 4, 6]
+    assert torch.all((left == 1) ^ (right == 1)), "each toy image must be white on exactly one side"
+    return right == 1
+
+
+@pytest.fixture(scope="module")
+def real_dm() -> FashionMNISTDataModule:
+    dm = FashionMNISTDataModule(root=str(REAL_ROOT), batch_size=256)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+# --------------------------------------------------------------------------------- IDX
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_roundtrip(tmp_path: Path, gz: bool) -> None:
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / ("x.idx.gz" if gz else "x.idx")
+    path.write_bytes(gzip.compress(idx_bytes(array)) if gz else idx_bytes(array))
+    out = read_idx(path)
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 4)
+    np.testing.assert_array_equal(out, array)
+
+
+@pytest.mark.parametrize(
+    "name, payload, message",
+    [
+        ("empty-idx3-ubyte", b"", "empty"),
+        ("trunc-idx3-ubyte", idx_bytes(np.zeros((4, 28, 28), np.uint8))[:-100], "truncated"),
+        ("trunc-header-idx3-ubyte", bytes([0, 0, 8, 3, 0, 0]), "truncated header"),
+        ("magic-idx3-ubyte", b"\x1f\x8b\x08\x03" + bytes(100), "magic"),
+        ("extra-idx1-ubyte", idx_bytes(np.zeros(5, np.uint8)) + b"\x00", "trailing"),
+        ("bad-idx3-ubyte.gz", gzip.compress(idx_bytes(np.zeros((4, 28, 28), np.uint8)))[:-20], "gzip"),
+    ],
+)
+def test_read_idx_rejects_bad_files(tmp_path: Path, name: str, payload: bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(ValueError) as err:
+        read_idx(path)
+    text = str(err.value)
+    assert str(path) in text and message in text and "download" in text.lower()
+
+
+def test_corrupt_file_in_root_fails_in_setup(tmp_path: Path) -> None:
+    write_fake_fashion(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"")
+    dm = FashionMNISTDataModule(root=str(tmp_path), batch_size=4, val_images=2)
+    dm.prepare_data()  # the files exist
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*empty"):
+        dm.setup("fit")
+
+
+# ----------------------------------------------------------------- Fashion-MNIST: locating
+def test_missing_root_error_names_files_and_fixes(tmp_path: Path) -> None:
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"x")  # one of four present
+    dm = FashionMNISTDataModule(root=str(tmp_path))
+    for call in (dm.prepare_data, lambda: dm.setup("fit")):
+        with pytest.raises(FileNotFoundError) as err:
+            call()
+        text = str(err.value)
+        assert str(tmp_path) in text and "apt-get install" in text and "download" in text
+        assert "t10k-labels-idx1-ubyte" in text and "train-images-idx3-ubyte[" not in text
+
+
+def test_no_root_searches_system_then_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fm_module, "SYSTEM_ROOT", tmp_path / "system")
+    monkeypatch.setattr(fm_module, "DEFAULT_DOWNLOAD_ROOT", tmp_path / "cache")
+    with pytest.raises(FileNotFoundError) as err:
+        FashionMNISTDataModule().prepare_data()
+    text = str(err.value)
+    assert "system" in text and "cache" in text and "apt-get" in text and "download" in text
+    write_fake_fashion(tmp_path / "cache", gz=True)
+    dm = FashionMNISTDataModule(batch_size=4, val_images=2)
+    dm.setup("fit")
+    assert dm.files["train-images-idx3-ubyte"] == tmp_path / "cache" / "train-images-idx3-ubyte.gz"
+
+
+def test_download_uses_torchvision_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    calls = []
+
+    class FakeFashionMNIST:  # stands in for the network: writes files where torchvision would
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append((root, train, download))
+            write_fake_fashion(Path(root) / "FashionMNIST" / "raw", gz=True)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
+    dm = FashionMNISTDataModule(root=str(tmp_path), download=True, batch_size=4, val_images=3)
+    dm.prepare_data()
+    assert calls and all(c[0] == str(tmp_path) and c[2] for c in calls)
+    dm.setup("fit")
+    assert dm.reference_images("train").shape == (12, 1, 32, 32)
+
+
+def test_uncompressed_files_work(tmp_path: Path) -> None:
+    write_fake_fashion(tmp_path, gz=False)
+    dm = FashionMNISTDataModule(root=str(tmp_path), batch_size=4, val_images=6)
+    dm.setup("fit")
+    x, y = next(iter(dm.val_dataloader()))
+    raw = read_idx(tmp_path / "t10k-images-idx3-ubyte")
+    np.testing.assert_allclose(x[:, 0, 2:30, 2:30].numpy(), raw[:4] / 127.5 - 1.0, atol=1e-6)
+    assert y.tolist() == [0, 1, 2, 3]
+
+
+def test_bad_arguments_raise_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pad_to"):
+        FashionMNISTDataModule(pad_to=20)
+    write_fake_fashion(tmp_path)
+    dm = FashionMNISTDataModule(root=str(tmp_path), val_images=50)
+    with pytest.raises(ValueError, match="val_images=50"):
+        dm.setup("fit")
+
+
+# -------------------------------------------------------------- Fashion-MNIST: real data
+@needs_real
+def test_real_batches_shapes_ranges_and_black_padding(real_dm: FashionMNISTDataModule) -> None:
+    assert real_dm.image_shape == (1, 32, 32) and real_dm.num_classes == 10 and real_dm.name == "fashion_mnist"
+    train = real_dm.train_dataloader()
+    assert len(train) == 60000 // 256  # drop_last
+    for loader in (train, real_dm.val_dataloader()):
+        x, y = next(iter(loader))
+        assert x.shape == (256, 1, 32, 32) and x.dtype == torch.float32
+        assert y.shape == (256,) and y.dtype == torch.long and 0 <= y.min() and y.max() <= 9
+        assert x.min() >= -1 and x.max() <= 1 and x.max() > 0.9  # some near-white pixels
+        border = torch.cat([x[..., :2, :].flatten(), x[..., -2:, :].flatten(), x[..., :2].flatten(), x[..., -2:].flatten()])
+        assert torch.all(border == -1.0)
+    assert sum(len(b[1]) for b in real_dm.val_dataloader()) == 1000
+
+
+@needs_real
+def test_real_val_is_first_test_images_unflipped(real_dm: FashionMNISTDataModule) -> None:
+    raw = torch.from_numpy(read_idx(REAL_ROOT / "t10k-images-idx3-ubyte.gz")[:1000])
+    val = torch.cat([b[0] for b in real_dm.val_dataloader()])
+    assert torch.equal(val[:, 0, 2:30, 2:30], to_unit_range(raw))
+
+
+@needs_real
+def test_reference_images_deterministic_and_match_training_preprocessing(real_dm: FashionMNISTDataModule) -> None:
+    a = real_dm.reference_images("test", max_images=500)
+    b = FashionMNISTDataModule(root=str(REAL_ROOT)).reference_images("test", max_images=500)
+    assert a.dtype == torch.uint8 and a.shape == (500, 1, 32, 32) and torch.equal(a, b)
+    assert torch.all(a[..., :2, :] == 0) and torch.all(a[..., :, -2:] == 0)
+    val = torch.cat([x for x, _ in real_dm.val_dataloader()])[:500]
+    assert torch.equal(to_unit_range(a), val)
+    assert real_dm.reference_images().shape[0] == 10000
+    assert real_dm.reference_images("train", 7).shape == (7, 1, 32, 32)
+    key = real_dm.reference_key("test", 500)
+    assert key == real_dm.reference_key("test", 500) == "fashion_mnist-test-n500-1x32x32"
+    assert len({key, real_dm.reference_key("test"), real_dm.reference_key("train", 500)}) == 3
+    assert real_dm.reference_key("test", 10**9) == real_dm.reference_key("test")  # count is the real count
+
+
+# ------------------------------------------------------------------------------- flips
+@pytest.mark.parametrize("on_device", [False, True])
+def test_flip_happens_half_the_time_in_training_only(on_device: bool) -> None:
+    torch.manual_seed(0)
+    dm = ToyDataModule(n=2048, on_device=on_device)
+    dm.setup("fit")
+    flips = torch.cat([flipped_mask(x) for x, _ in dm.train_dataloader()])
+    assert flips.numel() == 2048
+    assert 0.45 < flips.float().mean().item() < 0.55
+    assert not torch.cat([flipped_mask(x) for x, _ in dm.val_dataloader()]).any()
+    assert not torch.cat([flipped_mask(x) for x, _ in dm.test_dataloader()]).any()
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_random_flip_false_never_flips(on_device: bool) -> None:
+    dm = ToyDataModule(n=256, on_device=on_device, random_flip=False)
+    dm.setup("fit")
+    assert not torch.cat([flipped_mask(x) for x, _ in dm.train_dataloader()]).any()
+
+
+# ------------------------------------------------------------------------ on-device loader
+@pytest.mark.parametrize("n, batch_size", [(1000, 100), (1000, 64)])
+def test_device_loader_every_image_once_per_epoch(n: int, batch_size: int) -> None:
+    images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    loader = DeviceBatchLoader(images, torch.arange(n), batch_size=batch_size, seed=3)
+    assert len(loader) == n // batch_size
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert all(x.shape == (batch_size, 1, 4, 4) and x.dtype == torch.float32 for x, _ in batches)
+        ids = torch.cat([y for _, y in batches])
+        assert ids.unique().numel() == ids.numel() == len(loader) * batch_size  # each at most once, drop_last
+        epochs.append(ids)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
+    loader.set_epoch(0)
+    assert torch.equal(torch.cat([y for _, y in loader]), epochs[0])  # epoch-seeded, reproducible
+
+
+def test_device_loader_ddp_shards_are_disjoint() -> None:
+    n, world = 999, 3
+    images = torch.zeros(n, 1, 2, 2, dtype=torch.uint8)
+    shards = []
+    for rank in range(world):
+        loader = DeviceBatchLoader(images, torch.arange(n), batch_size=111, seed=1, rank=rank, world_size=world)
+        loader.set_epoch(5)
+        assert len(loader) == 3
+        shards.append(torch.cat([y for _, y in loader]))
+    ids = torch.cat(shards)
+    assert ids.numel() == n and ids.unique().numel() == n
+
+
+def test_on_device_datamodule_without_trainer_uses_cpu_and_covers_the_epoch() -> None:
+    dm = ToyDataModule(n=640, on_device=True, batch_size=64)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, DeviceBatchLoader) and loader.device == torch.device("cpu")
+    assert dm.train_dataloader() is loader  # the device copy is made once
+    ids = torch.cat([y for _, y in loader])
+    assert sorted(ids.tolist()) == list(range(640))
+    with pytest.raises(ValueError, match="batch_size"):
+        DeviceBatchLoader(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10), batch_size=20)
+
+
+def test_host_loader_every_image_once_per_epoch() -> None:
+    dm = ToyDataModule(n=640, on_device=False, batch_size=64)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    first = torch.cat([y for _, y in loader])
+    assert sorted(first.tolist()) == list(range(640))
+    second = torch.cat([y for _, y in loader])
+    assert not torch.equal(first, second)
+
+
+def test_on_device_loader_in_a_lightning_fit() -> None:
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1024, 10)
+            self.seen: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            self.seen.append(y)
+            return torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    dm = EmbeddedFashionMNISTDataModule(batch_size=500, on_device=True, val_images=0)
+    model = Tiny()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    assert trainer.global_step == 16
+    per_epoch = [torch.cat(model.seen[:8]), torch.cat(model.seen[8:])]
+    for labels in per_epoch:
+        assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 400))
+    assert not torch.equal(per_epoch[0], per_epoch[1])
+
+
+# ------------------------------------------------------------------------------ embedded
+def test_embedded_subset_counts_and_balance() -> None:
+    dm = EmbeddedFashionMNISTDataModule(batch_size=100)
+    dm.setup("fit")
+    assert dm.name == "fashion_mnist_embedded" and dm.image_shape == (1, 32, 32) and dm.num_classes == 10
+    train = dm.reference_images("train")
+    test = dm.reference_images("test")
+    assert train.shape == (4000, 1, 32, 32) and test.shape == (1000, 1, 32, 32)
+    arrays = load_embedded_subset()
+    assert torch.equal(torch.bincount(torch.from_numpy(arrays["train_labels"]).long()), torch.full((10,), 400))
+    assert torch.equal(torch.bincount(torch.from_numpy(arrays["test_labels"]).long()), torch.full((10,), 100))
+    assert len(dm.train_dataloader()) == 40 and sum(len(y) for _, y in dm.val_dataloader()) == 1000
+    assert dm.reference_key("test") == "fashion_mnist_embedded-test-n1000-1x32x32"
+
+
+@needs_real
+def test_embedded_subset_is_real_fashion_mnist() -> None:
+    arrays = load_embedded_subset()
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(REAL_ROOT / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(REAL_ROOT / f"{prefix}-labels-idx1-ubyte.gz")
+        idx = arrays[f"{split}_indices"]
+        assert np.all(np.diff(idx) > 0)
+        np.testing.assert_array_equal(arrays[f"{split}_images"], images[idx])
+        np.testing.assert_array_equal(arrays[f"{split}_labels"], labels[idx])
+
+
+def test_embedded_asset_is_small() -> None:
+    from importlib import resources
+
+    asset = resources.files("lightning_speed.data").joinpath("assets/fashion_mnist_subset.npz")
+    assert asset.is_file() and len(asset.read_bytes()) < 4_000_000
+
+
+# -------------------------------------------------------------------------------- CIFAR-10
+def write_fake_cifar(root: Path, per_batch: int = 4, n_test: int = 6) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"airplane"] * 10}, f)
+    return folder
+
+
+def test_cifar10_reads_pickle_batches(tmp_path: Path) -> None:
+    folder = write_fake_cifar(tmp_path)
+    dm = CIFAR10DataModule(root=str(tmp_path), batch_size=4, num_workers=0, val_images=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.image_shape == (3, 32, 32) and dm.num_classes == 10 and dm.name == "cifar10"
+    assert dm.reference_images("train").shape == (20, 3, 32, 32) and len(dm.train_dataloader()) == 5
+    x, y = next(iter(dm.val_dataloader()))
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f)[b"data"][:3].reshape(3, 3, 32, 32)
+    assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(x.numpy(), raw / 127.5 - 1.0, atol=1e-6)
+    xt, _ = next(iter(dm.train_dataloader()))
+    assert xt.shape == (4, 3, 32, 32) and xt.min() >= -1 and xt.max() <= 1
+
+
+def test_cifar10_missing_and_corrupt(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="download"):
+        CIFAR10DataModule(root=str(tmp_path / "nowhere")).prepare_data()
+    folder = write_fake_cifar(tmp_path)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    dm = CIFAR10DataModule(root=str(tmp_path), batch_size=2, num_workers=0, val_images=2)
+    with pytest.raises(ValueError, match="data_batch_3"):
+        dm.setup("fit")
+
+
+# ---------------------------------------------------------------------------- image folder
+def write_pngs(root: Path, layout: dict[str, list[tuple[int, int, tuple[int, int, int]]]]) -> None:
+    from PIL import Image
+
+    for sub, specs in layout.items():
+        folder = root / sub if sub else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (w, h, colour) in enumerate(specs):
+            Image.new("RGB", (w, h), colour).save(folder / f"img{i}.png")
+
+
+def test_image_folder_with_classes(tmp_path: Path) -> None:
+    red, blue = (255, 0, 0), (0, 0, 255)
+    write_pngs(tmp_path, {"cats": [(40, 20, red)] * 4, "dogs/nested": [(20, 30, blue)] * 4})
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=2, num_workers=0, val_fraction=0.25)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.num_classes == 2 and dm.class_names == ("cats", "dogs") and dm.image_shape == (3, 16, 16)
+    train = dm.reference_images("train")
+    test = dm.reference_images("test")
+    assert train.shape == (6, 3, 16, 16) and test.shape == (2, 3, 16, 16) and train.dtype == torch.uint8
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 16, 16) and y.dtype == torch.long
+    for img, label in zip(x, y):  # solid colours survive resize + crop
+        expected = torch.tensor([1.0, -1.0, -1.0]) if label == 0 else torch.tensor([-1.0, -1.0, 1.0])
+        assert torch.allclose(img.mean(dim=(1, 2)), expected, atol=1e-3)
+    key = dm.reference_key("test")
+    write_pngs(tmp_path, {"dogs": [(16, 16, blue)] * 5})
+    assert ImageFolderDataModule(str(tmp_path), image_size=16, num_workers=0, val_fraction=0.25).reference_key("test") != key
+
+
+def test_image_folder_unlabelled_grey(tmp_path: Path) -> None:
+    write_pngs(tmp_path, {"": [(10, 10, (255, 255, 255))] * 3, "sub": [(10, 10, (0, 0, 0))]})
+    dm = ImageFolderDataModule(str(tmp_path), image_size=8, channels=1, batch_size=2, num_workers=0, val_fraction=0.0)
+    dm.setup("fit")
+    assert dm.num_classes == 1 and dm.image_shape == (1, 8, 8)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 1, 8, 8) and torch.all(y == 0)
+    assert dm.val_dataloader() == []
+
+
+def test_image_folder_missing_or_empty(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderDataModule(str(tmp_path / "nope"), image_size=8).prepare_data()
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(FileNotFoundError, match="No images"):
+        ImageFolderDataModule(str(tmp_path), image_size=8).setup("fit")

@@ -1,0 +1,246 @@
+"""FIDCallback and SampleGridCallback inside tiny CPU Trainer.fit runs (a fake generator module)."""
+
+from __future__ import annotations
+
+import csv
+import urllib.error
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.io import decode_png, read_file
+
+from lightning_speed.callbacks.fid import FIDCallback
+from lightning_speed.callbacks.samples import SampleGridCallback
+from lightning_speed.data.embedded import EmbeddedFashionMNISTDataModule
+from lightning_speed.metrics import InceptionWeightsUnavailable
+from lightning_speed.metrics import features as features_module
+from lightning_speed.metrics.sampling import local_share
+
+torch.set_num_threads(2)
+
+
+class TinyGenerator(pl.LightningModule):
+    """Stands in for DiffusionModule: ``sample`` maps seeded noise through one learnable scale."""
+
+    image_shape = (1, 32, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.sampled_with: list[tuple[int, float]] = []  # (global_step, scale used)
+        self.sample_kwargs: list[dict] = []
+        self.steps_run = 0
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        return (self.scale - 3.0) ** 2 + 0.0 * batch[0].float().mean()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+    @torch.no_grad()
+    def sample(self, num_samples, *, steps=50, sampler="ddim", generator=None, **kwargs):
+        self.sampled_with.append((self.trainer.global_step, float(self.scale)))
+        self.sample_kwargs.append({"steps": steps, "sampler": sampler, **kwargs})
+        noise = torch.randn((num_samples, *self.image_shape), generator=generator, device=self.device)
+        return torch.tanh(noise * self.scale)
+
+
+class FlatFeatures(nn.Module):
+    """A user-style custom feature network: uint8 images in, (N, 8) features out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32 * 32, 8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images.float().flatten(1) / 255.0)
+
+
+def make_trainer(tmp_path: Path, callbacks, max_steps: int = 4, logger=None, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=logger if logger is not None else False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=kwargs.pop("limit_val_batches", 0),
+        **kwargs,
+    )
+
+
+def fid_callback(tmp_path: Path, **kwargs) -> FIDCallback:
+    args = dict(num_samples=32, batch_size=16, sampling_steps=3, feature_extractor="fashion_mnist",
+                num_reference=200, cache_dir=str(tmp_path / "cache"))
+    args.update(kwargs)
+    return FIDCallback(**args)
+
+
+def datamodule() -> EmbeddedFashionMNISTDataModule:
+    return EmbeddedFashionMNISTDataModule(batch_size=8, val_images=16)
+
+
+def test_fid_logged_every_n_steps_with_csv_and_cache(tmp_path) -> None:
+    fid = fid_callback(tmp_path, every_n_steps=2)
+    model = TinyGenerator()
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, [fid], logger=logger)
+    trainer.fit(model, datamodule=datamodule())
+
+    assert [s for s, _ in fid.history] == [2, 4]  # step 4 = end of training: not evaluated twice
+    assert all(v > 0 for _, v in fid.history)
+    assert float(trainer.callback_metrics["fid"]) == pytest.approx(fid.history[-1][1])
+    assert model.sample_kwargs[0] == {"steps": 3, "sampler": "ddim"}
+    assert sum(1 for s, _ in model.sampled_with if s == 2) == 2  # 32 samples in batches of 16
+    assert fid.reference_from_cache is False
+    assert "fashion_mnist_embedded-test-n200" in fid.reference_key
+
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    logged = {int(r["step"]): float(r["fid"]) for r in rows if r.get("fid")}
+    assert logged == pytest.approx(dict(fid.history))
+    assert all(float(r["fid/seconds"]) > 0 for r in rows if r.get("fid"))
+
+    # Same cache dir and key: the real statistics come from disk (file untouched), same FID for same weights.
+    cache_files = list((tmp_path / "cache").iterdir())
+    assert len(cache_files) == 1
+    mtime = cache_files[0].stat().st_mtime_ns
+    again = fid_callback(tmp_path, every_n_steps=2)
+    make_trainer(tmp_path, [again]).fit(TinyGenerator(), datamodule=datamodule())
+    assert again.reference_from_cache is True and cache_files[0].stat().st_mtime_ns == mtime
+    assert dict(again.history) == pytest.approx(dict(fid.history))  # fixed seed: the same samples
+
+    # A different reference count or feature network is a different key: recomputed, new file.
+    fewer = fid_callback(tmp_path, num_reference=100, on_train_end=False, every_n_steps=1)
+    make_trainer(tmp_path, [fewer], max_steps=1).fit(TinyGenerator(), datamodule=datamodule())
+    assert fewer.reference_from_cache is False
+    other_net = fid_callback(tmp_path, feature_extractor=FlatFeatures(),
+                             on_train_end=False, every_n_steps=1)
+    make_trainer(tmp_path, [other_net], max_steps=1).fit(TinyGenerator(), datamodule=datamodule())
+    assert other_net.reference_from_cache is False
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+    state = fid.state_dict()
+    restored = FIDCallback()
+    restored.load_state_dict(state)
+    assert restored.history == fid.history
+
+
+def test_fid_uses_ema_weights_and_restores_training_weights(tmp_path) -> None:
+    ema = EMAWeightAveraging(decay=0.5)
+    fid = fid_callback(tmp_path, every_n_steps=2, on_train_end=False)
+    seen = []
+
+    class Probe(pl.Callback):  # runs right after FIDCallback at the same hook
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append((trainer.global_step, float(pl_module.scale.detach()), float(ema._average_model.module.scale.detach())))
+
+    model = TinyGenerator()
+    make_trainer(tmp_path, [ema, fid, Probe()]).fit(model, datamodule=datamodule())
+    used = dict(model.sampled_with)
+    for step, raw, averaged in seen:
+        if step in used:
+            assert used[step] == pytest.approx(averaged)
+            assert abs(raw - averaged) > 1e-3  # EMA lags the raw weights; raw ones are back after the FID
+    assert {2, 4} <= set(used)
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_fid_at_validation_uses_ema_in_either_callback_order(tmp_path, ema_first) -> None:
+    ema = EMAWeightAveraging(decay=0.5)
+    fid = fid_callback(tmp_path, on_validation=True, on_train_end=False, num_samples=8, batch_size=8)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):  # weights before EMA's swap
+            seen[trainer.global_step] = float(ema._average_model.module.scale)
+
+    callbacks = [Probe(), ema, fid] if ema_first else [Probe(), fid, ema]
+    model = TinyGenerator()
+    trainer = make_trainer(tmp_path, callbacks, max_steps=4, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(model, datamodule=datamodule())
+    used = dict(model.sampled_with)
+    assert set(used) == {2, 4} and [s for s, _ in fid.history] == [2, 4]
+    for step, averaged in seen.items():
+        assert used[step] == pytest.approx(averaged)
+
+
+def test_explicit_reference_images_and_missing_reference(tmp_path) -> None:
+    images = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(torch.zeros(16, 1, 32, 32)), batch_size=4)
+    fid = fid_callback(tmp_path, reference_images=lambda: images, every_n_steps=2)
+    make_trainer(tmp_path, [fid], max_steps=2).fit(TinyGenerator(), train_dataloaders=loader)
+    assert [s for s, _ in fid.history] == [2] and fid.reference_key.startswith("tensor-")
+
+    with pytest.raises(ValueError, match="reference_images"):
+        make_trainer(tmp_path, [fid_callback(tmp_path)], max_steps=1).fit(TinyGenerator(), train_dataloaders=loader)
+
+
+def test_missing_inception_fails_in_setup_before_training(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(url, dst, timeout):
+        raise urllib.error.URLError("no network (test)")
+
+    monkeypatch.setattr(features_module, "_download", offline)
+    model = TinyGenerator()
+    fid = fid_callback(tmp_path, feature_extractor="inception", every_n_steps=2)
+    with pytest.raises(InceptionWeightsUnavailable, match="fashion_mnist"):
+        make_trainer(tmp_path, [fid]).fit(model, datamodule=datamodule())
+    assert model.steps_run == 0
+
+
+def test_fid_kid_option(tmp_path) -> None:
+    fid = fid_callback(tmp_path, compute_kid=True, kid_subset_size=16, on_train_end=True)
+    make_trainer(tmp_path, [fid], max_steps=1).fit(TinyGenerator(), datamodule=datamodule())
+    assert len(fid.kid_history) == 1 and fid.kid_history[0][1] > 0
+
+
+def test_local_share_splits_samples() -> None:
+    assert [local_share(10, 4, r) for r in range(4)] == [3, 3, 2, 2]
+    assert sum(local_share(5000, 3, r) for r in range(3)) == 5000
+
+
+def test_sample_grid_png_tensorboard_and_fixed_seed(tmp_path) -> None:
+    grids = SampleGridCallback(every_n_steps=2, num_samples=9, sampling_steps=2, save_dir=str(tmp_path / "grids"))
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    model = TinyGenerator()
+    trainer = make_trainer(tmp_path, [grids], max_steps=3, logger=logger)
+    trainer.fit(model, datamodule=datamodule())
+    names = sorted(p.name for p in (tmp_path / "grids").iterdir())
+    assert names == ["samples_step2.png", "samples_step3.png"]
+    png = decode_png(read_file(str(tmp_path / "grids" / "samples_step3.png")))
+    assert png.shape == grids.last_grid.shape == (3, 3 * 32 + 4 * 2, 3 * 32 + 4 * 2)
+    assert torch.equal(png, grids.last_grid)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [2, 3]
+
+    # The same seed and weights give the same grid; another seed does not.
+    first, second = grids.make_grid(trainer, model), grids.make_grid(trainer, model)
+    assert torch.equal(first, second)
+    other = SampleGridCallback(num_samples=9, sampling_steps=2, seed=1)
+    assert not torch.equal(first, other.make_grid(trainer, model))
+
+
+def test_sample_grid_written_to_log_dir_at_train_end(tmp_path) -> None:
+    grids = SampleGridCallback(every_n_steps=100, num_samples=4, sampling_steps=2)
+    trainer = make_trainer(tmp_path, [grids], max_steps=2, logger=CSVLogger(tmp_path, name="csv"))
+    trainer.fit(TinyGenerator(), datamodule=datamodule())
+    assert (Path(trainer.log_dir) / "samples_step2.png").is_file()

@@ -1,0 +1,364 @@
+"""The time-step strategy objects: formulas, sampled frequencies, state and errors.
+
+Reference values are computed independently here with numpy / scipy from METHOD.md's formulas.
+Chi-square tests use fixed seeds and bins of 20 time steps (expected counts in the hundreds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import special, stats
+
+from lightning_speed.schedules import NoiseSchedule
+from lightning_speed.timesteps import (
+    AsymmetricSampler,
+    ChangeAwareWeights,
+    CLTSSampler,
+    ConstantWeighting,
+    LogitNormalSampler,
+    LossAwareSampler,
+    MinSNRWeights,
+    P2Weights,
+    TableSampler,
+    TableWeighting,
+    UniformSampler,
+    weighted_loss,
+)
+
+T = 1000
+CHOSEN_T = [0, 219, 699, 700, 999]
+
+
+def linear_alpha_bar(num_timesteps: int = T) -> np.ndarray:
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, num_timesteps))
+
+
+def chi_square_p(samples: torch.Tensor, expected_probs: np.ndarray, bin_width: int = 20) -> float:
+    """p-value of the sampled counts against expected probabilities, in bins of ``bin_width`` t."""
+    counts = np.bincount(samples.numpy(), minlength=expected_probs.size).astype(np.float64)
+    observed = counts.reshape(-1, bin_width).sum(1)
+    expected = expected_probs.reshape(-1, bin_width).sum(1) * counts.sum()
+    return float(stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue)
+
+
+@pytest.fixture(scope="module")
+def linear() -> NoiseSchedule:
+    return NoiseSchedule.from_name("linear", T)
+
+
+# ------------------------------------------------------------------ asymmetric sampling
+def asymmetric_reference(tau: int, k: float, num_timesteps: int = T) -> np.ndarray:
+    p = np.where(np.arange(num_timesteps) < tau, k, 1.0)
+    return p / (num_timesteps + tau * (k - 1))
+
+
+def test_asymmetric_probabilities_match_formula(linear):
+    sampler = AsymmetricSampler(linear, tau=700, k=5, dual=False)
+    expected = asymmetric_reference(700, 5)
+    np.testing.assert_allclose(sampler.probabilities().numpy(), expected, rtol=1e-6)
+    assert expected[0] == pytest.approx(5 / 3800) and expected[999] == pytest.approx(1 / 3800)
+
+
+def test_asymmetric_frequencies_chi_square(linear):
+    sampler = AsymmetricSampler(linear, tau=700, k=5, dual=False)
+    sampler.manual_seed(0)
+    t = sampler.sample(400_000)
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < T
+    assert chi_square_p(t, asymmetric_reference(700, 5)) > 1e-3
+    # the same draws are clearly not uniform: the test can fail
+    assert chi_square_p(t, np.full(T, 1.0 / T)) < 1e-12
+
+
+def test_dual_pairs_follow_the_pivot_rule(linear):
+    ab = linear_alpha_bar()
+    pivot = int(np.flatnonzero(np.gradient(np.sqrt(1 - ab)) < 1e-4)[0]) + 1
+    assert pivot == 642
+    for tau in (700, 300):  # the pivot does not depend on tau
+        sampler = AsymmetricSampler(linear, tau=tau, k=5, dual=True)
+        sampler.manual_seed(1)
+        for n in (64, 65, 2, 1):
+            t = sampler.sample(n).numpy()
+            half = n // 2 + 1
+            assert t.shape == (n,)
+            first, pairs = t[:half], t[half:]
+            expected = np.where(first < pivot, pivot - first, first - pivot)[: n - half]
+            np.testing.assert_array_equal(pairs, expected)
+            assert (t >= 0).all() and (t < T).all()
+
+
+def test_dual_primary_draws_follow_p(linear):
+    sampler = AsymmetricSampler(linear, tau=700, k=5, dual=True)
+    sampler.manual_seed(2)
+    n = 2000
+    primary = torch.cat([sampler.sample(n)[: n // 2 + 1] for _ in range(200)])
+    assert chi_square_p(primary, asymmetric_reference(700, 5)) > 1e-3
+
+
+def test_auto_tau_uses_pivot(linear):
+    sampler = AsymmetricSampler(linear, tau="auto", k=5)
+    assert sampler.tau == 642 and sampler.pivot == 642
+    cosine = AsymmetricSampler(NoiseSchedule.from_name("cosine", T), tau="auto")
+    assert cosine.tau == 959 and cosine.pivot == 959
+
+
+# ------------------------------------------------------------------ weightings
+def test_change_aware_weights_at_chosen_t(linear):
+    ab = linear_alpha_bar()
+    d = np.gradient(1 - ab)
+    u = (d - d.min()) / (d.max() - d.min())
+    lam, tau = 0.6, 700
+    expected = np.where(np.arange(T) < tau, (1 - lam) + (2 * lam - 1) * u, 1.0)
+    weighting = ChangeAwareWeights(linear, lam=lam, tau=tau)
+    got = weighting.weight(torch.tensor(CHOSEN_T)).numpy()
+    np.testing.assert_allclose(got, expected[CHOSEN_T], rtol=1e-6)
+    assert got[1] == pytest.approx(lam, rel=1e-6)  # the rate peaks at t = 219: w = lambda
+    assert got[3] == got[4] == 1.0
+    auto = ChangeAwareWeights(linear, lam=0.8, tau="auto")
+    assert auto.tau == 642
+    assert auto.weight(torch.tensor([641])).item() < 1.0 and auto.weight(torch.tensor([642])).item() == 1.0
+    table = ChangeAwareWeights(linear, lam=0.8, tau=700).table
+    assert table[:700].min() >= 0.2 - 1e-6 and table[:700].max() <= 0.8 + 1e-6
+
+
+def test_p2_weights_at_chosen_t(linear):
+    ab = linear_alpha_bar()
+    snr = ab / (1 - ab)
+    got = P2Weights(linear).weight(torch.tensor(CHOSEN_T)).numpy()
+    np.testing.assert_allclose(got, 1.0 / (1.0 + snr[CHOSEN_T]), rtol=1e-6)
+    got = P2Weights(linear, k=0.5, gamma=2).weight(torch.tensor(CHOSEN_T)).numpy()
+    np.testing.assert_allclose(got, 1.0 / (0.5 + snr[CHOSEN_T]) ** 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "formula"),
+    [
+        ("epsilon", lambda snr: np.minimum(snr, 5) / snr),
+        ("v", lambda snr: np.minimum(snr, 5) / (snr + 1)),
+        ("x0", lambda snr: np.minimum(snr, 5)),
+    ],
+)
+def test_min_snr_weights_at_chosen_t(linear, prediction, formula):
+    ab = linear_alpha_bar()
+    snr = ab / (1 - ab)
+    got = MinSNRWeights(linear, gamma=5, prediction=prediction).weight(torch.tensor(CHOSEN_T)).numpy()
+    np.testing.assert_allclose(got, formula(snr)[CHOSEN_T], rtol=1e-6)
+
+
+def test_constant_weighting_is_one():
+    assert torch.equal(ConstantWeighting().weight(torch.tensor([0, 5])), torch.ones(2))
+
+
+# ------------------------------------------------------------------ logit-normal and CLTS
+def test_logit_normal_frequencies_match_formula():
+    mean, std = 0.3, 1.2
+    sampler = LogitNormalSampler(T, mean=mean, std=std)
+    sampler.manual_seed(3)
+    t = sampler.sample(400_000)
+    edges = np.clip((np.arange(T + 1) - 0.5) / (T - 1), 0, 1)
+    with np.errstate(divide="ignore"):
+        cdf = stats.norm.cdf((special.logit(edges) - mean) / std)
+    expected = np.diff(cdf)
+    np.testing.assert_allclose(sampler.probabilities().numpy(), expected, atol=1e-7)
+    assert chi_square_p(t, expected) > 1e-3
+    assert chi_square_p(t, np.full(T, 1.0 / T)) < 1e-12
+
+
+def clts_reference(step: int, total: int = 50_000, mu: float = 300.0, sigma: float = 200.0) -> np.ndarray:
+    a = min(step / total, 1.0)
+    g = np.exp(-0.5 * ((np.arange(T) - mu) / sigma) ** 2)
+    return (1 - a) / T + a * g / g.sum()
+
+
+def test_clts_frequencies_follow_the_curriculum():
+    sampler = CLTSSampler(T)
+    sampler.manual_seed(4)
+    np.testing.assert_allclose(sampler.probabilities().numpy(), np.full(T, 1 / T), rtol=1e-5)
+    for step in (25_000, 10**6):
+        sampler.set_step(step)
+        np.testing.assert_allclose(sampler.probabilities().numpy(), clts_reference(step), rtol=1e-4, atol=1e-9)
+        t = sampler.sample(400_000)
+        assert chi_square_p(t, clts_reference(step)) > 1e-3
+    assert sampler.progress == 1.0  # capped
+    assert chi_square_p(t, clts_reference(0)) < 1e-12
+
+
+def test_clts_scales_with_T():
+    sampler = CLTSSampler(100, mu=300, sigma=200)
+    sampler.set_step(50_000)
+    assert int(torch.argmax(sampler.probabilities())) == 30
+
+
+# ------------------------------------------------------------------ loss-aware sampling
+def fill_history(sampler: LossAwareSampler, loss_of_t, batches: int, batch: int = 64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        t = torch.randint(0, sampler.num_timesteps, (batch,), generator=gen)
+        sampler.update(t, loss_of_t(t))
+
+
+def test_loss_aware_is_uniform_until_warm_then_second_moment():
+    n_t = 50
+    sampler = LossAwareSampler(n_t, history=10)
+    sampler.manual_seed(5)
+    loss_of_t = lambda t: (t.float() + 1.0) / n_t  # noqa: E731
+    # every t but the last gets its 10 losses: still uniform, importance weights 1
+    for _ in range(10):
+        sampler.update(torch.arange(n_t - 1), loss_of_t(torch.arange(n_t - 1)))
+    assert not bool(sampler.warm)
+    np.testing.assert_allclose(sampler.probabilities().numpy(), np.full(n_t, 1 / n_t), rtol=1e-6)
+    np.testing.assert_allclose(sampler.importance_weight(torch.arange(n_t)).numpy(), 1.0, rtol=1e-5)
+    for _ in range(10):
+        sampler.update(torch.tensor([n_t - 1]), loss_of_t(torch.tensor([n_t - 1])))
+    assert bool(sampler.warm)
+    second = np.sqrt(np.mean(sampler.history.numpy() ** 2, axis=1))
+    expected = second / second.sum() * (1 - 0.001) + 0.001 / n_t
+    np.testing.assert_allclose(sampler.probabilities().numpy(), expected, rtol=1e-5)
+    # proportional to the loss here, since each t saw a constant loss
+    np.testing.assert_allclose(second, (np.arange(n_t) + 1.0) / n_t, rtol=1e-6)
+    t = sampler.sample(200_000)
+    assert chi_square_p(t, expected, bin_width=5) > 1e-3
+
+
+def test_loss_aware_importance_weights_make_the_estimator_unbiased():
+    n_t = 100
+    sampler = LossAwareSampler(n_t)
+    sampler.manual_seed(6)
+    rng = np.random.default_rng(0)
+    mean_loss = torch.tensor(rng.gamma(2.0, 1.0, n_t), dtype=torch.float32)
+    noisy = lambda t: mean_loss[t] * (0.5 + torch.rand(t.shape, generator=torch.Generator().manual_seed(int(t.sum()))))  # noqa: E731
+    fill_history(sampler, noisy, batches=40, batch=256)
+    assert bool(sampler.warm)
+    p = sampler.probabilities().double()
+    assert not torch.allclose(p, torch.full_like(p, 1 / n_t))  # really non-uniform
+    # exact: sum_t p(t) w(t) L(t) = mean_t L(t)
+    w = sampler.importance_weight(torch.arange(n_t)).double()
+    assert float((p * w * mean_loss.double()).sum()) == pytest.approx(float(mean_loss.mean()), rel=1e-5)
+    # Monte Carlo: E_p[w L] = E_U[L]
+    t = sampler.sample(400_000)
+    estimate = (sampler.importance_weight(t) * mean_loss[t]).double().mean()
+    assert float(estimate) == pytest.approx(float(mean_loss.mean()), rel=0.01)
+    naive = mean_loss[t].double().mean()  # without the weights it is biased
+    assert abs(float(naive) - float(mean_loss.mean())) > 0.05 * float(mean_loss.mean())
+
+
+def reference_history(n_t: int, size: int, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Python loop over the batch in order: a ring buffer of the last ``size`` losses per t."""
+    history = np.zeros((n_t, size), dtype=np.float32)
+    counts = np.zeros(n_t, dtype=np.int64)
+    for t, losses in batches:
+        for ti, li in zip(t.tolist(), losses.tolist()):
+            if not np.isfinite(li):
+                continue
+            history[ti, counts[ti] % size] = li
+            counts[ti] += 1
+    return history, counts
+
+
+def test_loss_aware_update_handles_duplicates_deterministically():
+    n_t, size = 7, 3
+    gen = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(6):
+        t = torch.randint(0, n_t, (40,), generator=gen)  # ~6 duplicates of each t per batch
+        losses = torch.rand(40, generator=gen)
+        losses[3] = float("nan")  # ignored
+        batches.append((t, losses))
+    sampler = LossAwareSampler(n_t, history=size)
+    for t, losses in batches:
+        sampler.update(t, losses)
+    history, counts = reference_history(n_t, size, batches)
+    np.testing.assert_array_equal(sampler.counts.numpy(), counts)
+    np.testing.assert_array_equal(sampler.history.numpy(), history)
+    assert torch.isfinite(sampler.probabilities()).all()
+
+
+def test_loss_aware_state_round_trip():
+    sampler = LossAwareSampler(20)
+    sampler.manual_seed(8)
+    fill_history(sampler, lambda t: t.float() + 1, batches=10)
+    state = sampler.extra_state()
+    expected_next = sampler.sample(50)
+    restored = LossAwareSampler(20)
+    restored.load_extra_state(state)
+    torch.testing.assert_close(restored.probabilities(), sampler.probabilities())
+    torch.testing.assert_close(restored.sample(50), expected_next)
+    with pytest.raises(ValueError, match="same T and history"):
+        LossAwareSampler(30).load_extra_state(state)
+
+
+# ------------------------------------------------------------------ protocol, RNG, state
+def test_weighted_loss_multiplies_weight_and_importance():
+    sampler = LossAwareSampler(4, history=1)
+    sampler.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))  # warm: p ~ L (+ mix)
+    weighting = TableWeighting(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    t = torch.tensor([0, 3])
+    losses = torch.tensor([2.0, 5.0])
+    p = sampler.probabilities()
+    loss, w = weighted_loss(sampler, weighting, t, losses)
+    expected_w = torch.tensor([0.5, 2.0]) / (4 * p[t])
+    torch.testing.assert_close(w, expected_w)
+    torch.testing.assert_close(loss, (expected_w * losses).mean())
+    assert int(sampler.counts[0]) == 2  # the sampler observed the losses
+
+
+def test_seeded_sampler_replays_and_resumes():
+    a, b = UniformSampler(T), UniformSampler(T)
+    a.manual_seed(9)
+    b.manual_seed(9)
+    assert torch.equal(a.sample(100), b.sample(100))
+    state = a.extra_state()
+    expected = a.sample(100)
+    c = UniformSampler(T)
+    c.load_extra_state(state)
+    assert torch.equal(c.sample(100), expected)
+    # the first version of the state format (a CPU generator state under "generator") still loads
+    d = UniformSampler(T)
+    d.load_extra_state({"seed": 9, "generator": state["rng"]["state"]})
+    assert torch.equal(d.sample(100), expected)
+
+
+def test_rng_state_from_another_device_type_warns_and_reseeds():
+    sampler = TableSampler(torch.ones(10))
+    sampler.load_extra_state({"seed": 3, "rng": {"device_type": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}})
+    with pytest.warns(UserWarning, match="restarts from seed 3"):
+        t = sampler.sample(20)
+    fresh = TableSampler(torch.ones(10))
+    fresh.manual_seed(3)
+    assert torch.equal(t, fresh.sample(20))
+
+
+def test_table_sampler_never_draws_zero_probability():
+    probs = torch.zeros(10)
+    probs[[0, 4, 9]] = torch.tensor([0.2, 0.5, 0.3])
+    sampler = TableSampler(probs)
+    sampler.manual_seed(0)
+    drawn = set(sampler.sample(20_000).tolist())
+    assert drawn == {0, 4, 9}
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda s: AsymmetricSampler(s, tau=0), "at least 1"),
+        (lambda s: AsymmetricSampler(s, tau=1000), "smaller than"),
+        (lambda s: AsymmetricSampler(s, tau="late"), "'auto'"),
+        (lambda s: AsymmetricSampler(s, k=0), "positive"),
+        (lambda s: AsymmetricSampler(s, k=-1), "positive"),
+        (lambda s: ChangeAwareWeights(s, lam=0.4), r"\[0.5, 1\]"),
+        (lambda s: ChangeAwareWeights(s, lam=1.2), r"\[0.5, 1\]"),
+        (lambda s: ChangeAwareWeights(s, tau=5000), "smaller than"),
+        (lambda s: MinSNRWeights(s, prediction="score"), "Unknown prediction"),
+        (lambda s: MinSNRWeights(s, gamma=0), "positive"),
+        (lambda s: LogitNormalSampler(T, std=0), "positive"),
+        (lambda s: CLTSSampler(T, sigma=-1), "positive"),
+        (lambda s: CLTSSampler(T, total_steps=0), "positive integer"),
+        (lambda s: LossAwareSampler(T, history=0), "positive integer"),
+        (lambda s: LossAwareSampler(T, uniform_prob=0), r"\(0, 1\]"),
+    ],
+)
+def test_bad_arguments_raise(linear, build, match):
+    with pytest.raises(ValueError, match=match):
+        build(linear)
