@@ -1,0 +1,67 @@
+"""Seconds for one FID point: generate N samples (DDIM-50, bf16) with the default Fashion-MNIST
+UNet and compare them with the cached real statistics, as FIDCallback does during training.
+
+    python benchmarks/fid_speed.py --counts 5000 10000 --out benchmarks/results/fid_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import RESULTS, default_backbone, device_name, today, update_summary, write_json  # noqa: E402
+from lightning_speed import DiffusionModule  # noqa: E402
+from lightning_speed.callbacks import FIDCallback  # noqa: E402
+from lightning_speed.data import FashionMNISTDataModule  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--counts", type=int, nargs="+", default=[5000, 10000])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--root", default=None)
+    p.add_argument("--out", default=str(RESULTS / "fid_speed.json"))
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    overrides = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []} if args.smoke else {}
+    module = DiffusionModule(default_backbone(**overrides))
+    fid = FIDCallback(num_samples=args.counts[0], batch_size=args.batch_size, sampling_steps=args.steps,
+                      feature_extractor="fashion_mnist", on_train_end=False)
+    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+                         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[fid])
+    trainer.fit(module, datamodule=FashionMNISTDataModule(root=args.root, batch_size=64, val_images=0))
+    fid.num_samples = min(args.counts[0], 1000)
+    fid.evaluate(trainer, module)  # warm-up: kernels, allocator, feature network
+    result = {"card": device_name(), "date": today(), "sampler": f"ddim-{args.steps}", "batch_size": args.batch_size,
+              "note": "untrained default UNet: timing only, the FID value is meaningless", "seconds": {}}
+    for n in args.counts:
+        fid.num_samples = n
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fid.evaluate(trainer, module)
+        if cuda:
+            torch.cuda.synchronize()
+        result["seconds"][str(n)] = time.perf_counter() - start
+        result.setdefault("samples_per_s", {})[str(n)] = n / result["seconds"][str(n)]
+        print(f"FID with {n} samples: {result['seconds'][str(n)]:.1f} s", flush=True)
+    write_json(Path(args.out), result)
+    if cuda:
+        update_summary(RESULTS / "summary.json", {"fid_seconds": {
+            f"{int(n) // 1000}k": s for n, s in result["seconds"].items()}})
+
+
+if __name__ == "__main__":
+    main()
