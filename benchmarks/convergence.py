@@ -42,7 +42,7 @@ STRATEGIES = {
     "loss_aware": "fashion_mnist_loss_aware.yaml",
 }
 SMOKE_MODEL = [
-    "--model.backbone.init_args.base_channels", "16", "--model.backbone.init_args.channel_mult", "[1, 2]",
+    "--model.backbone.init_args.base_channels", "16", "--model.backbone.init_args.channel_mult", "[1, 2, 2]",
     "--model.backbone.init_args.num_res_blocks", "1", "--model.backbone.init_args.attention_resolutions", "[]",
     "--model.compile", "false", "--trainer.precision", "32-true", "--trainer.accelerator", "cpu",
     "--data.init_args.on_device", "false",
@@ -71,8 +71,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     ]  # fmt: skip
     if args.root:
         cli_args += ["--data.init_args.root", args.root]
-    if args.batch_size:
-        cli_args += ["--data.init_args.batch_size", str(args.batch_size)]
+    if args.batch_size or args.smoke:
+        cli_args += ["--data.init_args.batch_size", str(args.batch_size or 16)]
     if args.smoke:
         cli_args += SMOKE_MODEL
     elif args.eager:
@@ -88,6 +88,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             fid_cb = cb
         if isinstance(cb, SampleGridCallback):
             cb.every_n_steps = args.eval_every
+            if args.smoke:  # a few small grids, not 64 images x 50 steps on one CPU thread
+                cb.num_samples, cb.sampling_steps = min(cb.num_samples, args.fid_samples), args.fid_steps
     trainer.callbacks = callbacks
     if args.smoke:
         torch.set_num_threads(1)

@@ -7,8 +7,6 @@ and ``--print_config`` shows them all.
 
 from __future__ import annotations
 
-import sys
-
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_speed.module import DiffusionModule
@@ -28,6 +26,17 @@ class SpeedCLI(LightningCLI):
             }
         )
 
+    def before_fit(self) -> None:
+        """Under ``fast_dev_run`` write no checkpoint.
+
+        Lightning 2.6's ``ModelCheckpoint(save_last=True)`` still saves ``last.ckpt`` at train end
+        in a fast_dev_run, and with the logger disabled that lands in ``./checkpoints``.
+        """
+        if self.trainer.fast_dev_run:
+            for callback in self.trainer.checkpoint_callbacks:
+                if hasattr(callback, "save_last"):
+                    callback.save_last = False
+
 
 def main(args: list[str] | None = None, run: bool = True) -> SpeedCLI:
     """Entry point of the console script and of ``python -m lightning_speed``.
@@ -39,7 +48,7 @@ def main(args: list[str] | None = None, run: bool = True) -> SpeedCLI:
         DiffusionModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=args if args is not None else sys.argv[1:],
+        args=args,  # None: LightningCLI reads sys.argv itself (passing it too makes it warn)
         auto_configure_optimizers=False,
         run=run,
     )

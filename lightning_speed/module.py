@@ -143,7 +143,7 @@ class DiffusionModule(pl.LightningModule):
                 out = self.backbone(x, t, y)
         except Exception as err:  # surface as configuration error, with the original cause kept
             raise ValueError(
-                f"The backbone {type(self.backbone).__name__} cannot process images of shape {shape}: {err}. "
+                f"The backbone {type(self.backbone).__name__} cannot process images of shape {shape}: {str(err).rstrip('.')}. "
                 "Make the backbone's in_channels / image_size match the data (see `lightning-speed fit --print_config`)."
             ) from err
         if tuple(out.shape) != tuple(x.shape):

@@ -24,6 +24,8 @@ from lightning_speed.data import fashion_mnist as fm_module
 from lightning_speed.data.base import to_unit_range
 from lightning_speed.data.embedded import load_embedded_subset
 
+from _fixtures import write_fake_cifar  # pytest puts tests/ on sys.path (no __init__.py there)
+
 REAL_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_real = pytest.mark.skipif(
     not (REAL_ROOT / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed"
@@ -370,19 +372,6 @@ def test_embedded_asset_is_small() -> None:
 
 
 # -------------------------------------------------------------------------------- CIFAR-10
-def write_fake_cifar(root: Path, per_batch: int = 4, n_test: int = 6) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [b"airplane"] * 10}, f)
-    return folder
-
-
 def test_cifar10_reads_pickle_batches(tmp_path: Path) -> None:
     folder = write_fake_cifar(tmp_path)
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=4, num_workers=0, val_images=3)

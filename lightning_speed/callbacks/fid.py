@@ -158,7 +158,11 @@ class FIDCallback(pl.Callback):
         return f"{type(datamodule).__name__}-{split}-{images_fingerprint(images)}", lambda: images
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        """Resolve the feature network (a missing Inception file fails here) and load/compute real stats."""
+        """Resolve the feature network (a missing Inception file fails here) and load/compute real stats.
+
+        Under ``trainer.fast_dev_run`` only the checks run (feature network, real-image source):
+        no statistics are computed and no FID is evaluated, as Lightning's own callbacks skip work.
+        """
         if stage not in ("fit", "validate") or self._fid is not None:
             return
         start = time.perf_counter()
@@ -174,6 +178,9 @@ class FIDCallback(pl.Callback):
         ).to(device)
         key = f"{ref_key}|{extractor.fingerprint}"
         self.reference_key = key
+        if trainer.fast_dev_run:  # like Lightning's own callbacks: configuration checked above, no work
+            rank_zero_info(f"FIDCallback ({self.name}): fast_dev_run, so no real statistics and no FID evaluations.")
+            return
 
         stats: ReferenceStats | None = None
         if trainer.is_global_zero:
@@ -219,7 +226,10 @@ class FIDCallback(pl.Callback):
     def evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *, ema_in: bool = False) -> float:
         """Generate this rank's share of samples, compute FID over all ranks, log and record it."""
         if self._fid is None:
-            raise RuntimeError("FIDCallback.evaluate called before setup (attach it to the Trainer).")
+            raise RuntimeError(
+                "FIDCallback.evaluate called before setup (attach it to the Trainer; under fast_dev_run the "
+                "callback skips its set-up and evaluations)."
+            )
         start = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
         count = local_share(self.num_samples, world, rank)
@@ -264,7 +274,8 @@ class FIDCallback(pl.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     def _due(self, trainer: "pl.Trainer") -> bool:
-        return trainer.global_step != self._last_eval_step
+        """Not yet evaluated at this step; never under ``fast_dev_run`` (a one-batch check, not a measurement)."""
+        return not trainer.fast_dev_run and trainer.global_step != self._last_eval_step
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int

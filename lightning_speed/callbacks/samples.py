@@ -4,7 +4,8 @@ The fixed seed makes successive grids show how the same starting noise is denois
 progresses. Grids go to TensorBoard (``add_image("samples", ...)``) when a TensorBoardLogger is
 attached, and to ``samples_step{N}.png`` in ``save_dir`` (every time) or, without ``save_dir``,
 in the trainer's log dir once at the end of training. EMA weights are used when an
-``EMAWeightAveraging`` callback keeps them, as in ``FIDCallback``.
+``EMAWeightAveraging`` callback keeps them, as in ``FIDCallback``. Under ``trainer.fast_dev_run``
+no grid is made (as Lightning suppresses logging and checkpointing there).
 """
 
 from __future__ import annotations
@@ -111,12 +112,14 @@ class SampleGridCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if trainer.fast_dev_run:  # a one-batch check: no grids (Lightning suppresses logging there too)
+            return
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step and trainer.is_global_zero:
             self._emit(trainer, pl_module, save=self.save_dir is not None)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not (self.at_train_end and trainer.is_global_zero):
+        if not (self.at_train_end and trainer.is_global_zero) or trainer.fast_dev_run:
             return
         if trainer.global_step != self._last_step:
             self._emit(trainer, pl_module, save=True)

@@ -1,0 +1,170 @@
+"""CPU smoke tests of the benchmark scripts, and the speed-up arithmetic on hand-made curves.
+
+The scripts run as a user runs them (subprocesses from the repository root), in ``--smoke``
+mode, writing only under tmp_path: never into benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion_mnist = pytest.mark.skipif(
+    not all(
+        (FASHION_ROOT / f"{stem}.gz").is_file() or (FASHION_ROOT / stem).is_file()
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    ),
+    reason=f"Fashion-MNIST is not installed in {FASHION_ROOT} (apt-get install -y dataset-fashion-mnist)",
+)
+
+
+def load_script(name: str) -> ModuleType:
+    """Import benchmarks/<name>.py by path (benchmarks/ is not an installed package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def results_fingerprint() -> dict[str, str]:
+    """Hash of every file under benchmarks/results/, to prove the smoke runs leave it alone."""
+    return {
+        str(p.relative_to(RESULTS)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(RESULTS.rglob("*"))
+        if p.is_file()
+    }
+
+
+def run_script(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        # FID reference statistics go to a cache under HOME: keep the user's cache out of it.
+        "HOME": str(tmp_path / "home"),
+        "MPLBACKEND": "Agg",
+    }
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+# ------------------------------------------------------------------------------ throughput.py
+@needs_fashion_mnist
+def test_throughput_smoke_writes_rows_and_ratios(tmp_path: Path) -> None:
+    before = results_fingerprint()
+    out = tmp_path / "t.json"
+    run_script(
+        ["benchmarks/throughput.py", "--smoke", "--batch-sizes", "8", "--steps", "3", "--warmup", "1", "--out", str(out)],
+        tmp_path,
+    )
+    result = json.loads(out.read_text())
+    assert result["card"] == "cpu" and result["flops_per_image"] > 0
+    row = result["rows"]["8"]
+    for name in ("a0_naive_fp32", "a_plain_fast", "b_lightning", "c_lightning_speed"):
+        assert "error" not in row[name], row[name]
+        assert math.isfinite(row[name]["images_per_s"]) and row[name]["images_per_s"] > 0
+    ratios = row["ratios"]
+    assert set(ratios) == {"a_over_a0", "b_over_a", "c_over_b", "b_over_a0"}
+    ips = {k: row[k]["images_per_s"] for k in ("a0_naive_fp32", "a_plain_fast", "b_lightning", "c_lightning_speed")}
+    assert ratios["c_over_b"] == pytest.approx(ips["c_lightning_speed"] / ips["b_lightning"])
+    assert ratios["b_over_a0"] == pytest.approx(ips["b_lightning"] / ips["a0_naive_fp32"])
+    assert results_fingerprint() == before  # --smoke never touches summary.json / throughput.json
+
+
+# ----------------------------------------------------------------------------- convergence.py
+@needs_fashion_mnist
+def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
+    before = results_fingerprint()
+    out = tmp_path / "conv"
+    launch = [
+        "benchmarks/convergence.py", "launch", "--smoke", "--strategies", "uniform", "speed", "--seeds", "0",
+        "--steps", "4", "--eval-every", "2", "--fid-samples", "16", "--parallel", "2", "--time-limit", "120",
+        "--out", str(out),
+    ]  # fmt: skip
+    run_script(launch, tmp_path)
+    first = {}
+    for strategy in ("uniform", "speed"):
+        result = json.loads((out / f"{strategy}_s0" / "result.json").read_text())
+        assert result["strategy"] == strategy and result["steps_done"] == 4 and result["fid_samples"] == 16
+        assert [step for step, _ in result["fid_history"]] == [2, 4]
+        assert all(math.isfinite(fid) and fid > 0 for _, fid in result["fid_history"])
+        assert (out / f"{strategy}_s0" / "last.ckpt").is_file()
+        first[strategy] = result["fid_history"]
+    speedups = json.loads((out / "speedups.json").read_text())
+    assert speedups["budget"] == 4 and speedups["half"] == 2
+    assert "speed" in speedups["N"] and speedups["N"]["speed"]["steps"] == 4
+
+    # The same command again resumes every run from its checkpoint: nothing is retrained or re-evaluated.
+    run_script(launch, tmp_path)
+    for strategy in ("uniform", "speed"):
+        result = json.loads((out / f"{strategy}_s0" / "result.json").read_text())
+        assert result["steps_done"] == 4
+        assert result["fid_history"] == first[strategy]  # restored from the checkpoint, not duplicated
+        log = (out / "logs" / f"{strategy}_s0.log").read_text()
+        assert log.count("Restoring states from the checkpoint") == 1  # the second launch only
+    assert results_fingerprint() == before  # --smoke / --out keep benchmarks/results/ untouched
+
+
+# ------------------------------------------------------------------- the speed-up arithmetic
+@pytest.fixture(scope="module")
+def convergence() -> ModuleType:
+    return load_script("convergence")
+
+
+def test_first_step_reaching_interpolates(convergence: ModuleType) -> None:
+    reach = convergence.first_step_reaching
+    curve = [(0, 40.0), (100, 20.0), (200, 0.0)]
+    assert reach(curve, 30.0) == pytest.approx(50.0)  # halfway between 40 at 0 and 20 at 100
+    assert reach(curve, 20.0) == pytest.approx(100.0)  # exactly on a point
+    assert reach(curve, 5.0) == pytest.approx(175.0)
+    assert reach(curve, 50.0) == pytest.approx(0.0)  # already below at the first evaluation
+    assert reach(curve, -1.0) is None  # never reached
+    assert reach([(10, 5.0), (20, 5.0)], 5.0) == pytest.approx(10.0)
+    assert reach([], 1.0) is None
+
+
+def _run(strategy: str, seed: int, curve: list[tuple[int, float]]) -> dict:
+    return {"strategy": strategy, "seed": seed, "fid_history": [list(p) for p in curve]}
+
+
+def test_speedups_on_hand_made_curves(convergence: ModuleType) -> None:
+    baseline = [(50, 20.0), (100, 10.0)]  # uniform reaches FID 10 at its budget, step 100
+    results = [
+        _run("uniform", 0, baseline),
+        _run("speed", 0, [(50, 10.0), (100, 6.0)]),  # hits 10 at 50 -> 2x
+        _run("speed", 1, [(50, 15.0), (100, 5.0)]),  # 15 -> 5 crosses 10 at 75 -> 4/3x
+        _run("p2", 0, [(50, 30.0), (100, 12.0)]),  # never reaches 10
+    ]
+    table = convergence.speedups(results, 100)
+    assert table["_baseline_fid"] == pytest.approx(10.0) and table["_baseline_seeds"] == 1
+    speed = table["speed"]
+    assert speed["per_seed"] == pytest.approx([2.0, 100 / 75])
+    assert speed["mean"] == pytest.approx((2.0 + 100 / 75) / 2)
+    assert speed["min"] == pytest.approx(100 / 75) and speed["max"] == pytest.approx(2.0)
+    assert speed["fid_at_steps"] == [6.0, 5.0] and speed["seeds"] == 2 and speed["note"] is None
+    assert table["p2"]["per_seed"] == [None] and table["p2"]["mean"] is None and table["p2"]["note"]
+
+    # At half the budget the target is the baseline's FID at step 50 (20): speed reached it by step 50.
+    half = convergence.speedups(results, 50)
+    assert half["_baseline_fid"] == pytest.approx(20.0)
+    assert half["speed"]["per_seed"] == pytest.approx([1.0, 1.0])
+
+    # The baseline target is the mean over its seeds.
+    two_seeds = [*results, _run("uniform", 1, [(50, 18.0), (100, 14.0)])]
+    assert convergence.speedups(two_seeds, 100)["_baseline_fid"] == pytest.approx(12.0)
+    assert convergence.speedups([_run("speed", 0, baseline)], 100) == {}  # no baseline, no speed-up
