@@ -229,6 +229,12 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     return out
 
 
+def _headline(speedup_table: dict[str, Any]) -> dict[str, Any]:
+    """The stable summary.json keys of one speed-up table (private ``_`` entries dropped)."""
+    return {k: {f: v[f] for f in ("mean", "min", "max", "seeds", "steps")}
+            for k, v in speedup_table.items() if not k.startswith("_")}
+
+
 def report(args: argparse.Namespace) -> dict[str, Any]:
     """Collect result.json files, compute speed-ups at N and N/2, plot the curves, update summary.json."""
     out = Path(args.out)
@@ -246,11 +252,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     write_json(out / "speedups.json", table)
     plot(results, out / "fid_vs_step.png")
     if not args.smoke and table["N"]:
-        update_summary(RESULTS / "summary.json", {"speedup": {
-            k: {f: v[f] for f in ("mean", "min", "max", "seeds", "steps")}
-            for k, v in table["N"].items() if not k.startswith("_")
-        }, "speedup_half": {k: {f: v[f] for f in ("mean", "min", "max", "seeds", "steps")}
-                            for k, v in table["N_half"].items() if not k.startswith("_")}})
+        update_summary(RESULTS / "summary.json", {"speedup": _headline(table["N"]),
+                                                  "speedup_half": _headline(table["N_half"])})
     print(json.dumps(table, indent=1))
     return table
 

@@ -231,8 +231,7 @@ class DiffusionModule(pl.LightningModule):
 
     def _sampling_autocast(self) -> Any:
         """Sample in bf16 when the Trainer trains in bf16 (the network runs in bf16, the update in fp32)."""
-        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
-        enabled = "bf16" in precision
+        enabled = "bf16" in str(getattr(self._trainer, "precision", ""))
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     @torch.no_grad()

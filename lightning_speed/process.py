@@ -94,13 +94,16 @@ class GaussianDiffusion(nn.Module):
         return seq.to(self.alpha_bar.device)
 
     def ddim_step(self, x_t: Tensor, x0: Tensor, eps: Tensor, t: int, s: int, eta: float, noise: Tensor | None) -> Tensor:
-        """One DDIM update from t to s < t (s = -1 means the clean end, alpha_bar = 1)."""
+        """One DDIM update from t to s < t (s = -1 means the clean end, alpha_bar = 1).
+
+        ``noise`` is the fresh Gaussian for the stochastic part; ``None`` when eta = 0 or s = -1.
+        """
         ab_t = self.alpha_bar[t]
         ab_s = self.alpha_bar[s] if s >= 0 else ab_t.new_ones(())
         sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).clamp(min=0).sqrt()
         direction = (1 - ab_s - sigma**2).clamp(min=0).sqrt() * eps
         x_s = ab_s.sqrt() * x0 + direction
-        if eta > 0 and s >= 0 and noise is not None:
+        if noise is not None:
             x_s = x_s + sigma * noise
         return x_s
 
