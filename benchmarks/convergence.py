@@ -3,11 +3,12 @@
 Each run trains one shipped config (``configs/fashion_mnist_<strategy>.yaml``) through the
 project's own CLI objects, evaluates FID (EMA weights, DDIM-50, the offline Fashion-MNIST
 feature network) every ``--eval-every`` steps, and writes ``<out>/<strategy>_s<seed>/result.json``.
-Runs execute as concurrent processes on one GPU. Every run checkpoints when it stops
-(``--time-limit`` or N reached), and running the same command again resumes each run
-from its checkpoint, so a long benchmark fits in parts of a few minutes.
+Runs execute as processes spread over ``--gpus`` (``--per-gpu`` at a time on each). Every run
+checkpoints when it stops (the call's ``--time-limit`` spent, or N reached), and running the
+same command again skips finished runs and resumes the others from their checkpoints, so a long
+benchmark fits in calls of a few minutes.
 
-    python benchmarks/convergence.py launch --strategies uniform speed --seeds 0 1 --steps 20000
+    python benchmarks/convergence.py launch --strategies uniform speed --seeds 0 1 --steps 20000 --gpus 0 1
     python benchmarks/convergence.py report --out benchmarks/results/convergence
     python benchmarks/convergence.py launch --smoke ...   # tiny CPU run for the test suite
 """
@@ -93,8 +94,16 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     trainer.callbacks = callbacks
     if args.smoke:
         torch.set_num_threads(1)
+    first_step, start = 0, time.perf_counter()
+    if ckpt.exists():
+        first_step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
     trainer.save_checkpoint(ckpt)
+    previous = run_dir / "result.json"
+    parts = json.loads(previous.read_text()).get("parts", []) if previous.exists() else []
+    # Wall time of this part (start-up, compilation and FID evaluations included): the cost of the protocol.
+    parts.append({"from_step": first_step, "to_step": trainer.global_step,
+                  "seconds": round(time.perf_counter() - start, 1), "fid_evaluations": len(fid_cb.history)})
     result = {
         "strategy": args.strategy,
         "seed": args.seed,
@@ -105,6 +114,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "fid_samples": args.fid_samples,
         "fid_sampler": f"ddim-{args.fid_steps}",
         "fid_history": fid_cb.history,
+        "fid_seconds": fid_cb.seconds,
+        "parts": parts,
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": today(),
     }
@@ -129,46 +140,84 @@ def final_fids(trainer: Any, module: Any, fid_cb: Any, args: argparse.Namespace)
 
 # ----------------------------------------------------------------------------- many runs
 def launch(args: argparse.Namespace) -> None:
-    """Run every (strategy, seed) as a concurrent process, ``--parallel`` at a time; then report."""
-    jobs = [(s, seed) for s in args.strategies for seed in args.seeds]
+    """Run every (strategy, seed) as a concurrent process, ``--per-gpu`` at a time on each of ``--gpus``.
+
+    Jobs run seed-major (uniform s0, speed s0, uniform s1, ...), so the pairs that decide the
+    speed-up finish first. ``--time-limit`` is the budget of this whole call: a run starts only
+    if at least ``--min-run-seconds`` remain, and trains until the budget is spent (it then
+    checkpoints; the next call resumes it). Runs whose result.json already reached N are skipped.
+    """
+    deadline = time.monotonic() + args.time_limit
+    jobs = _jobs(args)
+    jobs = [(s, seed) for s, seed in jobs if not _finished(args, s, seed)]
+    slots = [gpu for gpu in (args.gpus or [None]) for _ in range(args.per_gpu)]
     pending, running, failed = list(jobs), [], []
     retried: set[tuple[str, int]] = set()
     log_dir = Path(args.out) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(strategy: str, seed: int, gpu: int | None, extra: list[str]) -> None:
+        left = int(deadline - time.monotonic()) - args.stop_margin
+        cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--strategy", strategy, "--seed", str(seed),
+               *_forward(args), "--time-limit", str(max(left, 1)), *extra]
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
+        log = open(log_dir / f"{strategy}_s{seed}.log", "a")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        running.append(((strategy, seed), proc, log, gpu))
+        print(f"started {strategy} seed {seed} on gpu {gpu} ({left} s left){' ' + ' '.join(extra) if extra else ''}", flush=True)
+
     while pending or running:
-        while pending and len(running) < args.parallel:
+        free = list(slots)
+        for item in running:
+            free.remove(item[3])
+        while pending and free and deadline - time.monotonic() >= args.min_run_seconds:
             strategy, seed = pending.pop(0)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--strategy", strategy, "--seed", str(seed)]
-            cmd += _forward(args)
-            log = open(log_dir / f"{strategy}_s{seed}.log", "a")
-            running.append(((strategy, seed), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log))
-            print(f"started {strategy} seed {seed}", flush=True)
+            start(strategy, seed, free.pop(0), [])
+        if not running:
+            break  # the rest does not fit in this call's budget
         time.sleep(1 if args.smoke else 5)
         for item in list(running):
-            (strategy, seed), proc, log = item
-            if proc.poll() is not None:
-                running.remove(item)
-                log.close()
-                print(f"finished {strategy} seed {seed}: exit {proc.returncode}", flush=True)
-                if proc.returncode and not args.eager and not args.smoke and (strategy, seed) not in retried:
-                    # A compile or CUDA-graph failure must not cost the whole benchmark: retry eager.
-                    retried.add((strategy, seed))
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--strategy", strategy,
-                           "--seed", str(seed), *_forward(args), "--eager"]
-                    log = open(log_dir / f"{strategy}_s{seed}.log", "a")
-                    running.append(((strategy, seed), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log))
-                    print(f"retrying {strategy} seed {seed} without compile", flush=True)
-                elif proc.returncode:
-                    failed.append((strategy, seed))
+            (strategy, seed), proc, log, gpu = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            print(f"finished {strategy} seed {seed}: exit {proc.returncode}", flush=True)
+            if proc.returncode and not args.eager and not args.smoke and (strategy, seed) not in retried:
+                # A compile or CUDA-graph failure must not cost the whole benchmark: retry eager.
+                retried.add((strategy, seed))
+                start(strategy, seed, gpu, ["--eager"])
+            elif proc.returncode:
+                failed.append((strategy, seed))
+    if pending:
+        print(f"not started (no time left in this call): {pending}", flush=True)
     report(args)
     if failed:
         raise SystemExit(f"runs failed: {failed}; see {log_dir}")
 
 
+def _jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """``--jobs strategy:seed ...`` in the given order, else every strategy for each seed in turn."""
+    if not args.jobs:
+        return [(s, seed) for seed in args.seeds for s in args.strategies]
+    jobs = []
+    for job in args.jobs:
+        strategy, _, seed = job.partition(":")
+        if strategy not in STRATEGIES or not seed.isdigit():
+            raise SystemExit(f"--jobs takes strategy:seed with a strategy in {sorted(STRATEGIES)}, got {job!r}")
+        jobs.append((strategy, int(seed)))
+    return jobs
+
+
+def _finished(args: argparse.Namespace, strategy: str, seed: int) -> bool:
+    path = Path(args.out) / f"{strategy}_s{seed}" / "result.json"
+    return path.exists() and json.loads(path.read_text()).get("steps_done", 0) >= args.steps
+
+
 def _forward(args: argparse.Namespace) -> list[str]:
     out = ["--out", args.out, "--steps", str(args.steps), "--eval-every", str(args.eval_every),
            "--fid-samples", str(args.fid_samples), "--fid-steps", str(args.fid_steps),
-           "--final-samples", str(args.final_samples), "--time-limit", str(args.time_limit)]  # fmt: skip
+           "--final-samples", str(args.final_samples)]  # fmt: skip
     if args.root:
         out += ["--root", args.root]
     if args.batch_size:
@@ -294,14 +343,18 @@ def main() -> None:
     p.add_argument("--strategy", choices=sorted(STRATEGIES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", nargs="+", default=None, help="launch: explicit strategy:seed list, run in this order")
     p.add_argument("--steps", type=int, default=20_000, help="N: the training budget")
     p.add_argument("--eval-every", type=int, default=2_000)
     p.add_argument("--fid-samples", type=int, default=5_000)
     p.add_argument("--fid-steps", type=int, default=50)
     p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--parallel", type=int, default=4)
-    p.add_argument("--time-limit", type=int, default=540, help="seconds each run trains in this part before it checkpoints")
+    p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU indices to spread runs over (default: the visible one)")
+    p.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU")
+    p.add_argument("--time-limit", type=int, default=540, help="launch: seconds for this whole call; run: seconds of training")
+    p.add_argument("--min-run-seconds", type=int, default=120, help="launch: start no run with less time than this left")
+    p.add_argument("--stop-margin", type=int, default=40, help="launch: seconds kept for start-up and the final checkpoint")
     p.add_argument("--root", default=None)
     p.add_argument("--out", default=str(RESULTS / "convergence"))
     p.add_argument("--smoke", action="store_true")

@@ -2,6 +2,9 @@
 UNet and compare them with the cached real statistics, as FIDCallback does during training.
 
     python benchmarks/fid_speed.py --counts 5000 10000 --out benchmarks/results/fid_speed.json
+
+Two variants of the network call: "eager" (what the shipped configs use) and "compiled"
+(``DiffusionModule(compile_sampling=True)``). ``fid_seconds`` in summary.json is the eager one.
 """
 
 from __future__ import annotations
@@ -31,11 +34,21 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--root", default=None)
     p.add_argument("--out", default=str(RESULTS / "fid_speed.json"))
+    p.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
+    results = {variant: time_variant(args, variant) for variant in args.variants}
+    write_json(Path(args.out), results)
+    if torch.cuda.is_available() and not args.smoke and "eager" in results:
+        update_summary(RESULTS / "summary.json", {"fid_seconds": {
+            f"{int(n) // 1000}k": s for n, s in results["eager"]["seconds"].items()}})
+
+
+def time_variant(args: argparse.Namespace, variant: str) -> dict:
+    """Seconds for one FID evaluation per sample count, after a warm-up evaluation."""
     cuda = torch.cuda.is_available() and not args.smoke
     overrides = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []} if args.smoke else {}
-    module = DiffusionModule(default_backbone(**overrides))
+    module = DiffusionModule(default_backbone(**overrides), compile_sampling=variant == "compiled")
     fid = FIDCallback(num_samples=args.counts[0], batch_size=args.batch_size, sampling_steps=args.steps,
                       feature_extractor="fashion_mnist", on_train_end=False)
     trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
@@ -45,6 +58,7 @@ def main() -> None:
     fid.num_samples = min(args.counts[0], 1000)
     fid.evaluate(trainer, module)  # warm-up: kernels, allocator, feature network
     result = {"card": device_name(), "date": today(), "sampler": f"ddim-{args.steps}", "batch_size": args.batch_size,
+              "variant": variant,
               "note": "untrained default UNet: timing only, the FID value is meaningless", "seconds": {}}
     for n in args.counts:
         fid.num_samples = n
@@ -56,11 +70,8 @@ def main() -> None:
             torch.cuda.synchronize()
         result["seconds"][str(n)] = time.perf_counter() - start
         result.setdefault("samples_per_s", {})[str(n)] = n / result["seconds"][str(n)]
-        print(f"FID with {n} samples: {result['seconds'][str(n)]:.1f} s", flush=True)
-    write_json(Path(args.out), result)
-    if cuda:
-        update_summary(RESULTS / "summary.json", {"fid_seconds": {
-            f"{int(n) // 1000}k": s for n, s in result["seconds"].items()}})
+        print(f"{variant}: FID with {n} samples: {result['seconds'][str(n)]:.1f} s", flush=True)
+    return result
 
 
 if __name__ == "__main__":

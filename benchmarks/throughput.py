@@ -5,6 +5,8 @@ Measured side by side in one process, same backbone and batch:
   a   plain PyTorch loop with our fast settings (bf16 autocast, torch.compile, fused AdamW)
   b   DiffusionModule under the Lightning Trainer, uniform sampling (same fast settings)
   c   b plus the SpeeD callbacks (asymmetric sampling + change-aware weighting)
+  d   c plus EMA weights, as the configs train: our sync-free EMAWeightAveraging, and (d_lightning)
+      Lightning's own, whose update reads a device counter on the host twice per step
 Also: FLOPs per training image, the achieved fraction of the card's measured bf16 matmul
 rate, peak memory, and host-device syncs per step in (c) (profiler trace + sync debug mode).
 
@@ -99,9 +101,10 @@ class _StepTimer(pl.Callback):
 
 
 def lightning_loop(
-    backbone: torch.nn.Module, root: str | None, batch: int, warmup: int, steps: int, speed: bool, smoke: bool
+    backbone: torch.nn.Module, root: str | None, batch: int, warmup: int, steps: int, speed: bool, smoke: bool,
+    ema: str | None = None,
 ) -> float:
-    """Images/s of DiffusionModule under the Trainer (the b / c rows)."""
+    """Images/s of DiffusionModule under the Trainer (the b / c / d rows); ema: None, "ours" or "lightning"."""
     from lightning_speed.data import FashionMNISTDataModule
 
     callbacks: list[pl.Callback] = []
@@ -109,6 +112,12 @@ def lightning_loop(
         from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting
 
         callbacks += [AsymmetricTimestepSampling(tau=700, k=5, dual=True), ChangeAwareWeighting(lam=0.6, tau=700)]
+    if ema == "ours":
+        from lightning_speed.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging(decay=0.999))
+    elif ema == "lightning":
+        callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.999))
     timer = _StepTimer(warmup)
     cuda = torch.cuda.is_available()
     module = DiffusionModule(backbone, compile=not smoke, compile_mode="reduce-overhead" if cuda else None)
@@ -141,10 +150,10 @@ def flops_per_image(backbone: torch.nn.Module, device: torch.device, batch: int 
 
 
 def count_syncs(backbone: torch.nn.Module, root: str | None, batch: int, steps: int = 20) -> dict[str, float]:
-    """Host-device syncs per training step of (c): sync-debug warnings and profiler CUDA events."""
+    """Host-device syncs per training step of (d): sync-debug warnings and profiler CUDA events."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting
+    from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting, EMAWeightAveraging
     from lightning_speed.data import FashionMNISTDataModule
 
     class Probe(pl.Callback):
@@ -176,7 +185,7 @@ def count_syncs(backbone: torch.nn.Module, root: str | None, batch: int, steps: 
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=10 + steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[AsymmetricTimestepSampling(), ChangeAwareWeighting(), probe],
+        callbacks=[AsymmetricTimestepSampling(), ChangeAwareWeighting(), EMAWeightAveraging(), probe],
     )
     trainer.fit(module, datamodule=FashionMNISTDataModule(root=root, batch_size=batch, on_device=True, val_images=0))
     names = [e.name for e in probe.prof.events()]
@@ -246,6 +255,9 @@ def main() -> dict[str, Any]:
             ("a_plain_fast", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=cuda)),
             ("b_lightning", lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, False, args.smoke)),
             ("c_lightning_speed", lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, True, args.smoke)),
+            ("d_speed_ema", lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, True, args.smoke, "ours")),
+            ("d_speed_ema_lightning",
+             lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, True, args.smoke, "lightning")),
         ]:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -264,6 +276,8 @@ def main() -> dict[str, Any]:
             "b_over_a": ips["b_lightning"] / ips["a_plain_fast"],
             "c_over_b": ips["c_lightning_speed"] / ips["b_lightning"],
             "b_over_a0": ips["b_lightning"] / ips["a0_naive_fp32"],
+            "d_over_c": ips["d_speed_ema"] / ips["c_lightning_speed"],
+            "d_over_d_lightning": ips["d_speed_ema"] / ips["d_speed_ema_lightning"],
         }
         if cuda:
             achieved = result["flops_per_image"] * ips["b_lightning"] / 1e12

@@ -48,6 +48,8 @@ class DiffusionModule(pl.LightningModule):
         sampling_steps: default number of sampling steps in ``sample``.
         compile: compile the backbone's training forward with ``torch.compile``.
         compile_mode: ``torch.compile`` mode (e.g. ``max-autotune-no-cudagraphs``).
+        compile_sampling: also compile the backbone for ``sample`` (default mode, one graph per batch
+            shape, compiled on first use): fuses the normalisation/activation kernels of evaluation.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class DiffusionModule(pl.LightningModule):
         sampling_steps: int = 50,
         compile: bool = False,
         compile_mode: str | None = None,
+        compile_sampling: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
@@ -89,6 +92,8 @@ class DiffusionModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.compile = compile
         self.compile_mode = compile_mode
+        self.compile_sampling = compile_sampling
+        self._sample_forward: Any = None  # torch.compile(backbone), created on the first sample()
         # The two seams. Plain objects, not submodules: see timesteps/base.py.
         self.timestep_sampler: TimestepSampler = UniformSampler(self.noise_schedule.num_timesteps)
         self.loss_weighting: LossWeighting = ConstantWeighting()
@@ -218,16 +223,26 @@ class DiffusionModule(pl.LightningModule):
     # -- sampling ---------------------------------------------------------------------------
     def denoiser(self, labels: Tensor | None = None, guidance_scale: float = 1.0):
         """The network as a function ``(x_t, t) -> prediction``, with classifier-free guidance."""
+        backbone = self._sampling_backbone()
         if labels is None or guidance_scale == 1.0:
-            return lambda x, t: self.backbone(x, t, labels)
+            return lambda x, t: backbone(x, t, labels)
         null = torch.full_like(labels, self.num_classes)
 
         def guided(x: Tensor, t: Tensor) -> Tensor:
-            out = self.backbone(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+            out = backbone(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
             cond, uncond = out.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
 
         return guided
+
+    def _sampling_backbone(self) -> Any:
+        if not self.compile_sampling:
+            return self.backbone
+        if self._sample_forward is None:
+            # Not registered as a submodule (object.__setattr__): it shares the backbone's weights,
+            # and must stay out of state_dict and parameters().
+            object.__setattr__(self, "_sample_forward", torch.compile(self.backbone, dynamic=False))
+        return self._sample_forward
 
     def _sampling_autocast(self) -> Any:
         """Sample in bf16 when the Trainer trains in bf16 (the network runs in bf16, the update in fp32)."""

@@ -75,15 +75,28 @@ def test_throughput_smoke_writes_rows_and_ratios(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["card"] == "cpu" and result["flops_per_image"] > 0
     row = result["rows"]["8"]
-    for name in ("a0_naive_fp32", "a_plain_fast", "b_lightning", "c_lightning_speed"):
+    for name in ("a0_naive_fp32", "a_plain_fast", "b_lightning", "c_lightning_speed", "d_speed_ema", "d_speed_ema_lightning"):
         assert "error" not in row[name], row[name]
         assert math.isfinite(row[name]["images_per_s"]) and row[name]["images_per_s"] > 0
     ratios = row["ratios"]
-    assert set(ratios) == {"a_over_a0", "b_over_a", "c_over_b", "b_over_a0"}
+    assert set(ratios) == {"a_over_a0", "b_over_a", "c_over_b", "b_over_a0", "d_over_c", "d_over_d_lightning"}
     ips = {k: row[k]["images_per_s"] for k in ("a0_naive_fp32", "a_plain_fast", "b_lightning", "c_lightning_speed")}
     assert ratios["c_over_b"] == pytest.approx(ips["c_lightning_speed"] / ips["b_lightning"])
     assert ratios["b_over_a0"] == pytest.approx(ips["b_lightning"] / ips["a0_naive_fp32"])
     assert results_fingerprint() == before  # --smoke never touches summary.json / throughput.json
+
+
+# ------------------------------------------------------------------------------ fid_speed.py
+@needs_fashion_mnist
+def test_fid_speed_smoke_times_each_count(tmp_path: Path) -> None:
+    before = results_fingerprint()
+    out = tmp_path / "fid.json"
+    run_script(["benchmarks/fid_speed.py", "--smoke", "--variants", "eager", "--counts", "40", "80", "--steps", "2",
+                "--batch-size", "40", "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())["eager"]
+    assert set(result["seconds"]) == {"40", "80"} and all(s > 0 for s in result["seconds"].values())
+    assert result["samples_per_s"]["80"] == pytest.approx(80 / result["seconds"]["80"])
+    assert results_fingerprint() == before  # --smoke never touches summary.json
 
 
 # ----------------------------------------------------------------------------- convergence.py
@@ -93,7 +106,7 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "conv"
     launch = [
         "benchmarks/convergence.py", "launch", "--smoke", "--strategies", "uniform", "speed", "--seeds", "0",
-        "--steps", "4", "--eval-every", "2", "--fid-samples", "16", "--parallel", "2", "--time-limit", "120",
+        "--steps", "4", "--eval-every", "2", "--fid-samples", "16", "--per-gpu", "2", "--time-limit", "200",
         "--out", str(out),
     ]  # fmt: skip
     run_script(launch, tmp_path)
@@ -109,14 +122,20 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
     assert speedups["budget"] == 4 and speedups["half"] == 2
     assert "speed" in speedups["N"] and speedups["N"]["speed"]["steps"] == 4
 
-    # The same command again resumes every run from its checkpoint: nothing is retrained or re-evaluated.
-    run_script(launch, tmp_path)
+    # The same command again finds both runs finished and starts nothing.
+    assert "not started" not in run_script(launch, tmp_path).stdout
+    for strategy in ("uniform", "speed"):
+        assert "Restoring states" not in (out / "logs" / f"{strategy}_s0.log").read_text()
+
+    # A larger N resumes every run from its checkpoint: the first 4 steps are not retrained or re-evaluated.
+    run_script([*launch[:launch.index("--steps") + 1], "6", *launch[launch.index("--steps") + 2:]], tmp_path)
     for strategy in ("uniform", "speed"):
         result = json.loads((out / f"{strategy}_s0" / "result.json").read_text())
-        assert result["steps_done"] == 4
-        assert result["fid_history"] == first[strategy]  # restored from the checkpoint, not duplicated
+        assert result["steps_done"] == 6
+        assert result["fid_history"][:2] == first[strategy]  # restored from the checkpoint, not duplicated
+        assert [step for step, _ in result["fid_history"]] == [2, 4, 6]
         log = (out / "logs" / f"{strategy}_s0.log").read_text()
-        assert log.count("Restoring states from the checkpoint") == 1  # the second launch only
+        assert log.count("Restoring states from the checkpoint") == 1  # the third launch only
     assert results_fingerprint() == before  # --smoke / --out keep benchmarks/results/ untouched
 
 

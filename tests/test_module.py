@@ -122,3 +122,20 @@ def test_checkpoint_keys_do_not_depend_on_strategies():
     module.timestep_sampler = TableSampler(torch.ones(1000))
     module.loss_weighting = TableWeighting(torch.ones(1000))
     assert set(module.state_dict()) == keys
+
+
+def test_compiled_sampling_matches_eager_and_stays_out_of_the_state():
+    """compile_sampling changes how the network runs, not what it computes or what is saved."""
+    from lightning_speed.backbones import UNet
+
+    torch.manual_seed(0)
+    backbone = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                    attention_resolutions=[])
+    eager = DiffusionModule(backbone, image_shape=(1, 8, 8))
+    compiled = DiffusionModule(backbone, image_shape=(1, 8, 8), compile_sampling=True)
+    noise = torch.randn(3, 1, 8, 8)
+    expected = eager.sample(3, steps=3, noise=noise)
+    torch.testing.assert_close(compiled.sample(3, steps=3, noise=noise), expected, rtol=1e-4, atol=1e-4)
+    assert compiled._sample_forward is not None  # the compiled path was really taken
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    assert len(list(compiled.parameters())) == len(list(backbone.parameters()))

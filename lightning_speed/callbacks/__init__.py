@@ -1,5 +1,6 @@
 """Lightning callbacks: time-step strategies (SpeeD and baselines), monitoring and evaluation."""
 
+from lightning_speed.callbacks.ema import EMAWeightAveraging
 from lightning_speed.callbacks.fid import FIDCallback
 from lightning_speed.callbacks.monitor import TimestepMonitor
 from lightning_speed.callbacks.samples import SampleGridCallback
@@ -19,6 +20,7 @@ __all__ = [
     "AsymmetricTimestepSampling",
     "CLTSSampling",
     "ChangeAwareWeighting",
+    "EMAWeightAveraging",
     "FIDCallback",
     "LogitNormalSampling",
     "LossAwareSampling",

@@ -129,6 +129,7 @@ class FIDCallback(pl.Callback):
 
         self.history: list[tuple[int, float]] = []
         self.kid_history: list[tuple[int, float, float]] = []
+        self.seconds: list[tuple[int, float]] = []  # (step, wall seconds) of this process's evaluations
         self.reference_from_cache: bool | None = None  # set in setup: True if the real stats came from disk
         self.reference_key: str | None = None
         self._fid: FrechetInceptionDistance | None = None
@@ -261,6 +262,7 @@ class FIDCallback(pl.Callback):
             metrics[f"{prefix}kid_mean"], metrics[f"{prefix}kid_std"] = float(kid_mean), float(kid_std)
             self.kid_history.append((trainer.global_step, float(kid_mean), float(kid_std)))
         metrics[f"{self.name}/seconds"] = time.perf_counter() - start
+        self.seconds.append((trainer.global_step, metrics[f"{self.name}/seconds"]))
         self._log(trainer, metrics)
         self.history.append((trainer.global_step, fid))
         self._last_eval_step = trainer.global_step

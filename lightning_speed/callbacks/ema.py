@@ -1,0 +1,87 @@
+"""EMAWeightAveraging: Lightning's EMA callback with a sync-free, multi-tensor update.
+
+Lightning's ``EMAWeightAveraging`` delegates each update to ``torch.optim.swa_utils.AveragedModel``,
+which reads its on-device ``n_averaged`` counter on the host twice per call (``bool(n == 0)``,
+``if n > 0``) and then updates one tensor at a time. Those two reads block the CPU until the GPU
+has finished the step, so the next step's launches can no longer overlap the current step's
+kernels. This subclass keeps everything else (``should_update``, the averaged model, swapping in
+for validation, checkpoint format) and replaces only the update: one ``_foreach_lerp_`` over all
+floating tensors, with the "first update copies" decision kept on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMA
+from torch import Tensor
+
+
+class EMAWeightAveraging(_LightningEMA):
+    """Exponential moving average of the weights, ``ema = decay * ema + (1 - decay) * weights``.
+
+    A drop-in replacement for ``lightning.pytorch.callbacks.EMAWeightAveraging`` (same arguments,
+    same checkpoints) whose per-step update makes no host-device synchronisation. One difference:
+    integer buffers (e.g. BatchNorm's step counter) are copied rather than averaged and truncated.
+    """
+
+    def __init__(self, *args: Any, decay: float = 0.999, **kwargs: Any) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}.")
+        super().__init__(*args, decay=decay, **kwargs)
+        self.decay = decay
+        self._started: bool | None = None  # host copy of "n_averaged > 0", read once per fit
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._started = None  # a restored checkpoint may have changed n_averaged
+
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step_idx = trainer.global_step - 1  # zero-based, as in Lightning's WeightAveraging
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+            self.update(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def update(self, pl_module: "pl.LightningModule") -> None:
+        """One EMA step of the averaged model towards ``pl_module``'s current weights."""
+        average = self._average_model
+        assert average is not None, "update() before setup()"
+        if self._started is None:
+            self._started = bool(average.n_averaged > 0)  # one read per fit, not per step
+        averaged, current = _paired_tensors(average.module, pl_module, average.use_buffers)
+        floating = [i for i, a in enumerate(averaged) if a.is_floating_point()]
+        others = [i for i in range(len(averaged)) if not averaged[i].is_floating_point()]
+        if not self._started:
+            torch._foreach_copy_(averaged, current)
+            self._started = True
+        elif floating:
+            torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating], 1.0 - self.decay)
+        for i in others:  # integer buffers (counters) are copied, as AveragedModel does on its first step
+            averaged[i].copy_(current[i])
+        if not average.use_buffers:  # AveragedModel keeps unaveraged buffers equal to the model's
+            buffers = list(average.module.buffers())
+            if buffers:
+                torch._foreach_copy_(buffers, [b.detach().to(a.device) for a, b in zip(buffers, pl_module.buffers())])
+        average.n_averaged += 1
+
+
+def _paired_tensors(average: torch.nn.Module, model: torch.nn.Module, use_buffers: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """(averaged, current) tensors in the order ``AveragedModel`` pairs them, on the averaged device."""
+    if use_buffers:
+        averaged = [*average.parameters(), *average.buffers()]
+        current = [*model.parameters(), *model.buffers()]
+    else:
+        averaged, current = list(average.parameters()), list(model.parameters())
+    if len(averaged) != len(current):
+        raise RuntimeError(
+            f"The averaged model has {len(averaged)} tensors but the module has {len(current)}: "
+            "the module's parameters changed after EMAWeightAveraging was set up."
+        )
+    averaged = [a.detach() for a in averaged]
+    current = [c.detach().to(a.device, non_blocking=True) for a, c in zip(averaged, current)]
+    return averaged, current

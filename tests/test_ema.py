@@ -1,0 +1,111 @@
+"""EMAWeightAveraging: same averages and checkpoints as Lightning's, without host syncs per update."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging as LightningEMA
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_speed.callbacks import EMAWeightAveraging
+
+torch.set_num_threads(2)
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))  # has an int buffer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return (self.net(x) - y).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(callback, steps: int = 7, ckpt_path=None, tmp_path=None) -> tuple[pl.Trainer, Regressor]:
+    torch.manual_seed(0)
+    model = Regressor()
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))  # 4 batches: step 4 ends an epoch
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                         default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def _averaged(callback) -> list[torch.Tensor]:
+    module = callback._average_model.module
+    return [t.detach().clone() for t in [*module.parameters(), *module.buffers()]]
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9])
+def test_same_average_as_lightning(decay):
+    ours, theirs = EMAWeightAveraging(decay=decay), LightningEMA(decay=decay)
+    _, model = _fit(ours)
+    _fit(theirs)
+    pairs = list(zip(_averaged(ours), _averaged(theirs), strict=True))
+    for a, b in pairs:
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b)
+    # Integer buffers (BatchNorm's step counter) are copied, not truncated averages as in AveragedModel.
+    assert [int(a) for a, _ in pairs if not a.is_floating_point()] == [int(model.net[1].num_batches_tracked)] == [7]
+    assert int(ours._average_model.n_averaged) == int(theirs._average_model.n_averaged) == 7
+
+
+def test_closed_form_three_updates():
+    """ema_1 = w_1, ema_n = d * ema_{n-1} + (1 - d) * w_n."""
+    decay = 0.75
+    callback = EMAWeightAveraging(decay=decay)
+    model = nn.Linear(2, 1, bias=False)
+    callback._average_model = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    history = []
+    for value in (1.0, 3.0, -2.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        history.append(value)
+        callback.update(model)
+    expected = (decay * 1.0 + (1 - decay) * 3.0) * decay + (1 - decay) * -2.0
+    torch.testing.assert_close(callback._average_model.module.weight, torch.full((1, 2), expected))
+
+
+def test_update_reads_nothing_back_from_the_device(monkeypatch):
+    """After the first update, no tensor is converted to a Python value (a host sync on CUDA)."""
+    callback = EMAWeightAveraging(decay=0.9)
+    model = Regressor()
+    callback._average_model = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    callback.update(model)  # the first update may read the counter once
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor during an EMA update")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    for _ in range(3):
+        callback.update(model)
+    with pytest.raises(AssertionError, match="host read"):  # the test can tell: Lightning's update does read
+        torch.optim.swa_utils.AveragedModel(model).update_parameters(model)
+
+
+def test_resume_matches_lightning(tmp_path):
+    """Checkpoints are interchangeable: resuming ours gives the average that resuming Lightning's gives."""
+    resumed = {}
+    for cls in (EMAWeightAveraging, LightningEMA):
+        trainer, _ = _fit(cls(decay=0.8), steps=4, tmp_path=tmp_path)
+        ckpt = tmp_path / f"{cls.__module__}.ckpt"
+        trainer.save_checkpoint(ckpt)
+        resumed[cls] = cls(decay=0.8)
+        _fit(resumed[cls], steps=7, ckpt_path=str(ckpt), tmp_path=tmp_path)
+        assert int(resumed[cls]._average_model.n_averaged) == 7
+    for a, b in zip(_averaged(resumed[EMAWeightAveraging]), _averaged(resumed[LightningEMA]), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b)
+
+
+def test_bad_decay():
+    with pytest.raises(ValueError, match="decay must be in"):
+        EMAWeightAveraging(decay=1.5)
