@@ -128,6 +128,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 def final_fids(trainer: Any, module: Any, fid_cb: Any, args: argparse.Namespace) -> dict[str, float]:
     """FID at N with more samples: DDIM-50 and DDPM-250 (EMA weights)."""
     out = {}
+    module.to(trainer.strategy.root_device)  # fit's teardown moved the module back to the CPU
     fid_cb.num_samples = args.final_samples
     for sampler, steps in (("ddim", 50), ("ddpm", 250)):
         fid_cb.sampler, fid_cb.sampling_steps = sampler, min(steps, args.fid_steps if args.smoke else steps)

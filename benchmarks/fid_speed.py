@@ -55,6 +55,7 @@ def time_variant(args: argparse.Namespace, variant: str) -> dict:
                          max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[fid])
     trainer.fit(module, datamodule=FashionMNISTDataModule(root=args.root, batch_size=64, val_images=0))
+    module.to(trainer.strategy.root_device)  # fit's teardown moved the module back to the CPU
     fid.num_samples = min(args.counts[0], 1000)
     fid.evaluate(trainer, module)  # warm-up: kernels, allocator, feature network
     result = {"card": device_name(), "date": today(), "sampler": f"ddim-{args.steps}", "batch_size": args.batch_size,

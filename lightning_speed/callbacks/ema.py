@@ -33,10 +33,12 @@ class EMAWeightAveraging(_LightningEMA):
         super().__init__(*args, decay=decay, **kwargs)
         self.decay = decay
         self._started: bool | None = None  # host copy of "n_averaged > 0", read once per fit
+        self._pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_start(trainer, pl_module)
         self._started = None  # a restored checkpoint may have changed n_averaged
+        self._pairs = None
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
@@ -53,16 +55,22 @@ class EMAWeightAveraging(_LightningEMA):
         assert average is not None, "update() before setup()"
         if self._started is None:
             self._started = bool(average.n_averaged > 0)  # one read per fit, not per step
-        averaged, current = _paired_tensors(average.module, pl_module, average.use_buffers)
-        floating = [i for i, a in enumerate(averaged) if a.is_floating_point()]
-        others = [i for i in range(len(averaged)) if not averaged[i].is_floating_point()]
+        if self._pairs is None:
+            # The tensor lists are built once per fit: rebuilding them costs more host time than the update.
+            averaged, current = _paired_tensors(average.module, pl_module, average.use_buffers)
+            floating = [i for i, a in enumerate(averaged) if a.is_floating_point() and a.device == current[i].device]
+            self._pairs = ([averaged[i] for i in floating], [current[i] for i in floating],
+                           [a for i, a in enumerate(averaged) if i not in floating],
+                           [c for i, c in enumerate(current) if i not in floating])
+        avg_float, cur_float, avg_other, cur_other = self._pairs
         if not self._started:
-            torch._foreach_copy_(averaged, current)
+            if avg_float:
+                torch._foreach_copy_(avg_float, cur_float)
             self._started = True
-        elif floating:
-            torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating], 1.0 - self.decay)
-        for i in others:  # integer buffers (counters) are copied, as AveragedModel does on its first step
-            averaged[i].copy_(current[i])
+        elif avg_float:
+            torch._foreach_lerp_(avg_float, cur_float, 1.0 - self.decay)
+        for a, c in zip(avg_other, cur_other):  # integer buffers are copied; tensors on other devices too
+            a.copy_(c.to(a.device))
         if not average.use_buffers:  # AveragedModel keeps unaveraged buffers equal to the model's
             buffers = list(average.module.buffers())
             if buffers:
@@ -71,7 +79,7 @@ class EMAWeightAveraging(_LightningEMA):
 
 
 def _paired_tensors(average: torch.nn.Module, model: torch.nn.Module, use_buffers: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """(averaged, current) tensors in the order ``AveragedModel`` pairs them, on the averaged device."""
+    """(averaged, current) tensors in the order ``AveragedModel`` pairs them."""
     if use_buffers:
         averaged = [*average.parameters(), *average.buffers()]
         current = [*model.parameters(), *model.buffers()]
@@ -82,6 +90,4 @@ def _paired_tensors(average: torch.nn.Module, model: torch.nn.Module, use_buffer
             f"The averaged model has {len(averaged)} tensors but the module has {len(current)}: "
             "the module's parameters changed after EMAWeightAveraging was set up."
         )
-    averaged = [a.detach() for a in averaged]
-    current = [c.detach().to(a.device, non_blocking=True) for a, c in zip(averaged, current)]
-    return averaged, current
+    return [a.detach() for a in averaged], [c.detach() for c in current]
