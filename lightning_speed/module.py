@@ -97,7 +97,8 @@ class DiffusionModule(pl.LightningModule):
         # The two seams. Plain objects, not submodules: see timesteps/base.py.
         self.timestep_sampler: TimestepSampler = UniformSampler(self.noise_schedule.num_timesteps)
         self.loss_weighting: LossWeighting = ConstantWeighting()
-        self._train_forward = self.backbone
+        # Not a submodule (object.__setattr__): state_dict keys must not depend on whether compile ran.
+        object.__setattr__(self, "_train_forward", self.backbone)
         self._cuda_graphs = False
 
     @property
@@ -134,7 +135,7 @@ class DiffusionModule(pl.LightningModule):
         if self.image_shape is not None:
             self._check_backbone_accepts(self.image_shape)
         if self.compile and stage == "fit":
-            self._train_forward = torch.compile(self.backbone, mode=self.compile_mode)
+            object.__setattr__(self, "_train_forward", torch.compile(self.backbone, mode=self.compile_mode))
             self._cuda_graphs = self.compile_mode is not None and "reduce-overhead" in self.compile_mode
 
     def _check_backbone_accepts(self, shape: tuple[int, int, int]) -> None:
@@ -156,6 +157,12 @@ class DiffusionModule(pl.LightningModule):
                 f"The backbone must return a tensor shaped like its input {tuple(x.shape)}, got {tuple(out.shape)}: "
                 "set its out_channels to the data's channels."
             )
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        # Checkpoints of versions <= 0.1 also stored the backbone under "_train_forward." (and
+        # "_train_forward._orig_mod." once compiled): the same tensors, so those keys are dropped.
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("_train_forward.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_fit_start(self) -> None:
         # Strategies are plain objects: move their tables next to the model.

@@ -139,3 +139,19 @@ def test_compiled_sampling_matches_eager_and_stays_out_of_the_state():
     assert compiled._sample_forward is not None  # the compiled path was really taken
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     assert len(list(compiled.parameters())) == len(list(backbone.parameters()))
+
+
+def test_compiled_module_checkpoints_have_backbone_keys_only():
+    """Compiling in setup must not change state_dict keys (a resumed compiled run failed on them)."""
+    from lightning_speed.backbones import UNet
+
+    backbone = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1], num_res_blocks=1,
+                    attention_resolutions=[])
+    module = DiffusionModule(backbone, image_shape=(1, 8, 8), compile=True)
+    before = set(module.state_dict())
+    module.setup("fit")  # wraps the backbone in torch.compile (compiles lazily, on the first call)
+    assert set(module.state_dict()) == before and all(k.startswith("backbone.") for k in before)
+    # Checkpoints written before the fix also hold "_train_forward._orig_mod.*" copies: they still load.
+    old = dict(module.state_dict())
+    old.update({"_train_forward._orig_mod." + k[len("backbone."):]: v for k, v in module.state_dict().items()})
+    module.load_state_dict(old)
