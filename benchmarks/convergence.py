@@ -94,13 +94,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     trainer.callbacks = callbacks
     if args.smoke:
         torch.set_num_threads(1)
-    first_step, start = 0, time.perf_counter()
-    if ckpt.exists():
-        first_step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    # The previous part's result.json is written right after its checkpoint, so it says where we resume.
+    result_file = run_dir / "result.json"
+    previous = json.loads(result_file.read_text()) if ckpt.exists() and result_file.exists() else {}
+    first_step, parts, start = previous.get("steps_done", 0), previous.get("parts", []), time.perf_counter()
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
     trainer.save_checkpoint(ckpt)
-    previous = run_dir / "result.json"
-    parts = json.loads(previous.read_text()).get("parts", []) if previous.exists() else []
     # Wall time of this part (start-up, compilation and FID evaluations included): the cost of the protocol.
     parts.append({"from_step": first_step, "to_step": trainer.global_step,
                   "seconds": round(time.perf_counter() - start, 1), "fid_evaluations": len(fid_cb.history)})
@@ -121,7 +120,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     }
     if trainer.global_step >= args.steps and args.final_samples:
         result["final"] = final_fids(trainer, cli.model, fid_cb, args)
-    write_json(run_dir / "result.json", result)
+    write_json(result_file, result)
     return result
 
 

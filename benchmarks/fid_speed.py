@@ -40,8 +40,13 @@ def main() -> None:
     results = {variant: time_variant(args, variant) for variant in args.variants}
     write_json(Path(args.out), results)
     if torch.cuda.is_available() and not args.smoke and "eager" in results:
-        update_summary(RESULTS / "summary.json", {"fid_seconds": {
-            f"{int(n) // 1000}k": s for n, s in results["eager"]["seconds"].items()}})
+        eager = results["eager"]
+        summary = {f"{int(n) // 1000}k": s for n, s in eager["seconds"].items()}
+        summary.update(card=eager["card"], sampling=f"eager bf16, {eager['sampler'].upper()}, batch {eager['batch_size']}")
+        update_summary(RESULTS / "summary.json", {"fid_seconds": summary})
+        if "compiled" in results:
+            compiled = {f"{int(n) // 1000}k": s for n, s in results["compiled"]["seconds"].items()}
+            update_summary(RESULTS / "summary.json", {"fid_seconds_compiled": {**compiled, "card": eager["card"]}})
 
 
 def time_variant(args: argparse.Namespace, variant: str) -> dict:

@@ -29,7 +29,7 @@ if [ "$PHASE" = timing ]; then  # FID timing on idle GPUs: eager on GPU 0, compi
   done
   wait
 fi
-python3 benchmarks/convergence.py report --steps "$STEPS" --out "$CONV" > "$OUT/r/report.log" 2>&1
+python3 benchmarks/convergence.py report --out "$CONV" > "$OUT/r/report.log" 2>&1
 cp benchmarks/results/summary.json "$OUT/r/summary.json"
 tar czf "$OUT/results.tgz" -C "$OUT" r -C "$CONV" --exclude='*.ckpt' --exclude='hparams.yaml' . 2>/dev/null
 rm -rf "$OUT/r"

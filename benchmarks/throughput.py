@@ -8,7 +8,7 @@ Measured side by side in one process, same backbone and batch:
   d   c plus EMA weights, as the configs train: our sync-free EMAWeightAveraging, and (d_lightning)
       Lightning's own, whose update reads a device counter on the host twice per step
 Also: FLOPs per training image, the achieved fraction of the card's measured bf16 matmul
-rate, peak memory, and host-device syncs per step in (c) (profiler trace + sync debug mode).
+rate, peak memory, and host-device syncs per step in (d) (profiler trace + sync debug mode).
 
     python benchmarks/throughput.py --batch-sizes 128 512 --out benchmarks/results/throughput.json
     python benchmarks/throughput.py --smoke          # a few CPU steps of a tiny model (tests)
@@ -214,10 +214,14 @@ def _save(result: dict[str, Any], args: argparse.Namespace, cuda: bool) -> None:
         "card": result["card"],
         "date": result["date"],
         "throughput": {
+            "card": result["card"],
+            "date": result["date"],
             "lightning_vs_naive": small["ratios"]["b_over_a0"],
             "lightning_vs_plain": small["ratios"]["b_over_a"],
             "callbacks_vs_lightning": small["ratios"]["c_over_b"],
             "bf16_peak_fraction": large.get("fraction_of_bf16_rate_b"),
+            "bf16_peak_fraction_batch": int(max(rows, key=int)),
+            "ema_ours_vs_lightning": small["ratios"]["d_over_d_lightning"],
             "images_per_s": {b: r["b_lightning"]["images_per_s"] for b, r in rows.items()},
         },
     })

@@ -134,6 +134,7 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
         assert result["steps_done"] == 6
         assert result["fid_history"][:2] == first[strategy]  # restored from the checkpoint, not duplicated
         assert [step for step, _ in result["fid_history"]] == [2, 4, 6]
+        assert [(part["from_step"], part["to_step"]) for part in result["parts"]] == [(0, 4), (4, 6)]
         log = (out / "logs" / f"{strategy}_s0.log").read_text()
         assert log.count("Restoring states from the checkpoint") == 1  # the third launch only
     assert results_fingerprint() == before  # --smoke / --out keep benchmarks/results/ untouched

@@ -57,6 +57,17 @@ def test_same_average_as_lightning(decay):
     assert int(ours._average_model.n_averaged) == int(theirs._average_model.n_averaged) == 7
 
 
+def test_without_buffer_averaging_buffers_follow_the_model():
+    """use_buffers=False: parameters are averaged as Lightning's are, buffers are the model's."""
+    ours, theirs = EMAWeightAveraging(decay=0.9, use_buffers=False), LightningEMA(decay=0.9, use_buffers=False)
+    _, model = _fit(ours)
+    _fit(theirs)
+    for a, b in zip(ours._average_model.module.parameters(), theirs._average_model.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(ours._average_model.module.buffers(), model.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_closed_form_three_updates():
     """ema_1 = w_1, ema_n = d * ema_{n-1} + (1 - d) * w_n."""
     decay = 0.75

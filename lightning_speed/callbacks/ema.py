@@ -55,39 +55,45 @@ class EMAWeightAveraging(_LightningEMA):
         assert average is not None, "update() before setup()"
         if self._started is None:
             self._started = bool(average.n_averaged > 0)  # one read per fit, not per step
-        if self._pairs is None:
-            # The tensor lists are built once per fit: rebuilding them costs more host time than the update.
-            averaged, current = _paired_tensors(average.module, pl_module, average.use_buffers)
-            floating = [i for i, a in enumerate(averaged) if a.is_floating_point() and a.device == current[i].device]
-            self._pairs = ([averaged[i] for i in floating], [current[i] for i in floating],
-                           [a for i, a in enumerate(averaged) if i not in floating],
-                           [c for i, c in enumerate(current) if i not in floating])
-        avg_float, cur_float, avg_other, cur_other = self._pairs
+        if self._pairs is None:  # built once per fit: rebuilding costs more host time than the update
+            self._pairs = _update_lists(average.module, pl_module, average.use_buffers)
+        avg_float, cur_float, avg_copied, cur_copied = self._pairs
         if not self._started:
             if avg_float:
                 torch._foreach_copy_(avg_float, cur_float)
             self._started = True
         elif avg_float:
             torch._foreach_lerp_(avg_float, cur_float, 1.0 - self.decay)
-        for a, c in zip(avg_other, cur_other):  # integer buffers are copied; tensors on other devices too
+        for a, c in zip(avg_copied, cur_copied):
             a.copy_(c.to(a.device))
-        if not average.use_buffers:  # AveragedModel keeps unaveraged buffers equal to the model's
-            buffers = list(average.module.buffers())
-            if buffers:
-                torch._foreach_copy_(buffers, [b.detach().to(a.device) for a, b in zip(buffers, pl_module.buffers())])
         average.n_averaged += 1
 
 
-def _paired_tensors(average: torch.nn.Module, model: torch.nn.Module, use_buffers: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """(averaged, current) tensors in the order ``AveragedModel`` pairs them."""
+def _update_lists(
+    average: torch.nn.Module, model: torch.nn.Module, use_buffers: bool
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(averaged, current) tensors to lerp, then (averaged, current) tensors to copy each update.
+
+    Paired in ``AveragedModel``'s order. Floating tensors on the same device are averaged; integer
+    buffers, tensors on another device and, without ``use_buffers``, all buffers (AveragedModel
+    keeps those equal to the model's) are copied.
+    """
+    averaged, current = list(average.parameters()), list(model.parameters())
+    averaged_buffers, current_buffers = list(average.buffers()), list(model.buffers())
     if use_buffers:
-        averaged = [*average.parameters(), *average.buffers()]
-        current = [*model.parameters(), *model.buffers()]
-    else:
-        averaged, current = list(average.parameters()), list(model.parameters())
-    if len(averaged) != len(current):
+        averaged, current = averaged + averaged_buffers, current + current_buffers
+    if len(averaged) != len(current) or len(averaged_buffers) != len(current_buffers):
         raise RuntimeError(
             f"The averaged model has {len(averaged)} tensors but the module has {len(current)}: "
             "the module's parameters changed after EMAWeightAveraging was set up."
         )
-    return [a.detach() for a in averaged], [c.detach() for c in current]
+    lerp: tuple[list[Tensor], list[Tensor]] = ([], [])
+    copy: tuple[list[Tensor], list[Tensor]] = ([], [])
+    for a, c in zip(averaged, current):
+        target = lerp if a.is_floating_point() and a.device == c.device else copy
+        target[0].append(a.detach())
+        target[1].append(c.detach())
+    if not use_buffers:
+        copy[0].extend(b.detach() for b in averaged_buffers)
+        copy[1].extend(b.detach() for b in current_buffers)
+    return lerp[0], lerp[1], copy[0], copy[1]
