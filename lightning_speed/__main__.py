@@ -1,3 +1,3 @@
-from lightning_speed.cli import main
+from lightning_speed.cli import console
 
-main()
+console()

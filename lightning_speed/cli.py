@@ -39,7 +39,7 @@ class SpeedCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SpeedCLI:
-    """Entry point of the console script and of ``python -m lightning_speed``.
+    """Build (and by default run) the CLI; returns it, so scripts can read its trainer and model.
 
     ``run=False`` parses and instantiates without running (``args`` then has no subcommand),
     for scripts that adjust the trainer before calling ``fit`` themselves.
@@ -54,5 +54,14 @@ def main(args: list[str] | None = None, run: bool = True) -> SpeedCLI:
     )
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``lightning-speed`` command and ``python -m lightning_speed``.
+
+    Returns None: the console-script wrapper calls ``sys.exit(console())``, and a returned CLI
+    object would make every successful run exit with status 1.
+    """
     main()
+
+
+if __name__ == "__main__":
+    console()

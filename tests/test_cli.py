@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lightning_speed.callbacks.strategies import LossWeightingCallback, TimestepSamplingCallback
-from lightning_speed.cli import main
+from lightning_speed.cli import console, main
 from lightning_speed.metrics import features as features_module
 from lightning_speed.metrics import reference as reference_module
 from lightning_speed.metrics.features import INCEPTION_FILENAME, InceptionWeightsUnavailable
@@ -228,9 +228,17 @@ def test_console_script_is_declared() -> None:
         line.split("=", 1) for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines()
     )
     target = {k.strip(): v.strip() for k, v in scripts.items()}["lightning-speed"]
-    assert target == "lightning_speed.cli:main"
+    assert target == "lightning_speed.cli:console"
     module, _, attr = target.partition(":")
-    assert getattr(importlib.import_module(module), attr) is main
+    assert getattr(importlib.import_module(module), attr) is console
+
+
+def test_console_entry_returns_none_so_the_command_exits_zero(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper does ``sys.exit(console())``: anything but None/0 is a failed command."""
+    monkeypatch.setattr(sys, "argv", ["lightning-speed", *fast_dev_args(QUICKSTART, cli_env)])
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(console())
+    assert exit_info.value.code is None
 
 
 # ------------------------------------------------------------------------------- bad configuration
