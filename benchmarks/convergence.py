@@ -9,6 +9,7 @@ same command again skips finished runs and resumes the others from their checkpo
 benchmark fits in calls of a few minutes.
 
     python benchmarks/convergence.py launch --strategies uniform speed --seeds 0 1 --steps 20000 --gpus 0 1
+    python benchmarks/convergence.py launch --jobs uniform:0:20000 speed_sampling_only:0:10000 ...
     python benchmarks/convergence.py report --out benchmarks/results/convergence
     python benchmarks/convergence.py launch --smoke ...   # tiny CPU run for the test suite
 """
@@ -42,6 +43,15 @@ STRATEGIES = {
     "clts": "fashion_mnist_clts.yaml",
     "loss_aware": "fashion_mnist_loss_aware.yaml",
 }
+# Ablations for studying SpeeD: a shipped config with one change, named after the change.
+# base: a key of STRATEGIES; drop: callback classes removed; set: {callback class: {attribute: value}}.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "speed_sampling_only": {"base": "speed", "drop": ["ChangeAwareWeighting"]},  # asymmetric sampling, w = 1
+    "speed_weighting_only": {"base": "speed", "drop": ["AsymmetricTimestepSampling"]},  # uniform t, SpeeD's w
+    "speed_k2": {"base": "speed", "set": {"AsymmetricTimestepSampling": {"k": 2.0}}},  # milder suppression
+    "speed_no_dual": {"base": "speed", "set": {"AsymmetricTimestepSampling": {"dual": False}}},
+}
+RUNS = sorted([*STRATEGIES, *ABLATIONS])
 SMOKE_MODEL = [
     "--model.backbone.init_args.base_channels", "16", "--model.backbone.init_args.channel_mult", "[1, 2, 2]",
     "--model.backbone.init_args.num_res_blocks", "1", "--model.backbone.init_args.attention_resolutions", "[]",
@@ -56,14 +66,16 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_speed.callbacks import FIDCallback, SampleGridCallback
+    from lightning_speed.callbacks import FIDCallback, SampleGridCallback, TimestepMonitor
     from lightning_speed.cli import main as cli_main
 
     run_dir = Path(args.out) / f"{args.strategy}_s{args.seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "last.ckpt"
+    ablation = ABLATIONS.get(args.strategy, {})
+    config = STRATEGIES[ablation.get("base", args.strategy)]
     cli_args = [
-        "--config", str(REPO / "configs" / STRATEGIES[args.strategy]),
+        "--config", str(REPO / "configs" / config),
         "--seed_everything", str(args.seed),
         "--trainer.max_steps", str(args.steps),
         "--trainer.max_time", time.strftime("00:%H:%M:%S", time.gmtime(args.time_limit)),
@@ -78,15 +90,24 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         cli_args += SMOKE_MODEL
     elif args.eager:
         cli_args += ["--model.compile", "false"]
+    elif args.compile_sampling:
+        cli_args += ["--model.compile_sampling", "true"]
     cli = cli_main(cli_args, run=False)
     trainer = cli.trainer
     callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+    callbacks = [c for c in callbacks if type(c).__name__ not in ablation.get("drop", ())]
+    for cb in callbacks:
+        for attribute, value in ablation.get("set", {}).get(type(cb).__name__, {}).items():
+            setattr(cb, attribute, value)  # strategy callbacks build their tables from these at setup
     for cb in callbacks:
         if isinstance(cb, FIDCallback):
             cb.every_n_steps, cb.num_samples, cb.eval_on_train_end = args.eval_every, args.fid_samples, False
             cb.batch_size = min(cb.batch_size, args.fid_samples)
             cb.sampling_steps = args.fid_steps
             fid_cb = cb
+        if isinstance(cb, TimestepMonitor):
+            monitor = cb
+            monitor.log_every_n_steps = min(monitor.log_every_n_steps, args.eval_every)
         if isinstance(cb, SampleGridCallback):
             cb.every_n_steps = args.eval_every
             if args.smoke:  # a few small grids, not 64 images x 50 steps on one CPU thread
@@ -106,7 +127,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "strategy": args.strategy,
         "seed": args.seed,
-        "config": STRATEGIES[args.strategy],
+        "config": config,
+        "ablation": ablation or None,
         "steps_target": args.steps,
         "steps_done": trainer.global_step,
         "batch_size": cli.datamodule.batch_size,
@@ -115,10 +137,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "fid_history": fid_cb.history,
         "fid_seconds": fid_cb.seconds,
         "parts": parts,
+        # Per-area loss, weight and share of sampled t (TimestepMonitor), every part appended.
+        "timestep_areas": previous.get("timestep_areas", []) + list(monitor.history),
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": today(),
     }
-    if trainer.global_step >= args.steps and args.final_samples:
+    if trainer.global_step >= args.steps and args.final_samples and args.strategy in args.final_strategies:
         result["final"] = final_fids(trainer, cli.model, fid_cb, args)
     write_json(result_file, result)
     return result
@@ -148,47 +172,47 @@ def launch(args: argparse.Namespace) -> None:
     checkpoints; the next call resumes it). Runs whose result.json already reached N are skipped.
     """
     deadline = time.monotonic() + args.time_limit
-    jobs = _jobs(args)
-    jobs = [(s, seed) for s, seed in jobs if not _finished(args, s, seed)]
+    jobs = [job for job in _jobs(args) if not _finished(args, *job)]
     slots = [gpu for gpu in (args.gpus or [None]) for _ in range(args.per_gpu)]
     pending, running, failed = list(jobs), [], []
-    retried: set[tuple[str, int]] = set()
+    retried: set[tuple[str, int, int]] = set()
     log_dir = Path(args.out) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(strategy: str, seed: int, gpu: int | None, extra: list[str]) -> None:
+    def start(job: tuple[str, int, int], gpu: int | None, extra: list[str]) -> None:
+        strategy, seed, steps = job
         left = int(deadline - time.monotonic()) - args.stop_margin
         cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--strategy", strategy, "--seed", str(seed),
-               *_forward(args), "--time-limit", str(max(left, 1)), *extra]
+               *_forward(args), "--steps", str(steps), "--time-limit", str(max(left, 1)), *extra]
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
         log = open(log_dir / f"{strategy}_s{seed}.log", "a")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        running.append(((strategy, seed), proc, log, gpu))
-        print(f"started {strategy} seed {seed} on gpu {gpu} ({left} s left){' ' + ' '.join(extra) if extra else ''}", flush=True)
+        running.append((job, proc, log, gpu))
+        print(f"started {strategy} seed {seed} to {steps} steps on gpu {gpu} ({left} s left)"
+              f"{' ' + ' '.join(extra) if extra else ''}", flush=True)
 
     while pending or running:
         free = list(slots)
         for item in running:
             free.remove(item[3])
         while pending and free and deadline - time.monotonic() >= args.min_run_seconds:
-            strategy, seed = pending.pop(0)
-            start(strategy, seed, free.pop(0), [])
+            start(pending.pop(0), free.pop(0), [])
         if not running:
             break  # the rest does not fit in this call's budget
         time.sleep(1 if args.smoke else 5)
         for item in list(running):
-            (strategy, seed), proc, log, gpu = item
+            job, proc, log, gpu = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             log.close()
-            print(f"finished {strategy} seed {seed}: exit {proc.returncode}", flush=True)
-            if proc.returncode and not args.eager and not args.smoke and (strategy, seed) not in retried:
+            print(f"finished {job[0]} seed {job[1]}: exit {proc.returncode}", flush=True)
+            if proc.returncode and not args.eager and not args.smoke and job not in retried:
                 # A compile or CUDA-graph failure must not cost the whole benchmark: retry eager.
-                retried.add((strategy, seed))
-                start(strategy, seed, gpu, ["--eager"])
+                retried.add(job)
+                start(job, gpu, ["--eager"])
             elif proc.returncode:
-                failed.append((strategy, seed))
+                failed.append(job)
     if pending:
         print(f"not started (no time left in this call): {pending}", flush=True)
     report(args)
@@ -196,34 +220,36 @@ def launch(args: argparse.Namespace) -> None:
         raise SystemExit(f"runs failed: {failed}; see {log_dir}")
 
 
-def _jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """``--jobs strategy:seed ...`` in the given order, else every strategy for each seed in turn."""
+def _jobs(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """``--jobs strategy:seed[:steps] ...`` in the given order, else every strategy for each seed in turn."""
     if not args.jobs:
-        return [(s, seed) for seed in args.seeds for s in args.strategies]
+        return [(s, seed, args.steps) for seed in args.seeds for s in args.strategies]
     jobs = []
     for job in args.jobs:
-        strategy, _, seed = job.partition(":")
-        if strategy not in STRATEGIES or not seed.isdigit():
-            raise SystemExit(f"--jobs takes strategy:seed with a strategy in {sorted(STRATEGIES)}, got {job!r}")
-        jobs.append((strategy, int(seed)))
+        strategy, seed, *steps = job.split(":")
+        if strategy not in RUNS or not seed.isdigit() or len(steps) > 1 or (steps and not steps[0].isdigit()):
+            raise SystemExit(f"--jobs takes strategy:seed or strategy:seed:steps with a strategy in {RUNS}, got {job!r}")
+        jobs.append((strategy, int(seed), int(steps[0]) if steps else args.steps))
     return jobs
 
 
-def _finished(args: argparse.Namespace, strategy: str, seed: int) -> bool:
+def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) -> bool:
     path = Path(args.out) / f"{strategy}_s{seed}" / "result.json"
-    return path.exists() and json.loads(path.read_text()).get("steps_done", 0) >= args.steps
+    return path.exists() and json.loads(path.read_text()).get("steps_done", 0) >= steps
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
-    out = ["--out", args.out, "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+    out = ["--out", args.out, "--eval-every", str(args.eval_every),
            "--fid-samples", str(args.fid_samples), "--fid-steps", str(args.fid_steps),
-           "--final-samples", str(args.final_samples)]  # fmt: skip
+           "--final-samples", str(args.final_samples), "--final-strategies", *args.final_strategies]  # fmt: skip
     if args.root:
         out += ["--root", args.root]
     if args.batch_size:
         out += ["--batch-size", str(args.batch_size)]
     if args.smoke:
         out.append("--smoke")
+    if not args.compile_sampling:
+        out.append("--no-compile-sampling")
     return out
 
 
@@ -246,7 +272,10 @@ def fid_at(curve: list[tuple[int, float]], step: int) -> float | None:
 
 
 def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
-    """Speed-up = budget / first step reaching the uniform baseline's mean FID at ``budget``."""
+    """Speed-up = budget / first step reaching the uniform baseline's mean FID at ``budget``.
+
+    Only runs whose curve reaches ``budget`` count; strategies without such a run are left out.
+    """
     base = [fid_at(r["fid_history"], budget) for r in results if r["strategy"] == "uniform"]
     base = [b for b in base if b is not None]
     if not base:
@@ -264,9 +293,11 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
             reach = first_step_reaching(curve, target)
             per_seed.append(budget / reach if reach else None)
             fids.append(fid_at(curve, budget))
+        if not per_seed:
+            continue
         reached = [v for v in per_seed if v is not None]
         out[strategy] = {
-            "mean": sum(reached) / len(reached) if reached and len(reached) == len(per_seed) else None,
+            "mean": sum(reached) / len(reached) if len(reached) == len(per_seed) else None,
             "min": min(reached) if reached else None,
             "max": max(reached) if reached else None,
             "per_seed": per_seed,
@@ -278,33 +309,50 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     return out
 
 
-def _headline(speedup_table: dict[str, Any]) -> dict[str, Any]:
-    """The stable summary.json keys of one speed-up table (private ``_`` entries dropped)."""
-    return {k: {f: v[f] for f in ("mean", "min", "max", "seeds", "steps")}
-            for k, v in speedup_table.items() if not k.startswith("_")}
+def _headline(entry: dict[str, Any]) -> dict[str, Any]:
+    """The stable summary.json fields of one strategy's speed-up."""
+    return {f: entry[f] for f in ("mean", "min", "max", "seeds", "steps")}
 
 
 def report(args: argparse.Namespace) -> dict[str, Any]:
-    """Collect result.json files, compute speed-ups at N and N/2, plot the curves, update summary.json."""
+    """Collect result.json files, compute speed-ups, plot the curves, update summary.json.
+
+    Each strategy is compared with the uniform baseline at its own N: the last evaluation step that
+    all its runs and at least one uniform run reached (ablations may run shorter than the main
+    pair), and at the evaluation step nearest below N/2.
+    """
     out = Path(args.out)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
-    if not results:
-        print("no results yet")
+    uniform_steps = sorted({s for r in results if r["strategy"] == "uniform" for s, _ in r["fid_history"]})
+    if not results or not uniform_steps:
+        print("no uniform baseline results yet")
         return {}
-    # N: the last evaluation step that every run reached (runs stopped by the time limit may differ).
-    budget = min((r["fid_history"][-1][0] if r["fid_history"] else 0) for r in results)
-    eval_steps = sorted({s for r in results for s, _ in r["fid_history"]})
-    half = max((s for s in eval_steps if s <= budget // 2), default=None)
-    table = {"N": speedups(results, budget), "N_half": speedups(results, half) if half else {}}
-    table.update({"budget": budget, "half": half, "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done")}
-                                                          for r in results]})
-    write_json(out / "speedups.json", table)
+    tables: dict[int, dict[str, Any]] = {}
+    budgets: dict[str, dict[str, int | None]] = {}
+    for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
+        runs = [r for r in results if r["strategy"] == strategy]
+        last = min((r["fid_history"][-1][0] if r["fid_history"] else 0) for r in runs)
+        n = max((s for s in uniform_steps if s <= last), default=None)
+        half = max((s for s in uniform_steps if n and s <= n // 2), default=None)
+        budgets[strategy] = {"N": n, "N_half": half}
+        for b in (n, half):
+            if b and b not in tables:
+                tables[b] = speedups(results, b)
+    headline = {key: {s: tables[b[key]][s] for s, b in budgets.items() if b[key] and s in tables[b[key]]}
+                for key in ("N", "N_half")}
+    summary = {"N": headline["N"], "N_half": headline["N_half"], "budgets": budgets,
+               "tables": {str(b): t for b, t in sorted(tables.items())},
+               "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done")} for r in results]}
+    write_json(out / "speedups.json", summary)
     plot(results, out / "fid_vs_step.png")
-    if not args.smoke and table["N"]:
-        update_summary(RESULTS / "summary.json", {"speedup": _headline(table["N"]),
-                                                  "speedup_half": _headline(table["N_half"])})
-    print(json.dumps(table, indent=1))
-    return table
+    plot_areas(results, out / "area_loss.png")
+    if not args.smoke and headline["N"]:
+        update_summary(RESULTS / "summary.json", {
+            "speedup": {s: _headline(v) for s, v in headline["N"].items()},
+            "speedup_half": {s: _headline(v) for s, v in headline["N_half"].items()},
+        })
+    print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets")}, indent=1))
+    return summary
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -325,7 +373,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         color = colors.setdefault(r["strategy"], f"C{len(colors)}")
         ax.plot([s for s, _ in curve], [f for _, f in curve], color=color, marker="o", ms=3,
                 label=r["strategy"] if r["seed"] == min(x["seed"] for x in results if x["strategy"] == r["strategy"]) else None,
-                lw=2.5 if r["strategy"] in ("uniform", "speed") else 1.2)
+                lw=2.5 if r["strategy"] in ("uniform", "speed") else 1.2,
+                ls="--" if r["strategy"] in ABLATIONS else "-")
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (Fashion-MNIST features, EMA, DDIM-50)")
     ax.set_yscale("log")
@@ -336,19 +385,56 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_areas(results: list[dict[str, Any]], path: Path) -> None:
+    """Training loss per time-step area against step (TimestepMonitor), one panel per area."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    areas = ("acceleration", "deceleration", "convergence")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    colors: dict[str, Any] = {}
+    for r in sorted(results, key=lambda r: (r["strategy"], r["seed"])):
+        rows = r.get("timestep_areas") or []
+        color = colors.setdefault(r["strategy"], f"C{len(colors)}")
+        for ax, area in zip(axes, areas):
+            points = [(row["step"], row[f"timesteps/loss/{area}"]) for row in rows if f"timesteps/loss/{area}" in row]
+            if points:
+                ax.plot(*zip(*points), color=color, lw=1, ls="--" if r["strategy"] in ABLATIONS else "-",
+                        label=r["strategy"] if area == areas[0] and r["seed"] == min(
+                            x["seed"] for x in results if x["strategy"] == r["strategy"]) else None)
+    for ax, area in zip(axes, areas):
+        ax.set_title(f"{area}: mean unweighted loss")
+        ax.set_xlabel("training step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["launch", "run", "report"])
-    p.add_argument("--strategies", nargs="+", default=["uniform", "speed"], choices=sorted(STRATEGIES))
-    p.add_argument("--strategy", choices=sorted(STRATEGIES))
+    p.add_argument("--strategies", nargs="+", default=["uniform", "speed"], choices=RUNS)
+    p.add_argument("--strategy", choices=RUNS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", nargs="+", default=None, help="launch: explicit strategy:seed list, run in this order")
+    p.add_argument("--jobs", nargs="+", default=None,
+                   help="launch: explicit strategy:seed[:steps] list (steps default: --steps), run in this order")
     p.add_argument("--steps", type=int, default=20_000, help="N: the training budget")
     p.add_argument("--eval-every", type=int, default=2_000)
     p.add_argument("--fid-samples", type=int, default=5_000)
     p.add_argument("--fid-steps", type=int, default=50)
     p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
+    p.add_argument("--final-strategies", nargs="+", default=["uniform", "speed"], choices=RUNS,
+                   help="the strategies that get the final FIDs")
+    p.add_argument("--no-compile-sampling", dest="compile_sampling", action="store_false",
+                   help="sample eagerly for FID (default: compiled sampling network, on the GPU)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU indices to spread runs over (default: the visible one)")
     p.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU")

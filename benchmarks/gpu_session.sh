@@ -1,27 +1,27 @@
 #!/usr/bin/env bash
 # One call on a lent 2-GPU machine (see BENCHMARKS.md, "Setup"). Usage:
-#   bash benchmarks/gpu_session.sh timing  # convergence on both GPUs for $BUDGET s, then FID timing on the idle GPUs
-#   bash benchmarks/gpu_session.sh more    # convergence only, resuming from the checkpoints in $CONV
+#   bash benchmarks/gpu_session.sh conv     # convergence jobs on both GPUs for $BUDGET s (resumes from $CONV)
+#   bash benchmarks/gpu_session.sh timing   # the same, then FID timing (eager on GPU 0, compiled on GPU 1)
 # Throughput: python3 benchmarks/throughput.py --batch-sizes 128 512 --root .data (about 8 minutes).
 # Results are packed into $OUT/results.tgz (JSON, PNG, logs, TensorBoard events; no checkpoints).
 set -uo pipefail
-PHASE=${1:-more}
-BUDGET=${BUDGET:-530}                 # seconds for this call's convergence launcher(s)
+PHASE=${1:-conv}
+BUDGET=${BUDGET:-530}                 # seconds for this call's convergence launcher
 CONV=${CONV:-/tmp/conv}
-JOBS=${JOBS:-"uniform:0 speed:0 uniform:1 speed:1"}   # strategy:seed, in this order
-STEPS=${STEPS:-20000}
-EVERY=${EVERY:-2000}
-PER_GPU=${PER_GPU:-2}
+# strategy:seed:steps, in priority order: the main pair to N = 20k, then the study and the other strategies to 10k.
+JOBS=${JOBS:-"uniform:0:20000 speed:0:20000 uniform:1:20000 speed:1:20000 speed_sampling_only:0:10000
+  speed_weighting_only:0:10000 speed_auto:0:10000 p2:0:10000 min_snr:0:10000 logit_normal:0:10000
+  clts:0:10000 loss_aware:0:10000 speed_cosine:0:10000"}
+EVERY=${EVERY:-2500}
+PER_GPU=${PER_GPU:-3}
+FINAL=${FINAL:-10000}                 # samples for the final FIDs at N (DDIM-50 and DDPM-250), uniform and speed
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT/r" "$CONV"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/r/nvidia-smi.csv"
-launch() {  # gpus budget jobs
-  python3 benchmarks/convergence.py launch --gpus $1 --per-gpu "$PER_GPU" --time-limit "$2" --jobs $3 \
-    --steps "$STEPS" --eval-every "$EVERY" --root .data --out "$CONV"
-}
-launch "0 1" "$BUDGET" "$JOBS" > "$OUT/r/conv.log" 2>&1
+python3 benchmarks/convergence.py launch --gpus 0 1 --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
+  --eval-every "$EVERY" --final-samples "$FINAL" --root .data --out "$CONV" > "$OUT/r/conv.log" 2>&1
 if [ "$PHASE" = timing ]; then  # FID timing on idle GPUs: eager on GPU 0, compiled on GPU 1, side by side
   for v in eager:0 compiled:1; do
     CUDA_VISIBLE_DEVICES=${v#*:} timeout 150 python3 benchmarks/fid_speed.py --variants ${v%:*} --counts 5000 10000 \
@@ -32,5 +32,11 @@ fi
 python3 benchmarks/convergence.py report --out "$CONV" > "$OUT/r/report.log" 2>&1
 cp benchmarks/results/summary.json "$OUT/r/summary.json"
 tar czf "$OUT/results.tgz" -C "$OUT" r -C "$CONV" --exclude='*.ckpt' --exclude='hparams.yaml' . 2>/dev/null
+grep -E "started|finished|failed" "$OUT/r/conv.log"; tail -2 "$CONV"/logs/*.log; cat "$OUT"/r/fid_speed_*.log 2>/dev/null | tail -8
 rm -rf "$OUT/r"
-ls -la "$OUT"; tail -5 "$CONV"/logs/*.log; cat "$CONV/speedups.json" 2>/dev/null | head -60
+python3 - "$CONV" <<'PY'
+import json, sys, pathlib
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*/result.json")):
+    r = json.loads(p.read_text())
+    print(p.parent.name, r["steps_done"], [(s, round(f, 2)) for s, f in r["fid_history"]], r.get("final"), r["parts"][-1])
+PY
