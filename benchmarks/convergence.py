@@ -173,7 +173,7 @@ def launch(args: argparse.Namespace) -> None:
     """
     deadline = time.monotonic() + args.time_limit
     jobs = [job for job in _jobs(args) if not _finished(args, *job)]
-    slots = [gpu for gpu in (args.gpus or [None]) for _ in range(args.per_gpu)]
+    slots = [gpu for _ in range(args.per_gpu) for gpu in (args.gpus or [None])]  # round-robin over GPUs
     pending, running, failed = list(jobs), [], []
     retried: set[tuple[str, int, int]] = set()
     log_dir = Path(args.out) / "logs"
