@@ -23,8 +23,11 @@ import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch.callbacks import Timer
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
@@ -61,6 +64,18 @@ SMOKE_MODEL = [
 
 
 # ----------------------------------------------------------------------------- one run
+class PartTimer(Timer):
+    """A time limit for this part of a run only.
+
+    Lightning's Timer (``Trainer(max_time=...)``) restores the time spent before from the
+    checkpoint, so a run resumed with a budget smaller than what it had already used stopped at
+    once: a whole call spent without a step (seen on the GPU). Each part here has its own budget.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # keep counting from zero
+
+
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or resume) one strategy/seed until ``args.steps`` or the time limit; write result.json."""
     import torch
@@ -78,7 +93,6 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "--config", str(REPO / "configs" / config),
         "--seed_everything", str(args.seed),
         "--trainer.max_steps", str(args.steps),
-        "--trainer.max_time", time.strftime("00:%H:%M:%S", time.gmtime(args.time_limit)),
         "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.logger.init_args.name", "tb",
         "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
     ]  # fmt: skip
@@ -112,7 +126,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             cb.every_n_steps = args.eval_every
             if args.smoke:  # a few small grids, not 64 images x 50 steps on one CPU thread
                 cb.num_samples, cb.sampling_steps = min(cb.num_samples, args.fid_samples), args.fid_steps
-    trainer.callbacks = callbacks
+    trainer.callbacks = [*callbacks, PartTimer(duration=timedelta(seconds=args.time_limit))]
     if args.smoke:
         torch.set_num_threads(1)
     # The previous part's result.json is written right after its checkpoint, so it says where we resume.
@@ -203,7 +217,12 @@ def launch(args: argparse.Namespace) -> None:
         for item in list(running):
             job, proc, log, gpu = item
             if proc.poll() is None:
-                continue
+                if not _stalled(Path(args.out) / f"{job[0]}_s{job[1]}", Path(log.name), args.stall_seconds):
+                    continue
+                # Seen once on the GPU: a run hung in its first FID evaluation. Stop it so it is retried.
+                print(f"{job[0]} seed {job[1]}: no output for {args.stall_seconds} s, stopping it", flush=True)
+                proc.kill()
+                proc.wait()
             running.remove(item)
             log.close()
             print(f"finished {job[0]} seed {job[1]}: exit {proc.returncode}", flush=True)
@@ -218,6 +237,13 @@ def launch(args: argparse.Namespace) -> None:
     report(args)
     if failed:
         raise SystemExit(f"runs failed: {failed}; see {log_dir}")
+
+
+def _stalled(run_dir: Path, log: Path, seconds: float) -> bool:
+    """True when neither the run's log nor any file under its folder changed for ``seconds``."""
+    files = [log, *run_dir.rglob("*")] if run_dir.exists() else [log]
+    latest = max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
+    return time.time() - latest > seconds
 
 
 def _jobs(args: argparse.Namespace) -> list[tuple[str, int, int]]:
@@ -298,7 +324,8 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
         reached = [v for v in per_seed if v is not None]
         out[strategy] = {
             "mean": sum(reached) / len(reached) if len(reached) == len(per_seed) else None,
-            "min": min(reached) if reached else None,
+            # A seed that never reached the target has a speed-up below 1 (unknown): then min is unknown too.
+            "min": min(reached) if reached and len(reached) == len(per_seed) else None,
             "max": max(reached) if reached else None,
             "per_seed": per_seed,
             "seeds": len(per_seed),
@@ -355,6 +382,13 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _color(strategy: str) -> Any:
+    import matplotlib
+
+    i = RUNS.index(strategy) if strategy in RUNS else 19
+    return matplotlib.colormaps["tab20"]((2 * i) % 20 + (2 * i >= 20))  # the ten dark hues first, then light ones
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     try:
         import matplotlib
@@ -365,12 +399,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         print("matplotlib missing: no plot")
         return
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors: dict[str, Any] = {}
     for r in sorted(results, key=lambda r: (r["strategy"], r["seed"])):
         curve = r["fid_history"]
         if not curve:
             continue
-        color = colors.setdefault(r["strategy"], f"C{len(colors)}")
+        color = _color(r["strategy"])
         ax.plot([s for s, _ in curve], [f for _, f in curve], color=color, marker="o", ms=3,
                 label=r["strategy"] if r["seed"] == min(x["seed"] for x in results if x["strategy"] == r["strategy"]) else None,
                 lw=2.5 if r["strategy"] in ("uniform", "speed") else 1.2,
@@ -385,8 +418,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# Runs whose sampler is uniform inside each area, so that their mean loss per area is comparable.
+AREA_PLOT = ("uniform", "speed", "speed_sampling_only", "speed_weighting_only")
+
+
 def plot_areas(results: list[dict[str, Any]], path: Path) -> None:
-    """Training loss per time-step area against step (TimestepMonitor), one panel per area."""
+    """Training loss per time-step area against step (TimestepMonitor), one panel per area.
+
+    Only ``AREA_PLOT`` runs: a sampler that is not uniform inside an area (logit-normal, CLTS,
+    loss-aware) shifts which t the area's mean loss averages over, so its curve is not comparable.
+    """
     try:
         import matplotlib
 
@@ -396,22 +437,21 @@ def plot_areas(results: list[dict[str, Any]], path: Path) -> None:
         return
     areas = ("acceleration", "deceleration", "convergence")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    colors: dict[str, Any] = {}
-    for r in sorted(results, key=lambda r: (r["strategy"], r["seed"])):
-        rows = r.get("timestep_areas") or []
-        color = colors.setdefault(r["strategy"], f"C{len(colors)}")
+    shown = [r for r in results if r["strategy"] in AREA_PLOT and r.get("timestep_areas")]
+    for r in sorted(shown, key=lambda r: (r["strategy"], r["seed"])):
+        first_seed = r["seed"] == min(x["seed"] for x in shown if x["strategy"] == r["strategy"])
         for ax, area in zip(axes, areas):
-            points = [(row["step"], row[f"timesteps/loss/{area}"]) for row in rows if f"timesteps/loss/{area}" in row]
+            key = f"timesteps/loss/{area}"
+            points = [(row["step"], row[key]) for row in r["timestep_areas"] if key in row]
             if points:
-                ax.plot(*zip(*points), color=color, lw=1, ls="--" if r["strategy"] in ABLATIONS else "-",
-                        label=r["strategy"] if area == areas[0] and r["seed"] == min(
-                            x["seed"] for x in results if x["strategy"] == r["strategy"]) else None)
+                ax.plot(*zip(*points), color=_color(r["strategy"]), lw=1.2, ls="--" if r["strategy"] in ABLATIONS else "-",
+                        label=r["strategy"] if area == areas[0] and first_seed else None)
     for ax, area in zip(axes, areas):
-        ax.set_title(f"{area}: mean unweighted loss")
+        ax.set_title(f"{area}: mean unweighted training loss")
         ax.set_xlabel("training step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -441,6 +481,8 @@ def main() -> None:
     p.add_argument("--time-limit", type=int, default=540, help="launch: seconds for this whole call; run: seconds of training")
     p.add_argument("--min-run-seconds", type=int, default=120, help="launch: start no run with less time than this left")
     p.add_argument("--stop-margin", type=int, default=40, help="launch: seconds kept for start-up and the final checkpoint")
+    p.add_argument("--stall-seconds", type=float, default=300,
+                   help="launch: stop (and retry once, eager) a run whose files have not changed for this long")
     p.add_argument("--root", default=None)
     p.add_argument("--out", default=str(RESULTS / "convergence"))
     p.add_argument("--smoke", action="store_true")

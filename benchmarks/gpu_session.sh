@@ -20,7 +20,7 @@ mkdir -p "$OUT/r" "$CONV"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/r/nvidia-smi.csv"
-python3 benchmarks/convergence.py launch --gpus 0 1 --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
+timeout -k 5 ${LAUNCH_TIMEOUT:-$((BUDGET + 20))} python3 benchmarks/convergence.py launch --gpus 0 1 --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
   --eval-every "$EVERY" --final-samples "$FINAL" --root .data --out "$CONV" > "$OUT/r/conv.log" 2>&1
 if [ "$PHASE" = timing ]; then  # FID timing on idle GPUs: eager on GPU 0, compiled on GPU 1, side by side
   for v in eager:0 compiled:1; do
@@ -32,7 +32,7 @@ fi
 python3 benchmarks/convergence.py report --out "$CONV" > "$OUT/r/report.log" 2>&1
 cp benchmarks/results/summary.json "$OUT/r/summary.json"
 tar czf "$OUT/results.tgz" -C "$OUT" r -C "$CONV" --exclude='*.ckpt' --exclude='hparams.yaml' . 2>/dev/null
-grep -E "started|finished|failed" "$OUT/r/conv.log"; tail -2 "$CONV"/logs/*.log; cat "$OUT"/r/fid_speed_*.log 2>/dev/null | tail -8
+grep -E "started|finished|failed" "$OUT/r/conv.log"; tail -n 2 "$CONV"/logs/*.log; cat "$OUT"/r/fid_speed_*.log 2>/dev/null | tail -8
 rm -rf "$OUT/r"
 python3 - "$CONV" <<'PY'
 import json, sys, pathlib

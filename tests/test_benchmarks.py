@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -203,6 +204,10 @@ def test_speedups_on_hand_made_curves(convergence: ModuleType) -> None:
     assert speed["min"] == pytest.approx(100 / 75) and speed["max"] == pytest.approx(2.0)
     assert speed["fid_at_steps"] == [6.0, 5.0] and speed["seeds"] == 2 and speed["note"] is None
     assert table["p2"]["per_seed"] == [None] and table["p2"]["mean"] is None and table["p2"]["note"]
+    # One seed reached the target and one did not: the max is known, the mean and min are not (< 1).
+    mixed = convergence.speedups([*results, _run("p2", 1, [(50, 10.0), (100, 8.0)])], 100)["p2"]
+    assert mixed["per_seed"] == [None, 2.0] and mixed["max"] == pytest.approx(2.0)
+    assert mixed["min"] is None and mixed["mean"] is None and mixed["seeds"] == 2
 
     # At half the budget the target is the baseline's FID at step 50 (20): speed reached it by step 50.
     half = convergence.speedups(results, 50)
@@ -213,3 +218,47 @@ def test_speedups_on_hand_made_curves(convergence: ModuleType) -> None:
     two_seeds = [*results, _run("uniform", 1, [(50, 18.0), (100, 14.0)])]
     assert convergence.speedups(two_seeds, 100)["_baseline_fid"] == pytest.approx(12.0)
     assert convergence.speedups([_run("speed", 0, baseline)], 100) == {}  # no baseline, no speed-up
+
+
+# --------------------------------------------------------------- time-limited parts resume
+def test_part_timer_ignores_the_time_spent_before(convergence: ModuleType) -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import Timer
+
+    spent = {"time_elapsed": {"train": 500.0, "validate": 0.0, "test": 0.0}}
+    lightning_timer, part_timer = Timer(duration=timedelta(seconds=60)), convergence.PartTimer(duration=timedelta(seconds=60))
+    lightning_timer.load_state_dict(spent)
+    part_timer.load_state_dict(spent)
+    assert lightning_timer.time_remaining() == pytest.approx(60 - 500)  # why Lightning's would stop at once
+    assert part_timer.time_remaining() == pytest.approx(60)
+
+
+@needs_fashion_mnist
+def test_convergence_run_resumes_after_its_time_limit(tmp_path: Path) -> None:
+    """A part stopped by its time limit resumes and trains in the next part (not one step and stop)."""
+    out = tmp_path / "conv"
+    part = ["benchmarks/convergence.py", "run", "--smoke", "--strategy", "uniform", "--seed", "0", "--steps", "100000",
+            "--eval-every", "100000", "--fid-samples", "16", "--time-limit", "2", "--out", str(out)]  # fmt: skip
+    run_script(part, tmp_path)
+    first = json.loads((out / "uniform_s0" / "result.json").read_text())["steps_done"]
+    run_script(part, tmp_path)
+    result = json.loads((out / "uniform_s0" / "result.json").read_text())
+    assert 0 < first < 100000
+    assert result["steps_done"] > first + 1  # Lightning's restored Timer would allow exactly one step
+    assert [p["from_step"] for p in result["parts"]] == [0, first]
+
+
+def test_stalled_run_detection(convergence: ModuleType, tmp_path: Path) -> None:
+    run_dir, log = tmp_path / "speed_s0", tmp_path / "speed_s0.log"
+    (run_dir / "tb").mkdir(parents=True)
+    log.write_text("started\n")
+    events = run_dir / "tb" / "events"
+    events.write_text("x")
+    assert not convergence._stalled(run_dir, log, 60)
+    old = time.time() - 600
+    os.utime(log, (old, old))
+    assert not convergence._stalled(run_dir, log, 60)  # the TensorBoard file still moves
+    os.utime(events, (old, old))
+    assert convergence._stalled(run_dir, log, 60)
+    assert convergence._stalled(tmp_path / "missing", log, 60)  # no folder yet: the log decides
