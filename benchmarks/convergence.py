@@ -149,7 +149,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "fid_samples": args.fid_samples,
         "fid_sampler": f"ddim-{args.fid_steps}",
         "fid_history": fid_cb.history,
-        "fid_seconds": fid_cb.seconds,
+        "fid_seconds": previous.get("fid_seconds", []) + [list(x) for x in fid_cb.seconds],  # every part
         "parts": parts,
         # Per-area loss, weight and share of sampled t (TimestepMonitor), every part appended.
         "timestep_areas": previous.get("timestep_areas", []) + list(monitor.history),
@@ -172,7 +172,8 @@ def final_fids(trainer: Any, module: Any, fid_cb: Any, args: argparse.Namespace)
         start = time.perf_counter()
         out[f"{sampler}-{steps}"] = fid_cb.evaluate(trainer, module)
         out[f"{sampler}-{steps}_seconds"] = time.perf_counter() - start
-        fid_cb.history.pop()  # keep the curve to its fixed sample count
+        fid_cb.history.pop()  # keep the curve (and its timings) to its fixed sample count
+        fid_cb.seconds.pop()
     return out
 
 
@@ -308,8 +309,11 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
         return {}
     target = sum(base) / len(base)
     out: dict[str, Any] = {"_baseline_fid": target, "_baseline_seeds": len(base)}
+    # The baseline's mean curve (steps that every baseline seed reaching the budget evaluated).
+    uniform = [dict(r["fid_history"]) for r in results if r["strategy"] == "uniform" and fid_at(r["fid_history"], budget) is not None]
+    mean_curve = [(s, sum(c[s] for c in uniform) / len(uniform)) for s in sorted(set.intersection(*map(set, uniform))) if s <= budget]
     for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
-        per_seed, fids = [], []
+        per_seed, fids, equivalent = [], [], []
         for r in results:
             if r["strategy"] != strategy:
                 continue
@@ -319,6 +323,10 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
             reach = first_step_reaching(curve, target)
             per_seed.append(budget / reach if reach else None)
             fids.append(fid_at(curve, budget))
+            # The reverse view, defined when the strategy is slower: the steps the baseline needs to
+            # reach this run's FID at the budget, over the budget (None: the baseline never gets there).
+            baseline_reach = first_step_reaching(mean_curve, fids[-1])
+            equivalent.append(baseline_reach / budget if baseline_reach else None)
         if not per_seed:
             continue
         reached = [v for v in per_seed if v is not None]
@@ -331,6 +339,7 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
             "seeds": len(per_seed),
             "steps": budget,
             "fid_at_steps": fids,
+            "equivalent_per_seed": equivalent,
             "note": None if len(reached) == len(per_seed) else "some seeds never reached the baseline FID (speed-up < 1)",
         }
     return out

@@ -204,6 +204,10 @@ def test_speedups_on_hand_made_curves(convergence: ModuleType) -> None:
     assert speed["min"] == pytest.approx(100 / 75) and speed["max"] == pytest.approx(2.0)
     assert speed["fid_at_steps"] == [6.0, 5.0] and speed["seeds"] == 2 and speed["note"] is None
     assert table["p2"]["per_seed"] == [None] and table["p2"]["mean"] is None and table["p2"]["note"]
+    # Reverse view: the baseline reaches p2's 12 at 90 (between 20 at 50 and 10 at 100) -> 0.9;
+    # it never gets to speed's 6 or 5 -> None.
+    assert table["p2"]["equivalent_per_seed"] == pytest.approx([0.9])
+    assert speed["equivalent_per_seed"] == [None, None]
     # One seed reached the target and one did not: the max is known, the mean and min are not (< 1).
     mixed = convergence.speedups([*results, _run("p2", 1, [(50, 10.0), (100, 8.0)])], 100)["p2"]
     assert mixed["per_seed"] == [None, 2.0] and mixed["max"] == pytest.approx(2.0)
