@@ -244,3 +244,45 @@ def test_sample_grid_written_to_log_dir_at_train_end(tmp_path) -> None:
     trainer = make_trainer(tmp_path, [grids], max_steps=2, logger=CSVLogger(tmp_path, name="csv"))
     trainer.fit(TinyGenerator(), datamodule=datamodule())
     assert (Path(trainer.log_dir) / "samples_step2.png").is_file()
+
+
+class ReplayGenerator(TinyGenerator):
+    """Returns given images in order: replays what the DDP ranks generated, in one process."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self.images, self.offset = images, 0
+
+    @torch.no_grad()
+    def sample(self, num_samples, **kwargs):
+        out = self.images[self.offset : self.offset + num_samples]
+        self.offset += num_samples
+        return out
+
+
+def test_fid_under_ddp_splits_samples_and_syncs_the_metric(tmp_path) -> None:
+    """A real 2-process DDP fit (CPU, gloo): each rank generates half the samples with its own noise,
+    both ranks get the same FID, and it equals the FID of all those samples in a single process."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out, cache = tmp_path / "ddp", tmp_path / "cache"
+    out.mkdir()
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "ddp_fid_script.py"), str(out), str(cache)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [len(r["images"]) for r in ranks] == [16, 16]  # 32 samples split over 2 ranks
+    assert not torch.equal(ranks[0]["images"], ranks[1]["images"])  # seed + rank: different noise
+    assert ranks[0]["history"] == ranks[1]["history"] and [s for s, _ in ranks[0]["history"]] == [2]
+    ddp_fid = ranks[0]["history"][0][1]
+
+    replay = ReplayGenerator(torch.cat([ranks[0]["images"], ranks[1]["images"]]))
+    single = FIDCallback(num_samples=32, batch_size=16, sampling_steps=3, feature_extractor="fashion_mnist",
+                         num_reference=200, cache_dir=str(cache), every_n_steps=2, on_train_end=False)
+    make_trainer(tmp_path, [single], max_steps=2).fit(replay, datamodule=datamodule())
+    assert single.reference_from_cache is True  # the statistics rank 0 cached
+    assert single.history[0][1] == pytest.approx(ddp_fid, rel=1e-4)
