@@ -2,7 +2,9 @@
 
 Each run trains one shipped config (``configs/fashion_mnist_<strategy>.yaml``) through the
 project's own CLI objects, evaluates FID (EMA weights, DDIM-50, the offline Fashion-MNIST
-feature network) every ``--eval-every`` steps, and writes ``<out>/<strategy>_s<seed>/result.json``.
+feature network) every ``--eval-every`` steps, and writes ``<out>/<strategy>_s<seed>/result.json``
+(FID curve, per-area training loss from TimestepMonitor, wall time per part). Ablations
+(``ABLATIONS``) are shipped configs with one callback dropped or changed.
 Runs execute as processes spread over ``--gpus`` (``--per-gpu`` at a time on each). Every run
 checkpoints when it stops (the call's ``--time-limit`` spent, or N reached), and running the
 same command again skips finished runs and resumes the others from their checkpoints, so a long

@@ -42,6 +42,19 @@ from lightning_speed.process import GaussianDiffusion
 from lightning_speed.schedules import NoiseSchedule
 
 
+# --rows names of the result rows
+ROWS = {"a0": "a0_naive_fp32", "a": "a_plain_fast", "b": "b_lightning", "c": "c_lightning_speed",
+        "d": "d_speed_ema", "d_lightning": "d_speed_ema_lightning"}
+RATIOS = {
+    "a_over_a0": ("a_plain_fast", "a0_naive_fp32"),
+    "b_over_a": ("b_lightning", "a_plain_fast"),
+    "c_over_b": ("c_lightning_speed", "b_lightning"),
+    "b_over_a0": ("b_lightning", "a0_naive_fp32"),
+    "d_over_c": ("d_speed_ema", "c_lightning_speed"),
+    "d_over_d_lightning": ("d_speed_ema", "d_speed_ema_lightning"),
+}
+
+
 def synthetic_images(n: int, device: torch.device) -> torch.Tensor:
     """uint8 images standing in for a device-resident data set (the loops only gather from it)."""
     return torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, device=device)
@@ -102,9 +115,12 @@ class _StepTimer(pl.Callback):
 
 def lightning_loop(
     backbone: torch.nn.Module, root: str | None, batch: int, warmup: int, steps: int, speed: bool, smoke: bool,
-    ema: str | None = None,
+    ema: str | None = None, devices: int = 1,
 ) -> float:
-    """Images/s of DiffusionModule under the Trainer (the b / c / d rows); ema: None, "ours" or "lightning"."""
+    """Images/s of DiffusionModule under the Trainer (the b / c / d rows); ema: None, "ours" or "lightning".
+
+    ``devices`` > 1 trains with DDP, ``batch`` per device; the result counts the images of all devices.
+    """
     from lightning_speed.data import FashionMNISTDataModule
 
     callbacks: list[pl.Callback] = []
@@ -124,7 +140,8 @@ def lightning_loop(
     data = FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0)
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
-        devices=1,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
         precision="bf16-mixed" if cuda else "32-true",
         max_steps=warmup + steps,
         logger=False,
@@ -135,7 +152,7 @@ def lightning_loop(
         callbacks=[*callbacks, timer],
     )
     trainer.fit(module, datamodule=data)
-    return batch * timer.timed_steps / (timer.end - timer.start)
+    return batch * devices * timer.timed_steps / (timer.end - timer.start)
 
 
 def flops_per_image(backbone: torch.nn.Module, device: torch.device, batch: int = 16) -> float:
@@ -206,7 +223,7 @@ def _sync(device: torch.device) -> None:
 
 def _save(result: dict[str, Any], args: argparse.Namespace, cuda: bool) -> None:
     write_json(Path(args.out), result)
-    if not cuda or not result["rows"]:
+    if not cuda or not result["rows"] or set(args.rows) != set(ROWS):
         return
     rows = result["rows"]
     small, large = rows[min(rows, key=int)], rows[max(rows, key=int)]
@@ -233,9 +250,15 @@ def main() -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=200, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--root", default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    p.add_argument("--out", default=None,
+                   help="default: benchmarks/results/throughput.json, or throughput_<rows>.json for a subset of rows")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                   help="measure only these rows (summary.json is updated only when all rows ran)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps (for the test suite)")
     args = p.parse_args()
+    if args.out is None:
+        subset = "" if set(args.rows) == set(ROWS) else "_" + "_".join(args.rows)
+        args.out = str(RESULTS / f"throughput{subset}.json")
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -263,6 +286,8 @@ def main() -> dict[str, Any]:
             ("d_speed_ema_lightning",
              lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, True, args.smoke, "lightning")),
         ]:
+            if name not in (ROWS[r] for r in args.rows):
+                continue
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 torch.backends.cuda.matmul.allow_tf32 = name != "a0_naive_fp32"
@@ -276,19 +301,16 @@ def main() -> dict[str, Any]:
             print(f"batch {batch} {name}: {row[name]['images_per_s']:.0f} images/s", flush=True)
         ips = {k: v["images_per_s"] for k, v in row.items()}
         row["ratios"] = {
-            "a_over_a0": ips["a_plain_fast"] / ips["a0_naive_fp32"],
-            "b_over_a": ips["b_lightning"] / ips["a_plain_fast"],
-            "c_over_b": ips["c_lightning_speed"] / ips["b_lightning"],
-            "b_over_a0": ips["b_lightning"] / ips["a0_naive_fp32"],
-            "d_over_c": ips["d_speed_ema"] / ips["c_lightning_speed"],
-            "d_over_d_lightning": ips["d_speed_ema"] / ips["d_speed_ema_lightning"],
+            name: ips[top] / ips[bottom]
+            for name, (top, bottom) in RATIOS.items()
+            if top in ips and bottom in ips
         }
-        if cuda:
+        if cuda and "b_lightning" in ips:
             achieved = result["flops_per_image"] * ips["b_lightning"] / 1e12
             row["achieved_tflops_b"] = achieved
             row["fraction_of_bf16_rate_b"] = achieved / result["bf16_matmul_tflops"]
         result["rows"][str(batch)] = row
-        if cuda and "syncs" not in result:  # the sync probe right after the first (smallest) batch size
+        if cuda and "syncs" not in result and "d" in args.rows:  # the sync probe right after the first (smallest) batch size
             try:
                 result["syncs"] = count_syncs(fresh(), args.root, batch)
             except Exception as err:

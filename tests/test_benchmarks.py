@@ -266,3 +266,28 @@ def test_stalled_run_detection(convergence: ModuleType, tmp_path: Path) -> None:
     os.utime(events, (old, old))
     assert convergence._stalled(run_dir, log, 60)
     assert convergence._stalled(tmp_path / "missing", log, 60)  # no folder yet: the log decides
+
+
+# ------------------------------------------------------------------------------ ddp_scaling.py
+@needs_fashion_mnist
+def test_ddp_scaling_smoke_runs_one_and_two_processes(tmp_path: Path) -> None:
+    before = results_fingerprint()
+    out = tmp_path / "ddp.json"
+    run_script(["benchmarks/ddp_scaling.py", "--smoke", "--devices", "1", "2", "--batch-size", "8", "--steps", "3",
+                "--warmup", "1", "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    ips = result["images_per_s"]
+    assert set(ips) == {"1", "2"} and all(math.isfinite(v) and v > 0 for v in ips.values())
+    assert result["scaling"]["2"] == pytest.approx(ips["2"] / ips["1"])
+    assert result["efficiency"]["2"] == pytest.approx(ips["2"] / ips["1"] / 2)
+    assert results_fingerprint() == before  # --smoke never touches summary.json
+
+
+@needs_fashion_mnist
+def test_throughput_rows_option_measures_only_those_rows(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    run_script(["benchmarks/throughput.py", "--smoke", "--rows", "b", "c", "--batch-sizes", "8", "--steps", "2",
+                "--warmup", "1", "--out", str(out)], tmp_path)
+    row = json.loads(out.read_text())["rows"]["8"]
+    assert set(row) == {"b_lightning", "c_lightning_speed", "ratios"}
+    assert set(row["ratios"]) == {"c_over_b"}
