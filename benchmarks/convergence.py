@@ -110,11 +110,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         cli_args += ["--model.compile_sampling", "true"]
     cli = cli_main(cli_args, run=False)
     trainer = cli.trainer
-    callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
-    callbacks = [c for c in callbacks if type(c).__name__ not in ablation.get("drop", ())]
-    for cb in callbacks:
-        for attribute, value in ablation.get("set", {}).get(type(cb).__name__, {}).items():
-            setattr(cb, attribute, value)  # strategy callbacks build their tables from these at setup
+    callbacks = apply_ablation([c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)], ablation)
     for cb in callbacks:
         if isinstance(cb, FIDCallback):
             cb.every_n_steps, cb.num_samples, cb.eval_on_train_end = args.eval_every, args.fid_samples, False
@@ -162,6 +158,18 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         result["final"] = final_fids(trainer, cli.model, fid_cb, args)
     write_json(result_file, result)
     return result
+
+
+def apply_ablation(callbacks: list[Any], ablation: dict[str, Any]) -> list[Any]:
+    """Drop and change callbacks as an ``ABLATIONS`` entry says (before fit: the strategy
+    callbacks build their tables from their attributes at setup)."""
+    kept = [cb for cb in callbacks if type(cb).__name__ not in ablation.get("drop", ())]
+    for cb in kept:
+        for attribute, value in ablation.get("set", {}).get(type(cb).__name__, {}).items():
+            if not hasattr(cb, attribute):
+                raise AttributeError(f"ablation sets {type(cb).__name__}.{attribute}, which does not exist")
+            setattr(cb, attribute, value)
+    return kept
 
 
 def final_fids(trainer: Any, module: Any, fid_cb: Any, args: argparse.Namespace) -> dict[str, float]:

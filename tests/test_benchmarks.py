@@ -293,3 +293,28 @@ def test_throughput_rows_option_measures_only_those_rows(tmp_path: Path) -> None
     row = json.loads(out.read_text())["rows"]["8"]
     assert set(row) == {"b_lightning", "c_lightning_speed", "ratios"}
     assert set(row["ratios"]) == {"c_over_b"}
+
+
+def test_ablations_change_what_the_strategies_build(convergence: ModuleType) -> None:
+    from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting, TimestepMonitor
+    from lightning_speed.schedules import NoiseSchedule
+
+    def speed_callbacks() -> list:
+        return [AsymmetricTimestepSampling(tau=700, k=5, dual=True), ChangeAwareWeighting(lam=0.6, tau=700),
+                TimestepMonitor()]
+
+    schedule = NoiseSchedule.from_name("linear", 1000)
+    k2 = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_k2"])
+    probs = k2[0].build(schedule, None).probabilities()
+    assert probs[0] / probs[-1] == pytest.approx(2.0)  # k = 2: t < tau twice as likely as t >= tau
+    assert len(k2) == 3
+    no_dual = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_no_dual"])
+    assert no_dual[0].dual is False
+    sampling_only = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_sampling_only"])
+    assert [type(cb) for cb in sampling_only] == [AsymmetricTimestepSampling, TimestepMonitor]
+    weighting_only = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only"])
+    assert [type(cb) for cb in weighting_only] == [ChangeAwareWeighting, TimestepMonitor]
+    for name, ablation in convergence.ABLATIONS.items():
+        assert ablation["base"] in convergence.STRATEGIES, name
+    with pytest.raises(AttributeError, match="AsymmetricTimestepSampling.kk"):
+        convergence.apply_ablation(speed_callbacks(), {"set": {"AsymmetricTimestepSampling": {"kk": 2}}})
