@@ -49,8 +49,10 @@ STRATEGIES = {
     "loss_aware": "fashion_mnist_loss_aware.yaml",
 }
 # Ablations for studying SpeeD: a shipped config with one change, named after the change.
-# base: a key of STRATEGIES; drop: callback classes removed; set: {callback class: {attribute: value}}.
+# base: a key of STRATEGIES; drop: callback classes removed; set: {callback class: {attribute: value}};
+# args: extra command-line arguments for the CLI.
 ABLATIONS: dict[str, dict[str, Any]] = {
+    "uniform_cosine": {"base": "uniform", "args": ["--model.schedule", "cosine"]},  # the baseline for speed_cosine
     "speed_sampling_only": {"base": "speed", "drop": ["ChangeAwareWeighting"]},  # asymmetric sampling, w = 1
     "speed_weighting_only": {"base": "speed", "drop": ["AsymmetricTimestepSampling"]},  # uniform t, SpeeD's w
     "speed_k2": {"base": "speed", "set": {"AsymmetricTimestepSampling": {"k": 2.0}}},  # milder suppression
@@ -108,6 +110,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         cli_args += ["--model.compile", "false"]
     elif args.compile_sampling:
         cli_args += ["--model.compile_sampling", "true"]
+    cli_args += ablation.get("args", [])
     cli = cli_main(cli_args, run=False)
     trainer = cli.trainer
     callbacks = apply_ablation([c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)], ablation)
@@ -115,7 +118,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         if isinstance(cb, FIDCallback):
             cb.every_n_steps, cb.num_samples, cb.eval_on_train_end = args.eval_every, args.fid_samples, False
             cb.batch_size = min(cb.batch_size, args.fid_samples)
-            cb.sampling_steps = args.fid_steps
+            cb.sampling_steps, cb.sampler = args.fid_steps, args.fid_sampler
             fid_cb = cb
         if isinstance(cb, TimestepMonitor):
             monitor = cb
@@ -145,7 +148,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "steps_done": trainer.global_step,
         "batch_size": cli.datamodule.batch_size,
         "fid_samples": args.fid_samples,
-        "fid_sampler": f"ddim-{args.fid_steps}",
+        "fid_sampler": f"{args.fid_sampler}-{args.fid_steps}",
+        "schedule": cli.model.noise_schedule.name,
         "fid_history": fid_cb.history,
         "fid_seconds": previous.get("fid_seconds", []) + [list(x) for x in fid_cb.seconds],  # every part
         "parts": parts,
@@ -277,7 +281,7 @@ def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) ->
 
 def _forward(args: argparse.Namespace) -> list[str]:
     out = ["--out", args.out, "--eval-every", str(args.eval_every),
-           "--fid-samples", str(args.fid_samples), "--fid-steps", str(args.fid_steps),
+           "--fid-samples", str(args.fid_samples), "--fid-steps", str(args.fid_steps), "--fid-sampler", args.fid_sampler,
            "--final-samples", str(args.final_samples), "--final-strategies", *args.final_strategies]  # fmt: skip
     if args.root:
         out += ["--root", args.root]
@@ -489,6 +493,7 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=2_000)
     p.add_argument("--fid-samples", type=int, default=5_000)
     p.add_argument("--fid-steps", type=int, default=50)
+    p.add_argument("--fid-sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler of the FID curve")
     p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
     p.add_argument("--final-strategies", nargs="+", default=["uniform", "speed"], choices=RUNS,
                    help="the strategies that get the final FIDs")

@@ -143,8 +143,10 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
         assert [row["step"] for row in result["timestep_areas"]] == [2, 4, 6]
 
     # An ablation with its own step count: SpeeD's config without its loss weighting.
-    run_script([*launch[:launch.index("--strategies")], "--jobs", "speed_sampling_only:0:2",
+    run_script([*launch[:launch.index("--strategies")], "--jobs", "speed_sampling_only:0:2", "uniform_cosine:0:2",
                 *launch[launch.index("--steps"):]], tmp_path)
+    cosine = json.loads((out / "uniform_cosine_s0" / "result.json").read_text())
+    assert cosine["schedule"] == "cosine" and cosine["config"] == "fashion_mnist_uniform.yaml"
     ablation = json.loads((out / "speed_sampling_only_s0" / "result.json").read_text())
     assert ablation["steps_done"] == 2 and ablation["config"] == "fashion_mnist_speed.yaml"
     assert ablation["ablation"] == {"base": "speed", "drop": ["ChangeAwareWeighting"]}
@@ -154,6 +156,7 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
     assert speed_rows[0]["timesteps/weight/acceleration"] < 0.7  # SpeeD's weights: in [0.4, 0.6] below tau
     speedups = json.loads((out / "speedups.json").read_text())
     assert speedups["budgets"]["speed_sampling_only"] == {"N": 2, "N_half": None}
+    assert speedups["budgets"]["uniform_cosine"] == {"N": 2, "N_half": None}
     assert speedups["N"]["speed_sampling_only"]["steps"] == 2 and speedups["N"]["speed"]["steps"] == 6
     assert results_fingerprint() == before  # --smoke / --out keep benchmarks/results/ untouched
 
