@@ -38,6 +38,7 @@ from benchmarks.common import (
     write_json,
 )
 from lightning_speed import DiffusionModule
+from lightning_speed.module import uses_cuda_graphs
 from lightning_speed.process import GaussianDiffusion
 from lightning_speed.schedules import NoiseSchedule
 
@@ -60,13 +61,17 @@ def synthetic_images(n: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, device=device)
 
 
-def plain_loop(backbone: torch.nn.Module, data: torch.Tensor, batch: int, warmup: int, steps: int, fast: bool) -> float:
+def plain_loop(
+    backbone: torch.nn.Module, data: torch.Tensor, batch: int, warmup: int, steps: int, fast: bool,
+    compile_mode: str = "reduce-overhead",
+) -> float:
     """Images/s of a hand-written training loop (the a0 / a rows)."""
     device = data.device
     diffusion = GaussianDiffusion(NoiseSchedule.from_name("linear", 1000)).to(device)
     # The same fast settings DiffusionModule uses: compiled with CUDA graphs (small UNets are launch-bound).
-    graphs = fast and device.type == "cuda"
-    model = torch.compile(backbone, mode="reduce-overhead" if graphs else None) if fast else backbone
+    cuda = fast and device.type == "cuda"
+    graphs = cuda and uses_cuda_graphs(compile_mode)
+    model = torch.compile(backbone, mode=compile_mode if cuda else None) if fast else backbone
     opt = torch.optim.AdamW(backbone.parameters(), lr=1e-4, weight_decay=0.0, fused=fast and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext()
 
@@ -115,7 +120,7 @@ class _StepTimer(pl.Callback):
 
 def lightning_loop(
     backbone: torch.nn.Module, root: str | None, batch: int, warmup: int, steps: int, speed: bool, smoke: bool,
-    ema: str | None = None, devices: int = 1,
+    ema: str | None = None, devices: int = 1, compile_mode: str = "reduce-overhead",
 ) -> float:
     """Images/s of DiffusionModule under the Trainer (the b / c / d rows); ema: None, "ours" or "lightning".
 
@@ -136,7 +141,7 @@ def lightning_loop(
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.999))
     timer = _StepTimer(warmup)
     cuda = torch.cuda.is_available()
-    module = DiffusionModule(backbone, compile=not smoke, compile_mode="reduce-overhead" if cuda else None)
+    module = DiffusionModule(backbone, compile=not smoke, compile_mode=compile_mode if cuda else None)
     data = FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0)
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
@@ -254,6 +259,8 @@ def main() -> dict[str, Any]:
                    help="default: benchmarks/results/throughput.json, or throughput_<rows>.json for a subset of rows")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                    help="measure only these rows (summary.json is updated only when all rows ran)")
+    p.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune", "default"],
+                   help="torch.compile mode of rows a to d on CUDA (the configs use reduce-overhead)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps (for the test suite)")
     args = p.parse_args()
     if args.out is None:
@@ -270,21 +277,26 @@ def main() -> dict[str, Any]:
         torch.manual_seed(0)
         return default_backbone(**overrides).to(device)
 
-    result: dict[str, Any] = {"card": device_name(), "date": today(), "rows": {}, "torch": torch.__version__}
+    result: dict[str, Any] = {"card": device_name(), "date": today(), "rows": {}, "torch": torch.__version__,
+                              "compile_mode": args.compile_mode}
     result["flops_per_image"] = flops_per_image(fresh(), device)
     if cuda:
         result["bf16_matmul_tflops"] = measured_bf16_matmul_tflops()
     data = synthetic_images(60_000 if cuda else 512, device)
+    mode = args.compile_mode
+
+    def lit(b: int, speed: bool, ema: str | None = None) -> float:
+        return lightning_loop(fresh(), args.root, b, args.warmup, args.steps, speed, args.smoke, ema, compile_mode=mode)
+
     for batch in args.batch_sizes:
         row: dict[str, Any] = {}
         for name, fn in [
             ("a0_naive_fp32", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=False)),
-            ("a_plain_fast", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=cuda)),
-            ("b_lightning", lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, False, args.smoke)),
-            ("c_lightning_speed", lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, True, args.smoke)),
-            ("d_speed_ema", lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, True, args.smoke, "ours")),
-            ("d_speed_ema_lightning",
-             lambda b: lightning_loop(fresh(), args.root, b, args.warmup, args.steps, True, args.smoke, "lightning")),
+            ("a_plain_fast", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=cuda, compile_mode=mode)),
+            ("b_lightning", lambda b: lit(b, speed=False)),
+            ("c_lightning_speed", lambda b: lit(b, speed=True)),
+            ("d_speed_ema", lambda b: lit(b, speed=True, ema="ours")),
+            ("d_speed_ema_lightning", lambda b: lit(b, speed=True, ema="lightning")),
         ]:
             if name not in (ROWS[r] for r in args.rows):
                 continue

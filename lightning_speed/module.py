@@ -31,6 +31,11 @@ from lightning_speed.timesteps.base import (
 )
 
 
+def uses_cuda_graphs(compile_mode: str | None) -> bool:
+    """Whether a ``torch.compile`` mode records CUDA graphs (then each step must be marked)."""
+    return compile_mode in ("reduce-overhead", "max-autotune")
+
+
 class DiffusionModule(pl.LightningModule):
     """Trains ``backbone(x, t, y=None)`` as a DDPM denoiser.
 
@@ -136,7 +141,7 @@ class DiffusionModule(pl.LightningModule):
             self._check_backbone_accepts(self.image_shape)
         if self.compile and stage == "fit":
             object.__setattr__(self, "_train_forward", torch.compile(self.backbone, mode=self.compile_mode))
-            self._cuda_graphs = self.compile_mode is not None and "reduce-overhead" in self.compile_mode
+            self._cuda_graphs = uses_cuda_graphs(self.compile_mode)
 
     def _check_backbone_accepts(self, shape: tuple[int, int, int]) -> None:
         """One tiny forward on the CPU-side copy of the shapes, so a mismatch fails at setup."""

@@ -155,3 +155,12 @@ def test_compiled_module_checkpoints_have_backbone_keys_only():
     old = dict(module.state_dict())
     old.update({"_train_forward._orig_mod." + k[len("backbone."):]: v for k, v in module.state_dict().items()})
     module.load_state_dict(old)
+
+
+def test_cuda_graph_modes_are_recognised() -> None:
+    """Both torch.compile modes that record CUDA graphs need the per-step marker (max-autotune was missed)."""
+    from lightning_speed.module import uses_cuda_graphs
+
+    assert uses_cuda_graphs("reduce-overhead") and uses_cuda_graphs("max-autotune")
+    for mode in (None, "default", "max-autotune-no-cudagraphs"):
+        assert not uses_cuda_graphs(mode)
