@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, today, update_summary, write_json  # noqa: E402
+from benchmarks.common import RESULTS, device_name, today, update_summary, write_json  # noqa: E402
 
 STRATEGIES = {
     "uniform": "fashion_mnist_uniform.yaml",
@@ -155,7 +155,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "parts": parts,
         # Per-area loss, weight and share of sampled t (TimestepMonitor), every part appended.
         "timestep_areas": previous.get("timestep_areas", []) + list(monitor.history),
-        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "card": device_name(),
         "date": today(),
     }
     if trainer.global_step >= args.steps and args.final_samples and args.strategy in args.final_strategies:
@@ -317,15 +317,15 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
 
     Only runs whose curve reaches ``budget`` count; strategies without such a run are left out.
     """
-    base = [fid_at(r["fid_history"], budget) for r in results if r["strategy"] == "uniform"]
-    base = [b for b in base if b is not None]
-    if not base:
+    # The baseline: uniform runs that evaluated the budget, averaged over the steps they all evaluated.
+    uniform = [dict(r["fid_history"]) for r in results if r["strategy"] == "uniform"]
+    uniform = [curve for curve in uniform if budget in curve]
+    if not uniform:
         return {}
-    target = sum(base) / len(base)
-    out: dict[str, Any] = {"_baseline_fid": target, "_baseline_seeds": len(base)}
-    # The baseline's mean curve (steps that every baseline seed reaching the budget evaluated).
-    uniform = [dict(r["fid_history"]) for r in results if r["strategy"] == "uniform" and fid_at(r["fid_history"], budget) is not None]
-    mean_curve = [(s, sum(c[s] for c in uniform) / len(uniform)) for s in sorted(set.intersection(*map(set, uniform))) if s <= budget]
+    steps = sorted(s for s in set.intersection(*map(set, uniform)) if s <= budget)
+    mean_curve = [(s, sum(curve[s] for curve in uniform) / len(uniform)) for s in steps]
+    target = mean_curve[-1][1]  # the mean FID at the budget
+    out: dict[str, Any] = {"_baseline_fid": target, "_baseline_seeds": len(uniform)}
     for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
         per_seed, fids, equivalent = [], [], []
         for r in results:
@@ -405,6 +405,25 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (with a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return None
+    return plt
+
+
+def _legend_label(run: dict[str, Any], runs: list[dict[str, Any]]) -> str | None:
+    """The strategy's name on its lowest seed's line, so that each strategy is listed once."""
+    first = min(r["seed"] for r in runs if r["strategy"] == run["strategy"])
+    return run["strategy"] if run["seed"] == first else None
+
+
 def _color(strategy: str) -> Any:
     import matplotlib
 
@@ -413,13 +432,8 @@ def _color(strategy: str) -> Any:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in sorted(results, key=lambda r: (r["strategy"], r["seed"])):
@@ -428,7 +442,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             continue
         color = _color(r["strategy"])
         ax.plot([s for s, _ in curve], [f for _, f in curve], color=color, marker="o", ms=3,
-                label=r["strategy"] if r["seed"] == min(x["seed"] for x in results if x["strategy"] == r["strategy"]) else None,
+                label=_legend_label(r, results),
                 lw=2.5 if r["strategy"] in ("uniform", "speed") else 1.2,
                 ls="--" if r["strategy"] in ABLATIONS else "-")
     ax.set_xlabel("training step")
@@ -451,24 +465,19 @@ def plot_areas(results: list[dict[str, Any]], path: Path) -> None:
     Only ``AREA_PLOT`` runs: a sampler that is not uniform inside an area (logit-normal, CLTS,
     loss-aware) shifts which t the area's mean loss averages over, so its curve is not comparable.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     areas = ("acceleration", "deceleration", "convergence")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     shown = [r for r in results if r["strategy"] in AREA_PLOT and r.get("timestep_areas")]
     for r in sorted(shown, key=lambda r: (r["strategy"], r["seed"])):
-        first_seed = r["seed"] == min(x["seed"] for x in shown if x["strategy"] == r["strategy"])
         for ax, area in zip(axes, areas):
             key = f"timesteps/loss/{area}"
             points = [(row["step"], row[key]) for row in r["timestep_areas"] if key in row]
             if points:
                 ax.plot(*zip(*points), color=_color(r["strategy"]), lw=1.2, ls="--" if r["strategy"] in ABLATIONS else "-",
-                        label=r["strategy"] if area == areas[0] and first_seed else None)
+                        label=_legend_label(r, shown) if area == areas[0] else None)
     for ax, area in zip(axes, areas):
         ax.set_title(f"{area}: mean unweighted training loss")
         ax.set_xlabel("training step")

@@ -25,14 +25,11 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.common import RESULTS, default_backbone, device_name, today, update_summary, write_json  # noqa: E402
 
-SMOKE_BACKBONE = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
-
-
 def measure(args: argparse.Namespace) -> None:
     """One device count (this process is rank 0, or a rank started by Lightning): rank 0 writes the part file."""
     import torch
 
-    from benchmarks.throughput import lightning_loop
+    from benchmarks.throughput import SMOKE_BACKBONE, lightning_loop
 
     torch.manual_seed(0)
     if args.smoke:

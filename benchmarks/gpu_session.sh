@@ -21,12 +21,15 @@ mkdir -p "$OUT/r" "$CONV"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/r/nvidia-smi.csv"
-if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/results/ (copied into the tarball)
+fid_timing() {  # seconds allowed; eager on GPU 0, compiled on GPU 1, side by side on otherwise idle GPUs
   for v in eager:0 compiled:1; do
-    CUDA_VISIBLE_DEVICES=${v#*:} timeout 170 python3 benchmarks/fid_speed.py --variants ${v%:*} --counts 5000 10000 \
+    CUDA_VISIBLE_DEVICES=${v#*:} timeout "$1" python3 benchmarks/fid_speed.py --variants ${v%:*} --counts 5000 10000 \
       --root .data --out "$OUT/r/fid_speed_${v%:*}.json" > "$OUT/r/fid_speed_${v%:*}.log" 2>&1 &
   done
   wait
+}
+if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/results/ (copied into the tarball)
+  fid_timing 170
   timeout 200 python3 benchmarks/ddp_scaling.py --devices 1 2 --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/throughput.py --batch-sizes 512 --rows c d --root .data \
     --out "$OUT/r/throughput_c_d.json" > "$OUT/r/throughput_c_d.log" 2>&1
@@ -36,13 +39,7 @@ if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/r
 fi
 timeout -k 5 ${LAUNCH_TIMEOUT:-$((BUDGET + 20))} python3 benchmarks/convergence.py launch --gpus 0 1 --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
   --eval-every "$EVERY" --final-samples "$FINAL" --root .data --out "$CONV" > "$OUT/r/conv.log" 2>&1
-if [ "$PHASE" = timing ]; then  # FID timing on idle GPUs: eager on GPU 0, compiled on GPU 1, side by side
-  for v in eager:0 compiled:1; do
-    CUDA_VISIBLE_DEVICES=${v#*:} timeout 150 python3 benchmarks/fid_speed.py --variants ${v%:*} --counts 5000 10000 \
-      --root .data --out "$OUT/r/fid_speed_${v%:*}.json" > "$OUT/r/fid_speed_${v%:*}.log" 2>&1 &
-  done
-  wait
-fi
+[ "$PHASE" = timing ] && fid_timing 150
 python3 benchmarks/convergence.py report --out "$CONV" > "$OUT/r/report.log" 2>&1
 cp benchmarks/results/summary.json "$OUT/r/summary.json"
 tar czf "$OUT/results.tgz" -C "$OUT" r -C "$CONV" --exclude='*.ckpt' --exclude='hparams.yaml' . 2>/dev/null

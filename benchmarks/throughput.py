@@ -43,6 +43,9 @@ from lightning_speed.process import GaussianDiffusion
 from lightning_speed.schedules import NoiseSchedule
 
 
+# The tiny UNet of the CPU smoke runs (tests), also used by ddp_scaling.py.
+SMOKE_BACKBONE = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
+
 # --rows names of the result rows
 ROWS = {"a0": "a0_naive_fp32", "a": "a_plain_fast", "b": "b_lightning", "c": "c_lightning_speed",
         "d": "d_speed_ema", "d_lightning": "d_speed_ema_lightning"}
@@ -271,7 +274,7 @@ def main() -> dict[str, Any]:
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # a0 is the naive fp32 baseline
-    overrides = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []} if args.smoke else {}
+    overrides = SMOKE_BACKBONE if args.smoke else {}
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(0)
