@@ -216,7 +216,7 @@ def launch(args: argparse.Namespace) -> None:
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
         log = open(log_dir / f"{strategy}_s{seed}.log", "a")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        running.append((job, proc, log, gpu))
+        running.append((job, proc, log, gpu, time.time()))
         print(f"started {strategy} seed {seed} to {steps} steps on gpu {gpu} ({left} s left)"
               f"{' ' + ' '.join(extra) if extra else ''}", flush=True)
 
@@ -230,9 +230,9 @@ def launch(args: argparse.Namespace) -> None:
             break  # the rest does not fit in this call's budget
         time.sleep(1 if args.smoke else 5)
         for item in list(running):
-            job, proc, log, gpu = item
+            job, proc, log, gpu, started = item
             if proc.poll() is None:
-                if not _stalled(Path(args.out) / f"{job[0]}_s{job[1]}", Path(log.name), args.stall_seconds):
+                if not _stalled(Path(args.out) / f"{job[0]}_s{job[1]}", Path(log.name), args.stall_seconds, started):
                     continue
                 # Seen once on the GPU: a run hung in its first FID evaluation. Stop it so it is retried.
                 print(f"{job[0]} seed {job[1]}: no output for {args.stall_seconds} s, stopping it", flush=True)
@@ -254,10 +254,14 @@ def launch(args: argparse.Namespace) -> None:
         raise SystemExit(f"runs failed: {failed}; see {log_dir}")
 
 
-def _stalled(run_dir: Path, log: Path, seconds: float) -> bool:
-    """True when neither the run's log nor any file under its folder changed for ``seconds``."""
+def _stalled(run_dir: Path, log: Path, seconds: float, started: float) -> bool:
+    """True when neither the run's log nor any file under its folder changed for ``seconds``.
+
+    The clock starts at ``started`` (the process's start): files left by an earlier part or an
+    earlier, killed attempt are older than that and must not count against the new process.
+    """
     files = [log, *run_dir.rglob("*")] if run_dir.exists() else [log]
-    latest = max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
+    latest = max([started, *(f.stat().st_mtime for f in files if f.is_file())])
     return time.time() - latest > seconds
 
 
@@ -396,13 +400,25 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     write_json(out / "speedups.json", summary)
     plot(results, out / "fid_vs_step.png")
     plot_areas(results, out / "area_loss.png")
-    if not args.smoke and headline["N"]:
-        update_summary(RESULTS / "summary.json", {
-            "speedup": {s: _headline(v) for s, v in headline["N"].items()},
-            "speedup_half": {s: _headline(v) for s, v in headline["N_half"].items()},
+    if not args.smoke and args.summary and headline["N"]:
+        cards = {s: ", ".join(sorted({r["card"] for r in results if r["strategy"] in (s, "uniform")}))
+                 for s in budgets}
+        _merge_speedups(RESULTS / "summary.json", {
+            key: {s: {**_headline(v), "card": cards[s], "results": out.name} for s, v in headline[n].items()}
+            for key, n in (("speedup", "N"), ("speedup_half", "N_half"))
         })
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets")}, indent=1))
     return summary
+
+
+def _merge_speedups(path: Path, updates: dict[str, dict[str, Any]]) -> None:
+    """Replace these strategies' entries in summary.json and keep the others'.
+
+    Result folders are reported one after another (say H200 runs, then H100 runs of some of the
+    same strategies): the folder reported last wins for the strategies it has.
+    """
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    update_summary(path, {key: {**summary.get(key, {}), **entries} for key, entries in updates.items()})
 
 
 def _pyplot() -> Any:
@@ -519,6 +535,8 @@ def main() -> None:
     p.add_argument("--root", default=None)
     p.add_argument("--out", default=str(RESULTS / "convergence"))
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--no-summary", dest="summary", action="store_false",
+                   help="report: leave benchmarks/results/summary.json alone")
     p.add_argument("--eager", action="store_true", help="train without torch.compile")
     args = p.parse_args()
     if args.command == "run":

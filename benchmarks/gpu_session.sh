@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_session.sh conv     # convergence jobs on both GPUs for $BUDGET s (resumes from $CONV)
 #   bash benchmarks/gpu_session.sh timing   # the same, then FID timing (eager on GPU 0, compiled on GPU 1)
 #   bash benchmarks/gpu_session.sh measure  # no training: FID timing, DDP scaling 1 -> 2 GPUs, throughput rows c, d at 512
+#   bash benchmarks/gpu_session.sh single   # one GPU: FID timing (idle GPU), throughput rows c, d at 512, then
+#                                           # convergence jobs on GPU 0 until CALL_SECONDS (default 585) are used
 # Throughput: python3 benchmarks/throughput.py --batch-sizes 128 512 --root .data (about 8 minutes).
 # Results are packed into $OUT/results.tgz (JSON, PNG, logs, TensorBoard events; no checkpoints).
 set -uo pipefail
@@ -17,6 +19,7 @@ EVERY=${EVERY:-2500}
 PER_GPU=${PER_GPU:-3}
 FINAL=${FINAL:-10000}                 # samples for the final FIDs at N (DDIM-50 and DDPM-250), uniform and speed
 OUT=${OUT:-/tmp/out}
+GPUS=${GPUS:-"0 1"}
 mkdir -p "$OUT/r" "$CONV"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -37,7 +40,15 @@ if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/r
   tar czf "$OUT/results.tgz" -C "$OUT" r; tail -n 4 "$OUT"/r/*.log; rm -rf "$OUT/r"
   exit 0
 fi
-timeout -k 5 ${LAUNCH_TIMEOUT:-$((BUDGET + 20))} python3 benchmarks/convergence.py launch --gpus 0 1 --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
+if [ "$PHASE" = single ]; then  # FID timing and throughput first, on the idle GPU; convergence gets the rest of the call
+  GPUS=0
+  timeout 200 python3 benchmarks/fid_speed.py --counts 5000 10000 --root .data --out "$OUT/r/fid_speed.json" > "$OUT/r/fid_speed.log" 2>&1
+  timeout 150 python3 benchmarks/throughput.py --batch-sizes 512 --rows c d --root .data \
+    --out "$OUT/r/throughput_c_d.json" > "$OUT/r/throughput_c_d.log" 2>&1
+  BUDGET=$(( ${CALL_SECONDS:-585} - SECONDS - 45 ))
+  tail -n 3 "$OUT"/r/*.log
+fi
+timeout -k 5 ${LAUNCH_TIMEOUT:-$((BUDGET + 20))} python3 benchmarks/convergence.py launch --gpus $GPUS --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
   --eval-every "$EVERY" --final-samples "$FINAL" --root .data --out "$CONV" > "$OUT/r/conv.log" 2>&1
 [ "$PHASE" = timing ] && fid_timing 150
 python3 benchmarks/convergence.py report --out "$CONV" > "$OUT/r/report.log" 2>&1

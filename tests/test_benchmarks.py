@@ -264,13 +264,28 @@ def test_stalled_run_detection(convergence: ModuleType, tmp_path: Path) -> None:
     log.write_text("started\n")
     events = run_dir / "tb" / "events"
     events.write_text("x")
-    assert not convergence._stalled(run_dir, log, 60)
+    long_ago = time.time() - 3600
+    assert not convergence._stalled(run_dir, log, 60, long_ago)
     old = time.time() - 600
     os.utime(log, (old, old))
-    assert not convergence._stalled(run_dir, log, 60)  # the TensorBoard file still moves
+    assert not convergence._stalled(run_dir, log, 60, long_ago)  # the TensorBoard file still moves
     os.utime(events, (old, old))
-    assert convergence._stalled(run_dir, log, 60)
-    assert convergence._stalled(tmp_path / "missing", log, 60)  # no folder yet: the log decides
+    assert convergence._stalled(run_dir, log, 60, long_ago)
+    assert convergence._stalled(tmp_path / "missing", log, 60, long_ago)  # no folder yet: the log decides
+    # Seen on the GPU: files left by an earlier, killed attempt are old; a process started just now is not stalled.
+    assert not convergence._stalled(run_dir, log, 60, time.time())
+    assert convergence._stalled(run_dir, log, 60, time.time() - 120)
+
+
+def test_reports_merge_speedups_per_strategy(convergence: ModuleType, tmp_path: Path) -> None:
+    """Reporting a second result folder replaces only the strategies it ran (say, H100 reruns)."""
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"speedup": {"p2": {"mean": 1.1}, "speed": {"mean": None}}, "throughput": {"x": 1}}))
+    convergence._merge_speedups(path, {"speedup": {"speed": {"mean": 0.9}}, "speedup_half": {"speed": {"mean": 1.0}}})
+    summary = json.loads(path.read_text())
+    assert summary["speedup"] == {"p2": {"mean": 1.1}, "speed": {"mean": 0.9}}
+    assert summary["speedup_half"] == {"speed": {"mean": 1.0}}
+    assert summary["throughput"] == {"x": 1}
 
 
 # ------------------------------------------------------------------------------ ddp_scaling.py

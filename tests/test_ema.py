@@ -27,14 +27,14 @@ class Regressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(callback, steps: int = 7, ckpt_path=None, tmp_path=None) -> tuple[pl.Trainer, Regressor]:
+def _fit(callback, steps: int = 7, ckpt_path=None, tmp_path=None, batch_size: int = 8) -> tuple[pl.Trainer, Regressor]:
     torch.manual_seed(0)
     model = Regressor()
     data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))  # 4 batches: step 4 ends an epoch
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
                          default_root_dir=tmp_path)
-    trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+    trainer.fit(model, DataLoader(data, batch_size=batch_size), ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -102,19 +102,63 @@ def test_update_reads_nothing_back_from_the_device(monkeypatch):
         torch.optim.swa_utils.AveragedModel(model).update_parameters(model)
 
 
-def test_resume_matches_lightning(tmp_path):
-    """Checkpoints are interchangeable: resuming ours gives the average that resuming Lightning's gives."""
-    resumed = {}
-    for cls in (EMAWeightAveraging, LightningEMA):
-        trainer, _ = _fit(cls(decay=0.8), steps=4, tmp_path=tmp_path)
-        ckpt = tmp_path / f"{cls.__module__}.ckpt"
-        trainer.save_checkpoint(ckpt)
-        resumed[cls] = cls(decay=0.8)
-        _fit(resumed[cls], steps=7, ckpt_path=str(ckpt), tmp_path=tmp_path)
-        assert int(resumed[cls]._average_model.n_averaged) == 7
-    for a, b in zip(_averaged(resumed[EMAWeightAveraging]), _averaged(resumed[LightningEMA]), strict=True):
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b)
+def _weights(module: nn.Module) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in module.state_dict().values()]
+
+
+def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_resume_after_fit_equals_an_uninterrupted_run(tmp_path):
+    """Fit 4 steps, save after fit, resume to 7: the same weights and average as 7 steps in one go.
+
+    After fit the module holds the average (Lightning copies it in at train end); the checkpoint must
+    still resume from the training weights. Lightning's own callback resumes from the average here.
+    One batch is the whole data set, so every step sees the same batch whatever Lightning's epoch
+    bookkeeping does on resume (from a checkpoint written at an epoch's end it replays a batch).
+    """
+    straight = EMAWeightAveraging(decay=0.8)
+    _, straight_model = _fit(straight, steps=7, tmp_path=tmp_path, batch_size=32)
+    first, _ = _fit(EMAWeightAveraging(decay=0.8), steps=4, tmp_path=tmp_path, batch_size=32)
+    first.save_checkpoint(tmp_path / "after_fit.ckpt")
+    resumed = EMAWeightAveraging(decay=0.8)
+    _, resumed_model = _fit(resumed, steps=7, ckpt_path=str(tmp_path / "after_fit.ckpt"), tmp_path=tmp_path,
+                            batch_size=32)
+    assert int(resumed._average_model.n_averaged) == 7
+    _assert_same(_averaged(resumed), _averaged(straight))
+    _assert_same(_weights(resumed_model), _weights(straight_model))  # both hold the average after fit
+
+
+def test_last_checkpoint_at_max_steps_keeps_the_training_weights(tmp_path):
+    """ModelCheckpoint(save_last=True) writes last.ckpt after the EMA callback's on_train_end."""
+
+    class TrainingWeights(pl.Callback):  # runs before the EMA callback: sees the weights before the copy
+        def on_train_end(self, trainer, pl_module):
+            self.weights = _weights(pl_module)
+
+    probe, ema = TrainingWeights(), EMAWeightAveraging(decay=0.5)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=100)
+    torch.manual_seed(0)
+    model = Regressor()
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[probe, ema, checkpoint])
+    trainer.fit(model, DataLoader(data, batch_size=8))  # stops mid-epoch: last.ckpt comes from on_train_end
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    _assert_same(list(saved["current_model_state"].values()), probe.weights)
+    _assert_same(list(saved["state_dict"].values()), _weights(model))  # the module now holds the average
+    assert not torch.equal(probe.weights[0], _weights(model)[0])  # so the two can be told apart
+
+
+def test_lightning_checkpoint_resumes_in_ours(tmp_path):
+    """Checkpoints are interchangeable with Lightning's callback."""
+    trainer, _ = _fit(LightningEMA(decay=0.8), steps=4, tmp_path=tmp_path)
+    trainer.save_checkpoint(tmp_path / "lightning.ckpt")
+    ours = EMAWeightAveraging(decay=0.8)
+    _fit(ours, steps=7, ckpt_path=str(tmp_path / "lightning.ckpt"), tmp_path=tmp_path)
+    assert int(ours._average_model.n_averaged) == 7
 
 
 def test_bad_decay():

@@ -7,6 +7,12 @@ has finished the step, so the next step's launches can no longer overlap the cur
 kernels. This subclass keeps everything else (``should_update``, the averaged model, swapping in
 for validation, checkpoint format) and replaces only the update: one ``_foreach_lerp_`` over all
 floating tensors, with the "first update copies" decision kept on the host.
+
+It also fixes a resume trap. When training ends, Lightning copies the average into the module, and a
+checkpoint written after that (``ModelCheckpoint(save_last=True)`` when ``max_steps`` or a time limit
+stops training mid-epoch, or ``trainer.save_checkpoint`` after ``fit``) stored the average as the
+training weights: a run resumed from it restarted from the EMA weights with the optimizer state of
+the real ones. Here such checkpoints keep the training weights.
 """
 
 from __future__ import annotations
@@ -34,11 +40,27 @@ class EMAWeightAveraging(_LightningEMA):
         self.decay = decay
         self._started: bool | None = None  # host copy of "n_averaged > 0", read once per fit
         self._pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._training_state: dict[str, Tensor] | None = None  # the module's own weights once training has ended
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_start(trainer, pl_module)
         self._started = None  # a restored checkpoint may have changed n_averaged
         self._pairs = None
+        self._training_state = None
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Keep the training weights, then let Lightning copy the average into the module."""
+        self._training_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        """Lightning's layout (average in ``state_dict``, training weights in ``current_model_state``),
+        with the training weights from before the end-of-training copy when there was one."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._training_state is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._training_state
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
