@@ -57,6 +57,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "speed_weighting_only": {"base": "speed", "drop": ["AsymmetricTimestepSampling"]},  # uniform t, SpeeD's w
     "speed_k2": {"base": "speed", "set": {"AsymmetricTimestepSampling": {"k": 2.0}}},  # milder suppression
     "speed_no_dual": {"base": "speed", "set": {"AsymmetricTimestepSampling": {"dual": False}}},
+    # lambda sweep of the best SpeeD variant. lambda 0.5 makes w = 0.5 below tau and 1 above it: only
+    # "high-noise steps count twice", with no change-aware shape; lambda 1 gives the full [0, 1] shape below tau.
+    "speed_weighting_only_lam05": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
+                                   "set": {"ChangeAwareWeighting": {"lam": 0.5}}},
+    "speed_weighting_only_lam1": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
+                                  "set": {"ChangeAwareWeighting": {"lam": 1.0}}},
 }
 RUNS = sorted([*STRATEGIES, *ABLATIONS])
 SMOKE_MODEL = [

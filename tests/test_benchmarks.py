@@ -314,6 +314,8 @@ def test_throughput_rows_option_measures_only_those_rows(tmp_path: Path) -> None
 
 
 def test_ablations_change_what_the_strategies_build(convergence: ModuleType) -> None:
+    import torch
+
     from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting, TimestepMonitor
     from lightning_speed.schedules import NoiseSchedule
 
@@ -332,6 +334,17 @@ def test_ablations_change_what_the_strategies_build(convergence: ModuleType) -> 
     assert [type(cb) for cb in sampling_only] == [AsymmetricTimestepSampling, TimestepMonitor]
     weighting_only = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only"])
     assert [type(cb) for cb in weighting_only] == [ChangeAwareWeighting, TimestepMonitor]
+    t = torch.arange(1000)
+    flat = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam05"])
+    assert [type(cb) for cb in flat] == [ChangeAwareWeighting, TimestepMonitor]
+    w = flat[0].build(schedule, None).weight(t)
+    assert torch.all(w[:700] == 0.5) and torch.all(w[700:] == 1.0)  # lambda 0.5: no change-aware shape left
+    full = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam1"])
+    w = full[0].build(schedule, None).weight(t)
+    rate = schedule.psi_rate
+    u = (rate - rate.min()) / (rate.max() - rate.min())
+    torch.testing.assert_close(w[:700].float(), u[:700].float())  # lambda 1: w = u(t) below tau, the full shape
+    assert torch.all(w[700:] == 1.0)
     for name, ablation in convergence.ABLATIONS.items():
         assert ablation["base"] in convergence.STRATEGIES, name
     with pytest.raises(AttributeError, match="AsymmetricTimestepSampling.kk"):
