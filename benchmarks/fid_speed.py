@@ -41,12 +41,18 @@ def main() -> None:
     write_json(Path(args.out), results)
     if torch.cuda.is_available() and not args.smoke and "eager" in results:
         eager = results["eager"]
-        summary = {f"{int(n) // 1000}k": s for n, s in eager["seconds"].items()}
-        summary.update(card=eager["card"], sampling=f"eager bf16, {eager['sampler'].upper()}, batch {eager['batch_size']}")
-        update_summary(RESULTS / "summary.json", {"fid_seconds": summary})
+        updates = {"fid_seconds": {
+            **_by_thousands(eager["seconds"]), "card": eager["card"],
+            "sampling": f"eager bf16, {eager['sampler'].upper()}, batch {eager['batch_size']}",
+        }}
         if "compiled" in results:
-            compiled = {f"{int(n) // 1000}k": s for n, s in results["compiled"]["seconds"].items()}
-            update_summary(RESULTS / "summary.json", {"fid_seconds_compiled": {**compiled, "card": eager["card"]}})
+            updates["fid_seconds_compiled"] = {**_by_thousands(results["compiled"]["seconds"]), "card": eager["card"]}
+        update_summary(RESULTS / "summary.json", updates)
+
+
+def _by_thousands(seconds: dict[str, float]) -> dict[str, float]:
+    """{"5000": s, "10000": s} -> {"5k": s, "10k": s}, the keys of summary.json."""
+    return {f"{int(n) // 1000}k": s for n, s in seconds.items()}
 
 
 def time_variant(args: argparse.Namespace, variant: str) -> dict:

@@ -31,11 +31,14 @@ fid_timing() {  # seconds allowed; eager on GPU 0, compiled on GPU 1, side by si
   done
   wait
 }
+throughput_c_d() {  # rows c and d at batch 512 on GPU 0
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/throughput.py --batch-sizes 512 --rows c d --root .data \
+    --out "$OUT/r/throughput_c_d.json" > "$OUT/r/throughput_c_d.log" 2>&1
+}
 if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/results/ (copied into the tarball)
   fid_timing 170
   timeout 200 python3 benchmarks/ddp_scaling.py --devices 1 2 --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
-  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/throughput.py --batch-sizes 512 --rows c d --root .data \
-    --out "$OUT/r/throughput_c_d.json" > "$OUT/r/throughput_c_d.log" 2>&1
+  throughput_c_d
   cp benchmarks/results/summary.json "$OUT/r/summary.json"
   tar czf "$OUT/results.tgz" -C "$OUT" r; tail -n 4 "$OUT"/r/*.log; rm -rf "$OUT/r"
   exit 0
@@ -43,8 +46,7 @@ fi
 if [ "$PHASE" = single ]; then  # FID timing and throughput first, on the idle GPU; convergence gets the rest of the call
   GPUS=0
   timeout 200 python3 benchmarks/fid_speed.py --counts 5000 10000 --root .data --out "$OUT/r/fid_speed.json" > "$OUT/r/fid_speed.log" 2>&1
-  timeout 150 python3 benchmarks/throughput.py --batch-sizes 512 --rows c d --root .data \
-    --out "$OUT/r/throughput_c_d.json" > "$OUT/r/throughput_c_d.log" 2>&1
+  throughput_c_d
   BUDGET=$(( ${CALL_SECONDS:-585} - SECONDS - 45 ))
   tail -n 3 "$OUT"/r/*.log
 fi

@@ -50,6 +50,9 @@ def results_fingerprint() -> dict[str, str]:
 
 
 def run_script(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script (smoke settings, output under tmp_path) and check that it succeeded and
+    left every committed file under benchmarks/results/ (summary.json included) as it was."""
+    before = results_fingerprint()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -61,13 +64,13 @@ def run_script(args: list[str], tmp_path: Path, timeout: float = 240) -> subproc
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert results_fingerprint() == before, f"{args} changed files under {RESULTS}"
     return proc
 
 
 # ------------------------------------------------------------------------------ throughput.py
 @needs_fashion_mnist
 def test_throughput_smoke_writes_rows_and_ratios(tmp_path: Path) -> None:
-    before = results_fingerprint()
     out = tmp_path / "t.json"
     run_script(
         ["benchmarks/throughput.py", "--smoke", "--batch-sizes", "8", "--steps", "3", "--warmup", "1", "--out", str(out)],
@@ -84,26 +87,22 @@ def test_throughput_smoke_writes_rows_and_ratios(tmp_path: Path) -> None:
     ips = {k: row[k]["images_per_s"] for k in ("a0_naive_fp32", "a_plain_fast", "b_lightning", "c_lightning_speed")}
     assert ratios["c_over_b"] == pytest.approx(ips["c_lightning_speed"] / ips["b_lightning"])
     assert ratios["b_over_a0"] == pytest.approx(ips["b_lightning"] / ips["a0_naive_fp32"])
-    assert results_fingerprint() == before  # --smoke never touches summary.json / throughput.json
 
 
 # ------------------------------------------------------------------------------ fid_speed.py
 @needs_fashion_mnist
 def test_fid_speed_smoke_times_each_count(tmp_path: Path) -> None:
-    before = results_fingerprint()
     out = tmp_path / "fid.json"
     run_script(["benchmarks/fid_speed.py", "--smoke", "--variants", "eager", "--counts", "40", "80", "--steps", "2",
                 "--batch-size", "40", "--out", str(out)], tmp_path)
     result = json.loads(out.read_text())["eager"]
     assert set(result["seconds"]) == {"40", "80"} and all(s > 0 for s in result["seconds"].values())
     assert result["samples_per_s"]["80"] == pytest.approx(80 / result["seconds"]["80"])
-    assert results_fingerprint() == before  # --smoke never touches summary.json
 
 
 # ----------------------------------------------------------------------------- convergence.py
 @needs_fashion_mnist
 def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
-    before = results_fingerprint()
     out = tmp_path / "conv"
     launch = [
         "benchmarks/convergence.py", "launch", "--smoke", "--strategies", "uniform", "speed", "--seeds", "0",
@@ -158,7 +157,6 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
     assert speedups["budgets"]["speed_sampling_only"] == {"N": 2, "N_half": None}
     assert speedups["budgets"]["uniform_cosine"] == {"N": 2, "N_half": None}
     assert speedups["N"]["speed_sampling_only"]["steps"] == 2 and speedups["N"]["speed"]["steps"] == 6
-    assert results_fingerprint() == before  # --smoke / --out keep benchmarks/results/ untouched
 
 
 def test_convergence_jobs_parse_and_reject_bad_ones(convergence: ModuleType) -> None:
@@ -291,7 +289,6 @@ def test_reports_merge_speedups_per_strategy(convergence: ModuleType, tmp_path: 
 # ------------------------------------------------------------------------------ ddp_scaling.py
 @needs_fashion_mnist
 def test_ddp_scaling_smoke_runs_one_and_two_processes(tmp_path: Path) -> None:
-    before = results_fingerprint()
     out = tmp_path / "ddp.json"
     run_script(["benchmarks/ddp_scaling.py", "--smoke", "--devices", "1", "2", "--batch-size", "8", "--steps", "3",
                 "--warmup", "1", "--out", str(out)], tmp_path)
@@ -300,7 +297,6 @@ def test_ddp_scaling_smoke_runs_one_and_two_processes(tmp_path: Path) -> None:
     assert set(ips) == {"1", "2"} and all(math.isfinite(v) and v > 0 for v in ips.values())
     assert result["scaling"]["2"] == pytest.approx(ips["2"] / ips["1"])
     assert result["efficiency"]["2"] == pytest.approx(ips["2"] / ips["1"] / 2)
-    assert results_fingerprint() == before  # --smoke never touches summary.json
 
 
 @needs_fashion_mnist
