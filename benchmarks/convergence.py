@@ -65,6 +65,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                                   "set": {"ChangeAwareWeighting": {"lam": 1.0}}},
 }
 RUNS = sorted([*STRATEGIES, *ABLATIONS])
+# A strategy on another noise schedule is compared with uniform sampling on that schedule (the default: "uniform").
+BASELINES = {"speed_cosine": "uniform_cosine"}
 SMOKE_MODEL = [
     "--model.backbone.init_args.base_channels", "16", "--model.backbone.init_args.channel_mult", "[1, 2, 2]",
     "--model.backbone.init_args.num_res_blocks", "1", "--model.backbone.init_args.attention_resolutions", "[]",
@@ -322,21 +324,32 @@ def fid_at(curve: list[tuple[int, float]], step: int) -> float | None:
     return next((f for s, f in curve if s == step), None)
 
 
-def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
-    """Speed-up = budget / first step reaching the uniform baseline's mean FID at ``budget``.
+def _mean_curve(results: list[dict[str, Any]], strategy: str, budget: int) -> tuple[list[tuple[int, float]], int]:
+    """The mean FID curve up to ``budget`` of a baseline's runs that evaluated ``budget``, and their number."""
+    curves = [dict(r["fid_history"]) for r in results if r["strategy"] == strategy]
+    curves = [curve for curve in curves if budget in curve]
+    if not curves:
+        return [], 0
+    steps = sorted(s for s in set.intersection(*map(set, curves)) if s <= budget)
+    return [(s, sum(curve[s] for curve in curves) / len(curves)) for s in steps], len(curves)
 
-    Only runs whose curve reaches ``budget`` count; strategies without such a run are left out.
+
+def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
+    """Speed-up = budget / first step reaching the baseline's mean FID at ``budget``.
+
+    The baseline is uniform sampling on the same schedule (BASELINES), or on the linear schedule when the
+    folder has no such runs (each entry names its baseline). Only runs whose curve reaches ``budget`` count.
     """
-    # The baseline: uniform runs that evaluated the budget, averaged over the steps they all evaluated.
-    uniform = [dict(r["fid_history"]) for r in results if r["strategy"] == "uniform"]
-    uniform = [curve for curve in uniform if budget in curve]
-    if not uniform:
+    uniform_curve, uniform_seeds = _mean_curve(results, "uniform", budget)
+    if not uniform_curve:
         return {}
-    steps = sorted(s for s in set.intersection(*map(set, uniform)) if s <= budget)
-    mean_curve = [(s, sum(curve[s] for curve in uniform) / len(uniform)) for s in steps]
-    target = mean_curve[-1][1]  # the mean FID at the budget
-    out: dict[str, Any] = {"_baseline_fid": target, "_baseline_seeds": len(uniform)}
+    out: dict[str, Any] = {"_baseline_fid": uniform_curve[-1][1], "_baseline_seeds": uniform_seeds}
     for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
+        baseline = BASELINES.get(strategy, "uniform")
+        mean_curve, baseline_seeds = _mean_curve(results, baseline, budget)
+        if not mean_curve:
+            baseline, mean_curve, baseline_seeds = "uniform", uniform_curve, uniform_seeds
+        target = mean_curve[-1][1]  # the baseline's mean FID at the budget
         per_seed, fids, equivalent = [], [], []
         for r in results:
             if r["strategy"] != strategy:
@@ -365,6 +378,9 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
             "fid_at_steps": fids,
             "equivalent_per_seed": equivalent,
             "note": None if len(reached) == len(per_seed) else "some seeds never reached the baseline FID (speed-up < 1)",
+            "baseline": baseline,
+            "baseline_fid": target,
+            "baseline_seeds": baseline_seeds,
         }
     return out
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -66,10 +67,28 @@ def synthetic_images(n: int, device: torch.device) -> torch.Tensor:
 
 def plain_loop(
     backbone: torch.nn.Module, data: torch.Tensor, batch: int, warmup: int, steps: int, fast: bool,
-    compile_mode: str = "reduce-overhead",
+    compile_mode: str = "reduce-overhead", channels_last: bool = False,
 ) -> float:
     """Images/s of a hand-written training loop (the a0 / a rows)."""
+    step = plain_step(backbone, data, batch, fast, compile_mode, channels_last)
+    for _ in range(warmup):
+        step()
+    _sync(data.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(data.device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def plain_step(
+    backbone: torch.nn.Module, data: torch.Tensor, batch: int, fast: bool, compile_mode: str = "reduce-overhead",
+    channels_last: bool = False,
+) -> Callable[[], None]:
+    """One training step of the hand-written loop, as a closure (timed by plain_loop, profiled by step_profile.py)."""
     device = data.device
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    backbone = backbone.to(memory_format=layout)
     diffusion = GaussianDiffusion(NoiseSchedule.from_name("linear", 1000)).to(device)
     # The same fast settings DiffusionModule uses: compiled with CUDA graphs (small UNets are launch-bound).
     cuda = fast and device.type == "cuda"
@@ -82,7 +101,7 @@ def plain_loop(
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         idx = torch.randint(0, data.shape[0], (batch,), device=device)
-        x0 = data[idx].float() / 127.5 - 1
+        x0 = (data[idx].float() / 127.5 - 1).contiguous(memory_format=layout)
         t = torch.randint(0, 1000, (batch,), device=device)
         noise = torch.randn_like(x0)
         with autocast:
@@ -92,14 +111,7 @@ def plain_loop(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return batch * steps / (time.perf_counter() - start)
+    return step
 
 
 class _StepTimer(pl.Callback):
@@ -123,7 +135,7 @@ class _StepTimer(pl.Callback):
 
 def lightning_loop(
     backbone: torch.nn.Module, root: str | None, batch: int, warmup: int, steps: int, speed: bool, smoke: bool,
-    ema: str | None = None, devices: int = 1, compile_mode: str = "reduce-overhead",
+    ema: str | None = None, devices: int = 1, compile_mode: str = "reduce-overhead", channels_last: bool = False,
 ) -> float:
     """Images/s of DiffusionModule under the Trainer (the b / c / d rows); ema: None, "ours" or "lightning".
 
@@ -144,7 +156,8 @@ def lightning_loop(
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.999))
     timer = _StepTimer(warmup)
     cuda = torch.cuda.is_available()
-    module = DiffusionModule(backbone, compile=not smoke, compile_mode=compile_mode if cuda else None)
+    module = DiffusionModule(backbone, compile=not smoke, compile_mode=compile_mode if cuda else None,
+                             channels_last=channels_last)
     data = FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0)
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu",
@@ -264,6 +277,10 @@ def main() -> dict[str, Any]:
                    help="measure only these rows (summary.json is updated only when all rows ran)")
     p.add_argument("--compile-mode", default="reduce-overhead", choices=["reduce-overhead", "max-autotune", "default"],
                    help="torch.compile mode of rows a to d on CUDA (the configs use reduce-overhead)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC weights and activations in rows a to d (the configs' setting)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the batch sizes already in --out (same card): measure 128 and 512 in separate calls")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps (for the test suite)")
     args = p.parse_args()
     if args.out is None:
@@ -281,7 +298,16 @@ def main() -> dict[str, Any]:
         return default_backbone(**overrides).to(device)
 
     result: dict[str, Any] = {"card": device_name(), "date": today(), "rows": {}, "torch": torch.__version__,
-                              "compile_mode": args.compile_mode}
+                              "compile_mode": args.compile_mode, "channels_last": args.channels_last}
+    if args.merge and Path(args.out).exists():
+        earlier = json.loads(Path(args.out).read_text())
+        if earlier.get("card") != result["card"] or earlier.get("channels_last") != args.channels_last:
+            raise SystemExit(f"--merge: {args.out} was measured on {earlier.get('card')!r} with channels_last="
+                             f"{earlier.get('channels_last')}; measure all batch sizes again or choose another --out")
+        result["rows"] = {b: r for b, r in earlier["rows"].items() if int(b) not in args.batch_sizes}
+        result["merged_from"] = {b: earlier.get("date") for b in result["rows"]}
+        if "syncs" in earlier:
+            result["syncs"] = earlier["syncs"]
     result["flops_per_image"] = flops_per_image(fresh(), device)
     if cuda:
         result["bf16_matmul_tflops"] = measured_bf16_matmul_tflops()
@@ -289,13 +315,15 @@ def main() -> dict[str, Any]:
     mode = args.compile_mode
 
     def lit(b: int, speed: bool, ema: str | None = None) -> float:
-        return lightning_loop(fresh(), args.root, b, args.warmup, args.steps, speed, args.smoke, ema, compile_mode=mode)
+        return lightning_loop(fresh(), args.root, b, args.warmup, args.steps, speed, args.smoke, ema, compile_mode=mode,
+                              channels_last=args.channels_last)
 
     for batch in args.batch_sizes:
         row: dict[str, Any] = {}
         for name, fn in [
             ("a0_naive_fp32", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=False)),
-            ("a_plain_fast", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=cuda, compile_mode=mode)),
+            ("a_plain_fast", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=cuda, compile_mode=mode,
+                                                  channels_last=args.channels_last)),
             ("b_lightning", lambda b: lit(b, speed=False)),
             ("c_lightning_speed", lambda b: lit(b, speed=True)),
             ("d_speed_ema", lambda b: lit(b, speed=True, ema="ours")),

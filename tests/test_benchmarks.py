@@ -89,6 +89,49 @@ def test_throughput_smoke_writes_rows_and_ratios(tmp_path: Path) -> None:
     assert ratios["b_over_a0"] == pytest.approx(ips["b_lightning"] / ips["a0_naive_fp32"])
 
 
+@needs_fashion_mnist
+def test_throughput_merge_keeps_other_batch_sizes_and_refuses_a_different_setup(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    common = ["benchmarks/throughput.py", "--smoke", "--rows", "a0", "a", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    run_script([*common, "--batch-sizes", "8"], tmp_path)
+    first = json.loads(out.read_text())["rows"]["8"]
+    run_script([*common, "--batch-sizes", "4", "--merge"], tmp_path)
+    merged = json.loads(out.read_text())
+    assert set(merged["rows"]) == {"8", "4"} and merged["rows"]["8"] == first and merged["channels_last"] is True
+    proc = subprocess.run([sys.executable, *common, "--batch-sizes", "4", "--merge", "--no-channels-last"], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "channels_last=True" in proc.stderr and "--out" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ step_profile.py
+def test_step_profile_smoke_times_every_variant_and_breaks_the_step_down(tmp_path: Path) -> None:
+    out = tmp_path / "sp.json"
+    run_script(["benchmarks/step_profile.py", "--smoke", "--batch-sizes", "8", "--steps", "2", "--warmup", "1",
+                "--profile-steps", "2", "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    speeds = result["images_per_s"]["8"]
+    assert set(speeds) == {"base", "cudnn_benchmark", "channels_last", "both"} and "errors" not in result
+    assert all(math.isfinite(v) and v > 0 for v in speeds.values())
+    trace = result["breakdown"]
+    # The tiny UNet is mostly convolutions, and has attention in its middle block.
+    assert trace["ms_per_step"]["convolution"] > 0 and trace["ms_per_step"]["attention"] > 0
+    assert sum(trace["fraction"].values()) == pytest.approx(1.0)
+    assert trace["busy_ms_per_step"] == pytest.approx(sum(trace["ms_per_step"].values()))
+
+
+def test_step_profile_families_of_real_kernel_names() -> None:
+    family = load_script("step_profile").family
+    assert family("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw") == "convolution"
+    assert family("cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "layout_conversion"
+    assert family("nvjet_tst_64x8_64x16_2x1_v_bz_TNT") == "matmul"
+    assert family("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert family("triton_red_fused_native_group_norm_silu_12") == "fused_triton"
+    assert family("triton_poi_fused_add_convolution_3") == "fused_triton"
+    assert family("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert family("aten::convolution_backward") == "convolution" and family("aten::addmm") == "matmul"
+    assert family("Memset (Device)") == "other"
+
+
 # ------------------------------------------------------------------------------ fid_speed.py
 @needs_fashion_mnist
 def test_fid_speed_smoke_times_each_count(tmp_path: Path) -> None:
@@ -225,6 +268,21 @@ def test_speedups_on_hand_made_curves(convergence: ModuleType) -> None:
     two_seeds = [*results, _run("uniform", 1, [(50, 18.0), (100, 14.0)])]
     assert convergence.speedups(two_seeds, 100)["_baseline_fid"] == pytest.approx(12.0)
     assert convergence.speedups([_run("speed", 0, baseline)], 100) == {}  # no baseline, no speed-up
+
+
+def test_speed_cosine_is_compared_with_uniform_on_the_cosine_schedule(convergence: ModuleType) -> None:
+    linear = _run("uniform", 0, [(50, 20.0), (100, 10.0)])
+    speed_cosine = _run("speed_cosine", 0, [(50, 16.0), (100, 12.0)])
+    # Without cosine-uniform runs the linear baseline is used (FID 10: never reached), and the entry says so.
+    alone = convergence.speedups([linear, speed_cosine], 100)["speed_cosine"]
+    assert alone["baseline"] == "uniform" and alone["baseline_fid"] == pytest.approx(10.0) and alone["per_seed"] == [None]
+    # With them, the target is their FID at the budget (16, reached at step 50: 2x), and only theirs.
+    cosine = _run("uniform_cosine", 0, [(50, 24.0), (100, 16.0)])
+    table = convergence.speedups([linear, speed_cosine, cosine], 100)
+    assert table["speed_cosine"]["baseline"] == "uniform_cosine" and table["speed_cosine"]["baseline_seeds"] == 1
+    assert table["speed_cosine"]["per_seed"] == pytest.approx([2.0])
+    assert table["_baseline_fid"] == pytest.approx(10.0)  # the linear baseline of every other strategy is unchanged
+    assert table["uniform_cosine"]["baseline"] == "uniform" and table["uniform_cosine"]["per_seed"] == [None]
 
 
 # --------------------------------------------------------------- time-limited parts resume

@@ -164,3 +164,39 @@ def test_cuda_graph_modes_are_recognised() -> None:
     assert uses_cuda_graphs("reduce-overhead") and uses_cuda_graphs("max-autotune")
     for mode in (None, "default", "max-autotune-no-cudagraphs"):
         assert not uses_cuda_graphs(mode)
+
+
+def test_channels_last_changes_the_layout_not_the_result_and_survives_fit_and_ema():
+    """channels_last=True: NHWC weights and training input, the same loss, and a fit with EMA that keeps the layout."""
+    import copy
+
+    from lightning_speed.backbones import UNet
+    from lightning_speed.callbacks import EMAWeightAveraging
+
+    torch.manual_seed(0)
+    backbone = UNet(in_channels=3, image_size=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                    attention_resolutions=[4])
+    plain = DiffusionModule(copy.deepcopy(backbone), image_shape=(3, 8, 8))
+    nhwc = DiffusionModule(backbone, image_shape=(3, 8, 8), channels_last=True)
+    # 3x3 convolutions with several input channels: the weights whose NHWC and NCHW layouts differ.
+    convs = [m.weight for m in nhwc.backbone.modules()
+             if isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    seen = []
+    nhwc.backbone.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    batch = (torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    torch.manual_seed(1)
+    expected = plain.training_step(batch, 0)["loss"]
+    torch.manual_seed(1)
+    torch.testing.assert_close(nhwc.training_step(batch, 0)["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    # A fit with EMA: the trained weights and the average stay NHWC, and a checkpoint loads into an NCHW module.
+    ema = EMAWeightAveraging(decay=0.9)
+    trainer(max_steps=3, callbacks=[ema]).fit(nhwc, loader(shape=(3, 8, 8)))
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    averaged = [m.weight for m in ema._average_model.module.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in averaged)
+    plain.load_state_dict(nhwc.state_dict())
+    noise = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(plain.sample(2, steps=2, noise=noise), nhwc.sample(2, steps=2, noise=noise),
+                               rtol=1e-4, atol=1e-4)
