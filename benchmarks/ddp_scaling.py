@@ -36,7 +36,8 @@ def measure(args: argparse.Namespace) -> None:
         torch.set_num_threads(1)
     backbone = default_backbone(**(SMOKE_BACKBONE if args.smoke else {}))
     images_per_s = lightning_loop(backbone, args.root, args.batch_size, args.warmup, args.steps, speed=True,
-                                  smoke=args.smoke, ema="ours", devices=args.run_devices)
+                                  smoke=args.smoke, ema="ours", devices=args.run_devices,
+                                  channels_last=not args.smoke)  # as the GPU configs train
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         write_json(Path(args.part), {"devices": args.run_devices, "images_per_s": images_per_s})
 

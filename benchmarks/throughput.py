@@ -2,7 +2,7 @@
 
 Measured side by side in one process, same backbone and batch:
   a0  naive eager fp32 PyTorch loop (AdamW, TF32 off)
-  a   plain PyTorch loop with our fast settings (bf16 autocast, torch.compile, fused AdamW)
+  a   plain PyTorch loop with our fast settings (bf16 autocast, torch.compile, fused AdamW, channels_last)
   b   DiffusionModule under the Lightning Trainer, uniform sampling (same fast settings)
   c   b plus the SpeeD callbacks (asymmetric sampling + change-aware weighting)
   d   c plus EMA weights, as the configs train: our sync-free EMAWeightAveraging, and (d_lightning)

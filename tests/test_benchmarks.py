@@ -107,8 +107,9 @@ def test_throughput_merge_keeps_other_batch_sizes_and_refuses_a_different_setup(
 def test_step_profile_smoke_times_every_variant_and_breaks_the_step_down(tmp_path: Path) -> None:
     out = tmp_path / "sp.json"
     run_script(["benchmarks/step_profile.py", "--smoke", "--batch-sizes", "8", "--steps", "2", "--warmup", "1",
-                "--profile-steps", "2", "--out", str(out)], tmp_path)
+                "--profile-steps", "2", "--profile-variant", "channels_last", "--out", str(out)], tmp_path)
     result = json.loads(out.read_text())
+    assert result["breakdown"]["variant"] == "channels_last"
     speeds = result["images_per_s"]["8"]
     assert set(speeds) == {"base", "cudnn_benchmark", "channels_last", "both"} and "errors" not in result
     assert all(math.isfinite(v) and v > 0 for v in speeds.values())
@@ -365,6 +366,24 @@ def test_throughput_rows_option_measures_only_those_rows(tmp_path: Path) -> None
     row = json.loads(out.read_text())["rows"]["8"]
     assert set(row) == {"b_lightning", "c_lightning_speed", "ratios"}
     assert set(row["ratios"]) == {"c_over_b"}
+
+
+def test_change_aware_config_is_the_measured_best_ablation(convergence: ModuleType) -> None:
+    """configs/fashion_mnist_change_aware.yaml ships exactly what speed_weighting_only_lam1 measured."""
+    from benchmarks.common import instantiate, load_config
+
+    def callbacks(config: str) -> list:
+        return [cb for cb in instantiate(load_config(config)["trainer"]["callbacks"])]
+
+    def describe(cbs: list) -> list:
+        return [(type(cb).__name__, sorted((k, v) for k, v in vars(cb).items() if isinstance(v, (int, float, str, bool))))
+                for cb in cbs]
+
+    measured = convergence.apply_ablation(callbacks("fashion_mnist_speed.yaml"),
+                                          convergence.ABLATIONS["speed_weighting_only_lam1"])
+    shipped = callbacks("fashion_mnist_change_aware.yaml")
+    assert describe(shipped) == describe(measured)
+    assert load_config("fashion_mnist_change_aware.yaml")["model"] == load_config("fashion_mnist_speed.yaml")["model"]
 
 
 def test_ablations_change_what_the_strategies_build(convergence: ModuleType) -> None:
