@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +25,12 @@ from typing import Any, Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import RESULTS, default_backbone, device_name, today, write_json
-from benchmarks.throughput import SMOKE_BACKBONE, plain_loop, plain_step, synthetic_images
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS, default_backbone, device_name, today, write_json  # noqa: E402
+from benchmarks.throughput import SMOKE_BACKBONE, plain_loop, plain_step, synthetic_images  # noqa: E402
 
 VARIANTS = {  # name: (cudnn.benchmark, channels_last)
     "base": (False, False),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import (
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import (   # noqa: E402
     RESULTS,
     default_backbone,
     device_name,
@@ -38,10 +43,10 @@ from benchmarks.common import (
     update_summary,
     write_json,
 )
-from lightning_speed import DiffusionModule
-from lightning_speed.module import uses_cuda_graphs
-from lightning_speed.process import GaussianDiffusion
-from lightning_speed.schedules import NoiseSchedule
+from lightning_speed import DiffusionModule  # noqa: E402
+from lightning_speed.module import uses_cuda_graphs  # noqa: E402
+from lightning_speed.process import GaussianDiffusion  # noqa: E402
+from lightning_speed.schedules import NoiseSchedule  # noqa: E402
 
 
 # The tiny UNet of the CPU smoke runs (tests), also used by ddp_scaling.py.
