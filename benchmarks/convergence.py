@@ -421,6 +421,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done")} for r in results]}
     write_json(out / "speedups.json", summary)
     plot(results, out / "fid_vs_step.png")
+    plot_headline(results, out / "fid_vs_step_headline.png")
     plot_areas(results, out / "area_loss.png")
     if not args.smoke and args.summary and headline["N"]:
         cards = {s: ", ".join(sorted({r["card"] for r in results if r["strategy"] in (s, "uniform")}))
@@ -493,8 +494,48 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# The headline figure: the main pair, the best SpeeD variant we found and the fastest baseline.
+HEADLINE = ("uniform", "speed", "speed_weighting_only_lam1", "min_snr")
+
+
+def seed_band(results: list[dict[str, Any]], strategy: str) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) of FID over a strategy's seeds, at the steps every one of its seeds evaluated."""
+    curves = [dict(r["fid_history"]) for r in results if r["strategy"] == strategy and r["fid_history"]]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*map(set, curves)))
+    return [(s, sum(c[s] for c in curves) / len(curves), min(c[s] for c in curves), max(c[s] for c in curves))
+            for s in steps]
+
+
+def plot_headline(results: list[dict[str, Any]], path: Path) -> None:
+    """FID against step for ``HEADLINE``: the mean over seeds, with the range over seeds shaded."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy in HEADLINE:
+        band = seed_band(results, strategy)
+        if not band:
+            continue
+        steps, mean, low, high = zip(*band)
+        seeds = len({r["seed"] for r in results if r["strategy"] == strategy})
+        ax.plot(steps, mean, color=_color(strategy), marker="o", ms=3, lw=2,
+                label=f"{strategy} ({seeds} seed{'s' * (seeds > 1)})")
+        if seeds > 1:
+            ax.fill_between(steps, low, high, color=_color(strategy), alpha=0.2, lw=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID (Fashion-MNIST features, EMA, DDIM-50)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(title="mean, range over seeds shaded")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # Runs whose sampler is uniform inside each area, so that their mean loss per area is comparable.
-AREA_PLOT = ("uniform", "speed", "speed_sampling_only", "speed_weighting_only")
+AREA_PLOT = ("uniform", "speed", "speed_sampling_only", "speed_weighting_only", "speed_weighting_only_lam1")
 
 
 def plot_areas(results: list[dict[str, Any]], path: Path) -> None:

@@ -201,6 +201,7 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
     assert speedups["budgets"]["speed_sampling_only"] == {"N": 2, "N_half": None}
     assert speedups["budgets"]["uniform_cosine"] == {"N": 2, "N_half": None}
     assert speedups["N"]["speed_sampling_only"]["steps"] == 2 and speedups["N"]["speed"]["steps"] == 6
+    assert all((out / name).stat().st_size > 0 for name in ("fid_vs_step.png", "fid_vs_step_headline.png", "area_loss.png"))
 
 
 def test_convergence_jobs_parse_and_reject_bad_ones(convergence: ModuleType) -> None:
@@ -229,6 +230,16 @@ def test_first_step_reaching_interpolates(convergence: ModuleType) -> None:
     assert reach(curve, -1.0) is None  # never reached
     assert reach([(10, 5.0), (20, 5.0)], 5.0) == pytest.approx(10.0)
     assert reach([], 1.0) is None
+
+
+def test_seed_band_is_mean_min_max_at_common_steps(convergence: ModuleType) -> None:
+    results = [
+        {"strategy": "speed", "seed": 0, "fid_history": [[50, 10.0], [100, 6.0]]},
+        {"strategy": "speed", "seed": 1, "fid_history": [[50, 14.0], [100, 4.0], [150, 3.0]]},  # 150: one seed only
+        {"strategy": "uniform", "seed": 0, "fid_history": [[50, 99.0], [100, 99.0]]},
+    ]
+    assert convergence.seed_band(results, "speed") == [(50, 12.0, 10.0, 14.0), (100, 5.0, 4.0, 6.0)]
+    assert convergence.seed_band(results, "p2") == []
 
 
 def _run(strategy: str, seed: int, curve: list[tuple[int, float]]) -> dict:
