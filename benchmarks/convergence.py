@@ -324,14 +324,25 @@ def fid_at(curve: list[tuple[int, float]], step: int) -> float | None:
     return next((f for s, f in curve if s == step), None)
 
 
+def _band(curves: list[dict[int, float]]) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) of FID over ``curves`` ({step: FID}), at the steps all of them evaluated."""
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*map(set, curves)))
+    return [(s, sum(c[s] for c in curves) / len(curves), min(c[s] for c in curves), max(c[s] for c in curves))
+            for s in steps]
+
+
+def seed_band(results: list[dict[str, Any]], strategy: str) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) of FID over a strategy's seeds, at the steps every one of its seeds evaluated."""
+    return _band([dict(r["fid_history"]) for r in results if r["strategy"] == strategy and r["fid_history"]])
+
+
 def _mean_curve(results: list[dict[str, Any]], strategy: str, budget: int) -> tuple[list[tuple[int, float]], int]:
     """The mean FID curve up to ``budget`` of a baseline's runs that evaluated ``budget``, and their number."""
     curves = [dict(r["fid_history"]) for r in results if r["strategy"] == strategy]
     curves = [curve for curve in curves if budget in curve]
-    if not curves:
-        return [], 0
-    steps = sorted(s for s in set.intersection(*map(set, curves)) if s <= budget)
-    return [(s, sum(curve[s] for curve in curves) / len(curves)) for s in steps], len(curves)
+    return [(s, mean) for s, mean, _, _ in _band(curves) if s <= budget], len(curves)
 
 
 def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
@@ -496,16 +507,6 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 # The headline figure: the main pair, the best SpeeD variant we found and the fastest baseline.
 HEADLINE = ("uniform", "speed", "speed_weighting_only_lam1", "min_snr")
-
-
-def seed_band(results: list[dict[str, Any]], strategy: str) -> list[tuple[int, float, float, float]]:
-    """(step, mean, min, max) of FID over a strategy's seeds, at the steps every one of its seeds evaluated."""
-    curves = [dict(r["fid_history"]) for r in results if r["strategy"] == strategy and r["fid_history"]]
-    if not curves:
-        return []
-    steps = sorted(set.intersection(*map(set, curves)))
-    return [(s, sum(c[s] for c in curves) / len(curves), min(c[s] for c in curves), max(c[s] for c in curves))
-            for s in steps]
 
 
 def plot_headline(results: list[dict[str, Any]], path: Path) -> None:

@@ -23,18 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, default_backbone, device_name, today, update_summary, write_json  # noqa: E402
+from benchmarks.common import RESULTS, device_name, today, update_summary, write_json  # noqa: E402
 
 def measure(args: argparse.Namespace) -> None:
     """One device count (this process is rank 0, or a rank started by Lightning): rank 0 writes the part file."""
     import torch
 
-    from benchmarks.throughput import SMOKE_BACKBONE, lightning_loop
+    from benchmarks.throughput import lightning_loop, seeded_backbone
 
-    torch.manual_seed(0)
     if args.smoke:
         torch.set_num_threads(1)
-    backbone = default_backbone(**(SMOKE_BACKBONE if args.smoke else {}))
+    backbone = seeded_backbone(args.smoke, torch.device("cpu"))  # Lightning moves it to each rank's device
     images_per_s = lightning_loop(backbone, args.root, args.batch_size, args.warmup, args.steps, speed=True,
                                   smoke=args.smoke, ema="ours", devices=args.run_devices,
                                   channels_last=not args.smoke)  # as the GPU configs train

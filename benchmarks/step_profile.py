@@ -16,11 +16,12 @@ Triton kernels, optimizer, layout conversion, other) against the step's wall tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS, default_backbone, device_name, today, write_json  # noqa: E402
-from benchmarks.throughput import SMOKE_BACKBONE, plain_loop, plain_step, synthetic_images  # noqa: E402
+from benchmarks.common import RESULTS, device_name, today, write_json  # noqa: E402
+from benchmarks.throughput import plain_loop, plain_step, seeded_backbone, synthetic_images  # noqa: E402
 
 VARIANTS = {  # name: (cudnn.benchmark, channels_last)
     "base": (False, False),
@@ -49,6 +50,16 @@ FAMILIES = [
     ("optimizer", r"multi_tensor|adam|foreach"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|aten::mm|aten::addmm|aten::bmm|aten::linear"),
 ]
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool) -> Iterator[None]:
+    """torch.backends.cudnn.benchmark set to ``on`` inside the block, and off again after it."""
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def family(name: str) -> str:
@@ -112,41 +123,33 @@ def main() -> dict[str, Any]:
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    overrides = SMOKE_BACKBONE if args.smoke else {}
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return default_backbone(**overrides).to(device)
-
     data = synthetic_images(60_000 if cuda else 256, device)
     result: dict[str, Any] = {"card": device_name(), "date": today(), "torch": torch.__version__,
                               "images_per_s": {}, "breakdown": {}}
     for batch in args.batch_sizes:
         speeds: dict[str, float] = {}
         for name in args.variants:
-            cudnn_benchmark, channels_last = VARIANTS[name]
-            torch.backends.cudnn.benchmark = cudnn_benchmark
+            autotune, channels_last = VARIANTS[name]
             try:
-                speeds[name] = plain_loop(fresh(), data, batch, args.warmup, args.steps, fast=cuda,
-                                          channels_last=channels_last)
+                with cudnn_benchmark(autotune):
+                    speeds[name] = plain_loop(seeded_backbone(args.smoke, device), data, batch, args.warmup,
+                                              args.steps, fast=cuda, channels_last=channels_last)
             except Exception as err:  # keep the other variants; report what failed
                 speeds[name] = float("nan")
                 result.setdefault("errors", {})[f"{batch}/{name}"] = repr(err)[:500]
-            finally:
-                torch.backends.cudnn.benchmark = False
             print(f"batch {batch} {name}: {speeds[name]:.0f} images/s", flush=True)
         result["images_per_s"][str(batch)] = speeds
         write_json(Path(args.out), result)
     # The trace, at the largest batch (the bf16-rate goal is measured there).
     batch = max(args.batch_sizes)
-    cudnn_benchmark, channels_last = VARIANTS[args.profile_variant]
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    step = plain_step(fresh(), data, batch, fast=cuda, compile_mode=args.profile_mode, channels_last=channels_last)
-    for _ in range(args.warmup):
-        step()
-    result["breakdown"] = {"batch": batch, "compile_mode": args.profile_mode, "variant": args.profile_variant,
-                           **breakdown(step, device, args.profile_steps)}
-    torch.backends.cudnn.benchmark = False
+    autotune, channels_last = VARIANTS[args.profile_variant]
+    with cudnn_benchmark(autotune):
+        step = plain_step(seeded_backbone(args.smoke, device), data, batch, fast=cuda, compile_mode=args.profile_mode,
+                          channels_last=channels_last)
+        for _ in range(args.warmup):
+            step()
+        result["breakdown"] = {"batch": batch, "compile_mode": args.profile_mode, "variant": args.profile_variant,
+                               **breakdown(step, device, args.profile_steps)}
     print(result["breakdown"], flush=True)
     write_json(Path(args.out), result)
     return result

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import (   # noqa: E402
+from benchmarks.common import (  # noqa: E402
     RESULTS,
     default_backbone,
     device_name,
@@ -49,7 +49,7 @@ from lightning_speed.process import GaussianDiffusion  # noqa: E402
 from lightning_speed.schedules import NoiseSchedule  # noqa: E402
 
 
-# The tiny UNet of the CPU smoke runs (tests), also used by ddp_scaling.py.
+# The tiny UNet of the CPU smoke runs (tests); seeded_backbone builds it for every benchmark script.
 SMOKE_BACKBONE = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
 
 # --rows names of the result rows
@@ -63,6 +63,12 @@ RATIOS = {
     "d_over_c": ("d_speed_ema", "c_lightning_speed"),
     "d_over_d_lightning": ("d_speed_ema", "d_speed_ema_lightning"),
 }
+
+
+def seeded_backbone(smoke: bool, device: torch.device) -> torch.nn.Module:
+    """The default UNet (or the tiny smoke one), from seed 0, so every row starts from the same weights."""
+    torch.manual_seed(0)
+    return default_backbone(**(SMOKE_BACKBONE if smoke else {})).to(device)
 
 
 def synthetic_images(n: int, device: torch.device) -> torch.Tensor:
@@ -296,11 +302,9 @@ def main() -> dict[str, Any]:
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # a0 is the naive fp32 baseline
-    overrides = SMOKE_BACKBONE if args.smoke else {}
 
     def fresh() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return default_backbone(**overrides).to(device)
+        return seeded_backbone(args.smoke, device)
 
     result: dict[str, Any] = {"card": device_name(), "date": today(), "rows": {}, "torch": torch.__version__,
                               "compile_mode": args.compile_mode, "channels_last": args.channels_last}
