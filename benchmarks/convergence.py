@@ -63,6 +63,15 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                                    "set": {"ChangeAwareWeighting": {"lam": 0.5}}},
     "speed_weighting_only_lam1": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
                                   "set": {"ChangeAwareWeighting": {"lam": 1.0}}},
+    "speed_weighting_only_lam08": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
+                                   "set": {"ChangeAwareWeighting": {"lam": 0.8}}},
+    # tau of the best variant: the schedule's pivot (642 on linear) and a later one
+    "speed_weighting_only_lam1_tau_auto": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
+                                           "set": {"ChangeAwareWeighting": {"lam": 1.0, "tau": "auto"}}},
+    "speed_weighting_only_lam1_tau850": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
+                                         "set": {"ChangeAwareWeighting": {"lam": 1.0, "tau": 850}}},
+    # does the full shape rescue asymmetric sampling? official SpeeD with lambda 1
+    "speed_lam1": {"base": "speed", "set": {"ChangeAwareWeighting": {"lam": 1.0}}},
 }
 RUNS = sorted([*STRATEGIES, *ABLATIONS])
 # A strategy on another noise schedule is compared with uniform sampling on that schedule (the default: "uniform").
@@ -409,7 +418,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     pair), and at the evaluation step nearest below N/2.
     """
     out = Path(args.out)
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    results = load_results([out, *map(Path, args.include)])
+    sampler = curve_sampler(results, out)
     uniform_steps = sorted({s for r in results if r["strategy"] == "uniform" for s, _ in r["fid_history"]})
     if not results or not uniform_steps:
         print("no uniform baseline results yet")
@@ -429,20 +439,70 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                 for key in ("N", "N_half")}
     summary = {"N": headline["N"], "N_half": headline["N_half"], "budgets": budgets,
                "tables": {str(b): t for b, t in sorted(tables.items())},
-               "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done")} for r in results]}
+               "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done", "folder")} for r in results]}
     write_json(out / "speedups.json", summary)
-    plot(results, out / "fid_vs_step.png")
-    plot_headline(results, out / "fid_vs_step_headline.png")
+    plot(results, out / "fid_vs_step.png", sampler)
+    plot_headline(results, out / "fid_vs_step_headline.png", sampler)
     plot_areas(results, out / "area_loss.png")
     if not args.smoke and args.summary and headline["N"]:
-        cards = {s: ", ".join(sorted({r["card"] for r in results if r["strategy"] in (s, "uniform")}))
-                 for s in budgets}
+        def sources(strategy: str, field: str) -> str:  # the cards (folders) of its runs and its baseline's
+            compared = (strategy, BASELINES.get(strategy, "uniform"))
+            return ", ".join(sorted({r[field] for r in results if r["strategy"] in compared}))
+
         _merge_speedups(RESULTS / "summary.json", {
-            key: {s: {**_headline(v), "card": cards[s], "results": out.name} for s, v in headline[n].items()}
-            for key, n in (("speedup", "N"), ("speedup_half", "N_half"))
+            key: {s: {**_headline(v), "card": sources(s, "card"), "results": sources(s, "folder")}
+                  for s, v in headline[n].items()}
+            for key, n in zip(summary_keys(sampler), ("N", "N_half"))
         })
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets")}, indent=1))
     return summary
+
+
+def load_results(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every ``<folder>/<run>/result.json``, each marked with its folder's name under ``"folder"``.
+
+    Several folders report together when they follow one protocol (say, new strategies run on another
+    card against a folder's uniform baseline). A run found in two folders is ambiguous and refused.
+    """
+    results, seen = [], {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no result folder {folder}: pass folders written by 'convergence.py launch'")
+        for path in sorted(folder.glob("*/result.json")):
+            result = {**json.loads(path.read_text()), "folder": folder.name}
+            run = f"{result['strategy']}_s{result['seed']}"
+            if run in seen:
+                raise ValueError(f"{run} is in both {seen[run]} and {folder}: report each folder with only one of them")
+            seen[run] = folder
+            results.append(result)
+    return results
+
+
+PROTOCOL_SAMPLER = "ddim-50"  # the FID curve's sampler in BENCHMARK.md; summary.json's "speedup" uses it
+
+
+def curve_sampler(results: list[dict[str, Any]], folder: Path) -> str:
+    """The one sampler ("ddim-50", "ddpm-250", ...) of every FID curve in ``folder``.
+
+    Speed-ups compare FIDs across runs, and FIDs of different samplers are not comparable: a folder
+    mixing them is refused rather than reported.
+    """
+    samplers = sorted({r.get("fid_sampler", PROTOCOL_SAMPLER) for r in results})
+    if len(samplers) > 1:
+        runs = {s: [f"{r['strategy']}_s{r['seed']}" for r in results if r.get("fid_sampler", PROTOCOL_SAMPLER) == s]
+                for s in samplers}
+        raise ValueError(
+            f"{folder} mixes FID curves of different samplers {runs}: their FIDs are not comparable. "
+            "Launch each sampler into its own --out folder and report them separately."
+        )
+    return samplers[0] if samplers else PROTOCOL_SAMPLER
+
+
+def summary_keys(sampler: str) -> tuple[str, str]:
+    """summary.json keys of the speed-ups at N and N/2: the stable ones for the protocol's sampler,
+    suffixed ones (``speedup_ddpm250``) for another, so that a sampler study never replaces the headline."""
+    suffix = "" if sampler == PROTOCOL_SAMPLER else "_" + sampler.replace("-", "")
+    return f"speedup{suffix}", f"speedup_half{suffix}"
 
 
 def _merge_speedups(path: Path, updates: dict[str, dict[str, Any]]) -> None:
@@ -474,18 +534,25 @@ def _legend_label(run: dict[str, Any], runs: list[dict[str, Any]]) -> str | None
     return run["strategy"] if run["seed"] == first else None
 
 
+# The headline runs keep their colours in every plot, whatever runs are added; the others cycle through tab20.
+FIXED_COLORS = {"uniform": "black", "speed": "#d62728", "speed_weighting_only_lam1": "#1f77b4", "min_snr": "#2ca02c"}
+
+
 def _color(strategy: str) -> Any:
     import matplotlib
 
-    i = RUNS.index(strategy) if strategy in RUNS else 19
-    return matplotlib.colormaps["tab20"]((2 * i) % 20 + (2 * i >= 20))  # the ten dark hues first, then light ones
+    if strategy in FIXED_COLORS:
+        return FIXED_COLORS[strategy]
+    others = [r for r in RUNS if r not in FIXED_COLORS]
+    i = others.index(strategy) if strategy in others else len(others)
+    return matplotlib.colormaps["tab20"]((2 * i + 2) % 20 + ((2 * i + 2) // 20) % 2)  # skip tab20's blue; dark hues first
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(results: list[dict[str, Any]], path: Path, sampler: str = PROTOCOL_SAMPLER) -> None:
     plt = _pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for r in sorted(results, key=lambda r: (r["strategy"], r["seed"])):
         curve = r["fid_history"]
         if not curve:
@@ -496,10 +563,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                 lw=2.5 if r["strategy"] in ("uniform", "speed") else 1.2,
                 ls="--" if r["strategy"] in ABLATIONS else "-")
     ax.set_xlabel("training step")
-    ax.set_ylabel("FID (Fashion-MNIST features, EMA, DDIM-50)")
+    ax.set_ylabel(f"FID (Fashion-MNIST features, EMA, {sampler.upper()})")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: many runs
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -509,7 +576,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 HEADLINE = ("uniform", "speed", "speed_weighting_only_lam1", "min_snr")
 
 
-def plot_headline(results: list[dict[str, Any]], path: Path) -> None:
+def plot_headline(results: list[dict[str, Any]], path: Path, sampler: str = PROTOCOL_SAMPLER) -> None:
     """FID against step for ``HEADLINE``: the mean over seeds, with the range over seeds shaded."""
     plt = _pyplot()
     if plt is None:
@@ -526,7 +593,7 @@ def plot_headline(results: list[dict[str, Any]], path: Path) -> None:
         if seeds > 1:
             ax.fill_between(steps, low, high, color=_color(strategy), alpha=0.2, lw=0)
     ax.set_xlabel("training step")
-    ax.set_ylabel("FID (Fashion-MNIST features, EMA, DDIM-50)")
+    ax.set_ylabel(f"FID (Fashion-MNIST features, EMA, {sampler.upper()})")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(title="mean, range over seeds shaded")
@@ -598,6 +665,9 @@ def main() -> None:
                    help="launch: stop (and retry once, eager) a run whose files have not changed for this long")
     p.add_argument("--root", default=None)
     p.add_argument("--out", default=str(RESULTS / "convergence"))
+    p.add_argument("--include", nargs="+", default=[], metavar="FOLDER",
+                   help="report: also read these result folders (same protocol, e.g. the uniform baseline of "
+                        "another card); speedups.json and the plots still go to --out")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--no-summary", dest="summary", action="store_false",
                    help="report: leave benchmarks/results/summary.json alone")
@@ -610,7 +680,10 @@ def main() -> None:
     elif args.command == "launch":
         launch(args)
     else:
-        report(args)
+        try:
+            report(args)
+        except (ValueError, FileNotFoundError) as error:  # mixed samplers, a run in two folders, a missing folder
+            p.exit(2, f"convergence.py report: {error}\n")
 
 
 if __name__ == "__main__":

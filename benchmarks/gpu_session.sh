@@ -2,7 +2,9 @@
 # One call on a lent 2-GPU machine (see BENCHMARKS.md, "Setup"). Usage:
 #   bash benchmarks/gpu_session.sh conv     # convergence jobs on both GPUs for $BUDGET s (resumes from $CONV)
 #   bash benchmarks/gpu_session.sh timing   # the same, then FID timing (eager on GPU 0, compiled on GPU 1)
-#   bash benchmarks/gpu_session.sh measure  # no training: FID timing, DDP scaling 1 -> 2 GPUs, throughput rows c, d at 512
+#   bash benchmarks/gpu_session.sh measure  # no training: FID timing, DDP scaling 1 -> $DDP_DEVICES GPUs, throughput
+#                                           # rows c, d at 512
+#   bash benchmarks/gpu_session.sh ddp      # DDP scaling only (DDP_DEVICES, default "1 2"), then convergence jobs
 #   bash benchmarks/gpu_session.sh single   # one GPU: FID timing (idle GPU), throughput rows c, d at 512, then
 #                                           # convergence jobs on GPU 0 until CALL_SECONDS (default 585) are used
 # Throughput: python3 benchmarks/throughput.py --batch-sizes 128 512 --root .data (about 8 minutes).
@@ -20,8 +22,10 @@ PER_GPU=${PER_GPU:-3}
 FINAL=${FINAL:-10000}                 # samples for the final FIDs at N (DDIM-50 and DDPM-250), uniform and speed
 OUT=${OUT:-/tmp/out}
 GPUS=${GPUS:-"0 1"}
+DDP_DEVICES=${DDP_DEVICES:-"1 2"}
+LAUNCH_ARGS=${LAUNCH_ARGS:-}           # more launcher arguments, e.g. "--fid-sampler ddpm --fid-steps 250"
 mkdir -p "$OUT/r" "$CONV"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+[ -d /tmp/site/jsonargparse ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/r/nvidia-smi.csv"
 fid_timing() {  # seconds allowed; eager on GPU 0, compiled on GPU 1, side by side on otherwise idle GPUs
@@ -37,11 +41,16 @@ throughput_c_d() {  # rows c and d at batch 512 on GPU 0
 }
 if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/results/ (copied into the tarball)
   fid_timing 170
-  timeout 200 python3 benchmarks/ddp_scaling.py --devices 1 2 --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
+  timeout 200 python3 benchmarks/ddp_scaling.py --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
   throughput_c_d
   cp benchmarks/results/summary.json "$OUT/r/summary.json"
   tar czf "$OUT/results.tgz" -C "$OUT" r; tail -n 4 "$OUT"/r/*.log; rm -rf "$OUT/r"
   exit 0
+fi
+if [ "$PHASE" = ddp ]; then  # all GPUs idle while DDP is timed; convergence gets the rest of the call
+  timeout 300 python3 benchmarks/ddp_scaling.py --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
+  tail -n 6 "$OUT/r/ddp.log"
+  BUDGET=$(( ${CALL_SECONDS:-585} - SECONDS - 45 ))
 fi
 if [ "$PHASE" = single ]; then  # FID timing and throughput first, on the idle GPU; convergence gets the rest of the call
   GPUS=0
@@ -51,7 +60,7 @@ if [ "$PHASE" = single ]; then  # FID timing and throughput first, on the idle G
   tail -n 3 "$OUT"/r/*.log
 fi
 timeout -k 5 ${LAUNCH_TIMEOUT:-$((BUDGET + 20))} python3 benchmarks/convergence.py launch --gpus $GPUS --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
-  --eval-every "$EVERY" --final-samples "$FINAL" --root .data --out "$CONV" > "$OUT/r/conv.log" 2>&1
+  --eval-every "$EVERY" --final-samples "$FINAL" --root .data --out "$CONV" $LAUNCH_ARGS > "$OUT/r/conv.log" 2>&1
 [ "$PHASE" = timing ] && fid_timing 150
 python3 benchmarks/convergence.py report --out "$CONV" > "$OUT/r/report.log" 2>&1
 cp benchmarks/results/summary.json "$OUT/r/summary.json"

@@ -356,6 +356,45 @@ def test_reports_merge_speedups_per_strategy(convergence: ModuleType, tmp_path: 
     assert summary["throughput"] == {"x": 1}
 
 
+def test_report_refuses_mixed_fid_samplers(convergence: ModuleType, tmp_path: Path) -> None:
+    """FIDs of different samplers are not comparable: one folder, one sampler; a non-protocol sampler
+    reports under its own summary keys and never replaces the headline speed-ups."""
+    def run(strategy: str, sampler: str) -> dict:
+        return {"strategy": strategy, "seed": 0, "fid_sampler": sampler, "fid_history": [[2500, 9.0]]}
+
+    same = [run("uniform", "ddpm-250"), run("speed", "ddpm-250")]
+    assert convergence.curve_sampler(same, tmp_path) == "ddpm-250"
+    assert convergence.curve_sampler([{"strategy": "uniform"}], tmp_path) == "ddim-50"  # results before the field
+    with pytest.raises(ValueError, match=r"mixes FID curves.*'ddim-50': \['uniform_s0'\].*'ddpm-250': \['speed_s0'\]"):
+        convergence.curve_sampler([run("uniform", "ddim-50"), run("speed", "ddpm-250")], tmp_path)
+    assert convergence.summary_keys("ddim-50") == ("speedup", "speedup_half")
+    assert convergence.summary_keys("ddpm-250") == ("speedup_ddpm250", "speedup_half_ddpm250")
+
+
+def test_report_includes_another_folders_baseline(tmp_path: Path) -> None:
+    """--include: strategies run in one folder are compared with the uniform runs of another (committed
+    H100 baseline and H200 runs here); a run present in both folders is refused."""
+    new, baseline = tmp_path / "new", tmp_path / "baseline"
+    for folder, runs in ((baseline, RESULTS / "convergence_h100"), (new, RESULTS / "convergence_h200x4")):
+        for run in (["uniform_s0", "uniform_s1", "uniform_s2"] if folder == baseline else ["p2_s0", "p2_s1"]):
+            (folder / run).mkdir(parents=True)
+            (folder / run / "result.json").write_bytes((runs / run / "result.json").read_bytes())
+    run_script(["benchmarks/convergence.py", "report", "--smoke", "--out", str(new), "--include", str(baseline)], tmp_path)
+    report = json.loads((new / "speedups.json").read_text())
+    p2 = report["N"]["p2"]
+    uniform_at_10k = [dict(json.loads((baseline / f"uniform_s{s}" / "result.json").read_text())["fid_history"])[10000]
+                      for s in range(3)]
+    assert p2["baseline_seeds"] == 3 and p2["baseline_fid"] == pytest.approx(sum(uniform_at_10k) / 3)
+    assert {(r["strategy"], r["folder"]) for r in report["runs"]} == {("uniform", "baseline"), ("p2", "new")}
+    assert (new / "fid_vs_step.png").is_file() and not (baseline / "speedups.json").exists()
+    (new / "uniform_s0").mkdir()
+    (new / "uniform_s0" / "result.json").write_bytes((baseline / "uniform_s0" / "result.json").read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "benchmarks/convergence.py", "report", "--smoke", "--out", str(new),
+                           "--include", str(baseline)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "uniform_s0 is in both" in proc.stderr
+
+
 # ------------------------------------------------------------------------------ ddp_scaling.py
 @needs_fashion_mnist
 def test_ddp_scaling_smoke_runs_one_and_two_processes(tmp_path: Path) -> None:
@@ -429,6 +468,23 @@ def test_ablations_change_what_the_strategies_build(convergence: ModuleType) -> 
     u = (rate - rate.min()) / (rate.max() - rate.min())
     torch.testing.assert_close(w[:700].float(), u[:700].float())  # lambda 1: w = u(t) below tau, the full shape
     assert torch.all(w[700:] == 1.0)
+    mid = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam08"])
+    w = mid[0].build(schedule, None).weight(t)
+    torch.testing.assert_close(w[:700].float(), (0.2 + 0.6 * u[:700]).float())  # 1 - lam + (2 lam - 1) u(t)
+    pivot = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam1_tau_auto"])
+    tau = pivot[0].build(schedule, None).tau
+    assert 600 < tau < 700  # the linear schedule's pivot
+    w = pivot[0].build(schedule, None).weight(t)
+    torch.testing.assert_close(w[:tau].float(), u[:tau].float())
+    assert torch.all(w[tau:] == 1.0)
+    late = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam1_tau850"])
+    w = late[0].build(schedule, None).weight(t)
+    torch.testing.assert_close(w[:850].float(), u[:850].float())
+    assert torch.all(w[850:] == 1.0)
+    both = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_lam1"])
+    assert [type(cb) for cb in both] == [AsymmetricTimestepSampling, ChangeAwareWeighting, TimestepMonitor]
+    assert both[0].k == 5 and both[0].dual is True
+    torch.testing.assert_close(both[1].build(schedule, None).weight(t)[:700].float(), u[:700].float())
     for name, ablation in convergence.ABLATIONS.items():
         assert ablation["base"] in convergence.STRATEGIES, name
     with pytest.raises(AttributeError, match="AsymmetricTimestepSampling.kk"):
