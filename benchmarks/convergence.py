@@ -492,7 +492,7 @@ def curve_sampler(results: list[dict[str, Any]], folder: Path) -> str:
         runs = {s: [f"{r['strategy']}_s{r['seed']}" for r in results if r.get("fid_sampler", PROTOCOL_SAMPLER) == s]
                 for s in samplers}
         raise ValueError(
-            f"{folder} mixes FID curves of different samplers {runs}: their FIDs are not comparable. "
+            f"the runs reported into {folder} mix FID curves of different samplers {runs}: their FIDs are not comparable. "
             "Launch each sampler into its own --out folder and report them separately."
         )
     return samplers[0] if samplers else PROTOCOL_SAMPLER

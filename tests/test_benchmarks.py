@@ -365,7 +365,7 @@ def test_report_refuses_mixed_fid_samplers(convergence: ModuleType, tmp_path: Pa
     same = [run("uniform", "ddpm-250"), run("speed", "ddpm-250")]
     assert convergence.curve_sampler(same, tmp_path) == "ddpm-250"
     assert convergence.curve_sampler([{"strategy": "uniform"}], tmp_path) == "ddim-50"  # results before the field
-    with pytest.raises(ValueError, match=r"mixes FID curves.*'ddim-50': \['uniform_s0'\].*'ddpm-250': \['speed_s0'\]"):
+    with pytest.raises(ValueError, match=r"mix FID curves.*'ddim-50': \['uniform_s0'\].*'ddpm-250': \['speed_s0'\]"):
         convergence.curve_sampler([run("uniform", "ddim-50"), run("speed", "ddpm-250")], tmp_path)
     assert convergence.summary_keys("ddim-50") == ("speedup", "speedup_half")
     assert convergence.summary_keys("ddpm-250") == ("speedup_ddpm250", "speedup_half_ddpm250")
