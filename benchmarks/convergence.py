@@ -51,6 +51,13 @@ STRATEGIES = {
 # Ablations for studying SpeeD: a shipped config with one change, named after the change.
 # base: a key of STRATEGIES; drop: callback classes removed; set: {callback class: {attribute: value}};
 # args: extra command-line arguments for the CLI.
+
+
+def _weighting_only(**weighting: Any) -> dict[str, Any]:
+    """SpeeD's config without asymmetric sampling (uniform t), its ChangeAwareWeighting set to ``weighting``."""
+    return {"base": "speed", "drop": ["AsymmetricTimestepSampling"], "set": {"ChangeAwareWeighting": weighting}}
+
+
 ABLATIONS: dict[str, dict[str, Any]] = {
     "uniform_cosine": {"base": "uniform", "args": ["--model.schedule", "cosine"]},  # the baseline for speed_cosine
     "speed_sampling_only": {"base": "speed", "drop": ["ChangeAwareWeighting"]},  # asymmetric sampling, w = 1
@@ -59,17 +66,12 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "speed_no_dual": {"base": "speed", "set": {"AsymmetricTimestepSampling": {"dual": False}}},
     # lambda sweep of the best SpeeD variant. lambda 0.5 makes w = 0.5 below tau and 1 above it: only
     # "high-noise steps count twice", with no change-aware shape; lambda 1 gives the full [0, 1] shape below tau.
-    "speed_weighting_only_lam05": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
-                                   "set": {"ChangeAwareWeighting": {"lam": 0.5}}},
-    "speed_weighting_only_lam1": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
-                                  "set": {"ChangeAwareWeighting": {"lam": 1.0}}},
-    "speed_weighting_only_lam08": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
-                                   "set": {"ChangeAwareWeighting": {"lam": 0.8}}},
+    "speed_weighting_only_lam05": _weighting_only(lam=0.5),
+    "speed_weighting_only_lam1": _weighting_only(lam=1.0),
+    "speed_weighting_only_lam08": _weighting_only(lam=0.8),
     # tau of the best variant: the schedule's pivot (642 on linear) and a later one
-    "speed_weighting_only_lam1_tau_auto": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
-                                           "set": {"ChangeAwareWeighting": {"lam": 1.0, "tau": "auto"}}},
-    "speed_weighting_only_lam1_tau850": {"base": "speed", "drop": ["AsymmetricTimestepSampling"],
-                                         "set": {"ChangeAwareWeighting": {"lam": 1.0, "tau": 850}}},
+    "speed_weighting_only_lam1_tau_auto": _weighting_only(lam=1.0, tau="auto"),
+    "speed_weighting_only_lam1_tau850": _weighting_only(lam=1.0, tau=850),
     # does the full shape rescue asymmetric sampling? official SpeeD with lambda 1
     "speed_lam1": {"base": "speed", "set": {"ChangeAwareWeighting": {"lam": 1.0}}},
 }
@@ -487,15 +489,16 @@ def curve_sampler(results: list[dict[str, Any]], folder: Path) -> str:
     Speed-ups compare FIDs across runs, and FIDs of different samplers are not comparable: a folder
     mixing them is refused rather than reported.
     """
-    samplers = sorted({r.get("fid_sampler", PROTOCOL_SAMPLER) for r in results})
-    if len(samplers) > 1:
-        runs = {s: [f"{r['strategy']}_s{r['seed']}" for r in results if r.get("fid_sampler", PROTOCOL_SAMPLER) == s]
-                for s in samplers}
+    by_sampler: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_sampler.setdefault(r.get("fid_sampler", PROTOCOL_SAMPLER), []).append(r)
+    if len(by_sampler) > 1:
+        runs = {s: [f"{r['strategy']}_s{r['seed']}" for r in rs] for s, rs in sorted(by_sampler.items())}
         raise ValueError(
-            f"the runs reported into {folder} mix FID curves of different samplers {runs}: their FIDs are not comparable. "
-            "Launch each sampler into its own --out folder and report them separately."
+            f"the runs reported into {folder} mix FID curves of different samplers {runs}: "
+            "their FIDs are not comparable. Launch each sampler into its own --out folder and report them separately."
         )
-    return samplers[0] if samplers else PROTOCOL_SAMPLER
+    return next(iter(by_sampler), PROTOCOL_SAMPLER)
 
 
 def summary_keys(sampler: str) -> tuple[str, str]:

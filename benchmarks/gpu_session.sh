@@ -39,16 +39,19 @@ throughput_c_d() {  # rows c and d at batch 512 on GPU 0
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/throughput.py --batch-sizes 512 --rows c d --root .data \
     --out "$OUT/r/throughput_c_d.json" > "$OUT/r/throughput_c_d.log" 2>&1
 }
+ddp_scaling() {  # seconds allowed; DDP_DEVICES on otherwise idle GPUs
+  timeout "$1" python3 benchmarks/ddp_scaling.py --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
+}
 if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/results/ (copied into the tarball)
   fid_timing 170
-  timeout 200 python3 benchmarks/ddp_scaling.py --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
+  ddp_scaling 200
   throughput_c_d
   cp benchmarks/results/summary.json "$OUT/r/summary.json"
   tar czf "$OUT/results.tgz" -C "$OUT" r; tail -n 4 "$OUT"/r/*.log; rm -rf "$OUT/r"
   exit 0
 fi
 if [ "$PHASE" = ddp ]; then  # all GPUs idle while DDP is timed; convergence gets the rest of the call
-  timeout 300 python3 benchmarks/ddp_scaling.py --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
+  ddp_scaling 300
   tail -n 6 "$OUT/r/ddp.log"
   BUDGET=$(( ${CALL_SECONDS:-585} - SECONDS - 45 ))
 fi

@@ -472,9 +472,10 @@ def test_ablations_change_what_the_strategies_build(convergence: ModuleType) -> 
     w = mid[0].build(schedule, None).weight(t)
     torch.testing.assert_close(w[:700].float(), (0.2 + 0.6 * u[:700]).float())  # 1 - lam + (2 lam - 1) u(t)
     pivot = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam1_tau_auto"])
-    tau = pivot[0].build(schedule, None).tau
+    weights = pivot[0].build(schedule, None)
+    tau = weights.tau
     assert 600 < tau < 700  # the linear schedule's pivot
-    w = pivot[0].build(schedule, None).weight(t)
+    w = weights.weight(t)
     torch.testing.assert_close(w[:tau].float(), u[:tau].float())
     assert torch.all(w[tau:] == 1.0)
     late = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam1_tau850"])
