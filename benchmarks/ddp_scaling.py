@@ -1,11 +1,11 @@
 """Multi-GPU scaling: training images/s on N GPUs (DDP) over 1 GPU.
 
-Row d of throughput.py (DiffusionModule + SpeeD callbacks + our EMA, compiled, bf16, data on the
+Row d of throughput.py (DiffusionModule + the SpeeD callback + our EMA, compiled, bf16, data on the
 GPU) with a fixed batch per GPU. Each device count runs in its own process; Lightning's DDP
-launcher starts the other ranks by running this script again.
+launcher starts the other ranks by running this module again.
 
-    python benchmarks/ddp_scaling.py --devices 1 2 --batch-size 128 --root .data
-    python benchmarks/ddp_scaling.py --smoke --out /tmp/ddp.json   # CPU, 1 and 2 processes, tiny model (tests)
+    python -m benchmarks.ddp_scaling --devices 1 2 --batch-size 128 --root .data
+    python -m benchmarks.ddp_scaling --smoke --out /tmp/ddp.json   # CPU, 1 and 2 processes, tiny model (tests)
 """
 
 from __future__ import annotations
@@ -19,11 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import RESULTS, device_name, today, update_summary, write_json  # noqa: E402
+from benchmarks.common import REPO, RESULTS, device_name, today, update_summary, write_json
 
 def measure(args: argparse.Namespace) -> None:
     """One device count (this process is rank 0, or a rank started by Lightning): rank 0 writes the part file."""
@@ -46,7 +42,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     images_per_s: dict[str, float] = {}
     for n in args.devices:
         part = parts / f"devices{n}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-devices", str(n), "--part", str(part),
+        cmd = [sys.executable, "-m", "benchmarks.ddp_scaling", "--run-devices", str(n), "--part", str(part),
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
         cmd += (["--root", args.root] if args.root else []) + (["--smoke"] if args.smoke else [])
         subprocess.run(cmd, check=True, cwd=REPO)

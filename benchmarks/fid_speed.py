@@ -1,7 +1,7 @@
 """Seconds for one FID point: generate N samples (DDIM-50, bf16) with the default Fashion-MNIST
 UNet and compare them with the cached real statistics, as FIDCallback does during training.
 
-    python benchmarks/fid_speed.py --counts 5000 10000 --out benchmarks/results/fid_speed.json
+    python -m benchmarks.fid_speed --counts 5000 10000 --out benchmarks/results/fid_speed.json
 
 Two variants of the network call: "eager" (what the shipped configs use) and "compiled"
 (``DiffusionModule(compile_sampling=True)``). ``fid_seconds`` in summary.json is the eager one.
@@ -10,21 +10,16 @@ Two variants of the network call: "eager" (what the shipped configs use) and "co
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import lightning.pytorch as pl
+import torch
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.common import RESULTS, default_backbone, device_name, today, update_summary, write_json  # noqa: E402
-from lightning_speed import DiffusionModule  # noqa: E402
-from lightning_speed.callbacks import FIDCallback  # noqa: E402
-from lightning_speed.data import FashionMNISTDataModule  # noqa: E402
+from benchmarks.common import RESULTS, default_backbone, device_name, today, update_summary, write_json
+from lightning_speed import DiffusionModule
+from lightning_speed.callbacks import FIDCallback
+from lightning_speed.data import FashionMNISTDataModule
 
 
 def main() -> None:
@@ -43,7 +38,7 @@ def main() -> None:
         eager = results["eager"]
         updates = {"fid_seconds": {
             **_by_thousands(eager["seconds"]), "card": eager["card"],
-            "sampling": f"eager bf16, {eager['sampler'].upper()}, batch {eager['batch_size']}",
+            "sampling": f"eager bf16, {eager['solver'].upper()}, batch {eager['batch_size']}",
         }}
         if "compiled" in results:
             updates["fid_seconds_compiled"] = {**_by_thousands(results["compiled"]["seconds"]), "card": eager["card"]}
@@ -60,7 +55,7 @@ def time_variant(args: argparse.Namespace, variant: str) -> dict:
     cuda = torch.cuda.is_available() and not args.smoke
     overrides = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []} if args.smoke else {}
     module = DiffusionModule(default_backbone(**overrides), compile_sampling=variant == "compiled")
-    fid = FIDCallback(num_samples=args.counts[0], batch_size=args.batch_size, sampling_steps=args.steps,
+    fid = FIDCallback(num_samples=args.counts[0], batch_size=args.batch_size, solver_steps=args.steps,
                       feature_extractor="fashion_mnist", on_train_end=False)
     trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
                          max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -69,7 +64,7 @@ def time_variant(args: argparse.Namespace, variant: str) -> dict:
     module.to(trainer.strategy.root_device)  # fit's teardown moved the module back to the CPU
     fid.num_samples = min(args.counts[0], 1000)
     fid.evaluate(trainer, module)  # warm-up: kernels, allocator, feature network
-    result = {"card": device_name(), "date": today(), "sampler": f"ddim-{args.steps}", "batch_size": args.batch_size,
+    result = {"card": device_name(), "date": today(), "solver": f"ddim-{args.steps}", "batch_size": args.batch_size,
               "variant": variant,
               "note": "untrained default UNet: timing only, the FID value is meaningless", "seconds": {}}
     for n in args.counts:

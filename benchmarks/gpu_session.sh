@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh ddp      # DDP scaling only (DDP_DEVICES, default "1 2"), then convergence jobs
 #   bash benchmarks/gpu_session.sh single   # one GPU: FID timing (idle GPU), throughput rows c, d at 512, then
 #                                           # convergence jobs on GPU 0 until CALL_SECONDS (default 585) are used
-# Throughput: python3 benchmarks/throughput.py --batch-sizes 128 512 --root .data (about 8 minutes).
+# Throughput: python3 -m benchmarks.throughput --batch-sizes 128 512 --root .data (about 8 minutes).
 # Results are packed into $OUT/results.tgz (JSON, PNG, logs, TensorBoard events; no checkpoints).
 set -uo pipefail
 PHASE=${1:-conv}
@@ -23,24 +23,25 @@ FINAL=${FINAL:-10000}                 # samples for the final FIDs at N (DDIM-50
 OUT=${OUT:-/tmp/out}
 GPUS=${GPUS:-"0 1"}
 DDP_DEVICES=${DDP_DEVICES:-"1 2"}
-LAUNCH_ARGS=${LAUNCH_ARGS:-}           # more launcher arguments, e.g. "--fid-sampler ddpm --fid-steps 250"
+BASE=${BASE:-fashion_mnist.yaml}      # the base config under configs/ (fashion_mnist_dit.yaml: the paper recipe)
+LAUNCH_ARGS=${LAUNCH_ARGS:-}           # more launcher arguments, e.g. "--fid-solver ddpm --fid-steps 250"
 mkdir -p "$OUT/r" "$CONV"
 [ -d /tmp/site/jsonargparse ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/r/nvidia-smi.csv"
 fid_timing() {  # seconds allowed; eager on GPU 0, compiled on GPU 1, side by side on otherwise idle GPUs
   for v in eager:0 compiled:1; do
-    CUDA_VISIBLE_DEVICES=${v#*:} timeout "$1" python3 benchmarks/fid_speed.py --variants ${v%:*} --counts 5000 10000 \
+    CUDA_VISIBLE_DEVICES=${v#*:} timeout "$1" python3 -m benchmarks.fid_speed --variants ${v%:*} --counts 5000 10000 \
       --root .data --out "$OUT/r/fid_speed_${v%:*}.json" > "$OUT/r/fid_speed_${v%:*}.log" 2>&1 &
   done
   wait
 }
 throughput_c_d() {  # rows c and d at batch 512 on GPU 0
-  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/throughput.py --batch-sizes 512 --rows c d --root .data \
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m benchmarks.throughput --batch-sizes 512 --rows c d --root .data \
     --out "$OUT/r/throughput_c_d.json" > "$OUT/r/throughput_c_d.log" 2>&1
 }
 ddp_scaling() {  # seconds allowed; DDP_DEVICES on otherwise idle GPUs
-  timeout "$1" python3 benchmarks/ddp_scaling.py --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
+  timeout "$1" python3 -m benchmarks.ddp_scaling --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
 }
 if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/results/ (copied into the tarball)
   fid_timing 170
@@ -57,15 +58,15 @@ if [ "$PHASE" = ddp ]; then  # all GPUs idle while DDP is timed; convergence get
 fi
 if [ "$PHASE" = single ]; then  # FID timing and throughput first, on the idle GPU; convergence gets the rest of the call
   GPUS=0
-  timeout 200 python3 benchmarks/fid_speed.py --counts 5000 10000 --root .data --out "$OUT/r/fid_speed.json" > "$OUT/r/fid_speed.log" 2>&1
+  timeout 200 python3 -m benchmarks.fid_speed --counts 5000 10000 --root .data --out "$OUT/r/fid_speed.json" > "$OUT/r/fid_speed.log" 2>&1
   throughput_c_d
   BUDGET=$(( ${CALL_SECONDS:-585} - SECONDS - 45 ))
   tail -n 3 "$OUT"/r/*.log
 fi
-timeout -k 5 ${LAUNCH_TIMEOUT:-$((BUDGET + 20))} python3 benchmarks/convergence.py launch --gpus $GPUS --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
+timeout -k 5 ${LAUNCH_TIMEOUT:-$((BUDGET + 20))} python3 -m benchmarks.convergence launch --base "$BASE" --gpus $GPUS --per-gpu "$PER_GPU" --time-limit "$BUDGET" --jobs $JOBS \
   --eval-every "$EVERY" --final-samples "$FINAL" --root .data --out "$CONV" $LAUNCH_ARGS > "$OUT/r/conv.log" 2>&1
 [ "$PHASE" = timing ] && fid_timing 150
-python3 benchmarks/convergence.py report --out "$CONV" > "$OUT/r/report.log" 2>&1
+python3 -m benchmarks.convergence report --out "$CONV" > "$OUT/r/report.log" 2>&1
 cp benchmarks/results/summary.json "$OUT/r/summary.json"
 tar czf "$OUT/results.tgz" -C "$OUT" r -C "$CONV" --exclude='*.ckpt' --exclude='hparams.yaml' . 2>/dev/null
 grep -E "started|finished|failed" "$OUT/r/conv.log"; tail -n 2 "$CONV"/logs/*.log; cat "$OUT"/r/fid_speed_*.log 2>/dev/null | tail -8

@@ -9,8 +9,8 @@ Triton kernels, optimizer, layout conversion, other) against the step's wall tim
     channels_last    + backbone and input in channels_last (NHWC) memory format
     both             both of the above
 
-    python benchmarks/step_profile.py --batch-sizes 128 512 --root .data
-    python benchmarks/step_profile.py --smoke     # a few CPU steps of a tiny model (tests)
+    python -m benchmarks.step_profile --batch-sizes 128 512 --root .data
+    python -m benchmarks.step_profile --smoke     # a few CPU steps of a tiny model (tests)
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,12 +25,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import RESULTS, device_name, today, write_json  # noqa: E402
-from benchmarks.throughput import plain_loop, plain_step, seeded_backbone, synthetic_images  # noqa: E402
+from benchmarks.common import RESULTS, device_name, today, write_json
+from benchmarks.throughput import plain_loop, plain_step, seeded_backbone, synthetic_images
 
 VARIANTS = {  # name: (cudnn.benchmark, channels_last)
     "base": (False, False),

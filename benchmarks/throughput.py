@@ -4,14 +4,14 @@ Measured side by side in one process, same backbone and batch:
   a0  naive eager fp32 PyTorch loop (AdamW, TF32 off)
   a   plain PyTorch loop with our fast settings (bf16 autocast, torch.compile, fused AdamW, channels_last)
   b   DiffusionModule under the Lightning Trainer, uniform sampling (same fast settings)
-  c   b plus the SpeeD callbacks (asymmetric sampling + change-aware weighting)
+  c   b plus the SpeeD callback (asymmetric sampling + change-aware weighting)
   d   c plus EMA weights, as the configs train: our sync-free EMAWeightAveraging, and (d_lightning)
       Lightning's own, whose update reads a device counter on the host twice per step
 Also: FLOPs per training image, the achieved fraction of the card's measured bf16 matmul
 rate, peak memory, and host-device syncs per step in (d) (profiler trace + sync debug mode).
 
-    python benchmarks/throughput.py --batch-sizes 128 512 --out benchmarks/results/throughput.json
-    python benchmarks/throughput.py --smoke          # a few CPU steps of a tiny model (tests)
+    python -m benchmarks.throughput --batch-sizes 128 512 --out benchmarks/results/throughput.json
+    python -m benchmarks.throughput --smoke          # a few CPU steps of a tiny model (tests)
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,11 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     RESULTS,
     default_backbone,
     device_name,
@@ -43,10 +38,10 @@ from benchmarks.common import (  # noqa: E402
     update_summary,
     write_json,
 )
-from lightning_speed import DiffusionModule  # noqa: E402
-from lightning_speed.module import uses_cuda_graphs  # noqa: E402
-from lightning_speed.process import GaussianDiffusion  # noqa: E402
-from lightning_speed.schedules import NoiseSchedule  # noqa: E402
+from lightning_speed import DiffusionModule
+from lightning_speed.module import uses_cuda_graphs
+from lightning_speed.process import GaussianDiffusion
+from lightning_speed.schedules import NoiseSchedule
 
 
 # The tiny UNet of the CPU smoke runs (tests); seeded_backbone builds it for every benchmark script.
@@ -156,9 +151,9 @@ def lightning_loop(
 
     callbacks: list[pl.Callback] = []
     if speed:
-        from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting
+        from lightning_speed.callbacks import SpeeD
 
-        callbacks += [AsymmetricTimestepSampling(tau=700, k=5, dual=True), ChangeAwareWeighting(lam=0.6, tau=700)]
+        callbacks.append(SpeeD(tau=700, k=5, dual=True, lam=0.6))
     if ema == "ours":
         from lightning_speed.callbacks import EMAWeightAveraging
 
@@ -167,7 +162,7 @@ def lightning_loop(
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.999))
     timer = _StepTimer(warmup)
     cuda = torch.cuda.is_available()
-    module = DiffusionModule(backbone, compile=not smoke, compile_mode=compile_mode if cuda else None,
+    module = DiffusionModule(backbone, compile_mode=None if smoke else compile_mode if cuda else "default",
                              channels_last=channels_last)
     data = FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0)
     trainer = pl.Trainer(
@@ -187,9 +182,11 @@ def lightning_loop(
     return batch * devices * timer.timed_steps / (timer.end - timer.start)
 
 
-def flops_per_image(backbone: torch.nn.Module, device: torch.device, batch: int = 16) -> float:
-    """Forward + backward FLOPs of one training image (matmuls and convolutions)."""
-    x = torch.randn(batch, 1, 32, 32, device=device)
+def flops_per_image(
+    backbone: torch.nn.Module, device: torch.device, batch: int = 16, image_shape: tuple[int, int, int] = (1, 32, 32),
+) -> float:
+    """Forward + backward FLOPs of one training image of ``image_shape`` (matmuls, convolutions, attention)."""
+    x = torch.randn(batch, *image_shape, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -202,7 +199,7 @@ def count_syncs(backbone: torch.nn.Module, root: str | None, batch: int, steps: 
     """Host-device syncs per training step of (d): sync-debug warnings and profiler CUDA events."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting, EMAWeightAveraging
+    from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
     from lightning_speed.data import FashionMNISTDataModule
 
     class Probe(pl.Callback):
@@ -230,11 +227,11 @@ def count_syncs(backbone: torch.nn.Module, root: str | None, batch: int, steps: 
     probe = Probe()
     # Eager on purpose: host syncs come from the Python step code, and eager makes every op visible to the
     # sync debug mode and the profiler (a compiled graph would hide them inside one call).
-    module = DiffusionModule(backbone, compile=False)
+    module = DiffusionModule(backbone)
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=10 + steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[AsymmetricTimestepSampling(), ChangeAwareWeighting(), EMAWeightAveraging(), probe],
+        callbacks=[SpeeD(), EMAWeightAveraging(), probe],
     )
     trainer.fit(module, datamodule=FashionMNISTDataModule(root=root, batch_size=batch, on_device=True, val_images=0))
     names = [e.name for e in probe.prof.events()]

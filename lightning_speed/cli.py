@@ -7,16 +7,139 @@ and ``--print_config`` shows them all.
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
 
-from lightning_speed.module import DiffusionModule
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from lightning_speed.callbacks.ema import EMAWeightAveraging
+from lightning_speed.callbacks.fid import FIDCallback
+from lightning_speed.callbacks.monitor import TimestepMonitor
+from lightning_speed.callbacks.samples import SampleGridCallback
+from lightning_speed.callbacks.guard import CheckpointOnSignal, DivergenceError, DivergenceGuard
+from lightning_speed.callbacks.strategies import StrategyCallback
+from lightning_speed.checkpoints import check_checkpoint_file, check_checkpoint_matches
+from lightning_speed.module import RENAMED_ARGUMENTS, DiffusionModule
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Lines of jsonargparse's union-type errors that describe its search, not the problem.
+_SEARCH_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value( type)?:|"
+    r"Not a valid subclass of|Subclass types expect one of|- a (class path|dict)|"
+    r"Expected a <class 'NoneType'>|Expected a path but|Type typing\.)"
+)
+_CONTEXT = re.compile(r"Parser key \"([^\"]+)\"|Problem with given class_path '([^']+)'")
+
+
+def first_useful_error(message: str) -> str:
+    """The innermost message of a jsonargparse error, prefixed with the keys and class that lead to it.
+
+    jsonargparse reports a bad value inside a union type (every callback list is one) as a tree of
+    everything it tried; the line that names the problem comes last, under "Errors:". This returns
+    e.g. ``trainer.callbacks: AsymmetricSampling: k: Expected a <class 'float'>. Got value: banana``.
+    """
+    path: list[str] = []
+    for raw in message.splitlines():
+        line = raw.strip().lstrip("-").strip()
+        if not line:
+            continue
+        contexts = _CONTEXT.findall(line)
+        for key, class_path in contexts:
+            path.append(key or class_path.rsplit(".", 1)[-1])
+        rest = _CONTEXT.sub("", line).strip(" :")
+        if contexts and (not rest or _SEARCH_NOISE.match(rest) or rest.endswith("expects a function or a callable class")):
+            continue
+        if _SEARCH_NOISE.match(line):
+            continue
+        return ": ".join([*dict.fromkeys(path), line])
+    return message.strip().splitlines()[0] if message.strip() else message
+
+
+class SpeedArgumentParser(LightningArgumentParser):
+    """Prints the innermost problem of a parse error first, before the usage and the full report."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if self.exit_on_error:
+            headline = first_useful_error(message)
+            old = re.search(r"Group 'model' does not accept option '(\w+)'|does not accept option 'model\.(\w+)'", message)
+            key = old and (old.group(1) or old.group(2))
+            if key in RENAMED_ARGUMENTS:  # a config of an earlier version
+                headline = f"model.{key} is now model.{RENAMED_ARGUMENTS[key]}"
+            sys.stderr.write(f"error: {headline}\n(the usage and jsonargparse's full report follow)\n\n")
+        super().error(message, ex)
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` when training starts, never over another run's.
+
+    Lightning's callback writes it in ``setup``: a run pointed at an existing run folder (say with
+    ``--trainer.logger.init_args.version 0``) that then failed at setup had already replaced that
+    run's config.yaml. Here nothing is written before training starts, an identical config.yaml is
+    left as it is, and a different one is kept: this run's goes to ``config-1.yaml`` (the next free
+    number) instead.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":  # validate / test / predict: no training start to wait for
+            self._write(trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer: Trainer) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # broadcast from rank 0
+        if self.save_to_log_dir and log_dir is not None and trainer.is_global_zero:
+            text = self.parser.dump(self.config, skip_none=False)
+            folder = Path(log_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            stem, suffix = os.path.splitext(self.config_filename)
+            path, number = folder / self.config_filename, 0
+            while path.exists() and path.read_text() != text:
+                number += 1
+                path = folder / f"{stem}-{number}{suffix}"
+            if number:
+                print(
+                    f"{folder / self.config_filename} belongs to an earlier run and is kept; this run's "
+                    f"configuration is in {path.name}.",
+                    file=sys.stderr,
+                )
+            if not path.exists():
+                path.write_text(text)
+            self.config_path = str(path)
+        if trainer.is_global_zero:
+            self.save_config(trainer, trainer.lightning_module, "fit")
+        self.already_saved = bool(trainer.strategy.broadcast(True))
 
 
 class SpeedCLI(LightningCLI):
     """LightningCLI with TensorBoard logging by default and the data's shape linked into the model."""
 
+    # Callbacks with their own top-level config keys. A later --config file merges into these keys
+    # (a strategy file sets only ``strategy``), whereas it would replace a whole trainer.callbacks list.
+    # Each key takes any subclass of its class, or null for none.
+    CALLBACK_KEYS: dict[str, type[Callback]] = {
+        "strategy": StrategyCallback,  # null: uniform t, unit weights
+        "monitor": TimestepMonitor,
+        "ema": EMAWeightAveraging,
+        "samples": SampleGridCallback,
+        "fid": FIDCallback,
+        "final_fid": FIDCallback,  # a second FID, e.g. more samples and another solver at the end only
+        "checkpoint": ModelCheckpoint,
+    }
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
+        for key, base in self.CALLBACK_KEYS.items():
+            parser.add_lightning_class_args(base, key, subclass_mode=True, required=False)
         parser.set_defaults(
             {
                 "trainer.logger": {
@@ -26,12 +149,51 @@ class SpeedCLI(LightningCLI):
             }
         )
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Leave out the callback keys set to null: LightningCLI would pass their None to the Trainer."""
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer plus the two safety callbacks every run gets (unless configured already).
+
+        ``DivergenceGuard`` goes first, so at the end of training it checks before evaluation
+        callbacks sample from the model; ``CheckpointOnSignal`` saves a checkpoint on SIGTERM/SIGINT.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        missing = [cls() for cls in (DivergenceGuard, CheckpointOnSignal) if not any(isinstance(c, cls) for c in trainer.callbacks)]
+        trainer.callbacks[:0] = missing
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` first: LightningCLI reads the checkpoint's hyperparameters here, right
+        after parsing, and a file that is not a checkpoint failed inside ``torch.load``."""
+        if self.config.get("subcommand"):
+            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        """A ``--ckpt_path`` that is not a checkpoint, or one of another model size: a short, clear error."""
+        ckpt_path = self._get(self.config_init, "ckpt_path")
+        if ckpt_path is not None:
+            check_checkpoint_file(str(ckpt_path))
+            check_checkpoint_matches(self.model, str(ckpt_path))
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_path()
+
     def before_fit(self) -> None:
-        """Under ``fast_dev_run`` write no checkpoint.
+        """Check ``--ckpt_path``; under ``fast_dev_run`` write no checkpoint.
 
         Lightning 2.6's ``ModelCheckpoint(save_last=True)`` still saves ``last.ckpt`` at train end
         in a fast_dev_run, and with the logger disabled that lands in ``./checkpoints``.
         """
+        self._check_ckpt_path()
         if self.trainer.fast_dev_run:
             for callback in self.trainer.checkpoint_callbacks:
                 if hasattr(callback, "save_last"):
@@ -47,20 +209,57 @@ def main(args: list[str] | None = None, run: bool = True) -> SpeedCLI:
     return SpeedCLI(
         DiffusionModule,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        parser_class=SpeedArgumentParser,
+        save_config_callback=RunConfigCallback,
         args=args,  # None: LightningCLI reads sys.argv itself (passing it too makes it warn)
         auto_configure_optimizers=False,
         run=run,
     )
 
 
+def _raised_here(error: BaseException) -> bool:
+    """Was ``error`` raised by lightning_speed's own code (its innermost frame is in this package)?"""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR + os.sep)
+
+
+def library_error(error: BaseException) -> BaseException:
+    """The exception whose message names the problem: the outermost one raised by lightning_speed in
+    ``error``'s chain of causes, else the innermost cause.
+
+    A class built from the config that refuses its arguments raises inside jsonargparse, which
+    re-raises "Does not validate against any of the Union subtypes" with the real message inside.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return next((e for e in chain if _raised_here(e)), chain[-1])
+
+
 def console() -> None:
     """The ``lightning-speed`` command and ``python -m lightning_speed``.
+
+    Errors: the message of the library's own error first (``error: ...``), then the traceback.
+    A diverged run prints its message alone. Exit status: 0 when the run finished, 1 on an error
+    or divergence, 2 on a usage error, 128 + the signal number when stopped by SIGTERM / SIGINT
+    (with a checkpoint, see ``CheckpointOnSignal``).
 
     Returns None: the console-script wrapper calls ``sys.exit(console())``, and a returned CLI
     object would make every successful run exit with status 1.
     """
-    main()
+    try:
+        main()
+    except DivergenceError as err:
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - reported and turned into the exit status
+        cause = library_error(err)
+        sys.stderr.write(f"error: {type(cause).__name__}: {cause}\n\nDetails:\n")
+        traceback.print_exc()
+        sys.stderr.write(f"\nerror: {type(cause).__name__}: {cause}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class RecordingGenerator(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.3)
 
     @torch.no_grad()
-    def sample(self, num_samples, *, steps=50, sampler="ddim", generator=None, **kwargs):
+    def sample(self, num_samples, *, solver_steps=50, solver="ddim", generator=None, **kwargs):
         noise = torch.randn((num_samples, 1, 32, 32), generator=generator, device=self.device)
         images = torch.tanh(noise * self.scale)
         self.generated.append(images.cpu())
@@ -42,7 +42,7 @@ class RecordingGenerator(pl.LightningModule):
 
 
 def fid_callback(cache_dir: str) -> FIDCallback:
-    return FIDCallback(num_samples=32, batch_size=16, sampling_steps=3, feature_extractor="fashion_mnist",
+    return FIDCallback(num_samples=32, batch_size=16, solver_steps=3, feature_extractor="fashion_mnist",
                        num_reference=200, cache_dir=cache_dir, every_n_steps=2, on_train_end=False)
 
 

@@ -1,4 +1,7 @@
-"""lightning_speed.analysis: increments, Psi's rate, the areas, auto tau, the figure and its CLI."""
+"""lightning_speed.analysis: the increment statistics of Figure 1, the figure and its CLI.
+
+The schedule facts it plots (pivot, tau, areas) are tested in test_schedules.py.
+"""
 
 from __future__ import annotations
 
@@ -10,57 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_speed.analysis import (
-    AREA_NAMES,
-    analyse,
-    auto_tau,
-    increment_mean_scale,
-    increment_variance,
-    main,
-    psi_rate_peak,
-    resolve_tau,
-    timestep_areas,
-)
+from lightning_speed.analysis import analyse, increment_mean_scale, increment_variance, main
 from lightning_speed.schedules import NoiseSchedule
 
 from _fixtures import cancellation, float64_rtol
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def test_peak_and_pivots_of_the_paper_schedules():
-    linear = NoiseSchedule.from_name("linear", 1000)
-    assert psi_rate_peak(linear) == 219
-    assert auto_tau(linear) == 642
-    assert auto_tau(NoiseSchedule.from_name("cosine", 1000)) == 959
-    assert auto_tau(NoiseSchedule.from_name("quadratic", 1000)) == 829
-    assert auto_tau(NoiseSchedule.from_name("constant", 1000)) == 229
-
-
-def test_auto_tau_matches_the_official_rule_at_T_1000():
-    ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
-    official = int(np.flatnonzero(np.gradient(np.sqrt(1 - ab)) < 1e-4)[0]) + 1
-    assert auto_tau(NoiseSchedule(1 - ab / np.concatenate([[1.0], ab[:-1]]))) == official == 642
-
-
-def test_auto_tau_keeps_its_place_when_T_changes():
-    # the threshold scales as 1e-4 * 1000 / T: the pivot stays at ~64% of the linear process
-    assert auto_tau(NoiseSchedule.from_name("linear", 100)) == 64
-    assert auto_tau(NoiseSchedule.from_name("linear", 500)) == 321
-
-
-def test_auto_tau_falls_back_when_the_schedule_never_converges():
-    schedule = NoiseSchedule.from_name("constant", 50)  # alpha_bar_(T-1) = 0.36: never pure noise
-    with pytest.warns(UserWarning, match="never converges"):
-        assert auto_tau(schedule) == 49
-    with pytest.warns(UserWarning):
-        areas = timestep_areas(schedule, "auto")
-    assert len(areas.convergence) == 1
-
-
-def test_auto_tau_stays_below_T():
-    # cosine at T = 20 first dips below the threshold at its very last step
-    assert auto_tau(NoiseSchedule.from_name("cosine", 20)) == 19
 
 
 def test_increment_variance_formula_and_monte_carlo():
@@ -85,31 +43,6 @@ def test_increment_variance_formula_and_monte_carlo():
         delta = x_next - x_t
         assert delta.var() == pytest.approx(expected[t], rel=0.02)
         assert delta.mean() == pytest.approx(x0 * (np.sqrt(ab[t + 1]) - np.sqrt(ab[t])), abs=4 * np.sqrt(expected[t] / n))
-
-
-def test_areas_of_linear_T_1000():
-    areas = timestep_areas(NoiseSchedule.from_name("linear", 1000), tau=700)
-    assert areas.acceleration == range(0, 219)
-    assert areas.deceleration == range(219, 700)
-    assert areas.convergence == range(700, 1000)
-    labels = areas.labels()
-    assert labels[218] == 0 and labels[219] == 1 and labels[699] == 1 and labels[700] == 2
-    assert areas.fractions() == pytest.approx({"acceleration": 0.219, "deceleration": 0.481, "convergence": 0.3})
-    assert tuple(areas.ranges()) == AREA_NAMES
-    auto = timestep_areas(NoiseSchedule.from_name("linear", 1000))
-    assert auto.tau == 642
-
-
-def test_areas_when_tau_is_below_the_peak():
-    areas = timestep_areas(NoiseSchedule.from_name("linear", 1000), tau=100)
-    assert areas.acceleration == range(0, 100) and len(areas.deceleration) == 0
-    assert (areas.labels() == 2).sum() == 900
-
-
-@pytest.mark.parametrize(("tau", "match"), [(0, "at least 1"), (1000, "smaller than"), ("soon", "'auto'"), (2.5, "integer")])
-def test_resolve_tau_rejects_bad_values(tau, match):
-    with pytest.raises(ValueError, match=match):
-        resolve_tau(tau, NoiseSchedule.from_name("linear", 1000))
 
 
 def test_analyse_collects_everything():

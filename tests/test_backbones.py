@@ -1,18 +1,18 @@
-"""Backbones: shapes, conditioning, zero-init, validation errors, gradients, compile-ability."""
+"""Backbones: shapes, conditioning, zero-init, validation errors, gradients, compile-ability, DiT presets."""
 
 from __future__ import annotations
 
-from unittest import mock
+from typing import get_args
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_speed.backbones import DiT, DiT_B_2, DiT_S_2, UNet, sinusoidal_embedding
+from lightning_speed.backbones import DIT_PRESETS, DiT, DiT_B_2, DiT_S_2, DiTPreset, UNet, dit, sinusoidal_embedding
 
 TINY_UNET = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_heads=2,
                  image_size=16)
-TINY_DIT = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2)
+TINY_DIT = dict(image_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2)
 
 
 def _unzero(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -27,7 +27,7 @@ def _unzero(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _inputs(model: nn.Module, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    size = model.image_size if isinstance(model, UNet) else model.input_size
+    size = model.image_size
     x = torch.randn(batch, model.in_channels, size, size, generator=gen)
     t = torch.randint(0, 1000, (batch,), generator=gen)
     return x, t
@@ -129,7 +129,7 @@ def test_unet_bad_config_raises(kwargs: dict, match: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(TINY_DIT, input_size=9), "not divisible by patch_size"),
+        (dict(TINY_DIT, image_size=9), "not divisible by patch_size"),
         (dict(TINY_DIT, num_heads=3), "divisible by num_heads"),
         (dict(TINY_DIT, hidden_size=30, num_heads=3), "divisible by 4"),
     ],
@@ -201,17 +201,123 @@ def test_dit_unpatchify_inverts_token_layout() -> None:
     assert torch.equal(model.unpatchify(tokens), x)
 
 
-def test_dit_presets() -> None:
-    small = DiT_S_2(input_size=8, in_channels=3, num_classes=10)
-    assert (small.patch_size, len(small.blocks), small.blocks[0].attn.num_heads) == (2, 12, 6)
+# -- the DiT preset registry ----------------------------------------------------------------------
+# DiT paper (Peebles & Xie 2023), Table 1 and models.py: 256 px ImageNet as 4x32x32 latents, learned
+# sigma (8 output channels), 1000 classes plus the null label.
+PUBLISHED_MILLIONS = {"DiT-S/2": 33, "DiT-B/2": 130, "DiT-L/2": 458, "DiT-XL/2": 675}
+
+
+def _dit_parameter_count(size, in_channels: int, out_channels: int, num_classes: int, frequency_dim: int = 256) -> int:
+    """DiT's trainable parameters counted layer by layer from the architecture (biases included)."""
+    d, p = size.hidden_size, size.patch_size
+    block = (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + (6 * d * d + 6 * d)
+    patch_embed = in_channels * p * p * d + d
+    time_embed = frequency_dim * d + d + d * d + d
+    label_embed = (num_classes + 1) * d
+    final = (2 * d * d + 2 * d) + (d * p * p * out_channels + p * p * out_channels)
+    return size.depth * block + patch_embed + time_embed + label_embed + final
+
+
+def _latent_dit(name: str) -> DiT:
+    with torch.device("meta"):  # shapes only: XL/2 would need 2.7 GB of float32 weights
+        return DiT(name, image_size=32, in_channels=4, learn_sigma=True, num_classes=1000)
+
+
+def test_preset_literal_lists_exactly_the_registry() -> None:
+    assert list(get_args(DiTPreset)) == list(DIT_PRESETS)
+
+
+@pytest.mark.parametrize("name", list(DIT_PRESETS))
+def test_every_preset_has_dits_architecture_size(name: str) -> None:
+    model = _latent_dit(name)
+    size = DIT_PRESETS[name]
+    assert (len(model.blocks), model.blocks[0].attn.num_heads, model.patch_size) == (
+        size.depth, size.num_heads, size.patch_size)
+    assert model.pos_embed.shape == (1, (32 // size.patch_size) ** 2, size.hidden_size)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == _dit_parameter_count(size, in_channels=4, out_channels=8, num_classes=1000)
+
+
+@pytest.mark.parametrize(("name", "millions"), PUBLISHED_MILLIONS.items())
+def test_presets_match_published_parameter_counts(name: str, millions: int) -> None:
+    """The paper's counts are rounded to 1M; DiT's own count also includes its fixed position table
+    (a frozen nn.Parameter there, a buffer here), at most 0.3M for XL/2."""
+    count = sum(p.numel() for p in _latent_dit(name).parameters())
+    assert count / 1e6 == pytest.approx(millions, rel=0.01)
+
+
+@pytest.mark.parametrize("name", list(DIT_PRESETS))
+def test_every_preset_runs_forward_on_tiny_input(name: str) -> None:
+    """Depth 1 keeps the largest widths cheap; two patches per side give 4 tokens."""
+    patch = DIT_PRESETS[name].patch_size
+    model = _unzero(dit(name, image_size=2 * patch, in_channels=2, learn_sigma=True, depth=1, num_classes=3))
+    x, t = _inputs(model, batch=2)
+    out = model(x, t, torch.tensor([0, 3]))
+    assert out.shape == (2, 4, 2 * patch, 2 * patch) and torch.isfinite(out).all()
+
+
+def test_learn_sigma_doubles_output_channels() -> None:
+    model = DiT(**TINY_DIT, in_channels=3, learn_sigma=True)
+    assert (model.out_channels, model.learn_sigma) == (6, True)
+    x, t = _inputs(model)
+    assert model(x, t).shape == (3, 6, 8, 8)
+    assert DiT(**TINY_DIT, in_channels=3, learn_sigma=True, out_channels=6).out_channels == 6
+    with pytest.raises(ValueError, match=r"2 \* in_channels = 6 channels, but out_channels=3.*leave out_channels unset"):
+        DiT(**TINY_DIT, in_channels=3, learn_sigma=True, out_channels=3)
+
+
+def test_explicit_sizes_override_the_preset() -> None:
+    model = DiT("DiT-B/4", image_size=8, hidden_size=48, depth=1)
+    assert (model.patch_size, len(model.blocks), model.blocks[0].attn.num_heads) == (4, 1, 12)
+    assert model.pos_embed.shape == (1, 4, 48)
+    # No preset: DiT-S/2's sizes.
+    plain = DiT(image_size=8)
+    assert (plain.patch_size, len(plain.blocks), plain.pos_embed.shape[-1]) == (2, 12, 384)
+
+
+def test_unknown_preset_lists_the_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"Unknown DiT preset 'DiT-M/2'; choose one of DiT-S/2, DiT-S/4, .*DiT-XL/8"):
+        DiT("DiT-M/2")
+
+
+def test_preset_patch_must_divide_image_size() -> None:
+    with pytest.raises(ValueError, match=r"image_size=12 is not divisible by patch_size=8 of DiT-S/8"):
+        DiT("DiT-S/8", image_size=12)
+
+
+def test_named_aliases_are_their_presets() -> None:
+    small = DiT_S_2(image_size=8, in_channels=3, num_classes=10)
+    assert (small.preset, small.patch_size, len(small.blocks), small.blocks[0].attn.num_heads) == ("DiT-S/2", 2, 12, 6)
     assert small.pos_embed.shape == (1, 16, 384) and small.label_embed.embedding.num_embeddings == 11
     assert small.out_channels == 3
-    # DiT-B/2 has 130M parameters: check what it asks DiT for instead of building it.
-    with mock.patch.object(DiT, "__init__", return_value=None) as init:
-        DiT_B_2(input_size=16, in_channels=3, num_classes=10)
-    kwargs = init.call_args.kwargs
-    assert (kwargs["hidden_size"], kwargs["depth"], kwargs["num_heads"], kwargs["patch_size"]) == (768, 12, 12, 2)
-    assert (kwargs["input_size"], kwargs["in_channels"], kwargs["num_classes"]) == (16, 3, 10)
+    with torch.device("meta"):
+        base = DiT_B_2(image_size=16, learn_sigma=True)
+    assert (base.preset, base.blocks[0].attn.num_heads, base.pos_embed.shape, base.out_channels) == (
+        "DiT-B/2", 12, (1, 64, 768), 2)
+    with pytest.raises(ValueError, match=r"DiT_S_2 is DiT-S/2; for DiT-B/2 use DiT\(preset='DiT-B/2'\)"):
+        DiT_S_2(preset="DiT-B/2")
+
+
+def test_input_size_is_accepted_as_dits_name_for_image_size() -> None:
+    model = DiT(**{**TINY_DIT, "image_size": None}, input_size=8)
+    assert model.image_size == model.input_size == 8
+    with pytest.raises(ValueError, match="give only image_size"):
+        DiT(**TINY_DIT, input_size=16)
+
+
+def test_preset_from_yaml() -> None:
+    """A preset by name through jsonargparse (LightningCLI), and a typo rejected by the parser."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=nn.Module)
+    init = {"preset": "DiT-S/4", "in_channels": 1, "image_size": 8, "learn_sigma": True, "depth": 1}
+    cfg = parser.parse_object({"model": {"class_path": "lightning_speed.backbones.DiT", "init_args": init}})
+    model = parser.instantiate_classes(cfg).model
+    assert (model.preset, model.patch_size, len(model.blocks), model.out_channels) == ("DiT-S/4", 4, 1, 2)
+    bad = {"model": {"class_path": "lightning_speed.backbones.DiT", "init_args": {**init, "preset": "DiT-S/3"}}}
+    with pytest.raises(Exception, match="DiT-S/3"):
+        parser.parse_object(bad)
 
 
 def test_unet_under_bf16_autocast() -> None:
@@ -256,5 +362,5 @@ def test_constructor_is_yaml_friendly() -> None:
     model = parser.instantiate_classes(cfg).model
     assert isinstance(model, UNet) and len(model.down) == 3
     cfg = parser.parse_object({"model": {"class_path": "lightning_speed.backbones.DiT_S_2",
-                                         "init_args": {"input_size": 8, "num_classes": 10}}})
+                                         "init_args": {"image_size": 8, "num_classes": 10}}})
     assert cfg.model.init_args.num_classes == 10

@@ -1,23 +1,28 @@
-"""CPU smoke tests of the benchmark scripts, and the speed-up arithmetic on hand-made curves.
+"""CPU smoke tests of the benchmarks, the speed-up arithmetic on hand-made curves, and the committed
+reports regenerated from their raw results.
 
-The scripts run as a user runs them (subprocesses from the repository root), in ``--smoke``
-mode, writing only under tmp_path: never into benchmarks/results/.
+The benchmarks run as a user runs them (``python -m benchmarks.x`` from the repository root), in
+``--smoke`` mode, writing only under tmp_path: never into benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
+import shutil
 import math
 import os
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from benchmarks.convergence import launch, report, stats
+from benchmarks.convergence.run import PartTimer
+from benchmarks.step_profile import family
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -31,15 +36,6 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
-def load_script(name: str) -> ModuleType:
-    """Import benchmarks/<name>.py by path (benchmarks/ is not an installed package)."""
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def results_fingerprint() -> dict[str, str]:
     """Hash of every file under benchmarks/results/, to prove the smoke runs leave it alone."""
     return {
@@ -49,20 +45,23 @@ def results_fingerprint() -> dict[str, str]:
     }
 
 
-def run_script(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run a benchmark script (smoke settings, output under tmp_path) and check that it succeeded and
-    left every committed file under benchmarks/results/ (summary.json included) as it was."""
-    before = results_fingerprint()
+def bench(module: str, args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks.<module> ...`` from the repository root, as BENCHMARKS.md runs it."""
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         # FID reference statistics go to a cache under HOME: keep the user's cache out of it.
         "HOME": str(tmp_path / "home"),
         "MPLBACKEND": "Agg",
     }
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(module: str, args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark (smoke settings, output under tmp_path) and check that it succeeded and
+    left every committed file under benchmarks/results/ (summary.json included) as it was."""
+    before = results_fingerprint()
+    proc = bench(module, args, tmp_path, timeout)
     assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert results_fingerprint() == before, f"{args} changed files under {RESULTS}"
     return proc
@@ -72,8 +71,7 @@ def run_script(args: list[str], tmp_path: Path, timeout: float = 240) -> subproc
 @needs_fashion_mnist
 def test_throughput_smoke_writes_rows_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
-    run_script(
-        ["benchmarks/throughput.py", "--smoke", "--batch-sizes", "8", "--steps", "3", "--warmup", "1", "--out", str(out)],
+    run_script("throughput", ["--smoke", "--batch-sizes", "8", "--steps", "3", "--warmup", "1", "--out", str(out)],
         tmp_path,
     )
     result = json.loads(out.read_text())
@@ -92,21 +90,20 @@ def test_throughput_smoke_writes_rows_and_ratios(tmp_path: Path) -> None:
 @needs_fashion_mnist
 def test_throughput_merge_keeps_other_batch_sizes_and_refuses_a_different_setup(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
-    common = ["benchmarks/throughput.py", "--smoke", "--rows", "a0", "a", "--steps", "2", "--warmup", "1", "--out", str(out)]
-    run_script([*common, "--batch-sizes", "8"], tmp_path)
+    common = ["--smoke", "--rows", "a0", "a", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    run_script("throughput", [*common, "--batch-sizes", "8"], tmp_path)
     first = json.loads(out.read_text())["rows"]["8"]
-    run_script([*common, "--batch-sizes", "4", "--merge"], tmp_path)
+    run_script("throughput", [*common, "--batch-sizes", "4", "--merge"], tmp_path)
     merged = json.loads(out.read_text())
     assert set(merged["rows"]) == {"8", "4"} and merged["rows"]["8"] == first and merged["channels_last"] is True
-    proc = subprocess.run([sys.executable, *common, "--batch-sizes", "4", "--merge", "--no-channels-last"], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=240)
+    proc = bench("throughput", [*common, "--batch-sizes", "4", "--merge", "--no-channels-last"], tmp_path)
     assert proc.returncode != 0 and "channels_last=True" in proc.stderr and "--out" in proc.stderr
 
 
 # ------------------------------------------------------------------------------ step_profile.py
 def test_step_profile_smoke_times_every_variant_and_breaks_the_step_down(tmp_path: Path) -> None:
     out = tmp_path / "sp.json"
-    run_script(["benchmarks/step_profile.py", "--smoke", "--batch-sizes", "8", "--steps", "2", "--warmup", "1",
+    run_script("step_profile", ["--smoke", "--batch-sizes", "8", "--steps", "2", "--warmup", "1",
                 "--profile-steps", "2", "--profile-variant", "channels_last", "--out", str(out)], tmp_path)
     result = json.loads(out.read_text())
     assert result["breakdown"]["variant"] == "channels_last"
@@ -121,7 +118,6 @@ def test_step_profile_smoke_times_every_variant_and_breaks_the_step_down(tmp_pat
 
 
 def test_step_profile_families_of_real_kernel_names() -> None:
-    family = load_script("step_profile").family
     assert family("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw") == "convolution"
     assert family("cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "layout_conversion"
     assert family("nvjet_tst_64x8_64x16_2x1_v_bz_TNT") == "matmul"
@@ -137,23 +133,23 @@ def test_step_profile_families_of_real_kernel_names() -> None:
 @needs_fashion_mnist
 def test_fid_speed_smoke_times_each_count(tmp_path: Path) -> None:
     out = tmp_path / "fid.json"
-    run_script(["benchmarks/fid_speed.py", "--smoke", "--variants", "eager", "--counts", "40", "80", "--steps", "2",
+    run_script("fid_speed", ["--smoke", "--variants", "eager", "--counts", "40", "80", "--steps", "2",
                 "--batch-size", "40", "--out", str(out)], tmp_path)
     result = json.loads(out.read_text())["eager"]
     assert set(result["seconds"]) == {"40", "80"} and all(s > 0 for s in result["seconds"].values())
     assert result["samples_per_s"]["80"] == pytest.approx(80 / result["seconds"]["80"])
 
 
-# ----------------------------------------------------------------------------- convergence.py
+# ----------------------------------------------------------------------------- convergence
 @needs_fashion_mnist
 def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "conv"
-    launch = [
-        "benchmarks/convergence.py", "launch", "--smoke", "--strategies", "uniform", "speed", "--seeds", "0",
+    cmd = [
+        "launch", "--smoke", "--strategies", "uniform", "speed", "--seeds", "0",
         "--steps", "4", "--eval-every", "2", "--fid-samples", "16", "--per-gpu", "2", "--time-limit", "200",
         "--out", str(out),
     ]  # fmt: skip
-    run_script(launch, tmp_path)
+    run_script("convergence", cmd, tmp_path)
     first = {}
     for strategy in ("uniform", "speed"):
         result = json.loads((out / f"{strategy}_s0" / "result.json").read_text())
@@ -168,12 +164,12 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
     assert set(speedups["tables"]) == {"2", "4"}
 
     # The same command again finds both runs finished and starts nothing.
-    assert "not started" not in run_script(launch, tmp_path).stdout
+    assert "not started" not in run_script("convergence", cmd, tmp_path).stdout
     for strategy in ("uniform", "speed"):
         assert "Restoring states" not in (out / "logs" / f"{strategy}_s0.log").read_text()
 
     # A larger N resumes every run from its checkpoint: the first 4 steps are not retrained or re-evaluated.
-    run_script([*launch[:launch.index("--steps") + 1], "6", *launch[launch.index("--steps") + 2:]], tmp_path)
+    run_script("convergence", [*cmd[:cmd.index("--steps") + 1], "6", *cmd[cmd.index("--steps") + 2:]], tmp_path)
     for strategy in ("uniform", "speed"):
         result = json.loads((out / f"{strategy}_s0" / "result.json").read_text())
         assert result["steps_done"] == 6
@@ -185,14 +181,16 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
         # The per-area summaries of both parts are kept (TimestepMonitor, every eval step here).
         assert [row["step"] for row in result["timestep_areas"]] == [2, 4, 6]
 
-    # An ablation with its own step count: SpeeD's config without its loss weighting.
-    run_script([*launch[:launch.index("--strategies")], "--jobs", "speed_sampling_only:0:2", "uniform_cosine:0:2",
-                *launch[launch.index("--steps"):]], tmp_path)
+    # Ablations with their own step count, each a composition of config files: SpeeD's sampling without
+    # its loss weighting, and uniform t on the cosine schedule.
+    run_script("convergence", [*cmd[:cmd.index("--strategies")], "--jobs", "speed_sampling_only:0:2",
+                               "uniform_cosine:0:2", *cmd[cmd.index("--steps"):]], tmp_path)
     cosine = json.loads((out / "uniform_cosine_s0" / "result.json").read_text())
-    assert cosine["schedule"] == "cosine" and cosine["config"] == "fashion_mnist_uniform.yaml"
+    assert cosine["schedule"] == "cosine"
+    assert cosine["configs"] == ["fashion_mnist.yaml", "strategies/uniform.yaml", "schedules/cosine.yaml"]
     ablation = json.loads((out / "speed_sampling_only_s0" / "result.json").read_text())
-    assert ablation["steps_done"] == 2 and ablation["config"] == "fashion_mnist_speed.yaml"
-    assert ablation["ablation"] == {"base": "speed", "drop": ["ChangeAwareWeighting"]}
+    assert ablation["steps_done"] == 2 and ablation["configs"] == ["fashion_mnist.yaml", "ablations/speed_sampling_only.yaml"]
+    assert ablation["fid_solver"] == "ddim-50"  # the base config's FID callback
     weights = {k: v for k, v in ablation["timestep_areas"][0].items() if k.startswith("timesteps/weight/")}
     assert weights and all(v == pytest.approx(1.0) for v in weights.values())  # no change-aware weights
     speed_rows = json.loads((out / "speed_s0" / "result.json").read_text())["timestep_areas"]
@@ -204,24 +202,17 @@ def test_convergence_smoke_launch_and_resume(tmp_path: Path) -> None:
     assert all((out / name).stat().st_size > 0 for name in ("fid_vs_step.png", "fid_vs_step_headline.png", "area_loss.png"))
 
 
-def test_convergence_jobs_parse_and_reject_bad_ones(convergence: ModuleType) -> None:
-    from argparse import Namespace
-
+def test_convergence_jobs_parse_and_reject_bad_ones() -> None:
     args = Namespace(jobs=["uniform:0", "speed_k2:1:5000"], steps=20000, seeds=[0], strategies=["uniform"])
-    assert convergence._jobs(args) == [("uniform", 0, 20000), ("speed_k2", 1, 5000)]
+    assert launch.jobs_of(args) == [("uniform", 0, 20000), ("speed_k2", 1, 5000)]
     for bad in ("speed:x", "nope:0", "speed:0:1k", "speed:0:1:2"):
         with pytest.raises(SystemExit, match="strategy:seed"):
-            convergence._jobs(Namespace(jobs=[bad], steps=10, seeds=[0], strategies=["uniform"]))
+            launch.jobs_of(Namespace(jobs=[bad], steps=10, seeds=[0], strategies=["uniform"]))
 
 
 # ------------------------------------------------------------------- the speed-up arithmetic
-@pytest.fixture(scope="module")
-def convergence() -> ModuleType:
-    return load_script("convergence")
-
-
-def test_first_step_reaching_interpolates(convergence: ModuleType) -> None:
-    reach = convergence.first_step_reaching
+def test_first_step_reaching_interpolates() -> None:
+    reach = stats.first_step_reaching
     curve = [(0, 40.0), (100, 20.0), (200, 0.0)]
     assert reach(curve, 30.0) == pytest.approx(50.0)  # halfway between 40 at 0 and 20 at 100
     assert reach(curve, 20.0) == pytest.approx(100.0)  # exactly on a point
@@ -232,21 +223,21 @@ def test_first_step_reaching_interpolates(convergence: ModuleType) -> None:
     assert reach([], 1.0) is None
 
 
-def test_seed_band_is_mean_min_max_at_common_steps(convergence: ModuleType) -> None:
+def test_seed_band_is_mean_min_max_at_common_steps() -> None:
     results = [
         {"strategy": "speed", "seed": 0, "fid_history": [[50, 10.0], [100, 6.0]]},
         {"strategy": "speed", "seed": 1, "fid_history": [[50, 14.0], [100, 4.0], [150, 3.0]]},  # 150: one seed only
         {"strategy": "uniform", "seed": 0, "fid_history": [[50, 99.0], [100, 99.0]]},
     ]
-    assert convergence.seed_band(results, "speed") == [(50, 12.0, 10.0, 14.0), (100, 5.0, 4.0, 6.0)]
-    assert convergence.seed_band(results, "p2") == []
+    assert stats.seed_band(results, "speed") == [(50, 12.0, 10.0, 14.0), (100, 5.0, 4.0, 6.0)]
+    assert stats.seed_band(results, "p2") == []
 
 
 def _run(strategy: str, seed: int, curve: list[tuple[int, float]]) -> dict:
     return {"strategy": strategy, "seed": seed, "fid_history": [list(p) for p in curve]}
 
 
-def test_speedups_on_hand_made_curves(convergence: ModuleType) -> None:
+def test_speedups_on_hand_made_curves() -> None:
     baseline = [(50, 20.0), (100, 10.0)]  # uniform reaches FID 10 at its budget, step 100
     results = [
         _run("uniform", 0, baseline),
@@ -254,7 +245,7 @@ def test_speedups_on_hand_made_curves(convergence: ModuleType) -> None:
         _run("speed", 1, [(50, 15.0), (100, 5.0)]),  # 15 -> 5 crosses 10 at 75 -> 4/3x
         _run("p2", 0, [(50, 30.0), (100, 12.0)]),  # never reaches 10
     ]
-    table = convergence.speedups(results, 100)
+    table = stats.speedups(results, 100)
     assert table["_baseline_fid"] == pytest.approx(10.0) and table["_baseline_seeds"] == 1
     speed = table["speed"]
     assert speed["per_seed"] == pytest.approx([2.0, 100 / 75])
@@ -267,30 +258,30 @@ def test_speedups_on_hand_made_curves(convergence: ModuleType) -> None:
     assert table["p2"]["equivalent_per_seed"] == pytest.approx([0.9])
     assert speed["equivalent_per_seed"] == [None, None]
     # One seed reached the target and one did not: the max is known, the mean and min are not (< 1).
-    mixed = convergence.speedups([*results, _run("p2", 1, [(50, 10.0), (100, 8.0)])], 100)["p2"]
+    mixed = stats.speedups([*results, _run("p2", 1, [(50, 10.0), (100, 8.0)])], 100)["p2"]
     assert mixed["per_seed"] == [None, 2.0] and mixed["max"] == pytest.approx(2.0)
     assert mixed["min"] is None and mixed["mean"] is None and mixed["seeds"] == 2
 
     # At half the budget the target is the baseline's FID at step 50 (20): speed reached it by step 50.
-    half = convergence.speedups(results, 50)
+    half = stats.speedups(results, 50)
     assert half["_baseline_fid"] == pytest.approx(20.0)
     assert half["speed"]["per_seed"] == pytest.approx([1.0, 1.0])
 
     # The baseline target is the mean over its seeds.
     two_seeds = [*results, _run("uniform", 1, [(50, 18.0), (100, 14.0)])]
-    assert convergence.speedups(two_seeds, 100)["_baseline_fid"] == pytest.approx(12.0)
-    assert convergence.speedups([_run("speed", 0, baseline)], 100) == {}  # no baseline, no speed-up
+    assert stats.speedups(two_seeds, 100)["_baseline_fid"] == pytest.approx(12.0)
+    assert stats.speedups([_run("speed", 0, baseline)], 100) == {}  # no baseline, no speed-up
 
 
-def test_speed_cosine_is_compared_with_uniform_on_the_cosine_schedule(convergence: ModuleType) -> None:
+def test_speed_cosine_is_compared_with_uniform_on_the_cosine_schedule() -> None:
     linear = _run("uniform", 0, [(50, 20.0), (100, 10.0)])
     speed_cosine = _run("speed_cosine", 0, [(50, 16.0), (100, 12.0)])
     # Without cosine-uniform runs the linear baseline is used (FID 10: never reached), and the entry says so.
-    alone = convergence.speedups([linear, speed_cosine], 100)["speed_cosine"]
+    alone = stats.speedups([linear, speed_cosine], 100)["speed_cosine"]
     assert alone["baseline"] == "uniform" and alone["baseline_fid"] == pytest.approx(10.0) and alone["per_seed"] == [None]
     # With them, the target is their FID at the budget (16, reached at step 50: 2x), and only theirs.
     cosine = _run("uniform_cosine", 0, [(50, 24.0), (100, 16.0)])
-    table = convergence.speedups([linear, speed_cosine, cosine], 100)
+    table = stats.speedups([linear, speed_cosine, cosine], 100)
     assert table["speed_cosine"]["baseline"] == "uniform_cosine" and table["speed_cosine"]["baseline_seeds"] == 1
     assert table["speed_cosine"]["per_seed"] == pytest.approx([2.0])
     assert table["_baseline_fid"] == pytest.approx(10.0)  # the linear baseline of every other strategy is unchanged
@@ -298,13 +289,13 @@ def test_speed_cosine_is_compared_with_uniform_on_the_cosine_schedule(convergenc
 
 
 # --------------------------------------------------------------- time-limited parts resume
-def test_part_timer_ignores_the_time_spent_before(convergence: ModuleType) -> None:
+def test_part_timer_ignores_the_time_spent_before() -> None:
     from datetime import timedelta
 
     from lightning.pytorch.callbacks import Timer
 
     spent = {"time_elapsed": {"train": 500.0, "validate": 0.0, "test": 0.0}}
-    lightning_timer, part_timer = Timer(duration=timedelta(seconds=60)), convergence.PartTimer(duration=timedelta(seconds=60))
+    lightning_timer, part_timer = Timer(duration=timedelta(seconds=60)), PartTimer(duration=timedelta(seconds=60))
     lightning_timer.load_state_dict(spent)
     part_timer.load_state_dict(spent)
     assert lightning_timer.time_remaining() == pytest.approx(60 - 500)  # why Lightning's would stop at once
@@ -315,60 +306,62 @@ def test_part_timer_ignores_the_time_spent_before(convergence: ModuleType) -> No
 def test_convergence_run_resumes_after_its_time_limit(tmp_path: Path) -> None:
     """A part stopped by its time limit resumes and trains in the next part (not one step and stop)."""
     out = tmp_path / "conv"
-    part = ["benchmarks/convergence.py", "run", "--smoke", "--strategy", "uniform", "--seed", "0", "--steps", "100000",
+    part = ["run", "--smoke", "--strategy", "uniform", "--seed", "0", "--steps", "100000",
             "--eval-every", "100000", "--fid-samples", "16", "--time-limit", "2", "--out", str(out)]  # fmt: skip
-    run_script(part, tmp_path)
+    run_script("convergence", part, tmp_path)
     first = json.loads((out / "uniform_s0" / "result.json").read_text())["steps_done"]
-    run_script(part, tmp_path)
+    run_script("convergence", part, tmp_path)
     result = json.loads((out / "uniform_s0" / "result.json").read_text())
     assert 0 < first < 100000
     assert result["steps_done"] > first + 1  # Lightning's restored Timer would allow exactly one step
     assert [p["from_step"] for p in result["parts"]] == [0, first]
 
 
-def test_stalled_run_detection(convergence: ModuleType, tmp_path: Path) -> None:
+def test_stalled_run_detection(tmp_path: Path) -> None:
     run_dir, log = tmp_path / "speed_s0", tmp_path / "speed_s0.log"
     (run_dir / "tb").mkdir(parents=True)
     log.write_text("started\n")
     events = run_dir / "tb" / "events"
     events.write_text("x")
     long_ago = time.time() - 3600
-    assert not convergence._stalled(run_dir, log, 60, long_ago)
+    assert not launch.stalled(run_dir, log, 60, long_ago)
     old = time.time() - 600
     os.utime(log, (old, old))
-    assert not convergence._stalled(run_dir, log, 60, long_ago)  # the TensorBoard file still moves
+    assert not launch.stalled(run_dir, log, 60, long_ago)  # the TensorBoard file still moves
     os.utime(events, (old, old))
-    assert convergence._stalled(run_dir, log, 60, long_ago)
-    assert convergence._stalled(tmp_path / "missing", log, 60, long_ago)  # no folder yet: the log decides
-    # Seen on the GPU: files left by an earlier, killed attempt are old; a process started just now is not stalled.
-    assert not convergence._stalled(run_dir, log, 60, time.time())
-    assert convergence._stalled(run_dir, log, 60, time.time() - 120)
+    assert launch.stalled(run_dir, log, 60, long_ago)
+    assert launch.stalled(tmp_path / "missing", log, 60, long_ago)  # no folder yet: the log decides
+    # Files left by an earlier, killed attempt are old; a process started just now is not stalled.
+    assert not launch.stalled(run_dir, log, 60, time.time())
+    assert launch.stalled(run_dir, log, 60, time.time() - 120)
 
 
-def test_reports_merge_speedups_per_strategy(convergence: ModuleType, tmp_path: Path) -> None:
+def test_reports_merge_speedups_per_strategy(tmp_path: Path) -> None:
     """Reporting a second result folder replaces only the strategies it ran (say, H100 reruns)."""
     path = tmp_path / "summary.json"
     path.write_text(json.dumps({"speedup": {"p2": {"mean": 1.1}, "speed": {"mean": None}}, "throughput": {"x": 1}}))
-    convergence._merge_speedups(path, {"speedup": {"speed": {"mean": 0.9}}, "speedup_half": {"speed": {"mean": 1.0}}})
+    report.merge_speedups(path, {"speedup": {"speed": {"mean": 0.9}}, "speedup_half": {"speed": {"mean": 1.0}}})
     summary = json.loads(path.read_text())
     assert summary["speedup"] == {"p2": {"mean": 1.1}, "speed": {"mean": 0.9}}
     assert summary["speedup_half"] == {"speed": {"mean": 1.0}}
     assert summary["throughput"] == {"x": 1}
 
 
-def test_report_refuses_mixed_fid_samplers(convergence: ModuleType, tmp_path: Path) -> None:
-    """FIDs of different samplers are not comparable: one folder, one sampler; a non-protocol sampler
+def test_report_refuses_mixed_fid_solvers(tmp_path: Path) -> None:
+    """FIDs of different solvers are not comparable: one folder, one solver; a non-protocol solver
     reports under its own summary keys and never replaces the headline speed-ups."""
-    def run(strategy: str, sampler: str) -> dict:
-        return {"strategy": strategy, "seed": 0, "fid_sampler": sampler, "fid_history": [[2500, 9.0]]}
+    def run(strategy: str, solver: str, key: str = "fid_solver") -> dict:
+        return {"strategy": strategy, "seed": 0, key: solver, "fid_history": [[2500, 9.0]]}
 
     same = [run("uniform", "ddpm-250"), run("speed", "ddpm-250")]
-    assert convergence.curve_sampler(same, tmp_path) == "ddpm-250"
-    assert convergence.curve_sampler([{"strategy": "uniform"}], tmp_path) == "ddim-50"  # results before the field
+    assert stats.curve_solver(same, tmp_path) == "ddpm-250"
+    assert stats.curve_solver([{"strategy": "uniform"}], tmp_path) == "ddim-50"  # results before the field
+    # committed results name the field fid_sampler: read as the same solver
+    assert stats.curve_solver([run("uniform", "ddpm-250", "fid_sampler"), run("speed", "ddpm-250")], tmp_path) == "ddpm-250"
     with pytest.raises(ValueError, match=r"mix FID curves.*'ddim-50': \['uniform_s0'\].*'ddpm-250': \['speed_s0'\]"):
-        convergence.curve_sampler([run("uniform", "ddim-50"), run("speed", "ddpm-250")], tmp_path)
-    assert convergence.summary_keys("ddim-50") == ("speedup", "speedup_half")
-    assert convergence.summary_keys("ddpm-250") == ("speedup_ddpm250", "speedup_half_ddpm250")
+        stats.curve_solver([run("uniform", "ddim-50"), run("speed", "ddpm-250")], tmp_path)
+    assert stats.summary_keys("ddim-50") == ("speedup", "speedup_half")
+    assert stats.summary_keys("ddpm-250") == ("speedup_ddpm250", "speedup_half_ddpm250")
 
 
 def test_report_includes_another_folders_baseline(tmp_path: Path) -> None:
@@ -379,19 +372,17 @@ def test_report_includes_another_folders_baseline(tmp_path: Path) -> None:
         for run in (["uniform_s0", "uniform_s1", "uniform_s2"] if folder == baseline else ["p2_s0", "p2_s1"]):
             (folder / run).mkdir(parents=True)
             (folder / run / "result.json").write_bytes((runs / run / "result.json").read_bytes())
-    run_script(["benchmarks/convergence.py", "report", "--smoke", "--out", str(new), "--include", str(baseline)], tmp_path)
-    report = json.loads((new / "speedups.json").read_text())
-    p2 = report["N"]["p2"]
+    run_script("convergence", ["report", "--smoke", "--out", str(new), "--include", str(baseline)], tmp_path)
+    written = json.loads((new / "speedups.json").read_text())
+    p2 = written["N"]["p2"]
     uniform_at_10k = [dict(json.loads((baseline / f"uniform_s{s}" / "result.json").read_text())["fid_history"])[10000]
                       for s in range(3)]
     assert p2["baseline_seeds"] == 3 and p2["baseline_fid"] == pytest.approx(sum(uniform_at_10k) / 3)
-    assert {(r["strategy"], r["folder"]) for r in report["runs"]} == {("uniform", "baseline"), ("p2", "new")}
+    assert {(r["strategy"], r["folder"]) for r in written["runs"]} == {("uniform", "baseline"), ("p2", "new")}
     assert (new / "fid_vs_step.png").is_file() and not (baseline / "speedups.json").exists()
     (new / "uniform_s0").mkdir()
     (new / "uniform_s0" / "result.json").write_bytes((baseline / "uniform_s0" / "result.json").read_bytes())
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "benchmarks/convergence.py", "report", "--smoke", "--out", str(new),
-                           "--include", str(baseline)], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = bench("convergence", ["report", "--smoke", "--out", str(new), "--include", str(baseline)], tmp_path)
     assert proc.returncode != 0 and "uniform_s0 is in both" in proc.stderr
 
 
@@ -399,7 +390,7 @@ def test_report_includes_another_folders_baseline(tmp_path: Path) -> None:
 @needs_fashion_mnist
 def test_ddp_scaling_smoke_runs_one_and_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp.json"
-    run_script(["benchmarks/ddp_scaling.py", "--smoke", "--devices", "1", "2", "--batch-size", "8", "--steps", "3",
+    run_script("ddp_scaling", ["--smoke", "--devices", "1", "2", "--batch-size", "8", "--steps", "3",
                 "--warmup", "1", "--out", str(out)], tmp_path)
     result = json.loads(out.read_text())
     ips = result["images_per_s"]
@@ -411,82 +402,91 @@ def test_ddp_scaling_smoke_runs_one_and_two_processes(tmp_path: Path) -> None:
 @needs_fashion_mnist
 def test_throughput_rows_option_measures_only_those_rows(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
-    run_script(["benchmarks/throughput.py", "--smoke", "--rows", "b", "c", "--batch-sizes", "8", "--steps", "2",
+    run_script("throughput", ["--smoke", "--rows", "b", "c", "--batch-sizes", "8", "--steps", "2",
                 "--warmup", "1", "--out", str(out)], tmp_path)
     row = json.loads(out.read_text())["rows"]["8"]
     assert set(row) == {"b_lightning", "c_lightning_speed", "ratios"}
     assert set(row["ratios"]) == {"c_over_b"}
 
 
-def test_change_aware_config_is_the_measured_best_ablation(convergence: ModuleType) -> None:
-    """configs/fashion_mnist_change_aware.yaml ships exactly what speed_weighting_only_lam1 measured."""
-    from benchmarks.common import instantiate, load_config
-
-    def callbacks(config: str) -> list:
-        return [cb for cb in instantiate(load_config(config)["trainer"]["callbacks"])]
-
-    def describe(cbs: list) -> list:
-        return [(type(cb).__name__, sorted((k, v) for k, v in vars(cb).items() if isinstance(v, (int, float, str, bool))))
-                for cb in cbs]
-
-    measured = convergence.apply_ablation(callbacks("fashion_mnist_speed.yaml"),
-                                          convergence.ABLATIONS["speed_weighting_only_lam1"])
-    shipped = callbacks("fashion_mnist_change_aware.yaml")
-    assert describe(shipped) == describe(measured)
-    assert load_config("fashion_mnist_change_aware.yaml")["model"] == load_config("fashion_mnist_speed.yaml")["model"]
+# ------------------------------------------------------------------ committed reports reproduce
+# Every committed speedups.json, by folder, with the folders its report included (--include).
+REPORTS = {
+    "convergence": [],
+    "convergence_10k": [],
+    "convergence_ddpm250": [],
+    "convergence_h100": [],
+    "convergence_h100_resume_bug": [],
+    "convergence_h200x4": ["convergence_h100"],
+}
+# The reports behind summary.json's speed-up keys, in the order BENCHMARKS.md runs them: a later
+# folder's entries replace an earlier one's.
+SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250"]
+SPEEDUP_KEYS = ("speedup", "speedup_half", "speedup_ddpm250", "speedup_half_ddpm250")
 
 
-def test_ablations_change_what_the_strategies_build(convergence: ModuleType) -> None:
-    import torch
+def copy_raw_results(folder: str, tmp_path: Path) -> Path:
+    """Only the raw result.json files of a committed result folder, under the same folder name."""
+    copy = tmp_path / folder
+    for result in (RESULTS / folder).glob("*/result.json"):
+        (copy / result.parent.name).mkdir(parents=True)
+        shutil.copyfile(result, copy / result.parent.name / "result.json")
+    return copy
 
-    from lightning_speed.callbacks import AsymmetricTimestepSampling, ChangeAwareWeighting, TimestepMonitor
-    from lightning_speed.schedules import NoiseSchedule
 
-    def speed_callbacks() -> list:
-        return [AsymmetricTimestepSampling(tau=700, k=5, dual=True), ChangeAwareWeighting(lam=0.6, tau=700),
-                TimestepMonitor()]
+def test_every_committed_report_is_listed() -> None:
+    assert sorted(p.parent.name for p in RESULTS.glob("*/speedups.json")) == sorted(REPORTS)
 
-    schedule = NoiseSchedule.from_name("linear", 1000)
-    k2 = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_k2"])
-    probs = k2[0].build(schedule, None).probabilities()
-    assert probs[0] / probs[-1] == pytest.approx(2.0)  # k = 2: t < tau twice as likely as t >= tau
-    assert len(k2) == 3
-    no_dual = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_no_dual"])
-    assert no_dual[0].dual is False
-    sampling_only = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_sampling_only"])
-    assert [type(cb) for cb in sampling_only] == [AsymmetricTimestepSampling, TimestepMonitor]
-    weighting_only = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only"])
-    assert [type(cb) for cb in weighting_only] == [ChangeAwareWeighting, TimestepMonitor]
-    t = torch.arange(1000)
-    flat = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam05"])
-    assert [type(cb) for cb in flat] == [ChangeAwareWeighting, TimestepMonitor]
-    w = flat[0].build(schedule, None).weight(t)
-    assert torch.all(w[:700] == 0.5) and torch.all(w[700:] == 1.0)  # lambda 0.5: no change-aware shape left
-    full = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam1"])
-    w = full[0].build(schedule, None).weight(t)
-    rate = schedule.psi_rate
-    u = (rate - rate.min()) / (rate.max() - rate.min())
-    torch.testing.assert_close(w[:700].float(), u[:700].float())  # lambda 1: w = u(t) below tau, the full shape
-    assert torch.all(w[700:] == 1.0)
-    mid = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam08"])
-    w = mid[0].build(schedule, None).weight(t)
-    torch.testing.assert_close(w[:700].float(), (0.2 + 0.6 * u[:700]).float())  # 1 - lam + (2 lam - 1) u(t)
-    pivot = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam1_tau_auto"])
-    weights = pivot[0].build(schedule, None)
-    tau = weights.tau
-    assert 600 < tau < 700  # the linear schedule's pivot
-    w = weights.weight(t)
-    torch.testing.assert_close(w[:tau].float(), u[:tau].float())
-    assert torch.all(w[tau:] == 1.0)
-    late = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_weighting_only_lam1_tau850"])
-    w = late[0].build(schedule, None).weight(t)
-    torch.testing.assert_close(w[:850].float(), u[:850].float())
-    assert torch.all(w[850:] == 1.0)
-    both = convergence.apply_ablation(speed_callbacks(), convergence.ABLATIONS["speed_lam1"])
-    assert [type(cb) for cb in both] == [AsymmetricTimestepSampling, ChangeAwareWeighting, TimestepMonitor]
-    assert both[0].k == 5 and both[0].dual is True
-    torch.testing.assert_close(both[1].build(schedule, None).weight(t)[:700].float(), u[:700].float())
-    for name, ablation in convergence.ABLATIONS.items():
-        assert ablation["base"] in convergence.STRATEGIES, name
-    with pytest.raises(AttributeError, match="AsymmetricTimestepSampling.kk"):
-        convergence.apply_ablation(speed_callbacks(), {"set": {"AsymmetricTimestepSampling": {"kk": 2}}})
+
+def test_committed_reports_regenerate_byte_for_byte_from_raw_results(tmp_path: Path) -> None:
+    """speedups.json of every result folder, and summary.json's speed-up keys, from result.json files alone."""
+    from benchmarks.convergence.__main__ import parser
+
+    def regenerate(folder: str, *args: str) -> None:
+        include = [a for i in REPORTS[folder] for a in ("--include", str(tmp_path / i))]
+        report.report(parser().parse_args(["report", "--no-plots", "--out", str(tmp_path / folder), *include, *args]))
+
+    for folder in REPORTS:
+        copy_raw_results(folder, tmp_path)
+    for folder in REPORTS:
+        regenerate(folder, "--no-summary")
+        assert (tmp_path / folder / "speedups.json").read_bytes() == (RESULTS / folder / "speedups.json").read_bytes(), folder
+
+    committed = json.loads((RESULTS / "summary.json").read_text())
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({k: v for k, v in committed.items() if k not in SPEEDUP_KEYS}))
+    for folder in SUMMARY_ORDER:
+        regenerate(folder, "--summary-file", str(summary))
+    assert summary.read_bytes() == (RESULTS / "summary.json").read_bytes()
+
+
+def test_every_committed_run_is_a_run_of_the_registry() -> None:
+    """Each committed result names a run that the config files still reproduce."""
+    from benchmarks.convergence.runs import CONFIGS, RUNS
+
+    committed = {json.loads(p.read_text())["strategy"] for p in RESULTS.glob("*/*/result.json")}
+    assert committed <= set(RUNS), committed - set(RUNS)
+    for run, files in RUNS.items():
+        assert all((CONFIGS / f).is_file() for f in files), run
+    used = {f for files in RUNS.values() for f in files}
+    ablation_files = {f"ablations/{p.name}" for p in (CONFIGS / "ablations").glob("*.yaml")}
+    assert ablation_files <= used, ablation_files - used  # no ablation file that no run composes
+
+
+# ------------------------------------------------------------------------------ dit_throughput.py
+def test_dit_throughput_smoke_interleaves_rows_and_reports_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "dit.json"
+    run_script("dit_throughput", ["--smoke", "--repeats", "2", "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    assert result["card"] == "cpu" and result["smoke"] and result["batch"] == 4
+    preset = result["presets"]["DiT-S/2"]
+    assert preset["flops_per_image"] > 0
+    rows = preset["rows"]
+    for name in ("plain", "trainer"):
+        assert len(rows[name]["windows"]) == 2 and all(w > 0 for w in rows[name]["windows"]), name
+        assert rows[name]["min"] <= rows[name]["images_per_s"] <= rows[name]["max"], name
+    assert preset["trainer_over_plain"] == rows["trainer"]["images_per_s"] / rows["plain"]["images_per_s"]
+    if "official" in rows:  # the official DiT code and timm are present
+        assert rows["official"]["images_per_s"] > 0 and preset["trainer_over_official"] > 0
+    else:
+        assert any(note.startswith("official: skipped") for note in preset["notes"]), preset["notes"]

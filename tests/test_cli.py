@@ -1,8 +1,6 @@
-"""The ``lightning-speed`` CLI: every shipped config runs, prints and fails clearly; the quickstart trains.
+"""The ``lightning-speed`` CLI: entry points, clear errors, run folders, and the quickstart as a user runs it.
 
-Every YAML in configs/ is picked up by glob, so a new config is tested without editing this file.
-Configs run a CPU ``fast_dev_run`` with small overrides (tiny backbone, batch 8, fp32, no compile);
-the quickstart runs in full, as a user would run it.
+Every shipped config (each base with each strategy) trains one CPU step in tests/test_configs.py.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,35 +26,14 @@ from lightning_speed.metrics.features import INCEPTION_FILENAME, InceptionWeight
 from lightning_speed.module import DiffusionModule
 
 from _fixtures import write_fake_cifar  # pytest puts tests/ on sys.path (no __init__.py there)
+from benchmarks.common import smoke_args
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CPU_FAST = [
     "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-    "--model.compile", "false",
 ]  # fmt: skip
-
-
-def have_fashion_mnist() -> bool:
-    return all((FASHION_ROOT / f).is_file() or (FASHION_ROOT / (f + ".gz")).is_file() for f in FASHION_FILES)
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Run the CLI inside tmp_path: no network, FID statistics cached in tmp_path, no stray argv."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-speed"])  # main(args=...) must not see pytest's arguments
-    monkeypatch.setattr(reference_module, "DEFAULT_CACHE_DIR", tmp_path / "fid-cache")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no Inception file from a real cache
-
-    def offline(url: str, dst: Path, timeout: float) -> None:
-        raise OSError("network disabled in the test suite")
-
-    monkeypatch.setattr(features_module, "_download", offline)
-    return tmp_path
 
 
 @pytest.fixture
@@ -70,143 +46,29 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DiffusionModule, "training_step", training_step)
 
 
-# ------------------------------------------------------------------------------ shrinking a config
-def _short(class_path: str) -> str:
-    return class_path.rsplit(".", 1)[-1]
-
-
-def backbone_overrides(spec: dict[str, Any]) -> list[str]:
-    """Small-model overrides for the known backbones (the configs' models are GPU-sized)."""
-    name, init = _short(spec["class_path"]), spec.get("init_args") or {}
-    prefix = "--model.backbone.init_args."
-    if name == "UNet":
-        return [prefix + "base_channels", "16", prefix + "num_res_blocks", "1"]
-    if name == "DiT":
-        heads = int(init.get("num_heads", 6))
-        return [prefix + "hidden_size", str(8 * heads), prefix + "depth", "1"]
-    return []
-
-
-def data_overrides(spec: dict[str, Any], tmp_path: Path) -> list[str]:
-    """Small, CPU-safe, offline data for the known data modules; skip when real files are missing."""
-    name, init = _short(spec["class_path"]), spec.get("init_args") or {}
-    prefix = "--data.init_args."
-    small = [prefix + "batch_size", "8", prefix + "val_images", "8"]
-    if name == "EmbeddedFashionMNISTDataModule":
-        return small
-    if name == "FashionMNISTDataModule":
-        if init.get("root") is None and not have_fashion_mnist():
-            pytest.skip(f"Fashion-MNIST is not installed in {FASHION_ROOT} (apt-get install -y dataset-fashion-mnist)")
-        return [*small, prefix + "download", "false"]
-    if name == "CIFAR10DataModule":
-        write_fake_cifar(tmp_path / "cifar", per_batch=4, n_test=8)
-        return [
-            prefix + "root", str(tmp_path / "cifar"), prefix + "download", "false", prefix + "num_workers", "0",
-            prefix + "batch_size", "8", prefix + "val_images", "4",
-        ]  # fmt: skip
-    pytest.fail(f"test_cli.py does not know how to run {spec['class_path']} offline on a CPU: add it to data_overrides")
-
-
-def uses_inception(config: dict[str, Any]) -> bool:
-    for cb in config.get("trainer", {}).get("callbacks") or []:
-        if _short(cb["class_path"]) == "FIDCallback" and (cb.get("init_args") or {}).get("feature_extractor", "inception") == "inception":
-            return True
-    return False
-
-
-def offline_copy(path: Path, tmp_path: Path) -> Path:
-    """The config with every FIDCallback's feature extractor set to the shipped offline network.
-
-    jsonargparse can only override init_args of the *last* callback in a list from the command
-    line, so the FID callback (not last) is changed in a copy of the YAML instead.
-    """
-    config = yaml.safe_load(path.read_text())
-    for cb in config["trainer"]["callbacks"]:
-        if _short(cb["class_path"]) == "FIDCallback":
-            cb.setdefault("init_args", {})["feature_extractor"] = "fashion_mnist"
-    out = tmp_path / f"offline_{path.name}"
-    out.write_text(yaml.safe_dump(config, sort_keys=False))
-    return out
-
-
-def fast_dev_args(path: Path, tmp_path: Path) -> list[str]:
-    """``fit`` arguments for a CPU fast_dev_run of ``path`` (the config itself, minus size)."""
-    config = yaml.safe_load(path.read_text())
-    args = ["fit", "--config", str(path), *CPU_FAST]
-    logger = config.get("trainer", {}).get("logger")
-    if isinstance(logger, dict) and "class_path" in logger:
-        args += ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
-    args += backbone_overrides(config["model"]["backbone"])
-    args += data_overrides(config["data"], tmp_path)
-    return args
-
-
-# ------------------------------------------------------------------------------------ every config
-def test_configs_are_found() -> None:
-    names = {p.name for p in CONFIGS}
-    assert {"quickstart.yaml", "fashion_mnist_speed.yaml", "fashion_mnist_uniform.yaml", "cifar10_uniform.yaml"} <= names
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_fast_dev_run(path: Path, cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tmp_path = cli_env
-
-    def no_sampling(self: DiffusionModule, *args: Any, **kwargs: Any) -> None:
-        raise AssertionError("a callback sampled images in a fast_dev_run (FID / sample grids must skip it)")
-
-    monkeypatch.setattr(DiffusionModule, "sample", no_sampling)
-    config = yaml.safe_load(path.read_text())
-    args = fast_dev_args(path, tmp_path)
-    if uses_inception(config):  # offline: the standard Inception is tested separately below
-        args[2] = str(offline_copy(path, tmp_path))
-    cli = main(args)
-    trainer, model = cli.trainer, cli.model
-    assert trainer.fast_dev_run and trainer.global_step == 1
-
-    # Every time-step strategy the config lists is the one the training step used.
-    for cb in trainer.callbacks:
-        if isinstance(cb, TimestepSamplingCallback):
-            assert model.timestep_sampler is cb.strategy
-        if isinstance(cb, LossWeightingCallback):
-            assert model.loss_weighting is cb.strategy
-    listed = Counter(_short(cb["class_path"]) for cb in config["trainer"].get("callbacks") or [])
-    assert Counter(type(cb).__name__ for cb in trainer.callbacks if type(cb).__name__ in listed) == listed
-
-    # fast_dev_run is a one-batch check: no FID, no sample grids, no checkpoints, no files anywhere.
-    assert "fid" not in trainer.callback_metrics
-    written = [p for p in tmp_path.rglob("*") if p.suffix in (".ckpt", ".png") or p.name == "config.yaml"]
-    assert written == [], f"fast_dev_run wrote {written}"
-    assert not (tmp_path / "checkpoints").exists()
+def quickstart_args(tmp_path: Path) -> list[str]:
+    """``fit`` arguments for a CPU fast_dev_run of the quickstart, logging under tmp_path."""
+    return ["fit", "--config", str(QUICKSTART), *CPU_FAST, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
 
 
 def test_cifar10_config_needs_inception_weights_offline(cli_env: Path, no_training: None) -> None:
     """The CIFAR-10 config asks for the standard Inception: offline, a clear error before training."""
     tmp_path = cli_env
-    path = REPO / "configs" / "cifar10_uniform.yaml"
-    assert uses_inception(yaml.safe_load(path.read_text()))
+    path = REPO / "configs" / "cifar10.yaml"
+    config = yaml.safe_load(path.read_text())
+    assert config["fid"]["init_args"].get("feature_extractor", "inception") == "inception"
+    write_fake_cifar(tmp_path / "cifar", per_batch=4, n_test=8)
+    args = ["fit", "--config", str(path), "--trainer.fast_dev_run", "true",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            *smoke_args(config["model"]["backbone"]["class_path"]),
+            "--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.download", "false",
+            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", "--data.init_args.val_images", "4"]
     with pytest.raises(InceptionWeightsUnavailable) as err:
-        main(fast_dev_args(path, tmp_path))
+        main(args)
     message = str(err.value)
     assert INCEPTION_FILENAME in message
     assert str(tmp_path / "torch-home") in message  # where to put the file
     assert "feature_extractor: fashion_mnist" in message  # the offline alternative
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_print_config(path: Path, cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(path), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    source = yaml.safe_load(path.read_text())
-    assert printed["model"]["backbone"]["class_path"] == source["model"]["backbone"]["class_path"]
-    assert printed["data"]["class_path"] == source["data"]["class_path"]
-    assert printed["trainer"]["max_steps"] == source["trainer"]["max_steps"]
-    assert [cb["class_path"] for cb in printed["trainer"]["callbacks"]] == [
-        cb["class_path"] for cb in source["trainer"]["callbacks"]
-    ]
-    # print_config shows every constructor argument, defaults included.
-    assert "schedule" in printed["model"] and "sampling_steps" in printed["model"]
 
 
 # ------------------------------------------------------------------------------ the entry points
@@ -235,7 +97,7 @@ def test_console_script_is_declared() -> None:
 
 def test_console_entry_returns_none_so_the_command_exits_zero(cli_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The wrapper does ``sys.exit(console())``: anything but None/0 is a failed command."""
-    monkeypatch.setattr(sys, "argv", ["lightning-speed", *fast_dev_args(QUICKSTART, cli_env)])
+    monkeypatch.setattr(sys, "argv", ["lightning-speed", *quickstart_args(cli_env)])
     with pytest.raises(SystemExit) as exit_info:
         sys.exit(console())
     assert exit_info.value.code is None
@@ -247,8 +109,9 @@ def test_console_entry_returns_none_so_the_command_exits_zero(cli_env: Path, mon
     [
         ("quickstart.yaml", ["--model.schedule", "banana"], ValueError, ["'banana'", "linear", "cosine"]),
         ("quickstart.yaml", ["--model.backbone.init_args.in_channels", "3"], ValueError, ["(1, 32, 32)", "in_channels"]),
-        ("quickstart.yaml", ["--model.num_timesteps", "500"], ValueError, ["tau=700", "T=500", "auto"]),
-        ("fashion_mnist_uniform.yaml", ["--data.init_args.root", "/nonexistent"], FileNotFoundError,
+        ("quickstart.yaml", ["--model.num_timesteps", "500", "--model.backbone.init_args.num_timesteps", "500"],
+         ValueError, ["tau=700", "T=500", "auto"]),
+        ("fashion_mnist.yaml", ["--data.init_args.root", "/nonexistent"], FileNotFoundError,
          ["/nonexistent", "apt-get install -y dataset-fashion-mnist"]),
     ],
     ids=["unknown-schedule", "backbone-data-channels", "tau-not-below-T", "missing-data-root"],
@@ -287,8 +150,8 @@ def test_quickstart_trains_and_writes_logs_checkpoint_samples_and_fid(cli_env: P
     ])  # fmt: skip
     trainer, model = cli.trainer, cli.model
     assert trainer.global_step == max_steps
-    assert isinstance(model.timestep_sampler, AsymmetricSampler)
-    assert isinstance(model.loss_weighting, ChangeAwareWeights)
+    assert isinstance(model.timesteps.sampler, AsymmetricSampler)
+    assert isinstance(model.timesteps.weights, ChangeAwareWeights)
 
     version_dir = tmp_path / "runs" / "quickstart" / "version_0"
     assert Path(trainer.log_dir) == version_dir
@@ -330,4 +193,110 @@ def test_readme_commands_match_ci_and_list_every_config() -> None:
     assert commands[1].endswith('pip install -e ".[dev]" && pytest')
     assert 'pip install -q -e ".[dev]" && pytest' in (REPO / ".ci" / "run").read_text()  # CI runs the same
     for path in CONFIGS:
-        assert f"`{path.name}`" in readme, f"README's config table lacks {path.name}"
+        names = (path.name, str(path.relative_to(REPO / "configs")), str(path.relative_to(REPO)))
+        assert any(f"`{name}`" in readme for name in names), \
+            f"README's config tables lack {path.relative_to(REPO)}"
+
+
+# ------------------------------------------------------------------- errors said first and clearly
+FAST = ["--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+
+
+def run_console(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[Any, str]:
+    """Run the ``lightning-speed`` entry point; (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["lightning-speed", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        console()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config, status, headline",
+    [
+        ("fid:\n  class_path: lightning_speed.callbacks.FIDCallback\n  init_args: {sampling_steps: 20}\n", 1,
+         "error: TypeError: FIDCallback(sampling_steps=20): renamed arguments: write solver_steps instead of sampling_steps"),
+        ("fid:\n  class_path: lightning_speed.callbacks.FIDCallback\n  init_args: {solver: euler}\n", 2,
+         "error: fid: FIDCallback: solver: Expected a typing.Literal['ddim', 'ddpm']. Got value: euler"),
+        ("model:\n  optimizer:\n    class_path: torch.optim.AdamW\n    init_args: {lr: fast}\n", 2,
+         "error: model.optimizer: lr: Expected a <class 'float'>"),
+    ],
+    ids=["renamed-argument", "unknown-solver", "lr-not-a-number"],
+)  # fmt: skip
+def test_config_errors_show_the_innermost_message_first(
+    cli_env: Path, no_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    config: str, status: int, headline: str,
+) -> None:  # fmt: skip
+    """jsonargparse buries these under ~40 lines ("Does not validate against any of the Union subtypes")."""
+    bad = cli_env / "bad.yaml"
+    bad.write_text(config)
+    code, err = run_console(["fit", "--config", str(QUICKSTART), "--config", str(bad), *FAST], monkeypatch, capsys)
+    assert code == status
+    first_error = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert first_error.startswith(headline), err[-3000:]
+    details = [err.find(marker) for marker in ("Traceback", "usage:", "Does not validate") if marker in err]
+    assert details and err.index(first_error) < min(details)  # the message before the details, which are kept
+
+
+def test_ckpt_path_to_a_text_file_says_what_the_file_is(cli_env: Path, no_training: None) -> None:
+    notes = cli_env / "notes.txt"
+    notes.write_text("lr 0.002 looked best\n")
+    with pytest.raises(ValueError) as err:  # torch.load said "IndexError: pop from empty list"
+        main(["fit", "--config", str(QUICKSTART), *FAST, "--ckpt_path", str(notes)])
+    message = str(err.value)
+    assert f"--ckpt_path {notes} is not a checkpoint: it is a text file of 21 bytes starting with 'lr 0.002 looked best'" in message
+    assert "runs/<name>/version_N/checkpoints/last.ckpt" in message  # what to give instead
+
+
+def test_checkpoint_of_another_backbone_size_gets_a_short_summary(cli_env: Path, no_training: None) -> None:
+    small = main(["--config", str(QUICKSTART), "--model.backbone.init_args.base_channels", "8"], run=False).model
+    run_dir = cli_env / "runs" / "small" / "version_0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("# the configuration the checkpoint was trained with\n")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": small.state_dict(), "global_step": 10}, ckpt)
+    with pytest.raises(ValueError) as err:
+        main(["fit", "--config", str(QUICKSTART), *FAST, "--ckpt_path", str(ckpt)])
+    message = str(err.value)
+    lines = message.splitlines()
+    assert lines[0].startswith(f"The checkpoint {ckpt} was trained with another model configuration: ")
+    assert "tensors have other shapes" in lines[0]
+    import re
+
+    shown = [re.fullmatch(r"  ([\w.]+): checkpoint (\([\d, ]+\)), model (\([\d, ]+\))", line) for line in lines[1:]]
+    shown = [m for m in shown if m]
+    assert 1 <= len(shown) <= 4 and all(m[2] != m[3] for m in shown)  # a few keys, each with both shapes
+    assert f"lightning-speed fit --config {run_dir / 'config.yaml'} --ckpt_path {ckpt}" in message
+    assert len(lines) <= 7  # a summary, not one line per tensor
+
+
+def test_a_run_pointed_at_an_earlier_run_folder_never_changes_its_files(cli_env: Path, no_training: None) -> None:
+    run_dir = cli_env / "runs" / "quickstart" / "version_0"
+    earlier = {"config.yaml": b"# the earlier run's configuration\n", "hparams.yaml": b"lr: 0.002\n",
+               "checkpoints/last.ckpt": b"\x80 earlier weights", "events.out.tfevents.1.host": b"events"}  # fmt: skip
+    for name, data in earlier.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes(data)
+    pointed = [
+        "fit", "--config", str(QUICKSTART), "--trainer.accelerator", "cpu",
+        "--trainer.logger.init_args.save_dir", str(cli_env / "runs"), "--trainer.logger.init_args.version", "0",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="in_channels"):  # fails at setup, after the run folder is known
+        main([*pointed, "--model.backbone.init_args.in_channels", "3"])
+    after = {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert {name: after.get(name) for name in earlier} == earlier  # byte-identical, config.yaml included
+    # Lightning opens a TensorBoard writer before the setup hooks, so an empty events file may be added.
+    assert all(name.startswith("events.out.tfevents.") for name in set(after) - set(earlier))
+
+
+def test_a_run_that_trains_in_an_earlier_run_folder_keeps_its_config(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = cli_env / "runs" / "quickstart" / "version_0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("# the earlier run's configuration\n")
+    main([
+        "fit", "--config", str(QUICKSTART), "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
+        "--trainer.logger.init_args.save_dir", str(cli_env / "runs"), "--trainer.logger.init_args.version", "0",
+        "--trainer.enable_progress_bar", "false", "--fid", "null", "--samples", "null", "--checkpoint", "null",
+    ])  # fmt: skip
+    assert (run_dir / "config.yaml").read_text() == "# the earlier run's configuration\n"
+    assert yaml.safe_load((run_dir / "config-1.yaml").read_text())["trainer"]["max_steps"] == 1
+    assert f"{run_dir / 'config.yaml'} belongs to an earlier run and is kept; this run's configuration is in config-1.yaml" in capsys.readouterr().err

@@ -161,6 +161,71 @@ def test_lightning_checkpoint_resumes_in_ours(tmp_path):
     assert int(ours._average_model.n_averaged) == 7
 
 
-def test_bad_decay():
-    with pytest.raises(ValueError, match="decay must be in"):
-        EMAWeightAveraging(decay=1.5)
+@pytest.mark.parametrize(("decay", "error", "match"), [
+    (1.5, ValueError, r"decay must be a number in \[0, 1\], got 1.5"),
+    ("0.9", TypeError, r"decay must be a number, got '0.9' \(str\)"),
+])
+def test_bad_decay(decay, error, match):
+    with pytest.raises(error, match=match):
+        EMAWeightAveraging(decay=decay)
+
+
+class _Evaluate(pl.Callback):
+    """Records the module's weights inside and after ``averaged_weights`` at train end (before the copy)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_speed.callbacks.ema import averaged_weights
+
+        self.before = _all(pl_module)
+        with averaged_weights(trainer, pl_module, **self.kwargs) as self.used:
+            self.inside = _all(pl_module)
+        self.after = _all(pl_module)
+
+
+def _all(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters then buffers: the order in which the averaged model pairs them."""
+    return [t.detach().clone() for t in [*module.parameters(), *module.buffers()]]
+
+
+@pytest.mark.parametrize("make", [lambda: EMAWeightAveraging(decay=0.5), lambda: LightningEMA(decay=0.5)],
+                         ids=["ours", "lightning"])
+def test_averaged_weights_swaps_the_average_in_and_back(make):
+    ema, probe = make(), _Evaluate()
+    torch.manual_seed(0)
+    model = Regressor()
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[probe, ema]).fit(model, DataLoader(data, batch_size=8))
+    assert probe.used is True
+    _assert_same(probe.inside, _averaged(ema))  # exactly the average: a swap copies, it does not compute
+    _assert_same(probe.after, probe.before)  # and the training weights come back unchanged
+    assert not torch.equal(probe.inside[0], probe.before[0])
+
+
+def test_averaged_weights_without_ema_or_disabled_leaves_the_module_alone():
+    for callbacks, kwargs in (([], {}), ([EMAWeightAveraging(decay=0.5)], {"enabled": False})):
+        probe = _Evaluate(**kwargs)
+        torch.manual_seed(0)
+        model = Regressor()
+        data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+        pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[probe, *callbacks]).fit(model, DataLoader(data, batch_size=8))
+        assert probe.used is False
+        _assert_same(probe.inside, probe.before)
+
+
+def test_averaged_weights_refuses_a_module_that_changed():
+    from lightning_speed.callbacks.ema import averaged_weights
+
+    class Trainer:
+        callbacks = [EMAWeightAveraging(decay=0.5)]
+
+    model = Regressor()
+    Trainer.callbacks[0]._average_model = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    model.extra = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match=r"EMA model has \d+ parameters\+buffers but the module has \d+.*use_ema=False"):
+        with averaged_weights(Trainer(), model):
+            pass

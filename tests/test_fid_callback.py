@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import urllib.error
 from pathlib import Path
 
@@ -48,9 +49,9 @@ class TinyGenerator(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.3)
 
     @torch.no_grad()
-    def sample(self, num_samples, *, steps=50, sampler="ddim", generator=None, **kwargs):
+    def sample(self, num_samples, *, solver_steps=50, solver="ddim", generator=None, **kwargs):
         self.sampled_with.append((self.trainer.global_step, float(self.scale)))
-        self.sample_kwargs.append({"steps": steps, "sampler": sampler, **kwargs})
+        self.sample_kwargs.append({"solver_steps": solver_steps, "solver": solver, **kwargs})
         noise = torch.randn((num_samples, *self.image_shape), generator=generator, device=self.device)
         return torch.tanh(noise * self.scale)
 
@@ -75,7 +76,7 @@ def make_trainer(tmp_path: Path, callbacks, max_steps: int = 4, logger=None, **k
         logger=logger if logger is not None else False,
         default_root_dir=tmp_path,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=kwargs.pop("enable_progress_bar", False),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=kwargs.pop("limit_val_batches", 0),
@@ -84,7 +85,7 @@ def make_trainer(tmp_path: Path, callbacks, max_steps: int = 4, logger=None, **k
 
 
 def fid_callback(tmp_path: Path, **kwargs) -> FIDCallback:
-    args = dict(num_samples=32, batch_size=16, sampling_steps=3, feature_extractor="fashion_mnist",
+    args = dict(num_samples=32, batch_size=16, solver_steps=3, feature_extractor="fashion_mnist",
                 num_reference=200, cache_dir=str(tmp_path / "cache"))
     args.update(kwargs)
     return FIDCallback(**args)
@@ -104,7 +105,7 @@ def test_fid_logged_every_n_steps_with_csv_and_cache(tmp_path) -> None:
     assert [s for s, _ in fid.history] == [2, 4]  # step 4 = end of training: not evaluated twice
     assert all(v > 0 for _, v in fid.history)
     assert float(trainer.callback_metrics["fid"]) == pytest.approx(fid.history[-1][1])
-    assert model.sample_kwargs[0] == {"steps": 3, "sampler": "ddim"}
+    assert model.sample_kwargs[0] == {"solver_steps": 3, "solver": "ddim"}
     assert sum(1 for s, _ in model.sampled_with if s == 2) == 2  # 32 samples in batches of 16
     assert fid.reference_from_cache is False
     assert "fashion_mnist_embedded-test-n200" in fid.reference_key
@@ -215,7 +216,7 @@ def test_local_share_splits_samples() -> None:
 
 
 def test_sample_grid_png_tensorboard_and_fixed_seed(tmp_path) -> None:
-    grids = SampleGridCallback(every_n_steps=2, num_samples=9, sampling_steps=2, save_dir=str(tmp_path / "grids"))
+    grids = SampleGridCallback(every_n_steps=2, num_samples=9, solver_steps=2, save_dir=str(tmp_path / "grids"))
     logger = TensorBoardLogger(tmp_path, name="tb")
     model = TinyGenerator()
     trainer = make_trainer(tmp_path, [grids], max_steps=3, logger=logger)
@@ -235,12 +236,12 @@ def test_sample_grid_png_tensorboard_and_fixed_seed(tmp_path) -> None:
     # The same seed and weights give the same grid; another seed does not.
     first, second = grids.make_grid(trainer, model), grids.make_grid(trainer, model)
     assert torch.equal(first, second)
-    other = SampleGridCallback(num_samples=9, sampling_steps=2, seed=1)
+    other = SampleGridCallback(num_samples=9, solver_steps=2, seed=1)
     assert not torch.equal(first, other.make_grid(trainer, model))
 
 
 def test_sample_grid_written_to_log_dir_at_train_end(tmp_path) -> None:
-    grids = SampleGridCallback(every_n_steps=100, num_samples=4, sampling_steps=2)
+    grids = SampleGridCallback(every_n_steps=100, num_samples=4, solver_steps=2)
     trainer = make_trainer(tmp_path, [grids], max_steps=2, logger=CSVLogger(tmp_path, name="csv"))
     trainer.fit(TinyGenerator(), datamodule=datamodule())
     assert (Path(trainer.log_dir) / "samples_step2.png").is_file()
@@ -281,8 +282,74 @@ def test_fid_under_ddp_splits_samples_and_syncs_the_metric(tmp_path) -> None:
     ddp_fid = ranks[0]["history"][0][1]
 
     replay = ReplayGenerator(torch.cat([ranks[0]["images"], ranks[1]["images"]]))
-    single = FIDCallback(num_samples=32, batch_size=16, sampling_steps=3, feature_extractor="fashion_mnist",
+    single = FIDCallback(num_samples=32, batch_size=16, solver_steps=3, feature_extractor="fashion_mnist",
                          num_reference=200, cache_dir=str(cache), every_n_steps=2, on_train_end=False)
     make_trainer(tmp_path, [single], max_steps=2).fit(replay, datamodule=datamodule())
     assert single.reference_from_cache is True  # the statistics rank 0 cached
     assert single.history[0][1] == pytest.approx(ddp_fid, rel=1e-4)
+
+
+# ------------------------------------------------------------------ what users are told
+class DivergedGenerator(TinyGenerator):
+    """Generates NaN in every other image, as a model with non-finite weights does."""
+
+    @torch.no_grad()
+    def sample(self, num_samples, **kwargs):
+        images = super().sample(num_samples, **kwargs)
+        images[::2] = float("nan")
+        return images
+
+
+def test_fid_of_nonfinite_samples_is_nan_with_a_warning(tmp_path) -> None:
+    fid = fid_callback(tmp_path, compute_kid=True, kid_subset_size=16, on_train_end=True)
+    with pytest.warns(UserWarning, match=r"16 of 32 generated images contain NaN or inf values at step 1.*diverged"):
+        make_trainer(tmp_path, [fid], max_steps=1).fit(DivergedGenerator(), datamodule=datamodule())
+    assert len(fid.history) == 1 and math.isnan(fid.history[0][1])  # not the FID of black images
+    assert all(math.isnan(v) for v in fid.kid_history[0][1:])
+    assert fid.best() is None
+
+
+def test_sample_grid_warns_about_nonfinite_images(tmp_path) -> None:
+    grids = SampleGridCallback(every_n_steps=100, num_samples=4, solver_steps=2)
+    with pytest.warns(UserWarning, match=r"2 of 4 generated images contain NaN or inf.*diverged"):
+        make_trainer(tmp_path, [grids], max_steps=1).fit(DivergedGenerator(), datamodule=datamodule())
+    assert grids.last_grid is not None  # the grid is still made, with the diverged images black
+
+
+@pytest.mark.parametrize("callback", [FIDCallback, SampleGridCallback])
+def test_old_generation_argument_names_say_the_new_ones(callback) -> None:
+    with pytest.raises(TypeError, match=r"sampling_steps=20.*write solver_steps instead of sampling_steps"):
+        callback(sampling_steps=20)
+    with pytest.raises(TypeError, match=r"sampler='ddpm'.*write solver \(\"ddim\" or \"ddpm\"\) instead of sampler"):
+        callback(sampler="ddpm")
+    made = callback(solver="ddpm", solver_steps=20)
+    with pytest.raises(AttributeError, match="sampling_steps was renamed solver_steps"):
+        made.sampling_steps = 10  # a script setting the old attribute must not be silently ignored
+    with pytest.raises(ValueError, match=r"solver='euler'.*\"ddim\" or \"ddpm\""):
+        callback(solver="euler")
+
+
+def test_warns_up_front_when_evaluation_dwarfs_training(tmp_path) -> None:
+    """5,000 DDIM-50 samples after 3 steps of batch 8: 250,000 network evaluations vs 72."""
+    fid = fid_callback(tmp_path, num_samples=5000, solver_steps=50)
+    fid.evaluate = lambda *args, **kwargs: None  # the warning is the point, not the hour of sampling
+    with pytest.warns(UserWarning) as caught:
+        make_trainer(tmp_path, [fid], max_steps=3).fit(TinyGenerator(), datamodule=datamodule())
+    message = next(str(w.message) for w in caught if "FIDCallback" in str(w.message))
+    assert "5,000 images with DDIM-50 1 time(s): 250,000 network evaluations" in message
+    assert "3,472x the training's 72 (3 steps x batch 8 x 3 for forward and backward)" in message
+    assert "far longer than the training" in message
+    for fix in ("num_samples (now 5,000)", "solver_steps (now 50)", "every_n_steps", "on_train_end: false"):
+        assert fix in message
+
+    quiet = fid_callback(tmp_path, num_samples=64, solver_steps=5, every_n_steps=3)  # 64 x 5 = 320 < 10 x 72
+    assert quiet.cost_warning(make_trainer(tmp_path, [quiet], max_steps=3), TinyGenerator(), 8) is None
+
+
+def test_evaluation_shows_a_progress_bar(tmp_path, capsys) -> None:
+    fid = fid_callback(tmp_path, num_samples=32, batch_size=8, on_train_end=True)
+    make_trainer(tmp_path, [fid], max_steps=1, enable_progress_bar=True).fit(TinyGenerator(), datamodule=datamodule())
+    err = capsys.readouterr().err
+    import re
+
+    assert re.search(r"fid: DDIM-3: +\d+%.* \d+/32 \[\d\d:\d\d<\d\d:\d\d", err), err  # done/total [elapsed<left]

@@ -1,5 +1,8 @@
 """DiffusionModule end to end on the CPU: it learns, it samples, it rejects bad setups early."""
 
+import copy
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -7,15 +10,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_speed import DiffusionModule
+from lightning_speed.timesteps import TableSampler, TableWeights, TimestepStrategy
+
+TESTS = Path(__file__).parent
 
 
 class TinyBackbone(nn.Module):
-    def __init__(self, channels: int = 1, num_classes: int | None = None):
+    def __init__(self, channels: int = 1, num_classes: int | None = None, out_channels: int | None = None,
+                 embedded_timesteps: int = 1000):
         super().__init__()
         self.inp = nn.Conv2d(channels, 16, 3, padding=1)
-        self.t_emb = nn.Embedding(1000, 16)
+        self.t_emb = nn.Embedding(embedded_timesteps, 16)
         self.y_emb = nn.Embedding(num_classes + 1, 16) if num_classes else None
-        self.out = nn.Conv2d(16, channels, 3, padding=1)
+        self.out = nn.Conv2d(16, out_channels or channels, 3, padding=1)
 
     def forward(self, x, t, y=None):
         h = self.inp(x) + self.t_emb(t)[:, :, None, None]
@@ -24,7 +31,14 @@ class TinyBackbone(nn.Module):
         return self.out(torch.relu(h))
 
 
-def loader(n=512, shape=(1, 8, 8), classes=False):
+def small_unet(channels=1, **kw):
+    from lightning_speed.backbones import UNet
+
+    kw = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], **kw}
+    return UNet(in_channels=channels, image_size=8, **kw)
+
+
+def loader(n=512, shape=(1, 8, 8)):
     g = torch.Generator().manual_seed(0)
     # Structured data (a smooth blob per image) that a small net can learn to denoise.
     base = torch.linspace(-1, 1, shape[-1])
@@ -48,47 +62,101 @@ class LossRecorder(pl.Callback):
         self.losses.append(outputs["loss"].item())
 
 
+def _fit_losses(module, steps=120):
+    rec = LossRecorder()
+    trainer(max_steps=steps, callbacks=[rec]).fit(module, loader())
+    return sum(rec.losses[:10]) / 10, sum(rec.losses[-10:]) / 10
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
 def test_tiny_fit_loss_goes_down(prediction):
     pl.seed_everything(0)
     module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8), prediction=prediction,
                              optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
-    rec = LossRecorder()
-    trainer(max_steps=120, callbacks=[rec]).fit(module, loader())
-    first, last = sum(rec.losses[:10]) / 10, sum(rec.losses[-10:]) / 10
+    first, last = _fit_losses(module)
     assert last < 0.8 * first, (first, last)
 
 
-def test_step_outputs_and_sampling_shapes():
+def test_learned_sigma_fit_and_sampling():
+    """learn_sigma: a 2C-channel backbone trains on the hybrid loss, and both solvers generate."""
+    pl.seed_everything(0)
+    module = DiffusionModule(TinyBackbone(out_channels=2), image_shape=(1, 8, 8), learn_sigma=True,
+                             optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    first, last = _fit_losses(module)
+    assert last < 0.8 * first, (first, last)
+    for solver in ("ddpm", "ddim"):
+        imgs = module.sample(3, solver=solver, solver_steps=5, generator=torch.Generator().manual_seed(0))
+        assert imgs.shape == (3, 1, 8, 8) and torch.isfinite(imgs).all()
+
+
+@pytest.mark.parametrize("weight_vlb", [False, True])
+def test_time_step_weights_multiply_the_mse_term_only_unless_weight_vlb(weight_vlb):
+    """loss = mean(w(t) mse + vlb) by default (official SpeeD), mean(w(t) (mse + vlb)) with weight_vlb."""
+    module = DiffusionModule(TinyBackbone(out_channels=2), image_shape=(1, 8, 8), learn_sigma=True,
+                             weight_vlb=weight_vlb)
+    module.timesteps.weights = TableWeights(torch.linspace(0.5, 2.0, 1000))
+    batch = (torch.rand(8, 1, 8, 8) * 2 - 1, torch.zeros(8, dtype=torch.long))
+    torch.manual_seed(3)
+    loss = module.training_step(batch, 0)
+    torch.manual_seed(3)
+    t = module.timesteps.sample(8, "cpu")
+    mse, vlb = module.diffusion.training_losses(lambda x, tt: module.backbone(x, tt), batch[0], t)
+    w = module.timesteps.weights.weight(t)
+    expected = (w * (mse + vlb)).mean() if weight_vlb else (w * mse + vlb).mean()
+    assert vlb.abs().min() > 0
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(module.timesteps.last.t, t)  # what the monitor reads
+
+
+def test_step_returns_the_loss_and_sampling_shapes():
     pl.seed_everything(0)
     module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
-    out = module.training_step((torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), 0)
-    assert set(out) == {"loss", "t", "per_sample_loss", "weight"}
-    assert out["t"].dtype == torch.long and out["per_sample_loss"].shape == (4,)
-    imgs = module.sample(5, steps=4, batch_size=2)
+    loss = module.training_step((torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), 0)
+    assert loss.shape == () and loss.requires_grad
+    record = module.timesteps.last
+    assert record.t.dtype == torch.long and record.loss.shape == (4,) and record.weight.shape == (4,)
+    imgs = module.sample(5, solver_steps=4, batch_size=2)
     assert imgs.shape == (5, 1, 8, 8) and imgs.min() >= -1 and imgs.max() <= 1
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    torch.testing.assert_close(module.sample(3, steps=4, generator=g1), module.sample(3, steps=4, generator=g2))
+    torch.testing.assert_close(module.sample(3, solver="ddpm", solver_steps=4, generator=g1),
+                               module.sample(3, solver="ddpm", solver_steps=4, generator=g2))
     assert module.training  # sample() restores the mode
 
 
 def test_class_conditional_with_guidance():
     pl.seed_everything(0)
     module = DiffusionModule(TinyBackbone(num_classes=3), image_shape=(1, 8, 8), num_classes=3, label_dropout=0.5)
-    trainer(max_steps=5).fit(module, loader(classes=True))
+    trainer(max_steps=5).fit(module, loader())
     labels = torch.tensor([0, 1, 2])
     noise = torch.randn(3, 1, 8, 8)
-    a = module.sample(3, steps=3, labels=labels, noise=noise, guidance_scale=1.0)
-    b = module.sample(3, steps=3, labels=labels, noise=noise, guidance_scale=3.0)
+    a = module.sample(3, solver_steps=3, labels=labels, noise=noise, guidance_scale=1.0)
+    b = module.sample(3, solver_steps=3, labels=labels, noise=noise, guidance_scale=3.0)
     assert not torch.allclose(a, b)
     dropped = module._drop_labels(torch.zeros(10_000, dtype=torch.long))
     assert (dropped == 3).float().mean().item() == pytest.approx(0.5, abs=0.03)
 
 
-def test_mismatched_backbone_fails_at_setup():
-    module = DiffusionModule(TinyBackbone(channels=1), image_shape=(3, 8, 8))
-    with pytest.raises(ValueError, match="cannot process images of shape"):
-        trainer(max_steps=1).fit(module, loader(shape=(3, 8, 8)))
+# -- misconfiguration fails before the first step, naming the fix ---------------------------------
+@pytest.mark.parametrize("backbone,kwargs,match", [
+    (TinyBackbone(channels=1), {"image_shape": (3, 8, 8)}, "cannot process images of shape"),
+    (TinyBackbone(embedded_timesteps=1000), {"image_shape": (1, 8, 8), "num_timesteps": 2000},
+     "at time steps 0 .. 1999.*num_timesteps"),
+    (TinyBackbone(out_channels=1), {"image_shape": (1, 8, 8), "learn_sigma": True},
+     r"2C = 2 channels \(prediction and variance\) for learn_sigma.*set its out_channels to 2"),
+    (TinyBackbone(out_channels=2), {"image_shape": (1, 8, 8)}, "the data's 1 channels.*out_channels to 1"),
+])
+def test_backbone_that_cannot_serve_the_model_fails_at_setup(backbone, kwargs, match):
+    module = DiffusionModule(backbone, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        trainer(max_steps=1).fit(module, loader(shape=kwargs["image_shape"]))
+
+
+def test_backbone_built_for_other_num_timesteps_is_refused():
+    """A backbone that states its T (DiT's num_timesteps) must agree with the model's, at construction."""
+    backbone = TinyBackbone()
+    backbone.num_timesteps = 1000
+    with pytest.raises(ValueError, match="num_timesteps=1000 but the model diffuses over 500 steps.*set the backbone"):
+        DiffusionModule(backbone, num_timesteps=500)
 
 
 def test_data_shape_mismatch_names_the_fix():
@@ -103,62 +171,79 @@ def test_data_shape_mismatch_names_the_fix():
         trainer(max_steps=1).fit(module, datamodule=DM())
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"schedule": "sigmoid"}, "Unknown noise schedule"),
-    ({"prediction": "score"}, "Unknown prediction"),
-    ({"label_dropout": 1.5}, "label_dropout"),
-    ({"image_shape": (8, 8)}, "image_shape"),
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"schedule": "sigmoid"}, ValueError, "Unknown noise schedule"),
+    ({"prediction": "score"}, ValueError, "prediction"),
+    ({"label_dropout": 1.5}, ValueError, "label_dropout"),
+    ({"image_shape": (8, 8)}, ValueError, "image_shape"),
+    ({"learn_sigma": "true"}, TypeError, "learn_sigma"),
+    ({"lambda_vlb": -1.0}, ValueError, "lambda_vlb"),
+    ({"compile_mode": "fast"}, ValueError, "compile_mode 'fast'.*'reduce-overhead'"),
+    ({"compile": True}, TypeError, "'compile'.*now compile_mode"),
+    ({"sampling_steps": 50}, TypeError, "'sampling_steps'.*now solver_steps"),
 ])
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         DiffusionModule(TinyBackbone(), **kwargs)
 
 
-def test_checkpoint_keys_do_not_depend_on_strategies():
-    from lightning_speed.timesteps.base import TableSampler, TableWeighting
-
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"sampler": "ddim"}, TypeError, r"sample\(sampler=...\) is now sample\(solver=...\)"),
+    ({"steps": 10}, TypeError, r"sample\(steps=...\) is now sample\(solver_steps=...\)"),
+    ({"solver": "plms"}, ValueError, "Unknown solver 'plms'"),
+    ({"solver_steps": 1001}, ValueError, "solver_steps must be an integer from 2 to T = 1000"),
+])
+def test_bad_sample_arguments(kwargs, error, match):
     module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    with pytest.raises(error, match=match):
+        module.sample(2, **kwargs)
+
+
+# -- state, compilation, memory format -------------------------------------------------------
+def test_checkpoint_keys_do_not_depend_on_strategies():
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    assert isinstance(module.timesteps, TimestepStrategy) and module.timesteps.prediction == "epsilon"
     keys = set(module.state_dict())
-    module.timestep_sampler = TableSampler(torch.ones(1000))
-    module.loss_weighting = TableWeighting(torch.ones(1000))
+    module.timesteps.sampler = TableSampler(torch.ones(1000))
+    module.timesteps.weights = TableWeights(torch.ones(1000))
     assert set(module.state_dict()) == keys
 
 
 def test_compiled_sampling_matches_eager_and_stays_out_of_the_state():
     """compile_sampling changes how the network runs, not what it computes or what is saved."""
-    from lightning_speed.backbones import UNet
-
     torch.manual_seed(0)
-    backbone = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
-                    attention_resolutions=[])
+    backbone = TinyBackbone()
     eager = DiffusionModule(backbone, image_shape=(1, 8, 8))
     compiled = DiffusionModule(backbone, image_shape=(1, 8, 8), compile_sampling=True)
     noise = torch.randn(3, 1, 8, 8)
-    expected = eager.sample(3, steps=3, noise=noise)
-    torch.testing.assert_close(compiled.sample(3, steps=3, noise=noise), expected, rtol=1e-4, atol=1e-4)
+    expected = eager.sample(3, solver_steps=3, noise=noise)
+    torch.testing.assert_close(compiled.sample(3, solver_steps=3, noise=noise), expected, rtol=1e-4, atol=1e-4)
     assert compiled._sample_forward is not None  # the compiled path was really taken
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     assert len(list(compiled.parameters())) == len(list(backbone.parameters()))
 
 
-def test_compiled_module_checkpoints_have_backbone_keys_only():
-    """Compiling in setup must not change state_dict keys (a resumed compiled run failed on them)."""
-    from lightning_speed.backbones import UNet
-
-    backbone = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1], num_res_blocks=1,
-                    attention_resolutions=[])
-    module = DiffusionModule(backbone, image_shape=(1, 8, 8), compile=True)
-    before = set(module.state_dict())
-    module.setup("fit")  # wraps the backbone in torch.compile (compiles lazily, on the first call)
-    assert set(module.state_dict()) == before and all(k.startswith("backbone.") for k in before)
-    # Checkpoints written before the fix also hold "_train_forward._orig_mod.*" copies: they still load.
-    old = dict(module.state_dict())
-    old.update({"_train_forward._orig_mod." + k[len("backbone."):]: v for k, v in module.state_dict().items()})
-    module.load_state_dict(old)
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_compiled_training_keeps_keys_and_loss(learn_sigma):
+    """configure_model compiles the forward and the loss as a function: same loss, same state_dict keys."""
+    torch.manual_seed(0)
+    eager = DiffusionModule(TinyBackbone(out_channels=1 + learn_sigma), image_shape=(1, 8, 8), learn_sigma=learn_sigma)
+    compiled = DiffusionModule(copy.deepcopy(eager.backbone), image_shape=(1, 8, 8), learn_sigma=learn_sigma,
+                               compile_mode="default")
+    before = set(compiled.state_dict())
+    compiled.configure_model()
+    assert compiled._compiled_losses is not None
+    assert set(compiled.state_dict()) == before and all(k.startswith("backbone.") for k in before)
+    assert [n for n, _ in compiled.named_modules()] == [n for n, _ in eager.named_modules()]
+    batch = (torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    torch.manual_seed(1)
+    expected = eager.training_step(batch, 0)
+    torch.manual_seed(1)
+    torch.testing.assert_close(compiled.training_step(batch, 0), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_cuda_graph_modes_are_recognised() -> None:
-    """Both torch.compile modes that record CUDA graphs need the per-step marker (max-autotune was missed)."""
+    """Both torch.compile modes that record CUDA graphs need the per-step marker."""
     from lightning_speed.module import uses_cuda_graphs
 
     assert uses_cuda_graphs("reduce-overhead") and uses_cuda_graphs("max-autotune")
@@ -168,14 +253,10 @@ def test_cuda_graph_modes_are_recognised() -> None:
 
 def test_channels_last_changes_the_layout_not_the_result_and_survives_fit_and_ema():
     """channels_last=True: NHWC weights and training input, the same loss, and a fit with EMA that keeps the layout."""
-    import copy
-
-    from lightning_speed.backbones import UNet
     from lightning_speed.callbacks import EMAWeightAveraging
 
     torch.manual_seed(0)
-    backbone = UNet(in_channels=3, image_size=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
-                    attention_resolutions=[4])
+    backbone = small_unet(3, attention_resolutions=[4])
     plain = DiffusionModule(copy.deepcopy(backbone), image_shape=(3, 8, 8))
     nhwc = DiffusionModule(backbone, image_shape=(3, 8, 8), channels_last=True)
     # 3x3 convolutions with several input channels: the weights whose NHWC and NCHW layouts differ.
@@ -186,9 +267,9 @@ def test_channels_last_changes_the_layout_not_the_result_and_survives_fit_and_em
     nhwc.backbone.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     batch = (torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
     torch.manual_seed(1)
-    expected = plain.training_step(batch, 0)["loss"]
+    expected = plain.training_step(batch, 0)
     torch.manual_seed(1)
-    torch.testing.assert_close(nhwc.training_step(batch, 0)["loss"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nhwc.training_step(batch, 0), expected, rtol=1e-5, atol=1e-6)
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
     # A fit with EMA: the trained weights and the average stay NHWC, and a checkpoint loads into an NCHW module.
     ema = EMAWeightAveraging(decay=0.9)
@@ -198,5 +279,34 @@ def test_channels_last_changes_the_layout_not_the_result_and_survives_fit_and_em
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in averaged)
     plain.load_state_dict(nhwc.state_dict())
     noise = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(plain.sample(2, steps=2, noise=noise), nhwc.sample(2, steps=2, noise=noise),
+    torch.testing.assert_close(plain.sample(2, solver_steps=2, noise=noise), nhwc.sample(2, solver_steps=2, noise=noise),
                                rtol=1e-4, atol=1e-4)
+
+
+# -- the README's own-module example -----------------------------------------------------------
+def test_readme_example_is_the_tested_file_and_adds_three_lines():
+    """README shows tests/external_module_example.py verbatim; SpeeD adds exactly three lines to it."""
+    source = (TESTS / "external_module_example.py").read_text()
+    readme = (TESTS.parent / "README.md").read_text()
+    assert f"```python\n{source}```" in readme
+    marked = [line.strip() for line in source.splitlines() if "# SpeeD" in line]
+    assert len(marked) == 3
+    assert marked[0].startswith("self.timesteps = TimestepStrategy(")
+    assert marked[1].startswith("t = self.timesteps.sample(") and marked[2].startswith("return self.timesteps.loss(")
+    # Apart from the imports, no other line of the module knows about SpeeD.
+    body = [line for line in source.splitlines()
+            if ("self.timesteps" in line or "TimestepStrategy" in line) and not line.startswith("from ")]
+    assert len(body) == 3
+
+
+
+@pytest.mark.parametrize("old,new", [("compile", "compile_mode"), ("sampling_steps", "solver_steps")])
+def test_renamed_config_keys_name_the_new_key_in_the_cli(tmp_path, capsys, old, new):
+    from lightning_speed.cli import main
+
+    config = tmp_path / "old.yaml"
+    config.write_text(f"model:\n  {old}: 1\n")
+    quickstart = str(TESTS.parent / "configs" / "quickstart.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", quickstart, "--config", str(config)])
+    assert capsys.readouterr().err.startswith(f"error: model.{old} is now model.{new}")

@@ -1,8 +1,8 @@
 """The Lightning callbacks that install time-step strategies, and TimestepMonitor.
 
-Most tests use a tiny LightningModule of their own that follows the integration protocol
-(noise_schedule or alphas_cumprod, timestep_sampler, loss_weighting, weighted_loss), so
-they exercise exactly what a user's module sees. Its noise is drawn from a generator seeded
+Most tests use a tiny LightningModule of their own that adopts the strategies with the three
+lines of the protocol (``self.timesteps = TimestepStrategy(...)``, ``self.timesteps.sample``,
+``self.timesteps.loss``), so they exercise exactly what a user's module sees. Its noise is drawn from a generator seeded
 by the global step, so a resumed run computes the same losses as an uninterrupted one.
 """
 
@@ -20,28 +20,27 @@ from torch import nn
 
 from lightning_speed.callbacks.monitor import TimestepMonitor
 from lightning_speed.callbacks.strategies import (
-    AsymmetricTimestepSampling,
+    AsymmetricSampling,
     ChangeAwareWeighting,
     CLTSSampling,
     LogitNormalSampling,
     LossAwareSampling,
     MinSNRWeighting,
     P2Weighting,
-    find_schedule,
-    schedule_from_alphas_cumprod,
+    SpeeD,
 )
 from lightning_speed.schedules import NoiseSchedule
 from lightning_speed.timesteps import (
     AsymmetricSampler,
     ChangeAwareWeights,
     CLTSSampler,
-    ConstantWeighting,
+    ConstantWeights,
     LogitNormalSampler,
     LossAwareSampler,
     MinSNRWeights,
     P2Weights,
+    TimestepStrategy,
     UniformSampler,
-    weighted_loss,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -52,42 +51,30 @@ class TinyDiffusion(pl.LightningModule):
     """A protocol-following module on 4-D vectors; deterministic noise per global step."""
 
     def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", use_alphas_cumprod: bool = False,
-                 prediction: str | None = None) -> None:
+                 prediction: str = "epsilon") -> None:
         super().__init__()
         self.net = nn.Linear(5, 4)
         schedule_obj = NoiseSchedule.from_name(schedule, num_timesteps)
-        if use_alphas_cumprod:
-            self.register_buffer("alphas_cumprod", schedule_obj.alpha_bar.float())
-        else:
-            self.noise_schedule = schedule_obj
         self.register_buffer("_ab", schedule_obj.alpha_bar.float(), persistent=False)
-        if prediction is not None:
-            self.prediction = prediction
-        self.timestep_sampler = UniformSampler(num_timesteps)
-        self.loss_weighting = ConstantWeighting()
-
-    def on_fit_start(self) -> None:
-        self.timestep_sampler.to(self.device)
-        self.loss_weighting.to(self.device)
+        self.timesteps = TimestepStrategy(self._ab if use_alphas_cumprod else schedule_obj, prediction)
 
     def training_step(self, batch, batch_idx):
         x0 = batch[0]
-        t = self.timestep_sampler.sample(x0.shape[0])
+        t = self.timesteps.sample(x0.shape[0], x0.device)
         gen = torch.Generator(device=x0.device).manual_seed(1000 + self.global_step)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         ab = self._ab[t].unsqueeze(1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         pred = self.net(torch.cat([x_t, t.unsqueeze(1).float() / len(self._ab)], dim=1))
         per_sample = (pred - noise).pow(2).mean(dim=1)
-        loss, w = weighted_loss(self.timestep_sampler, self.loss_weighting, t, per_sample)
-        return {"loss": loss, "t": t, "per_sample_loss": per_sample.detach(), "weight": w.detach()}
+        return self.timesteps.loss(t, per_sample)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
 class Recorder(pl.Callback):
-    """Keeps each step's time steps, losses and weights."""
+    """Keeps each step's time steps, losses and weights (``pl_module.timesteps.last``)."""
 
     def __init__(self) -> None:
         self.t: list[torch.Tensor] = []
@@ -95,9 +82,10 @@ class Recorder(pl.Callback):
         self.weight: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.t.append(outputs["t"].cpu().clone())
-        self.loss.append(outputs["per_sample_loss"].cpu().clone())
-        self.weight.append(outputs["weight"].cpu().clone())
+        last = pl_module.timesteps.last
+        self.t.append(last.t.cpu().clone())
+        self.loss.append(last.loss.cpu().clone())
+        self.weight.append(last.weight.cpu().clone())
 
 
 def loader(n: int = 32, batch_size: int = 32) -> torch.utils.data.DataLoader:
@@ -121,13 +109,13 @@ def fit(module: pl.LightningModule, callbacks: list, steps: int = 2, **kwargs) -
 # ------------------------------------------------------------------------------ install
 def test_speed_callbacks_install_and_weight_the_loss():
     module = TinyDiffusion()
-    sampling = AsymmetricTimestepSampling(tau="auto", k=5, seed=0)
+    sampling = AsymmetricSampling(tau="auto", k=5, seed=0)
     weighting = ChangeAwareWeighting(lam=0.6, tau="auto")
     rec = fit(module, [sampling, weighting], steps=3)
-    assert module.timestep_sampler is sampling.strategy and isinstance(module.timestep_sampler, AsymmetricSampler)
-    assert module.timestep_sampler.tau == 642 and module.timestep_sampler.pivot == 642
-    assert module.timestep_sampler.seed == 0
-    table = ChangeAwareWeights(module.noise_schedule, 0.6, 642).table
+    assert module.timesteps.sampler is sampling.sampler and isinstance(module.timesteps.sampler, AsymmetricSampler)
+    assert module.timesteps.sampler.tau == 642 and module.timesteps.sampler.pivot == 642
+    assert module.timesteps.sampler.seed == 0
+    table = ChangeAwareWeights(module.timesteps.schedule, 0.6, 642).table
     for t, w in zip(rec.t, rec.weight):
         torch.testing.assert_close(w, table[t])
         half = t.numel() // 2 + 1  # dual pairs around the pivot
@@ -141,81 +129,131 @@ def test_speed_callbacks_install_and_weight_the_loss():
         (lambda: LogitNormalSampling(seed=1), lambda: P2Weighting(), "LogitNormalSampler"),
         (lambda: CLTSSampling(total_steps=10, seed=1), lambda: MinSNRWeighting(), "CLTSSampler"),
         (lambda: LossAwareSampling(seed=1), lambda: ChangeAwareWeighting(), "LossAwareSampler"),
-        (lambda: AsymmetricTimestepSampling(dual=False, seed=1), lambda: MinSNRWeighting(gamma=2), "AsymmetricSampler"),
+        (lambda: AsymmetricSampling(dual=False, seed=1), lambda: MinSNRWeighting(gamma=2), "AsymmetricSampler"),
     ],
 )
 def test_a_sampler_combines_with_a_weighting(sampling, weighting, sampler_type):
     module = TinyDiffusion()
     w_cb = weighting()
     rec = fit(module, [sampling(), w_cb], steps=2)
-    assert type(module.timestep_sampler).__name__ == sampler_type
-    assert module.loss_weighting is w_cb.strategy
+    assert type(module.timesteps.sampler).__name__ == sampler_type
+    assert module.timesteps.weights is w_cb.weights
     for t, w in zip(rec.t, rec.weight):  # loss-aware is uniform (importance 1) this early
-        torch.testing.assert_close(w, module.loss_weighting.weight(t))
+        torch.testing.assert_close(w, module.timesteps.weights.weight(t))
 
 
 def test_alphas_cumprod_is_wrapped_in_a_schedule():
     module = TinyDiffusion(use_alphas_cumprod=True)
-    schedule = find_schedule(module)
-    np.testing.assert_allclose(schedule.alpha_bar.numpy(), module.alphas_cumprod.double().numpy(), rtol=1e-6)
-    fit(module, [AsymmetricTimestepSampling(tau="auto")], steps=1)
-    assert module.timestep_sampler.tau == 642  # float32 alphas_cumprod gives the same pivot
-    with pytest.raises(ValueError, match="strictly decreasing"):
-        schedule_from_alphas_cumprod(torch.tensor([0.9, 0.95, 0.5]))
+    schedule = module.timesteps.schedule
+    np.testing.assert_allclose(schedule.alpha_bar.numpy(), module._ab.double().numpy(), rtol=1e-6)
+    fit(module, [AsymmetricSampling(tau="auto")], steps=1)
+    assert module.timesteps.sampler.tau == 642 == module.timesteps.tau  # float32 alphas_cumprod: the same pivot
 
 
 def test_clts_follows_the_global_step():
     module = TinyDiffusion()
     cb = CLTSSampling(total_steps=4, seed=0)
     fit(module, [cb], steps=3)
-    assert cb.strategy.step == 2  # set at the start of the third step from trainer.global_step
-    assert cb.strategy.progress == pytest.approx(0.5)
+    assert cb.sampler.step == 2  # set at the start of the third step from trainer.global_step
+    assert cb.sampler.progress == pytest.approx(0.5)
 
 
-def test_min_snr_reads_the_module_prediction():
+def test_min_snr_reads_the_strategy_prediction():
     module = TinyDiffusion(prediction="v")
     rec = fit(module, [MinSNRWeighting()], steps=1)
-    snr = module.noise_schedule.snr
+    snr = module.timesteps.schedule.snr
     expected = (snr.clamp(max=5) / (snr + 1)).float()
     torch.testing.assert_close(rec.weight[0], expected[rec.t[0]])
-    with pytest.raises(ValueError, match="trains with prediction='v'"):
-        fit(TinyDiffusion(prediction="v"), [MinSNRWeighting(prediction="epsilon")], steps=1)
+
+
+@pytest.mark.parametrize(
+    ("module", "callback", "match"),
+    [
+        (lambda: TinyDiffusion(prediction="v"), lambda: MinSNRWeighting(prediction="epsilon"),
+         r"pl_module.timesteps.prediction = 'v', MinSNRWeighting\(prediction=...\) = 'epsilon'.*State it once"),
+        (lambda: _with_attribute(TinyDiffusion(), "prediction", "v"), lambda: MinSNRWeighting(),
+         r"pl_module.timesteps.prediction = 'epsilon', TinyDiffusion.prediction = 'v'.*TimestepStrategy\(schedule, prediction=...\)"),
+    ],
+)
+def test_min_snr_refuses_predictions_that_disagree(module, callback, match):
+    rec = Recorder()
+    with pytest.raises(ValueError, match=match):
+        trainer(1, [callback(), rec]).fit(module(), loader())
+    assert rec.t == []
+
+
+def _with_attribute(obj, name, value):
+    setattr(obj, name, value)
+    return obj
+
+
+def test_speed_installs_both_with_one_tau_and_draws_like_the_separate_callbacks():
+    pl.seed_everything(0)
+    together = TinyDiffusion()
+    speed_cb = SpeeD(tau="auto", k=5, lam=0.6)
+    rec_together = fit(together, [speed_cb], steps=3)
+    pl.seed_everything(0)
+    apart = TinyDiffusion()
+    rec_apart = fit(apart, [AsymmetricSampling(tau="auto", k=5), ChangeAwareWeighting(lam=0.6, tau="auto")], steps=3)
+    assert together.timesteps.tau == apart.timesteps.tau == 642
+    assert together.timesteps.sampler is speed_cb.sampler and together.timesteps.weights is speed_cb.weights
+    assert isinstance(speed_cb.sampler, AsymmetricSampler) and isinstance(speed_cb.weights, ChangeAwareWeights)
+    for a, b in zip(rec_together.t + rec_together.weight, rec_apart.t + rec_apart.weight):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
-    ("build", "match"),
+    ("build", "error", "match"),
     [
-        (lambda: AsymmetricTimestepSampling(tau=0), "at least 1"),
-        (lambda: AsymmetricTimestepSampling(tau="never"), "'auto'"),
-        (lambda: AsymmetricTimestepSampling(k=0), "positive"),
-        (lambda: AsymmetricTimestepSampling(k=-2.0), "positive"),
-        (lambda: AsymmetricTimestepSampling(seed="x"), "seed"),
-        (lambda: ChangeAwareWeighting(lam=0.3), r"\[0.5, 1\]"),
-        (lambda: ChangeAwareWeighting(lam=1.5), r"\[0.5, 1\]"),
-        (lambda: ChangeAwareWeighting(tau="late"), "'auto'"),
-        (lambda: P2Weighting(k=-1), "non-negative"),
-        (lambda: MinSNRWeighting(prediction="noise"), "Unknown prediction"),
-        (lambda: MinSNRWeighting(gamma=0), "positive"),
-        (lambda: LogitNormalSampling(std=0), "positive"),
-        (lambda: CLTSSampling(total_steps=0), "positive integer"),
-        (lambda: LossAwareSampling(history=0), "positive integer"),
-        (lambda: TimestepMonitor(log_every_n_steps=0), "positive integer"),
-        (lambda: TimestepMonitor(tau="x"), "'auto'"),
+        (lambda: AsymmetricSampling(tau=0), ValueError, "tau must be an integer of at least 1, got 0"),
+        (lambda: AsymmetricSampling(tau="never"), ValueError, "tau must be a positive integer or 'auto', got 'never'"),
+        (lambda: AsymmetricSampling(k=0), ValueError, r"k \(the suppression intensity\) must be a positive number, got 0"),
+        (lambda: AsymmetricSampling(dual="false"), TypeError, r"dual must be true or false \(a boolean\), got 'false'"),
+        (lambda: SpeeD(dual="false"), TypeError, r"dual must be true or false \(a boolean\), got 'false'"),
+        (lambda: SpeeD(lam=0.4), ValueError, r"lam must be a number in \[0.5, 1\], got 0.4"),
+        (lambda: SpeeD(tau=700.5), TypeError, "tau must be a positive integer or 'auto', got 700.5"),
+        (lambda: AsymmetricSampling(seed="x"), TypeError, "seed must be an integer, got 'x'"),
+        (lambda: AsymmetricSampling(seed=True), TypeError, r"seed must be an integer, got True \(bool\)"),
+        (lambda: ChangeAwareWeighting(lam=1.5), ValueError, r"lam must be a number in \[0.5, 1\], got 1.5"),
+        (lambda: ChangeAwareWeighting(tau="late"), ValueError, "'auto'"),
+        (lambda: P2Weighting(k=-1), ValueError, "P2's k must be a non-negative number, got -1"),
+        (lambda: MinSNRWeighting(prediction="noise"), ValueError, "Unknown prediction 'noise'; choose one of 'epsilon', 'v', 'x0'"),
+        (lambda: MinSNRWeighting(gamma=0), ValueError, "gamma must be a positive number, got 0"),
+        (lambda: LogitNormalSampling(std=0), ValueError, "std must be a positive number, got 0"),
+        (lambda: CLTSSampling(total_steps=0), ValueError, "total_steps must be an integer of at least 1, got 0"),
+        (lambda: CLTSSampling(total_steps=10.0), TypeError, r"total_steps must be an integer, got 10.0 \(float\)"),
+        (lambda: LossAwareSampling(history=0), ValueError, "history must be an integer of at least 1, got 0"),
+        (lambda: TimestepMonitor(log_every_n_steps=0), ValueError, "log_every_n_steps must be an integer of at least 1"),
+        (lambda: TimestepMonitor(tau="x"), ValueError, "'auto'"),
+        (lambda: TimestepMonitor(histogram="no"), TypeError, "histogram must be true or false"),
     ],
 )
-def test_bad_arguments_fail_at_construction(build, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_fail_at_construction(build, error, match):
+    with pytest.raises(error, match=match):
         build()
+
+
+def test_the_former_callback_name_says_the_new_one():
+    from lightning_speed.callbacks import AsymmetricTimestepSampling
+
+    with pytest.raises(TypeError, match=r"AsymmetricTimestepSampling is now called AsymmetricSampling.*SpeeD"):
+        AsymmetricTimestepSampling(tau=700, k=5)
 
 
 @pytest.mark.parametrize(
     ("module", "callbacks", "match"),
     [
-        (lambda: TinyDiffusion(num_timesteps=100), lambda: [AsymmetricTimestepSampling(tau=700)], "smaller than"),
+        (lambda: TinyDiffusion(num_timesteps=100), lambda: [AsymmetricSampling(tau=700)], "smaller than"),
         (lambda: TinyDiffusion(num_timesteps=100), lambda: [ChangeAwareWeighting(tau=100)], "smaller than"),
-        (lambda: TinyDiffusion(), lambda: [AsymmetricTimestepSampling(), LossAwareSampling()], "Only one time-step sampling"),
+        (lambda: TinyDiffusion(), lambda: [AsymmetricSampling(), LossAwareSampling()],
+         "Only one time-step sampling strategy can be active.*AsymmetricSampling, LossAwareSampling"),
         (lambda: TinyDiffusion(), lambda: [P2Weighting(), ChangeAwareWeighting()], "Only one loss weighting"),
+        (lambda: TinyDiffusion(), lambda: [SpeeD(), P2Weighting()], "Only one loss weighting.*SpeeD, P2Weighting"),
+        (lambda: TinyDiffusion(), lambda: [AsymmetricSampling(tau="auto"), ChangeAwareWeighting(tau=700)],
+         r"disagree on tau \(AsymmetricSampling tau=642, ChangeAwareWeighting tau=700\).*SpeeD\(tau=...\)"),
+        (lambda: TinyDiffusion(), lambda: [SpeeD(tau=700), TimestepMonitor(tau="auto")],
+         r"TimestepMonitor\(tau='auto'\) splits the areas at 642, but the installed time-step strategy uses tau=700"),
     ],
 )
 def test_bad_setups_fail_before_any_step(module, callbacks, match):
@@ -225,25 +263,44 @@ def test_bad_setups_fail_before_any_step(module, callbacks, match):
     assert rec.t == []
 
 
-def test_module_without_schedule_gets_a_clear_error():
-    module = TinyDiffusion()
-    del module.noise_schedule
-    rec = Recorder()
-    with pytest.raises(ValueError, match="noise_schedule.*alphas_cumprod"):
-        trainer(2, [AsymmetricTimestepSampling(), rec]).fit(module, loader())
-    assert rec.t == []
+class _PlainModule(pl.LightningModule):
+    """A module that has not adopted the protocol (optionally with the former two attributes)."""
+
+    def __init__(self, former: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 4)
+        if former:
+            self.timestep_sampler = UniformSampler(1000)
+            self.loss_weighting = ConstantWeights()
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_module_without_the_protocol_attribute_gets_a_clear_error():
-    module = TinyDiffusion()
-    del module.loss_weighting
-    with pytest.raises(ValueError, match="has no such attribute.*weighted_loss"):
-        trainer(2, [ChangeAwareWeighting()]).fit(module, loader())
+@pytest.mark.parametrize(
+    ("module", "callback", "match"),
+    [
+        (lambda: _PlainModule(), lambda: SpeeD(), r"SpeeD works on _PlainModule.timesteps .*, but _PlainModule has no `timesteps`"),
+        (lambda: _PlainModule(former=True), lambda: AsymmetricSampling(),
+         r"_PlainModule has `timestep_sampler` and `loss_weighting` instead.*Replace them"),
+        (lambda: _PlainModule(), lambda: TimestepMonitor(), r"TimestepMonitor works on _PlainModule.timesteps"),
+    ],
+)
+def test_module_without_the_protocol_gets_the_three_lines(module, callback, match):
+    with pytest.raises(TypeError, match=match) as info:
+        trainer(2, [callback()]).fit(module(), loader())
+    message = str(info.value)
+    for line in ("self.timesteps = TimestepStrategy(schedule)", "t = self.timesteps.sample(len(x), x.device)",
+                 "loss = self.timesteps.loss(t, per_sample_loss)"):
+        assert line in message
 
 
 # ------------------------------------------------------------------------------ checkpointing
 RESUMABLE = {
-    "asymmetric": lambda: AsymmetricTimestepSampling(tau=12, k=5),
+    "asymmetric": lambda: AsymmetricSampling(tau=12, k=5),
     "loss_aware": lambda: LossAwareSampling(history=2),
     "clts": lambda: CLTSSampling(total_steps=6),
     "logit_normal": lambda: LogitNormalSampling(),
@@ -281,8 +338,8 @@ def test_resume_continues_the_same_time_steps(name, accelerator, tmp_path):
     for step, (a, b) in enumerate(zip(full.t[stop:], second.t), start=stop):
         assert torch.equal(a, b), f"step {step} differs after resuming"
     if name == "loss_aware":
-        assert bool(full_module.timestep_sampler.warm)  # the history mattered for these draws
-        torch.testing.assert_close(resumed_module.timestep_sampler.history, full_module.timestep_sampler.history)
+        assert bool(full_module.timesteps.sampler.warm)  # the history mattered for these draws
+        torch.testing.assert_close(resumed_module.timesteps.sampler.history, full_module.timesteps.sampler.history)
 
 
 def test_state_dict_round_trip_before_setup():
@@ -292,14 +349,14 @@ def test_state_dict_round_trip_before_setup():
     state = cb.state_dict()
     assert set(state["strategy"]) >= {"seed", "rng", "history", "counts"}
     assert state["strategy"]["rng"]["device_type"] == "cpu"
-    expected = module.timestep_sampler.sample(16)
+    expected = module.timesteps.sampler.sample(16)
 
     fresh = LossAwareSampling(history=2)
     fresh.load_state_dict(state)  # before setup: kept until the sampler exists
     assert fresh.state_dict() == {"strategy": state["strategy"]}
     other = TinyDiffusion(num_timesteps=20, schedule="cosine")
     fresh.setup(_FakeTrainer(), other, "fit")
-    assert torch.equal(other.timestep_sampler.sample(16), expected)
+    assert torch.equal(other.timesteps.sampler.sample(16), expected)
 
 
 class _FakeTrainer:
@@ -318,46 +375,81 @@ def test_external_module_example_runs():
     pl.seed_everything(0)
     model = example.main(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    assert isinstance(model.timestep_sampler, AsymmetricSampler) and model.timestep_sampler.tau == 700
-    assert isinstance(model.loss_weighting, ChangeAwareWeights)
+    assert isinstance(model.timesteps.sampler, AsymmetricSampler) and model.timesteps.sampler.tau == 700
+    assert isinstance(model.timesteps.weights, ChangeAwareWeights)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------ YAML
+YAML_CALLBACKS = """
+callbacks:
+  - class_path: lightning_speed.callbacks.strategies.AsymmetricSampling
+    init_args: {tau: auto, k: 5, dual: true, seed: 3}
+  - class_path: lightning_speed.callbacks.strategies.ChangeAwareWeighting
+    init_args: {lam: 0.6, tau: 700}
+  - class_path: lightning_speed.callbacks.strategies.CLTSSampling
+    init_args: {mu: 300, sigma: 200, total_steps: 50000}
+  - class_path: lightning_speed.callbacks.strategies.LossAwareSampling
+  - class_path: lightning_speed.callbacks.strategies.LogitNormalSampling
+    init_args: {mean: 0.0, std: 1.0}
+  - class_path: lightning_speed.callbacks.strategies.P2Weighting
+    init_args: {k: 1, gamma: 1}
+  - class_path: lightning_speed.callbacks.strategies.MinSNRWeighting
+    init_args: {gamma: 5, prediction: v}
+  - class_path: lightning_speed.callbacks.monitor.TimestepMonitor
+    init_args: {log_every_n_steps: 50}
+  - class_path: lightning_speed.callbacks.SpeeD
+    init_args: {tau: 650, k: 5, dual: false, lam: 0.6}
+"""
+
+
 def test_callbacks_are_configurable_from_yaml():
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--callbacks", type=list[pl.Callback])
-    prefix = "lightning_speed.callbacks.strategies"
-    config = f"""
-callbacks:
-  - class_path: {prefix}.AsymmetricTimestepSampling
-    init_args: {{tau: auto, k: 5, dual: true, seed: 3}}
-  - class_path: {prefix}.ChangeAwareWeighting
-    init_args: {{lam: 0.6, tau: 700}}
-  - class_path: {prefix}.CLTSSampling
-    init_args: {{mu: 300, sigma: 200, total_steps: 50000}}
-  - class_path: {prefix}.LossAwareSampling
-  - class_path: {prefix}.LogitNormalSampling
-    init_args: {{mean: 0.0, std: 1.0}}
-  - class_path: {prefix}.P2Weighting
-    init_args: {{k: 1, gamma: 1}}
-  - class_path: {prefix}.MinSNRWeighting
-    init_args: {{gamma: 5, prediction: v}}
-  - class_path: lightning_speed.callbacks.monitor.TimestepMonitor
-    init_args: {{log_every_n_steps: 50, tau: auto}}
-"""
+    config = YAML_CALLBACKS
     callbacks = parser.instantiate_classes(parser.parse_string(config)).callbacks
     assert [type(c).__name__ for c in callbacks] == [
-        "AsymmetricTimestepSampling", "ChangeAwareWeighting", "CLTSSampling", "LossAwareSampling",
-        "LogitNormalSampling", "P2Weighting", "MinSNRWeighting", "TimestepMonitor",
+        "AsymmetricSampling", "ChangeAwareWeighting", "CLTSSampling", "LossAwareSampling",
+        "LogitNormalSampling", "P2Weighting", "MinSNRWeighting", "TimestepMonitor", "SpeeD",
     ]
     assert callbacks[0].tau == "auto" and callbacks[0].seed == 3 and callbacks[1].tau == 700
-    assert callbacks[6].prediction == "v"
-    bad = config.replace("k: 5,", "k: five,")
-    with pytest.raises(Exception, match="k"):
-        parser.parse_string(bad)
+    assert callbacks[6].prediction == "v" and callbacks[8].tau == 650 and callbacks[8].dual is False
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        ("k: 5,", "k: five,", "k"),
+        ("tau: auto, k: 5", "tau: late, k: 5", "late"),  # Literal['auto']: the allowed value is named
+        ("prediction: v", "prediction: noise", "epsilon"),
+        ("dual: true, seed: 3", "dual: maybe, seed: 3", "dual"),
+    ],
+)
+def test_yaml_rejects_bad_values_naming_the_allowed_ones(old, new, match):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[pl.Callback])
+    bad = YAML_CALLBACKS.replace(old, new)
+    assert bad != YAML_CALLBACKS
+    with pytest.raises(Exception, match=match):
+        parser.instantiate_classes(parser.parse_string(bad))
+
+
+def test_yaml_with_the_former_class_name_names_the_new_one():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[pl.Callback])
+    config = parser.parse_string("""
+callbacks:
+  - class_path: lightning_speed.callbacks.AsymmetricTimestepSampling
+    init_args: {tau: 700, k: 5}
+""")
+    with pytest.raises(TypeError, match="AsymmetricTimestepSampling is now called AsymmetricSampling"):
+        parser.instantiate_classes(config)
 
 
 # ------------------------------------------------------------------------------ monitor
@@ -368,7 +460,7 @@ def test_monitor_logs_per_area_means_at_the_interval(tmp_path):
     module = TinyDiffusion()
     monitor = TimestepMonitor(log_every_n_steps=2, tau=700)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    rec = fit(module, [AsymmetricTimestepSampling(seed=0), ChangeAwareWeighting(), monitor], steps=6, logger=logger)
+    rec = fit(module, [AsymmetricSampling(seed=0), ChangeAwareWeighting(), monitor], steps=6, logger=logger)
     assert [h["step"] for h in monitor.history] == [2.0, 4.0, 6.0]
     for index, summary in enumerate(monitor.history):
         t = torch.cat(rec.t[2 * index : 2 * index + 2])
@@ -390,14 +482,29 @@ def test_monitor_logs_per_area_means_at_the_interval(tmp_path):
     assert histogram[0].histogram_value.num == sum(x.numel() for x in rec.t[:2])
 
 
-class _LossOnly(TinyDiffusion):
+def test_monitor_splits_at_the_installed_strategy_tau():
+    monitor = TimestepMonitor(log_every_n_steps=1)
+    fit(TinyDiffusion(), [SpeeD(tau="auto", seed=0), monitor], steps=1)
+    assert monitor.areas.tau == 642  # from SpeeD, given once
+    alone = TimestepMonitor(log_every_n_steps=1)
+    fit(TinyDiffusion(), [P2Weighting(), alone], steps=1)
+    assert alone.areas.tau == 642  # no strategy tau: the schedule's pivot
+    explicit = TimestepMonitor(log_every_n_steps=1, tau=700)
+    fit(TinyDiffusion(), [SpeeD(tau=700), explicit], steps=1)
+    assert explicit.areas.tau == 700
+
+
+class _MeanOnly(TinyDiffusion):
+    """Samples through the strategy but averages the loss itself: nothing is recorded."""
+
     def training_step(self, batch, batch_idx):
-        return super().training_step(batch, batch_idx)["loss"]
+        t = self.timesteps.sample(batch[0].shape[0], batch[0].device)
+        return self.net(torch.cat([batch[0], t.unsqueeze(1).float()], dim=1)).pow(2).mean()
 
 
 def test_monitor_explains_what_it_needs():
-    with pytest.raises(ValueError, match="TimestepMonitor reads `t` and `per_sample_loss`"):
-        trainer(1, [TimestepMonitor(log_every_n_steps=1)]).fit(_LossOnly(), loader())
+    with pytest.raises(ValueError, match=r"(?s)_MeanOnly.timesteps.last.*did not call it.*self.timesteps.loss\(t, per_sample_loss\)"):
+        trainer(1, [TimestepMonitor(log_every_n_steps=1)]).fit(_MeanOnly(), loader())
 
 
 # ------------------------------------------------------------------------------ DiffusionModule
@@ -418,10 +525,10 @@ def test_with_diffusion_module():
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(16, dtype=torch.long)), batch_size=8)
     rec = Recorder()
     monitor = TimestepMonitor(log_every_n_steps=1)
-    trainer(3, [AsymmetricTimestepSampling(seed=0), MinSNRWeighting(), monitor, rec],
+    trainer(3, [AsymmetricSampling(seed=0), MinSNRWeighting(), monitor, rec],
             limit_val_batches=0).fit(module, data)
-    snr = module.noise_schedule.snr
-    table = (snr.clamp(max=5) / (snr + 1)).float()  # picked from module.prediction == "v"
+    snr = module.timesteps.schedule.snr
+    table = (snr.clamp(max=5) / (snr + 1)).float()  # picked from the module's prediction, "v"
     for t, w in zip(rec.t, rec.weight):
         torch.testing.assert_close(w, table[t])
     assert len(monitor.history) == 3
@@ -435,23 +542,25 @@ def test_strategies_live_on_the_gpu_and_never_sync():
     module = TinyDiffusion(num_timesteps=20, schedule="cosine")
     cbs = [LossAwareSampling(history=2, seed=0), ChangeAwareWeighting(tau="auto")]
     rec = fit(module, [*cbs, TimestepMonitor(log_every_n_steps=5, tau="auto")], steps=12, accelerator="gpu", devices=1)
-    assert module.timestep_sampler.history.is_cuda and module.timestep_sampler.generator.device.type == "cuda"
-    assert bool(module.timestep_sampler.warm)
+    assert module.timesteps.sampler.history.is_cuda and module.timesteps.sampler.generator.device.type == "cuda"
+    assert bool(module.timesteps.sampler.warm)
     assert len(rec.t) == 12
     schedule = NoiseSchedule.from_name("linear", 1000)
     samplers = [AsymmetricSampler(schedule, 700, 5, True), LossAwareSampler(1000, history=1), CLTSSampler(1000),
                 LogitNormalSampler(1000), UniformSampler(1000)]
-    weightings = [ChangeAwareWeights(schedule, 0.6, 700), P2Weights(schedule), MinSNRWeights(schedule), ConstantWeighting()]
+    weightings = [ChangeAwareWeights(schedule, 0.6, 700), P2Weights(schedule), MinSNRWeights(schedule), ConstantWeights()]
+    gpu_module = TinyDiffusion().cuda()
+    strategy = gpu_module.timesteps
     for s in samplers:
-        s.to("cuda")
+        strategy.sampler, strategy.weights = s, weightings[0]
         s.manual_seed(0)
-        s.sample(4)  # build the generator outside the checked region
+        strategy.sample(4, "cuda")  # move the tables and build the generator outside the checked region
     for w in weightings:
         w.to("cuda")
-    gpu_module = TinyDiffusion().cuda()
     monitor = TimestepMonitor(log_every_n_steps=100)
-    monitor.setup(_FakeTrainer(), gpu_module, "fit")
     monitor.on_fit_start(None, gpu_module)
+    fake = _FakeTrainer()
+    fake.global_step = 1  # no summary is due: the per-step path only
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -460,10 +569,11 @@ def test_strategies_live_on_the_gpu_and_never_sync():
                 if isinstance(s, CLTSSampler):
                     s.set_step(step * 1000)
                 for w in weightings:
-                    t = s.sample(256)
+                    strategy.sampler, strategy.weights = s, w
+                    t = strategy.sample(256, "cuda")
                     per_sample = torch.rand(256, device="cuda", requires_grad=True)
-                    loss, weights = weighted_loss(s, w, t, per_sample)
-                    monitor._accumulate(t, per_sample.detach(), weights)
-                    assert loss.is_cuda and weights.is_cuda and t.is_cuda
+                    loss = strategy.loss(t, per_sample, torch.rand(256, device="cuda"))
+                    monitor.on_train_batch_end(fake, gpu_module, loss, None, 0)
+                    assert loss.is_cuda and strategy.last.weight.is_cuda and t.is_cuda
     finally:
         torch.cuda.set_sync_debug_mode(0)

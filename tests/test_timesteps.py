@@ -16,13 +16,14 @@ from lightning_speed.timesteps import (
     AsymmetricSampler,
     ChangeAwareWeights,
     CLTSSampler,
-    ConstantWeighting,
+    ConstantWeights,
     LogitNormalSampler,
     LossAwareSampler,
     MinSNRWeights,
     P2Weights,
     TableSampler,
-    TableWeighting,
+    TableWeights,
+    TimestepStrategy,
     UniformSampler,
     weighted_loss,
 )
@@ -146,8 +147,8 @@ def test_min_snr_weights_at_chosen_t(linear, prediction, formula):
     np.testing.assert_allclose(got, formula(snr)[CHOSEN_T], rtol=1e-6)
 
 
-def test_constant_weighting_is_one():
-    assert torch.equal(ConstantWeighting().weight(torch.tensor([0, 5])), torch.ones(2))
+def test_constant_weights_are_one():
+    assert torch.equal(ConstantWeights().weight(torch.tensor([0, 5])), torch.ones(2))
 
 
 # ------------------------------------------------------------------ logit-normal and CLTS
@@ -292,7 +293,7 @@ def test_loss_aware_state_round_trip():
 def test_weighted_loss_multiplies_weight_and_importance():
     sampler = LossAwareSampler(4, history=1)
     sampler.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))  # warm: p ~ L (+ mix)
-    weighting = TableWeighting(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    weighting = TableWeights(torch.tensor([0.5, 1.0, 1.5, 2.0]))
     t = torch.tensor([0, 3])
     losses = torch.tensor([2.0, 5.0])
     p = sampler.probabilities()
@@ -313,10 +314,6 @@ def test_seeded_sampler_replays_and_resumes():
     c = UniformSampler(T)
     c.load_extra_state(state)
     assert torch.equal(c.sample(100), expected)
-    # the first version of the state format (a CPU generator state under "generator") still loads
-    d = UniformSampler(T)
-    d.load_extra_state({"seed": 9, "generator": state["rng"]["state"]})
-    assert torch.equal(d.sample(100), expected)
 
 
 def test_rng_state_from_another_device_type_warns_and_reseeds():
@@ -338,6 +335,122 @@ def test_table_sampler_never_draws_zero_probability():
     assert drawn == {0, 4, 9}
 
 
+# ------------------------------------------------------------------ TimestepStrategy
+def test_strategy_defaults_to_uniform_and_plain_mean(linear):
+    strategy = TimestepStrategy(linear)
+    assert isinstance(strategy.sampler, UniformSampler) and isinstance(strategy.weights, ConstantWeights)
+    assert strategy.tau is None and strategy.last is None and strategy.prediction == "epsilon"
+    strategy.sampler.manual_seed(0)
+    t = strategy.sample(400_000, "cpu")
+    assert t.shape == (400_000,) and t.dtype == torch.long
+    assert chi_square_p(t, np.full(T, 1.0 / T)) > 1e-3
+    losses = torch.rand(8, dtype=torch.float64)
+    loss = strategy.loss(t[:8], losses)
+    assert loss.item() == pytest.approx(losses.mean().item(), rel=4 * np.finfo(np.float64).eps * 8)
+    assert torch.equal(strategy.last.t, t[:8]) and torch.equal(strategy.last.loss, losses)
+    assert torch.equal(strategy.last.weight, torch.ones(8))
+
+
+def test_strategy_loss_weights_only_the_weighted_part():
+    """mean(imp * (w * weighted + unweighted)), with w = table[t] and imp = 1 / (T p(t))."""
+    strategy = TimestepStrategy(NoiseSchedule.from_name("constant", 4))
+    strategy.weights = TableWeights(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    strategy.sampler = LossAwareSampler(4, history=1)
+    strategy.sampler.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))  # warm: p ~ L
+    p = strategy.sampler.probabilities().clone()
+    t = torch.tensor([0, 3, 3])
+    mse, vlb = torch.tensor([2.0, 5.0, 1.0]), torch.tensor([0.25, 0.5, 4.0])
+    loss = strategy.loss(t, mse, vlb)
+    imp = 1.0 / (4 * p[t])
+    w = torch.tensor([0.5, 2.0, 2.0])
+    torch.testing.assert_close(loss, (imp * (w * mse + vlb)).mean())
+    torch.testing.assert_close(strategy.last.weight, imp * w)
+    torch.testing.assert_close(strategy.last.loss, mse + vlb)
+    # the sampler observed the total loss: the history of t = 3 now holds the last one
+    assert strategy.sampler.history[3, 0].item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+    ("t", "losses", "match"),
+    [
+        (torch.arange(4), torch.ones(4, 1), r"shaped \(B,\) = \(4,\) like t, got \(4, 1\).*flatten\(1\).mean\(1\).*\(B, B\)"),
+        (torch.arange(4), torch.ones(3), r"got \(3,\)"),
+        (torch.arange(4), torch.ones(()), r"got \(\)"),
+        (torch.arange(4).view(4, 1), torch.ones(4, 1), "1-D integer tensor"),
+        (torch.arange(4).float(), torch.ones(4), "1-D integer tensor"),
+    ],
+)
+def test_strategy_loss_rejects_anything_but_per_sample_losses(linear, t, losses, match):
+    strategy = TimestepStrategy(linear)
+    with pytest.raises(ValueError, match=match):
+        strategy.loss(t, losses)
+    with pytest.raises(ValueError, match="1-D integer tensor|unweighted must hold one loss per sample"):
+        strategy.loss(t, torch.ones(t.shape[0]) if t.ndim == 1 else losses, losses)
+    assert strategy.last is None
+
+
+def test_strategy_takes_alphas_cumprod_and_diffusers_like_schedulers(linear):
+    class Scheduler:  # what a diffusers scheduler offers
+        alphas_cumprod = linear.alpha_bar.float()
+
+    from_tensor = TimestepStrategy(linear.alpha_bar.float(), prediction="v")
+    from_scheduler = TimestepStrategy(Scheduler())
+    for strategy in (from_tensor, from_scheduler):
+        # float32 rounding of alpha_bar: relative error ~ 6e-8, far below the 1e-6 checked here
+        np.testing.assert_allclose(strategy.schedule.alpha_bar.numpy(), linear.alpha_bar.numpy(), rtol=1e-6)
+    assert from_tensor.prediction == "v" and from_scheduler.schedule.name == "Scheduler"
+    with pytest.raises(TypeError, match="NoiseSchedule.*alphas_cumprod"):
+        TimestepStrategy([0.1, 0.2])
+    with pytest.raises(ValueError, match="Unknown prediction 'score'; choose one of 'epsilon', 'v', 'x0'"):
+        TimestepStrategy(linear, prediction="score")
+
+
+def test_strategy_sample_moves_the_tables_to_the_batch_device(linear):
+    strategy = TimestepStrategy(linear)
+    strategy.sampler = AsymmetricSampler(linear)
+    strategy.weights = ChangeAwareWeights(linear)
+    cdf, table = strategy.sampler.cdf, strategy.weights.table
+    assert strategy.sample(4, "cpu").device.type == "cpu"
+    assert strategy.sampler.cdf is cdf and strategy.weights.table is table  # already there: nothing copied
+    t = strategy.sample(4, torch.device("meta"))  # a device without data: moving is all that can happen
+    assert t.device.type == "meta"
+    assert strategy.sampler.cdf.device.type == "meta" and strategy.weights.table.device.type == "meta"
+
+
+def test_strategy_state_round_trip(linear):
+    strategy = TimestepStrategy(linear)
+    strategy.sampler = AsymmetricSampler(linear, tau="auto")
+    strategy.sampler.manual_seed(11)
+    strategy.tau = 642
+    strategy.sample(10)
+    state = strategy.state_dict()
+    expected = strategy.sample(32)
+    restored = TimestepStrategy(linear)
+    restored.sampler = AsymmetricSampler(linear, tau="auto")
+    restored.load_state_dict(state)
+    assert restored.tau == 642 and torch.equal(restored.sample(32), expected)
+    with pytest.raises(ValueError, match="state of a AsymmetricSampler but this strategy samples with UniformSampler"):
+        TimestepStrategy(linear).load_state_dict(state)
+
+
+def test_bases_are_abstract():
+    from lightning_speed.timesteps import LossWeights, TimestepSampler
+
+    with pytest.raises(TypeError, match="abstract"):
+        TimestepSampler(10)
+    with pytest.raises(TypeError, match="abstract"):
+        LossWeights()
+
+
+@pytest.mark.parametrize(("old", "new"), [("ConstantWeighting", "ConstantWeights"), ("TableWeighting", "TableWeights"),
+                                          ("LossWeighting", "LossWeights")])
+def test_former_names_say_the_new_one(old, new):
+    import lightning_speed.timesteps as timesteps
+
+    with pytest.raises(TypeError, match=f"{old} is now called {new}.*replace {old} by {new}"):
+        getattr(timesteps, old)(torch.ones(3))
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     ("build", "match"),
@@ -347,18 +460,39 @@ def test_table_sampler_never_draws_zero_probability():
         (lambda s: AsymmetricSampler(s, tau="late"), "'auto'"),
         (lambda s: AsymmetricSampler(s, k=0), "positive"),
         (lambda s: AsymmetricSampler(s, k=-1), "positive"),
-        (lambda s: ChangeAwareWeights(s, lam=0.4), r"\[0.5, 1\]"),
+        (lambda s: ChangeAwareWeights(s, lam=0.4), r"lam must be a number in \[0.5, 1\], got 0.4; weights span \[1 - lam, lam\]"),
         (lambda s: ChangeAwareWeights(s, lam=1.2), r"\[0.5, 1\]"),
         (lambda s: ChangeAwareWeights(s, tau=5000), "smaller than"),
-        (lambda s: MinSNRWeights(s, prediction="score"), "Unknown prediction"),
+        (lambda s: MinSNRWeights(s, prediction="score"), "Unknown prediction 'score'; choose one of 'epsilon'"),
         (lambda s: MinSNRWeights(s, gamma=0), "positive"),
         (lambda s: LogitNormalSampler(T, std=0), "positive"),
         (lambda s: CLTSSampler(T, sigma=-1), "positive"),
-        (lambda s: CLTSSampler(T, total_steps=0), "positive integer"),
-        (lambda s: LossAwareSampler(T, history=0), "positive integer"),
-        (lambda s: LossAwareSampler(T, uniform_prob=0), r"\(0, 1\]"),
+        (lambda s: CLTSSampler(T, total_steps=0), "total_steps must be an integer of at least 1, got 0; the paper uses 50000"),
+        (lambda s: LossAwareSampler(T, history=0), "history must be an integer of at least 1, got 0; the paper keeps 10"),
+        (lambda s: LossAwareSampler(T, uniform_prob=0), r"uniform_prob must be a number in \(0, 1\], got 0.0; the paper mixes in 0.001"),
+        (lambda s: P2Weights(s, k=float("inf")), "P2's k must be a non-negative number, got inf; the official value is 1"),
+        (lambda s: LogitNormalSampler(T, mean=float("nan")), "mean must be a finite number"),
     ],
 )
 def test_bad_arguments_raise(linear, build, match):
     with pytest.raises(ValueError, match=match):
+        build(linear)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda s: AsymmetricSampler(s, dual="false"), "dual must be true or false \\(a boolean\\), got 'false' \\(str\\)"),
+        (lambda s: AsymmetricSampler(s, dual=1), "dual must be true or false"),
+        (lambda s: AsymmetricSampler(s, k="5"), "k \\(the suppression intensity\\) must be a number, got '5'"),
+        (lambda s: AsymmetricSampler(s, tau=700.0), "tau must be a positive integer or 'auto', got 700.0 \\(float\\)"),
+        (lambda s: CLTSSampler(T, total_steps=True), "total_steps must be an integer, got True \\(bool\\)"),
+        (lambda s: CLTSSampler(T, total_steps=5e4), "total_steps must be an integer"),
+        (lambda s: LossAwareSampler(T, history=2.0), "history must be an integer"),
+        (lambda s: ChangeAwareWeights(s, lam=True), "lam must be a number, got True \\(bool\\)"),
+        (lambda s: UniformSampler(T).manual_seed("1"), "seed must be an integer"),
+    ],
+)
+def test_wrong_types_raise_type_errors(linear, build, match):
+    with pytest.raises(TypeError, match=match):
         build(linear)

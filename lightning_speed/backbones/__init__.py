@@ -5,16 +5,20 @@ or ``None``; for class-conditional models ``y == num_classes`` is the null ("no 
 The output has the shape of ``x`` (with ``out_channels`` channels).
 """
 
-from .dit import DiT, DiT_B_2, DiT_S_2
+from .dit import DIT_PRESETS, DiT, DiT_B_2, DiT_S_2, DiTPreset, DiTSize, dit
 from .embeddings import LabelEmbedding, TimestepEmbedding, sinusoidal_embedding
 from .unet import UNet
 
 __all__ = [
+    "DIT_PRESETS",
     "DiT",
     "DiT_B_2",
     "DiT_S_2",
+    "DiTPreset",
+    "DiTSize",
     "LabelEmbedding",
     "TimestepEmbedding",
     "UNet",
+    "dit",
     "sinusoidal_embedding",
 ]

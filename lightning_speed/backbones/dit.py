@@ -5,9 +5,15 @@ sin-cos position table, passed through transformer blocks whose LayerNorms are m
 (shift, scale, gate) by the time(+class) embedding, and unpatchified back to an image.
 All modulation layers and the output projection start at zero, so each block starts as the
 identity and the untrained model predicts exactly zero.
+
+The paper's model sizes are one registry, ``DIT_PRESETS`` (name -> depth, hidden size, heads,
+patch), chosen by name: ``DiT(preset="DiT-S/2", image_size=32, in_channels=1)`` in Python, or in
+YAML ``class_path: lightning_speed.backbones.DiT`` with ``init_args: {preset: DiT-S/2, ...}``.
 """
 
 from __future__ import annotations
+
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,14 +85,56 @@ class FinalLayer(nn.Module):
         return self.linear(_modulate(self.norm(x), shift, scale))
 
 
+class DiTSize(NamedTuple):
+    """One row of the DiT paper's model table (Peebles & Xie 2023, Table 1)."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+
+
+DiTPreset = Literal[
+    "DiT-S/2", "DiT-S/4", "DiT-S/8",
+    "DiT-B/2", "DiT-B/4", "DiT-B/8",
+    "DiT-L/2", "DiT-L/4", "DiT-L/8",
+    "DiT-XL/2", "DiT-XL/4", "DiT-XL/8",
+]  # fmt: skip
+
+# (depth, hidden size, heads) of each model size in the paper's Table 1; every size comes with patch 2, 4 and 8.
+_DIT_WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+DIT_PRESETS: dict[str, DiTSize] = {
+    f"DiT-{size}/{patch}": DiTSize(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+    for size, (depth, hidden, heads) in _DIT_WIDTHS.items()
+    for patch in (2, 4, 8)
+}
+"""The preset sizes by name; every name is also in ``DiTPreset`` so config parsers reject typos."""
+
+_CUSTOM = DiTSize(depth=12, hidden_size=384, num_heads=6, patch_size=2)  # DiT-S/2's, when no preset is named
+
+
+def dit_size(preset: str) -> DiTSize:
+    """The (depth, hidden_size, num_heads, patch_size) of a preset name, or a clear error."""
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"Unknown DiT preset {preset!r}; choose one of {', '.join(DIT_PRESETS)}.")
+    return DIT_PRESETS[preset]
+
+
 class DiT(nn.Module):
-    """Diffusion Transformer: ``dit(x, t, y=None) -> prediction`` with the shape of ``x``.
+    """Diffusion Transformer: ``dit(x, t, y=None) -> prediction`` with ``image_size`` x ``image_size`` outputs.
 
     Args:
-        input_size: height = width of the input images.
-        patch_size: side of the square patches (tokens = (input_size / patch_size) ** 2).
+        preset: a size from ``DIT_PRESETS`` ("DiT-S/2" ... "DiT-XL/8"): sets depth, hidden_size,
+            num_heads and patch_size. Any of those four given explicitly overrides the preset's value;
+            with no preset they default to DiT-S/2's.
+        image_size: height = width of the input images (``input_size`` in DiT's code).
         in_channels: image channels.
-        out_channels: predicted channels; defaults to ``in_channels``.
+        out_channels: predicted channels; defaults to ``in_channels`` (``2 * in_channels`` with
+            ``learn_sigma``).
+        learn_sigma: also predict the variance interpolation of improved DDPM: the output has
+            ``2 * in_channels`` channels, the prediction first and the variance values second.
+        patch_size: side of the square patches (tokens = (image_size / patch_size) ** 2).
         hidden_size: token width (divisible by num_heads and by 4).
         depth: number of transformer blocks.
         num_heads: attention heads.
@@ -94,42 +142,73 @@ class DiT(nn.Module):
         num_classes: classes for a class-conditional model (``None``: unconditional); the label
             embedding has ``num_classes + 1`` rows, label ``num_classes`` meaning "no label".
         num_timesteps: the diffusion's ``T``; time steps are rescaled to 0..1000 before embedding.
+        input_size: DiT's name for ``image_size``, accepted for configs written against DiT's code.
     """
+
+    default_preset: str | None = None
+    """Subclasses that stand for one preset (``DiT_S_2``) set this; ``preset`` then defaults to it."""
 
     def __init__(
         self,
-        input_size: int = 32,
-        patch_size: int = 2,
+        preset: DiTPreset | None = None,
+        image_size: int | None = None,
         in_channels: int = 1,
         out_channels: int | None = None,
-        hidden_size: int = 384,
-        depth: int = 12,
-        num_heads: int = 6,
+        learn_sigma: bool = False,
+        patch_size: int | None = None,
+        hidden_size: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
         mlp_ratio: float = 4.0,
         num_classes: int | None = None,
         num_timesteps: int = 1000,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
-        if min(input_size, patch_size, in_channels, hidden_size, depth, num_heads) < 1 or mlp_ratio <= 0:
+        if self.default_preset is not None and preset not in (None, self.default_preset):
             raise ValueError(
-                "input_size, patch_size, in_channels, hidden_size, depth, num_heads and mlp_ratio must be positive."
+                f"{type(self).__name__} is {self.default_preset}; for {preset} use DiT(preset={preset!r})."
             )
-        if input_size % patch_size:
+        preset = preset if preset is not None else self.default_preset
+        size = dit_size(preset) if preset is not None else _CUSTOM
+        patch_size = size.patch_size if patch_size is None else patch_size
+        hidden_size = size.hidden_size if hidden_size is None else hidden_size
+        depth = size.depth if depth is None else depth
+        num_heads = size.num_heads if num_heads is None else num_heads
+        if image_size is not None and input_size is not None and image_size != input_size:
             raise ValueError(
-                f"input_size={input_size} is not divisible by patch_size={patch_size}: "
+                f"image_size={image_size} and input_size={input_size} name the same thing: give only image_size."
+            )
+        image_size = next((s for s in (image_size, input_size) if s is not None), 32)
+        if learn_sigma and out_channels is not None and out_channels != 2 * in_channels:
+            raise ValueError(
+                f"learn_sigma=True predicts 2 * in_channels = {2 * in_channels} channels, but out_channels="
+                f"{out_channels}: leave out_channels unset."
+            )
+        if min(image_size, patch_size, in_channels, hidden_size, depth, num_heads) < 1 or mlp_ratio <= 0:
+            raise ValueError(
+                "image_size, patch_size, in_channels, hidden_size, depth, num_heads and mlp_ratio must be positive."
+            )
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size={image_size} is not divisible by patch_size={patch_size}"
+                f"{f' of {preset}' if preset is not None else ''}: "
                 "pad the images or pick a patch size that divides the image size."
             )
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
         if hidden_size % 4:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2D sin-cos position embedding).")
-        self.input_size = int(input_size)
+        self.preset = preset
+        self.image_size = int(image_size)
         self.patch_size = int(patch_size)
         self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels) if out_channels is not None else self.in_channels
+        self.learn_sigma = bool(learn_sigma)
+        default_out = 2 * self.in_channels if self.learn_sigma else self.in_channels
+        self.out_channels = int(out_channels) if out_channels is not None else default_out
         self.num_classes = int(num_classes) if num_classes is not None else None
         self.num_timesteps = int(num_timesteps)
-        self.grid_size = self.input_size // self.patch_size
+        self.grid_size = self.image_size // self.patch_size
 
         self.patch_embed = nn.Conv2d(self.in_channels, hidden_size, self.patch_size, stride=self.patch_size)
         # A deterministic function of the config, so kept out of checkpoints.
@@ -141,6 +220,11 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(hidden_size, self.patch_size, self.out_channels)
         self._init_weights()
+
+    @property
+    def input_size(self) -> int:
+        """DiT's name for ``image_size``."""
+        return self.image_size
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -172,7 +256,7 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """Predict from noisy images ``x`` (B, C, H, W), time steps ``t`` (B,) and optional labels ``y`` (B,)."""
         t = check_inputs(
-            type(self).__name__, x, t, y, (self.in_channels, self.input_size, self.input_size), self.num_classes
+            type(self).__name__, x, t, y, (self.in_channels, self.image_size, self.image_size), self.num_classes
         )
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.time_embed(t)
@@ -183,35 +267,15 @@ class DiT(nn.Module):
         return self.unpatchify(self.final(h, c))
 
 
-class DiT_S_2(DiT):  # noqa: N801 - the paper's name
-    """DiT-S/2: hidden 384, depth 12, 6 heads, patch 2."""
+def dit(preset: DiTPreset, **kwargs) -> DiT:
+    """A DiT of a preset size by name, e.g. ``dit("DiT-B/2", image_size=32, in_channels=4, learn_sigma=True)``."""
+    return DiT(preset, **kwargs)
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        in_channels: int = 1,
-        out_channels: int | None = None,
-        num_classes: int | None = None,
-        num_timesteps: int = 1000,
-    ) -> None:
-        super().__init__(
-            input_size=input_size, patch_size=2, in_channels=in_channels, out_channels=out_channels,
-            hidden_size=384, depth=12, num_heads=6, num_classes=num_classes, num_timesteps=num_timesteps,
-        )
+
+# The class names configs already use: DiT with one preset as the default.
+class DiT_S_2(DiT):  # noqa: N801 - the paper's name
+    default_preset = "DiT-S/2"
 
 
 class DiT_B_2(DiT):  # noqa: N801 - the paper's name
-    """DiT-B/2: hidden 768, depth 12, 12 heads, patch 2."""
-
-    def __init__(
-        self,
-        input_size: int = 32,
-        in_channels: int = 1,
-        out_channels: int | None = None,
-        num_classes: int | None = None,
-        num_timesteps: int = 1000,
-    ) -> None:
-        super().__init__(
-            input_size=input_size, patch_size=2, in_channels=in_channels, out_channels=out_channels,
-            hidden_size=768, depth=12, num_heads=12, num_classes=num_classes, num_timesteps=num_timesteps,
-        )
+    default_preset = "DiT-B/2"

@@ -1,10 +1,16 @@
-"""Lightning callbacks: time-step strategies (SpeeD and baselines), monitoring and evaluation."""
+"""Lightning callbacks: time-step strategies (SpeeD and baselines), monitoring and evaluation.
+
+Strategy callbacks are named for what they do: ``...Sampling`` installs where t comes from,
+``...Weighting`` how each t's loss counts, ``SpeeD`` both with one tau.
+"""
 
 from lightning_speed.callbacks.ema import EMAWeightAveraging
 from lightning_speed.callbacks.fid import FIDCallback
+from lightning_speed.callbacks.guard import CheckpointOnSignal, DivergenceError, DivergenceGuard
 from lightning_speed.callbacks.monitor import TimestepMonitor
 from lightning_speed.callbacks.samples import SampleGridCallback
 from lightning_speed.callbacks.strategies import (
+    AsymmetricSampling,
     AsymmetricTimestepSampling,
     ChangeAwareWeighting,
     CLTSSampling,
@@ -13,10 +19,16 @@ from lightning_speed.callbacks.strategies import (
     LossWeightingCallback,
     MinSNRWeighting,
     P2Weighting,
+    SpeeD,
+    StrategyCallback,
     TimestepSamplingCallback,
 )
 
 __all__ = [
+    "CheckpointOnSignal",
+    "DivergenceError",
+    "DivergenceGuard",
+    "AsymmetricSampling",
     "AsymmetricTimestepSampling",
     "CLTSSampling",
     "ChangeAwareWeighting",
@@ -28,6 +40,8 @@ __all__ = [
     "MinSNRWeighting",
     "P2Weighting",
     "SampleGridCallback",
+    "SpeeD",
+    "StrategyCallback",
     "TimestepMonitor",
     "TimestepSamplingCallback",
 ]

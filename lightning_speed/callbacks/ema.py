@@ -8,21 +8,32 @@ kernels. This subclass keeps everything else (``should_update``, the averaged mo
 for validation, checkpoint format) and replaces only the update: one ``_foreach_lerp_`` over all
 floating tensors, with the "first update copies" decision kept on the host.
 
-It also fixes a resume trap. When training ends, Lightning copies the average into the module, and a
-checkpoint written after that (``ModelCheckpoint(save_last=True)`` when ``max_steps`` or a time limit
-stops training mid-epoch, or ``trainer.save_checkpoint`` after ``fit``) stored the average as the
-training weights: a run resumed from it restarted from the EMA weights with the optimizer state of
-the real ones. Here such checkpoints keep the training weights.
+Checkpoints written after training ends keep the training weights. Lightning copies the average
+into the module when training ends; a checkpoint written after that (``ModelCheckpoint(save_last=True)``
+when ``max_steps`` or a time limit stops training mid-epoch, or ``trainer.save_checkpoint`` after
+``fit``) would otherwise store the average as the training weights, and a run resumed from it would
+restart from the EMA weights with the optimizer state of the real ones.
+
+``averaged_weights`` evaluates with the average at any time (every N training steps, train end),
+for ``FIDCallback`` and ``SampleGridCallback``: it swaps the average in and back out with the
+callback's own swap, the one Lightning uses around validation epochs, so parameters and buffers
+pair exactly as there. It works with Lightning's ``EMAWeightAveraging`` too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMA
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
+from typing_extensions import override
+
+from lightning_speed.validation import check_number
 
 
 class EMAWeightAveraging(_LightningEMA):
@@ -34,25 +45,27 @@ class EMAWeightAveraging(_LightningEMA):
     """
 
     def __init__(self, *args: Any, decay: float = 0.999, **kwargs: Any) -> None:
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay}.")
+        decay = check_number(decay, "decay", at_least=0.0, at_most=1.0, hint="0.999 or 0.9999 are common")
         super().__init__(*args, decay=decay, **kwargs)
         self.decay = decay
         self._started: bool | None = None  # host copy of "n_averaged > 0", read once per fit
         self._pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
         self._training_state: dict[str, Tensor] | None = None  # the module's own weights once training has ended
 
+    @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_start(trainer, pl_module)
         self._started = None  # a restored checkpoint may have changed n_averaged
         self._pairs = None
         self._training_state = None
 
+    @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Keep the training weights, then let Lightning copy the average into the module."""
         self._training_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         super().on_train_end(trainer, pl_module)
 
+    @override
     def on_save_checkpoint(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:
@@ -62,6 +75,7 @@ class EMAWeightAveraging(_LightningEMA):
         if self._training_state is not None and "current_model_state" in checkpoint:
             checkpoint["current_model_state"] = self._training_state
 
+    @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -119,3 +133,58 @@ def _update_lists(
         copy[0].extend(b.detach() for b in averaged_buffers)
         copy[1].extend(b.detach() for b in current_buffers)
     return lerp[0], lerp[1], copy[0], copy[1]
+
+
+# ------------------------------------------------------------------ evaluating with the average
+def find_weight_averaging(trainer: "pl.Trainer") -> WeightAveraging | None:
+    """The trainer's active ``WeightAveraging`` callback (one holding an averaged model), or None."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, WeightAveraging) and getattr(callback, "_average_model", None) is not None:
+            return callback
+    return None
+
+
+def ema_swapped_in_during_validation(trainer: "pl.Trainer", caller: "pl.Callback") -> bool:
+    """In ``on_validation_epoch_end``: are the EMA weights still in the module when ``caller`` runs?
+
+    ``WeightAveraging`` swaps at validation-epoch start and swaps back at its own epoch end;
+    callbacks run in ``trainer.callbacks`` order, so they are still in iff it comes after ``caller``.
+    """
+    averaging = find_weight_averaging(trainer)
+    if averaging is None:
+        return False
+    callbacks = list(trainer.callbacks)
+    return callbacks.index(averaging) > callbacks.index(caller)
+
+
+@contextmanager
+def averaged_weights(
+    trainer: "pl.Trainer", pl_module: "pl.LightningModule", *, enabled: bool = True, already_in: bool = False
+) -> Iterator[bool]:
+    """Run the body with the EMA weights in ``pl_module`` (if any); restore the training weights after.
+
+    Yields whether EMA weights are in use. ``already_in``: the caller knows they are swapped in.
+    """
+    averaging = find_weight_averaging(trainer) if enabled else None
+    if averaging is None or already_in:
+        yield averaging is not None
+        return
+    _check_pairing(averaging, pl_module)
+    averaging._swap_models(pl_module)  # Lightning's swap around validation; no public equivalent
+    try:
+        yield True
+    finally:
+        averaging._swap_models(pl_module)
+
+
+def _check_pairing(averaging: WeightAveraging, pl_module: "pl.LightningModule") -> None:
+    """The swap pairs tensors by position (zip): a different count would silently mis-pair them."""
+    average = averaging._average_model.module
+    own = len(list(pl_module.parameters())) + len(list(pl_module.buffers()))
+    avg = len(list(average.parameters())) + len(list(average.buffers()))
+    if own != avg:
+        raise RuntimeError(
+            f"The EMA model has {avg} parameters+buffers but the module has {own}, so its weights cannot be "
+            "swapped in for evaluation: the module changed after EMAWeightAveraging was set up "
+            "(or pass use_ema=False to the evaluation callback)."
+        )

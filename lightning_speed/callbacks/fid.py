@@ -6,6 +6,12 @@ when an ``EMAWeightAveraging`` callback keeps them; a fixed seed so successive p
 comparable), passes them through the feature network and logs ``fid`` at ``trainer.global_step``
 together with ``fid/seconds`` (wall time of the whole evaluation, since we benchmark it).
 
+Long evaluations say so: a progress bar with the time left (a line per minute without a progress
+bar), a warning when training starts if the configured evaluations need far more network
+evaluations than the training itself (e.g. 5,000 DDIM-50 samples after a few CPU steps), and a
+stop signal (SIGTERM / Ctrl+C) ends the evaluation after the current sampling batch. Generated
+images with NaN or inf values (a diverged model) give FID NaN with a warning, never a number.
+
 Real-image statistics are computed once in ``setup`` (before training, where a missing
 Inception file also surfaces), cached on disk (see ``lightning_speed.metrics.reference``) and
 injected into torchmetrics' ``FrechetInceptionDistance``, so evaluations only pay for the
@@ -17,18 +23,21 @@ only, so the sum counts them once).
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
+from tqdm import tqdm
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from lightning_speed.metrics.features import resolve_feature_extractor, to_uint8
+from lightning_speed.metrics.features import count_nonfinite, resolve_feature_extractor, to_uint8
 from lightning_speed.metrics.reference import (
     ReferenceStats,
     cache_file,
@@ -37,17 +46,110 @@ from lightning_speed.metrics.reference import (
     load_or_compute_reference_stats,
     load_reference_stats,
 )
-from lightning_speed.metrics.sampling import (
-    averaged_weights,
-    ema_swapped_in_during_validation,
-    generate_batches,
-    local_share,
-)
+from lightning_speed.callbacks.ema import averaged_weights, ema_swapped_in_during_validation
+from lightning_speed.metrics.sampling import generate_batches, local_share
 
 ReferenceImages = Tensor | Callable[[], Tensor]
+Solver = Literal["ddim", "ddpm"]
+TRAIN_PASSES = 3  # network evaluations per training image: a forward and a backward of about twice its cost
+FAR_LONGER = 10.0  # warn when the evaluations need this many times the training's network evaluations
 
 
-class FIDCallback(pl.Callback):
+def renamed_arguments(owner: str, sampler: str | None, sampling_steps: int | None) -> None:
+    """Image generation is a *solver*: ``sampler``/``sampling_steps`` were renamed ``solver``/``solver_steps``."""
+    renamed = {"sampler": (sampler, 'solver ("ddim" or "ddpm")'), "sampling_steps": (sampling_steps, "solver_steps")}
+    given = {old: (value, new) for old, (value, new) in renamed.items() if value is not None}
+    if given:
+        raise TypeError(
+            f"{owner}({', '.join(f'{old}={value!r}' for old, (value, _) in given.items())}): renamed arguments: "
+            + "; ".join(f"write {new} instead of {old}" for old, (_, new) in given.items())
+            + ' ("sampler" now always means time-step sampling).'
+        )
+
+
+def _renamed(old: str, new: str) -> property:
+    def fail(self: Any, *value: Any) -> Any:
+        raise AttributeError(
+            f"{type(self).__name__}.{old} was renamed {new} (image generation is a solver; \"sampler\" means "
+            "time-step sampling)."
+        )
+
+    return property(fail, fail)
+
+
+class SolverSettings:
+    """How FIDCallback and SampleGridCallback generate images: the checked settings and the one call.
+
+    Reading or setting the old attribute names ``sampler``/``sampling_steps`` fails with the new
+    name, rather than being ignored.
+    """
+
+    sampler = _renamed("sampler", "solver")
+    sampling_steps = _renamed("sampling_steps", "solver_steps")
+
+    def _set_solver(
+        self,
+        solver: Solver,
+        solver_steps: int,
+        eta: float | None,
+        use_ema: bool,
+        sample_kwargs: dict[str, Any] | None,
+        sampler: str | None,
+        sampling_steps: int | None,
+    ) -> None:
+        """Check and store the generation settings (``sampler``/``sampling_steps`` are the old names: an error)."""
+        owner = type(self).__name__
+        renamed_arguments(owner, sampler, sampling_steps)
+        if solver not in ("ddim", "ddpm"):
+            raise ValueError(f"{owner}(solver={solver!r}): choose \"ddim\" or \"ddpm\".")
+        if solver_steps <= 0:
+            raise ValueError(f"{owner}(solver_steps={solver_steps}): solver_steps must be positive.")
+        self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
+        self.use_ema, self.sample_kwargs = use_ema, dict(sample_kwargs or {})
+
+    def _generate(self, pl_module: "pl.LightningModule", count: int, *, batch_size: int, seed: int) -> Iterator[Tensor]:
+        """``count`` images, ``batch_size`` at a time, from ``pl_module.sample`` with these settings.
+
+        Call it inside ``averaged_weights``: the caller owns the EMA swap, so a stop mid-way restores the weights.
+        """
+        return generate_batches(
+            pl_module,
+            count,
+            batch_size=batch_size,
+            solver=self.solver,
+            solver_steps=self.solver_steps,
+            eta=self.eta,
+            seed=seed,
+            sample_kwargs=self.sample_kwargs,
+        )
+
+
+class _Progress:
+    """A tqdm bar over generated images (rank 0); without a progress bar, a line with the time left per minute."""
+
+    def __init__(self, trainer: "pl.Trainer", total: int, label: str) -> None:
+        self.enabled = trainer.is_global_zero
+        self.bar = trainer.progress_bar_callback is not None and self.enabled
+        self.total, self.label, self.done = total, label, 0
+        self.start = self.last_line = time.perf_counter()
+        self._tqdm = tqdm(total=total, desc=label, unit="img", leave=False, dynamic_ncols=True, file=sys.stderr) if self.bar else None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._tqdm is not None:
+            self._tqdm.update(n)
+        elif self.enabled and time.perf_counter() - self.last_line >= 60 and self.done < self.total:
+            elapsed = time.perf_counter() - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            rank_zero_info(f"{self.label}: {self.done}/{self.total} images, about {left / 60:.1f} min left")
+            self.last_line = time.perf_counter()
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+
+class FIDCallback(SolverSettings, pl.Callback):
     """Log ``fid`` of generated samples every N steps, at validation and/or at train end.
 
     Args:
@@ -55,8 +157,10 @@ class FIDCallback(pl.Callback):
         on_validation: evaluate at the end of each validation epoch (not during the sanity check).
         on_train_end: evaluate once more when training ends (skipped if that step was just evaluated).
         num_samples: generated images per evaluation, over all ranks.
-        sampler / sampling_steps / eta: passed to ``pl_module.sample`` (eta None: the sampler's default).
-        batch_size: images per ``sample`` call and per feature-network batch.
+        solver / solver_steps / eta: how images are generated, passed to ``pl_module.sample``:
+            "ddim" or "ddpm", its number of steps, and eta (None: the solver's default).
+        batch_size: images per ``sample`` call and per feature-network batch; a stop signal is
+            honoured between batches.
         feature_extractor: "inception" (standard; needs its weights file), "fashion_mnist" (offline),
             an ``nn.Module`` taking uint8 (N, C, H, W), an import path "pkg.module.Name", or a file
             saved with ``torch.save(module)``.
@@ -74,6 +178,8 @@ class FIDCallback(pl.Callback):
         name: metric name; logs ``name``, ``name/seconds`` (and ``kid_mean``/``kid_std``, prefixed with
             ``name/`` unless name is "fid"). Lets two callbacks coexist, e.g. ``fid`` (DDIM-50 curve) and
             ``fid_ddpm250`` (final point).
+        sampler / sampling_steps: the old names of solver / solver_steps; giving them is an error
+            that names the new ones.
     """
 
     def __init__(
@@ -82,8 +188,8 @@ class FIDCallback(pl.Callback):
         on_validation: bool = False,
         on_train_end: bool = True,
         num_samples: int = 5000,
-        sampler: str = "ddim",
-        sampling_steps: int = 50,
+        solver: Solver = "ddim",
+        solver_steps: int = 50,
         eta: float | None = None,
         batch_size: int = 500,
         feature_extractor: str | nn.Module = "inception",
@@ -98,34 +204,27 @@ class FIDCallback(pl.Callback):
         sample_kwargs: dict[str, Any] | None = None,
         download_timeout: float = 10.0,
         name: str = "fid",
+        sampler: str | None = None,
+        sampling_steps: int | None = None,
     ) -> None:
         super().__init__()
+        self._set_solver(solver, solver_steps, eta, use_ema, sample_kwargs, sampler, sampling_steps)
         if every_n_steps is not None and every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps}.")
         if num_samples < 2:
             raise ValueError(f"num_samples must be at least 2 for FID, got {num_samples}.")
-        if batch_size <= 0 or sampling_steps <= 0:
-            raise ValueError(f"batch_size and sampling_steps must be positive, got {batch_size}, {sampling_steps}.")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        # when to evaluate
         self.every_n_steps = every_n_steps
-        self.eval_on_validation = on_validation
-        self.eval_on_train_end = on_train_end
-        self.num_samples = num_samples
-        self.sampler = sampler
-        self.sampling_steps = sampling_steps
-        self.eta = eta
-        self.batch_size = batch_size
-        self.feature_extractor = feature_extractor
-        self.reference_split = reference_split
-        self.num_reference = num_reference
-        self.reference_images = reference_images
-        self.cache_dir = cache_dir
-        self.seed = seed
-        self.compute_kid = compute_kid
-        self.kid_subset_size = kid_subset_size
-        self.use_ema = use_ema
-        self.sample_kwargs = dict(sample_kwargs or {})
-        self.download_timeout = download_timeout
-        self.name = name
+        self.eval_on_validation, self.eval_on_train_end = on_validation, on_train_end
+        # the generated side
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        # the real side and the feature network
+        self.reference_split, self.num_reference, self.reference_images = reference_split, num_reference, reference_images
+        self.feature_extractor, self.cache_dir, self.download_timeout = feature_extractor, cache_dir, download_timeout
+        # what is reported
+        self.compute_kid, self.kid_subset_size, self.name = compute_kid, kid_subset_size, name
 
         self.history: list[tuple[int, float]] = []
         self.kid_history: list[tuple[int, float, float]] = []
@@ -135,6 +234,7 @@ class FIDCallback(pl.Callback):
         self._fid: FrechetInceptionDistance | None = None
         self._kid: KernelInceptionDistance | None = None
         self._last_eval_step = -1
+        self._cost_checked = False
 
     # ------------------------------------------------------------------ setup: extractor + real statistics
 
@@ -236,37 +336,108 @@ class FIDCallback(pl.Callback):
         count = local_share(self.num_samples, world, rank)
         if count == 0:
             raise ValueError(f"num_samples={self.num_samples} is smaller than the world size {world}.")
+        nonfinite = torch.zeros((), dtype=torch.long, device=pl_module.device)
+        label = f"{self.name}: {self.solver.upper()}-{self.solver_steps}"
         with averaged_weights(trainer, pl_module, enabled=self.use_ema, already_in=ema_in):
-            batches = generate_batches(
-                pl_module,
-                count,
-                batch_size=self.batch_size,
-                sampler=self.sampler,
-                steps=self.sampling_steps,
-                eta=self.eta,
-                seed=self.seed + rank,
-                sample_kwargs=self.sample_kwargs,
-            )
-            for images in batches:
+            batches = self._generate(pl_module, count, batch_size=self.batch_size, seed=self.seed + rank)
+            for images in self._until_stopped(trainer, batches, _Progress(trainer, count, label)):
+                nonfinite += count_nonfinite(images).to(nonfinite.device)
                 fake = to_uint8(images)
                 self._fid.update(fake, real=False)
                 if self._kid is not None:
                     self._kid.update(fake, real=False)
         fid = float(self._fid.compute())  # one host sync per evaluation (also syncs across ranks)
         self._fid.reset()
+        bad = int(trainer.strategy.reduce(nonfinite, reduce_op="sum"))
+        if bad:
+            fid = math.nan
+            rank_zero_warn(
+                f"FIDCallback ({self.name}): {bad} of {self.num_samples} generated images contain NaN or inf values at "
+                f"step {trainer.global_step}, so {self.name} is logged as NaN: the model has diverged (lower the learning "
+                "rate or clip gradients, and resume from a checkpoint written before the divergence)."
+            )
         metrics = {self.name: fid}
         if self._kid is not None:
-            kid_mean, kid_std = self._kid.compute()
+            kid_mean, kid_std = (math.nan, math.nan) if bad else map(float, self._kid.compute())
             self._kid.reset()
             prefix = "" if self.name == "fid" else f"{self.name}/"
-            metrics[f"{prefix}kid_mean"], metrics[f"{prefix}kid_std"] = float(kid_mean), float(kid_std)
-            self.kid_history.append((trainer.global_step, float(kid_mean), float(kid_std)))
+            metrics[f"{prefix}kid_mean"], metrics[f"{prefix}kid_std"] = kid_mean, kid_std
+            self.kid_history.append((trainer.global_step, kid_mean, kid_std))
         metrics[f"{self.name}/seconds"] = time.perf_counter() - start
         self.seconds.append((trainer.global_step, metrics[f"{self.name}/seconds"]))
         self._log(trainer, metrics)
         self.history.append((trainer.global_step, fid))
         self._last_eval_step = trainer.global_step
         return fid
+
+    @staticmethod
+    def _until_stopped(trainer: "pl.Trainer", batches: Iterable[Tensor], progress: _Progress) -> Iterator[Tensor]:
+        """Yield the batches with progress; after each, honour a stop signal (Lightning's SIGTERM flag).
+
+        Raising Lightning's ``SIGTERMException`` takes the same path as a stop between training
+        steps: ``CheckpointOnSignal`` saves a checkpoint and sets the exit status.
+        """
+        try:
+            for images in batches:
+                progress.update(images.shape[0])
+                yield images
+                if trainer.received_sigterm:
+                    raise SIGTERMException
+        finally:
+            progress.close()
+
+    # ------------------------------------------------------------------ cost, said up front
+    def planned_evaluations(self, trainer: "pl.Trainer") -> int:
+        """How many evaluations the rest of this run will make (from max_steps, every_n_steps, validation)."""
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            return 1
+        left, count = max(0, int(total) - trainer.global_step), 0
+        if self.every_n_steps:
+            count += left // self.every_n_steps
+        if self.eval_on_validation and trainer.enable_validation and isinstance(trainer.val_check_batch, int):
+            count += left // max(1, trainer.val_check_batch)
+        if self.eval_on_train_end and not (self.every_n_steps and int(total) % self.every_n_steps == 0):
+            count += 1
+        return count
+
+    def _guidance_factor(self, pl_module: "pl.LightningModule") -> int:
+        scale = self.sample_kwargs.get("guidance_scale", getattr(pl_module, "guidance_scale", 1.0))
+        conditional = getattr(pl_module, "num_classes", None) is not None
+        return 2 if conditional and scale not in (None, 0, 0.0, 1, 1.0) else 1
+
+    def cost_warning(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_size: int) -> str | None:
+        """A warning when the planned evaluations need far more network evaluations than the training."""
+        evaluations = self.planned_evaluations(trainer)
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        steps = max(1, int(total) - trainer.global_step) if math.isfinite(total) else None
+        if not evaluations or steps is None:
+            return None
+        eval_nfe = evaluations * self.num_samples * self.solver_steps * self._guidance_factor(pl_module)
+        train_nfe = steps * batch_size * TRAIN_PASSES * trainer.world_size
+        if eval_nfe < FAR_LONGER * train_nfe:
+            return None
+        device = trainer.strategy.root_device.type
+        return (
+            f"FIDCallback ({self.name}) will generate {self.num_samples:,} images with "
+            f"{self.solver.upper()}-{self.solver_steps} {evaluations} time(s): {eval_nfe:,} network evaluations, "
+            f"{eval_nfe / train_nfe:,.0f}x the training's {train_nfe:,} ({steps:,} step{'s' * (steps != 1)} x batch {batch_size} x "
+            f"{TRAIN_PASSES} for forward and backward{f' x {trainer.world_size} ranks' if trainer.world_size > 1 else ''})."
+            f" On this {device} the evaluation will take far longer than the training. To shorten it: fewer "
+            f"num_samples (now {self.num_samples:,}), fewer solver_steps (now {self.solver_steps}), or fewer evaluations "
+            "(every_n_steps, on_validation, on_train_end: false). A stop signal (Ctrl+C) ends it after the current "
+            "batch, with a checkpoint."
+        )
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self._cost_checked or trainer.fast_dev_run:
+            return
+        self._cost_checked = True
+        first = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if isinstance(first, Tensor) and first.dim() > 0:
+            warning = self.cost_warning(trainer, pl_module, int(first.shape[0]))
+            if warning:
+                rank_zero_warn(warning)
 
     @staticmethod
     def _log(trainer: "pl.Trainer", metrics: dict[str, float]) -> None:
@@ -301,8 +472,8 @@ class FIDCallback(pl.Callback):
         """Distinct per configuration, so several FID callbacks can share a checkpoint."""
         extractor = self.feature_extractor if isinstance(self.feature_extractor, str) else type(self.feature_extractor).__name__
         return self._generate_state_key(
-            name=self.name, num_samples=self.num_samples, sampler=self.sampler,
-            sampling_steps=self.sampling_steps, feature_extractor=extractor,
+            name=self.name, num_samples=self.num_samples, solver=self.solver,
+            solver_steps=self.solver_steps, feature_extractor=extractor,
         )
 
     def state_dict(self) -> dict[str, Any]:

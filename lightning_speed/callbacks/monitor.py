@@ -1,36 +1,39 @@
 """TimestepMonitor: what the time-step strategies actually do, per area, in the logger.
 
-Every training batch it adds the batch's time steps, per-sample losses and weights (read from
-the ``training_step`` output dict: ``t``, ``per_sample_loss``, ``weight``) into small device
+Every training batch it adds the step's time steps, per-sample losses and applied weights
+(``pl_module.timesteps.last``, recorded by ``TimestepStrategy.loss``) into small device
 accumulators with ``index_add_`` (no sync, no bincount). Every ``log_every_n_steps`` optimizer
 steps it reads them once (the only sync), logs and resets:
 
 * ``timesteps/loss/<area>``: mean unweighted per-sample loss of the batches' samples in the area;
-* ``timesteps/weight/<area>``: mean applied weight (loss weighting x importance weight);
+* ``timesteps/weight/<area>``: mean applied weight (loss weight x importance weight);
 * ``timesteps/share/<area>``: share of the sampled time steps that fell in the area;
 * ``timesteps/p/<area>``: the sampler's current probability mass on the area
   (moves over training for CLTS and loss-aware sampling);
 * a histogram ``timesteps/t`` of the sampled t (TensorBoard only).
 
-Areas (acceleration / deceleration / convergence) come from ``lightning_speed.analysis`` for
-the module's own schedule, split at ``tau``. Under DDP the sums are reduced over ranks before
-logging. The summaries are also kept in ``monitor.history`` (a list of dicts) for notebooks.
+Areas (acceleration / deceleration / convergence) come from ``lightning_speed.schedules`` for
+the module's own schedule, split at the tau of the installed strategy (``timesteps.tau``, set by
+``SpeeD`` or a sampling/weighting callback), or at the schedule's pivot when none set one. Under
+DDP the sums are reduced over ranks before logging. The summaries are also kept in
+``monitor.history`` (a list of dicts) for notebooks.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_speed.analysis import AREA_NAMES, TimestepAreas, check_tau_spec, timestep_areas
-from lightning_speed.callbacks.strategies import find_schedule
-
-_REQUIRED_KEYS = ("t", "per_sample_loss")
+from lightning_speed.callbacks.strategies import TIMESTEP_LINES, find_strategy
+from lightning_speed.schedules import AREA_NAMES, TimestepAreas, check_tau, resolve_tau, timestep_areas
+from lightning_speed.timesteps.base import StepRecord, TimestepStrategy
+from lightning_speed.validation import check_bool, check_int
 
 
 class TimestepMonitor(Callback):
@@ -38,64 +41,71 @@ class TimestepMonitor(Callback):
 
     Args:
         log_every_n_steps: optimizer steps between two summaries (the accumulators are read then).
-        tau: where the convergence area starts; an int or "auto" (the schedule's pivot).
+        tau: where the convergence area starts. ``None`` (default): the installed strategy's tau
+            (``pl_module.timesteps.tau``), or the schedule's pivot when no strategy set one. An int
+            or "auto" must agree with the installed strategy's tau.
         histogram: also log a histogram of the sampled t when the logger is TensorBoard.
     """
 
-    def __init__(self, log_every_n_steps: int = 100, tau: int | str = 700, histogram: bool = True) -> None:
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be a positive integer, got {log_every_n_steps!r}.")
-        self.log_every_n_steps = log_every_n_steps
-        self.tau = check_tau_spec(tau)
-        self.histogram = bool(histogram)
+    def __init__(
+        self, log_every_n_steps: int = 100, tau: Union[int, Literal["auto"], None] = None, histogram: bool = True
+    ) -> None:
+        self.log_every_n_steps = check_int(log_every_n_steps, "log_every_n_steps", minimum=1)
+        self.tau = None if tau is None else check_tau(tau)
+        self.histogram = check_bool(histogram, "histogram")
         self.areas: TimestepAreas | None = None
         self.history: list[dict[str, float]] = []
         self._last_logged_step = -1
+        self._strategy: TimestepStrategy | None = None
+        self._seen: StepRecord | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self.areas = timestep_areas(find_schedule(pl_module), self.tau)
-        T = self.areas.num_timesteps
-        self._area_of_t = self.areas.labels()
-        self._t_counts = torch.zeros(T)
-        # rows: count, loss sum, weight sum; columns: the three areas
-        self._sums = torch.zeros(3, len(AREA_NAMES))
-
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every callback's setup: the strategy's tau is final here.
+        strategy = find_strategy(pl_module, "TimestepMonitor")
+        self._strategy = strategy
+        self._seen = strategy.last  # a record from before this fit is not this fit's step
+        self.areas = timestep_areas(strategy.schedule, self._tau(strategy))
         device = pl_module.device
-        self._area_of_t = self._area_of_t.to(device)
-        self._t_counts = self._t_counts.to(device)
-        self._sums = self._sums.to(device)
+        self._area_of_t = self.areas.labels().to(device)
+        self._t_counts = torch.zeros(self.areas.num_timesteps, device=device)
+        # rows: count, loss sum, weight sum; columns: the three areas
+        self._sums = torch.zeros(3, len(AREA_NAMES), device=device)
 
+    def _tau(self, strategy: TimestepStrategy) -> int | str:
+        if self.tau is None:
+            return "auto" if strategy.tau is None else strategy.tau
+        tau = resolve_tau(self.tau, strategy.schedule)
+        if strategy.tau is not None and tau != strategy.tau:
+            raise ValueError(
+                f"TimestepMonitor(tau={self.tau!r}) splits the areas at {tau}, but the installed time-step "
+                f"strategy uses tau={strategy.tau}: leave the monitor's tau unset (it reads the strategy's) or "
+                "make them equal."
+            )
+        return tau
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.areas is None:
+        if self._strategy is None:
             return
-        t, loss, weight = self._read(outputs, pl_module)
-        self._accumulate(t, loss, weight)
+        record = self._strategy.last
+        if record is None or record is self._seen:
+            raise ValueError(
+                f"TimestepMonitor reads each step's time steps, losses and weights from "
+                f"{type(pl_module).__name__}.timesteps.last, which TimestepStrategy.loss records, but this "
+                "training_step did not call it. Compute the loss with:\n" + TIMESTEP_LINES
+            )
+        self._seen = record
+        self._accumulate(record.t, record.loss.float(), record.weight.float())
         step = trainer.global_step
         if step % self.log_every_n_steps == 0 and step != self._last_logged_step:
             self._last_logged_step = step
             self._flush(trainer, pl_module, step)
 
     # -- per step (device only) --------------------------------------------------------------
-    def _read(self, outputs: Any, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
-        if not isinstance(outputs, dict) or any(key not in outputs for key in _REQUIRED_KEYS):
-            raise ValueError(
-                f"TimestepMonitor reads `t` and `per_sample_loss` (and `weight`) from the dict that "
-                f"{type(pl_module).__name__}.training_step returns, but got "
-                f"{sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__}. Return "
-                '{"loss": loss, "t": t, "per_sample_loss": per_sample_loss.detach(), "weight": w.detach()}.'
-            )
-        t = outputs["t"].reshape(-1)
-        loss = outputs["per_sample_loss"].detach().reshape(-1).float()
-        weight = outputs.get("weight")
-        weight = torch.ones_like(loss) if weight is None else weight.detach().reshape(-1).float()
-        return t, loss, weight
-
     def _accumulate(self, t: Tensor, loss: Tensor, weight: Tensor) -> None:
         t = t.to(self._area_of_t.device)
         area = self._area_of_t[t]
@@ -105,11 +115,7 @@ class TimestepMonitor(Callback):
 
     # -- every N steps (one sync) -------------------------------------------------------------
     def _sampler_mass(self, pl_module: pl.LightningModule) -> Tensor | None:
-        sampler = getattr(pl_module, "timestep_sampler", None)
-        try:
-            probs = sampler.probabilities() if sampler is not None else None
-        except NotImplementedError:
-            return None
+        probs = self._strategy.sampler.probabilities() if self._strategy is not None else None
         if probs is None or probs.numel() != self._area_of_t.numel():
             return None
         mass = torch.zeros(len(AREA_NAMES), device=self._area_of_t.device)

@@ -12,40 +12,45 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
-from lightning_speed.metrics.features import to_uint8
-from lightning_speed.metrics.sampling import averaged_weights, generate_batches
+from lightning_speed.callbacks.fid import SolverSettings
+from lightning_speed.metrics.features import count_nonfinite, to_uint8
+from lightning_speed.callbacks.ema import averaged_weights
 
 
-class SampleGridCallback(pl.Callback):
+class SampleGridCallback(SolverSettings, pl.Callback):
     """Log and save a grid of ``num_samples`` generated images every ``every_n_steps`` steps.
 
     Args:
         every_n_steps: steps between grids (``trainer.global_step`` multiples).
         num_samples: images in the grid.
-        sampler / sampling_steps / eta: passed to ``pl_module.sample`` (eta None: the sampler's default).
+        solver / solver_steps / eta: how images are generated, passed to ``pl_module.sample``:
+            "ddim" or "ddpm", its number of steps, and eta (None: the solver's default).
         seed: noise seed, the same for every grid.
         save_dir: write ``samples_step{N}.png`` here at every grid; None: only at train end, in the log dir.
         nrow: images per grid row (default: about the square root of ``num_samples``).
         use_ema: sample with the EMA weights of a ``WeightAveraging`` callback when present.
         at_train_end: also make a grid when training ends.
         sample_kwargs: extra keyword arguments for ``pl_module.sample``.
+        sampler / sampling_steps: the old names of solver / solver_steps; giving them is an error
+            that names the new ones.
     """
 
     def __init__(
         self,
         every_n_steps: int = 1000,
         num_samples: int = 64,
-        sampler: str = "ddim",
-        sampling_steps: int = 50,
+        solver: Literal["ddim", "ddpm"] = "ddim",
+        solver_steps: int = 50,
         eta: float | None = None,
         seed: int = 0,
         save_dir: str | None = None,
@@ -53,21 +58,19 @@ class SampleGridCallback(pl.Callback):
         use_ema: bool = True,
         at_train_end: bool = True,
         sample_kwargs: dict[str, Any] | None = None,
+        sampler: str | None = None,
+        sampling_steps: int | None = None,
     ) -> None:
         super().__init__()
+        self._set_solver(solver, solver_steps, eta, use_ema, sample_kwargs, sampler, sampling_steps)
         if every_n_steps <= 0 or num_samples <= 0:
             raise ValueError(f"every_n_steps and num_samples must be positive, got {every_n_steps}, {num_samples}.")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        self.sampler = sampler
-        self.sampling_steps = sampling_steps
-        self.eta = eta
         self.seed = seed
         self.save_dir = save_dir
         self.nrow = nrow or max(1, math.isqrt(num_samples - 1) + 1)
-        self.use_ema = use_ema
         self.at_train_end = at_train_end
-        self.sample_kwargs = dict(sample_kwargs or {})
         self.last_grid: Tensor | None = None  # uint8 (3, H, W) on the CPU
         self.saved_paths: list[Path] = []
         self._last_step = -1
@@ -75,19 +78,13 @@ class SampleGridCallback(pl.Callback):
     def make_grid(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
         """Sample with the fixed seed (EMA weights if present) and return the grid as uint8 (3, H, W) on the CPU."""
         with averaged_weights(trainer, pl_module, enabled=self.use_ema):
-            images = torch.cat(
-                list(
-                    generate_batches(
-                        pl_module,
-                        self.num_samples,
-                        batch_size=self.num_samples,
-                        sampler=self.sampler,
-                        steps=self.sampling_steps,
-                        eta=self.eta,
-                        seed=self.seed,
-                        sample_kwargs=self.sample_kwargs,
-                    )
-                )
+            batches = self._generate(pl_module, self.num_samples, batch_size=self.num_samples, seed=self.seed)
+            images = torch.cat(list(batches))
+        bad = int(count_nonfinite(images))  # one sync per grid
+        if bad:
+            rank_zero_warn(
+                f"SampleGridCallback: {bad} of {len(images)} generated images contain NaN or inf values at step "
+                f"{trainer.global_step} (shown black): the model has diverged."
             )
         return make_grid(to_uint8(images).cpu(), nrow=self.nrow, padding=2, pad_value=0)
 

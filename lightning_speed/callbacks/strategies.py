@@ -1,23 +1,23 @@
-"""Lightning callbacks that install time-step strategies on a LightningModule.
+"""Lightning callbacks that install time-step strategies into a LightningModule's ``timesteps``.
 
-Each callback builds one strategy from the module's noise schedule in ``setup`` and assigns
-it to ``pl_module.timestep_sampler`` (sampling callbacks) or ``pl_module.loss_weighting``
-(weighting callbacks); ``on_fit_start`` moves it to the module's device. One sampling and one
-weighting callback combine (e.g. SpeeD = AsymmetricTimestepSampling + ChangeAwareWeighting);
-two of the same kind raise a ``ValueError`` at setup.
+A module adopts them with three lines (``TIMESTEP_LINES``, shown in every error about them)::
 
-A module adopts these callbacks by exposing ``noise_schedule`` (a NoiseSchedule) or an
-``alphas_cumprod`` tensor, plus ``timestep_sampler`` and ``loss_weighting`` attributes used in
-its training step through ``lightning_speed.timesteps.weighted_loss`` (the protocol).
+    self.timesteps = TimestepStrategy(schedule)       # __init__: a NoiseSchedule, alphas_cumprod or a diffusers scheduler
+    t = self.timesteps.sample(len(x), x.device)       # training_step, instead of torch.randint
+    loss = self.timesteps.loss(t, per_sample_loss)    # instead of per_sample_loss.mean()
+
+In ``setup`` each callback builds its strategy object from ``timesteps.schedule`` and puts it in
+``timesteps.sampler`` (``...Sampling`` callbacks) or ``timesteps.weights`` (``...Weighting``
+callbacks); ``SpeeD`` installs both with one tau. One sampling and one weighting callback
+combine; two of the same kind, or two that disagree on tau, are a ``ValueError`` at setup. The
+callbacks only glue: the math lives in ``lightning_speed.timesteps``.
 
 Checkpointing: a sampling callback's ``state_dict`` holds its sampler's seed, RNG state and
-statistics (loss history, curriculum step). Lightning 2.x restores callbacks after ``setup``
-and before the first training step (``Trainer._run``: setup hook -> restore modules and
-callbacks -> strategy.setup -> on_fit_start; strategies with ``restore_checkpoint_after_setup``
-restore right after ``on_fit_start``). ``load_state_dict`` therefore applies the state to the
-installed sampler at once; a state loaded before ``setup`` is kept and applied when the
-sampler is built. The RNG state is applied when the generator is (re)built on the device,
-so a CUDA generator's state restores on CUDA.
+statistics (loss history, curriculum step). Lightning restores callbacks after ``setup`` and
+before the first training step, so ``load_state_dict`` applies the state to the installed
+sampler at once; a state loaded before ``setup`` is kept and applied when the sampler is
+built. The RNG state is applied when the generator is (re)built on the device, so a CUDA
+generator's state restores on CUDA.
 
 Seeding: ``seed=None`` derives the sampler's seed from ``torch.initial_seed()`` at setup, so
 ``seed_everything`` makes runs reproducible; the global rank is mixed in so DDP ranks draw
@@ -27,63 +27,56 @@ different time steps.
 from __future__ import annotations
 
 import zlib
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor
+from typing_extensions import override
 
-from lightning_speed.analysis import check_tau_spec
-from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps import baselines as _baselines
-from lightning_speed.timesteps import speed as _speed
+from lightning_speed.schedules import NoiseSchedule, Prediction, Tau, check_prediction, check_tau, resolve_tau
+from lightning_speed.timesteps import baselines, speed
 from lightning_speed.timesteps.base import (
-    ConstantWeighting,
-    DeviceTables,
-    LossWeighting,
+    ConstantWeights,
+    LossWeights,
     TimestepSampler,
+    TimestepStrategy,
     UniformSampler,
 )
+from lightning_speed.validation import check_int, renamed
 
-PROTOCOL_HINT = (
-    "A LightningModule adopts lightning_speed's time-step callbacks by exposing `noise_schedule` "
-    "(a lightning_speed.schedules.NoiseSchedule) or `alphas_cumprod` (a 1-D tensor), plus "
-    "`timestep_sampler` and `loss_weighting` attributes that its training_step uses: "
-    "`t = self.timestep_sampler.sample(n)` and "
-    "`loss, w = weighted_loss(self.timestep_sampler, self.loss_weighting, t, per_sample_loss)`."
+TIMESTEP_LINES = (
+    "    self.timesteps = TimestepStrategy(schedule)     # in __init__ (from lightning_speed.timesteps); schedule: "
+    "a NoiseSchedule, an alphas_cumprod tensor or a diffusers scheduler\n"
+    "    t = self.timesteps.sample(len(x), x.device)     # in training_step, instead of torch.randint\n"
+    "    loss = self.timesteps.loss(t, per_sample_loss)  # instead of per_sample_loss.mean(); per_sample_loss shaped (B,)"
 )
 
 
-# ---------------------------------------------------------------------------- schedule lookup
-def schedule_from_alphas_cumprod(alphas_cumprod: Tensor) -> NoiseSchedule:
-    """Wrap cumulative alpha products in a NoiseSchedule (betas = 1 - ab_t / ab_{t-1}, ab_{-1} = 1)."""
-    ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).flatten()
-    previous = torch.cat([ab.new_ones(1), ab[:-1]])
-    betas = 1.0 - ab / previous
-    try:
-        return NoiseSchedule(betas, name="alphas_cumprod")
-    except ValueError as err:
-        raise ValueError(
-            f"alphas_cumprod must be strictly decreasing values in (0, 1) with at least 2 entries: {err}"
-        ) from err
-
-
-def find_schedule(pl_module: pl.LightningModule) -> NoiseSchedule:
-    """The module's schedule: ``noise_schedule`` if it has one, else ``alphas_cumprod``."""
-    schedule = getattr(pl_module, "noise_schedule", None)
-    if isinstance(schedule, NoiseSchedule):
-        return schedule
-    if schedule is not None and isinstance(getattr(schedule, "alphas_cumprod", None), Tensor):
-        return schedule_from_alphas_cumprod(schedule.alphas_cumprod)  # e.g. a diffusers scheduler
-    alphas_cumprod = getattr(pl_module, "alphas_cumprod", None)
-    if isinstance(alphas_cumprod, Tensor):
-        return schedule_from_alphas_cumprod(alphas_cumprod)
-    raise ValueError(
-        f"{type(pl_module).__name__} offers no noise schedule: add a `noise_schedule` attribute "
-        "(lightning_speed.schedules.NoiseSchedule, e.g. NoiseSchedule.from_name('linear', 1000)) or an "
-        "`alphas_cumprod` tensor attribute (e.g. a registered buffer). " + PROTOCOL_HINT
+def find_strategy(pl_module: pl.LightningModule, user: str) -> TimestepStrategy:
+    """``pl_module.timesteps``, or an error showing the three lines that add it."""
+    name = type(pl_module).__name__
+    strategy = getattr(pl_module, "timesteps", None)
+    if isinstance(strategy, TimestepStrategy):
+        return strategy
+    old = [attr for attr in ("timestep_sampler", "loss_weighting") if hasattr(pl_module, attr)]
+    if old:
+        raise TypeError(
+            f"{user} needs {name}.timesteps, a lightning_speed.timesteps.TimestepStrategy; {name} has "
+            f"{' and '.join(f'`{a}`' for a in old)} instead, which the time-step callbacks no longer use. "
+            "Replace them (and weighted_loss) by:\n" + TIMESTEP_LINES
+        )
+    if strategy is not None:
+        raise TypeError(
+            f"{user} needs {name}.timesteps to be a lightning_speed.timesteps.TimestepStrategy, got "
+            f"{type(strategy).__name__}. Create it with:\n" + TIMESTEP_LINES
+        )
+    raise TypeError(
+        f"{user} works on {name}.timesteps (a lightning_speed.timesteps.TimestepStrategy), but {name} has no "
+        "`timesteps` attribute, so its training_step would never use the time-step strategies. Add these three "
+        "lines:\n" + TIMESTEP_LINES
     )
 
 
@@ -91,219 +84,283 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-# ---------------------------------------------------------------------------------- base class
-class _StrategyCallback(Callback):
-    """Shared logic: find the schedule, build, check conflicts, install, move, checkpoint."""
+# ---------------------------------------------------------------------------------- bases
+class StrategyCallback(Callback, ABC):
+    """Installs a sampler and/or loss weights into ``pl_module.timesteps``, keeps their state.
 
-    attribute: ClassVar[str]
-    kind: ClassVar[str]
+    Subclasses say what they install (``installs_sampler`` / ``installs_weights``) and build it
+    (``build_sampler`` / ``build_weights``); ``tau`` is the convergence threshold they use, if any.
+    """
 
-    def __init__(self) -> None:
-        self.strategy: DeviceTables | None = None
+    installs_sampler: ClassVar[bool] = False
+    installs_weights: ClassVar[bool] = False
+    seed_key: ClassVar[str | None] = None
+    """Mixed into the seed derived when ``seed=None`` (default: the class name)."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = None if seed is None else check_int(seed, "seed", hint="or null to derive it from the global seed")
+        self.tau: int | str | None = None
+        self.sampler: TimestepSampler | None = None
+        self.weights: LossWeights | None = None
+        self._strategy: TimestepStrategy | None = None
         self._pending_state: dict[str, Any] | None = None
 
-    # subclasses: build the strategy object for this module
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> DeviceTables:
-        raise NotImplementedError
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        raise NotImplementedError(f"{type(self).__name__} installs no sampler.")
 
-    def _kind_base(self) -> type:
-        raise NotImplementedError
+    def build_weights(self, strategy: TimestepStrategy) -> LossWeights:
+        raise NotImplementedError(f"{type(self).__name__} installs no loss weights.")
 
-    def _check_conflicts(self, trainer: pl.Trainer) -> None:
-        same_kind = [cb for cb in trainer.callbacks if isinstance(cb, self._kind_base())]
-        if len(same_kind) > 1:
-            names = ", ".join(type(cb).__name__ for cb in same_kind)
-            raise ValueError(
-                f"Only one {self.kind} strategy can be active, but trainer.callbacks has {len(same_kind)}: "
-                f"{names}. Keep one of them (a sampling and a weighting strategy do combine)."
-            )
+    def resolved_tau(self, schedule: NoiseSchedule) -> int | None:
+        """This callback's tau as an int for ``schedule`` (None: it uses none)."""
+        return None if self.tau is None else resolve_tau(self.tau, schedule)
 
-    def _check_protocol(self, pl_module: pl.LightningModule) -> None:
-        if not hasattr(pl_module, self.attribute):
-            raise ValueError(
-                f"{type(self).__name__} installs `{self.attribute}` but {type(pl_module).__name__} has no such "
-                f"attribute, so its training_step would never use it. " + PROTOCOL_HINT
-            )
-
+    # -- setup --------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_conflicts(trainer)
-        self._check_protocol(pl_module)
-        schedule = find_schedule(pl_module)
-        current = getattr(pl_module, self.attribute)
-        if self.strategy is None or current is not self.strategy:
-            # First fit, or a new module: build fresh tables (a repeated fit keeps the same object).
-            if current is not None and type(current) not in (UniformSampler, ConstantWeighting):
-                rank_zero_warn(
-                    f"{type(self).__name__} replaces the {type(current).__name__} that "
-                    f"{type(pl_module).__name__}.{self.attribute} already held."
-                )
-            self.strategy = self.build(schedule, pl_module)
-            self._configure(trainer)
+        strategy = find_strategy(pl_module, type(self).__name__)
+        self._check_others(trainer, strategy.schedule)
+        if self._strategy is not strategy:  # first fit, or a new module (a repeated fit keeps the objects)
+            self._build(trainer, pl_module, strategy)
         if self._pending_state is not None:
             self._apply_pending()
-        setattr(pl_module, self.attribute, self.strategy)
+        if self.sampler is not None:
+            strategy.sampler = self.sampler
+        if self.weights is not None:
+            strategy.weights = self.weights
+        tau = self.resolved_tau(strategy.schedule)
+        if tau is not None:
+            strategy.tau = tau
 
-    def _configure(self, trainer: pl.Trainer) -> None:
-        """Hook for extra set-up after build (seeding)."""
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: TimestepStrategy) -> None:
+        defaults = (("sampler", self.installs_sampler, UniformSampler), ("weights", self.installs_weights, ConstantWeights))
+        for attribute, installs, default in defaults:
+            current = getattr(strategy, attribute)
+            if installs and type(current) is not default:
+                rank_zero_warn(
+                    f"{type(self).__name__} replaces the {type(current).__name__} that "
+                    f"{type(pl_module).__name__}.timesteps.{attribute} already held."
+                )
+        self.sampler = self.build_sampler(strategy) if self.installs_sampler else None
+        self.weights = self.build_weights(strategy) if self.installs_weights else None
+        if self.sampler is not None:
+            self.sampler.manual_seed(self.sampler_seed(trainer))
+        self._strategy = strategy
 
+    def _check_others(self, trainer: pl.Trainer, schedule: NoiseSchedule) -> None:
+        """At most one sampling and one weighting strategy, and one tau among them."""
+        callbacks = [cb for cb in trainer.callbacks if isinstance(cb, StrategyCallback)]
+        for kind, flag in (("time-step sampling", "installs_sampler"), ("loss weighting", "installs_weights")):
+            same = [type(cb).__name__ for cb in callbacks if getattr(cb, flag)]
+            if len(same) > 1:
+                raise ValueError(
+                    f"Only one {kind} strategy can be active, but trainer.callbacks has {len(same)}: {', '.join(same)}. "
+                    "Keep one of them (a sampling and a weighting strategy do combine; SpeeD installs both)."
+                )
+        taus = {type(cb).__name__: cb.resolved_tau(schedule) for cb in callbacks if cb.tau is not None}
+        if len(set(taus.values())) > 1:
+            given = ", ".join(f"{name} tau={tau}" for name, tau in taus.items())
+            raise ValueError(
+                f"The time-step callbacks disagree on tau ({given}); one convergence threshold must hold for "
+                "sampling, weighting and the monitor. Give it once with SpeeD(tau=...), or the same tau to each."
+            )
+
+    def sampler_seed(self, trainer: pl.Trainer) -> int:
+        """The seed the sampler gets on this rank."""
+        base = self.seed if self.seed is not None else torch.initial_seed() + _stable_hash(self.seed_key or type(self).__name__)
+        return (base + 1_000_003 * trainer.global_rank) % (2**63)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.strategy is not None:
-            self.strategy.to(pl_module.device)
+        if self._strategy is not None:
+            self._strategy.to(pl_module.device)
 
     # -- checkpointing ----------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
-        if self.strategy is None:
+        if self.sampler is None:
             return {"strategy": self._pending_state} if self._pending_state is not None else {}
-        return {"strategy": self.strategy.extra_state()}
+        return {"strategy": self.sampler.extra_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = state_dict.get("strategy")
-        if self.strategy is not None:
+        if self.sampler is not None:
             self._apply_pending()
 
     def _apply_pending(self) -> None:
-        assert self.strategy is not None and self._pending_state is not None
-        self.strategy.load_extra_state(self._pending_state)
+        if self.sampler is not None and self._pending_state is not None:
+            self.sampler.load_extra_state(self._pending_state)
         self._pending_state = None
 
 
-class TimestepSamplingCallback(_StrategyCallback):
-    """Base of the callbacks that install a ``TimestepSampler`` as ``pl_module.timestep_sampler``.
+class TimestepSamplingCallback(StrategyCallback):
+    """Base of the callbacks that install a ``TimestepSampler`` as ``pl_module.timesteps.sampler``.
 
     Args:
         seed: seed of the sampler's own generator; ``None`` derives one from ``torch.initial_seed()``
             at setup (so ``seed_everything`` makes runs reproducible). The global rank is mixed in.
     """
 
-    attribute = "timestep_sampler"
-    kind = "time-step sampling"
+    # Subclasses repeat their sampler's arguments in __init__ (jsonargparse reads that signature; bad values
+    # fail when the config is parsed) and build the sampler from them, so their bodies look alike.
+    installs_sampler = True
 
-    def __init__(self, seed: int | None = None) -> None:
-        super().__init__()
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}.")
-        self.seed = seed
-
-    def _kind_base(self) -> type:
-        return TimestepSamplingCallback
-
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> TimestepSampler:
-        raise NotImplementedError
-
-    def sampler_seed(self, trainer: pl.Trainer) -> int:
-        """The seed the sampler gets on this rank."""
-        if self.seed is not None:
-            base = self.seed
-        else:
-            base = torch.initial_seed() + _stable_hash(type(self).__name__)
-        return (base + 1_000_003 * trainer.global_rank) % (2**63)
-
-    def _configure(self, trainer: pl.Trainer) -> None:
-        assert isinstance(self.strategy, TimestepSampler)
-        self.strategy.manual_seed(self.sampler_seed(trainer))
+    @abstractmethod
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler: ...
 
 
-class LossWeightingCallback(_StrategyCallback):
-    """Base of the callbacks that install a ``LossWeighting`` as ``pl_module.loss_weighting``."""
+class LossWeightingCallback(StrategyCallback):
+    """Base of the callbacks that install ``LossWeights`` as ``pl_module.timesteps.weights``."""
 
-    attribute = "loss_weighting"
-    kind = "loss weighting"
+    # Subclasses repeat their weights' arguments in __init__ (jsonargparse reads that signature; bad values
+    # fail when the config is parsed) and build the weights from them, so their bodies look alike.
+    installs_weights = True
 
-    def _kind_base(self) -> type:
-        return LossWeightingCallback
+    def __init__(self) -> None:
+        super().__init__(seed=None)
 
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> LossWeighting:
-        raise NotImplementedError
+    @abstractmethod
+    @override
+    def build_weights(self, strategy: TimestepStrategy) -> LossWeights: ...
 
 
 # ------------------------------------------------------------------------------------- SpeeD
-class AsymmetricTimestepSampling(TimestepSamplingCallback):
-    """SpeeD's asymmetric sampling: draw t < tau k times more often than the convergence area.
+_SPEED_SEED_KEY = "AsymmetricSampling"
+"""Seeds for seed=None: shared by SpeeD and AsymmetricSampling, so both draw the same time steps."""
+
+
+class SpeeD(StrategyCallback):
+    """SpeeD: asymmetric time-step sampling and change-aware loss weights, with one tau.
 
     Args:
         tau: first time step of the convergence area (700 in the paper for linear T = 1000), or
             "auto" to derive it from the module's schedule (642 for linear T = 1000).
-        k: suppression intensity (5; the paper's ablation: 1, 5, 10, 25).
+        k: suppression intensity: t < tau is drawn k times more often (5; the paper's ablation: 1, 5, 10, 25).
         dual: pair each drawn t with m - t / t - m around the schedule's pivot m (official default).
+        lam: lambda in [0.5, 1]; the weights below tau span [1 - lam, lam] (0.6).
         seed: the sampler's own seed (None: from ``torch.initial_seed()``).
     """
 
-    def __init__(self, tau: int | str = 700, k: float = 5.0, dual: bool = True, seed: int | None = None) -> None:
-        super().__init__(seed)
-        self.tau = check_tau_spec(tau)
-        self.k = _speed.check_k(k)
-        self.dual = bool(dual)
+    installs_sampler = True
+    installs_weights = True
+    seed_key = _SPEED_SEED_KEY
 
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> TimestepSampler:
-        return _speed.AsymmetricSampler(schedule, self.tau, self.k, self.dual)
+    def __init__(self, tau: Tau = 700, k: float = 5.0, dual: bool = True, lam: float = 0.6, seed: int | None = None) -> None:
+        super().__init__(seed)
+        self.tau = check_tau(tau)
+        self.k = speed.check_k(k)
+        self.dual = speed.check_dual(dual)
+        self.lam = speed.check_lam(lam)
+
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        return speed.AsymmetricSampler(strategy.schedule, self.tau, self.k, self.dual)
+
+    @override
+    def build_weights(self, strategy: TimestepStrategy) -> LossWeights:
+        return speed.ChangeAwareWeights(strategy.schedule, self.lam, self.tau)
+
+
+class AsymmetricSampling(TimestepSamplingCallback):
+    """SpeeD's asymmetric sampling alone (for ablations; ``SpeeD`` installs it with the weights).
+
+    Args:
+        tau: first time step of the convergence area, or "auto" (the schedule's pivot).
+        k: suppression intensity (5).
+        dual: pair each drawn t with its partner around the schedule's pivot (official default).
+        seed: the sampler's own seed (None: from ``torch.initial_seed()``).
+    """
+
+    seed_key = _SPEED_SEED_KEY
+
+    def __init__(self, tau: Tau = 700, k: float = 5.0, dual: bool = True, seed: int | None = None) -> None:
+        super().__init__(seed)
+        self.tau = check_tau(tau)
+        self.k = speed.check_k(k)
+        self.dual = speed.check_dual(dual)
+
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        return speed.AsymmetricSampler(strategy.schedule, self.tau, self.k, self.dual)
 
 
 class ChangeAwareWeighting(LossWeightingCallback):
-    """SpeeD's change-aware weighting: w(t) in [1 - lam, lam] following d/dt Psi below tau, 1 above.
+    """SpeeD's change-aware weights alone: w(t) in [1 - lam, lam] following d/dt Psi below tau, 1 above.
 
     Args:
         lam: lambda in [0.5, 1] (0.6).
         tau: where the weights become 1; an int or "auto" (the schedule's pivot).
     """
 
-    def __init__(self, lam: float = 0.6, tau: int | str = 700) -> None:
+    def __init__(self, lam: float = 0.6, tau: Tau = 700) -> None:
         super().__init__()
-        self.lam = _speed.check_lam(lam)
-        self.tau = check_tau_spec(tau)
+        self.lam = speed.check_lam(lam)
+        self.tau = check_tau(tau)
 
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> LossWeighting:
-        return _speed.ChangeAwareWeights(schedule, self.lam, self.tau)
+    @override
+    def build_weights(self, strategy: TimestepStrategy) -> LossWeights:
+        return speed.ChangeAwareWeights(strategy.schedule, self.lam, self.tau)
 
 
 # --------------------------------------------------------------------------------- baselines
-_TINY = NoiseSchedule([0.1, 0.2], name="validation")  # to validate arguments at construction
-
-
 class P2Weighting(LossWeightingCallback):
     """P2 weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma; official k = 1, gamma = 1."""
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0) -> None:
         super().__init__()
-        _baselines.P2Weights(_TINY, k, gamma)  # ValueError on bad k / gamma, before any training
-        self.k, self.gamma = float(k), float(gamma)
+        self.k, self.gamma = baselines.check_p2(k, gamma)
 
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> LossWeighting:
-        return _baselines.P2Weights(schedule, self.k, self.gamma)
+    @override
+    def build_weights(self, strategy: TimestepStrategy) -> LossWeights:
+        return baselines.P2Weights(strategy.schedule, self.k, self.gamma)
 
 
 class MinSNRWeighting(LossWeightingCallback):
     """Min-SNR-gamma weighting (Hang et al. 2023), gamma = 5.
 
+    The weights depend on what the network predicts, read from ``pl_module.timesteps.prediction``
+    (``TimestepStrategy(schedule, prediction=...)``; DiffusionModule passes its own): ``epsilon``
+    (w = min(SNR, gamma) / SNR), ``v`` (min(SNR, gamma) / (SNR + 1)) or ``x0`` (min(SNR, gamma)).
+
     Args:
         gamma: the SNR clamp.
-        prediction: ``epsilon`` (w = min(SNR, gamma) / SNR), ``v`` (min(SNR, gamma) / (SNR + 1)) or
-            ``x0`` (min(SNR, gamma)). ``None`` (default) reads the module's ``prediction`` attribute
-            (DiffusionModule has one), falling back to ``epsilon``; an explicit value must agree with it.
+        prediction: optional; when given it must agree with the strategy's prediction.
     """
 
-    def __init__(self, gamma: float = 5.0, prediction: str | None = None) -> None:
+    def __init__(self, gamma: float = 5.0, prediction: Prediction | None = None) -> None:
         super().__init__()
-        _baselines.MinSNRWeights(_TINY, gamma)  # ValueError on a bad gamma
-        self.gamma = float(gamma)
-        self.prediction = _baselines.check_prediction(prediction) if prediction is not None else None
+        self.gamma = baselines.check_min_snr(gamma)
+        self.prediction = None if prediction is None else check_prediction(prediction)
 
-    def resolve_prediction(self, pl_module: pl.LightningModule) -> str:
-        """The parameterisation the weights are computed for."""
+    def resolve_prediction(self, strategy: TimestepStrategy, pl_module: pl.LightningModule | None = None) -> str:
+        """The parameterisation the weights are computed for: the strategy's, checked against the others."""
+        stated = {"pl_module.timesteps.prediction": strategy.prediction}
         module_prediction = getattr(pl_module, "prediction", None)
-        if module_prediction is not None:
-            module_prediction = _baselines.check_prediction(module_prediction)
-        if self.prediction is not None and module_prediction is not None and self.prediction != module_prediction:
+        if isinstance(module_prediction, str):
+            stated[f"{type(pl_module).__name__}.prediction"] = module_prediction
+        if self.prediction is not None:
+            stated["MinSNRWeighting(prediction=...)"] = self.prediction
+        if len(set(stated.values())) > 1:
+            given = ", ".join(f"{where} = {value!r}" for where, value in stated.items())
             raise ValueError(
-                f"MinSNRWeighting(prediction={self.prediction!r}) but {type(pl_module).__name__} trains with "
-                f"prediction={module_prediction!r}: the weights depend on the parameterisation, so leave "
-                "prediction unset (it is read from the module) or make the two agree."
+                f"Min-SNR weights depend on what the network predicts, and the predictions stated disagree ({given}). "
+                "State it once, in TimestepStrategy(schedule, prediction=...), and leave MinSNRWeighting's unset."
             )
-        return self.prediction or module_prediction or "epsilon"
+        return strategy.prediction
 
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> LossWeighting:
-        return _baselines.MinSNRWeights(schedule, self.gamma, self.resolve_prediction(pl_module))
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.resolve_prediction(find_strategy(pl_module, type(self).__name__), pl_module)
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def build_weights(self, strategy: TimestepStrategy) -> LossWeights:
+        return baselines.MinSNRWeights(strategy.schedule, self.gamma, self.resolve_prediction(strategy))
 
 
 class LogitNormalSampling(TimestepSamplingCallback):
@@ -317,11 +374,11 @@ class LogitNormalSampling(TimestepSamplingCallback):
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, seed: int | None = None) -> None:
         super().__init__(seed)
-        _baselines.LogitNormalSampler(2, mean, std)  # ValueError on bad arguments
-        self.mean, self.std = float(mean), float(std)
+        self.mean, self.std = baselines.check_logit_normal(mean, std)
 
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> TimestepSampler:
-        return _baselines.LogitNormalSampler(schedule.num_timesteps, self.mean, self.std)
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        return baselines.LogitNormalSampler(strategy.num_timesteps, self.mean, self.std)
 
 
 class CLTSSampling(TimestepSamplingCallback):
@@ -336,16 +393,17 @@ class CLTSSampling(TimestepSamplingCallback):
 
     def __init__(self, mu: float = 300.0, sigma: float = 200.0, total_steps: int = 50_000, seed: int | None = None) -> None:
         super().__init__(seed)
-        _baselines.CLTSSampler(2, mu, sigma, total_steps)  # ValueError on bad arguments
-        self.mu, self.sigma, self.total_steps = float(mu), float(sigma), int(total_steps)
+        self.mu, self.sigma, self.total_steps = baselines.check_clts(mu, sigma, total_steps)
 
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> TimestepSampler:
-        return _baselines.CLTSSampler(schedule.num_timesteps, self.mu, self.sigma, self.total_steps)
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        return baselines.CLTSSampler(strategy.num_timesteps, self.mu, self.sigma, self.total_steps)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # trainer.global_step is a Python int (restored on resume): updating the tables never syncs.
-        if self.strategy is not None:
-            self.strategy.set_step(trainer.global_step)
+        if isinstance(self.sampler, baselines.CLTSSampler):
+            self.sampler.set_step(trainer.global_step)
 
 
 class LossAwareSampling(TimestepSamplingCallback):
@@ -356,21 +414,28 @@ class LossAwareSampling(TimestepSamplingCallback):
         uniform_prob: uniform share mixed into p once warm (0.001).
         seed: the sampler's own seed (None: from ``torch.initial_seed()``).
 
-    Samples are re-weighted by 1 / (T p(t)) inside ``weighted_loss``, so the objective stays
-    unbiased; it combines with any weighting callback (the weights multiply). Under DDP each
+    Samples are re-weighted by 1 / (T p(t)) inside ``TimestepStrategy.loss``, so the objective
+    stays unbiased; it combines with any weighting callback (the weights multiply). Under DDP each
     rank keeps its own history.
     """
 
     def __init__(self, history: int = 10, uniform_prob: float = 0.001, seed: int | None = None) -> None:
         super().__init__(seed)
-        _baselines.LossAwareSampler(2, history, uniform_prob)  # ValueError on bad arguments
-        self.history, self.uniform_prob = int(history), float(uniform_prob)
+        self.history, self.uniform_prob = baselines.check_loss_aware(history, uniform_prob)
 
-    def build(self, schedule: NoiseSchedule, pl_module: pl.LightningModule) -> TimestepSampler:
-        return _baselines.LossAwareSampler(schedule.num_timesteps, self.history, self.uniform_prob)
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        return baselines.LossAwareSampler(strategy.num_timesteps, self.history, self.uniform_prob)
 
+
+# Former name: importable (old configs name it), constructing it names the new class.
+AsymmetricTimestepSampling = renamed(
+    AsymmetricSampling, "AsymmetricTimestepSampling", __name__,
+    note="same arguments; or SpeeD(tau, k, dual, lam) for sampling and weighting with one tau",
+)
 
 __all__ = [
+    "AsymmetricSampling",
     "AsymmetricTimestepSampling",
     "CLTSSampling",
     "ChangeAwareWeighting",
@@ -379,7 +444,9 @@ __all__ = [
     "LossWeightingCallback",
     "MinSNRWeighting",
     "P2Weighting",
+    "SpeeD",
+    "StrategyCallback",
+    "TIMESTEP_LINES",
     "TimestepSamplingCallback",
-    "find_schedule",
-    "schedule_from_alphas_cumprod",
+    "find_strategy",
 ]

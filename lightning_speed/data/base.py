@@ -15,6 +15,7 @@ Validation is the first ``val_images`` of the test split, so it is cheap and fix
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -160,12 +161,14 @@ class UInt8ImageDataModule(L.LightningDataModule):
 
     Subclasses set ``name``, ``image_shape`` and ``num_classes`` and implement
     ``_load_split(split) -> (images (N, C, H, W) uint8, labels (N,))`` for split in
-    ``("train", "test")``; ``prepare_data`` is theirs to override (downloads, checks).
+    ``("train", "test")``; those with files on disk also implement ``_locate`` (find, or with
+    ``download`` fetch, them), which ``prepare_data`` and ``setup`` call.
     """
 
     name: str = "uint8_images"
     image_shape: tuple[int, int, int]
     num_classes: int
+    download: bool = False
 
     def __init__(
         self,
@@ -196,6 +199,9 @@ class UInt8ImageDataModule(L.LightningDataModule):
         self._device_train: DeviceBatchLoader | None = None
 
     # ----------------------------------------------------------------- loading
+    def _locate(self, download: bool) -> Any:
+        """Find the dataset's files (fetching them when ``download``); a clear error when they are absent."""
+
     def _load_split(self, split: str) -> tuple[np.ndarray | Tensor, np.ndarray | Tensor]:
         raise NotImplementedError
 
@@ -234,8 +240,14 @@ class UInt8ImageDataModule(L.LightningDataModule):
             )
         return self.val_images
 
+    def prepare_data(self) -> None:
+        """Find (or, with ``download=True``, fetch) the files; errors surface here, before training."""
+        self._locate(download=self.download)
+
     def setup(self, stage: str | None = None) -> None:
         """Load (once) the splits this stage needs; raises here, before any training step."""
+        # Outside a Trainer nobody called prepare_data, so the download may happen here.
+        self._locate(download=self.download and self.trainer is None)
         if stage in (None, "fit"):
             self._split("train")
         if stage in (None, "fit", "validate"):

@@ -70,6 +70,7 @@ class CIFAR10DataModule(UInt8ImageDataModule):
     num_classes = 10
     class_names = CLASS_NAMES
 
+    # Arguments spelled out and forwarded one by one (not **kwargs): jsonargparse reads this signature.
     def __init__(
         self,
         root: str = "data/cifar10",
@@ -123,14 +124,6 @@ class CIFAR10DataModule(UInt8ImageDataModule):
                 f"{self.root}): missing {', '.join(missing)}. {_FIXES}"
             )
         return folder
-
-    def prepare_data(self) -> None:
-        """Find (or, with ``download=True``, fetch) the batches; errors surface before training."""
-        self._locate(download=self.download)
-
-    def setup(self, stage: str | None = None) -> None:
-        self._locate(download=self.download and self.trainer is None)
-        super().setup(stage)
 
     def _load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         folder = self._locate(download=False)

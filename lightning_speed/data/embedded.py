@@ -39,6 +39,7 @@ class EmbeddedFashionMNISTDataModule(FashionMNISTBase):
 
     name = "fashion_mnist_embedded"
 
+    # Arguments spelled out and forwarded one by one (not **kwargs): jsonargparse reads this signature.
     def __init__(
         self,
         batch_size: int = 128,

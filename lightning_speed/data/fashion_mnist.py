@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,28 +82,11 @@ class FashionMNISTBase(UInt8ImageDataModule):
     num_classes = 10
     class_names = CLASS_NAMES
 
-    def __init__(
-        self,
-        *,
-        batch_size: int,
-        num_workers: int,
-        random_flip: bool,
-        pad_to: int,
-        val_images: int,
-        on_device: bool,
-        seed: int,
-    ) -> None:
+    def __init__(self, *, pad_to: int, **loader_options: Any) -> None:
+        """``loader_options``: the other keyword arguments of ``UInt8ImageDataModule``."""
         if pad_to < 28:
             raise ValueError(f"pad_to={pad_to} is smaller than Fashion-MNIST's 28x28; use pad_to >= 28.")
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            random_flip=random_flip,
-            pad_to=pad_to,
-            val_images=val_images,
-            on_device=on_device,
-            seed=seed,
-        )
+        super().__init__(pad_to=pad_to, **loader_options)
         self.image_shape = (1, pad_to, pad_to)
 
 
@@ -124,6 +108,7 @@ class FashionMNISTDataModule(FashionMNISTBase):
 
     name = "fashion_mnist"
 
+    # Arguments spelled out and forwarded one by one (not **kwargs): jsonargparse reads this signature.
     def __init__(
         self,
         root: str | None = None,
@@ -205,16 +190,6 @@ class FashionMNISTDataModule(FashionMNISTBase):
     def files(self) -> dict[str, Path]:
         """The IDX files in use (stem -> path); resolves them without downloading."""
         return self._locate(download=False)
-
-    # ------------------------------------------------------------ lifecycle
-    def prepare_data(self) -> None:
-        """Find (or, with ``download=True``, fetch) the files; errors surface here, before training."""
-        self._locate(download=self.download)
-
-    def setup(self, stage: str | None = None) -> None:
-        # Outside a Trainer nobody called prepare_data, so allow the download here.
-        self._locate(download=self.download and self.trainer is None)
-        super().setup(stage)
 
     def _load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         img_stem, lab_stem = FILE_STEMS[split]

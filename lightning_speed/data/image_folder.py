@@ -104,6 +104,7 @@ class ImageFolderDataModule(UInt8ImageDataModule):
 
     name = "image_folder"
 
+    # Arguments spelled out and forwarded one by one (not **kwargs): jsonargparse reads this signature.
     def __init__(
         self,
         root: str,
@@ -163,9 +164,9 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         perm = np.random.default_rng(self.seed).permutation(n)
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
-    def prepare_data(self) -> None:
-        """Check the folder exists and holds images (errors before training)."""
-        self._scanned()
+    def _locate(self, download: bool) -> list[Path]:
+        """The image files; checks the folder exists and holds images (errors before training)."""
+        return self._scanned()[0]
 
     def _decode_all(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if self._decoded is None:

@@ -7,6 +7,7 @@ from lightning_speed.metrics.features import (
     FashionMNISTFeatures,
     InceptionFeatures,
     InceptionWeightsUnavailable,
+    count_nonfinite,
     ensure_inception_weights,
     fashion_mnist_net_info,
     inception_weights_path,
@@ -19,7 +20,7 @@ from lightning_speed.metrics.reference import (
     compute_reference_stats,
     load_or_compute_reference_stats,
 )
-from lightning_speed.metrics.sampling import averaged_weights, generate_batches
+from lightning_speed.metrics.sampling import generate_batches
 
 __all__ = [
     "INCEPTION_URL",
@@ -29,8 +30,8 @@ __all__ = [
     "InceptionFeatures",
     "InceptionWeightsUnavailable",
     "ReferenceStats",
-    "averaged_weights",
     "compute_reference_stats",
+    "count_nonfinite",
     "ensure_inception_weights",
     "fashion_mnist_net_info",
     "generate_batches",

@@ -55,8 +55,17 @@ class InceptionWeightsUnavailable(RuntimeError):
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """Map generated images in [-1, 1] to uint8 [0, 255] (round to nearest, clamp)."""
+    """Map generated images in [-1, 1] to uint8 [0, 255] (round to nearest, clamp).
+
+    NaN has no uint8 value (it becomes 0, a black pixel): count such images with
+    :func:`count_nonfinite` first, as ``FIDCallback`` does, rather than score them.
+    """
     return ((images.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def count_nonfinite(images: Tensor) -> Tensor:
+    """How many images (along dim 0) hold a NaN or inf value, as a 0-d tensor on their device (no sync)."""
+    return (~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).sum()
 
 
 def _check_uint8(images: Tensor) -> None:

@@ -1,17 +1,21 @@
-"""Time-step strategies: where t comes from (samplers) and how each t's loss counts (weightings).
+"""Time-step strategies: where t comes from (``...Sampler``) and how each t's loss counts (``...Weights``).
 
-``base`` holds the protocol, ``speed`` SpeeD's asymmetric sampling and change-aware weighting,
-``baselines`` the methods SpeeD is compared with. All are plain device-resident objects; the
-callbacks in ``lightning_speed.callbacks`` install them on a LightningModule.
+``base`` holds the protocol and ``TimestepStrategy`` (the one object a training step uses),
+``speed`` SpeeD's asymmetric sampling and change-aware weights, ``baselines`` the methods SpeeD
+is compared with. All are plain device-resident objects; the callbacks in
+``lightning_speed.callbacks`` install them on a LightningModule's ``timesteps``.
 """
 
 from lightning_speed.timesteps.base import (
-    ConstantWeighting,
+    CDFSampler,
+    ConstantWeights,
     DeviceTables,
-    LossWeighting,
+    LossWeights,
+    StepRecord,
     TableSampler,
-    TableWeighting,
+    TableWeights,
     TimestepSampler,
+    TimestepStrategy,
     UniformSampler,
     weighted_loss,
 )
@@ -33,21 +37,30 @@ from lightning_speed.timesteps.speed import (
     change_aware_weights,
     dual_pairs,
 )
+from lightning_speed.validation import renamed
+
+# Former names of the weights classes: importable, but constructing one names the new class.
+ConstantWeighting = renamed(ConstantWeights, "ConstantWeighting", __name__)
+TableWeighting = renamed(TableWeights, "TableWeighting", __name__)
+LossWeighting = renamed(LossWeights, "LossWeighting", __name__)
 
 __all__ = [
     "AsymmetricSampler",
+    "CDFSampler",
     "CLTSSampler",
     "ChangeAwareWeights",
-    "ConstantWeighting",
+    "ConstantWeights",
     "DeviceTables",
     "LogitNormalSampler",
     "LossAwareSampler",
-    "LossWeighting",
+    "LossWeights",
     "MinSNRWeights",
     "P2Weights",
+    "StepRecord",
     "TableSampler",
-    "TableWeighting",
+    "TableWeights",
     "TimestepSampler",
+    "TimestepStrategy",
     "UniformSampler",
     "asymmetric_probabilities",
     "change_aware_weights",

@@ -1,26 +1,38 @@
-"""The two seams of the training step: where time steps come from and how losses are weighted.
+"""The seam of the training step: where time steps come from and how each one's loss counts.
 
-A ``TimestepSampler`` draws ``t`` for a batch; a ``LossWeighting`` turns ``t`` into per-sample
-loss weights. Both are called once per step with tensors only: no host-device synchronisation
-(no ``.item()``, ``.cpu()``, ``.tolist()``, boolean masking or ``torch.multinomial``'s
-single-draw validity check). Table samplers draw by inverse-CDF lookup (``torch.rand`` +
-``torch.searchsorted``), which runs entirely on the device.
+A ``TimestepSampler`` draws ``t`` for a batch; a ``LossWeights`` turns ``t`` into per-sample
+loss weights; a ``TimestepStrategy`` holds one of each for a schedule and is the only object a
+training step talks to::
 
-They are deliberately *not* ``nn.Module``: assigning one to a LightningModule attribute must
-not change the model's parameters, buffers or checkpoint keys (EMA weight averaging pairs
-the model's buffers by position, and a checkpoint must load with or without the callbacks).
-Their tables are plain tensors that ``.to(device)`` moves; the installing callback (or the
-module's ``on_fit_start``) moves them next to the model. Stateful strategies save their
-state through ``extra_state`` / ``load_extra_state``, called by the installing callback.
+    self.timesteps = TimestepStrategy(self.scheduler)         # in __init__
+    t = self.timesteps.sample(len(x), x.device)               # instead of torch.randint
+    loss = self.timesteps.loss(t, per_sample_mse)             # instead of per_sample_mse.mean()
+
+Callbacks (``lightning_speed.callbacks``) replace ``timesteps.sampler`` / ``timesteps.weights``.
+
+Everything runs once per step with tensors only: no host-device synchronisation (no
+``.item()``, ``.cpu()``, ``.tolist()``, boolean masking or ``torch.multinomial``'s validity
+check). Table samplers draw by inverse-CDF lookup (``torch.rand`` + ``torch.searchsorted``).
+
+Strategies are not ``nn.Module``: holding one on a LightningModule must not change the model's
+parameters, buffers or checkpoint keys (EMA weight averaging pairs the model's buffers by
+position, and a checkpoint must load with or without the callbacks). Their tables are plain
+tensors that ``.to(device)`` moves; ``TimestepStrategy.sample`` moves them to the batch's device.
+Stateful samplers save their state through ``extra_state`` / ``load_extra_state``.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from typing_extensions import override
+
+from lightning_speed.schedules import NoiseSchedule, Prediction, as_schedule, check_prediction
+from lightning_speed.validation import check_int
 
 
 def _normalise_device(device: torch.device | str) -> torch.device:
@@ -70,7 +82,8 @@ def probabilities_to_cdf(probs: Tensor) -> Tensor:
     return cdf / cdf[-1:]
 
 
-class TimestepSampler(DeviceTables):
+# ---------------------------------------------------------------------------------- samplers
+class TimestepSampler(DeviceTables, ABC):
     """Draws integer time steps in ``[0, num_timesteps)`` on ``self.device``.
 
     Randomness: after ``manual_seed(seed)`` the sampler owns a ``torch.Generator`` on its
@@ -81,9 +94,7 @@ class TimestepSampler(DeviceTables):
     """
 
     def __init__(self, num_timesteps: int) -> None:
-        if int(num_timesteps) < 1:
-            raise ValueError(f"num_timesteps must be positive, got {num_timesteps}.")
-        self.num_timesteps = int(num_timesteps)
+        self.num_timesteps = check_int(num_timesteps, "num_timesteps", minimum=1)
         self._generator: torch.Generator | None = None
         self._seed: int | None = None
         # (device type, CPU byte tensor) restored from a checkpoint, applied when the
@@ -93,7 +104,7 @@ class TimestepSampler(DeviceTables):
     # -- randomness ---------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
         """Give the sampler its own generator, so its draws can be replayed and resumed."""
-        self._seed = int(seed)
+        self._seed = check_int(seed, "seed")
         self._generator = None  # (re)built lazily on the current device
         self._pending_rng = None
 
@@ -128,9 +139,13 @@ class TimestepSampler(DeviceTables):
         return self._generator
 
     # -- the protocol ---------------------------------------------------------------------
+    @abstractmethod
     def sample(self, n: int) -> Tensor:
         """Return ``n`` time steps as a long tensor on ``self.device``."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def probabilities(self) -> Tensor:
+        """The current sampling distribution over t (for logging and tests)."""
 
     def importance_weight(self, t: Tensor) -> Tensor | None:
         """Per-sample factor that keeps the objective unbiased (``None`` when not needed)."""
@@ -138,10 +153,6 @@ class TimestepSampler(DeviceTables):
 
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Observe the detached per-sample losses of the step (for adaptive samplers)."""
-
-    def probabilities(self) -> Tensor:
-        """The current sampling distribution over t (for logging and tests)."""
-        raise NotImplementedError
 
     # -- checkpointing --------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any] | None:
@@ -152,10 +163,12 @@ class TimestepSampler(DeviceTables):
             return {"device_type": self._generator.device.type, "state": self._generator.get_state()}
         return None
 
+    @override
     def extra_state(self) -> dict[str, Any]:
         """State that must survive a resume: the seed and generator state (CPU tensors only)."""
         return {"seed": self._seed, "rng": self._rng_state()}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("seed") is None:
             return
@@ -163,21 +176,37 @@ class TimestepSampler(DeviceTables):
         rng = state.get("rng")
         if rng is not None:
             self._pending_rng = (str(rng["device_type"]), torch.as_tensor(rng["state"]).cpu())
-        elif state.get("generator") is not None:  # the first version of this format: a CPU state
-            self._pending_rng = ("cpu", torch.as_tensor(state["generator"]).cpu())
 
 
 class UniformSampler(TimestepSampler):
     """t ~ U{0 .. T-1}: the DDPM default and the baseline everything is compared with."""
 
+    @override
     def sample(self, n: int) -> Tensor:
         return torch.randint(0, self.num_timesteps, (n,), device=self.device, generator=self.generator)
 
+    @override
     def probabilities(self) -> Tensor:
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=self.device)
 
 
-class TableSampler(TimestepSampler):
+class CDFSampler(TimestepSampler):
+    """Base for samplers whose distribution lives in two device tables that subclasses set:
+    ``probs`` (float32, for logging) and its cumulative ``cdf`` (drawn from by inverse-CDF lookup)."""
+
+    probs: Tensor
+    cdf: Tensor
+
+    @override
+    def sample(self, n: int) -> Tensor:
+        return inverse_cdf_sample(self.cdf, n, self.generator)
+
+    @override
+    def probabilities(self) -> Tensor:
+        return self.probs
+
+
+class TableSampler(CDFSampler):
     """Samples from a fixed categorical distribution over t held on the device.
 
     ``probs`` (float32, normalised) is kept for logging; draws use ``cdf``, built in float64
@@ -193,28 +222,25 @@ class TableSampler(TimestepSampler):
         self.probs = probs.float()
         self.cdf = probabilities_to_cdf(probs).float()
 
-    def sample(self, n: int) -> Tensor:
-        return inverse_cdf_sample(self.cdf, n, self.generator)
 
-    def probabilities(self) -> Tensor:
-        return self.probs
-
-
-class LossWeighting(DeviceTables):
+# ---------------------------------------------------------------------------------- weights
+class LossWeights(DeviceTables, ABC):
     """Maps time steps to per-sample loss weights."""
 
+    @abstractmethod
     def weight(self, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Weights shaped like ``t``, on ``t``'s device."""
 
 
-class ConstantWeighting(LossWeighting):
+class ConstantWeights(LossWeights):
     """w(t) = 1: the plain DDPM objective."""
 
+    @override
     def weight(self, t: Tensor) -> Tensor:
         return torch.ones(t.shape, device=t.device)
 
 
-class TableWeighting(LossWeighting):
+class TableWeights(LossWeights):
     """Weights looked up from a fixed table over t held on the device."""
 
     def __init__(self, weights: Tensor) -> None:
@@ -227,22 +253,144 @@ class TableWeighting(LossWeighting):
     def num_timesteps(self) -> int:
         return self.table.numel()
 
+    @override
     def weight(self, t: Tensor) -> Tensor:
         return self.table[t]
 
 
-def weighted_loss(
-    sampler: TimestepSampler, weighting: LossWeighting, t: Tensor, per_sample_loss: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Combine a step's per-sample losses into the scalar objective.
+# ---------------------------------------------------------------------------------- the loss
+def _check_per_sample(t: Tensor, losses: Tensor, name: str) -> None:
+    """Shapes are host metadata: checking them costs no sync."""
+    if t.ndim != 1 or t.is_floating_point():
+        raise ValueError(
+            f"t must be a 1-D integer tensor of time steps (B,), got {t.dtype} of shape {tuple(t.shape)}: "
+            "pass what TimestepStrategy.sample returned."
+        )
+    if tuple(losses.shape) != tuple(t.shape):
+        raise ValueError(
+            f"{name} must hold one loss per sample, shaped (B,) = {tuple(t.shape)} like t, got {tuple(losses.shape)}. "
+            "Reduce every dimension but the batch first, e.g. `(out - target).pow(2).flatten(1).mean(1)`; "
+            "a (B, 1) tensor would broadcast against the (B,) weights into (B, B) and train on a wrong objective."
+        )
 
-    Multiplies each sample's loss by the weighting's ``w(t)`` and the sampler's importance
-    factor (if any), lets adaptive samplers observe the raw losses, and returns
-    ``(loss, weights)``. This is the whole integration protocol for a user's own module.
+
+def weighted_loss(
+    sampler: TimestepSampler,
+    weights: LossWeights,
+    t: Tensor,
+    weighted: Tensor,
+    unweighted: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The scalar objective ``mean(imp(t) * (w(t) * weighted + unweighted))`` and the applied ``imp * w``.
+
+    ``weighted`` and ``unweighted`` are per-sample losses (B,) like ``t``; only ``weighted`` is
+    multiplied by the loss weights (e.g. the MSE, while a learned-variance VLB term stays as is);
+    the sampler's importance factor ``imp`` (if any) multiplies both, keeping the objective
+    unbiased. Adaptive samplers observe the detached total per-sample loss.
     """
-    weights = weighting.weight(t)
+    _check_per_sample(t, weighted, "weighted")
+    if unweighted is not None:
+        _check_per_sample(t, unweighted, "unweighted")
+    w = weights.weight(t)
     importance = sampler.importance_weight(t)
+    total = weighted if unweighted is None else weighted + unweighted
+    sampler.update(t, total.detach())
+    per_sample = w * weighted if unweighted is None else w * weighted + unweighted
     if importance is not None:
-        weights = weights * importance
-    sampler.update(t, per_sample_loss.detach())
-    return (weights * per_sample_loss).mean(), weights
+        per_sample = importance * per_sample
+        w = importance * w
+    return per_sample.mean(), w
+
+
+class StepRecord(NamedTuple):
+    """One training step as the strategy saw it (detached tensors, on the batch's device)."""
+
+    t: Tensor
+    """(B,) time steps."""
+    loss: Tensor
+    """(B,) per-sample loss before weighting (weighted + unweighted parts)."""
+    weight: Tensor
+    """(B,) factor applied to the weighted part: loss weight x importance weight."""
+
+
+class TimestepStrategy:
+    """The time-step seam of a training step: one sampler and one set of loss weights for a schedule.
+
+    Args:
+        schedule: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor, or an object with one
+            (a diffusers scheduler). Zero terminal SNR and half precision are accepted.
+        prediction: what the network predicts (``epsilon``, ``v`` or ``x0``); weightings that
+            depend on it (Min-SNR) read it from here.
+
+    Attributes set by the callbacks: ``sampler`` (default ``UniformSampler``), ``weights``
+    (default ``ConstantWeights``), ``tau`` (the installed SpeeD strategy's convergence threshold,
+    None when no strategy set one). ``last`` is the latest step's ``StepRecord``.
+    """
+
+    def __init__(self, schedule: Any, prediction: Prediction = "epsilon") -> None:
+        self.schedule: NoiseSchedule = as_schedule(schedule)
+        self.prediction: str = check_prediction(prediction)
+        self.sampler: TimestepSampler = UniformSampler(self.schedule.num_timesteps)
+        self.weights: LossWeights = ConstantWeights()
+        self.tau: int | None = None
+        self.last: StepRecord | None = None
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    def to(self, device: torch.device | str) -> TimestepStrategy:
+        """Move the sampler's and the weights' tables to ``device``."""
+        self.sampler.to(device)
+        self.weights.to(device)
+        return self
+
+    def sample(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """``n`` time steps (long, (n,)) on ``device`` (default: where the sampler is).
+
+        The tables move to ``device`` on first use there; the device comparison is host-side.
+        """
+        if device is not None:
+            device = torch.device(device)
+            if not (_same_device(self.sampler.device, device) and _same_device(self.weights.device, device)):
+                self.to(device)
+        return self.sampler.sample(n)
+
+    def loss(self, t: Tensor, weighted: Tensor, unweighted: Tensor | None = None) -> Tensor:
+        """The scalar training loss ``mean(imp(t) * (w(t) * weighted + unweighted))``.
+
+        ``weighted`` / ``unweighted`` are per-sample losses shaped (B,) like ``t`` (anything else
+        is an error). Records ``self.last`` for the monitor and the NaN guard.
+        """
+        loss, applied = weighted_loss(self.sampler, self.weights, t, weighted, unweighted)
+        total = weighted if unweighted is None else weighted + unweighted
+        self.last = StepRecord(t.detach(), total.detach(), applied.detach())
+        return loss
+
+    # -- checkpointing --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state (seed, RNG, statistics) and the tau in use."""
+        return {"sampler": type(self.sampler).__name__, "sampler_state": self.sampler.extra_state(), "tau": self.tau}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("sampler")
+        if saved is not None and saved != type(self.sampler).__name__:
+            raise ValueError(
+                f"The checkpoint holds the state of a {saved} but this strategy samples with "
+                f"{type(self.sampler).__name__}: resume with the same time-step sampling."
+            )
+        self.sampler.load_extra_state(state.get("sampler_state", {}))
+        self.tau = state.get("tau", self.tau)
+
+    def __repr__(self) -> str:
+        return (
+            f"TimestepStrategy(schedule={self.schedule!r}, prediction={self.prediction!r}, "
+            f"sampler={type(self.sampler).__name__}, weights={type(self.weights).__name__}, tau={self.tau})"
+        )
+
+
+def _same_device(current: torch.device, wanted: torch.device) -> bool:
+    """Host-side comparison. A bare ``cuda`` means the current CUDA device; tensors' devices carry an index."""
+    if wanted.index is None and wanted.type == "cuda":
+        wanted = _normalise_device(wanted)
+    return current == wanted

@@ -8,6 +8,10 @@ Weightings (tables over t, gathered per step):
   epsilon-prediction w = min(SNR, gamma) / SNR, v-prediction w = min(SNR, gamma) / (SNR + 1),
   x0-prediction w = min(SNR, gamma).
 
+Both are finite at SNR = 0 (a zero-terminal-SNR schedule's last step): epsilon-prediction's
+min(SNR, gamma) / SNR is 1 for every SNR <= gamma and is computed as min(gamma / SNR, 1), which
+is 1 there too; P2 needs k > 0 on such a schedule (1 / SNR^gamma is infinite at SNR = 0).
+
 Samplers:
 
 * ``LogitNormalSampler`` (SD3, Esser et al. 2024): u ~ N(mean, std^2), t = round(sigmoid(u) (T - 1));
@@ -32,70 +36,92 @@ Samplers:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_speed.schedules import NoiseSchedule
+from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
 from lightning_speed.timesteps.base import (
-    TableWeighting,
+    CDFSampler,
+    TableWeights,
     TimestepSampler,
-    inverse_cdf_sample,
     probabilities_to_cdf,
 )
-
-PREDICTIONS = ("epsilon", "v", "x0")
-
-
-def _positive(value: float, name: str, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive number, got {value!r}; {hint}.")
-    return float(value)
+from lightning_speed.validation import check_int, check_number
 
 
-def check_prediction(prediction: str) -> str:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"Unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")
-    return prediction
+# ------------------------------------------------------------------------------ argument checks
+# One function per strategy, used by the strategy and by the callback that installs it, so a
+# bad value fails when the callback is constructed (before any schedule exists).
+def check_p2(k: float, gamma: float) -> tuple[float, float]:
+    return (
+        check_number(k, "P2's k", at_least=0, hint="the official value is 1"),
+        check_number(gamma, "P2's gamma", at_least=0, hint="the official value is 1"),
+    )
 
 
-# ------------------------------------------------------------------------------ weightings
+def check_min_snr(gamma: float) -> float:
+    return check_number(gamma, "gamma", above=0, hint="the paper uses 5")
+
+
+def check_logit_normal(mean: float, std: float) -> tuple[float, float]:
+    return check_number(mean, "mean", hint="SD3 uses 0"), check_number(std, "std", above=0, hint="SD3 uses 1")
+
+
+def check_clts(mu: float, sigma: float, total_steps: int) -> tuple[float, float, int]:
+    return (
+        check_number(mu, "mu", hint="it is in steps of a T = 1000 process; the official value is 300"),
+        check_number(sigma, "sigma", above=0, hint="use e.g. 200 (steps of a T = 1000 process)"),
+        check_int(total_steps, "total_steps", minimum=1, hint="the paper uses 50000"),
+    )
+
+
+def check_loss_aware(history: int, uniform_prob: float) -> tuple[int, float]:
+    return (
+        check_int(history, "history", minimum=1, hint="the paper keeps 10 losses per t"),
+        check_number(uniform_prob, "uniform_prob", above=0, at_most=1, hint="the paper mixes in 0.001"),
+    )
+
+
+# ------------------------------------------------------------------------------ weights
 def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0) -> Tensor:
     """P2 weighting 1 / (k + SNR)^gamma, float64 (T,)."""
-    return 1.0 / (k + schedule.snr) ** gamma
+    snr = schedule.snr
+    if k == 0 and gamma > 0 and bool((snr == 0).any()):
+        raise ValueError(
+            f"P2 with k = 0 is infinite where SNR = 0, and the {schedule.name} schedule reaches SNR = 0 at "
+            f"t = {schedule.num_timesteps - 1} (zero terminal SNR): use k > 0 (the official value is 1)."
+        )
+    return 1.0 / (k + snr) ** gamma
 
 
-class P2Weights(TableWeighting):
+class P2Weights(TableWeights):
     """Perception-prioritised weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma."""
 
     def __init__(self, schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0) -> None:
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 <= k < math.inf:
-            raise ValueError(f"P2's k must be a non-negative number, got {k!r}; the official value is 1.")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < math.inf:
-            raise ValueError(f"P2's gamma must be a non-negative number, got {gamma!r}; the official value is 1.")
-        self.k, self.gamma = float(k), float(gamma)
+        self.k, self.gamma = check_p2(k, gamma)
         super().__init__(p2_weights(schedule, self.k, self.gamma))
 
 
-def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: str = "epsilon") -> Tensor:
-    """Min-SNR-gamma weights for the given parameterisation, float64 (T,)."""
+def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: Prediction = "epsilon") -> Tensor:
+    """Min-SNR-gamma weights for the given parameterisation, float64 (T,); finite at SNR = 0."""
     snr = schedule.snr
-    clamped = snr.clamp(max=gamma)
     prediction = check_prediction(prediction)
     if prediction == "epsilon":
-        return clamped / snr
+        return (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR, and 1 at SNR = 0 (gamma / 0 = inf)
+    clamped = snr.clamp(max=gamma)
     if prediction == "v":
         return clamped / (snr + 1.0)
     return clamped
 
 
-class MinSNRWeights(TableWeighting):
+class MinSNRWeights(TableWeights):
     """Min-SNR-gamma weighting (Hang et al. 2023) for epsilon-, v- or x0-prediction."""
 
-    def __init__(self, schedule: NoiseSchedule, gamma: float = 5.0, prediction: str = "epsilon") -> None:
-        self.gamma = _positive(gamma, "gamma", "the paper uses 5")
+    def __init__(self, schedule: NoiseSchedule, gamma: float = 5.0, prediction: Prediction = "epsilon") -> None:
+        self.gamma = check_min_snr(gamma)
         self.prediction = check_prediction(prediction)
         super().__init__(min_snr_weights(schedule, self.gamma, self.prediction))
 
@@ -116,15 +142,14 @@ class LogitNormalSampler(TimestepSampler):
 
     def __init__(self, num_timesteps: int, mean: float = 0.0, std: float = 1.0) -> None:
         super().__init__(num_timesteps)
-        if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
-            raise ValueError(f"mean must be a finite number, got {mean!r}; SD3 uses 0.")
-        self.mean = float(mean)
-        self.std = _positive(std, "std", "SD3 uses 1")
+        self.mean, self.std = check_logit_normal(mean, std)
 
+    @override
     def sample(self, n: int) -> Tensor:
         u = torch.randn(n, device=self.device, generator=self.generator) * self.std + self.mean
         return torch.round(torch.sigmoid(u) * (self.num_timesteps - 1)).long()
 
+    @override
     def probabilities(self) -> Tensor:
         return logit_normal_probabilities(self.num_timesteps, self.mean, self.std).float().to(self.device)
 
@@ -138,7 +163,7 @@ def clts_gaussian(num_timesteps: int, mu: float = 300.0, sigma: float = 200.0) -
     return density / density.sum()
 
 
-class CLTSSampler(TimestepSampler):
+class CLTSSampler(CDFSampler):
     """Curriculum time-step sampling: uniform at step 0, moving to N(mu, sigma) by ``total_steps``.
 
     Call ``set_step(step)`` once per optimizer step (the CLTSSampling callback does, from
@@ -147,13 +172,7 @@ class CLTSSampler(TimestepSampler):
 
     def __init__(self, num_timesteps: int, mu: float = 300.0, sigma: float = 200.0, total_steps: int = 50_000) -> None:
         super().__init__(num_timesteps)
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu):
-            raise ValueError(f"mu must be a finite number (in steps of a T = 1000 process), got {mu!r}.")
-        self.mu = float(mu)
-        self.sigma = _positive(sigma, "sigma", "use e.g. 200 (steps of a T = 1000 process)")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}; the paper uses 50000.")
-        self.total_steps = total_steps
+        self.mu, self.sigma, self.total_steps = check_clts(mu, sigma, total_steps)
         uniform = torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
         target = clts_gaussian(self.num_timesteps, self.mu, self.sigma)
         self.uniform_probs, self.target_probs = uniform.float(), target.float()
@@ -174,21 +193,17 @@ class CLTSSampler(TimestepSampler):
         self.cdf = torch.lerp(self.uniform_cdf, self.target_cdf, a)
         self.probs = torch.lerp(self.uniform_probs, self.target_probs, a)
 
-    def sample(self, n: int) -> Tensor:
-        return inverse_cdf_sample(self.cdf, n, self.generator)
-
-    def probabilities(self) -> Tensor:
-        return self.probs
-
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "step": self.step}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         self.set_step(int(state.get("step", 0)))
 
 
-class LossAwareSampler(TimestepSampler):
+class LossAwareSampler(CDFSampler):
     """Importance sampling by the loss's second moment per t (improved DDPM).
 
     Args:
@@ -199,12 +214,7 @@ class LossAwareSampler(TimestepSampler):
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
         super().__init__(num_timesteps)
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"history must be a positive integer, got {history!r}; the paper keeps 10 losses per t.")
-        if isinstance(uniform_prob, bool) or not isinstance(uniform_prob, (int, float)) or not 0 < uniform_prob <= 1:
-            raise ValueError(f"uniform_prob must lie in (0, 1], got {uniform_prob!r}; the paper mixes in 0.001.")
-        self.history_size = history
-        self.uniform_prob = float(uniform_prob)
+        self.history_size, self.uniform_prob = check_loss_aware(history, uniform_prob)
         T = self.num_timesteps
         # Row T is a scratch row: writes that must not land (non-finite losses, occurrences beyond
         # the last `history` of a t in one batch) go there, so every real write is unique.
@@ -231,15 +241,11 @@ class LossAwareSampler(TimestepSampler):
         return (self.counts >= self.history_size).all()
 
     # -- the protocol -----------------------------------------------------------------
-    def sample(self, n: int) -> Tensor:
-        return inverse_cdf_sample(self.cdf, n, self.generator)
-
-    def probabilities(self) -> Tensor:
-        return self.probs
-
+    @override
     def importance_weight(self, t: Tensor) -> Tensor:
         return 1.0 / (self.num_timesteps * self.probs[t])
 
+    @override
     def update(self, t: Tensor, losses: Tensor) -> None:
         T, H = self.num_timesteps, self.history_size
         t = t.reshape(-1).to(self._counts.device)
@@ -272,9 +278,11 @@ class LossAwareSampler(TimestepSampler):
         self.cdf = probabilities_to_cdf(self.probs)
 
     # -- checkpointing ----------------------------------------------------------------
+    @override
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "history": self.history.cpu().clone(), "counts": self.counts.cpu().clone()}
 
+    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         if "history" in state:

@@ -6,12 +6,12 @@ float32) and used per step with a gather or an inverse-CDF lookup on the device:
 * Asymmetric sampling: P(t) = k / (T + tau (k - 1)) for t < tau and 1 / (T + tau (k - 1))
   for t >= tau, i.e. the convergence area is drawn k times less often. With dual sampling
   (the official default) n // 2 + 1 steps are drawn from P and each t is paired with
-  t' = m - t if t < m else t - m, where m is the schedule's auto pivot (``analysis.auto_tau``,
+  t' = m - t if t < m else t - m, where m is the schedule's auto pivot (``schedules.auto_tau``,
   642 for linear T = 1000) whatever tau is; the batch keeps the first n of [t, t'].
 * Change-aware weighting: u(t) = min-max normalised d/dt Psi(t); w(t) = (1 - lam) +
   (2 lam - 1) u(t) for t < tau, in [1 - lam, lam]; w(t) = 1 for t >= tau (official code).
 
-``tau="auto"`` uses the pivot m as tau; see ``lightning_speed.analysis`` for how "auto"
+``tau="auto"`` uses the pivot m as tau; see ``lightning_speed.schedules`` for how "auto"
 behaves on other schedules and why it does not depend on the prediction type.
 """
 
@@ -20,23 +20,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_speed.analysis import auto_tau, resolve_tau
-from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps.base import TableSampler, TableWeighting
+from typing_extensions import override
+
+from lightning_speed.schedules import NoiseSchedule, Tau, auto_tau, resolve_tau
+from lightning_speed.timesteps.base import TableSampler, TableWeights
+from lightning_speed.validation import check_bool, check_number
 
 
 def check_k(k: float) -> float:
-    """Suppression intensity k must be a positive finite number (k = 1 is uniform)."""
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0 or k == float("inf"):
-        raise ValueError(f"k (the suppression intensity) must be a positive number, got {k!r}; the paper uses 5.")
-    return float(k)
+    """Suppression intensity k: a positive finite number (k = 1 is uniform)."""
+    return check_number(k, "k (the suppression intensity)", above=0, hint="the paper uses 5")
 
 
 def check_lam(lam: float) -> float:
-    """lambda must lie in [0.5, 1]: 0.5 gives w = 0.5 everywhere below tau, 1 the full range [0, 1]."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.5 <= lam <= 1.0:
-        raise ValueError(f"lam must lie in [0.5, 1] (weights span [1 - lam, lam]), got {lam!r}; the paper uses 0.6.")
-    return float(lam)
+    """lambda in [0.5, 1]: 0.5 gives w = 0.5 everywhere below tau, 1 the full range [0, 1]."""
+    return check_number(lam, "lam", at_least=0.5, at_most=1.0, hint="weights span [1 - lam, lam]; the paper uses 0.6")
+
+
+def check_dual(dual: bool) -> bool:
+    return check_bool(dual, "dual", hint="true pairs each t with its partner around the pivot (the official default)")
 
 
 def asymmetric_probabilities(num_timesteps: int, tau: int, k: float) -> Tensor:
@@ -65,13 +67,14 @@ class AsymmetricSampler(TableSampler):
         dual: pair every drawn t with its partner around the pivot m (official default).
     """
 
-    def __init__(self, schedule: NoiseSchedule, tau: int | str = 700, k: float = 5.0, dual: bool = True) -> None:
+    def __init__(self, schedule: NoiseSchedule, tau: Tau = 700, k: float = 5.0, dual: bool = True) -> None:
         self.tau = resolve_tau(tau, schedule)
         self.k = check_k(k)
         super().__init__(asymmetric_probabilities(schedule.num_timesteps, self.tau, self.k))
-        self.dual = bool(dual)
+        self.dual = check_dual(dual)
         self.pivot = auto_tau(schedule, warn=False)
 
+    @override
     def sample(self, n: int) -> Tensor:
         if not self.dual:
             return super().sample(n)
@@ -89,7 +92,7 @@ def change_aware_weights(schedule: NoiseSchedule, tau: int, lam: float) -> Tenso
     return weights
 
 
-class ChangeAwareWeights(TableWeighting):
+class ChangeAwareWeights(TableWeights):
     """Change-aware loss weighting (SpeeD): emphasise the steps where Psi changes fastest.
 
     Args:
@@ -98,7 +101,7 @@ class ChangeAwareWeights(TableWeighting):
         tau: weights are 1 from tau on; an int or "auto".
     """
 
-    def __init__(self, schedule: NoiseSchedule, lam: float = 0.6, tau: int | str = 700) -> None:
+    def __init__(self, schedule: NoiseSchedule, lam: float = 0.6, tau: Tau = 700) -> None:
         self.tau = resolve_tau(tau, schedule)
         self.lam = check_lam(lam)
         super().__init__(change_aware_weights(schedule, self.tau, self.lam))

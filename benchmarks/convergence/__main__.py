@@ -1,0 +1,80 @@
+"""``python -m benchmarks.convergence {launch,run,report}``: see the package docstring."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from benchmarks.common import RESULTS
+from benchmarks.convergence import __doc__ as DOC
+from benchmarks.convergence.launch import launch
+from benchmarks.convergence.report import report
+from benchmarks.convergence.runs import BASE, NAMES
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.convergence", description=DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["launch", "run", "report"])
+    p.add_argument("--base", default=BASE, help="the base config, relative to configs/ (fashion_mnist_dit.yaml: issue 14)")
+    p.add_argument("--strategies", nargs="+", default=["uniform", "speed"], choices=NAMES)
+    p.add_argument("--strategy", choices=NAMES)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", nargs="+", default=None,
+                   help="launch: explicit strategy:seed[:steps] list (steps default: --steps), run in this order")
+    p.add_argument("--steps", type=int, default=20_000, help="N: the training budget")
+    # FID curve settings: by default the base config's fid callback
+    p.add_argument("--eval-every", type=int, default=None, help="FID and sample-grid interval (default: the config's)")
+    p.add_argument("--fid-samples", type=int, default=None, help="samples per FID point (default: the config's)")
+    p.add_argument("--fid-solver", choices=["ddim", "ddpm"], default=None, help="solver of the FID curve (default: the config's)")
+    p.add_argument("--fid-steps", type=int, default=None, help="solver steps of the FID curve (default: the config's)")
+    p.add_argument("--monitor-every", type=int, default=500, help="TimestepMonitor's summary interval, in steps (at most --eval-every)")
+    p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
+    p.add_argument("--final-strategies", nargs="+", default=["uniform", "speed"], choices=NAMES,
+                   help="the runs that get the final FIDs")
+    p.add_argument("--no-compile-sampling", dest="compile_sampling", action="store_false",
+                   help="sample eagerly for FID (default: compiled sampling network, on the GPU)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU indices to spread runs over (default: the visible one)")
+    p.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU")
+    p.add_argument("--time-limit", type=int, default=540, help="launch: seconds for this whole call; run: seconds of training")
+    p.add_argument("--min-run-seconds", type=int, default=120, help="launch: start no run with less time than this left")
+    p.add_argument("--stop-margin", type=int, default=40, help="launch: seconds kept for start-up and the final checkpoint")
+    p.add_argument("--stall-seconds", type=float, default=300,
+                   help="launch: stop (and retry once, eager) a run whose files have not changed for this long")
+    p.add_argument("--root", default=None)
+    p.add_argument("--out", default=str(RESULTS / "convergence"))
+    p.add_argument("--include", nargs="+", default=[], metavar="FOLDER",
+                   help="report: also read these result folders (same protocol, e.g. the uniform baseline of "
+                        "another card); speedups.json and the plots still go to --out")
+    p.add_argument("--smoke", action="store_true", help="a tiny CPU model (the test suite)")
+    p.add_argument("--no-summary", dest="summary", action="store_false", help="report: leave summary.json alone")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="report: write no figures")
+    p.add_argument("--summary-file", default=str(RESULTS / "summary.json"),
+                   help="report: the summary.json whose speed-up keys are updated")
+    p.add_argument("--eager", action="store_true", help="train without torch.compile")
+    return p
+
+
+def main() -> None:
+    p = parser()
+    args = p.parse_args()
+    if args.command == "run":
+        if not args.strategy:
+            p.error("run needs --strategy")
+        from benchmarks.convergence.run import run_one  # torch and Lightning: only the run command needs them
+
+        run_one(args)
+    elif args.command == "launch":
+        launch(args)
+    else:
+        try:
+            report(args)
+        except (ValueError, FileNotFoundError) as error:  # mixed solvers, a run in two folders, a missing folder
+            p.exit(2, f"python -m benchmarks.convergence report: {error}\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

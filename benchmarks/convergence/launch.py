@@ -1,0 +1,122 @@
+"""Many runs of the convergence benchmark as concurrent processes, resumable across calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO
+from benchmarks.convergence.report import report
+from benchmarks.convergence.runs import NAMES
+
+
+def launch(args: argparse.Namespace) -> None:
+    """Run every (run, seed) as a concurrent process, ``--per-gpu`` at a time on each of ``--gpus``.
+
+    Jobs run seed-major (uniform s0, speed s0, uniform s1, ...), so the pairs that decide the
+    speed-up finish first. ``--time-limit`` is the budget of this whole call: a run starts only
+    if at least ``--min-run-seconds`` remain, and trains until the budget is spent (it then
+    checkpoints; the next call resumes it). Runs whose result.json already reached N are skipped.
+    """
+    deadline = time.monotonic() + args.time_limit
+    jobs = [job for job in jobs_of(args) if not _finished(args, *job)]
+    slots = [gpu for _ in range(args.per_gpu) for gpu in (args.gpus or [None])]  # round-robin over GPUs
+    pending, running, failed = list(jobs), [], []
+    retried: set[tuple[str, int, int]] = set()
+    log_dir = Path(args.out) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(job: tuple[str, int, int], gpu: int | None, extra: list[str]) -> None:
+        strategy, seed, steps = job
+        left = int(deadline - time.monotonic()) - args.stop_margin
+        cmd = [sys.executable, "-m", "benchmarks.convergence", "run", "--strategy", strategy, "--seed", str(seed),
+               *_forward(args), "--steps", str(steps), "--time-limit", str(max(left, 1)), *extra]
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
+        log = open(log_dir / f"{strategy}_s{seed}.log", "a")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        running.append((job, proc, log, gpu, time.time()))
+        print(f"started {strategy} seed {seed} to {steps} steps on gpu {gpu} ({left} s left)"
+              f"{' ' + ' '.join(extra) if extra else ''}", flush=True)
+
+    while pending or running:
+        free = list(slots)
+        for item in running:
+            free.remove(item[3])
+        while pending and free and deadline - time.monotonic() >= args.min_run_seconds:
+            start(pending.pop(0), free.pop(0), [])
+        if not running:
+            break  # the rest does not fit in this call's budget
+        time.sleep(1 if args.smoke else 5)
+        for item in list(running):
+            job, proc, log, gpu, started = item
+            if proc.poll() is None:
+                if not stalled(Path(args.out) / f"{job[0]}_s{job[1]}", Path(log.name), args.stall_seconds, started):
+                    continue
+                # A run can hang (once: in its first FID evaluation). Stop it so that it is retried.
+                print(f"{job[0]} seed {job[1]}: no output for {args.stall_seconds} s, stopping it", flush=True)
+                proc.kill()
+                proc.wait()
+            running.remove(item)
+            log.close()
+            print(f"finished {job[0]} seed {job[1]}: exit {proc.returncode}", flush=True)
+            if proc.returncode and not args.eager and not args.smoke and job not in retried:
+                # A compile or CUDA-graph failure must not cost the whole benchmark: retry eager.
+                retried.add(job)
+                start(job, gpu, ["--eager"])
+            elif proc.returncode:
+                failed.append(job)
+    if pending:
+        print(f"not started (no time left in this call): {pending}", flush=True)
+    report(args)
+    if failed:
+        raise SystemExit(f"runs failed: {failed}; see {log_dir}")
+
+
+def stalled(run_dir: Path, log: Path, seconds: float, started: float) -> bool:
+    """True when neither the run's log nor any file under its folder changed for ``seconds``.
+
+    The clock starts at ``started`` (the process's start): files left by an earlier part or an
+    earlier, killed attempt are older than that and must not count against the new process.
+    """
+    files = [log, *run_dir.rglob("*")] if run_dir.exists() else [log]
+    latest = max([started, *(f.stat().st_mtime for f in files if f.is_file())])
+    return time.time() - latest > seconds
+
+
+def jobs_of(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """``--jobs run:seed[:steps] ...`` in the given order, else every run of ``--strategies`` for each seed in turn."""
+    if not args.jobs:
+        return [(s, seed, args.steps) for seed in args.seeds for s in args.strategies]
+    jobs = []
+    for job in args.jobs:
+        strategy, seed, *steps = job.split(":")
+        if strategy not in NAMES or not seed.isdigit() or len(steps) > 1 or (steps and not steps[0].isdigit()):
+            raise SystemExit(f"--jobs takes strategy:seed or strategy:seed:steps with a strategy in {NAMES}, got {job!r}")
+        jobs.append((strategy, int(seed), int(steps[0]) if steps else args.steps))
+    return jobs
+
+
+def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) -> bool:
+    path = Path(args.out) / f"{strategy}_s{seed}" / "result.json"
+    return path.exists() and json.loads(path.read_text()).get("steps_done", 0) >= steps
+
+
+def _forward(args: argparse.Namespace) -> list[str]:
+    """The launcher's arguments that each run process needs."""
+    out = ["--out", args.out, "--base", args.base, "--monitor-every", str(args.monitor_every),
+           "--final-samples", str(args.final_samples), "--final-strategies", *args.final_strategies]
+    for flag, value in (("--eval-every", args.eval_every), ("--fid-samples", args.fid_samples),
+                        ("--fid-solver", args.fid_solver), ("--fid-steps", args.fid_steps),
+                        ("--root", args.root), ("--batch-size", args.batch_size)):
+        if value:
+            out += [flag, str(value)]
+    if args.smoke:
+        out.append("--smoke")
+    if not args.compile_sampling:
+        out.append("--no-compile-sampling")
+    return out

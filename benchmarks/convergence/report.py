@@ -1,0 +1,98 @@
+"""Reports of the convergence benchmark: speedups.json per result folder, the speed-up keys of summary.json,
+and the figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import update_summary, write_json
+from benchmarks.convergence.plots import plot, plot_areas, plot_headline
+from benchmarks.convergence.runs import BASELINES
+from benchmarks.convergence.stats import curve_solver, speedups, summary_keys
+
+
+def _headline(entry: dict[str, Any]) -> dict[str, Any]:
+    """The stable summary.json fields of one strategy's speed-up."""
+    return {f: entry[f] for f in ("mean", "min", "max", "seeds", "steps")}
+
+
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """Collect result.json files, compute speed-ups, plot the curves, update ``args.summary_file``.
+
+    Each strategy is compared with the uniform baseline at its own N: the last evaluation step that
+    all its runs and at least one uniform run reached (ablations may run shorter than the main
+    pair), and at the evaluation step nearest below N/2.
+    """
+    out = Path(args.out)
+    results = load_results([out, *map(Path, args.include)])
+    solver = curve_solver(results, out)
+    uniform_steps = sorted({s for r in results if r["strategy"] == "uniform" for s, _ in r["fid_history"]})
+    if not results or not uniform_steps:
+        print("no uniform baseline results yet")
+        return {}
+    tables: dict[int, dict[str, Any]] = {}
+    budgets: dict[str, dict[str, int | None]] = {}
+    for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
+        runs = [r for r in results if r["strategy"] == strategy]
+        last = min((r["fid_history"][-1][0] if r["fid_history"] else 0) for r in runs)
+        n = max((s for s in uniform_steps if s <= last), default=None)
+        half = max((s for s in uniform_steps if n and s <= n // 2), default=None)
+        budgets[strategy] = {"N": n, "N_half": half}
+        for b in (n, half):
+            if b and b not in tables:
+                tables[b] = speedups(results, b)
+    headline = {key: {s: tables[b[key]][s] for s, b in budgets.items() if b[key] and s in tables[b[key]]}
+                for key in ("N", "N_half")}
+    summary = {"N": headline["N"], "N_half": headline["N_half"], "budgets": budgets,
+               "tables": {str(b): t for b, t in sorted(tables.items())},
+               "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done", "folder")} for r in results]}
+    write_json(out / "speedups.json", summary)
+    if args.plots:
+        plot(results, out / "fid_vs_step.png", solver)
+        plot_headline(results, out / "fid_vs_step_headline.png", solver)
+        plot_areas(results, out / "area_loss.png")
+    if not args.smoke and args.summary and headline["N"]:
+        def sources(strategy: str, field: str) -> str:  # the cards (folders) of its runs and its baseline's
+            compared = (strategy, BASELINES.get(strategy, "uniform"))
+            return ", ".join(sorted({r[field] for r in results if r["strategy"] in compared}))
+
+        merge_speedups(Path(args.summary_file), {
+            key: {s: {**_headline(v), "card": sources(s, "card"), "results": sources(s, "folder")}
+                  for s, v in headline[n].items()}
+            for key, n in zip(summary_keys(solver), ("N", "N_half"))
+        })
+    print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets")}, indent=1))
+    return summary
+
+
+def load_results(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every ``<folder>/<run>/result.json``, each marked with its folder's name under ``"folder"``.
+
+    Several folders report together when they follow one protocol (say, new strategies run on another
+    card against a folder's uniform baseline). A run found in two folders is ambiguous and refused.
+    """
+    results, seen = [], {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no result folder {folder}: pass folders written by 'python -m benchmarks.convergence launch'")
+        for path in sorted(folder.glob("*/result.json")):
+            result = {**json.loads(path.read_text()), "folder": folder.name}
+            run = f"{result['strategy']}_s{result['seed']}"
+            if run in seen:
+                raise ValueError(f"{run} is in both {seen[run]} and {folder}: report each folder with only one of them")
+            seen[run] = folder
+            results.append(result)
+    return results
+
+
+def merge_speedups(path: Path, updates: dict[str, dict[str, Any]]) -> None:
+    """Replace these strategies' entries in summary.json and keep the others'.
+
+    Result folders are reported one after another (say H200 runs, then H100 runs of some of the
+    same strategies): the folder reported last wins for the strategies it has.
+    """
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    update_summary(path, {key: {**summary.get(key, {}), **entries} for key, entries in updates.items()})

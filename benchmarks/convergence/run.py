@@ -1,0 +1,132 @@
+"""One training run of the convergence benchmark: train (or resume) to N or a time limit, write result.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.callbacks import Timer
+
+from benchmarks.common import device_name, smoke_args, today, write_json
+from benchmarks.convergence.runs import CONFIGS, RUNS, config_args
+
+
+class PartTimer(Timer):
+    """A time limit for this part of a run only.
+
+    Lightning's Timer (``Trainer(max_time=...)``) restores the time spent before from the
+    checkpoint, so a run resumed with a budget smaller than what it had already used would stop at
+    once, a whole call spent without a step. Each part here has its own budget.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # keep counting from zero
+
+
+def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The protocol's command-line overrides of the composed config (recorded in result.json)."""
+    out = [
+        "--seed_everything", str(args.seed),
+        "--trainer.max_steps", str(args.steps),
+        "--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.logger.init_args.name", "tb",
+        "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+        # each part ends with its own last.ckpt; the FID at N is final_fids' (more samples, both solvers)
+        "--checkpoint", "null", "--trainer.enable_checkpointing", "false", "--final_fid", "null",
+        "--fid.init_args.on_train_end", "false",
+        # per-area rows at least at every FID point, so that each evaluation has its loss summary
+        "--monitor.init_args.log_every_n_steps", str(min(args.monitor_every, args.eval_every or args.monitor_every)),
+    ]  # fmt: skip
+    if args.eval_every:
+        out += ["--fid.init_args.every_n_steps", str(args.eval_every),
+                "--samples.init_args.every_n_steps", str(args.eval_every)]
+    if args.fid_samples:
+        out += ["--fid.init_args.num_samples", str(args.fid_samples)]
+    if args.fid_solver:
+        out += ["--fid.init_args.solver", args.fid_solver]
+    if args.fid_steps:
+        out += ["--fid.init_args.solver_steps", str(args.fid_steps)]
+    if args.root:
+        out += ["--data.init_args.root", args.root]
+    if args.batch_size or args.smoke:
+        out += ["--data.init_args.batch_size", str(args.batch_size or 16)]
+    if args.smoke:  # a tiny model and a few small grids, not 64 images x 50 steps on one CPU thread
+        base = yaml.safe_load((CONFIGS / args.base).read_text())
+        out += [*smoke_args(base["model"]["backbone"]["class_path"]), "--data.init_args.on_device", "false",
+                "--samples.init_args.num_samples", "4", "--samples.init_args.solver_steps", "2"]
+    elif args.eager:  # the retry of a run whose compiled step failed
+        out += ["--model.compile_mode", "null"]
+    elif args.compile_sampling:
+        out += ["--model.compile_sampling", "true"]
+    return out
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) one run/seed until ``args.steps`` or the time limit; write result.json."""
+    import torch
+
+    from lightning_speed.callbacks import FIDCallback, TimestepMonitor
+    from lightning_speed.cli import main as cli_main
+
+    run_dir = Path(args.out) / f"{args.strategy}_s{args.seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "last.ckpt"
+    protocol = overrides(args, run_dir)
+    cli = cli_main([*config_args(args.base, args.strategy), *protocol], run=False)
+    trainer = cli.trainer
+    (fid_cb,) = (cb for cb in trainer.callbacks if isinstance(cb, FIDCallback))
+    (monitor,) = (cb for cb in trainer.callbacks if isinstance(cb, TimestepMonitor))
+    trainer.callbacks.append(PartTimer(duration=timedelta(seconds=args.time_limit)))
+    if args.smoke:
+        torch.set_num_threads(1)
+    # The previous part's result.json is written right after its checkpoint, so it says where we resume.
+    result_file = run_dir / "result.json"
+    previous = json.loads(result_file.read_text()) if ckpt.exists() and result_file.exists() else {}
+    first_step, parts, start = previous.get("steps_done", 0), previous.get("parts", []), time.perf_counter()
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
+    trainer.save_checkpoint(ckpt)
+    # Wall time of this part (start-up, compilation and FID evaluations included): the cost of the protocol.
+    parts.append({"from_step": first_step, "to_step": trainer.global_step,
+                  "seconds": round(time.perf_counter() - start, 1), "fid_evaluations": len(fid_cb.history)})
+    result = {
+        "strategy": args.strategy,
+        "seed": args.seed,
+        "configs": [args.base, *RUNS[args.strategy]],
+        "overrides": protocol,
+        "steps_target": args.steps,
+        "steps_done": trainer.global_step,
+        "batch_size": cli.datamodule.batch_size,
+        "fid_samples": fid_cb.num_samples,
+        "fid_solver": f"{fid_cb.solver}-{fid_cb.solver_steps}",
+        "schedule": cli.model.hparams.schedule,
+        "fid_history": fid_cb.history,
+        "fid_seconds": previous.get("fid_seconds", []) + [list(x) for x in fid_cb.seconds],  # every part
+        "parts": parts,
+        # Per-area loss, weight and share of sampled t (TimestepMonitor), every part appended.
+        "timestep_areas": previous.get("timestep_areas", []) + list(monitor.history),
+        "card": device_name(),
+        "date": today(),
+    }
+    if trainer.global_step >= args.steps and args.final_samples and args.strategy in args.final_strategies:
+        result["final"] = final_fids(trainer, cli.model, fid_cb, args)
+    write_json(result_file, result)
+    return result
+
+
+def final_fids(trainer: Any, module: Any, fid_cb: Any, args: argparse.Namespace) -> dict[str, float]:
+    """FID at N with more samples: DDIM-50 and DDPM-250 (EMA weights), by the curve's own callback."""
+    out = {}
+    module.to(trainer.strategy.root_device)  # fit's teardown moved the module back to the CPU
+    fid_cb.num_samples, curve_steps = args.final_samples, fid_cb.solver_steps
+    for solver, steps in (("ddim", 50), ("ddpm", 250)):
+        fid_cb.solver, fid_cb.solver_steps = solver, min(steps, curve_steps) if args.smoke else steps
+        start = time.perf_counter()
+        out[f"{solver}-{steps}"] = fid_cb.evaluate(trainer, module)
+        out[f"{solver}-{steps}_seconds"] = time.perf_counter() - start
+        fid_cb.history.pop()  # keep the curve (and its timings) to its fixed sample count
+        fid_cb.seconds.pop()
+    return out

@@ -1,0 +1,50 @@
+"""The runs of the convergence benchmark: each is a list of config files composed on the base.
+
+Paths are relative to configs/. A run is reproduced by the CLI alone:
+``lightning-speed fit --config configs/<base> --config configs/<file> ...`` (result.json lists both).
+"""
+
+from __future__ import annotations
+
+from benchmarks.common import REPO
+
+CONFIGS = REPO / "configs"
+BASE = "fashion_mnist.yaml"
+
+# The shipped strategies, each compared with uniform t on the same schedule.
+STRATEGIES: dict[str, tuple[str, ...]] = {
+    "uniform": ("strategies/uniform.yaml",),
+    "speed": ("strategies/speed.yaml",),
+    "speed_auto": ("strategies/speed_auto.yaml",),
+    "speed_cosine": ("strategies/speed_auto.yaml", "schedules/cosine.yaml"),
+    "p2": ("strategies/p2.yaml",),
+    "min_snr": ("strategies/min_snr.yaml",),
+    "logit_normal": ("strategies/logit_normal.yaml",),
+    "clts": ("strategies/clts.yaml",),
+    "loss_aware": ("strategies/loss_aware.yaml",),
+}
+# Ablations for studying SpeeD: one change to a strategy, named after the change.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "uniform_cosine": ("strategies/uniform.yaml", "schedules/cosine.yaml"),  # the baseline of speed_cosine
+    "speed_k2": ("strategies/speed_k2.yaml",),  # milder suppression of t >= tau
+    "speed_no_dual": ("ablations/speed_no_dual.yaml",),
+    "speed_lam1": ("ablations/speed_lam1.yaml",),  # does the full change-aware shape rescue asymmetric sampling?
+    "speed_sampling_only": ("ablations/speed_sampling_only.yaml",),  # asymmetric sampling, w = 1
+    "speed_weighting_only": ("ablations/speed_weighting_only.yaml",),  # uniform t, SpeeD's w
+    # lambda and tau of change-aware weighting alone; lambda 1 at tau 700, the best variant measured, ships
+    # as the strategy change_aware.
+    "speed_weighting_only_lam05": ("ablations/speed_weighting_only_lam05.yaml",),
+    "speed_weighting_only_lam08": ("ablations/speed_weighting_only_lam08.yaml",),
+    "speed_weighting_only_lam1": ("strategies/change_aware.yaml",),
+    "speed_weighting_only_lam1_tau_auto": ("ablations/speed_weighting_only_lam1_tau_auto.yaml",),
+    "speed_weighting_only_lam1_tau850": ("ablations/speed_weighting_only_lam1_tau850.yaml",),
+}
+RUNS: dict[str, tuple[str, ...]] = {**STRATEGIES, **ABLATIONS}
+NAMES = sorted(RUNS)
+# A strategy on another noise schedule is compared with uniform sampling on that schedule (the default: "uniform").
+BASELINES = {"speed_cosine": "uniform_cosine"}
+
+
+def config_args(base: str, run: str) -> list[str]:
+    """``--config`` arguments composing ``base`` with the config files of ``run``."""
+    return [arg for name in (base, *RUNS[run]) for arg in ("--config", str(CONFIGS / name))]

@@ -1,0 +1,131 @@
+"""The figure of merit: the steps a run needs to reach the baseline's FID, from hand-checkable curve arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.convergence.runs import BASELINES
+
+PROTOCOL_SOLVER = "ddim-50"  # the FID curve's solver in BENCHMARKS.md; summary.json's "speedup" uses it
+
+
+def first_step_reaching(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first step, linearly interpolated, at which the FID curve falls to ``target``."""
+    prev = None
+    for step, fid in curve:
+        if fid <= target:
+            if prev is None or prev[1] == fid:
+                return float(step)
+            s0, f0 = prev
+            return s0 + (f0 - target) / (f0 - fid) * (step - s0)
+        prev = (step, fid)
+    return None
+
+
+def fid_at(curve: list[tuple[int, float]], step: int) -> float | None:
+    return next((f for s, f in curve if s == step), None)
+
+
+def _band(curves: list[dict[int, float]]) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) of FID over ``curves`` ({step: FID}), at the steps all of them evaluated."""
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*map(set, curves)))
+    return [(s, sum(c[s] for c in curves) / len(curves), min(c[s] for c in curves), max(c[s] for c in curves))
+            for s in steps]
+
+
+def seed_band(results: list[dict[str, Any]], strategy: str) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) of FID over a strategy's seeds, at the steps every one of its seeds evaluated."""
+    return _band([dict(r["fid_history"]) for r in results if r["strategy"] == strategy and r["fid_history"]])
+
+
+def _mean_curve(results: list[dict[str, Any]], strategy: str, budget: int) -> tuple[list[tuple[int, float]], int]:
+    """The mean FID curve up to ``budget`` of a baseline's runs that evaluated ``budget``, and their number."""
+    curves = [dict(r["fid_history"]) for r in results if r["strategy"] == strategy]
+    curves = [curve for curve in curves if budget in curve]
+    return [(s, mean) for s, mean, _, _ in _band(curves) if s <= budget], len(curves)
+
+
+def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
+    """Speed-up = budget / first step reaching the baseline's mean FID at ``budget``.
+
+    The baseline is uniform sampling on the same schedule (BASELINES), or on the linear schedule when the
+    folder has no such runs (each entry names its baseline). Only runs whose curve reaches ``budget`` count.
+    """
+    uniform_curve, uniform_seeds = _mean_curve(results, "uniform", budget)
+    if not uniform_curve:
+        return {}
+    out: dict[str, Any] = {"_baseline_fid": uniform_curve[-1][1], "_baseline_seeds": uniform_seeds}
+    for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
+        baseline = BASELINES.get(strategy, "uniform")
+        mean_curve, baseline_seeds = _mean_curve(results, baseline, budget)
+        if not mean_curve:
+            baseline, mean_curve, baseline_seeds = "uniform", uniform_curve, uniform_seeds
+        target = mean_curve[-1][1]  # the baseline's mean FID at the budget
+        per_seed, fids, equivalent = [], [], []
+        for r in results:
+            if r["strategy"] != strategy:
+                continue
+            curve = [(s, f) for s, f in r["fid_history"] if s <= budget]
+            if not curve or curve[-1][0] < budget:
+                continue
+            reach = first_step_reaching(curve, target)
+            per_seed.append(budget / reach if reach else None)
+            fids.append(fid_at(curve, budget))
+            # The reverse view, defined when the strategy is slower: the steps the baseline needs to
+            # reach this run's FID at the budget, over the budget (None: the baseline never gets there).
+            baseline_reach = first_step_reaching(mean_curve, fids[-1])
+            equivalent.append(baseline_reach / budget if baseline_reach else None)
+        if not per_seed:
+            continue
+        reached = [v for v in per_seed if v is not None]
+        out[strategy] = {
+            "mean": sum(reached) / len(reached) if len(reached) == len(per_seed) else None,
+            # A seed that never reached the target has a speed-up below 1 (unknown): then min is unknown too.
+            "min": min(reached) if reached and len(reached) == len(per_seed) else None,
+            "max": max(reached) if reached else None,
+            "per_seed": per_seed,
+            "seeds": len(per_seed),
+            "steps": budget,
+            "fid_at_steps": fids,
+            "equivalent_per_seed": equivalent,
+            "note": None if len(reached) == len(per_seed) else "some seeds never reached the baseline FID (speed-up < 1)",
+            "baseline": baseline,
+            "baseline_fid": target,
+            "baseline_seeds": baseline_seeds,
+        }
+    return out
+
+
+
+def run_solver(result: dict[str, Any]) -> str:
+    """The solver of a run's FID curve: "fid_solver" ("fid_sampler" in results written before the naming
+    rule; neither in the first results, which all used the protocol's DDIM-50)."""
+    return result.get("fid_solver", result.get("fid_sampler", PROTOCOL_SOLVER))
+
+
+def curve_solver(results: list[dict[str, Any]], folder: Path) -> str:
+    """The one solver ("ddim-50", "ddpm-250", ...) of every FID curve in ``folder``.
+
+    Speed-ups compare FIDs across runs, and FIDs of different solvers are not comparable: a folder
+    mixing them is refused rather than reported.
+    """
+    by_solver: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_solver.setdefault(run_solver(r), []).append(r)
+    if len(by_solver) > 1:
+        runs = {s: [f"{r['strategy']}_s{r['seed']}" for r in rs] for s, rs in sorted(by_solver.items())}
+        raise ValueError(
+            f"the runs reported into {folder} mix FID curves of different solvers {runs}: "
+            "their FIDs are not comparable. Launch each solver into its own --out folder and report them separately."
+        )
+    return next(iter(by_solver), PROTOCOL_SOLVER)
+
+
+def summary_keys(solver: str) -> tuple[str, str]:
+    """summary.json keys of the speed-ups at N and N/2: the stable ones for the protocol's solver,
+    suffixed ones (``speedup_ddpm250``) for another, so that a solver study never replaces the headline."""
+    suffix = "" if solver == PROTOCOL_SOLVER else "_" + solver.replace("-", "")
+    return f"speedup{suffix}", f"speedup_half{suffix}"

@@ -1,0 +1,141 @@
+"""Checks of a checkpoint given to resume or evaluate from, with messages that say what is wrong.
+
+Lightning reads ``ckpt_path`` with ``torch.load``: a text file then fails deep inside the
+unpickler ("IndexError: pop from empty list"), and a checkpoint of another model size lists every
+mismatching tensor (over a hundred lines for a UNet) without saying which configuration would fit.
+:func:`check_checkpoint_file` says what the file is instead; :func:`check_checkpoint_matches`
+summarises the mismatch and points to the configuration the checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+SPECIAL_PATHS = ("last", "best", "hpc")  # Lightning resolves these itself
+_SHOWN = 4
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the configured model."""
+
+
+def _is_local(path: str) -> bool:
+    return path not in SPECIAL_PATHS and "://" not in path
+
+
+def describe_file(path: str | os.PathLike[str]) -> str:
+    """A few words on what a file that is not a checkpoint looks like (for error messages)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file"
+    with open(path, "rb") as f:
+        head = f.read(256)
+    text = head.decode("utf-8", errors="replace")[:-1]  # the cut may split the last character
+    if all((c.isprintable() and c != "\ufffd") or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        return f"a text file of {size} bytes starting with {first[:60]!r}"
+    if zipfile.is_zipfile(path):
+        return f"a zip archive of {size} bytes without the data.pkl entry of a torch.save file"
+    return f"{size} bytes of binary data starting with {head[:8].hex(' ')}"
+
+
+def _torch_file(path: Path) -> bool:
+    """torch.save's zip format (has ``<name>/data.pkl``), or the legacy pickle format (starts with 0x80)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def check_checkpoint_file(path: str | os.PathLike[str] | None) -> None:
+    """Raise a clear error when ``path`` (a ``--ckpt_path``) is missing, a folder or not a torch file."""
+    if path is None or not _is_local(str(path)):
+        return
+    file = Path(path)
+    example = "e.g. runs/<name>/version_N/checkpoints/last.ckpt"
+    if not file.exists():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such file. Give a checkpoint written by a run ({example}).")
+    if file.is_dir():
+        found = sorted(str(p) for p in file.rglob("*.ckpt"))[:5]
+        hint = f" Checkpoints in it: {', '.join(found)}." if found else " It contains no .ckpt file."
+        raise IsADirectoryError(f"--ckpt_path {path} is a folder; give a checkpoint file.{hint}")
+    if not _torch_file(file):
+        raise ValueError(
+            f"--ckpt_path {path} is not a checkpoint: it is {describe_file(file)}. A checkpoint is a .ckpt file "
+            f"written by ModelCheckpoint or by a stopped run ({example})."
+        )
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint's dict, memory-mapped where the format allows (tensors are read only when touched)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError:  # legacy format: no mmap
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        keys = list(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f"{path} is a torch file but not a Lightning checkpoint: it has no 'state_dict' (it holds {keys}). "
+            "Resume from a .ckpt written by ModelCheckpoint; to start from plain weights, load them into the "
+            "module yourself (module.load_state_dict(torch.load(path)))."
+        )
+    return checkpoint
+
+
+def _config_near(path: Path) -> Path | None:
+    """The run's config.yaml: runs/<name>/version_N/config.yaml for runs/<name>/version_N/checkpoints/x.ckpt."""
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | None, ignore_prefixes: tuple[str, ...] = ("_train_forward.",)) -> None:
+    """Raise :class:`CheckpointMismatchError` (a short summary) when tensor shapes differ from ``model``'s.
+
+    Missing or extra keys alone are left to the module's own loading (it may accept them).
+    """
+    if path is None or not _is_local(str(path)):
+        return
+    state = load_checkpoint(path)["state_dict"]
+
+    def shapes(items: Any) -> dict[str, tuple[int, ...]]:
+        return {
+            k: tuple(v.shape) for k, v in items if isinstance(v, Tensor) and not k.startswith(ignore_prefixes)
+        }
+
+    theirs, ours = shapes(state.items()), shapes(model.state_dict().items())
+    mismatched = [(k, theirs[k], ours[k]) for k in ours if k in theirs and theirs[k] != ours[k]]
+    if not mismatched:
+        return
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    lines = [
+        f"The checkpoint {path} was trained with another model configuration: {len(mismatched)} of "
+        f"{len(ours)} tensors have other shapes"
+        + (f", {len(missing)} of the model's are missing from it" if missing else "")
+        + (f", {len(unexpected)} of its are not in the model" if unexpected else "")
+        + ". For example:"
+    ]
+    lines += [f"  {k}: checkpoint {_shape(a)}, model {_shape(b)}" for k, a, b in mismatched[:_SHOWN]]
+    config = _config_near(Path(path))
+    if config is not None:
+        lines.append(f"Use the configuration it was trained with: lightning-speed fit --config {config} --ckpt_path {path}")
+    else:
+        lines.append(
+            "Use the configuration it was trained with (the config.yaml in that run's log folder), or set the "
+            "model's backbone arguments to the sizes above."
+        )
+    raise CheckpointMismatchError("\n".join(lines))

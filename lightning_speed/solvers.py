@@ -1,0 +1,126 @@
+"""Image generation from a trained denoiser: short pure functions over a diffusion process.
+
+A solver walks a respaced chain, a sub-sequence of the T time steps in improved DDPM's spacing
+(``solver_steps=250`` over T = 1000 is IDDPM-250), from pure noise to data. At each kept step it
+turns the network output into estimates (x0, eps) and takes one step to the next kept step:
+
+- ``ddim_step``: DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 has DDPM's
+  posterior variance on the respaced chain. With learned sigma DDIM uses the mean only.
+- ``ddpm_step``: ancestral DDPM on the respaced chain: the mean of q(x_s | x_t, x0_hat) plus
+  noise with the chain's posterior variance, or with learned sigma the variance interpolated
+  between the respaced betas and posterior variances (improved DDPM, section 4).
+
+Classifier-free guidance (``guided``) wraps the network into a denoiser before it reaches a solver.
+The loop indexes device tables with Python ints and draws noise on the device: no host syncs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from lightning_speed import variance
+from lightning_speed.process import Denoiser, GaussianDiffusion
+
+Solver = Literal["ddim", "ddpm"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
+
+Network = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+"""A backbone as called by the module: ``network(x_t, t, labels)``."""
+
+
+def guided(network: Network, labels: Tensor | None, null_label: int | None, scale: float) -> Denoiser:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)`` from one batched call.
+
+    Only the prediction's channels (those of x) are guided; learned-variance channels are taken
+    from the conditional half, as DiT does. ``scale == 1`` or no labels: the plain network.
+    """
+    if labels is None or scale == 1.0:
+        return lambda x, t: network(x, t, labels)
+    null = torch.full_like(labels, null_label)
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        cond, uncond = network(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        c = x.shape[1]
+        mixed = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+        return torch.cat([mixed, cond[:, c:]], dim=1)
+
+    return model
+
+
+def ddim_step(x0: Tensor, eps: Tensor, ab_t: Tensor, ab_s: Tensor, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
+    """x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1 - ab_s) / (1 - ab_t) (1 - ab_t / ab_s)) (DDIM eq. 12 and 16)."""
+    sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).clamp(min=0).sqrt()
+    x_s = ab_s.sqrt() * x0 + (1 - ab_s - sigma**2).clamp(min=0).sqrt() * eps
+    return x_s if noise is None else x_s + sigma * noise
+
+
+def ddpm_step(
+    x_t: Tensor, x0: Tensor, coef_x0: Tensor, coef_xt: Tensor, log_variance: Tensor, noise: Tensor | None = None
+) -> Tensor:
+    """x_s ~ N(coef_x0 x0 + coef_xt x_t, exp(log_variance)): the posterior mean at the predicted x0
+    plus noise with the given variance (none for the last step, ``noise=None``)."""
+    mean = coef_x0 * x0 + coef_xt * x_t
+    return mean if noise is None else mean + (0.5 * log_variance).exp() * noise
+
+
+def check_solver(solver: str, steps: int, eta: float | None, num_timesteps: int) -> None:
+    """Clear errors for a solver name, a step count and an eta that cannot work together."""
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(map(repr, SOLVERS))}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= num_timesteps:
+        raise ValueError(
+            f"solver_steps must be an integer from 2 to T = {num_timesteps} (the respaced chain keeps that "
+            f"many of the T steps), got {steps!r}."
+        )
+    if solver == "ddpm" and eta is not None:
+        raise ValueError(
+            "eta applies to the ddim solver only (ddim with eta=1 uses DDPM's fixed variance); the ddpm solver "
+            "steps with the posterior variance, or the learned one with learn_sigma: leave eta unset."
+        )
+    if eta is not None and not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0 (0: deterministic DDIM), got {eta!r}.")
+
+
+@torch.no_grad()
+def sample_loop(
+    process: GaussianDiffusion,
+    model: Denoiser,
+    noise: Tensor,
+    solver: Solver = "ddim",
+    steps: int = 50,
+    eta: float | None = None,
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Generate from pure noise ``x_T = noise`` with ``solver`` on ``steps`` respaced steps."""
+    check_solver(solver, steps, eta, process.num_timesteps)
+    chain = variance.respace(process.schedule, steps)
+    tables = variance.posterior_tables(chain.schedule).to(noise.device, torch.float32)
+    alpha_bar = chain.schedule.alpha_bar.to(noise.device, torch.float32)
+    kept = chain.timesteps.tolist()  # original time steps, ascending (a CPU tensor: no sync)
+    channels = noise.shape[1]
+    x = noise
+    for i in reversed(range(len(kept))):
+        t = torch.full((x.shape[0],), kept[i], device=x.device, dtype=torch.long)
+        out = model(x, t).float()
+        prediction, v = out.split(channels, dim=1) if process.learn_sigma else (out, None)
+        x0, eps = process.split_prediction(prediction, x, t)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            # Keep eps consistent with the clipped x0 so the DDIM direction stays on the manifold.
+            eps = (x - alpha_bar[i].sqrt() * x0) / (1 - alpha_bar[i]).sqrt()
+        stochastic = i > 0 and (solver == "ddpm" or (eta or 0.0) > 0)
+        z = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype) if stochastic else None
+        if solver == "ddim":
+            ab_s = alpha_bar[i - 1] if i > 0 else alpha_bar.new_ones(())
+            x = ddim_step(x0, eps, alpha_bar[i], ab_s, eta or 0.0, z)
+        else:
+            log_var = tables.log_variance[i] if v is None else variance.interpolate_log_variance(
+                v, tables.log_variance[i], tables.log_beta[i])
+            x = ddpm_step(x, x0, tables.coef_x0[i], tables.coef_xt[i], log_var, z)
+    return x

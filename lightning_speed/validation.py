@@ -1,0 +1,104 @@
+"""Argument checks shared by every constructor: real booleans, integers that are not booleans,
+finite numbers in a range, one of a fixed set of strings.
+
+Each check returns the value converted to a plain Python type, or raises ``TypeError`` (wrong
+kind of value, e.g. the string ``"false"`` for a boolean) or ``ValueError`` (right kind, out of
+range). Messages name the argument, what it must be, what was given, and a hint when one helps.
+Configs parsed by jsonargparse are checked against the type annotations first (``bool``,
+``int``, ``Literal[...]``); these checks cover Python callers and values that types cannot
+express (ranges).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Collection
+from typing import Any, NoReturn
+
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "renamed"]
+
+
+def _fail(error: type[Exception], name: str, requirement: str, value: Any, hint: str) -> NoReturn:
+    kind = f" ({type(value).__name__})" if error is TypeError else ""
+    message = f"{name} must be {requirement}, got {value!r}{kind}"
+    raise error(f"{message}; {hint}." if hint else f"{message}.")
+
+
+def check_bool(value: Any, name: str, hint: str = "") -> bool:
+    """``True`` or ``False`` only: strings such as ``"false"`` and numbers are refused."""
+    if not isinstance(value, bool):
+        _fail(TypeError, name, "true or false (a boolean)", value, hint)
+    return value
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, hint: str = "") -> int:
+    """An integer (Python or numpy, not a bool, not a float) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(TypeError, name, "an integer", value, hint)
+    if minimum is not None and value < minimum:
+        _fail(ValueError, name, f"an integer of at least {minimum}", value, hint)
+    return int(value)
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    hint: str = "",
+) -> float:
+    """A finite real number (not a bool), optionally ``> above``, ``>= at_least``, ``<= at_most``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(TypeError, name, "a number", value, hint)
+    value = float(value)
+    ok = math.isfinite(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    ok = ok and (at_most is None or value <= at_most)
+    if not ok:
+        _fail(ValueError, name, _range_text(above, at_least, at_most), value, hint)
+    return value
+
+
+def _range_text(above: float | None, at_least: float | None, at_most: float | None) -> str:
+    """'a positive number', 'a number in [0.5, 1]', 'a number in (0, 1]', ... (finite in every case)."""
+    low = above if above is not None else at_least
+    if low is not None and at_most is not None:
+        return f"a number in {'(' if above is not None else '['}{low:g}, {at_most:g}]"
+    if above == 0:
+        return "a positive number"
+    if at_least == 0:
+        return "a non-negative number"
+    if low is not None:
+        return f"a finite number {'>' if above is not None else '>='} {low:g}"
+    if at_most is not None:
+        return f"a finite number <= {at_most:g}"
+    return "a finite number"
+
+
+def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
+    """One of ``choices`` (the values of a ``Literal[...]`` annotation)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
+    return value
+
+
+def renamed(new: type, old_name: str, module: str, note: str = "same arguments") -> type:
+    """A stand-in for a class that was renamed: importable, but constructing it raises ``TypeError``
+    naming the new class. It subclasses ``new`` so that config parsers accept its arguments and
+    report the error at instantiation, with this message.
+    """
+
+    def refuse(cls: type, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(
+            f"{old_name} is now called {new.__name__} ({note}): replace {old_name} by {new.__name__} "
+            f"({module}.{new.__name__}) in your code or config."
+        )
+
+    # Marked as a wrapper of the inherited __new__ (as deprecation decorators are), so config parsers
+    # such as jsonargparse read the arguments from the new class's __init__ and reach this call.
+    refuse.__wrapped__ = new.__new__  # type: ignore[attr-defined]
+    doc = f"Renamed: use :class:`{module}.{new.__name__}`. Constructing this raises ``TypeError``."
+    return type(old_name, (new,), {"__new__": refuse, "__doc__": doc, "__module__": module})

@@ -1,0 +1,185 @@
+"""The shipped configs: their composition rules, and one CPU training step of every combination.
+
+A base per data/model setup (``configs/<base>.yaml``) composes with one small file per strategy or
+ablation (``configs/strategies/``, ``configs/ablations/``) and optionally a schedule
+(``configs/schedules/``): ``lightning-speed fit --config <base> --config <strategy>``. The files
+below are found by glob, so a new one is tested without editing this file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import lightning_speed.callbacks as callbacks_module
+from benchmarks.common import smoke_args
+from conftest import have_fashion_mnist  # pytest puts tests/ on sys.path (no __init__.py there)
+from lightning_speed.callbacks import StrategyCallback
+from lightning_speed.cli import SpeedCLI, main
+from lightning_speed.module import DiffusionModule
+
+from _fixtures import write_fake_cifar
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICKSTART = CONFIGS / "quickstart.yaml"
+BASES = sorted(p for p in CONFIGS.glob("*.yaml") if p != QUICKSTART)
+STRATEGIES = sorted((CONFIGS / "strategies").glob("*.yaml"))
+ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
+SCHEDULES = sorted((CONFIGS / "schedules").glob("*.yaml"))
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def name(path: Path) -> str:
+    return str(path.relative_to(CONFIGS))
+
+
+# ------------------------------------------------------------------------------ composition rules
+def test_the_layout_is_complete() -> None:
+    shipped = sorted(CONFIGS.rglob("*.yaml"))
+    assert shipped == sorted([QUICKSTART, *BASES, *STRATEGIES, *ABLATIONS, *SCHEDULES]), "a YAML outside the layout"
+    assert {p.stem for p in BASES} >= {"fashion_mnist", "fashion_mnist_dit", "cifar10"}
+    assert {p.stem for p in STRATEGIES} == {
+        "uniform", "speed", "speed_k2", "change_aware", "speed_auto", "p2", "min_snr", "logit_normal", "clts", "loss_aware",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("path", [*STRATEGIES, *ABLATIONS], ids=name)
+def test_a_strategy_file_holds_only_its_strategy_and_logger_name(path: Path) -> None:
+    """Anything else in a strategy file would make runs of different strategies differ in more than the
+    strategy. Every constructor argument is spelled out: when a later file changes ``strategy``'s class,
+    jsonargparse keeps the earlier class's values of arguments the new class shares (tau, k, seed, ...)."""
+    config = load(path)
+    assert set(config) == {"strategy", "trainer"}, f"{name(path)} sets more than the strategy: {sorted(config)}"
+    assert config["trainer"] == {"logger": {"init_args": {"name": path.stem}}}
+    strategy = config["strategy"]
+    if strategy is None:
+        assert path.stem == "uniform"
+        return
+    assert set(strategy) == {"class_path", "init_args"}
+    module, _, class_name = strategy["class_path"].rpartition(".")
+    assert module == "lightning_speed.callbacks"
+    cls = getattr(callbacks_module, class_name)
+    assert issubclass(cls, StrategyCallback)
+    parameters = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert set(strategy["init_args"]) == parameters, f"{name(path)}: spell out exactly {sorted(parameters)}"
+    cls(**strategy["init_args"])  # valid values
+
+
+@pytest.mark.parametrize("path", SCHEDULES, ids=name)
+def test_a_schedule_file_changes_only_the_schedule(path: Path) -> None:
+    assert load(path) == {"model": {"schedule": path.stem}}
+
+
+@pytest.mark.parametrize("path", [QUICKSTART, *BASES], ids=name)
+def test_callbacks_use_their_own_keys(path: Path) -> None:
+    """A callback with a top-level key never hides in trainer.callbacks, which a later file's list replaces."""
+    config = load(path)
+    own = {cls.__name__ for cls in SpeedCLI.CALLBACK_KEYS.values()} | {cls.__name__ for cls in StrategyCallback.__subclasses__()}
+    listed = [cb["class_path"].rsplit(".", 1)[-1] for cb in config.get("trainer", {}).get("callbacks") or []]
+    assert not own & set(listed), f"{name(path)} lists {own & set(listed)} in trainer.callbacks"
+    assert {"monitor", "ema", "samples", "fid", "checkpoint", "strategy"} <= set(config)
+    if path != QUICKSTART:
+        assert config["strategy"] is None  # a base trains uniform t; the strategy comes from a strategy file
+
+
+def test_composition_merges_later_files_into_the_top_level_keys(cli_env: Path) -> None:
+    """The CLI's own parse of base + strategy: the strategy and logger name come from the strategy file,
+    everything else from the base; a later file replaces a strategy by null; options override last."""
+    base, speed, uniform = (CONFIGS / f for f in ("fashion_mnist.yaml", "strategies/speed.yaml", "strategies/uniform.yaml"))
+    small = smoke_args(load(base)["model"]["backbone"]["class_path"])
+    config = main(["--config", str(base), "--config", str(speed), *small], run=False).config
+    assert config.strategy.class_path == "lightning_speed.callbacks.SpeeD"
+    assert dict(config.strategy.init_args) == {"tau": 700, "k": 5.0, "dual": True, "lam": 0.6, "seed": None}
+    assert config.trainer.logger.init_args.save_dir == "runs/fashion_mnist"
+    assert config.trainer.logger.init_args.name == "speed"
+    assert config.fid.init_args.num_samples == load(base)["fid"]["init_args"]["num_samples"]
+    assert [cb.class_path for cb in config.trainer.callbacks] == ["lightning.pytorch.callbacks.LearningRateMonitor"]
+    cli = main(["--config", str(base), "--config", str(speed), "--config", str(uniform), "--ema.init_args.decay", "0.5",
+                *small], run=False)
+    assert cli.config.strategy is None and cli.config.trainer.logger.init_args.name == "uniform"
+    assert not any(isinstance(cb, StrategyCallback) for cb in cli.trainer.callbacks)  # null adds no callback
+    (ema,) = (cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EMAWeightAveraging")
+    assert ema.decay == 0.5
+
+
+# ------------------------------------------------------------------------------- one step of each
+def combinations() -> list[tuple[str, ...]]:
+    """Every shipped way to train: each base with each strategy, ablations and schedules on the
+    Fashion-MNIST base (they are studied there), and the quickstart alone."""
+    fashion = CONFIGS / "fashion_mnist.yaml"
+    runs = [(name(base), name(s)) for base in BASES for s in STRATEGIES]
+    runs += [(name(fashion), name(a)) for a in ABLATIONS]
+    runs += [(name(fashion), "strategies/speed_auto.yaml", name(s)) for s in SCHEDULES]
+    return [(name(QUICKSTART),), *runs]
+
+
+def data_args(config: dict[str, Any], tmp_path: Path) -> list[str]:
+    """Small, offline, CPU data for the data module of ``config``; skip when real files are missing."""
+    cls, init = config["data"]["class_path"].rsplit(".", 1)[-1], config["data"].get("init_args") or {}
+    small = ["--data.init_args.batch_size", "4", "--data.init_args.val_images", "4"]
+    if cls == "EmbeddedFashionMNISTDataModule":
+        return small
+    if cls == "FashionMNISTDataModule":
+        if init.get("root") is None and not have_fashion_mnist():
+            pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+        return [*small, "--data.init_args.on_device", "false"]
+    if cls == "CIFAR10DataModule":
+        write_fake_cifar(tmp_path / "cifar", per_batch=4, n_test=8)
+        return [*small, "--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.download", "false",
+                "--data.init_args.num_workers", "0"]
+    pytest.fail(f"test_configs.py cannot run {cls} offline on a CPU: add it to data_args")
+
+
+@pytest.mark.parametrize("files", combinations(), ids="+".join)
+def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], cli_env: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fast_dev_run step through the real CLI, the configs shrunk only in size (tiny backbone of the
+    same class, batch 4, fp32, eager, FID features offline); the installed strategy is the file's."""
+
+    def no_sampling(self: DiffusionModule, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a callback generated images in a fast_dev_run (FID / sample grids must skip it)")
+
+    monkeypatch.setattr(DiffusionModule, "sample", no_sampling)
+    composed: dict[str, Any] = {}
+    for file in files:
+        for key, value in load(CONFIGS / file).items():
+            composed[key] = value if key != "model" else {**composed.get("model", {}), **value}
+    args = ["fit", *(a for f in files for a in ("--config", str(CONFIGS / f))),
+            "--trainer.fast_dev_run", "true", "--trainer.logger.init_args.save_dir", str(cli_env / "runs"),
+            *smoke_args(composed["model"]["backbone"]["class_path"]), *data_args(composed, cli_env)]
+    for key in ("fid", "final_fid"):
+        if composed.get(key):  # the offline feature network: the standard Inception needs a download
+            args += [f"--{key}.init_args.feature_extractor", "fashion_mnist"]
+    cli = main(args)
+    trainer, model = cli.trainer, cli.model
+    assert trainer.fast_dev_run and trainer.global_step == 1
+
+    installed = [cb for cb in trainer.callbacks if isinstance(cb, StrategyCallback)]
+    strategy = composed["strategy"]
+    if strategy is None:
+        assert installed == []
+        assert type(model.timesteps.sampler).__name__ == "UniformSampler"
+        assert type(model.timesteps.weights).__name__ == "ConstantWeights"
+    else:
+        (cb,) = installed
+        assert type(cb).__name__ == strategy["class_path"].rsplit(".", 1)[-1]
+        assert model.timesteps.sampler is (cb.sampler if cb.installs_sampler else model.timesteps.sampler)
+        assert model.timesteps.weights is (cb.weights if cb.installs_weights else model.timesteps.weights)
+        assert cb.installs_sampler or type(model.timesteps.sampler).__name__ == "UniformSampler"
+        assert cb.installs_weights or type(model.timesteps.weights).__name__ == "ConstantWeights"
+    assert model.hparams.schedule == composed["model"]["schedule"]
+    for key in ("monitor", "ema", "samples", "fid", "final_fid"):  # each top-level callback key is one callback
+        spec = composed.get(key)
+        classes = [type(cb).__name__ for cb in trainer.callbacks]
+        if spec:
+            assert spec["class_path"].rsplit(".", 1)[-1] in classes, key
+    assert "fid" not in trainer.callback_metrics  # fast_dev_run: no FID, no grids, no checkpoints
+    written = [p for p in cli_env.rglob("*") if p.suffix in (".ckpt", ".png")]
+    assert written == [], f"fast_dev_run wrote {written}"
