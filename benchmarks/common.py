@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmark scripts: configs, device facts, JSON results."""
+"""Helpers shared by the benchmark scripts: configs, device facts, JSON results.
+
+torch is imported inside the functions that use it: the convergence launcher and report, and the
+DDP orchestrator, import this module and need no torch (seconds of start-up per process).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import importlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -40,11 +46,15 @@ def default_backbone(config: str = "fashion_mnist.yaml", **overrides: Any) -> to
 
 
 def device_name() -> str:
+    import torch
+
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def measured_bf16_matmul_tflops(n: int = 8192, iters: int = 20) -> float:
     """The card's bf16 matrix-product rate, measured (not the datasheet)."""
+    import torch
+
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):

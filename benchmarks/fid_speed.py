@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.common import RESULTS, default_backbone, device_name, today, update_summary, write_json
+from benchmarks.common import RESULTS, SMOKE_BACKBONES, default_backbone, device_name, today, update_summary, write_json
 from lightning_speed import DiffusionModule
 from lightning_speed.callbacks import FIDCallback
 from lightning_speed.data import FashionMNISTDataModule
@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
+    if args.smoke:
+        torch.set_num_threads(1)  # one thread: the tiny smoke steps are fastest so, and do not thrash a busy two-core CI machine
     results = {variant: time_variant(args, variant) for variant in args.variants}
     write_json(Path(args.out), results)
     if torch.cuda.is_available() and not args.smoke and "eager" in results:
@@ -53,7 +55,7 @@ def _by_thousands(seconds: dict[str, float]) -> dict[str, float]:
 def time_variant(args: argparse.Namespace, variant: str) -> dict:
     """Seconds for one FID evaluation per sample count, after a warm-up evaluation."""
     cuda = torch.cuda.is_available() and not args.smoke
-    overrides = {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []} if args.smoke else {}
+    overrides = SMOKE_BACKBONES["UNet"] if args.smoke else {}
     module = DiffusionModule(default_backbone(**overrides), compile_sampling=variant == "compiled")
     fid = FIDCallback(num_samples=args.counts[0], batch_size=args.batch_size, solver_steps=args.steps,
                       feature_extractor="fashion_mnist", on_train_end=False)

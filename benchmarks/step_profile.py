@@ -116,6 +116,8 @@ def main() -> dict[str, Any]:
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
+    if args.smoke:
+        torch.set_num_threads(1)  # one thread: the tiny smoke steps are fastest so, and do not thrash a busy two-core CI machine
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     data = synthetic_images(60_000 if cuda else 256, device)

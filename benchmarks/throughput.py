@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
     RESULTS,
+    SMOKE_BACKBONES,
     default_backbone,
     device_name,
     measured_bf16_matmul_tflops,
@@ -45,7 +46,7 @@ from lightning_speed.schedules import NoiseSchedule
 
 
 # The tiny UNet of the CPU smoke runs (tests); seeded_backbone builds it for every benchmark script.
-SMOKE_BACKBONE = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []}
+SMOKE_BACKBONE = SMOKE_BACKBONES["UNet"]
 
 # --rows names of the result rows
 ROWS = {"a0": "a0_naive_fp32", "a": "a_plain_fast", "b": "b_lightning", "c": "c_lightning_speed",
@@ -297,6 +298,8 @@ def main() -> dict[str, Any]:
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
+    if args.smoke:
+        torch.set_num_threads(1)  # one thread: the tiny smoke steps are fastest so, and do not thrash a busy two-core CI machine
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # a0 is the naive fp32 baseline
 

@@ -61,9 +61,27 @@ PIVOT_THRESHOLD = 1e-4
 """Official pivot threshold on the per-step gradient of sqrt(1 - alpha_bar), at T = 1000."""
 
 
+DIFFUSERS_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+"""diffusers' ``prediction_type`` names and ours."""
+
+
 def check_prediction(prediction: Any) -> str:
     """One of ``PREDICTIONS``."""
     return check_choice(prediction, "prediction", PREDICTIONS)
+
+
+def prediction_of(source: Any) -> str | None:
+    """The prediction type a diffusers scheduler was configured with (``config.prediction_type``), in our
+    names; None when ``source`` does not say."""
+    name = getattr(getattr(source, "config", None), "prediction_type", None)
+    if name is None:
+        return None
+    if name not in DIFFUSERS_PREDICTIONS:
+        raise ValueError(
+            f"The scheduler's prediction_type {name!r} has no counterpart here; "
+            f"known: {', '.join(DIFFUSERS_PREDICTIONS)} (our epsilon, v, x0)."
+        )
+    return DIFFUSERS_PREDICTIONS[name]
 
 
 def linear_betas(num_timesteps: int) -> Tensor:

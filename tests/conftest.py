@@ -6,6 +6,7 @@ Plain helper functions that tests import by name (fake data sets, float64 tolera
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+# The test models are tiny: one thread per process is as fast as two, and it keeps the suite's
+# subprocesses (CLI runs, DDP ranks, benchmark smokes) from oversubscribing the CI machine's two
+# cores, where OpenMP's spinning threads make a step of a tiny model many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -496,3 +496,20 @@ def test_bad_arguments_raise(linear, build, match):
 def test_wrong_types_raise_type_errors(linear, build, match):
     with pytest.raises(TypeError, match=match):
         build(linear)
+
+
+def test_strategy_reads_the_prediction_type_of_a_diffusers_scheduler(linear):
+    from types import SimpleNamespace
+
+    def scheduler(prediction_type):
+        return SimpleNamespace(alphas_cumprod=linear.alpha_bar.float(), config=SimpleNamespace(prediction_type=prediction_type))
+
+    assert TimestepStrategy(scheduler("v_prediction")).prediction == "v"
+    assert TimestepStrategy(scheduler("sample")).prediction == "x0"
+    assert TimestepStrategy(scheduler("epsilon")).prediction == "epsilon"
+    assert TimestepStrategy(scheduler("v_prediction"), prediction="v").prediction == "v"
+    with pytest.raises(ValueError, match=r"prediction='epsilon' but the scheduler was configured with prediction_type "
+                                         r"'v_prediction'.*leave prediction unset or make them agree"):
+        TimestepStrategy(scheduler("v_prediction"), prediction="epsilon")
+    with pytest.raises(ValueError, match=r"prediction_type 'flow' has no counterpart.*epsilon, v_prediction, sample"):
+        TimestepStrategy(scheduler("flow"))

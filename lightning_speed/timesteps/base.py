@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speed.schedules import NoiseSchedule, Prediction, as_schedule, check_prediction
+from lightning_speed.schedules import NoiseSchedule, Prediction, as_schedule, check_prediction, prediction_of
 from lightning_speed.validation import check_int
 
 
@@ -320,16 +320,23 @@ class TimestepStrategy:
         schedule: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor, or an object with one
             (a diffusers scheduler). Zero terminal SNR and half precision are accepted.
         prediction: what the network predicts (``epsilon``, ``v`` or ``x0``); weightings that
-            depend on it (Min-SNR) read it from here.
+            depend on it (Min-SNR) read it from here. None: a diffusers scheduler's
+            ``config.prediction_type`` (``v_prediction`` is ``v``, ``sample`` is ``x0``), else ``epsilon``.
 
     Attributes set by the callbacks: ``sampler`` (default ``UniformSampler``), ``weights``
     (default ``ConstantWeights``), ``tau`` (the installed SpeeD strategy's convergence threshold,
     None when no strategy set one). ``last`` is the latest step's ``StepRecord``.
     """
 
-    def __init__(self, schedule: Any, prediction: Prediction = "epsilon") -> None:
+    def __init__(self, schedule: Any, prediction: Prediction | None = None) -> None:
         self.schedule: NoiseSchedule = as_schedule(schedule)
-        self.prediction: str = check_prediction(prediction)
+        configured = prediction_of(schedule)  # a diffusers scheduler knows what its model predicts
+        if prediction is not None and configured is not None and check_prediction(prediction) != configured:
+            raise ValueError(
+                f"prediction={prediction!r} but the scheduler was configured with prediction_type "
+                f"{schedule.config.prediction_type!r} ({configured!r} here): leave prediction unset or make them agree."
+            )
+        self.prediction: str = check_prediction(prediction or configured or "epsilon")
         self.sampler: TimestepSampler = UniformSampler(self.schedule.num_timesteps)
         self.weights: LossWeights = ConstantWeights()
         self.tau: int | None = None
