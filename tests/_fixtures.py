@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,3 +49,30 @@ def float64_rtol(operations: int, amplification: float = 1.0, safety: float = 4.
     library and faithfully rounded in the other).
     """
     return safety * operations * amplification * EPS64
+
+
+# -- tiny CPU training ----------------------------------------------------------------------------
+def cpu_trainer(**overrides: Any) -> Any:
+    """A quiet CPU Trainer for unit tests: no logger, checkpoints, progress bar or model summary,
+    60 steps; keyword arguments override or add Trainer arguments (``max_steps``, ``callbacks``)."""
+    import lightning.pytorch as pl
+
+    options: dict[str, Any] = {
+        "accelerator": "cpu", "devices": 1, "max_steps": 60, "logger": False, "enable_checkpointing": False,
+        "enable_progress_bar": False, "enable_model_summary": False,
+    }  # fmt: skip
+    return pl.Trainer(**{**options, **overrides})
+
+
+def blob_loader(n: int = 512, shape: tuple[int, ...] = (1, 8, 8), batch_size: int = 64, shuffle: bool = True) -> Any:
+    """A DataLoader of ``(image, label)`` pairs: a smooth blob per image plus a little noise (structured
+    data that a small net learns to denoise) and labels in {0, 1, 2}; seeded, so repeatable."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.linspace(-1, 1, shape[-1])
+    blob = (base[None, :] ** 2 + base[:, None] ** 2).neg().exp() * 2 - 1
+    x = blob.expand(n, *shape).clone() + 0.05 * torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)

@@ -9,12 +9,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 # The test models are tiny: one thread per process is as fast as two, and it keeps the suite's
 # subprocesses (CLI runs, DDP ranks, benchmark smokes) from oversubscribing the CI machine's two
@@ -29,37 +26,6 @@ FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-ima
 def have_fashion_mnist() -> bool:
     """The four Fashion-MNIST files are installed (apt-get install dataset-fashion-mnist), gzipped or not."""
     return all((FASHION_ROOT / f).is_file() or (FASHION_ROOT / (f + ".gz")).is_file() for f in FASHION_FILES)
-
-
-@pytest.fixture
-def cpu_trainer() -> Callable[..., pl.Trainer]:
-    """A factory of quiet CPU Trainers for unit tests: no logger, checkpoints, progress bar or model
-    summary, 60 steps; keyword arguments override or add Trainer arguments (``max_steps``, ``callbacks``)."""
-
-    def make(**overrides: Any) -> pl.Trainer:
-        options: dict[str, Any] = {
-            "accelerator": "cpu", "devices": 1, "max_steps": 60, "logger": False, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False,
-        }  # fmt: skip
-        return pl.Trainer(**{**options, **overrides})
-
-    return make
-
-
-@pytest.fixture
-def blob_loader() -> Callable[..., DataLoader]:
-    """A factory of DataLoaders of ``(image, label)`` pairs: a smooth blob per image plus a little noise
-    (structured data that a small net learns to denoise) and labels in {0, 1, 2}; seeded, so repeatable."""
-
-    def make(n: int = 512, shape: tuple[int, ...] = (1, 8, 8), batch_size: int = 64, shuffle: bool = True) -> DataLoader:
-        g = torch.Generator().manual_seed(0)
-        base = torch.linspace(-1, 1, shape[-1])
-        blob = (base[None, :] ** 2 + base[:, None] ** 2).neg().exp() * 2 - 1
-        x = blob.expand(n, *shape).clone() + 0.05 * torch.randn(n, *shape, generator=g)
-        y = torch.randint(0, 3, (n,), generator=g)
-        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
-
-    return make
 
 
 @pytest.fixture

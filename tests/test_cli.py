@@ -18,10 +18,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_speed.callbacks.strategies import LossWeightingCallback, TimestepSamplingCallback
 from lightning_speed.cli import console, main
-from lightning_speed.metrics import features as features_module
-from lightning_speed.metrics import reference as reference_module
 from lightning_speed.metrics.features import INCEPTION_FILENAME, InceptionWeightsUnavailable
 from lightning_speed.module import DiffusionModule
 

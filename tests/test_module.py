@@ -7,10 +7,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_speed import DiffusionModule
 from lightning_speed.timesteps import TableSampler, TableWeights, TimestepStrategy
+
+from _fixtures import blob_loader as loader  # pytest puts tests/ on sys.path
+from _fixtures import cpu_trainer as trainer
 
 TESTS = Path(__file__).parent
 
@@ -36,22 +38,6 @@ def small_unet(channels=1, **kw):
 
     kw = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], **kw}
     return UNet(in_channels=channels, image_size=8, **kw)
-
-
-def loader(n=512, shape=(1, 8, 8)):
-    g = torch.Generator().manual_seed(0)
-    # Structured data (a smooth blob per image) that a small net can learn to denoise.
-    base = torch.linspace(-1, 1, shape[-1])
-    blob = (base[None, :] ** 2 + base[:, None] ** 2).neg().exp() * 2 - 1
-    x = blob.expand(n, *shape).clone() + 0.05 * torch.randn(n, *shape, generator=g)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
-
-
-def trainer(**kw):
-    kw.setdefault("max_steps", 60)
-    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", **kw)
 
 
 class LossRecorder(pl.Callback):

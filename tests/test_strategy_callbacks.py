@@ -43,6 +43,8 @@ from lightning_speed.timesteps import (
     UniformSampler,
 )
 
+from _fixtures import cpu_trainer  # pytest puts tests/ on sys.path
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -94,10 +96,7 @@ def loader(n: int = 32, batch_size: int = 32) -> torch.utils.data.DataLoader:
 
 
 def trainer(max_steps: int, callbacks: list, **kwargs) -> pl.Trainer:
-    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False)
-    options.update(kwargs)
-    return pl.Trainer(max_steps=max_steps, callbacks=callbacks, **options)
+    return cpu_trainer(max_steps=max_steps, callbacks=callbacks, **kwargs)
 
 
 def fit(module: pl.LightningModule, callbacks: list, steps: int = 2, **kwargs) -> Recorder:
