@@ -132,7 +132,8 @@ class _Progress:
         self.bar = trainer.progress_bar_callback is not None and self.enabled
         self.total, self.label, self.done = total, label, 0
         self.start = self.last_line = time.perf_counter()
-        self._tqdm = tqdm(total=total, desc=label, unit="img", leave=False, dynamic_ncols=True, file=sys.stderr) if self.bar else None
+        self._tqdm = tqdm(total=total, desc=label, unit="img", leave=False, dynamic_ncols=True, file=sys.stderr,
+                          mininterval=0) if self.bar else None  # refresh at every sampling batch: they are few and slow
 
     def update(self, n: int) -> None:
         self.done += n
