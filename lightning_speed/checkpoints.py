@@ -102,7 +102,7 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
 
-def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | None, ignore_prefixes: tuple[str, ...] = ("_train_forward.",)) -> None:
+def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | None) -> None:
     """Raise :class:`CheckpointMismatchError` (a short summary) when tensor shapes differ from ``model``'s.
 
     Missing or extra keys alone are left to the module's own loading (it may accept them).
@@ -113,7 +113,7 @@ def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | No
 
     def shapes(items: Any) -> dict[str, tuple[int, ...]]:
         return {
-            k: tuple(v.shape) for k, v in items if isinstance(v, Tensor) and not k.startswith(ignore_prefixes)
+            k: tuple(v.shape) for k, v in items if isinstance(v, Tensor)
         }
 
     theirs, ours = shapes(state.items()), shapes(model.state_dict().items())

@@ -417,22 +417,6 @@ def test_strategy_sample_moves_the_tables_to_the_batch_device(linear):
     assert strategy.sampler.cdf.device.type == "meta" and strategy.weights.table.device.type == "meta"
 
 
-def test_strategy_state_round_trip(linear):
-    strategy = TimestepStrategy(linear)
-    strategy.sampler = AsymmetricSampler(linear, tau="auto")
-    strategy.sampler.manual_seed(11)
-    strategy.tau = 642
-    strategy.sample(10)
-    state = strategy.state_dict()
-    expected = strategy.sample(32)
-    restored = TimestepStrategy(linear)
-    restored.sampler = AsymmetricSampler(linear, tau="auto")
-    restored.load_state_dict(state)
-    assert restored.tau == 642 and torch.equal(restored.sample(32), expected)
-    with pytest.raises(ValueError, match="state of a AsymmetricSampler but this strategy samples with UniformSampler"):
-        TimestepStrategy(linear).load_state_dict(state)
-
-
 def test_bases_are_abstract():
     from lightning_speed.timesteps import LossWeights, TimestepSampler
 

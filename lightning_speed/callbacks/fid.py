@@ -26,7 +26,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -48,9 +48,9 @@ from lightning_speed.metrics.reference import (
 )
 from lightning_speed.callbacks.ema import averaged_weights, ema_swapped_in_during_validation
 from lightning_speed.metrics.sampling import generate_batches, local_share
+from lightning_speed.solvers import SOLVERS, Solver
 
 ReferenceImages = Tensor | Callable[[], Tensor]
-Solver = Literal["ddim", "ddpm"]
 TRAIN_PASSES = 3  # network evaluations per training image: a forward and a backward of about twice its cost
 FAR_LONGER = 10.0  # warn when the evaluations need this many times the training's network evaluations
 
@@ -100,8 +100,9 @@ class SolverSettings:
         """Check and store the generation settings (``sampler``/``sampling_steps`` are the old names: an error)."""
         owner = type(self).__name__
         renamed_arguments(owner, sampler, sampling_steps)
-        if solver not in ("ddim", "ddpm"):
-            raise ValueError(f"{owner}(solver={solver!r}): choose \"ddim\" or \"ddpm\".")
+        if solver not in SOLVERS:
+            choices = " or ".join(f'"{name}"' for name in SOLVERS)
+            raise ValueError(f"{owner}(solver={solver!r}): choose {choices}.")
         if solver_steps <= 0:
             raise ValueError(f"{owner}(solver_steps={solver_steps}): solver_steps must be positive.")
         self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
@@ -388,9 +389,14 @@ class FIDCallback(SolverSettings, pl.Callback):
             progress.close()
 
     # ------------------------------------------------------------------ cost, said up front
+    @staticmethod
+    def _total_steps(trainer: "pl.Trainer") -> float:
+        """The run's optimizer steps: max_steps, else Lightning's estimate (inf when unbounded)."""
+        return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+
     def planned_evaluations(self, trainer: "pl.Trainer") -> int:
         """How many evaluations the rest of this run will make (from max_steps, every_n_steps, validation)."""
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        total = self._total_steps(trainer)
         if not math.isfinite(total):
             return 1
         left, count = max(0, int(total) - trainer.global_step), 0
@@ -410,7 +416,7 @@ class FIDCallback(SolverSettings, pl.Callback):
     def cost_warning(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_size: int) -> str | None:
         """A warning when the planned evaluations need far more network evaluations than the training."""
         evaluations = self.planned_evaluations(trainer)
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        total = self._total_steps(trainer)
         steps = max(1, int(total) - trainer.global_step) if math.isfinite(total) else None
         if not evaluations or steps is None:
             return None

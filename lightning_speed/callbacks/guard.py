@@ -35,10 +35,8 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-try:  # Lightning >= 2.5
-    from lightning.pytorch.callbacks import WeightAveraging
-except ImportError:  # pragma: no cover - older Lightning: no EMA swap to undo
-    WeightAveraging = None  # type: ignore[assignment,misc]
+from lightning_speed.callbacks.ema import find_weight_averaging
+from lightning_speed.checkpoints import load_checkpoint
 
 
 class DivergenceError(RuntimeError):
@@ -66,7 +64,7 @@ def _batch_loss(outputs: Any) -> Tensor | None:
 def _checkpoint_step(path: str) -> int | None:
     """The global step stored in a checkpoint (loaded lazily with mmap), or None if unreadable."""
     try:
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+        return int(load_checkpoint(path)["global_step"])
     except Exception:  # noqa: BLE001 - only used to annotate a message
         return None
 
@@ -371,11 +369,11 @@ class CheckpointOnSignal(Callback):
         ``WeightAveraging`` swaps the averaged weights in at validation-epoch start and out at its
         end, which the stop skipped.
         """
-        if WeightAveraging is None or trainer.state.stage not in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING):
+        if trainer.state.stage not in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING):
             return
-        for callback in trainer.callbacks:
-            if isinstance(callback, WeightAveraging) and getattr(callback, "_average_model", None) is not None:
-                callback.on_validation_epoch_end(trainer, pl_module)
+        averaging = find_weight_averaging(trainer)
+        if averaging is not None:
+            averaging.on_validation_epoch_end(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,7 @@ from torchvision.io import write_png
 from torchvision.utils import make_grid
 
 from lightning_speed.callbacks.fid import SolverSettings
+from lightning_speed.solvers import Solver
 from lightning_speed.metrics.features import count_nonfinite, to_uint8
 from lightning_speed.callbacks.ema import averaged_weights
 
@@ -49,7 +50,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         self,
         every_n_steps: int = 1000,
         num_samples: int = 64,
-        solver: Literal["ddim", "ddpm"] = "ddim",
+        solver: Solver = "ddim",
         solver_steps: int = 50,
         eta: float | None = None,
         seed: int = 0,

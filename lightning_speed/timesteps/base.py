@@ -374,21 +374,6 @@ class TimestepStrategy:
         self.last = StepRecord(t.detach(), total.detach(), applied.detach())
         return loss
 
-    # -- checkpointing --------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The sampler's state (seed, RNG, statistics) and the tau in use."""
-        return {"sampler": type(self.sampler).__name__, "sampler_state": self.sampler.extra_state(), "tau": self.tau}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("sampler")
-        if saved is not None and saved != type(self.sampler).__name__:
-            raise ValueError(
-                f"The checkpoint holds the state of a {saved} but this strategy samples with "
-                f"{type(self.sampler).__name__}: resume with the same time-step sampling."
-            )
-        self.sampler.load_extra_state(state.get("sampler_state", {}))
-        self.tau = state.get("tau", self.tau)
-
     def __repr__(self) -> str:
         return (
             f"TimestepStrategy(schedule={self.schedule!r}, prediction={self.prediction!r}, "
