@@ -196,7 +196,9 @@ def convergence(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Namespa
     first_launch = run_script("convergence", ["launch", "--strategies", "uniform", "speed", "--steps", "4", *common], home, 400)
     first, first_speedups = results(), json.loads((out / "speedups.json").read_text())
     second_launch = run_script("convergence", ["launch", "--jobs", "uniform:0:4", "speed:0:6", "speed_sampling_only:0:2",
-                                               "uniform_cosine:0:2", "--steps", "4", *common], home, 400)
+                                               "uniform_cosine:0:2", "--steps", "4", "--final-samples", "8",
+                                               "--final-solvers", "ddpm-250", "--final-strategies", "speed", *common],
+                             home, 400)
     return Namespace(out=out, first=first, first_speedups=first_speedups, first_stdout=first_launch.stdout,
                      second=results(), second_stdout=second_launch.stdout,
                      speedups=json.loads((out / "speedups.json").read_text()),
@@ -235,6 +237,10 @@ def test_convergence_launch_skips_finished_runs_and_resumes_the_others(convergen
     # The per-area summaries of both parts are kept (TimestepMonitor, every eval step here).
     assert [row["step"] for row in result["timestep_areas"]] == [2, 4, 6]
     assert convergence.second_stdout.count("started ") == 3  # speed and the two ablations
+    # The FID at N with more samples, by the chosen solver only, for the chosen strategies only.
+    assert set(result["final"]) == {"ddpm-250", "ddpm-250_seconds"} and math.isfinite(result["final"]["ddpm-250"])
+    assert "final" not in convergence.second["speed_sampling_only_s0"]
+    assert result["fid_history"][-1][0] == 6  # the curve keeps its own sample count: the final FID is not on it
 
 
 @needs_fashion_mnist
@@ -424,6 +430,9 @@ def test_report_refuses_mixed_fid_solvers(tmp_path: Path) -> None:
         stats.curve_solver([run("uniform", "ddim-50"), run("speed", "ddpm-250")], tmp_path)
     assert stats.summary_keys("ddim-50") == ("speedup", "speedup_half")
     assert stats.summary_keys("ddpm-250") == ("speedup_ddpm250", "speedup_half_ddpm250")
+    # the DiT recipe's study (issue 14) has its own keys, so it never replaces the UNet headline
+    assert stats.summary_keys("ddim-50", "fashion_mnist_dit.yaml") == ("speedup_dit", "speedup_dit_half")
+    assert stats.summary_keys("ddpm-250", "other.yaml") == ("speedup_other_ddpm250", "speedup_other_half_ddpm250")
 
 
 def test_report_includes_another_folders_baseline(tmp_path: Path, home: Path) -> None:

@@ -31,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-steps", type=int, default=None, help="solver steps of the FID curve (default: the config's)")
     p.add_argument("--monitor-every", type=int, default=500, help="TimestepMonitor's summary interval, in steps (at most --eval-every)")
     p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
+    p.add_argument("--final-solvers", nargs="+", default=["ddim-50", "ddpm-250"], choices=["ddim-50", "ddpm-250"],
+                   help="the solvers of the FIDs at N (ddpm-250 with learned sigma: IDDPM-250)")
+    p.add_argument("--final-batch-size", type=int, default=None, help="sampling batch of the FIDs at N (default: the curve's)")
     p.add_argument("--final-strategies", nargs="+", default=["uniform", "speed"], choices=NAMES,
                    help="the runs that get the final FIDs")
     p.add_argument("--no-compile-sampling", dest="compile_sampling", action="store_false",

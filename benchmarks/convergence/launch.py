@@ -109,10 +109,12 @@ def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) ->
 def _forward(args: argparse.Namespace) -> list[str]:
     """The launcher's arguments that each run process needs."""
     out = ["--out", args.out, "--base", args.base, "--monitor-every", str(args.monitor_every),
-           "--final-samples", str(args.final_samples), "--final-strategies", *args.final_strategies]
+           "--final-samples", str(args.final_samples), "--final-strategies", *args.final_strategies,
+           "--final-solvers", *args.final_solvers]
     for flag, value in (("--eval-every", args.eval_every), ("--fid-samples", args.fid_samples),
                         ("--fid-solver", args.fid_solver), ("--fid-steps", args.fid_steps),
-                        ("--root", args.root), ("--batch-size", args.batch_size)):
+                        ("--root", args.root), ("--batch-size", args.batch_size),
+                        ("--final-batch-size", args.final_batch_size)):
         if value:
             out += [flag, str(value)]
     if args.smoke:

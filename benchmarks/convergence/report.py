@@ -62,7 +62,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         merge_speedups(Path(args.summary_file), {
             key: {s: {**_headline(v), "card": sources(s, "card"), "results": sources(s, "folder")}
                   for s, v in headline[n].items()}
-            for key, n in zip(summary_keys(solver), ("N", "N_half"))
+            for key, n in zip(summary_keys(solver, args.base), ("N", "N_half"))
         })
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets")}, indent=1))
     return summary

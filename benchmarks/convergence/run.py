@@ -118,11 +118,13 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def final_fids(trainer: Any, module: Any, fid_cb: Any, args: argparse.Namespace) -> dict[str, float]:
-    """FID at N with more samples: DDIM-50 and DDPM-250 (EMA weights), by the curve's own callback."""
+    """FID at N with more samples, for each of ``--final-solvers`` (EMA weights), by the curve's own callback."""
     out = {}
     module.to(trainer.strategy.root_device)  # fit's teardown moved the module back to the CPU
     fid_cb.num_samples, curve_steps = args.final_samples, fid_cb.solver_steps
-    for solver, steps in (("ddim", 50), ("ddpm", 250)):
+    fid_cb.batch_size = args.final_batch_size or fid_cb.batch_size
+    for solver, steps in (name.split("-") for name in args.final_solvers):
+        steps = int(steps)
         fid_cb.solver, fid_cb.solver_steps = solver, min(steps, curve_steps) if args.smoke else steps
         start = time.perf_counter()
         out[f"{solver}-{steps}"] = fid_cb.evaluate(trainer, module)

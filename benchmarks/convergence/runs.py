@@ -10,6 +10,8 @@ from benchmarks.common import REPO
 
 CONFIGS = REPO / "configs"
 BASE = "fashion_mnist.yaml"
+# summary.json's speed-up key of each base config's study (another base: "speedup_<its file name>")
+BASE_KEYS = {BASE: "speedup", "fashion_mnist_dit.yaml": "speedup_dit"}
 
 # The shipped strategies, each compared with uniform t on the same schedule.
 STRATEGIES: dict[str, tuple[str, ...]] = {

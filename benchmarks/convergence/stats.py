@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.convergence.runs import BASELINES
+from benchmarks.convergence.runs import BASE, BASE_KEYS, BASELINES
 
 PROTOCOL_SOLVER = "ddim-50"  # the FID curve's solver in BENCHMARKS.md; summary.json's "speedup" uses it
 
@@ -124,8 +124,10 @@ def curve_solver(results: list[dict[str, Any]], folder: Path) -> str:
     return next(iter(by_solver), PROTOCOL_SOLVER)
 
 
-def summary_keys(solver: str) -> tuple[str, str]:
+def summary_keys(solver: str, base: str = BASE) -> tuple[str, str]:
     """summary.json keys of the speed-ups at N and N/2: the stable ones for the protocol's solver,
-    suffixed ones (``speedup_ddpm250``) for another, so that a solver study never replaces the headline."""
+    suffixed ones (``speedup_ddpm250``) for another, so that a solver study never replaces the headline;
+    a study on another base config gets its own prefix (``speedup_dit``: BASE_KEYS)."""
     suffix = "" if solver == PROTOCOL_SOLVER else "_" + solver.replace("-", "")
-    return f"speedup{suffix}", f"speedup_half{suffix}"
+    prefix = BASE_KEYS.get(base, "speedup_" + Path(base).stem)
+    return f"{prefix}{suffix}", f"{prefix}_half{suffix}"
