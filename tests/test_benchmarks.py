@@ -433,6 +433,12 @@ def test_report_refuses_mixed_fid_solvers(tmp_path: Path) -> None:
     # the DiT recipe's study (issue 14) has its own keys, so it never replaces the UNet headline
     assert stats.summary_keys("ddim-50", "fashion_mnist_dit.yaml") == ("speedup_dit", "speedup_dit_half")
     assert stats.summary_keys("ddpm-250", "other.yaml") == ("speedup_other_ddpm250", "speedup_other_half_ddpm250")
+    # the base comes from the results; results from before the field count as the default base
+    dit = [{"configs": ["fashion_mnist_dit.yaml", "strategies/uniform.yaml"]}, {"configs": ["fashion_mnist_dit.yaml"]}]
+    assert report.base_config(dit, "fashion_mnist.yaml") == "fashion_mnist_dit.yaml"
+    assert report.base_config([{"strategy": "uniform"}], "fashion_mnist.yaml") == "fashion_mnist.yaml"
+    with pytest.raises(ValueError, match=r"different base configs \['fashion_mnist.yaml', 'fashion_mnist_dit.yaml'\]"):
+        report.base_config([*dit, {"strategy": "speed"}], "fashion_mnist.yaml")
 
 
 def test_report_includes_another_folders_baseline(tmp_path: Path, home: Path) -> None:
@@ -479,11 +485,12 @@ REPORTS = {
     "convergence_h100": [],
     "convergence_h100_resume_bug": [],
     "convergence_h200x4": ["convergence_h100"],
+    "convergence_dit_h200x2": [],  # the DiT recipe (issue 14): its own summary keys, speedup_dit
 }
 # The reports behind summary.json's speed-up keys, in the order BENCHMARKS.md runs them: a later
 # folder's entries replace an earlier one's.
-SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250"]
-SPEEDUP_KEYS = ("speedup", "speedup_half", "speedup_ddpm250", "speedup_half_ddpm250")
+SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250", "convergence_dit_h200x2"]
+SPEEDUP_KEYS = ("speedup", "speedup_half", "speedup_ddpm250", "speedup_half_ddpm250", "speedup_dit", "speedup_dit_half")
 
 
 def copy_raw_results(folder: str, tmp_path: Path) -> Path:

@@ -62,10 +62,20 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         merge_speedups(Path(args.summary_file), {
             key: {s: {**_headline(v), "card": sources(s, "card"), "results": sources(s, "folder")}
                   for s, v in headline[n].items()}
-            for key, n in zip(summary_keys(solver, args.base), ("N", "N_half"))
+            for key, n in zip(summary_keys(solver, base_config(results, args.base)), ("N", "N_half"))
         })
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets")}, indent=1))
     return summary
+
+
+def base_config(results: list[dict[str, Any]], default: str) -> str:
+    """The base config the runs were composed on (result.json "configs"[0]; ``default`` for results
+    written before that field). Runs on different bases answer different questions: refused."""
+    bases = {r["configs"][0] if r.get("configs") else default for r in results}
+    if len(bases) > 1:
+        raise ValueError(f"the runs reported together were trained on different base configs {sorted(bases)}: "
+                         "report each base's runs into their own --out folder")
+    return bases.pop()
 
 
 def load_results(folders: list[Path]) -> list[dict[str, Any]]:
