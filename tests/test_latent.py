@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from _fixtures import cpu_trainer  # noqa: E402
+from _fixtures import cpu_trainer, tiny_autoencoder, write_image_folder, write_tiny_autoencoder  # noqa: E402
 from lightning_speed import DiffusionModule  # noqa: E402
 from lightning_speed.autoencoders import Autoencoder, AutoencoderUnavailable  # noqa: E402
 from lightning_speed.backbones import DiT  # noqa: E402
@@ -23,36 +23,10 @@ from lightning_speed.data import ImageFolderDataModule, LatentDataModule  # noqa
 from lightning_speed.data.latent import draw_latents  # noqa: E402
 
 
-def tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, latent_channels=4, sample_size=32, layers_per_block=1,
-    )  # fmt: skip
-
-
-def write_tiny_vae(folder: Path, seed: int = 0) -> Path:
-    """What a user puts on disk: config.json + diffusion_pytorch_model.safetensors (save_pretrained)."""
-    tiny_vae(seed).save_pretrained(folder)
-    return folder
-
-
-def write_image_folder(folder: Path, n: int = 20, size: int = 32) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("latent")
-    return {"vae": write_tiny_vae(root / "vae"), "other_vae": write_tiny_vae(root / "other_vae", seed=1),
+    return {"vae": write_tiny_autoencoder(root / "vae"), "other_vae": write_tiny_autoencoder(root / "other_vae", seed=1),
             "images": write_image_folder(root / "images")}
 
 
@@ -209,7 +183,7 @@ def test_images_the_autoencoder_cannot_take_fail_before_any_encoding(files: dict
 
 
 def test_an_autoencoder_instance_and_a_pixel_model_decode() -> None:
-    vae = tiny_vae()
+    vae = tiny_autoencoder()
     autoencoder = Autoencoder.load(vae)
     assert autoencoder.vae is vae and autoencoder.latent_shape((3, 32, 32)) == (4, 16, 16)
     assert Autoencoder.load(autoencoder, scaling_factor=0.5).scaling_factor == 0.5
