@@ -147,10 +147,10 @@ class Autoencoder:
                 reason = f"download failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
         files = " and ".join(f"{subfolder}/{f}" if subfolder else f for f in WEIGHT_FILES)
         raise AutoencoderUnavailable(
-            f"Cannot load the autoencoder {name!r} from the Hugging Face hub ({reason}). Either download it where "
+            f"Cannot load the autoencoder {name!r}: there is no folder of that name (relative to {os.getcwd()}), and "
+            f"not from the Hugging Face hub either ({reason}). Either download it where "
             f"there is network (huggingface-cli download {name}) or put {files} from "
-            f"https://huggingface.co/{name} in a folder and set the autoencoder to that folder. "
-            + _folder_hint("")
+            f"https://huggingface.co/{name} (save_pretrained writes them) in one folder and set the autoencoder to that folder."
         )
 
     # ------------------------------------------------------------------ facts
@@ -158,13 +158,13 @@ class Autoencoder:
     def fingerprint(self) -> str:
         """Names the autoencoder's config and weights (and scaling factor): a latent cache's key."""
         if self._fingerprint is None:
-            config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
-            text = json.dumps(config, sort_keys=True, default=str) + f"|{self.scaling_factor}"
+            text = json.dumps(self.config, sort_keys=True, default=str) + f"|{self.scaling_factor}"
             self._fingerprint = f"{hashlib.sha256(text.encode()).hexdigest()[:12]}-{_weights_hash(self.vae)}"
         return self._fingerprint
 
     @property
     def config(self) -> dict[str, Any]:
+        """The autoencoder's config without diffusers' bookkeeping entries (``_class_name``, ``_diffusers_version``)."""
         return {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
 
     @property
