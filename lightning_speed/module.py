@@ -121,6 +121,10 @@ class DiffusionModule(pl.LightningModule):
         # parameters and state_dict keys stay the backbone's whether or not they exist.
         self._compiled_losses: Any = None  # set in configure_model when compile_mode is given
         self._sample_forward: Any = None  # created on the first sample() with compile_sampling
+        # Latent diffusion: what decode() turns samples into images with (lightning_speed.autoencoders.Autoencoder).
+        # A plain object, not a submodule: it stays out of checkpoints, the EMA copy and DDP. None: the
+        # data module's ``autoencoder`` (LatentDataModule), if any; set it to sample from a loaded checkpoint.
+        self.autoencoder: Any = None
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
@@ -270,6 +274,31 @@ class DiffusionModule(pl.LightningModule):
         enabled = "bf16" in str(getattr(self._trainer, "precision", ""))
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def _autoencoder(self) -> Any:
+        if self.autoencoder is not None or self._trainer is None:
+            return self.autoencoder
+        return getattr(getattr(self._trainer, "datamodule", None), "autoencoder", None)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of ``decode(sample(...))``: the image shape, or with an autoencoder the decoded one."""
+        autoencoder = self._autoencoder()
+        if self.image_shape is None or autoencoder is None:
+            return self.image_shape
+        return tuple(autoencoder.image_shape(self.image_shape))
+
+    @torch.no_grad()
+    def decode(self, samples: Tensor, batch_size: int = 64) -> Tensor:
+        """Samples -> images in [-1, 1]: latents through the autoencoder (in chunks), pixels as they are.
+
+        FIDCallback and SampleGridCallback call it on what ``sample`` returns.
+        """
+        autoencoder = self._autoencoder()
+        if autoencoder is None:
+            return samples
+        with self._sampling_autocast():
+            return autoencoder.to(self.device).decode(samples, batch_size=batch_size)
+
     @torch.no_grad()
     def sample(
         self,
@@ -285,7 +314,8 @@ class DiffusionModule(pl.LightningModule):
         batch_size: int | None = None,
         **renamed: Any,
     ) -> Tensor:
-        """Generate ``num_samples`` images in [-1, 1], shape (N, C, H, W), on the module's device.
+        """Generate ``num_samples`` images in [-1, 1], shape (N, C, H, W), on the module's device
+        (latents for latent diffusion: ``decode`` turns them into images).
 
         ``solver="ddim"`` (eta 0 unless given) or ``"ddpm"`` (ancestral; with ``learn_sigma`` the
         learned variance), on ``solver_steps`` respaced steps (default: the module's ``solver_steps``).

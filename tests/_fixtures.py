@@ -76,3 +76,34 @@ def blob_loader(n: int = 512, shape: tuple[int, ...] = (1, 8, 8), batch_size: in
     x = blob.expand(n, *shape).clone() + 0.05 * torch.randn(n, *shape, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+# -- latent diffusion -----------------------------------------------------------------------------
+def tiny_autoencoder(seed: int = 0) -> Any:
+    """A random diffusers ``AutoencoderKL`` of the real class, small enough for CPU tests: 3 -> 4 channels,
+    downsampling by 2 (block_out_channels (8, 16)), scaling factor 0.18215 (the class's default)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, latent_channels=4, sample_size=32, layers_per_block=1,
+    )  # fmt: skip
+
+
+def write_tiny_autoencoder(folder: Path, seed: int = 0) -> Path:
+    """What a user puts on disk: config.json + diffusion_pytorch_model.safetensors (``save_pretrained``)."""
+    tiny_autoencoder(seed).save_pretrained(folder)
+    return folder
+
+
+def write_image_folder(folder: Path, n: int = 20, size: int = 32) -> Path:
+    """``n`` random RGB PNGs of ``size`` x ``size`` pixels in ``folder`` (one class)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder

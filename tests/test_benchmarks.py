@@ -558,3 +558,20 @@ def test_dit_throughput_smoke_interleaves_rows_and_reports_ratios(tmp_path: Path
         assert rows["official"]["images_per_s"] > 0 and preset["trainer_over_official"] > 0
     else:
         assert any(note.startswith("official: skipped") for note in preset["notes"]), preset["notes"]
+
+
+# ------------------------------------------------------------------------------ latent_throughput.py
+def test_latent_throughput_smoke_encodes_caches_and_trains_from_the_cache(tmp_path: Path, home: Path) -> None:
+    pytest.importorskip("diffusers")
+    out = tmp_path / "latent.json"
+    proc = run_script("latent_throughput", ["--smoke", "--repeats", "2", "--out", str(out)], home)
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout[proc.stdout.rindex("\n{"):]) == result  # printed too: the GPU machine returns few files
+    assert result["card"] == "cpu" and result["smoke"] and result["batch"] == 4
+    assert all(result["encode"][p]["images_per_s"] > 0 for p in ("fp32", "bf16"))
+    cache = result["cache"]
+    assert cache["encodes"] == 2 * cache["images"] and cache["bytes"] > 0 and cache["latent_shape"] == [4, 16, 16]
+    preset = result["presets"]["DiT-S/2"]
+    assert preset["loader"] == "LatentBatchLoader" and preset["flops_per_image"] > 0
+    assert len(preset["windows"]) == 2 and preset["min"] <= preset["images_per_s"] <= preset["max"]
+    assert preset["encoder_calls"] == 2 * 2  # built once (16 images in 2 batches, image and mirror); fit read the cache

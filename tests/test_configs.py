@@ -1,6 +1,6 @@
 """The shipped configs: their composition rules, and one CPU training step of every combination.
 
-A base per data/model setup (``configs/<base>.yaml``) composes with one small file per strategy or
+A base per data/model setup (``configs/<base>.yaml``; the paper's latent recipe in ``configs/paper/``) composes with one small file per strategy or
 ablation (``configs/strategies/``, ``configs/ablations/``) and optionally a schedule
 (``configs/schedules/``): ``lightning-speed fit --config <base> --config <strategy>``. The files
 below are found by glob, so a new one is tested without editing this file.
@@ -22,11 +22,14 @@ from lightning_speed.callbacks import StrategyCallback
 from lightning_speed.cli import SpeedCLI, main
 from lightning_speed.module import DiffusionModule
 
-from _fixtures import write_fake_cifar
+from _fixtures import write_fake_cifar, write_image_folder, write_tiny_autoencoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
 BASES = sorted(p for p in CONFIGS.glob("*.yaml") if p != QUICKSTART)
+PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))  # the paper's recipe on latents of a user's image folder
+PAPER_STRATEGIES = ("uniform", "speed", "speed_k2")  # what the paper compares
+INPUTS = "inputs"  # data_args writes files a run reads here (a user's images, an autoencoder)
 STRATEGIES = sorted((CONFIGS / "strategies").glob("*.yaml"))
 ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
 SCHEDULES = sorted((CONFIGS / "schedules").glob("*.yaml"))
@@ -43,8 +46,9 @@ def name(path: Path) -> str:
 # ------------------------------------------------------------------------------ composition rules
 def test_the_layout_is_complete() -> None:
     shipped = sorted(CONFIGS.rglob("*.yaml"))
-    assert shipped == sorted([QUICKSTART, *BASES, *STRATEGIES, *ABLATIONS, *SCHEDULES]), "a YAML outside the layout"
+    assert shipped == sorted([QUICKSTART, *BASES, *PAPER, *STRATEGIES, *ABLATIONS, *SCHEDULES]), "a YAML outside the layout"
     assert {p.stem for p in BASES} >= {"fashion_mnist", "fashion_mnist_dit", "cifar10"}
+    assert {p.stem for p in PAPER} == {"ffhq", "metfaces"}
     assert {p.stem for p in STRATEGIES} == {
         "uniform", "speed", "speed_k2", "change_aware", "speed_auto", "p2", "min_snr", "logit_normal", "clts", "loss_aware",
     }  # fmt: skip
@@ -77,7 +81,7 @@ def test_a_schedule_file_changes_only_the_schedule(path: Path) -> None:
     assert load(path) == {"model": {"schedule": path.stem}}
 
 
-@pytest.mark.parametrize("path", [QUICKSTART, *BASES], ids=name)
+@pytest.mark.parametrize("path", [QUICKSTART, *BASES, *PAPER], ids=name)
 def test_callbacks_use_their_own_keys(path: Path) -> None:
     """A callback with a top-level key never hides in trainer.callbacks, which a later file's list replaces."""
     config = load(path)
@@ -112,9 +116,11 @@ def test_composition_merges_later_files_into_the_top_level_keys(cli_env: Path) -
 # ------------------------------------------------------------------------------- one step of each
 def combinations() -> list[tuple[str, ...]]:
     """Every shipped way to train: each base with each strategy, ablations and schedules on the
-    Fashion-MNIST base (they are studied there), and the quickstart alone."""
+    Fashion-MNIST base (they are studied there), the paper's FFHQ base with the strategies the paper compares
+    (the other paper bases, which differ in folders only, with SpeeD), and the quickstart alone."""
     fashion = CONFIGS / "fashion_mnist.yaml"
     runs = [(name(base), name(s)) for base in BASES for s in STRATEGIES]
+    runs += [(name(base), f"strategies/{s}.yaml") for base in PAPER for s in (PAPER_STRATEGIES if base.stem == "ffhq" else ["speed"])]
     runs += [(name(fashion), name(a)) for a in ABLATIONS]
     runs += [(name(fashion), "strategies/speed_auto.yaml", name(s)) for s in SCHEDULES]
     return [(name(QUICKSTART),), *runs]
@@ -134,6 +140,13 @@ def data_args(config: dict[str, Any], tmp_path: Path) -> list[str]:
         write_fake_cifar(tmp_path / "cifar", per_batch=4, n_test=8)
         return [*small, "--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.download", "false",
                 "--data.init_args.num_workers", "0"]
+    if cls == "LatentDataModule":  # a tiny random AutoencoderKL folder and 64 px images: 4x32x32 latents, as at 256 px
+        pytest.importorskip("diffusers")
+        inputs = tmp_path / INPUTS
+        vae, images = write_tiny_autoencoder(inputs / "vae"), write_image_folder(inputs / "images", n=8, size=64)
+        return ["--data.init_args.batch_size", "4", "--data.init_args.autoencoder", str(vae),
+                "--data.init_args.cache_dir", str(tmp_path / "latents"), "--data.init_args.images.init_args.root", str(images),
+                "--data.init_args.images.init_args.image_size", "64", "--data.init_args.images.init_args.num_workers", "0"]
     pytest.fail(f"test_configs.py cannot run {cls} offline on a CPU: add it to data_args")
 
 
@@ -181,5 +194,5 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
         if spec:
             assert spec["class_path"].rsplit(".", 1)[-1] in classes, key
     assert "fid" not in trainer.callback_metrics  # fast_dev_run: no FID, no grids, no checkpoints
-    written = [p for p in cli_env.rglob("*") if p.suffix in (".ckpt", ".png")]
+    written = [p for p in cli_env.rglob("*") if p.suffix in (".ckpt", ".png") and cli_env / INPUTS not in p.parents]
     assert written == [], f"fast_dev_run wrote {written}"

@@ -271,7 +271,7 @@ class FIDCallback(SolverSettings, pl.Callback):
         start = time.perf_counter()
         device = trainer.strategy.root_device
         ref_key, load_images = self._reference_source(trainer)
-        image_shape = getattr(pl_module, "image_shape", None)
+        image_shape = getattr(pl_module, "output_shape", getattr(pl_module, "image_shape", None))  # what FID sees
         if image_shape is None and not isinstance(self.feature_extractor, str):
             image_shape = tuple(load_images().shape[1:])
         extractor = resolve_feature_extractor(

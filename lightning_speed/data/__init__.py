@@ -1,7 +1,8 @@
 """LightningDataModules yielding ``(images in [-1, 1] (B, C, H, W) float, labels long)``.
 
 Each exposes ``image_shape``, ``num_classes``, ``name``, and ``reference_images`` /
-``reference_key`` for FID's real-image statistics.
+``reference_key`` for FID's real-image statistics. ``LatentDataModule`` yields an image module's
+images as cached autoencoder latents instead (see ``lightning_speed.data.latent``).
 """
 
 from .base import DeviceBatchLoader, UInt8ImageDataModule
@@ -10,6 +11,7 @@ from .embedded import EmbeddedFashionMNISTDataModule
 from .fashion_mnist import FashionMNISTDataModule
 from .idx import read_idx
 from .image_folder import ImageFolderDataModule
+from .latent import LatentBatchLoader, LatentDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -17,6 +19,8 @@ __all__ = [
     "EmbeddedFashionMNISTDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
+    "LatentBatchLoader",
+    "LatentDataModule",
     "UInt8ImageDataModule",
     "read_idx",
 ]

@@ -88,7 +88,8 @@ class DeviceBatchLoader:
     DDP rank draws the same one), takes this rank's contiguous shard, and yields
     ``(float images in [-1, 1], labels)`` batches; ``drop_last`` semantics. Lightning calls
     ``set_epoch`` (through ``.sampler``) before each epoch; without it the epoch counts up
-    on every ``iter``.
+    on every ``iter``. What a batch is (``_check_data``, ``_batch``) is for subclasses to change
+    (``lightning_speed.data.latent.LatentBatchLoader`` draws latents from a cached posterior).
     """
 
     def __init__(
@@ -101,8 +102,7 @@ class DeviceBatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if images.dtype != torch.uint8:
-            raise ValueError(f"DeviceBatchLoader expects uint8 images, got {images.dtype}.")
+        self._check_data(images)
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels.")
         if not 0 <= rank < world_size:
@@ -119,6 +119,17 @@ class DeviceBatchLoader:
             )
         self.epoch = 0
         self._epoch_set = False
+
+    def _check_data(self, images: Tensor) -> None:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"DeviceBatchLoader expects uint8 images, got {images.dtype}.")
+
+    def _batch(self, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The batch of the rows ``index``; ``generator`` (this rank's, seeded per epoch) draws its randomness."""
+        x = to_unit_range(self.images[index])
+        if self.random_flip:
+            x = random_hflip(x, generator)
+        return x, self.labels[index]
 
     @property
     def device(self) -> torch.device:
@@ -143,17 +154,13 @@ class DeviceBatchLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         perm = torch.randperm(self.images.shape[0], generator=self._generator(0), device=self.device)
         shard = perm[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
-        flip_gen = self._generator(1 + self.rank) if self.random_flip else None
+        generator = self._generator(1 + self.rank)
         if not self._epoch_set:
             self.epoch += 1
         self._epoch_set = False
         bs = self.batch_size
         for i in range(len(self)):
-            idx = shard[i * bs : (i + 1) * bs]
-            x = to_unit_range(self.images[idx])
-            if flip_gen is not None:
-                x = random_hflip(x, flip_gen)
-            yield x, self.labels[idx]
+            yield self._batch(shard[i * bs : (i + 1) * bs], generator)
 
 
 class UInt8ImageDataModule(L.LightningDataModule):
@@ -320,8 +327,12 @@ class UInt8ImageDataModule(L.LightningDataModule):
         return self._loader(images, labels, train=False)
 
     # -------------------------------------------------------------- references
+    def split_size(self, split: str) -> int:
+        """Number of images in ``split`` (subclasses that can count without loading them override this)."""
+        return int(self._split(split)[0].shape[0])
+
     def _num_reference(self, split: str, max_images: int | None) -> int:
-        n = self._split(split)[0].shape[0]
+        n = self.split_size(split)
         if max_images is not None:
             if max_images < 1:
                 raise ValueError(f"max_images must be >= 1 or None, got {max_images}.")

@@ -164,6 +164,13 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         perm = np.random.default_rng(self.seed).permutation(n)
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
+    def split_size(self, split: str) -> int:
+        """Counted from the file list, without decoding a single image."""
+        if split not in ("train", "test"):
+            return super().split_size(split)  # the base's error for an unknown split
+        train, test = self.split_indices()
+        return len(train if split == "train" else test)
+
     def _locate(self, download: bool) -> list[Path]:
         """The image files; checks the folder exists and holds images (errors before training)."""
         return self._scanned()[0]

@@ -34,7 +34,8 @@ def generate_batches(
     """Yield ``num_samples`` images in [-1, 1] in batches from ``pl_module.sample`` with a fixed seed.
 
     A fresh generator seeded with ``seed`` on the module's device makes successive calls draw the
-    same noise, so evaluations at different steps are comparable.
+    same noise, so evaluations at different steps are comparable. A module with a ``decode`` method
+    (``DiffusionModule``: latents -> images with an autoencoder, else the identity) has its samples decoded.
     """
     if not callable(getattr(pl_module, "sample", None)):
         raise TypeError(
@@ -46,9 +47,11 @@ def generate_batches(
     kwargs: dict[str, Any] = {"solver": solver, "solver_steps": solver_steps, "generator": generator, **(sample_kwargs or {})}
     if eta is not None:
         kwargs["eta"] = eta
+    decode = getattr(pl_module, "decode", None)
+    decode = decode if callable(decode) else None
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
         images = pl_module.sample(n, **kwargs)
         if images.shape[0] != n:
             raise ValueError(f"{type(pl_module).__name__}.sample({n}) returned {images.shape[0]} images.")
-        yield images
+        yield decode(images) if decode is not None else images

@@ -1,0 +1,199 @@
+"""Latent diffusion on the CPU with a tiny random diffusers ``AutoencoderKL`` (the real class): encode ->
+cache -> SpeeD steps with learned sigma -> sample -> decode -> a sample grid and an FID point; the cache
+read back without the encoder, rebuilt (never mixed, never damaged) when its autoencoder or resolution
+differs; and the bad inputs that must fail before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from _fixtures import cpu_trainer, tiny_autoencoder, write_image_folder, write_tiny_autoencoder  # noqa: E402
+from lightning_speed import DiffusionModule  # noqa: E402
+from lightning_speed.autoencoders import Autoencoder, AutoencoderUnavailable  # noqa: E402
+from lightning_speed.backbones import DiT  # noqa: E402
+from lightning_speed.callbacks import EMAWeightAveraging, FIDCallback, SampleGridCallback, SpeeD  # noqa: E402
+from lightning_speed.data import ImageFolderDataModule, LatentDataModule  # noqa: E402
+from lightning_speed.data.latent import draw_latents  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("latent")
+    return {"vae": write_tiny_autoencoder(root / "vae"), "other_vae": write_tiny_autoencoder(root / "other_vae", seed=1),
+            "images": write_image_folder(root / "images")}
+
+
+def latent_data(files: dict[str, Path], cache: Path, vae: str = "vae", image_size: int = 32, **kwargs) -> LatentDataModule:
+    images = ImageFolderDataModule(str(files["images"]), image_size=image_size, num_workers=0, val_fraction=0.0)
+    return LatentDataModule(images, str(files[vae]), cache_dir=str(cache), batch_size=4, **kwargs)
+
+
+def cache_state(cache: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cache.iterdir())}
+
+
+def forbid_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def encode(self, images):
+        raise AssertionError("the encoder was called")
+
+    monkeypatch.setattr(Autoencoder, "encode", encode)
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+def test_encode_cache_train_speed_sample_decode_grid_and_fid(files: dict[str, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    data = latent_data(files, tmp_path / "cache", on_device=True)
+    assert data.image_shape == (4, 16, 16) and data.autoencoder.scaling_factor == 0.18215
+    backbone = DiT(in_channels=4, image_size=16, learn_sigma=True, depth=1, hidden_size=32, num_heads=2, patch_size=4)
+    model = DiffusionModule(backbone, learn_sigma=True, image_shape=data.image_shape)
+    fid = FIDCallback(num_samples=6, batch_size=6, solver="ddpm", solver_steps=4, feature_extractor="fashion_mnist",
+                      cache_dir=str(tmp_path / "fid"), reference_split="train")
+    grid = SampleGridCallback(every_n_steps=100, num_samples=4, solver="ddpm", solver_steps=4, save_dir=str(tmp_path / "grid"))
+    speed = SpeeD()
+    trainer = cpu_trainer(max_steps=3, callbacks=[speed, EMAWeightAveraging(decay=0.9999), fid, grid])
+    trainer.fit(model, datamodule=data)
+
+    assert trainer.global_step == 3 and model.timesteps.sampler is speed.sampler
+    assert data.encoder_calls == 2  # one batch of 20 images (encode_batch_size 64), as it is and mirrored
+    (step, value), = fid.history
+    assert step == 3 and np.isfinite(value)
+    assert fid.reference_key.startswith("image_folder-train-n20-3x32x32")  # real images, not latents
+    # decoded: 4 images of 32x32 in a 2x2 grid with 2-pixel padding
+    assert grid.last_grid.shape == (3, 2 + 2 * 34, 2 + 2 * 34) and grid.saved_paths[0].is_file()
+    assert model.output_shape == (3, 32, 32)
+    latents = model.sample(2, solver="ddim", solver_steps=3)
+    images = model.decode(latents)
+    assert latents.shape == (2, 4, 16, 16) and images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    record = meta["record"]
+    assert record["flip"] and record["dtype"] == "float16" and record["latent_shape"] == [4, 16, 16]
+    assert record["dataset"]["count"] == 20 and record["autoencoder"]["fingerprint"] == data.autoencoder.fingerprint
+    posterior = np.load(tmp_path / "cache" / meta["files"]["posterior"], mmap_mode="r")
+    assert posterior.shape == (20, 2, 2, 4, 16, 16) and posterior.dtype == np.float16
+    # the cached posterior is the autoencoder's: the mirror variant is the flipped image's, the std positive
+    image = data.images._split("train")[0][:1].float() / 127.5 - 1
+    mean, std = data.autoencoder.encode(image.flip(-1))
+    torch.testing.assert_close(torch.from_numpy(posterior[0, 1, 0].astype(np.float32)), mean[0], atol=2e-3, rtol=1e-2)
+    assert (posterior[:, :, 1] > 0).all()
+
+    # a second run reads the cache: the encoder is never called, the latents are the same file
+    forbid_encoding(monkeypatch)
+    before = cache_state(tmp_path / "cache")
+    again = latent_data(files, tmp_path / "cache", on_device=False)
+    again.setup("fit")
+    batch, labels = next(iter(again.train_dataloader()))  # the memory-mapped DataLoader path
+    assert batch.shape == (4, 4, 16, 16) and batch.dtype == torch.float32 and labels.dtype == torch.long
+    assert again.encoder_calls == 0 and cache_state(tmp_path / "cache") == before
+
+
+def test_draws_are_mean_plus_std_noise_times_the_scale_and_pick_a_mirror_half_the_time() -> None:
+    posterior = torch.zeros(4000, 2, 2, 1, 1, 1)
+    posterior[:, 0, 0], posterior[:, 1, 0] = 1.0, -1.0  # means of the image and of its mirror
+    posterior[:, :, 1] = 0.1  # std: the noise (0.1 * 0.2) is 10 standard deviations from 0, so the sign tells the variant
+    z = draw_latents(posterior, 0.2, torch.Generator().manual_seed(0), flip=True).flatten()
+    mirror = z < 0
+    assert abs(mirror.float().mean().item() - 0.5) < 0.05
+    assert abs(z[~mirror].mean().item() - 0.2) < 0.002 and abs(z[~mirror].std().item() - 0.02) < 0.002
+    unflipped = draw_latents(posterior, 0.2, torch.Generator().manual_seed(0), flip=False)
+    assert (unflipped > 0).all()
+
+
+# ------------------------------------------------------------------------------------ rebuilds
+def test_cache_is_rebuilt_when_the_autoencoder_or_the_resolution_differs(files: dict[str, Path], tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = latent_data(files, cache, image_size=16)
+    first.setup("fit")
+    meta = json.loads((cache / "meta.json").read_text())
+    other = latent_data(files, cache, vae="other_vae", image_size=16)  # another autoencoder's weights
+    assert not other.cache_matches()
+    other.setup("fit")
+    assert other.encoder_calls > 0
+    rebuilt = json.loads((cache / "meta.json").read_text())
+    assert rebuilt["record"]["autoencoder"]["fingerprint"] != meta["record"]["autoencoder"]["fingerprint"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["meta.json", *rebuilt["files"].values()])  # old files gone
+    larger = latent_data(files, cache, vae="other_vae", image_size=32)
+    assert not larger.cache_matches()
+    larger.setup("fit")
+    assert larger.encoder_calls > 0
+    assert json.loads((cache / "meta.json").read_text())["record"]["latent_shape"] == [4, 16, 16]
+    assert latent_data(files, cache, vae="other_vae", image_size=32).cache_matches()
+
+
+def test_a_failed_rebuild_leaves_the_existing_cache_intact(files: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    latent_data(files, cache, image_size=16).setup("fit")
+    before = cache_state(cache)
+    calls = []
+    real_encode = Autoencoder.encode
+
+    def fails_midway(self, images):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # an interrupted encoding (Ctrl+C) as much as a failing one
+        return real_encode(self, images)
+
+    monkeypatch.setattr(Autoencoder, "encode", fails_midway)
+    with pytest.raises(KeyboardInterrupt):
+        latent_data(files, cache, vae="other_vae", image_size=16).setup("fit")
+    assert cache_state(cache) == before  # no partial file left, the old cache untouched
+    monkeypatch.setattr(Autoencoder, "encode", real_encode)
+    assert latent_data(files, cache, image_size=16).cache_matches()
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_an_autoencoder_folder_that_does_not_exist_or_lacks_weights(tmp_path: Path) -> None:
+    with pytest.raises(AutoencoderUnavailable, match="does not exist") as err:
+        Autoencoder.load(str(tmp_path / "no_such_vae"))
+    assert "config.json and diffusion_pytorch_model.safetensors" in str(err.value)
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    (only_config / "config.json").write_text("{}")
+    with pytest.raises(AutoencoderUnavailable, match=r"lacks diffusion_pytorch_model\.safetensors"):
+        Autoencoder.load(str(only_config))
+    with pytest.raises(AutoencoderUnavailable, match="does not exist"):  # a subfolder that is not there
+        Autoencoder.load(str(only_config), subfolder="vae")
+
+
+def test_a_hub_name_offline_without_a_cached_copy_says_which_files_to_place_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AutoencoderUnavailable) as err:
+        Autoencoder.load("lightning-speed-tests/no-such-vae", subfolder="vae")
+    message = str(err.value)
+    assert "HF_HUB_OFFLINE" in message and "vae/config.json and vae/diffusion_pytorch_model.safetensors" in message
+
+
+def test_images_the_autoencoder_cannot_take_fail_before_any_encoding(files: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid_encoding(monkeypatch)
+    with pytest.raises(ValueError, match="multiples of 2; these are 31x31"):
+        latent_data(files, tmp_path / "cache", image_size=31)
+    grey = ImageFolderDataModule(str(files["images"]), image_size=32, channels=1, num_workers=0)
+    with pytest.raises(ValueError, match="takes 3-channel images, but the images have 1"):
+        LatentDataModule(grey, str(files["vae"]), cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_autoencoder_instance_and_a_pixel_model_decode() -> None:
+    vae = tiny_autoencoder()
+    autoencoder = Autoencoder.load(vae)
+    assert autoencoder.vae is vae and autoencoder.latent_shape((3, 32, 32)) == (4, 16, 16)
+    assert Autoencoder.load(autoencoder, scaling_factor=0.5).scaling_factor == 0.5
+    pixels = DiffusionModule(DiT(in_channels=1, image_size=8, depth=1, hidden_size=32, num_heads=2, patch_size=4),
+                             image_shape=(1, 8, 8))
+    x = torch.randn(2, 1, 8, 8)
+    assert pixels.decode(x) is x and pixels.output_shape == (1, 8, 8)
+    latent = DiffusionModule(DiT(in_channels=4, image_size=16, depth=1, hidden_size=32, num_heads=2, patch_size=4),
+                             image_shape=(4, 16, 16))
+    latent.autoencoder = autoencoder  # as after loading a checkpoint
+    assert "autoencoder" not in dict(latent.named_children()) and latent.output_shape == (3, 32, 32)
+    assert not any(k.startswith("autoencoder") for k in latent.state_dict())
+    assert latent.decode(torch.randn(3, 4, 16, 16), batch_size=2).shape == (3, 3, 32, 32)
