@@ -415,13 +415,20 @@ class LossAwareSampling(TimestepSamplingCallback):
         seed: the sampler's own seed (None: from ``torch.initial_seed()``).
 
     Samples are re-weighted by 1 / (T p(t)) inside ``TimestepStrategy.loss``, so the objective
-    stays unbiased; it combines with any weighting callback (the weights multiply). Under DDP each
-    rank keeps its own history.
+    stays unbiased; it combines with any weighting callback (the weights multiply). Under DDP the
+    losses of all ranks are gathered at every step (``trainer.strategy.all_gather``, on the device),
+    so every rank keeps the same history and p(t) and draws its own t from it.
     """
 
     def __init__(self, history: int = 10, uniform_prob: float = 0.001, seed: int | None = None) -> None:
         super().__init__(seed)
         self.history, self.uniform_prob = baselines.check_loss_aware(history, uniform_prob)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if isinstance(self.sampler, baselines.LossAwareSampler):
+            self.sampler.all_gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
 
     @override
     def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
