@@ -212,7 +212,7 @@ class LossAwareSampler(CDFSampler):
         uniform_prob: share of the uniform distribution mixed in once warm (0.001).
 
     Several processes (DDP): set ``all_gather`` to a function that returns a tensor of every rank
-    stacked, shaped (world_size, *shape) (Lightning's ``trainer.strategy.all_gather``;
+    stacked, shaped (world_size, *shape) (``lightning_speed.callbacks.strategies.gather_from_ranks``;
     ``LossAwareSampling`` sets it). ``update`` then records the losses of all ranks, in rank order,
     so every rank keeps the same history and draws from the same p(t) with its own generator. The
     gather is one collective per step on the device, without a host sync; all ranks must pass the
