@@ -1,86 +1,394 @@
-"""Multi-GPU scaling: training images/s on N GPUs (DDP) over 1 GPU.
+"""Multi-GPU scaling: training images/s on N GPUs (DDP) over 1 GPU, for several DDP and compile settings.
 
-Row d of throughput.py (DiffusionModule + the SpeeD callback + our EMA, compiled, bf16, data on the
-GPU) with a fixed batch per GPU. Each device count runs in its own process; Lightning's DDP
-launcher starts the other ranks by running this module again.
+Two models, each as its shipped config trains it (DiffusionModule + the SpeeD callback + our EMA, bf16,
+data on the GPU), with a fixed batch per GPU:
+  unet  the Fashion-MNIST UNet (configs/fashion_mnist.yaml; row d of throughput.py), EMA 0.999
+  dit   DiT-B/2 (--dit-preset) on random 4x32x32 latents, learned sigma, EMA 0.9999, as dit_throughput.py
+        builds its Trainer row
 
-    python -m benchmarks.ddp_scaling --devices 1 2 --batch-size 128 --root .data
-    python -m benchmarks.ddp_scaling --smoke --out /tmp/ddp.json   # CPU, 1 and 2 processes, tiny model (tests)
+A variant is a compile mode and DDP settings, written MODE[:static][:view][:bucket=MB]:
+  MODE        DiffusionModule's compile_mode: default, reduce-overhead, max-autotune,
+              max-autotune-no-cudagraphs or none (eager)
+  static      DDPStrategy(static_graph=True)
+  view        DDPStrategy(gradient_as_bucket_view=True)
+  bucket=MB   DDPStrategy(bucket_cap_mb=MB)
+  shipped     the settings of configs/multi_gpu/ddp.yaml (what users compose)
+Each device count of each variant runs in its own process (Lightning's DDP launcher starts the other
+ranks by running this module again). One GPU runs once per compile mode (DDP settings do not apply there),
+and also with the single-GPU config's own compile mode (the baseline a user has before adding GPUs).
+Speed-up = images/s on N GPUs (all GPUs together) over the best one-GPU figure of the same model and batch.
+
+Timing: after --warmup steps (compilation, CUDA-graph recording) --windows windows of --window-steps steps
+each, synchronised at both ends; the result is their mean with min and max. Every process records
+torch.compile's counters (graph breaks, CUDA-graph skips, recompilations) and the log lines and warnings
+that mention them. --profile adds, on rank 0, a torch.profiler window after the timed ones: GPU kernel time
+split into compute and NCCL (and how much NCCL time overlaps compute), and the GPU's idle time, per step;
+--trace-dir also writes its Chrome trace.
+
+    # on 2 GPUs, about 4-5 minutes (UNet at 128 and 512 per GPU, DiT-B/2 at 256; 1 and 2 GPUs; shipped settings)
+    python -m benchmarks.ddp_scaling --root .data --out ddp_scaling.json
+    # compare settings in one call
+    python -m benchmarks.ddp_scaling --models unet --unet-batches 128 --variants reduce-overhead \\
+        default:static:view max-autotune-no-cudagraphs:static:view --profile --root .data
+    python -m benchmarks.ddp_scaling --smoke --out /tmp/ddp.json   # CPU, 1 and 2 processes, tiny models (tests)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, RESULTS, device_name, today, update_summary, write_json
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
+from typing_extensions import override
 
-def measure(args: argparse.Namespace) -> None:
-    """One device count (this process is rank 0, or a rank started by Lightning): rank 0 writes the part file."""
-    import torch
+from benchmarks.common import REPO, RESULTS, device_name, load_config, today, update_summary, write_json
+from benchmarks.dit_throughput import SMOKE_DIT, EndlessLatents
+from benchmarks.throughput import seeded_backbone
+from lightning_speed import DiffusionModule
+from lightning_speed.backbones import DiT
+from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
+from lightning_speed.data import FashionMNISTDataModule
 
-    from benchmarks.throughput import lightning_loop, seeded_backbone
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none")
+SINGLE_GPU_CONFIG = {"unet": "fashion_mnist.yaml", "dit": "fashion_mnist_dit.yaml"}
+EMA_DECAY = {"unet": 0.999, "dit": 0.9999}
+# what a compile log line or warning must mention to be kept in the results
+WATCHED = ("cudagraph", "cuda graph", "graph break", "recompil", "skipping", "ddp")
 
-    if args.smoke:
+
+# ------------------------------------------------------------------------------------- variants
+def parse_variant(spec: str) -> dict[str, Any]:
+    """``MODE[:static][:view][:bucket=MB]`` or ``shipped`` -> {"name", "compile_mode", "ddp": {...}}."""
+    if spec == "shipped":
+        config = load_config("multi_gpu/ddp.yaml")
+        ddp = dict(config["trainer"]["strategy"].get("init_args") or {})
+        mode = config.get("model", {}).get("compile_mode")
+        return {"name": "shipped", "compile_mode": mode or "none", "ddp": ddp}
+    mode, *options = spec.split(":")
+    if mode not in COMPILE_MODES:
+        raise SystemExit(f"--variants {spec!r}: the compile mode must be one of {', '.join(COMPILE_MODES)} (or the "
+                         "variant 'shipped'), e.g. default:static:view:bucket=50.")
+    ddp: dict[str, Any] = {}
+    for option in options:
+        if option == "static":
+            ddp["static_graph"] = True
+        elif option == "view":
+            ddp["gradient_as_bucket_view"] = True
+        elif option.startswith("bucket=") and option[7:].replace(".", "", 1).isdigit():
+            ddp["bucket_cap_mb"] = float(option[7:])
+        else:
+            raise SystemExit(f"--variants {spec!r}: unknown option {option!r}; use static, view or bucket=MB.")
+    return {"name": spec, "compile_mode": mode, "ddp": ddp}
+
+
+def single_gpu_mode(model: str) -> str:
+    """The compile mode of the model's single-GPU config (the one-GPU baseline)."""
+    return load_config(SINGLE_GPU_CONFIG[model])["model"].get("compile_mode") or "none"
+
+
+# --------------------------------------------------------------------------- one measurement (a process)
+class WindowTimer(pl.Callback):
+    """Timed windows after the warm-up, then an optional profiler window on rank 0."""
+
+    def __init__(self, warmup: int, windows: int, steps: int, profile_steps: int, trace: str | None) -> None:
+        self.boundaries = [warmup + k * steps for k in range(windows + 1)]
+        self.times: list[float] = []
+        self.steps, self.profile_steps, self.trace = steps, profile_steps, trace
+        self.profile_start = self.boundaries[-1]
+        self.profiler: Any = None
+        self.profile_t0 = 0.0
+        self.profile: dict[str, Any] | None = None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step in self.boundaries:
+            sync(pl_module.device)
+            self.times.append(time.perf_counter())
+        if self.profile_steps and step == self.profile_start and trainer.global_rank == 0:
+            self.profiler = start_profiler(pl_module.device)
+            self.profile_t0 = time.perf_counter()
+        if self.profiler is not None and step == self.profile_start + self.profile_steps:
+            sync(pl_module.device)
+            wall = time.perf_counter() - self.profile_t0
+            self.profiler.__exit__(None, None, None)
+            self.profile = summarise_profile(self.profiler, wall, self.profile_steps, self.trace)
+            self.profiler = None
+
+    def images_per_s(self, images_per_step: int) -> list[float]:
+        return [images_per_step * self.steps / (b - a) for a, b in zip(self.times, self.times[1:])]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def start_profiler(device: Any) -> Any:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    prof.__enter__()
+    return prof
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+def summarise_profile(prof: Any, wall_s: float, steps: int, trace: str | None) -> dict[str, Any]:
+    """Per step: GPU kernel time (compute, NCCL, NCCL overlapping compute), busy and idle time, in ms."""
+    path = Path(trace) if trace else Path(tempfile.mkdtemp(prefix="ddp_trace_")) / "trace.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text()).get("traceEvents", [])
+    if not trace:
+        path.unlink()
+    kernels = [(e["ts"], e["ts"] + e.get("dur", 0), "nccl" in e.get("name", "").lower())
+               for e in events if e.get("cat") == "kernel" and "ts" in e]
+    nccl = [(a, b) for a, b, is_nccl in kernels if is_nccl]
+    compute = [(a, b) for a, b, is_nccl in kernels if not is_nccl]
+    compute_ms, nccl_ms = _union_ms(compute), _union_ms(nccl)
+    busy_ms = _union_ms(compute + nccl)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if kernels else "self_cpu_time_total", row_limit=15)
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_s * 1e3 / steps,
+        "compute_kernels_ms_per_step": compute_ms / steps,
+        "nccl_kernels_ms_per_step": nccl_ms / steps,
+        "nccl_overlapping_compute_ms_per_step": (compute_ms + nccl_ms - busy_ms) / steps,
+        "gpu_busy_ms_per_step": busy_ms / steps,
+        "gpu_idle_ms_per_step": max(0.0, wall_s * 1e3 - busy_ms) / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "trace": str(path) if trace else None,
+        "table": table,
+    }
+
+
+class _Watch(logging.Handler):
+    """Keeps the log lines of torch.compile that mention graph breaks, CUDA graphs or recompilation."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if any(w in text.lower() for w in WATCHED) and len(self.lines) < 50:
+            self.lines.append(text[:300])
+
+
+def lazy_latents(batch: int, size: int, smoke: bool) -> Any:
+    """Endless device-resident latent batches, created on the rank's device when Lightning iterates."""
+    class RankLatents:
+        def __iter__(self) -> Any:
+            cuda = torch.cuda.is_available() and not smoke
+            device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+            pool = torch.randn(4 * batch if smoke else 10_000, 4, size, size, device=device)
+            return iter(EndlessLatents(lambda: pool[torch.randint(0, pool.shape[0], (batch,), device=device)]))
+
+    return RankLatents()
+
+
+def measure(run: dict[str, Any]) -> None:
+    """One model, batch, variant and device count; rank 0 writes the part file."""
+    smoke, devices, model = run["smoke"], run["devices"], run["model"]
+    cuda = torch.cuda.is_available() and not smoke
+    if smoke:
         torch.set_num_threads(1)
-    backbone = seeded_backbone(args.smoke, torch.device("cpu"))  # Lightning moves it to each rank's device
-    images_per_s = lightning_loop(backbone, args.root, args.batch_size, args.warmup, args.steps, speed=True,
-                                  smoke=args.smoke, ema="ours", devices=args.run_devices,
-                                  channels_last=not args.smoke)  # as the GPU configs train
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        write_json(Path(args.part), {"devices": args.run_devices, "images_per_s": images_per_s})
+    else:
+        torch.set_float32_matmul_precision("high")
+    mode = None if smoke or run["compile_mode"] == "none" else run["compile_mode"]
+    watch = _Watch()
+    logging.getLogger("torch").addHandler(watch)
+    if cuda:
+        torch._logging.set_logs(perf_hints=True, graph_breaks=True, recompiles=True)
+    if model == "unet":
+        backbone = seeded_backbone(smoke, torch.device("cpu"))  # Lightning moves it to each rank's device
+        module = DiffusionModule(backbone, compile_mode=mode, channels_last=cuda)
+        data: dict[str, Any] = {"datamodule": FashionMNISTDataModule(root=run["root"], batch_size=run["batch"],
+                                                                     on_device=cuda, val_images=0)}
+    else:
+        size = 8 if smoke else 32
+        torch.manual_seed(0)
+        backbone = DiT(preset=run["dit_preset"], in_channels=4, image_size=size, learn_sigma=True,
+                       **(SMOKE_DIT if smoke else {}))
+        module = DiffusionModule(backbone, learn_sigma=True, compile_mode=mode, image_shape=(4, size, size))
+        data = {"train_dataloaders": lazy_latents(run["batch"], size, smoke)}
+    timer = WindowTimer(run["warmup"], run["windows"], run["window_steps"], run["profile_steps"], run["trace"])
+    strategy: Any = DDPStrategy(**run["ddp"]) if devices > 1 else "auto"
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=devices, strategy=strategy,
+        precision="bf16-mixed" if cuda else "32-true",
+        max_steps=timer.boundaries[-1] + run["profile_steps"] + 1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[SpeeD(tau=700, k=5, dual=True, lam=0.6), EMAWeightAveraging(decay=EMA_DECAY[model]), timer],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, **data)
+    if trainer.global_rank != 0:
+        return
+    ips = timer.images_per_s(run["batch"] * devices)
+    messages = watch.lines + [str(w.message)[:300] for w in caught if any(k in str(w.message).lower() for k in WATCHED)]
+    result = {
+        **{k: run[k] for k in ("model", "batch", "devices", "variant", "compile_mode", "ddp")},
+        "images_per_s": statistics.mean(ips), "min": min(ips), "max": max(ips), "windows": ips,
+        "compile_counters": {k: dict(v) for k, v in counters.items()
+                             if k in ("graph_break", "inductor", "stats", "recompiles") and v},
+        "messages": list(dict.fromkeys(messages))[:30],
+        "profile": timer.profile,
+    }
+    write_json(Path(run["part"]), result)
+
+
+# ------------------------------------------------------------------------------------ orchestration
+def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every process to run, in an order that lets a variant's 1- and N-GPU runs share compiled code."""
+    variants = [parse_variant(v) for v in args.variants]
+    if len({v["name"] for v in variants}) != len(variants):
+        raise SystemExit("--variants: each variant once.")
+    batches = {"unet": args.unet_batches, "dit": args.dit_batches}
+    runs = []
+    for model in args.models:
+        for batch in batches[model]:
+            base = {"model": model, "batch": batch}
+            if 1 in args.devices:
+                modes = dict.fromkeys([single_gpu_mode(model), *(v["compile_mode"] for v in variants)])
+                if args.smoke:  # eager on the CPU whatever the mode: one run stands for all
+                    modes = dict.fromkeys(v["compile_mode"] for v in variants[:1])
+                runs += [{**base, "devices": 1, "variant": f"1gpu:{mode}", "compile_mode": mode, "ddp": {}} for mode in modes]
+            runs += [{**base, "devices": n, "variant": v["name"], "compile_mode": v["compile_mode"], "ddp": v["ddp"]}
+                     for v in variants for n in args.devices if n > 1]
+    return runs
 
 
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     parts = Path(tempfile.mkdtemp(prefix="ddp_scaling_"))
-    images_per_s: dict[str, float] = {}
-    for n in args.devices:
-        part = parts / f"devices{n}.json"
-        cmd = [sys.executable, "-m", "benchmarks.ddp_scaling", "--run-devices", str(n), "--part", str(part),
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += (["--root", args.root] if args.root else []) + (["--smoke"] if args.smoke else [])
-        subprocess.run(cmd, check=True, cwd=REPO)
-        images_per_s[str(n)] = json.loads(part.read_text())["images_per_s"]
-        print(f"{n} device(s): {images_per_s[str(n)]:.0f} images/s", flush=True)
-    one = images_per_s.get("1")
-    result = {
-        "card": "cpu" if args.smoke else device_name(),
-        "date": today(),
-        "batch_per_device": args.batch_size,
-        "images_per_s": images_per_s,
-        # speed-up over 1 device, and that speed-up per device (1.0 = perfect scaling)
-        "scaling": {n: v / one for n, v in images_per_s.items()} if one else {},
-        "efficiency": {n: v / one / int(n) for n, v in images_per_s.items()} if one else {},
-    }
-    write_json(Path(args.out), result)
-    if not args.smoke and one and len(images_per_s) > 1:
-        update_summary(RESULTS / "summary.json", {"ddp_scaling": {k: result[k] for k in ("card", "date", "batch_per_device", "scaling", "images_per_s")}})
-    print(json.dumps(result, indent=1))
-    return result
+    command = " ".join(["python -m benchmarks.ddp_scaling", *sys.argv[1:]])
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for i, run in enumerate(plan(args)):
+        run = {**run, "part": str(parts / f"run{i}.json"), "smoke": args.smoke, "root": args.root,
+               "dit_preset": args.dit_preset, "warmup": args.warmup, "windows": args.windows,
+               "window_steps": args.window_steps, "profile_steps": args.profile_steps if args.profile else 0,
+               "trace": str(Path(args.trace_dir) / f"trace_run{i}.json") if args.profile and args.trace_dir else None}
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.ddp_scaling", "--run", json.dumps(run)], cwd=REPO)
+        label = f"{run['model']}@{run['batch']} {run['variant']} x{run['devices']}"
+        if proc.returncode != 0 or not Path(run["part"]).is_file():
+            print(f"{label}: FAILED (exit {proc.returncode})", flush=True)
+            results.append({**{k: run[k] for k in ("model", "batch", "devices", "variant", "compile_mode", "ddp")},
+                            "error": f"exit status {proc.returncode}"})
+            continue
+        result = json.loads(Path(run["part"]).read_text())
+        result["process_s"] = time.perf_counter() - t0
+        profile = result.get("profile") or {}
+        if profile.get("table"):
+            print(f"--- profile of rank 0, {label}\n{profile.pop('table')}", flush=True)
+        print(f"{label}: {result['images_per_s']:.0f} images/s (min {result['min']:.0f}, max {result['max']:.0f}), "
+              f"{result['process_s']:.0f} s; {json.dumps({k: v for k, v in profile.items() if k != 'table'})}", flush=True)
+        results.append(result)
+    summary = summarise(results)
+    out = {"card": "cpu" if args.smoke else device_name(), "date": today(), "command": command, "smoke": args.smoke,
+           "seconds": time.perf_counter() - started, "windows": args.windows, "window_steps": args.window_steps,
+           "warmup": args.warmup, "dit_preset": args.dit_preset, "scaling": summary, "runs": results}
+    write_json(Path(args.out), out)
+    if not args.smoke:
+        update_summary(RESULTS / "summary.json", summary_keys(out))
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
+    return out
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per model@batch: the best one-GPU figure and, per variant, images/s and speed-up per device count."""
+    table: dict[str, Any] = {}
+    for r in (r for r in results if "images_per_s" in r):
+        key = f"{r['model']}@{r['batch']}"
+        entry = table.setdefault(key, {"one_gpu": {}, "variants": {}})
+        if r["devices"] == 1:
+            entry["one_gpu"][r["compile_mode"]] = r["images_per_s"]
+        else:
+            entry["variants"].setdefault(r["variant"], {"compile_mode": r["compile_mode"], "ddp": r["ddp"],
+                                                        "images_per_s": {}})["images_per_s"][str(r["devices"])] = r["images_per_s"]
+    for entry in table.values():
+        best = max(entry["one_gpu"].values(), default=None)
+        entry["best_one_gpu"] = best
+        for v in entry["variants"].values():
+            same = entry["one_gpu"].get(v["compile_mode"])
+            v["speedup"] = {n: x / best for n, x in v["images_per_s"].items()} if best else {}
+            v["speedup_same_compile_mode"] = {n: x / same for n, x in v["images_per_s"].items()} if same else {}
+    return table
+
+
+def summary_keys(out: dict[str, Any]) -> dict[str, Any]:
+    """summary.json: the shipped multi-GPU settings' figures ("ddp_scaling_2gpu": UNet, "ddp_scaling_dit")."""
+    keys: dict[str, Any] = {}
+    for key, model in (("ddp_scaling_2gpu", "unet"), ("ddp_scaling_dit", "dit")):
+        per_batch = {}
+        for name, entry in out["scaling"].items():
+            shipped = entry["variants"].get("shipped")
+            if name.startswith(f"{model}@") and shipped and "2" in shipped["images_per_s"] and entry["best_one_gpu"]:
+                per_batch[name.split("@")[1]] = {"images_per_s_1gpu": entry["best_one_gpu"],
+                                                 "images_per_s_2gpu": shipped["images_per_s"]["2"],
+                                                 "speedup": shipped["speedup"]["2"],
+                                                 "compile_mode": shipped["compile_mode"], "ddp": shipped["ddp"]}
+        if per_batch:
+            keys[key] = {"card": out["card"], "date": out["date"], "command": out["command"],
+                         "model": model if model == "unet" else out["dit_preset"], "batch_per_gpu": per_batch}
+    return keys
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to compare (1 first)")
-    p.add_argument("--batch-size", type=int, default=128, help="per device")
-    p.add_argument("--steps", type=int, default=300, help="timed steps")
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--models", nargs="+", choices=["unet", "dit"], default=["unet", "dit"])
+    p.add_argument("--unet-batches", type=int, nargs="+", default=None, help="per GPU (default 128 512; smoke 8)")
+    p.add_argument("--dit-batches", type=int, nargs="+", default=None, help="per GPU (default 256; smoke 4)")
+    p.add_argument("--dit-preset", default="DiT-B/2")
+    p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to compare")
+    p.add_argument("--variants", nargs="+", default=["shipped"], help="MODE[:static][:view][:bucket=MB] or shipped")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 15; smoke 1)")
+    p.add_argument("--windows", type=int, default=None, help="timed windows (default 3; smoke 2)")
+    p.add_argument("--window-steps", type=int, default=None, help="steps per window (default 60; smoke 2)")
+    p.add_argument("--profile", action="store_true", help="profile rank 0 after the windows (printed, in the JSON)")
+    p.add_argument("--profile-steps", type=int, default=10)
+    p.add_argument("--trace-dir", default=None, help="with --profile: write each run's Chrome trace here")
     p.add_argument("--root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--out", default=str(RESULTS / "ddp_scaling.json"))
-    p.add_argument("--smoke", action="store_true", help="CPU processes, tiny model, a few steps")
-    p.add_argument("--run-devices", type=int, default=None, help=argparse.SUPPRESS)  # internal: one measurement
-    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="CPU processes, tiny models, a few steps (tests)")
+    p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args()
-    if args.run_devices:
-        measure(args)
-    else:
-        orchestrate(args)
+    if args.run:
+        measure(json.loads(args.run))
+        return
+    smoke = args.smoke
+    args.unet_batches = args.unet_batches or ([8] if smoke else [128, 512])
+    args.dit_batches = args.dit_batches or ([4] if smoke else [256])
+    args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 15)
+    args.windows = args.windows or (2 if smoke else 3)
+    args.window_steps = args.window_steps or (2 if smoke else 60)
+    if args.windows < 1 or args.window_steps < 1:
+        raise SystemExit("--windows and --window-steps must be at least 1.")
+    os.environ.setdefault("PYTHONPATH", str(REPO))
+    orchestrate(args)
 
 
 if __name__ == "__main__":

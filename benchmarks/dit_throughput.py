@@ -37,15 +37,12 @@ with --merge, about 3 and 4.5 minutes):
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # three rows share the memory
-
 import argparse
 import copy
 import gc
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
@@ -325,6 +322,8 @@ def main() -> dict[str, Any]:
     p.add_argument("--merge", action="store_true", help="keep the presets already in --out (same card, batch, mode)")
     p.add_argument("--smoke", action="store_true", help="tiny DiT on 4x8x8, CPU, 1 repeat, short windows (tests)")
     args = p.parse_args()
+    # before the first CUDA allocation: the three rows share the memory (other scripts importing this keep theirs)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.smoke:
         args.presets, args.window, args.repeats = args.presets or ["DiT-S/2"], min(args.window, 0.05), args.repeats or 1
     args.presets, args.batch = args.presets or ["DiT-B/2", "DiT-XL/2"], args.batch or (4 if args.smoke else 256)

@@ -465,15 +465,39 @@ def test_report_includes_another_folders_baseline(tmp_path: Path, home: Path) ->
 
 # ------------------------------------------------------------------------------ ddp_scaling.py
 @needs_fashion_mnist
-def test_ddp_scaling_smoke_runs_one_and_two_processes(tmp_path: Path, home: Path) -> None:
+def test_ddp_scaling_smoke_runs_both_models_on_one_and_two_processes(tmp_path: Path, home: Path) -> None:
+    """UNet and DiT, 1 and 2 CPU processes (gloo), a DDP-settings variant, repeated windows and a profile."""
     out = tmp_path / "ddp.json"
-    run_script("ddp_scaling", ["--smoke", "--devices", "1", "2", "--batch-size", "8", "--steps", "2",
-                "--warmup", "1", "--out", str(out)], home)
+    proc = run_script("ddp_scaling", ["--smoke", "--models", "unet", "dit", "--devices", "1", "2", "--variants",
+                                      "default:static:view:bucket=5", "--profile", "--profile-steps", "2",
+                                      "--out", str(out)], home)
     result = json.loads(out.read_text())
-    ips = result["images_per_s"]
-    assert set(ips) == {"1", "2"} and all(math.isfinite(v) and v > 0 for v in ips.values())
-    assert result["scaling"]["2"] == pytest.approx(ips["2"] / ips["1"])
-    assert result["efficiency"]["2"] == pytest.approx(ips["2"] / ips["1"] / 2)
+    runs = result["runs"]
+    assert [(r["model"], r["devices"]) for r in runs] == [("unet", 1), ("unet", 2), ("dit", 1), ("dit", 2)]
+    for r in runs:
+        assert len(r["windows"]) == 2 and r["min"] <= r["images_per_s"] <= r["max"]
+        assert r["profile"]["steps"] == 2 and r["profile"]["wall_ms_per_step"] > 0
+    two = [r for r in runs if r["devices"] == 2]
+    assert all(r["ddp"] == {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 5.0} for r in two)
+    for key in ("unet@8", "dit@4"):
+        entry = result["scaling"][key]
+        variant = entry["variants"]["default:static:view:bucket=5"]
+        assert variant["speedup"]["2"] == pytest.approx(variant["images_per_s"]["2"] / entry["best_one_gpu"])
+    assert "--- profile of rank 0" in proc.stdout and json.loads(proc.stdout[proc.stdout.rindex("\n{"):])["smoke"]
+
+
+def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
+    from benchmarks.ddp_scaling import parse_variant
+
+    assert parse_variant("max-autotune-no-cudagraphs:static:view:bucket=50") == {
+        "name": "max-autotune-no-cudagraphs:static:view:bucket=50", "compile_mode": "max-autotune-no-cudagraphs",
+        "ddp": {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 50.0}}
+    shipped = parse_variant("shipped")  # what configs/multi_gpu/ddp.yaml sets
+    assert shipped["compile_mode"] in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none")
+    with pytest.raises(SystemExit, match="compile mode must be one of"):
+        parse_variant("fast:static")
+    with pytest.raises(SystemExit, match="unknown option 'statik'"):
+        parse_variant("default:statik")
 
 
 # ------------------------------------------------------------------ committed reports reproduce

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
@@ -20,7 +20,7 @@ from benchmarks.common import smoke_args
 from conftest import have_fashion_mnist  # pytest puts tests/ on sys.path (no __init__.py there)
 from lightning_speed.callbacks import StrategyCallback
 from lightning_speed.cli import SpeedCLI, main
-from lightning_speed.module import DiffusionModule
+from lightning_speed.module import CompileMode, DiffusionModule
 
 from _fixtures import write_fake_cifar, write_image_folder, write_tiny_autoencoder
 
@@ -33,6 +33,8 @@ INPUTS = "inputs"  # data_args writes files a run reads here (a user's images, a
 STRATEGIES = sorted((CONFIGS / "strategies").glob("*.yaml"))
 ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
 SCHEDULES = sorted((CONFIGS / "schedules").glob("*.yaml"))
+MULTI_GPU = sorted((CONFIGS / "multi_gpu").glob("*.yaml"))
+FSDP = CONFIGS / "multi_gpu" / "fsdp_dit_xl.yaml"  # Lightning runs FSDP on GPUs only: parsed here, not run
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -46,7 +48,8 @@ def name(path: Path) -> str:
 # ------------------------------------------------------------------------------ composition rules
 def test_the_layout_is_complete() -> None:
     shipped = sorted(CONFIGS.rglob("*.yaml"))
-    assert shipped == sorted([QUICKSTART, *BASES, *PAPER, *STRATEGIES, *ABLATIONS, *SCHEDULES]), "a YAML outside the layout"
+    assert shipped == sorted([QUICKSTART, *BASES, *PAPER, *STRATEGIES, *ABLATIONS, *SCHEDULES, *MULTI_GPU]), "a YAML outside the layout"
+    assert {p.stem for p in MULTI_GPU} == {"ddp", "fsdp_dit_xl"}
     assert {p.stem for p in BASES} >= {"fashion_mnist", "fashion_mnist_dit", "cifar10"}
     assert {p.stem for p in PAPER} == {"ffhq", "metfaces"}
     assert {p.stem for p in STRATEGIES} == {
@@ -123,6 +126,8 @@ def combinations() -> list[tuple[str, ...]]:
     runs += [(name(base), f"strategies/{s}.yaml") for base in PAPER for s in (PAPER_STRATEGIES if base.stem == "ffhq" else ["speed"])]
     runs += [(name(fashion), name(a)) for a in ABLATIONS]
     runs += [(name(fashion), "strategies/speed_auto.yaml", name(s)) for s in SCHEDULES]
+    runs += [(name(base), "strategies/speed.yaml", name(m)) for base in BASES for m in MULTI_GPU if m != FSDP
+             if base.stem in ("fashion_mnist", "fashion_mnist_dit")]
     return [(name(QUICKSTART),), *runs]
 
 
@@ -170,6 +175,8 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
     for key in ("fid", "final_fid"):
         if composed.get(key):  # the offline feature network: the standard Inception needs a download
             args += [f"--{key}.init_args.feature_extractor", "fashion_mnist"]
+    if any(f.startswith("multi_gpu/") for f in files):  # its strategy on one CPU process (gloo)
+        args += ["--trainer.devices", "1"]
     cli = main(args)
     trainer, model = cli.trainer, cli.model
     assert trainer.fast_dev_run and trainer.global_step == 1
@@ -196,3 +203,55 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
     assert "fid" not in trainer.callback_metrics  # fast_dev_run: no FID, no grids, no checkpoints
     written = [p for p in cli_env.rglob("*") if p.suffix in (".ckpt", ".png") and cli_env / INPUTS not in p.parents]
     assert written == [], f"fast_dev_run wrote {written}"
+
+
+# ------------------------------------------------------------------------------------ several GPUs
+def test_multi_gpu_files_hold_only_what_differs_from_a_base() -> None:
+    """They compose last: the trainer's strategy and devices, the settings that depend on them, nothing else."""
+    for path in MULTI_GPU:
+        config = load(path)
+        assert set(config) <= {"trainer", "model", "data", "ema", "samples", "fid", "final_fid"}, name(path)
+        assert set(config["trainer"]) == {"devices", "strategy"}, name(path)
+        assert "strategy" not in config  # the time-step strategy comes from configs/strategies/
+
+
+def test_ddp_file_builds_lightnings_ddp_strategy_with_its_options(cli_env: Path) -> None:
+    base = CONFIGS / "fashion_mnist.yaml"
+    small = smoke_args(load(base)["model"]["backbone"]["class_path"])
+    cli = main(["--config", str(base), "--config", str(CONFIGS / "multi_gpu" / "ddp.yaml"), *small,
+                "--trainer.devices", "1"], run=False)
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = cli.trainer.strategy
+    assert type(strategy) is DDPStrategy
+    options = load(CONFIGS / "multi_gpu" / "ddp.yaml")["trainer"]["strategy"]["init_args"]
+    assert {k: strategy._ddp_kwargs[k] for k in options} == options
+    assert cli.model.compile_mode is None  # smoke_args: eager on the CPU; the file's own value is checked next
+    assert load(CONFIGS / "multi_gpu" / "ddp.yaml")["model"]["compile_mode"] in (None, *get_args(CompileMode))
+
+
+class _ParseOnlyCLI(SpeedCLI):
+    """Instantiates everything but the Trainer (Lightning refuses FSDP without a GPU)."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        return None
+
+
+def test_fsdp_file_builds_lightnings_fsdp_strategy_for_dit_xl(cli_env: Path) -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_speed.backbones.dit import DiTBlock
+    from lightning_speed.cli import RunConfigCallback, SpeedArgumentParser
+
+    dit = CONFIGS / "fashion_mnist_dit.yaml"
+    files = [dit, CONFIGS / "strategies" / "speed.yaml", FSDP]
+    cli = _ParseOnlyCLI(DiffusionModule, subclass_mode_data=True, parser_class=SpeedArgumentParser,
+                        save_config_callback=RunConfigCallback, auto_configure_optimizers=False, run=False,
+                        args=[a for f in files for a in ("--config", str(f))] + smoke_args(load(dit)["model"]["backbone"]["class_path"]))
+    assert cli.config.model.backbone.init_args.preset == "DiT-XL/2"
+    strategy = cli.config_init.trainer.strategy
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}  # ModuleWrapPolicy
+    assert strategy.kwargs["use_orig_params"] is True
+    assert cli.config.strategy.class_path == "lightning_speed.callbacks.SpeeD"
+    assert cli.config.ema is None and cli.config.fid is None  # the EMA refuses sharded weights (test_ema.py)

@@ -229,3 +229,16 @@ def test_averaged_weights_refuses_a_module_that_changed():
     with pytest.raises(RuntimeError, match=r"EMA model has \d+ parameters\+buffers but the module has \d+.*use_ema=False"):
         with averaged_weights(Trainer(), model):
             pass
+
+
+def test_ema_refuses_a_sharded_strategy_with_a_clear_error() -> None:
+    """FSDP shards the parameters the EMA would pair with its full copy by position: stop at setup, say why."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_speed.callbacks import EMAWeightAveraging
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match=r"cannot average the weights under FSDPStrategy.*DDP.*ema: null"):
+        EMAWeightAveraging(decay=0.9).setup(trainer, torch.nn.Linear(2, 2), "fit")

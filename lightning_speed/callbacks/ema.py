@@ -30,10 +30,15 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMA
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_speed.validation import check_number
+
+
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+"""Strategies whose parameters are sharded across ranks, which the EMA copy cannot pair with."""
 
 
 class EMAWeightAveraging(_LightningEMA):
@@ -51,6 +56,17 @@ class EMAWeightAveraging(_LightningEMA):
         self._started: bool | None = None  # host copy of "n_averaged > 0", read once per fit
         self._pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
         self._training_state: dict[str, Tensor] | None = None  # the module's own weights once training has ended
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and isinstance(trainer.strategy, SHARDED_STRATEGIES):
+            raise ValueError(
+                f"EMAWeightAveraging cannot average the weights under {type(trainer.strategy).__name__}: it keeps a "
+                "full, unsharded copy of the module and pairs its tensors with the module's by position, which "
+                "sharded parameters break. Train with DDP (trainer.strategy: ddp; DiT-XL/2 with its optimizer "
+                "state and EMA fits one 80 GB GPU), or drop the EMA (ema: null) under a sharded strategy."
+            )
+        super().setup(trainer, pl_module, stage)
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

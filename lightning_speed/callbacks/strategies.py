@@ -415,8 +415,9 @@ class LossAwareSampling(TimestepSamplingCallback):
         seed: the sampler's own seed (None: from ``torch.initial_seed()``).
 
     Samples are re-weighted by 1 / (T p(t)) inside ``TimestepStrategy.loss``, so the objective
-    stays unbiased; it combines with any weighting callback (the weights multiply). Under DDP each
-    rank keeps its own history.
+    stays unbiased; it combines with any weighting callback (the weights multiply). Under DDP the
+    losses of all ranks are gathered at every step (one all-gather on the device, no host sync),
+    so every rank keeps the same history and p(t) and draws its own t from it.
     """
 
     def __init__(self, history: int = 10, uniform_prob: float = 0.001, seed: int | None = None) -> None:
@@ -424,8 +425,26 @@ class LossAwareSampling(TimestepSamplingCallback):
         self.history, self.uniform_prob = baselines.check_loss_aware(history, uniform_prob)
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if isinstance(self.sampler, baselines.LossAwareSampler):
+            self.sampler.all_gather = gather_from_ranks if trainer.world_size > 1 else None
+
+    @override
     def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
         return baselines.LossAwareSampler(strategy.num_timesteps, self.history, self.uniform_prob)
+
+
+def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every rank stacked, (world_size, *shape), over torch.distributed's default group.
+
+    A plain function rather than the strategy's bound method: the sampler lives in the module, which
+    EMAWeightAveraging deep-copies, and a strategy holds process-group handles that cannot be copied.
+    """
+    world, tensor = torch.distributed.get_world_size(), tensor.contiguous().reshape(-1, *tensor.shape[1:])
+    out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))  # concatenated along dim 0, as gloo needs
+    torch.distributed.all_gather_into_tensor(out, tensor)
+    return out.view(world, *tensor.shape)
 
 
 # Former name: importable (old configs name it), constructing it names the new class.

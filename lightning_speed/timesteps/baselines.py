@@ -36,7 +36,7 @@ Samplers:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -210,11 +210,19 @@ class LossAwareSampler(CDFSampler):
         num_timesteps: T.
         history: losses kept per t (10 in the paper); sampling stays uniform until every t has them.
         uniform_prob: share of the uniform distribution mixed in once warm (0.001).
+
+    Several processes (DDP): set ``all_gather`` to a function that returns a tensor of every rank
+    stacked, shaped (world_size, *shape) (``lightning_speed.callbacks.strategies.gather_from_ranks``;
+    ``LossAwareSampling`` sets it). ``update`` then records the losses of all ranks, in rank order,
+    so every rank keeps the same history and draws from the same p(t) with its own generator. The
+    gather is one collective per step on the device, without a host sync; all ranks must pass the
+    same batch size at each step (as DDP's DistributedSampler and drop_last loaders give).
     """
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
         super().__init__(num_timesteps)
         self.history_size, self.uniform_prob = check_loss_aware(history, uniform_prob)
+        self.all_gather: Callable[[Tensor], Tensor] | None = None
         T = self.num_timesteps
         # Row T is a scratch row: writes that must not land (non-finite losses, occurrences beyond
         # the last `history` of a t in one batch) go there, so every real write is unique.
@@ -250,6 +258,10 @@ class LossAwareSampler(CDFSampler):
         T, H = self.num_timesteps, self.history_size
         t = t.reshape(-1).to(self._counts.device)
         losses = losses.reshape(-1).detach().to(self._buffer.device, self._buffer.dtype)
+        if self.all_gather is not None:  # one collective: t is exact in float32 (T < 2**24)
+            both = self.all_gather(torch.stack([t.to(losses.dtype), losses]))  # (world, 2, B)
+            both = both.reshape(-1, 2, t.numel()).transpose(0, 1).reshape(2, -1)  # rank-major
+            t, losses = both[0].round().long(), both[1]
         key = torch.where(torch.isfinite(losses), t, torch.full_like(t, T))
         key, order = torch.sort(key, stable=True)  # groups of equal t, batch order inside each
         losses = losses[order]
