@@ -19,6 +19,24 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+# What Lightning's DDP strategy writes into os.environ when a test runs it in the pytest process (even
+# with one device): left there, a later test's DDP subprocess inherits the port of a store that this
+# process still holds and fails with EADDRINUSE.
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK",
+                   "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_env_leaks() -> object:
+    before = {key: os.environ.get(key) for key in DISTRIBUTED_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

@@ -465,21 +465,23 @@ def test_report_includes_another_folders_baseline(tmp_path: Path, home: Path) ->
 
 # ------------------------------------------------------------------------------ ddp_scaling.py
 @needs_fashion_mnist
-def test_ddp_scaling_smoke_runs_both_models_on_one_and_two_processes(tmp_path: Path, home: Path) -> None:
-    """UNet and DiT, 1 and 2 CPU processes (gloo), a DDP-settings variant, repeated windows and a profile."""
+def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: Path) -> None:
+    """DiT on 1 and 2 CPU processes (gloo), a DDP-settings variant, repeated windows and a profile. (The UNet
+    row differs only in the backbone, which test_throughput_smoke builds the same way; one model keeps the
+    suite within its time.)"""
     out = tmp_path / "ddp.json"
-    proc = run_script("ddp_scaling", ["--smoke", "--models", "unet", "dit", "--devices", "1", "2", "--variants",
+    proc = run_script("ddp_scaling", ["--smoke", "--models", "dit", "--devices", "1", "2", "--variants",
                                       "default:static:view:bucket=5", "--profile", "--profile-steps", "2",
                                       "--out", str(out)], home)
     result = json.loads(out.read_text())
     runs = result["runs"]
-    assert [(r["model"], r["devices"]) for r in runs] == [("unet", 1), ("unet", 2), ("dit", 1), ("dit", 2)]
+    assert [(r["model"], r["devices"]) for r in runs] == [("dit", 1), ("dit", 2)]
     for r in runs:
         assert len(r["windows"]) == 2 and r["min"] <= r["images_per_s"] <= r["max"]
         assert r["profile"]["steps"] == 2 and r["profile"]["wall_ms_per_step"] > 0
     two = [r for r in runs if r["devices"] == 2]
     assert all(r["ddp"] == {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 5.0} for r in two)
-    for key in ("unet@8", "dit@4"):
+    for key in ("dit@4",):
         entry = result["scaling"][key]
         variant = entry["variants"]["default:static:view:bucket=5"]
         assert variant["speedup"]["2"] == pytest.approx(variant["images_per_s"]["2"] / entry["best_one_gpu"])

@@ -97,6 +97,23 @@ def test_dual_primary_draws_follow_p(linear):
     assert chi_square_p(primary, asymmetric_reference(700, 5)) > 1e-3
 
 
+def test_dual_probabilities_are_the_marginal_of_the_draws(linear):
+    """The monitor logs probabilities() next to the sampled shares: with dual pairs it must be the
+    mixture of p and the partners' distribution q, not p (which puts twice the mass on t >= tau)."""
+    sampler = AsymmetricSampler(linear, tau=700, k=5, dual=True)
+    p, pivot = asymmetric_reference(700, 5), sampler.pivot
+    t = np.arange(T)
+    q = np.bincount(np.where(t < pivot, pivot - t, t - pivot), weights=p, minlength=T)
+    np.testing.assert_allclose(sampler.probabilities().double().numpy(), (p + q) / 2, atol=1e-7)  # float32 table
+    assert float(sampler.probabilities()[700:].sum()) == pytest.approx(p[700:].sum() / 2, rel=1e-5)  # no partner lies above the pivot 642
+    sampler.manual_seed(3)
+    n, batches = 64, 2000  # a batch of 64: 33 draws from p, 31 partners
+    drawn = torch.cat([sampler.sample(n) for _ in range(batches)])
+    assert chi_square_p(drawn, (33 * p + 31 * q) / 64) > 1e-3
+    assert chi_square_p(drawn, p) < 1e-12  # the table alone is clearly rejected: the test can fail
+    assert AsymmetricSampler(linear, tau=700, k=5, dual=False).probabilities().double().numpy() == pytest.approx(p, rel=1e-6)
+
+
 def test_auto_tau_uses_pivot(linear):
     sampler = AsymmetricSampler(linear, tau="auto", k=5)
     assert sampler.tau == 642 and sampler.pivot == 642

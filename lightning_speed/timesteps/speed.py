@@ -73,6 +73,16 @@ class AsymmetricSampler(TableSampler):
         super().__init__(asymmetric_probabilities(schedule.num_timesteps, self.tau, self.k))
         self.dual = check_dual(dual)
         self.pivot = auto_tau(schedule, warn=False)
+        # Mass of each t as a dual partner: q(s) = sum of p(t) over the t whose partner is s.
+        partners = dual_pairs(torch.arange(self.num_timesteps), self.pivot)
+        self.partner_probs = torch.zeros_like(self.probs).index_add_(0, partners, self.probs)
+
+    @override
+    def probabilities(self) -> Tensor:
+        """The marginal of one drawn t: the table p, or with dual pairs (p + q) / 2, since half of every
+        batch are partners (q: ``partner_probs``). Exactly, a batch of n holds n//2 + 1 draws from p and
+        the rest from q (``sample``); the monitor's sampled shares follow that."""
+        return 0.5 * (self.probs + self.partner_probs) if self.dual else self.probs
 
     @override
     def sample(self, n: int) -> Tensor:
