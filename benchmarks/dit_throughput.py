@@ -16,7 +16,7 @@ measured bf16 matmul rate, the ratios trainer/plain and trainer/official, peak m
 
 How the rows are interleaved. All three rows live in one process. The plain and official rows are step
 closures, built and warmed up (compiled) first. The Trainer row is one ``trainer.fit`` with a callback
-(TrainerWindows) that drives the whole measurement from inside the fit: after the Trainer's own warm-up it
+(TrainerWindows, benchmarks/windows.py, shared with throughput.py and latent_throughput.py) that drives the whole measurement from inside the fit: after the Trainer's own warm-up it
 runs the schedule plain, trainer, official, plain, trainer, ... (``--repeats`` times), timing the plain
 and official windows as plain loops called from the hook, and the Trainer's windows as its own consecutive
 training iterations (hook to hook, so each counts whole loop iterations: data, step, callbacks). Every
@@ -43,10 +43,7 @@ import gc
 import importlib.util
 import json
 import os
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +51,8 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops, today, update_summary, write_json
-from benchmarks.throughput import _sync, flops_per_image
+from benchmarks.throughput import flops_per_image
+from benchmarks.windows import Row, Step, TrainerWindows, allocated, timed_window, warm
 from lightning_speed import DiffusionModule
 from lightning_speed.backbones import DiT
 from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
@@ -64,51 +62,6 @@ from lightning_speed.schedules import NoiseSchedule
 
 ROWS = ("plain", "trainer", "official")
 SMOKE_DIT = {"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}  # on 4x8x8 latents
-Step = Callable[[], None]
-
-
-@dataclass
-class Row:
-    """One row's step closure, resident memory (bytes) and measured windows."""
-
-    step: Step | None = None
-    resident: int = 0
-    images_per_s: list[float] = field(default_factory=list)
-    transient: list[int] = field(default_factory=list)  # bytes allocated on top of the resident state
-
-
-def allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
-
-
-class Window:
-    """A timed window, synchronised at both ends; records images/s and the memory its steps allocated."""
-
-    def __init__(self, device: torch.device) -> None:
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        self.device, self.base, self.start = device, allocated(device), time.perf_counter()
-
-    def close(self, row: Row, images: int) -> None:
-        _sync(self.device)
-        row.images_per_s.append(images / (time.perf_counter() - self.start))
-        row.transient.append(torch.cuda.max_memory_allocated() - self.base if self.device.type == "cuda" else 0)
-
-
-def timed_window(row: Row, batch: int, seconds: float, min_steps: int, device: torch.device) -> None:
-    window, n = Window(device), 0
-    while n < min_steps or time.perf_counter() - window.start < seconds:
-        row.step()
-        n += 1
-    window.close(row, batch * n)
-
-
-def warm(step: Step, steps: int, device: torch.device, before: int) -> Row:
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return Row(step, allocated(device) - before)
 
 
 def plain_step(backbone: torch.nn.Module, draw: Callable[[], torch.Tensor], compile_mode: str | None, bf16: bool) -> Step:
@@ -190,34 +143,6 @@ class EndlessLatents:
             yield self.draw()
 
 
-class TrainerWindows(pl.Callback):
-    """Times the Trainer's windows and runs the other rows' windows between them (module docstring)."""
-
-    def __init__(self, row: Row, between: Callable[[], bool], batch: int, warmup: int, seconds: float,
-                 min_steps: int, before_fit: int) -> None:
-        self.row, self.between, self.batch, self.warmup = row, between, batch, warmup
-        self.seconds, self.min_steps, self.before_fit = seconds, min_steps, before_fit
-        self.window: Window | None = None
-        self.start_step = 0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step < self.warmup:
-            return
-        if self.window is None:  # warm: what the Trainer row holds now is its resident state
-            _sync(pl_module.device)
-            self.row.resident = allocated(pl_module.device) - self.before_fit
-        else:
-            n = step - self.start_step
-            if n < self.min_steps or time.perf_counter() - self.window.start < self.seconds:
-                return
-            self.window.close(self.row, self.batch * n)
-        if not self.between():
-            trainer.should_stop = True
-            return
-        self.window, self.start_step = Window(pl_module.device), step
-
-
 def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, official: Any) -> dict[str, Any]:
     smoke, cuda = args.smoke, device.type == "cuda"
     size, mode = (8, None) if smoke else (32, args.compile_mode)
@@ -250,11 +175,10 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
 
     def report(name: str) -> None:  # a row's windows -> out["rows"][name]
         row = rows.pop(name)
-        ips = row.images_per_s
-        out["rows"][name] = {"images_per_s": statistics.median(ips), "min": min(ips), "max": max(ips), "windows": ips}
+        out["rows"][name] = row.spread()
         if cuda:
-            out["rows"][name]["peak_memory_gib"] = (row.resident + max(row.transient)) / 2**30
-            out["rows"][name]["fraction_of_bf16_rate"] = out["flops_per_image"] * statistics.median(ips) / 1e12 / args.tflops
+            out["rows"][name]["peak_memory_gib"] = row.peak_memory_gib()
+            out["rows"][name]["fraction_of_bf16_rate"] = out["flops_per_image"] * out["rows"][name]["images_per_s"] / 1e12 / args.tflops
 
     rows["plain"] = warm(plain_step(dit().to(device), draw, mode, cuda), warmup, device, allocated(device))
     if isinstance(official, str):
@@ -264,11 +188,11 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
     rows["trainer"] = Row()
     schedule = [r for _ in range(args.repeats) for r in ROWS if r in rows]
 
-    def between() -> bool:  # run the schedule up to the Trainer's next window; False when it is done
+    def between() -> Row | None:  # run the schedule up to the Trainer's next window; None when it is done
         while schedule:
             name = schedule.pop(0)
             if name == "trainer":
-                return True
+                return rows["trainer"]
             try:
                 timed_window(rows[name], args.batch, args.window, min_steps, device)
             except torch.cuda.OutOfMemoryError as err:  # the official eager step may not fit next to the others
@@ -277,10 +201,10 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
                 out["notes"].append(f"{name}: out of memory next to the other rows: {str(err)[:200]}")
             if name not in rows:
                 free()  # only then: emptying the cache would make the next window allocate afresh
-        return False
+        return None
 
     module = DiffusionModule(dit(), learn_sigma=True, compile_mode=mode, image_shape=(4, size, size))
-    windows = TrainerWindows(rows["trainer"], between, args.batch, warmup, args.window, min_steps, allocated(device))
+    windows = TrainerWindows(between, args.batch, warmup, args.window, min_steps, allocated(device))
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
         max_steps=10**9, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -44,8 +43,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops, today, update_summary, write_json
-from benchmarks.dit_throughput import SMOKE_DIT, Row, TrainerWindows, allocated
-from benchmarks.throughput import _sync, flops_per_image
+from benchmarks.dit_throughput import SMOKE_DIT
+from benchmarks.throughput import flops_per_image
+from benchmarks.windows import Row, TrainerWindows, allocated, sync
 from lightning_speed import DiffusionModule
 from lightning_speed.autoencoders import Autoencoder, import_diffusers
 from lightning_speed.backbones import DiT
@@ -108,13 +108,13 @@ def encode_bench(autoencoder: Autoencoder, args: argparse.Namespace, device: tor
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         with autocast:
             autoencoder.encode(images)  # warm-up (cuDNN algorithm choice)
-        _sync(device)
+        sync(device)
         start, done = time.perf_counter(), 0
         while done < args.encode_images:
             with autocast:
                 autoencoder.encode(images)
             done += images.shape[0]
-        _sync(device)
+        sync(device)
         ips = done / (time.perf_counter() - start)
         out[precision] = {"images_per_s": ips}
         if args.tflops:
@@ -125,10 +125,10 @@ def encode_bench(autoencoder: Autoencoder, args: argparse.Namespace, device: tor
 def build_cache(autoencoder: Autoencoder, args: argparse.Namespace, folder: Path, device: torch.device) -> tuple[LatentDataModule, dict]:
     data = LatentDataModule(RandomImages(args.images, args.size), autoencoder, cache_dir=str(folder),
                             batch_size=args.batch, on_device=True, encode_batch_size=args.encode_batch)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     data.prepare_data()
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in folder.iterdir())
     autoencoder.to("cpu")  # training needs no encoder; sampling (not measured here) would bring it back
@@ -151,11 +151,11 @@ def measure_preset(preset: str, data: LatentDataModule, args: argparse.Namespace
     out: dict[str, Any] = {"flops_per_image": flops_per_image(dit().to(device), device, 16, (c, h, w))}
     row, repeats = Row(), [args.repeats]
 
-    def between() -> bool:  # one Trainer row: its windows follow each other
+    def between() -> Row | None:  # one Trainer row: its windows follow each other
         repeats[0] -= 1
-        return repeats[0] >= 0
+        return row if repeats[0] >= 0 else None
 
-    windows = TrainerWindows(row, between, args.batch, args.warmup, args.window, 1 if args.smoke else 3, allocated(device))
+    windows = TrainerWindows(between, args.batch, args.warmup, args.window, 1 if args.smoke else 3, allocated(device))
     module = DiffusionModule(dit(), learn_sigma=True, compile_mode=mode, image_shape=data.image_shape)
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
@@ -164,13 +164,11 @@ def measure_preset(preset: str, data: LatentDataModule, args: argparse.Namespace
         callbacks=[SpeeD(), EMAWeightAveraging(decay=0.9999), windows],
     )
     trainer.fit(module, datamodule=data)
-    ips = row.images_per_s
-    if len(ips) != args.repeats:
-        raise RuntimeError(f"{preset}: the Trainer stopped after {len(ips)} of {args.repeats} windows.")
-    out.update({"images_per_s": statistics.median(ips), "min": min(ips), "max": max(ips), "windows": ips,
-                "loader": type(trainer.train_dataloader).__name__, "encoder_calls": data.encoder_calls})
+    if len(row.images_per_s) != args.repeats:
+        raise RuntimeError(f"{preset}: the Trainer stopped after {len(row.images_per_s)} of {args.repeats} windows.")
+    out.update({**row.spread(), "loader": type(trainer.train_dataloader).__name__, "encoder_calls": data.encoder_calls})
     if cuda:
-        out["peak_memory_gib"] = (row.resident + max(row.transient)) / 2**30
+        out["peak_memory_gib"] = row.peak_memory_gib()
         out["fraction_of_bf16_rate"] = out["flops_per_image"] * out["images_per_s"] / 1e12 / args.tflops
     del trainer, module
     torch._dynamo.reset()

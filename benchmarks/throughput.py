@@ -1,16 +1,32 @@
 """Training throughput: how close is the Lightning training loop to what the GPU can do?
 
-Measured side by side in one process, same backbone and batch:
+Measured in one process, same backbone and batch:
   a0  naive eager fp32 PyTorch loop (AdamW, TF32 off)
   a   plain PyTorch loop with our fast settings (bf16 autocast, torch.compile, fused AdamW, channels_last)
-  b   DiffusionModule under the Lightning Trainer, uniform sampling (same fast settings)
-  c   b plus the SpeeD callback (asymmetric sampling + change-aware weighting)
+  b   DiffusionModule under the Lightning Trainer, uniform sampling and unit weights (same fast settings)
+  c   b with SpeeD's strategy (asymmetric sampling + change-aware weighting, as the SpeeD callback installs it)
   d   c plus EMA weights, as the configs train: our sync-free EMAWeightAveraging, and (d_lightning)
       Lightning's own, whose update reads a device counter on the host twice per step
 Also: FLOPs per training image, the achieved fraction of the card's measured bf16 matmul
-rate, peak memory, and host-device syncs per step in (d) (profiler trace + sync debug mode).
+rate, peak memory, and host-device syncs per step in (d) and in (b) (profiler trace + sync debug mode).
+
+Rows a, b and c are interleaved (benchmarks/windows.py, as dit_throughput.py measures the DiT): row a
+is a step closure, built and warmed up first; rows b and c are one ``trainer.fit`` with the SpeeD callback,
+in which a callback swaps the module's time-step strategy at window boundaries: b's windows train with
+TimestepStrategy's defaults (UniformSampler + ConstantWeights), c's with what SpeeD installed
+(AsymmetricSampler + ChangeAwareWeights). Sampling and weighting run outside the compiled losses, so b
+and c share one compiled step and c/b is the cost of SpeeD's strategy alone (the SpeeD callback has no
+per-step hook: in b's windows it only sits in the callback list). The schedule a, b, c, a, b, c, ... runs
+``--repeats`` times from inside the fit; every window lasts at least ``--window`` seconds and ``--steps``
+steps, the GPU synchronised at both ends. Each row reports the median images/s of its windows, their min
+and max and every window; ratios use the medians, and for two interleaved rows also the ratio within
+each repeat (``ratios_per_repeat``, spread in ``ratio_spread``). Peak memory of an interleaved row is the
+resident state of its loop plus the most its steps allocated on top in a window.
+Rows a0, d and d_lightning are measured alone, one window of ``--steps`` steps after ``--warmup``: a0
+before the interleaved rows, d and d_lightning after them, each in its own fit.
 
     python -m benchmarks.throughput --batch-sizes 128 512 --out benchmarks/results/throughput.json
+    python -m benchmarks.throughput --batch-sizes 128 --repeats 3 --window 10 --root .data   # about 5-6 min on an H200
     python -m benchmarks.throughput --smoke          # a few CPU steps of a tiny model (tests)
 """
 
@@ -19,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +56,7 @@ from benchmarks.common import (
     update_summary,
     write_json,
 )
+from benchmarks.windows import Row, TrainerWindows, allocated, sync, timed_window, warm
 from lightning_speed import DiffusionModule
 from lightning_speed.module import uses_cuda_graphs
 from lightning_speed.process import GaussianDiffusion
@@ -59,6 +77,8 @@ RATIOS = {
     "d_over_c": ("d_speed_ema", "c_lightning_speed"),
     "d_over_d_lightning": ("d_speed_ema", "d_speed_ema_lightning"),
 }
+INTERLEAVED = ("a_plain_fast", "b_lightning", "c_lightning_speed")  # in schedule order; the others run alone
+TRAINER_ROWS = ("b_lightning", "c_lightning_speed")  # share one fit
 
 
 def seeded_backbone(smoke: bool, device: torch.device) -> torch.nn.Module:
@@ -80,11 +100,11 @@ def plain_loop(
     step = plain_step(backbone, data, batch, fast, compile_mode, channels_last)
     for _ in range(warmup):
         step()
-    _sync(data.device)
+    sync(data.device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(data.device)
+    sync(data.device)
     return batch * steps / (time.perf_counter() - start)
 
 
@@ -131,11 +151,11 @@ class _StepTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_step == self.warmup:
-            _sync(pl_module.device)
+            sync(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        _sync(pl_module.device)
+        sync(pl_module.device)
         self.end = time.perf_counter()
         self.timed_steps = trainer.global_step - self.warmup
 
@@ -183,6 +203,77 @@ def lightning_loop(
     return batch * devices * timer.timed_steps / (timer.end - timer.start)
 
 
+class StrategySwap(pl.Callback):
+    """Installs row b's or row c's time-step strategy in the module: alternately during the Trainer's
+    ``warmup`` steps (so both are warm before the first window), then when ``install`` is called."""
+
+    def __init__(self, uniform: tuple[Any, Any], rows: list[str], warmup: int) -> None:
+        self.strategies = {"b_lightning": uniform}
+        self.rows, self.warmup = rows, warmup
+        self.module: DiffusionModule | None = None
+        self.installed: dict[str, str] = {}  # row -> "Sampler + Weights" it trained with (for the results)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:  # SpeeD installed its pair at setup
+        self.strategies["c_lightning_speed"] = (pl_module.timesteps.sampler, pl_module.timesteps.weights)
+        self.module = pl_module
+
+    def install(self, row: str) -> None:
+        sampler, weights = self.module.timesteps.sampler, self.module.timesteps.weights = self.strategies[row]
+        self.installed[row] = f"{type(sampler).__name__} + {type(weights).__name__}"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step < self.warmup:
+            self.install(self.rows[trainer.global_step % len(self.rows)])
+
+
+def interleaved_rows(
+    names: list[str], fresh: Callable[[], torch.nn.Module], data: torch.Tensor, root: str | None, batch: int,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Row], dict[str, str]]:
+    """Rows a, b, c (those in ``names``), their windows interleaved as the module docstring says, and the
+    time-step strategy each Trainer row trained with."""
+    device, smoke = data.device, args.smoke
+    cuda = device.type == "cuda"
+    rows: dict[str, Row] = {}
+    if "a_plain_fast" in names:
+        step = plain_step(fresh(), data, batch, fast=cuda, compile_mode=args.compile_mode, channels_last=args.channels_last)
+        rows["a_plain_fast"] = warm(step, args.warmup, device, allocated(device))
+    schedule = [name for _ in range(args.repeats) for name in INTERLEAVED if name in names]
+    trainer_rows = [name for name in TRAINER_ROWS if name in names]
+    if not trainer_rows:  # row a alone: its windows back to back
+        for name in schedule:
+            timed_window(rows[name], batch, args.window, args.steps, device)
+        return rows, {}
+    from lightning_speed.callbacks import SpeeD
+    from lightning_speed.data import FashionMNISTDataModule
+
+    module = DiffusionModule(fresh(), compile_mode=None if smoke else args.compile_mode if cuda else "default",
+                             channels_last=args.channels_last)
+    swap = StrategySwap((module.timesteps.sampler, module.timesteps.weights), trainer_rows, args.warmup)
+    rows.update({name: Row() for name in trainer_rows})
+
+    def between() -> Row | None:  # the schedule up to the Trainer's next window; None when it is done
+        while schedule:
+            name = schedule.pop(0)
+            if name in TRAINER_ROWS:
+                swap.install(name)
+                return rows[name]
+            timed_window(rows[name], batch, args.window, args.steps, device)
+        return None
+
+    windows = TrainerWindows(between, batch, args.warmup, args.window, args.steps, allocated(device))
+    trainer = pl.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+        max_steps=10**9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+        callbacks=[SpeeD(tau=700, k=5, dual=True, lam=0.6), swap, windows],
+    )
+    trainer.fit(module, datamodule=FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0))
+    if schedule or any(len(rows[name].images_per_s) != args.repeats for name in trainer_rows):
+        raise RuntimeError(f"the Trainer stopped before the measurement schedule ended ({schedule} left)")
+    return rows, swap.installed
+
+
 def flops_per_image(
     backbone: torch.nn.Module, device: torch.device, batch: int = 16, image_shape: tuple[int, int, int] = (1, 32, 32),
 ) -> float:
@@ -196,8 +287,11 @@ def flops_per_image(
     return counter.get_total_flops() / batch
 
 
-def count_syncs(backbone: torch.nn.Module, root: str | None, batch: int, steps: int = 20) -> dict[str, float]:
-    """Host-device syncs per training step of (d): sync-debug warnings and profiler CUDA events."""
+def count_syncs(
+    backbone: torch.nn.Module, root: str | None, batch: int, speed_ema: bool = True, steps: int = 20,
+) -> dict[str, float]:
+    """Host-device syncs per training step of (d), or of (b) without ``speed_ema``: sync-debug warnings
+    and profiler CUDA events."""
     from torch.profiler import ProfilerActivity, profile
 
     from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
@@ -232,7 +326,7 @@ def count_syncs(backbone: torch.nn.Module, root: str | None, batch: int, steps: 
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=10 + steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[SpeeD(), EMAWeightAveraging(), probe],
+        callbacks=[SpeeD(), EMAWeightAveraging(), probe] if speed_ema else [probe],
     )
     trainer.fit(module, datamodule=FashionMNISTDataModule(root=root, batch_size=batch, on_device=True, val_images=0))
     names = [e.name for e in probe.prof.events()]
@@ -244,11 +338,6 @@ def count_syncs(backbone: torch.nn.Module, root: str | None, batch: int, steps: 
         "device_to_host_copies_per_step": dtoh / steps,
         "sync_messages": probe.messages,
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _save(result: dict[str, Any], args: argparse.Namespace, cuda: bool) -> None:
@@ -263,22 +352,96 @@ def _save(result: dict[str, Any], args: argparse.Namespace, cuda: bool) -> None:
         "throughput": {
             "card": result["card"],
             "date": result["date"],
+            "command": result["command"],
+            "repeats": result["repeats"],
+            "window_s": result["window_s"],
             "lightning_vs_naive": small["ratios"]["b_over_a0"],
             "lightning_vs_plain": small["ratios"]["b_over_a"],
+            "lightning_vs_plain_spread": small.get("ratio_spread", {}).get("b_over_a"),
             "callbacks_vs_lightning": small["ratios"]["c_over_b"],
+            "callbacks_vs_lightning_spread": small.get("ratio_spread", {}).get("c_over_b"),
             "bf16_peak_fraction": large.get("fraction_of_bf16_rate_b"),
             "bf16_peak_fraction_batch": int(max(rows, key=int)),
             "ema_ours_vs_lightning": small["ratios"]["d_over_d_lightning"],
             "images_per_s": {b: r["b_lightning"]["images_per_s"] for b, r in rows.items()},
+            "spread": {b: {name: [r[name].get("min"), r[name].get("max")] for name in INTERLEAVED} for b, r in rows.items()},
         },
     })
+
+
+def measure_batch(batch: int, names: list[str], fresh: Callable[[], torch.nn.Module], data: torch.Tensor,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """Every requested row at one batch size: a0 alone, a / b / c interleaved, then d and d_lightning alone."""
+    device = data.device
+    cuda = device.type == "cuda"
+    row: dict[str, Any] = {}
+
+    def alone(name: str, measure: Callable[[], float]) -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            ips = measure()
+            row[name] = {"images_per_s": ips, "min": ips, "max": ips, "windows": [ips], "interleaved": False}
+        except Exception as err:  # keep the other rows; report what failed
+            print(f"batch {batch} {name} failed: {err!r}", flush=True)
+            row[name] = {"images_per_s": float("nan"), "error": repr(err)[:500]}
+        if cuda:
+            row[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+    def lit(speed: bool, ema: str | None = None) -> Callable[[], float]:
+        return lambda: lightning_loop(fresh(), args.root, batch, args.warmup, args.steps, speed, args.smoke, ema,
+                                      compile_mode=args.compile_mode, channels_last=args.channels_last)
+
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False  # a0 is the naive fp32 baseline
+    if "a0_naive_fp32" in names:
+        alone("a0_naive_fp32", lambda: plain_loop(fresh(), data, batch, args.warmup, args.steps, fast=False))
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    together = [name for name in INTERLEAVED if name in names]
+    if together:
+        try:
+            measured, strategies = interleaved_rows(together, fresh, data, args.root, batch, args)
+            for name, windows in measured.items():
+                row[name] = {**windows.spread(), "interleaved": True}
+                if name in strategies:
+                    row[name]["strategy"] = strategies[name]
+                if cuda:
+                    row[name]["peak_memory_gib"] = windows.peak_memory_gib()
+        except Exception as err:  # keep the rows measured alone; report what failed
+            print(f"batch {batch} {', '.join(together)} failed: {err!r}", flush=True)
+            row.update({name: {"images_per_s": float("nan"), "error": repr(err)[:500]} for name in together})
+    if "d_speed_ema" in names:
+        alone("d_speed_ema", lit(speed=True, ema="ours"))
+    if "d_speed_ema_lightning" in names:
+        alone("d_speed_ema_lightning", lit(speed=True, ema="lightning"))
+    row = {name: row[name] for name in ROWS.values() if name in row}  # the rows in table order
+    for name, entry in row.items():
+        print(f"batch {batch} {name}: {entry['images_per_s']:.0f} images/s", entry.get("windows", ""), flush=True)
+    ips = {k: v["images_per_s"] for k, v in row.items()}
+    row["ratios"] = {
+        name: ips[top] / ips[bottom]
+        for name, (top, bottom) in RATIOS.items()
+        if top in ips and bottom in ips
+    }
+    per_repeat = {  # interleaved rows: the ratio within each repeat (windows of one round of the schedule)
+        name: [x / y for x, y in zip(row[top]["windows"], row[bottom]["windows"])]
+        for name, (top, bottom) in RATIOS.items()
+        if row.get(top, {}).get("interleaved") and row.get(bottom, {}).get("interleaved")
+    }
+    row["ratios_per_repeat"] = per_repeat
+    row["ratio_spread"] = {name: [min(r), max(r)] for name, r in per_repeat.items()}
+    return row
 
 
 def main() -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--steps", type=int, default=200, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--steps", type=int, default=200,
+                   help="timed steps of the rows measured alone, and the fewest steps of an interleaved window")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps before a row's first window (compilation)")
+    p.add_argument("--window", type=float, default=10.0, help="seconds per interleaved window (at least; 0.05 with --smoke)")
+    p.add_argument("--repeats", type=int, default=3, help="windows per interleaved row (rows a, b, c)")
     p.add_argument("--root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--out", default=None,
                    help="default: benchmarks/results/throughput.json, or throughput_<rows>.json for a subset of rows")
@@ -295,82 +458,56 @@ def main() -> dict[str, Any]:
     if args.out is None:
         subset = "" if set(args.rows) == set(ROWS) else "_" + "_".join(args.rows)
         args.out = str(RESULTS / f"throughput{subset}.json")
+    if args.repeats < 1 or args.steps < 1 or args.warmup < 1 or args.window < 0:
+        raise SystemExit("--repeats, --steps and --warmup must be at least 1 and --window at least 0")
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     if args.smoke:
         torch.set_num_threads(1)  # one thread: the tiny smoke steps are fastest so, and do not thrash a busy two-core CI machine
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False  # a0 is the naive fp32 baseline
+        args.window = min(args.window, 0.05)
 
     def fresh() -> torch.nn.Module:
         return seeded_backbone(args.smoke, device)
 
     result: dict[str, Any] = {"card": device_name(), "date": today(), "rows": {}, "torch": torch.__version__,
-                              "compile_mode": args.compile_mode, "channels_last": args.channels_last}
+                              "compile_mode": args.compile_mode, "channels_last": args.channels_last,
+                              "repeats": args.repeats, "window_s": args.window,
+                              "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]])}
     if args.merge and Path(args.out).exists():
         earlier = json.loads(Path(args.out).read_text())
-        if earlier.get("card") != result["card"] or earlier.get("channels_last") != args.channels_last:
+        if any(earlier.get(k) != result[k] for k in ("card", "channels_last", "repeats")):
             raise SystemExit(f"--merge: {args.out} was measured on {earlier.get('card')!r} with channels_last="
-                             f"{earlier.get('channels_last')}; measure all batch sizes again or choose another --out")
+                             f"{earlier.get('channels_last')}, repeats={earlier.get('repeats')}; measure all batch "
+                             "sizes again or choose another --out")
         result["rows"] = {b: r for b, r in earlier["rows"].items() if int(b) not in args.batch_sizes}
         result["merged_from"] = {b: earlier.get("date") for b in result["rows"]}
-        if "syncs" in earlier:
-            result["syncs"] = earlier["syncs"]
+        for key in ("syncs", "syncs_b"):
+            if key in earlier:
+                result[key] = earlier[key]
     result["flops_per_image"] = flops_per_image(fresh(), device)
     if cuda:
         result["bf16_matmul_tflops"] = measured_bf16_matmul_tflops()
     data = synthetic_images(60_000 if cuda else 512, device)
-    mode = args.compile_mode
-
-    def lit(b: int, speed: bool, ema: str | None = None) -> float:
-        return lightning_loop(fresh(), args.root, b, args.warmup, args.steps, speed, args.smoke, ema, compile_mode=mode,
-                              channels_last=args.channels_last)
+    names = [ROWS[r] for r in args.rows]
 
     for batch in args.batch_sizes:
-        row: dict[str, Any] = {}
-        for name, fn in [
-            ("a0_naive_fp32", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=False)),
-            ("a_plain_fast", lambda b: plain_loop(fresh(), data, b, args.warmup, args.steps, fast=cuda, compile_mode=mode,
-                                                  channels_last=args.channels_last)),
-            ("b_lightning", lambda b: lit(b, speed=False)),
-            ("c_lightning_speed", lambda b: lit(b, speed=True)),
-            ("d_speed_ema", lambda b: lit(b, speed=True, ema="ours")),
-            ("d_speed_ema_lightning", lambda b: lit(b, speed=True, ema="lightning")),
-        ]:
-            if name not in (ROWS[r] for r in args.rows):
-                continue
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-                torch.backends.cuda.matmul.allow_tf32 = name != "a0_naive_fp32"
-            try:
-                row[name] = {"images_per_s": fn(batch)}
-            except Exception as err:  # keep the other rows; report what failed
-                print(f"batch {batch} {name} failed: {err!r}", flush=True)
-                row[name] = {"images_per_s": float("nan"), "error": repr(err)[:500]}
-            if cuda:
-                row[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            print(f"batch {batch} {name}: {row[name]['images_per_s']:.0f} images/s", flush=True)
-        ips = {k: v["images_per_s"] for k, v in row.items()}
-        row["ratios"] = {
-            name: ips[top] / ips[bottom]
-            for name, (top, bottom) in RATIOS.items()
-            if top in ips and bottom in ips
-        }
-        if cuda and "b_lightning" in ips:
-            achieved = result["flops_per_image"] * ips["b_lightning"] / 1e12
+        row = measure_batch(batch, names, fresh, data, args)
+        if cuda and "b_lightning" in row:
+            achieved = result["flops_per_image"] * row["b_lightning"]["images_per_s"] / 1e12
             row["achieved_tflops_b"] = achieved
             row["fraction_of_bf16_rate_b"] = achieved / result["bf16_matmul_tflops"]
         result["rows"][str(batch)] = row
-        if cuda and "syncs" not in result and "d" in args.rows:  # the sync probe right after the first (smallest) batch size
-            try:
-                result["syncs"] = count_syncs(fresh(), args.root, batch)
-            except Exception as err:
-                result["syncs"] = {"error": repr(err)[:500]}
+        # The sync probes right after the first (smallest) batch size: (d) as the configs train, and (b).
+        for key, speed_ema, row_key in (("syncs", True, "d"), ("syncs_b", False, "b")):
+            if cuda and key not in result and row_key in args.rows:
+                try:
+                    result[key] = count_syncs(fresh(), args.root, batch, speed_ema)
+                except Exception as err:
+                    result[key] = {"error": repr(err)[:500]}
         _save(result, args, cuda)  # after every batch size, so a cut-off run keeps what it measured
-    print(result)
+    print(json.dumps(result, indent=1), flush=True)
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ import json
 import shutil
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -74,15 +75,16 @@ def run_script(module: str, args: list[str], home: Path, timeout: float = 240) -
 # ------------------------------------------------------------------------------ throughput.py
 @pytest.fixture(scope="module")
 def throughput(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Namespace:
-    """Every row at batch 8 (the script as a user runs it); then a copy of that file given rows a0 and a
-    at batch 4 with --merge, by the same main() in this process (no second torch start-up)."""
+    """Every row at batch 8 (the script as a user runs it), rows a, b, c in 2 interleaved repeats; then a
+    copy of that file given rows a0 and a at batch 4 with --merge, by the same main() in this process (no
+    second torch start-up)."""
     import torch
 
     from benchmarks import throughput as script
 
     folder = tmp_path_factory.mktemp("throughput")
     full, merged = folder / "t.json", folder / "merged.json"
-    timing = ["--steps", "2", "--warmup", "1"]
+    timing = ["--steps", "2", "--warmup", "1", "--repeats", "2"]
     run_script("throughput", ["--smoke", "--batch-sizes", "8", *timing, "--out", str(full)], home)
     shutil.copyfile(full, merged)
     before, threads = results_fingerprint(), torch.get_num_threads()
@@ -110,13 +112,29 @@ def test_throughput_smoke_writes_rows_and_ratios(throughput: Namespace) -> None:
     ips = {k: row[k]["images_per_s"] for k in ("a0_naive_fp32", "a_plain_fast", "b_lightning", "c_lightning_speed")}
     assert ratios["c_over_b"] == pytest.approx(ips["c_lightning_speed"] / ips["b_lightning"])
     assert ratios["b_over_a0"] == pytest.approx(ips["b_lightning"] / ips["a0_naive_fp32"])
+    # a, b, c: 2 windows each, interleaved (b and c in one fit, the strategy swapped); the others alone
+    for name in ("a0_naive_fp32", "a_plain_fast", "b_lightning", "c_lightning_speed", "d_speed_ema"):
+        windows = row[name]["windows"]
+        assert len(windows) == (2 if row[name]["interleaved"] else 1), name
+        assert row[name]["min"] <= row[name]["images_per_s"] <= row[name]["max"], name
+        assert row[name]["images_per_s"] == pytest.approx(statistics.median(windows)), name
+    assert [n for n in row if isinstance(row[n], dict) and row[n].get("interleaved")] == [
+        "a_plain_fast", "b_lightning", "c_lightning_speed"]
+    assert row["b_lightning"]["strategy"] == "UniformSampler + ConstantWeights"
+    assert row["c_lightning_speed"]["strategy"] == "AsymmetricSampler + ChangeAwareWeights"
+    per_repeat = row["ratios_per_repeat"]
+    assert set(per_repeat) == set(row["ratio_spread"]) == {"b_over_a", "c_over_b"}
+    b, c = row["b_lightning"]["windows"], row["c_lightning_speed"]["windows"]
+    assert per_repeat["c_over_b"] == pytest.approx([c[0] / b[0], c[1] / b[1]])
+    assert row["ratio_spread"]["c_over_b"] == [min(per_repeat["c_over_b"]), max(per_repeat["c_over_b"])]
 
 
 @needs_fashion_mnist
 def test_throughput_rows_option_measures_only_those_rows(throughput: Namespace) -> None:
     row = throughput.merged["rows"]["4"]
-    assert set(row) == {"a0_naive_fp32", "a_plain_fast", "ratios"}
-    assert set(row["ratios"]) == {"a_over_a0"}
+    assert set(row) == {"a0_naive_fp32", "a_plain_fast", "ratios", "ratios_per_repeat", "ratio_spread"}
+    assert set(row["ratios"]) == {"a_over_a0"} and row["ratios_per_repeat"] == {}
+    assert len(row["a_plain_fast"]["windows"]) == 2  # row a alone: its windows back to back
     assert row["ratios"]["a_over_a0"] == pytest.approx(row["a_plain_fast"]["images_per_s"] / row["a0_naive_fp32"]["images_per_s"])
 
 
@@ -134,6 +152,10 @@ def test_throughput_merge_keeps_other_batch_sizes_and_refuses_a_different_setup(
     monkeypatch.setattr(sys, "argv", ["throughput", "--smoke", "--rows", "a0", "--batch-sizes", "4", "--merge",
                                       "--no-channels-last", "--out", str(throughput.merged_file)])
     with pytest.raises(SystemExit, match=r"channels_last=True.*--out"):
+        script.main()
+    monkeypatch.setattr(sys, "argv", ["throughput", "--smoke", "--rows", "a0", "--batch-sizes", "4", "--merge",
+                                      "--repeats", "3", "--out", str(throughput.merged_file)])
+    with pytest.raises(SystemExit, match=r"repeats=2.*--out"):
         script.main()
     assert throughput.merged_file.read_bytes() == before
 
