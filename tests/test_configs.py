@@ -20,6 +20,7 @@ from benchmarks.common import smoke_args
 from conftest import have_fashion_mnist  # pytest puts tests/ on sys.path (no __init__.py there)
 from lightning_speed.callbacks import StrategyCallback
 from lightning_speed.cli import SpeedCLI, main
+from lightning_speed.data import ImageFolderDataModule
 from lightning_speed.module import CompileMode, DiffusionModule
 
 from _fixtures import write_fake_cifar, write_image_folder, write_tiny_autoencoder
@@ -169,6 +170,12 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
     for file in files:
         for key, value in load(CONFIGS / file).items():
             composed[key] = value if key != "model" else {**composed.get("model", {}), **value}
+    if composed["data"]["class_path"].endswith(".LatentDataModule"):  # the encoding streams the image folder
+
+        def whole_split(self: ImageFolderDataModule, split: str) -> None:
+            raise AssertionError(f"the image folder's whole {split} split was decoded (a latent cache streams it)")
+
+        monkeypatch.setattr(ImageFolderDataModule, "_load_split", whole_split)
     args = ["fit", *(a for f in files for a in ("--config", str(CONFIGS / f))),
             "--trainer.fast_dev_run", "true", "--trainer.logger.init_args.save_dir", str(cli_env / "runs"),
             *smoke_args(composed["model"]["backbone"]["class_path"]), *data_args(composed, cli_env)]

@@ -46,6 +46,17 @@ def forbid_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Autoencoder, "encode", encode)
 
 
+def forbid_whole_split(self, split):
+    raise AssertionError(f"the whole {split} split was decoded")
+
+
+def two_class_folder(root: Path) -> Path:
+    """9 images in two classes (5 + 4), so that the order of the labels shows."""
+    write_image_folder(root / "a", n=5, size=16)
+    write_image_folder(root / "b", n=4, size=16)
+    return root
+
+
 # ------------------------------------------------------------------------------------ the pipeline
 def test_encode_cache_train_speed_sample_decode_grid_and_fid(files: dict[str, Path], tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,7 +69,9 @@ def test_encode_cache_train_speed_sample_decode_grid_and_fid(files: dict[str, Pa
     grid = SampleGridCallback(every_n_steps=100, num_samples=4, solver="ddpm", solver_steps=4, save_dir=str(tmp_path / "grid"))
     speed = SpeeD()
     trainer = cpu_trainer(max_steps=3, callbacks=[speed, EMAWeightAveraging(decay=0.9999), fid, grid])
-    trainer.fit(model, datamodule=data)
+    with monkeypatch.context() as patch:  # encoding and FID's real statistics stream the folder, never load it whole
+        patch.setattr(ImageFolderDataModule, "_load_split", forbid_whole_split)
+        trainer.fit(model, datamodule=data)
 
     assert trainer.global_step == 3 and model.timesteps.sampler is speed.sampler
     assert data.encoder_calls == 2  # one batch of 20 images (encode_batch_size 64), as it is and mirrored
@@ -104,6 +117,67 @@ def test_draws_are_mean_plus_std_noise_times_the_scale_and_pick_a_mirror_half_th
     assert abs(z[~mirror].mean().item() - 0.2) < 0.002 and abs(z[~mirror].std().item() - 0.02) < 0.002
     unflipped = draw_latents(posterior, 0.2, torch.Generator().manual_seed(0), flip=False)
     assert (unflipped > 0).all()
+
+
+def test_the_encoding_streams_the_folder_a_batch_at_a_time_into_the_same_cache(
+        files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_speed.data.image_folder as image_folder
+
+    folder = two_class_folder(tmp_path / "images")
+    decoded, calls = [], []  # files decoded so far; (batch size, files decoded by then) at each encoder call
+    load_image, encode = image_folder.load_image, Autoencoder.encode
+    monkeypatch.setattr(image_folder, "load_image", lambda *args: decoded.append(1) or load_image(*args))
+
+    def spy(self, images):
+        calls.append((images.shape[0], len(decoded)))
+        return encode(self, images)
+
+    monkeypatch.setattr(Autoencoder, "encode", spy)
+
+    def build(cache: str, in_memory: bool) -> tuple[dict, np.ndarray, np.ndarray]:
+        images = ImageFolderDataModule(str(folder), image_size=16, num_workers=0, val_fraction=0.0)
+        if in_memory:
+            images.setup("fit")  # the whole split decoded first: what an in-memory data set gives
+        data = LatentDataModule(images, str(files["vae"]), cache_dir=str(tmp_path / cache), batch_size=2,
+                                encode_batch_size=4)
+        with monkeypatch.context() as patch:
+            if not in_memory:
+                patch.setattr(ImageFolderDataModule, "_load_split", forbid_whole_split)
+            data.setup("fit")
+        meta = json.loads((tmp_path / cache / "meta.json").read_text())
+        return (meta["record"], (tmp_path / cache / meta["files"]["posterior"]).read_bytes(),
+                np.load(tmp_path / cache / meta["files"]["labels"]))
+
+    streamed = build("streamed", in_memory=False)
+    # batches of 4, 4 and 1 images, each encoded as it is and mirrored, and decoded only when the encoder needs it
+    assert calls == [(4, 4), (4, 4), (4, 8), (4, 8), (1, 9), (1, 9)]
+    in_memory = build("in_memory", in_memory=True)
+    assert streamed[2].tolist() == [0] * 5 + [1] * 4 and np.array_equal(streamed[2], in_memory[2])
+    assert streamed[0] == in_memory[0] and streamed[1] == in_memory[1]  # the same record and the same bytes
+
+
+def test_fid_real_statistics_stream_the_folder_in_batches_with_the_same_result(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_speed.metrics import compute_reference_stats
+
+    class Features(torch.nn.Module):
+        def forward(self, images):
+            return images.float().flatten(1)[:, :16] / 255
+
+    images = ImageFolderDataModule(str(two_class_folder(tmp_path)), image_size=16, num_workers=0, val_fraction=0.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFolderDataModule, "_load_split", forbid_whole_split)
+        batches = list(images.reference_batches("train", 7, batch_size=3))
+        streamed = compute_reference_stats(iter(batches), Features())
+    assert [len(b) for b in batches] == [3, 3, 1]
+    whole = images.reference_images("train", 7)  # decodes the folder
+    assert torch.equal(torch.cat(batches), whole)
+    assert torch.equal(torch.cat(list(images.reference_batches("train", 7, batch_size=3))), whole)  # in memory now
+    expected = compute_reference_stats(whole, Features(), batch_size=3)
+    assert streamed.num_samples == 7 and torch.equal(streamed.feature_sum, expected.feature_sum)
+    assert torch.equal(streamed.feature_cov_sum, expected.feature_cov_sum)
+    with pytest.raises(ValueError, match="at least 2 reference images"):
+        compute_reference_stats(images.reference_batches("train", 1), Features())
 
 
 # ------------------------------------------------------------------------------------ rebuilds

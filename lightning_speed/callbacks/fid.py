@@ -167,7 +167,8 @@ class FIDCallback(SolverSettings, pl.Callback):
             an ``nn.Module`` taking uint8 (N, C, H, W), an import path "pkg.module.Name", or a file
             saved with ``torch.save(module)``.
         reference_split / num_reference: real images = ``datamodule.reference_images(split, num_reference)``
-            (None: the whole split).
+            (None: the whole split), read ``batch_size`` at a time through ``reference_batches`` when the
+            datamodule has it (the lightning_speed ones do: an image folder is never decoded whole).
         reference_images: real images (uint8 (N, C, H, W)) or a no-argument callable returning them,
             for training without our datamodules; overrides the datamodule.
         cache_dir: where real statistics are cached (default ``~/.cache/lightning_speed/fid``).
@@ -240,8 +241,9 @@ class FIDCallback(SolverSettings, pl.Callback):
 
     # ------------------------------------------------------------------ setup: extractor + real statistics
 
-    def _reference_source(self, trainer: "pl.Trainer") -> tuple[str, Callable[[], Tensor]]:
-        """(cache key of the real images, a callable loading them)."""
+    def _reference_source(self, trainer: "pl.Trainer") -> tuple[str, Callable[[], Tensor | Iterable[Tensor]]]:
+        """(cache key of the real images, a callable giving them: a tensor, or batches from a datamodule's
+        ``reference_batches``, so a large image folder is streamed through the feature network)."""
         if self.reference_images is not None:
             given = self.reference_images
             images = check_reference_images(given() if callable(given) else given)
@@ -256,6 +258,8 @@ class FIDCallback(SolverSettings, pl.Callback):
         split, n = self.reference_split, self.num_reference
         if callable(getattr(datamodule, "reference_key", None)):
             key = str(datamodule.reference_key(split, n))
+            if callable(getattr(datamodule, "reference_batches", None)):
+                return key, lambda: datamodule.reference_batches(split, n, self.batch_size)
             return key, lambda: check_reference_images(datamodule.reference_images(split, n))
         images = check_reference_images(datamodule.reference_images(split, n))
         return f"{type(datamodule).__name__}-{split}-{images_fingerprint(images)}", lambda: images
@@ -273,7 +277,8 @@ class FIDCallback(SolverSettings, pl.Callback):
         ref_key, load_images = self._reference_source(trainer)
         image_shape = getattr(pl_module, "output_shape", getattr(pl_module, "image_shape", None))  # what FID sees
         if image_shape is None and not isinstance(self.feature_extractor, str):
-            image_shape = tuple(load_images().shape[1:])
+            real = load_images()
+            image_shape = tuple((real if isinstance(real, Tensor) else next(iter(real))).shape[1:])
         extractor = resolve_feature_extractor(
             self.feature_extractor,
             tuple(image_shape) if image_shape is not None else None,

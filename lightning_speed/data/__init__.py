@@ -1,7 +1,7 @@
 """LightningDataModules yielding ``(images in [-1, 1] (B, C, H, W) float, labels long)``.
 
-Each exposes ``image_shape``, ``num_classes``, ``name``, and ``reference_images`` /
-``reference_key`` for FID's real-image statistics. ``LatentDataModule`` yields an image module's
+Each exposes ``image_shape``, ``num_classes``, ``name``, and ``reference_images`` (or, a batch at a
+time, ``reference_batches``) / ``reference_key`` for FID's real-image statistics. ``LatentDataModule`` yields an image module's
 images as cached autoencoder latents instead (see ``lightning_speed.data.latent``).
 """
 

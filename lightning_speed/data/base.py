@@ -236,6 +236,16 @@ class UInt8ImageDataModule(L.LightningDataModule):
             self._data[split] = (images, labels)
         return self._data[split]
 
+    def iter_split(self, split: str, batch_size: int, max_images: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """The first ``max_images`` (all if None) images of ``split``, ``batch_size`` at a time, in the fixed
+        order of ``_split``: ``(uint8 (b, C, H, W), long labels (b,))``. Data sets that can decode part of a
+        split (``ImageFolderDataModule``) override it, so that one pass over a large split never holds all of it."""
+        images, labels = self._split(split)
+        n = images.shape[0] if max_images is None else min(max_images, images.shape[0])
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield images[start:stop], labels[start:stop]
+
     def _num_val(self) -> int:
         n_test = self._split("test")[0].shape[0]
         if self.val_images is None:
@@ -346,6 +356,13 @@ class UInt8ImageDataModule(L.LightningDataModule):
         [0, 255], padded exactly like training images; fixed order (for FID real statistics)."""
         n = self._num_reference(split, max_images)
         return self._split(split)[0][:n].clone()
+
+    def reference_batches(self, split: str = "test", max_images: int | None = None,
+                          batch_size: int = 500) -> Iterator[Tensor]:
+        """``reference_images(split, max_images)`` in batches of ``batch_size``, never all at once (FID's
+        real statistics stream these). A bad split or count fails here, before the first batch."""
+        n = self._num_reference(split, max_images)
+        return (images for images, _ in self.iter_split(split, batch_size, n))
 
     def _key_extra(self) -> str:
         """Subclass hook: anything else that changes the reference images (e.g. a folder fingerprint)."""

@@ -1,25 +1,32 @@
 """Your own images: any folder of png/jpg/... files (searched recursively), as a datamodule.
 
 Images are converted to ``channels`` (1 = grey, 3 = RGB), resized so the short side is
-``image_size`` and centre-cropped to a square, then kept in memory as uint8 (decoded once at
-setup, in parallel with ``num_workers``). If every image sits in a top-level subfolder,
-those subfolders are the classes (sorted by name); otherwise every label is 0. A seeded
-``val_fraction`` of the images is held out as the "test" split, which is also validation.
+``image_size`` and centre-cropped to a square. If every image sits in a top-level subfolder, those
+subfolders are the classes (sorted by name); otherwise every label is 0. A seeded ``val_fraction``
+of the images is held out as the "test" split, which is also validation.
+
+Training on pixels keeps a split in memory as uint8 (decoded once at setup, in parallel with
+``num_workers``). A single pass over a split (``iter_split``, ``reference_batches``: latent encoding,
+FID's real statistics) decodes a batch at a time and never holds the whole folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
-from .base import UInt8ImageDataModule
+from .base import SPLITS, UInt8ImageDataModule
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DECODE_BATCH = 64  # files per decoding batch when a whole split is loaded
 
 
 def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
@@ -68,14 +75,14 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
                 img = img.resize((nw, nh), Image.Resampling.BICUBIC)
             left, top = (nw - image_size) // 2, (nh - image_size) // 2
             img = img.crop((left, top, left + image_size, top + image_size))
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     except OSError as err:
         raise ValueError(f"{path}: cannot decode image ({err}). Fix or delete the file.") from err
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 class _DecodeDataset(Dataset):
-    """Decodes one file per index; used once at setup so workers can share the decoding."""
+    """Decodes one file per index, so that DataLoader workers can share the decoding."""
 
     def __init__(self, paths: list[Path], image_size: int, channels: int) -> None:
         self.paths, self.image_size, self.channels = paths, image_size, channels
@@ -139,7 +146,6 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         self.val_fraction = val_fraction
         self.image_shape = (channels, image_size, image_size)
         self._scan: tuple[list[Path], np.ndarray, tuple[str, ...]] | None = None
-        self._decoded: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     def _scanned(self) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
         if self._scan is None:
@@ -175,24 +181,35 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         """The image files; checks the folder exists and holds images (errors before training)."""
         return self._scanned()[0]
 
-    def _decode_all(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        if self._decoded is None:
-            paths, labels, _ = self._scanned()
-            loader = DataLoader(
-                _DecodeDataset(paths, self.image_size, self.channels),
-                batch_size=64,
-                num_workers=min(self.num_workers, os.cpu_count() or 1),
-            )
-            images = torch.cat(list(loader)).numpy()
-            train_idx, test_idx = self.split_indices()
-            self._decoded = {
-                "train": (images[train_idx], labels[train_idx]),
-                "test": (images[test_idx], labels[test_idx]),
-            }
-        return self._decoded
+    @override
+    def iter_split(self, split: str, batch_size: int, max_images: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Decodes only ``batch_size`` files at a time (``num_workers`` processes, one batch in flight per
+        worker) unless the split is already in memory: a pass over a large folder never holds it all."""
+        if split in self._data or split not in SPLITS:  # decoded for pixel training, or the base's error
+            yield from super().iter_split(split, batch_size, max_images)
+            return
+        paths, labels, _ = self._scanned()
+        train, test = self.split_indices()
+        index = (train if split == "train" else test)[:max_images]
+        workers = min(self.num_workers, os.cpu_count() or 1)
+        loader = DataLoader(
+            _DecodeDataset([paths[i] for i in index], self.image_size, self.channels),
+            batch_size=batch_size,
+            num_workers=workers,
+            prefetch_factor=1 if workers else None,
+        )
+        for start, images in zip(range(0, len(index), batch_size), loader):
+            yield images, torch.from_numpy(labels[index[start : start + batch_size]])
 
     def _load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        return self._decode_all()[split]
+        """The whole split, decoded in batches straight into one array (for training on pixels)."""
+        n = self.split_size(split)
+        images, labels = np.empty((n, *self.image_shape), dtype=np.uint8), np.empty(n, dtype=np.int64)
+        start = 0
+        for chunk, chunk_labels in self.iter_split(split, DECODE_BATCH):
+            images[start : start + len(chunk)], labels[start : start + len(chunk)] = chunk.numpy(), chunk_labels.numpy()
+            start += len(chunk)
+        return images, labels
 
     def _key_extra(self) -> str:
         """Fingerprint of the folder contents and split, so a changed folder gets a new FID cache key."""

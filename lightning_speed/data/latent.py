@@ -1,11 +1,14 @@
 """Latent diffusion data: an image data module encoded once by an autoencoder, cached on disk.
 
 ``LatentDataModule(images=<an image data module>, autoencoder=<folder or hub name>)`` encodes the
-training images once (batched, without gradients, on the GPU when there is one, with a progress
-bar) and caches the autoencoder's posterior, mean and standard deviation, as a memory-mapped ``.npy``
-(float16 by default). Each training step then draws ``z = (mean + std * eps) * scaling_factor``
-with fresh ``eps``: the same draw as the official SpeeD/DiT code's ``vae.encode(x).latent_dist.sample()
-.mul_(0.18215)``, which encodes every batch again at every step.
+training images once (without gradients, on the GPU when there is one, with a progress bar) and
+caches the autoencoder's posterior, mean and standard deviation, as a memory-mapped ``.npy`` (float16
+by default). The images stream through the image module's ``iter_split``: an image folder is decoded
+``encode_batch_size`` images at a time and never held whole in host memory.
+
+Each training step draws ``z = (mean + std * eps) * scaling_factor`` with fresh ``eps``: the same draw
+as the official SpeeD/DiT code's ``vae.encode(x).latent_dist.sample().mul_(0.18215)``, which encodes
+every batch again at every step.
 
 Horizontal flips survive the cache: with ``random_flip`` each image is encoded twice, as it is and
 flipped (twice the encoding time and twice the disk), and every draw picks one of the two at random.
@@ -20,7 +23,7 @@ same settings reads the cache and never calls the encoder.
 
 Training batches are ``(latents (B, C, h, w) float32, labels)``: on the GPU when the cache fits
 (``LatentBatchLoader``, no per-batch host work), else a ``DataLoader`` over the memory map.
-FID's real images come from the wrapped image module (``reference_images`` / ``reference_key``),
+FID's real images come from the wrapped image module (``reference_batches`` / ``reference_key``),
 and the ``autoencoder`` attribute is what ``DiffusionModule.decode`` turns samples into images with.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,7 +162,7 @@ class LatentDataModule(L.LightningDataModule):
         random_flip: encode each image and its mirror image and train on either at random.
         cache_dtype: storage of the cached mean and std (float16 halves the disk and memory).
         encode_precision: ``fp32`` (as the official code encodes) or ``bf16`` autocast (faster).
-        encode_batch_size: images per encoder call.
+        encode_batch_size: images per encoder call (and per decoding batch of an image folder).
         on_device: keep the cache on the training GPU (``auto``: when it takes at most half its free memory).
         num_workers: DataLoader workers when the cache stays on the host.
         seed: seeds the order of batches and the draws.
@@ -253,9 +257,8 @@ class LatentDataModule(L.LightningDataModule):
         folder = self.cache_folder()
         folder.mkdir(parents=True, exist_ok=True)
         record = self.cache_record()
-        self.images.setup("fit")
-        images, labels = self.images._split("train")
-        n, variants = images.shape[0], 2 if self.random_flip else 1
+        self.images.prepare_data()  # finds (or, when allowed, downloads) the files; decodes nothing
+        n, variants = self.images.split_size("train"), 2 if self.random_flip else 1
         build = uuid.uuid4().hex[:10]
         posterior_name, labels_name = f"posterior-{build}.npy", f"labels-{build}.npy"
         partial = [folder / f"{posterior_name}.partial", folder / f"{labels_name}.partial", folder / f"meta-{build}.json.partial"]
@@ -271,9 +274,12 @@ class LatentDataModule(L.LightningDataModule):
                 partial[0], mode="w+", dtype=np.dtype(self.cache_dtype), shape=(n, variants, 2, *self.image_shape)
             )
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.encode_precision == "bf16")
+            labels = np.empty(n, dtype=np.int64)
             bar = tqdm(total=n * variants, desc="encoding latents", unit="img", dynamic_ncols=True)
-            for start in range(0, n, self.encode_batch_size):
-                x = to_unit_range(images[start : start + self.encode_batch_size].to(device))
+            start = 0  # streamed: the image module decodes (a folder: reads) one batch at a time
+            for images, batch_labels in self.images.iter_split("train", self.encode_batch_size):
+                x = to_unit_range(images.to(device))
+                labels[start : start + x.shape[0]] = batch_labels.numpy()
                 for variant in range(variants):
                     with autocast:
                         mean, std = self.autoencoder.encode(x.flip(-1) if variant else x)
@@ -286,11 +292,12 @@ class LatentDataModule(L.LightningDataModule):
                         )
                     array[start : start + x.shape[0], variant] = part.cpu().numpy().astype(array.dtype)
                     bar.update(x.shape[0])
+                start += x.shape[0]
             bar.close()
             array.flush()
             del array
             with open(partial[1], "wb") as f:
-                np.save(f, labels.numpy().astype(np.int64))
+                np.save(f, labels)
             os.replace(partial[0], folder / posterior_name)
             os.replace(partial[1], folder / labels_name)
             partial[2].write_text(json.dumps({"record": record, "files": {"posterior": posterior_name, "labels": labels_name}},
@@ -373,6 +380,11 @@ class LatentDataModule(L.LightningDataModule):
     def reference_images(self, split: str = "test", max_images: int | None = None) -> Tensor:
         """The wrapped image module's reference images (uint8, what decoded samples are compared with)."""
         return self.images.reference_images(split, max_images)
+
+    def reference_batches(self, split: str = "test", max_images: int | None = None,
+                          batch_size: int = 500) -> Iterator[Tensor]:
+        """The same images in batches, never all at once (what FIDCallback reads)."""
+        return self.images.reference_batches(split, max_images, batch_size)
 
     def reference_key(self, split: str = "test", max_images: int | None = None) -> str:
         return self.images.reference_key(split, max_images)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,22 +55,22 @@ def images_fingerprint(images: Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_reference_images(images: Tensor) -> Tensor:
-    """Validate real images: uint8 (N, C, H, W), N >= 2."""
+def check_reference_images(images: Tensor, min_count: int = 2) -> Tensor:
+    """Validate real images: uint8 (N, C, H, W), N >= ``min_count`` (FID needs 2 in all; a batch 1)."""
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
         what = f"{type(images).__name__}" if not isinstance(images, Tensor) else f"{images.dtype} {tuple(images.shape)}"
         raise ValueError(
             f"reference images must be a uint8 tensor (N, C, H, W) in [0, 255], got {what}. Convert [-1, 1] "
             "floats with lightning_speed.metrics.to_uint8."
         )
-    if images.shape[0] < 2:
+    if images.shape[0] < min_count:
         raise ValueError(f"need at least 2 reference images for FID, got {images.shape[0]}.")
     return images
 
 
 @torch.no_grad()
 def compute_reference_stats(
-    images: Tensor,
+    images: Tensor | Iterable[Tensor],
     extractor: nn.Module,
     key: str = "",
     *,
@@ -78,16 +78,26 @@ def compute_reference_stats(
     device: torch.device | str | None = None,
     keep_features: bool = False,
 ) -> ReferenceStats:
-    """Run ``extractor`` over uint8 ``images`` in batches on ``device``; accumulate FID's sufficient statistics."""
-    images = check_reference_images(images)
+    """Run ``extractor`` over uint8 ``images`` on ``device``; accumulate FID's sufficient statistics.
+
+    ``images`` is one tensor, cut into ``batch_size`` batches, or an iterable of batches (e.g. a data
+    module's ``reference_batches``), read one at a time so the whole set is never in memory; the same
+    batches give the same statistics either way.
+    """
+    batches = images
+    if isinstance(images, Tensor):
+        whole = check_reference_images(images)
+        batches = (whole[start : start + batch_size] for start in range(0, whole.shape[0], batch_size))
     device = torch.device(device) if device is not None else next(
         (t.device for t in extractor.state_dict().values()), torch.device("cpu")
     )
     feature_sum: Tensor | None = None
     cov_sum: Tensor | None = None
     kept: list[Tensor] = []
-    for start in range(0, images.shape[0], batch_size):
-        feats = extractor(images[start : start + batch_size].to(device)).double()
+    count = 0
+    for batch in batches:
+        feats = extractor(check_reference_images(batch, min_count=1).to(device)).double()
+        count += batch.shape[0]
         if feature_sum is None:
             feature_sum = torch.zeros(feats.shape[1], dtype=torch.float64, device=device)
             cov_sum = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float64, device=device)
@@ -95,10 +105,11 @@ def compute_reference_stats(
         cov_sum += feats.t().mm(feats)
         if keep_features:
             kept.append(feats.float().cpu())
-    assert feature_sum is not None and cov_sum is not None
+    if feature_sum is None or cov_sum is None or count < 2:
+        raise ValueError(f"need at least 2 reference images for FID, got {count}.")
     return ReferenceStats(
         key=key,
-        num_samples=int(images.shape[0]),
+        num_samples=count,
         feature_sum=feature_sum.cpu(),
         feature_cov_sum=cov_sum.cpu(),
         features=torch.cat(kept) if keep_features else None,
@@ -155,7 +166,7 @@ def load_reference_stats(path: Path, key: str, need_features: bool = False) -> R
 
 def load_or_compute_reference_stats(
     key: str,
-    images: Tensor | Callable[[], Tensor],
+    images: Tensor | Iterable[Tensor] | Callable[[], Tensor | Iterable[Tensor]],
     extractor: nn.Module,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
