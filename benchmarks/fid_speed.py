@@ -1,10 +1,16 @@
-"""Seconds for one FID point: generate N samples (DDIM-50, bf16) with the default Fashion-MNIST
-UNet and compare them with the cached real statistics, as FIDCallback does during training.
+"""Seconds for one FID point: generate N samples (bf16) and compare them with the cached real statistics,
+as FIDCallback does during training.
 
     python -m benchmarks.fid_speed --counts 5000 10000 --out benchmarks/results/fid_speed.json
+    python -m benchmarks.fid_speed --model dit --solver ddpm --steps 250 --counts 10000 --batch-size 2500 \
+        --variants compiled --out benchmarks/results/fid_speed_dit.json   # the paper recipe's IDDPM-250 FID-10k
 
-Two variants of the network call: "eager" (what the shipped configs use) and "compiled"
-(``DiffusionModule(compile_sampling=True)``). ``fid_seconds`` in summary.json is the eager one.
+Models: ``unet``, the default Fashion-MNIST UNet with DDIM (what the UNet configs sample), and ``dit``, the
+recipe's DiT-S/2 with learned sigma (configs/fashion_mnist_dit.yaml), whose ``ddpm`` solver is IDDPM's
+ancestral sampling with the learned variance. Two variants of the network call: "eager" and "compiled"
+(``DiffusionModule(compile_sampling=True)``). summary.json: ``fid_seconds`` (UNet, eager),
+``fid_seconds_compiled`` (UNet, compiled), ``fid_seconds_dit`` (DiT, every variant measured).
+The networks are untrained: the timings are what they measure, not the FID values.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 
 from benchmarks.common import RESULTS, SMOKE_BACKBONES, default_backbone, device_name, today, update_summary, write_json
 from lightning_speed import DiffusionModule
+from lightning_speed.backbones import DiT
 from lightning_speed.callbacks import FIDCallback
 from lightning_speed.data import FashionMNISTDataModule
 
@@ -25,7 +32,9 @@ from lightning_speed.data import FashionMNISTDataModule
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--counts", type=int, nargs="+", default=[5000, 10000])
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--model", choices=["unet", "dit"], default="unet")
+    p.add_argument("--solver", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="solver steps")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--root", default=None)
     p.add_argument("--out", default=str(RESULTS / "fid_speed.json"))
@@ -36,7 +45,12 @@ def main() -> None:
         torch.set_num_threads(1)  # one thread: the tiny smoke steps are fastest so, and do not thrash a busy two-core CI machine
     results = {variant: time_variant(args, variant) for variant in args.variants}
     write_json(Path(args.out), results)
-    if torch.cuda.is_available() and not args.smoke and "eager" in results:
+    if torch.cuda.is_available() and not args.smoke and args.model == "dit":
+        first = next(iter(results.values()))
+        update_summary(RESULTS / "summary.json", {"fid_seconds_dit": {
+            "card": first["card"], "date": first["date"], "sampling": f"DiT-S/2 bf16, {first['solver'].upper()}, "
+            f"batch {first['batch_size']}", **{v: _by_thousands(r["seconds"]) for v, r in results.items()}}})
+    elif torch.cuda.is_available() and not args.smoke and "eager" in results:
         eager = results["eager"]
         updates = {"fid_seconds": {
             **_by_thousands(eager["seconds"]), "card": eager["card"],
@@ -55,10 +69,17 @@ def _by_thousands(seconds: dict[str, float]) -> dict[str, float]:
 def time_variant(args: argparse.Namespace, variant: str) -> dict:
     """Seconds for one FID evaluation per sample count, after a warm-up evaluation."""
     cuda = torch.cuda.is_available() and not args.smoke
-    overrides = SMOKE_BACKBONES["UNet"] if args.smoke else {}
-    module = DiffusionModule(default_backbone(**overrides), compile_sampling=variant == "compiled")
-    fid = FIDCallback(num_samples=args.counts[0], batch_size=args.batch_size, solver_steps=args.steps,
-                      feature_extractor="fashion_mnist", on_train_end=False)
+    compiled = variant == "compiled"
+    if args.model == "dit":  # the recipe's backbone (configs/fashion_mnist_dit.yaml)
+        torch.manual_seed(0)
+        dit = DiT(preset="DiT-S/2", in_channels=1, image_size=32, learn_sigma=True,
+                  **(SMOKE_BACKBONES["DiT"] if args.smoke else {}))
+        module = DiffusionModule(dit, learn_sigma=True, compile_sampling=compiled)
+    else:
+        module = DiffusionModule(default_backbone(**(SMOKE_BACKBONES["UNet"] if args.smoke else {})),
+                                 compile_sampling=compiled)
+    fid = FIDCallback(num_samples=args.counts[0], batch_size=args.batch_size, solver=args.solver,
+                      solver_steps=args.steps, feature_extractor="fashion_mnist", on_train_end=False)
     trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
                          max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[fid])
@@ -66,9 +87,9 @@ def time_variant(args: argparse.Namespace, variant: str) -> dict:
     module.to(trainer.strategy.root_device)  # fit's teardown moved the module back to the CPU
     fid.num_samples = min(args.counts[0], 1000)
     fid.evaluate(trainer, module)  # warm-up: kernels, allocator, feature network
-    result = {"card": device_name(), "date": today(), "solver": f"ddim-{args.steps}", "batch_size": args.batch_size,
-              "variant": variant,
-              "note": "untrained default UNet: timing only, the FID value is meaningless", "seconds": {}}
+    result = {"card": device_name(), "date": today(), "model": args.model, "solver": f"{args.solver}-{args.steps}",
+              "batch_size": args.batch_size, "variant": variant,
+              "note": f"untrained {args.model}: timing only, the FID value is meaningless", "seconds": {}}
     for n in args.counts:
         fid.num_samples = n
         if cuda:

@@ -198,6 +198,16 @@ def test_fid_speed_smoke_times_each_count(tmp_path: Path, home: Path) -> None:
     result = json.loads(out.read_text())["eager"]
     assert set(result["seconds"]) == {"8", "16"} and all(s > 0 for s in result["seconds"].values())
     assert result["samples_per_s"]["16"] == pytest.approx(16 / result["seconds"]["16"])
+    assert (result["model"], result["solver"]) == ("unet", "ddim-2")
+
+
+@needs_fashion_mnist
+def test_fid_speed_smoke_times_the_dit_recipes_iddpm_sampling(tmp_path: Path, home: Path) -> None:
+    out = tmp_path / "fid_dit.json"
+    run_script("fid_speed", ["--smoke", "--model", "dit", "--solver", "ddpm", "--variants", "eager", "--counts", "8",
+                "--steps", "3", "--batch-size", "8", "--out", str(out)], home)
+    result = json.loads(out.read_text())["eager"]
+    assert (result["model"], result["solver"]) == ("dit", "ddpm-3") and result["seconds"]["8"] > 0
 
 
 # ----------------------------------------------------------------------------- convergence
