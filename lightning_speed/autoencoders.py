@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_speed.validation import check_int, check_number
+
 INSTALL_HINT = 'pip install -e ".[latent]"  (or: pip install "diffusers>=0.30")'
 WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 """What a local autoencoder folder must hold (``save_pretrained`` writes them)."""
@@ -98,10 +100,10 @@ class Autoencoder:
                 f"{type(vae).__name__}. Load one with Autoencoder.load(folder or hub name)."
             )
         factor = scaling_factor if scaling_factor is not None else getattr(config, "scaling_factor", None)
-        if factor is None or not float(factor) > 0:
-            raise ValueError(f"The autoencoder's scaling_factor must be a positive number, got {factor!r}: pass scaling_factor.")
+        factor = check_number(factor, "the autoencoder's scaling_factor", above=0.0,
+                              hint="pass scaling_factor (0.18215 for sd-vae-ft-ema)")
         self.vae = vae.eval().requires_grad_(False)
-        self.scaling_factor = float(factor)
+        self.scaling_factor = factor
         self.name = name or type(vae).__name__
         self.in_channels = int(config.in_channels)
         self.latent_channels = int(config.latent_channels)
@@ -206,8 +208,7 @@ class Autoencoder:
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int = 64) -> Tensor:
         """Scaled latents (B, C, h, w) -> images in [-1, 1] (B, C, H, W), fp32, ``batch_size`` at a time."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        check_int(batch_size, "batch_size", minimum=1)
         dtype = next(self.vae.parameters()).dtype
         parts = []
         for chunk in latents.split(batch_size):

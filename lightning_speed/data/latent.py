@@ -34,7 +34,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lightning_speed.autoencoders import Autoencoder
+from lightning_speed.validation import check_bool, check_choice, check_int
 
 from .base import DeviceBatchLoader, UInt8ImageDataModule, to_unit_range
 
@@ -190,12 +191,10 @@ class LatentDataModule(L.LightningDataModule):
                 f"LatentDataModule encodes a lightning_speed image data module (ImageFolderDataModule, CIFAR10DataModule, "
                 f"...); got {type(images).__name__}."
             )
-        if batch_size < 1 or encode_batch_size < 1:
-            raise ValueError(f"batch_size and encode_batch_size must be >= 1, got {batch_size} and {encode_batch_size}.")
-        if cache_dtype not in ("float16", "float32"):
-            raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {cache_dtype!r}.")
-        if encode_precision not in ("fp32", "bf16"):
-            raise ValueError(f"encode_precision must be 'fp32' or 'bf16', got {encode_precision!r}.")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        encode_batch_size = check_int(encode_batch_size, "encode_batch_size", minimum=1)
+        cache_dtype = check_choice(cache_dtype, "cache_dtype", get_args(CacheDtype))
+        encode_precision = check_choice(encode_precision, "encode_precision", get_args(EncodePrecision))
         if on_device not in (True, False, "auto"):
             raise ValueError(f"on_device must be true, false or 'auto', got {on_device!r}.")
         self.images = images
@@ -206,9 +205,9 @@ class LatentDataModule(L.LightningDataModule):
         self.decoded_shape = tuple(images.image_shape)
         self.name = f"{images.name}-latents"
         self.cache_dir = cache_dir
-        self.batch_size, self.random_flip, self.seed = int(batch_size), bool(random_flip), int(seed)
+        self.batch_size, self.random_flip, self.seed = batch_size, check_bool(random_flip, "random_flip"), int(seed)
         self.cache_dtype, self.encode_precision = cache_dtype, encode_precision
-        self.encode_batch_size, self.on_device, self.num_workers = int(encode_batch_size), on_device, int(num_workers)
+        self.encode_batch_size, self.on_device, self.num_workers = encode_batch_size, on_device, int(num_workers)
         self.encoder_calls = 0  # batches encoded by this object (a cache hit leaves it at 0)
         self._posterior: tuple[Path, np.ndarray] | None = None  # (posterior file, labels) once set up
         self._device_train: LatentBatchLoader | None = None
@@ -353,10 +352,8 @@ class LatentDataModule(L.LightningDataModule):
         if self._keep_on_device(device, path.stat().st_size):
             cached = self._device_train
             if cached is None or cached.device != device or (cached.rank, cached.world_size) != (rank, world):
-                posterior = torch.from_numpy(np.load(path, mmap_mode="r").copy()) if device.type == "cpu" else \
-                    self._to_device(path, device)
                 self._device_train = LatentBatchLoader(
-                    posterior, torch.from_numpy(labels).to(device), self.batch_size, self.autoencoder.scaling_factor,
+                    self._to_device(path, device), torch.from_numpy(labels).to(device), self.batch_size, self.autoencoder.scaling_factor,
                     self.random_flip, self.seed, rank, world,
                 )
             return self._device_train

@@ -64,7 +64,8 @@ def check_reference_images(images: Tensor, min_count: int = 2) -> Tensor:
             "floats with lightning_speed.metrics.to_uint8."
         )
     if images.shape[0] < min_count:
-        raise ValueError(f"need at least 2 reference images for FID, got {images.shape[0]}.")
+        what = "reference images for FID" if min_count > 1 else "reference image in a batch"
+        raise ValueError(f"need at least {min_count} {what}, got {images.shape[0]}.")
     return images
 
 
