@@ -47,12 +47,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import lightning.pytorch as pl
 import torch
 
 from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops, today, update_summary, write_json
 from benchmarks.throughput import flops_per_image
-from benchmarks.windows import Row, Step, TrainerWindows, allocated, timed_window, warm
+from benchmarks.windows import Row, Step, TrainerWindows, allocated, timed_window, warm, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.backbones import DiT
 from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
@@ -205,12 +204,7 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
 
     module = DiffusionModule(dit(), learn_sigma=True, compile_mode=mode, image_shape=(4, size, size))
     windows = TrainerWindows(between, args.batch, warmup, args.window, min_steps, allocated(device))
-    trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-        max_steps=10**9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[SpeeD(), EMAWeightAveraging(decay=0.9999), windows],
-    )
+    trainer = windowed_trainer(cuda, [SpeeD(), EMAWeightAveraging(decay=0.9999), windows])
     trainer.fit(module, train_dataloaders=EndlessLatents(draw))
     if schedule or len(rows["trainer"].images_per_s) != args.repeats:
         raise RuntimeError(f"{preset}: the Trainer stopped before the measurement schedule ended ({schedule} left).")

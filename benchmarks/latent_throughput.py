@@ -15,7 +15,7 @@ sd-vae-ft-ema ``AutoencoderKL`` architecture, and DiT training on latents read f
    under ``pl.Trainer(bf16-mixed)`` with ``SpeeD()`` and ``EMAWeightAveraging(decay=0.9999)``, batch 256,
    latents drawn from the cache on the GPU by the data module (``LatentBatchLoader``: posterior mean + std x
    noise, random mirror). ``--repeats`` windows of at least ``--window`` seconds each, timed hook to hook
-   inside one ``fit`` after ``--warmup`` steps (``benchmarks.dit_throughput.TrainerWindows``); images/s
+   inside one ``fit`` after ``--warmup`` steps (``benchmarks.windows.TrainerWindows``); images/s
    (median, min, max), the fraction of the measured bf16 matmul rate (FLOPs of the backbone's forward and
    backward per image, ``benchmarks.throughput.flops_per_image``) and peak memory.
 
@@ -38,14 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops, today, update_summary, write_json
 from benchmarks.dit_throughput import SMOKE_DIT
 from benchmarks.throughput import flops_per_image
-from benchmarks.windows import Row, TrainerWindows, allocated, sync
+from benchmarks.windows import Row, TrainerWindows, allocated, sync, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.autoencoders import Autoencoder, import_diffusers
 from lightning_speed.backbones import DiT
@@ -134,8 +133,9 @@ def build_cache(autoencoder: Autoencoder, args: argparse.Namespace, folder: Path
     autoencoder.to("cpu")  # training needs no encoder; sampling (not measured here) would bring it back
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return data, {"images": args.images, "encodes": 2 * args.images, "seconds": seconds,
-                  "images_per_s": 2 * args.images / seconds, "bytes": size, "latent_shape": list(data.image_shape),
+    encodes = (2 if data.random_flip else 1) * args.images  # each image and, with the flip, its mirror image
+    return data, {"images": args.images, "encodes": encodes, "seconds": seconds,
+                  "images_per_s": encodes / seconds, "bytes": size, "latent_shape": list(data.image_shape),
                   "encode_precision": data.encode_precision, "dtype": data.cache_dtype}
 
 
@@ -157,12 +157,7 @@ def measure_preset(preset: str, data: LatentDataModule, args: argparse.Namespace
 
     windows = TrainerWindows(between, args.batch, args.warmup, args.window, 1 if args.smoke else 3, allocated(device))
     module = DiffusionModule(dit(), learn_sigma=True, compile_mode=mode, image_shape=data.image_shape)
-    trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-        max_steps=10**9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[SpeeD(), EMAWeightAveraging(decay=0.9999), windows],
-    )
+    trainer = windowed_trainer(cuda, [SpeeD(), EMAWeightAveraging(decay=0.9999), windows])
     trainer.fit(module, datamodule=data)
     if len(row.images_per_s) != args.repeats:
         raise RuntimeError(f"{preset}: the Trainer stopped after {len(row.images_per_s)} of {args.repeats} windows.")

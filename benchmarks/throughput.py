@@ -56,7 +56,7 @@ from benchmarks.common import (
     update_summary,
     write_json,
 )
-from benchmarks.windows import Row, TrainerWindows, allocated, sync, timed_window, warm
+from benchmarks.windows import Row, TrainerWindows, allocated, sync, timed_window, warm, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.module import uses_cuda_graphs
 from lightning_speed.process import GaussianDiffusion
@@ -262,12 +262,7 @@ def interleaved_rows(
         return None
 
     windows = TrainerWindows(between, batch, args.warmup, args.window, args.steps, allocated(device))
-    trainer = pl.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-        max_steps=10**9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
-        callbacks=[SpeeD(tau=700, k=5, dual=True, lam=0.6), swap, windows],
-    )
+    trainer = windowed_trainer(cuda, [SpeeD(tau=700, k=5, dual=True, lam=0.6), swap, windows])
     trainer.fit(module, datamodule=FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0))
     if schedule or any(len(rows[name].images_per_s) != args.repeats for name in trainer_rows):
         raise RuntimeError(f"the Trainer stopped before the measurement schedule ended ({schedule} left)")

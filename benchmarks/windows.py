@@ -122,3 +122,13 @@ class TrainerWindows(pl.Callback):
             return
         self.row.resident = self.resident
         self.window, self.start_step = Window(pl_module.device), step
+
+
+def windowed_trainer(cuda: bool, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The Trainer of a measurement driven by ``TrainerWindows``: one device, bf16 on the GPU, no logging,
+    checkpointing or validation, and no step limit (the windows' callback stops it)."""
+    return pl.Trainer(
+        accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+        max_steps=10**9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+    )
