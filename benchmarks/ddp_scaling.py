@@ -58,6 +58,7 @@ from typing_extensions import override
 from benchmarks.common import REPO, RESULTS, device_name, load_config, today, update_summary, write_json
 from benchmarks.dit_throughput import SMOKE_DIT, EndlessLatents
 from benchmarks.throughput import seeded_backbone
+from benchmarks.windows import sync
 from lightning_speed import DiffusionModule
 from lightning_speed.backbones import DiT
 from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
@@ -131,11 +132,6 @@ class WindowTimer(pl.Callback):
 
     def images_per_s(self, images_per_step: int) -> list[float]:
         return [images_per_step * self.steps / (b - a) for a, b in zip(self.times, self.times[1:])]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def start_profiler(device: Any) -> Any:

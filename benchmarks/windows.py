@@ -24,9 +24,9 @@ Step = Callable[[], None]
 
 
 def sync(device: torch.device) -> None:
-    """Wait for the GPU (nothing on the CPU), so a timer reads finished work."""
+    """Wait for ``device`` (nothing on the CPU), so a timer reads finished work."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def allocated(device: torch.device) -> int:
