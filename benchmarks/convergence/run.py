@@ -9,11 +9,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from lightning.pytorch.callbacks import Timer
 
-from benchmarks.common import device_name, smoke_args, today, write_json
-from benchmarks.convergence.runs import CONFIGS, RUNS, config_args
+from benchmarks.common import device_name, load_config, smoke_args, today, write_json
+from benchmarks.convergence.runs import RUNS, config_args
 
 
 class PartTimer(Timer):
@@ -55,7 +54,7 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     if args.batch_size or args.smoke:
         out += ["--data.init_args.batch_size", str(args.batch_size or 16)]
     if args.smoke:  # a tiny model and a few small grids, not 64 images x 50 steps on one CPU thread
-        base = yaml.safe_load((CONFIGS / args.base).read_text())
+        base = load_config(args.base)
         out += [*smoke_args(base["model"]["backbone"]["class_path"]), "--data.init_args.on_device", "false",
                 "--samples.init_args.num_samples", "4", "--samples.init_args.solver_steps", "2"]
     elif args.eager:  # the retry of a run whose compiled step failed
