@@ -30,6 +30,8 @@ split into compute and NCCL (and how much NCCL time overlaps compute), and the G
     # compare settings in one call
     python -m benchmarks.ddp_scaling --models unet --unet-batches 128 --variants reduce-overhead \\
         default:static:view max-autotune-no-cudagraphs:static:view --profile --root .data
+    # 1 and 2 GPUs in one call, 4 in another: one table, speed-ups over the best one-GPU figure of both
+    python -m benchmarks.ddp_scaling --merge ddp_1_2.json ddp_4.json --out ddp_scaling.json
     python -m benchmarks.ddp_scaling --smoke --out /tmp/ddp.json   # CPU, 1 and 2 processes, tiny models (tests)
 """
 
@@ -39,6 +41,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -288,12 +291,13 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                "window_steps": args.window_steps, "profile_steps": args.profile_steps if args.profile else 0,
                "trace": str(Path(args.trace_dir) / f"trace_run{i}.json") if args.profile and args.trace_dir else None}
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.ddp_scaling", "--run", json.dumps(run)], cwd=REPO)
         label = f"{run['model']}@{run['batch']} {run['variant']} x{run['devices']}"
-        if proc.returncode != 0 or not Path(run["part"]).is_file():
-            print(f"{label}: FAILED (exit {proc.returncode})", flush=True)
+        returncode = run_process(run, args.process_timeout)
+        if returncode != 0 or not Path(run["part"]).is_file():
+            error = "timed out" if returncode is None else f"exit status {returncode}"
+            print(f"{label}: FAILED ({error})", flush=True)
             results.append({**{k: run[k] for k in ("model", "batch", "devices", "variant", "compile_mode", "ddp")},
-                            "error": f"exit status {proc.returncode}"})
+                            "error": error})
             continue
         result = json.loads(Path(run["part"]).read_text())
         result["process_s"] = time.perf_counter() - t0
@@ -303,12 +307,52 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{label}: {result['images_per_s']:.0f} images/s (min {result['min']:.0f}, max {result['max']:.0f}), "
               f"{result['process_s']:.0f} s; {json.dumps({k: v for k, v in profile.items() if k != 'table'})}", flush=True)
         results.append(result)
-    summary = summarise(results)
-    out = {"card": "cpu" if args.smoke else device_name(), "date": today(), "command": command, "smoke": args.smoke,
-           "seconds": time.perf_counter() - started, "windows": args.windows, "window_steps": args.window_steps,
-           "warmup": args.warmup, "dit_preset": args.dit_preset, "scaling": summary, "runs": results}
+        # after every process, so a call that runs out of time keeps what it measured
+        write_json(Path(args.out), collect(args, command, results, time.perf_counter() - started, complete=False))
+    out = collect(args, command, results, time.perf_counter() - started, complete=True)
     write_json(Path(args.out), out)
     if not args.smoke:
+        update_summary(RESULTS / "summary.json", summary_keys(out))
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
+    return out
+
+
+def run_process(run: dict[str, Any], timeout: float) -> int | None:
+    """One measurement in its own process group; after ``timeout`` seconds the group (every rank Lightning started)
+    is killed, so a hung rank cannot hold the GPUs the next measurement needs. None: it timed out."""
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ddp_scaling", "--run", json.dumps(run)], cwd=REPO,
+                            start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def collect(args: argparse.Namespace, command: str, results: list[dict[str, Any]], seconds: float,
+            complete: bool) -> dict[str, Any]:
+    return {"card": "cpu" if args.smoke else device_name(), "date": today(), "command": command, "smoke": args.smoke,
+            "complete": complete, "seconds": seconds, "windows": args.windows, "window_steps": args.window_steps,
+            "warmup": args.warmup, "dit_preset": args.dit_preset, "scaling": summarise(results), "runs": results}
+
+
+def merge(files: list[str], out_path: str, smoke: bool) -> dict[str, Any]:
+    """One table from several calls' results (e.g. 1 and 2 GPUs in one call, 4 GPUs in the next) on one kind of card:
+    each run keeps the command that measured it; the speed-ups use the best one-GPU figure of all of them."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    cards = {p["card"] for p in parts}
+    presets = {p["dit_preset"] for p in parts}
+    if len(cards) > 1 or len(presets) > 1:
+        raise SystemExit(f"--merge: the files come from different cards {sorted(cards)} or DiT presets "
+                         f"{sorted(presets)}; merge only measurements of one setting.")
+    runs = [{**r, "command": p["command"]} for p in parts for r in p["runs"]]
+    out = {"card": parts[0]["card"], "date": max(p["date"] for p in parts),
+           "command": " && ".join(dict.fromkeys(p["command"] for p in parts)), "smoke": parts[0]["smoke"],
+           "complete": all(p.get("complete", True) for p in parts), "merged": [str(f) for f in files],
+           "dit_preset": parts[0]["dit_preset"], "scaling": summarise(runs), "runs": runs}
+    write_json(Path(out_path), out)
+    if not smoke and not out["smoke"]:
         update_summary(RESULTS / "summary.json", summary_keys(out))
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
     return out
@@ -335,18 +379,29 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
+def shipped_variant(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The measured variant with configs/multi_gpu/ddp.yaml's settings (named "shipped" or by its settings)."""
+    shipped = parse_variant("shipped")
+    for v in entry["variants"].values():
+        if v["compile_mode"] == shipped["compile_mode"] and v["ddp"] == shipped["ddp"]:
+            return v
+    return None
+
+
 def summary_keys(out: dict[str, Any]) -> dict[str, Any]:
     """summary.json: the shipped multi-GPU settings' figures ("ddp_scaling_2gpu": UNet, "ddp_scaling_dit")."""
     keys: dict[str, Any] = {}
     for key, model in (("ddp_scaling_2gpu", "unet"), ("ddp_scaling_dit", "dit")):
         per_batch = {}
         for name, entry in out["scaling"].items():
-            shipped = entry["variants"].get("shipped")
+            shipped = shipped_variant(entry)
             if name.startswith(f"{model}@") and shipped and "2" in shipped["images_per_s"] and entry["best_one_gpu"]:
-                per_batch[name.split("@")[1]] = {"images_per_s_1gpu": entry["best_one_gpu"],
-                                                 "images_per_s_2gpu": shipped["images_per_s"]["2"],
-                                                 "speedup": shipped["speedup"]["2"],
-                                                 "compile_mode": shipped["compile_mode"], "ddp": shipped["ddp"]}
+                per_batch[name.split("@")[1]] = {
+                    "images_per_s_1gpu": entry["best_one_gpu"],
+                    **{f"images_per_s_{n}gpu": x for n, x in sorted(shipped["images_per_s"].items())},
+                    "speedup": shipped["speedup"]["2"],
+                    **{f"speedup_{n}gpu": x for n, x in sorted(shipped["speedup"].items()) if n != "2"},
+                    "compile_mode": shipped["compile_mode"], "ddp": shipped["ddp"]}
         if per_batch:
             keys[key] = {"card": out["card"], "date": out["date"], "command": out["command"],
                          "model": model if model == "unet" else out["dit_preset"], "batch_per_gpu": per_batch}
@@ -370,10 +425,16 @@ def main() -> None:
     p.add_argument("--root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--out", default=str(RESULTS / "ddp_scaling.json"))
     p.add_argument("--smoke", action="store_true", help="CPU processes, tiny models, a few steps (tests)")
+    p.add_argument("--process-timeout", type=float, default=300, help="seconds before a measurement is killed")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no measurement: combine these results files into --out (and summary.json)")
     p.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = p.parse_args()
     if args.run:
         measure(json.loads(args.run))
+        return
+    if args.merge:
+        merge(args.merge, args.out, args.smoke)
         return
     smoke = args.smoke
     args.unet_batches = args.unet_batches or ([8] if smoke else [128, 512])

@@ -85,8 +85,10 @@ def time_variant(args: argparse.Namespace, variant: str) -> dict:
                          enable_model_summary=False, limit_val_batches=0, callbacks=[fid])
     trainer.fit(module, datamodule=FashionMNISTDataModule(root=args.root, batch_size=64, val_images=0))
     module.to(trainer.strategy.root_device)  # fit's teardown moved the module back to the CPU
-    fid.num_samples = min(args.counts[0], 1000)
-    fid.evaluate(trainer, module)  # warm-up: kernels, allocator, feature network
+    # Warm-up (kernels, allocator, feature network, real statistics) on one batch of the timed size: compiled
+    # sampling is compiled per batch shape, so a smaller warm-up batch would leave a compilation in the timing.
+    fid.num_samples = min(args.counts[0], args.batch_size)
+    fid.evaluate(trainer, module)
     result = {"card": device_name(), "date": today(), "model": args.model, "solver": f"{args.solver}-{args.steps}",
               "batch_size": args.batch_size, "variant": variant,
               "note": f"untrained {args.model}: timing only, the FID value is meaningless", "seconds": {}}

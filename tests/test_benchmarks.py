@@ -310,6 +310,32 @@ def test_convergence_jobs_parse_and_reject_bad_ones() -> None:
             launch.jobs_of(Namespace(jobs=[bad], steps=10, seeds=[0], strategies=["uniform"]))
 
 
+
+def test_convergence_set_overrides_reach_the_composed_config(tmp_path: Path) -> None:
+    """--set KEY=VALUE (an ablation) is forwarded by the launcher and lands in the run's composed config."""
+    from benchmarks.convergence.__main__ import parser
+    from benchmarks.common import smoke_args
+    from benchmarks.convergence.run import overrides
+    from benchmarks.convergence.runs import config_args
+    from lightning_speed.cli import main as cli_main
+
+    argv = ["launch", "--base", "fashion_mnist_dit.yaml", "--set", "ema.init_args.decay=0.999", "model.learn_sigma=false",
+            "model.backbone.init_args.learn_sigma=false", "--out", str(tmp_path)]
+    args = parser().parse_args(argv)
+    forwarded = launch._forward(args)
+    assert forwarded[forwarded.index("--set") + 1:][:3] == ["ema.init_args.decay=0.999", "model.learn_sigma=false",
+                                                             "model.backbone.init_args.learn_sigma=false"]
+    run_args = parser().parse_args(["run", "--strategy", "speed", *forwarded])
+    protocol = overrides(run_args, tmp_path)
+    cli = cli_main([*config_args("fashion_mnist_dit.yaml", "speed"), *protocol,
+                    *smoke_args("lightning_speed.backbones.DiT")], run=False)
+    (ema,) = (cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EMAWeightAveraging")
+    assert ema.decay == pytest.approx(0.999)
+    assert cli.model.hparams.learn_sigma is False
+    run_args.set = ["ema.init_args.decay"]
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        overrides(run_args, tmp_path)
+
 # ------------------------------------------------------------------- the speed-up arithmetic
 def test_first_step_reaching_interpolates() -> None:
     reach = stats.first_step_reaching
@@ -518,6 +544,22 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
         variant = entry["variants"]["default:static:view:bucket=5"]
         assert variant["speedup"]["2"] == pytest.approx(variant["images_per_s"]["2"] / entry["best_one_gpu"])
     assert "--- profile of rank 0" in proc.stdout and json.loads(proc.stdout[proc.stdout.rindex("\n{"):])["smoke"]
+    assert result["complete"]
+
+    # Two calls' files (1 GPU in one, 2 in the other) merge into the same table, each run keeping its command.
+    from benchmarks.ddp_scaling import merge
+
+    files = []
+    for n in (1, 2):
+        part = {**result, "command": f"call {n}", "runs": [r for r in runs if r["devices"] == n]}
+        files.append(tmp_path / f"part{n}.json")
+        files[-1].write_text(json.dumps(part))
+    merged = merge([str(f) for f in files], str(tmp_path / "merged.json"), smoke=True)
+    assert merged["scaling"] == result["scaling"] and [r["command"] for r in merged["runs"]] == ["call 1", "call 2"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**result, "card": "another card"}))
+    with pytest.raises(SystemExit, match="different cards"):
+        merge([str(files[0]), str(other)], str(tmp_path / "bad.json"), smoke=True)
 
 
 def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:

@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-file", default=str(RESULTS / "summary.json"),
                    help="report: the summary.json whose speed-up keys are updated")
     p.add_argument("--eager", action="store_true", help="train without torch.compile")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for every run (an ablation: ema.init_args.decay=0.999); recorded in "
+                        "result.json, so give each ablation its own --out")
     return p
 
 

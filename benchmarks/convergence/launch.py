@@ -121,4 +121,6 @@ def _forward(args: argparse.Namespace) -> list[str]:
         out.append("--smoke")
     if not args.compile_sampling:
         out.append("--no-compile-sampling")
+    if args.set:
+        out += ["--set", *args.set]
     return out

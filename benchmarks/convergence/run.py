@@ -61,6 +61,11 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         out += ["--model.compile_mode", "null"]
     elif args.compile_sampling:
         out += ["--model.compile_sampling", "true"]
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. ema.init_args.decay=0.999")
+        out += [f"--{key}", value]
     return out
 
 
