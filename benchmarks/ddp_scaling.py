@@ -77,11 +77,10 @@ WATCHED = ("cudagraph", "cuda graph", "graph break", "recompil", "skipping", "dd
 # ------------------------------------------------------------------------------------- variants
 def parse_variant(spec: str) -> dict[str, Any]:
     """``MODE[:static][:view][:bucket=MB]`` or ``shipped`` -> {"name", "compile_mode", "ddp": {...}}."""
-    if spec == "shipped":
+    if spec == "shipped":  # ddp.yaml composes on top of a base config, whose compile mode it keeps unless it sets one
         config = load_config("multi_gpu/ddp.yaml")
         ddp = dict(config["trainer"]["strategy"].get("init_args") or {})
-        mode = config.get("model", {}).get("compile_mode")
-        return {"name": "shipped", "compile_mode": mode or "none", "ddp": ddp}
+        return {"name": "shipped", "compile_mode": (config.get("model") or {}).get("compile_mode"), "ddp": ddp}
     mode, *options = spec.split(":")
     if mode not in COMPILE_MODES:
         raise SystemExit(f"--variants {spec!r}: the compile mode must be one of {', '.join(COMPILE_MODES)} (or the "
@@ -102,6 +101,19 @@ def parse_variant(spec: str) -> dict[str, Any]:
 def single_gpu_mode(model: str) -> str:
     """The compile mode of the model's single-GPU config (the one-GPU baseline)."""
     return load_config(SINGLE_GPU_CONFIG[model])["model"].get("compile_mode") or "none"
+
+
+def resolved(variant: dict[str, Any], model: str) -> dict[str, Any]:
+    """The variant for one model: "shipped" without a compile mode of its own takes the model's config's."""
+    return {**variant, "compile_mode": variant["compile_mode"] or single_gpu_mode(model)}
+
+
+DDP_DEFAULTS = {"static_graph": False, "gradient_as_bucket_view": False, "bucket_cap_mb": 25.0}  # DDPStrategy's
+
+
+def same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two variants train alike: one compile mode and the same DDP settings once DDP's defaults are filled in."""
+    return a["compile_mode"] == b["compile_mode"] and {**DDP_DEFAULTS, **a["ddp"]} == {**DDP_DEFAULTS, **b["ddp"]}
 
 
 # --------------------------------------------------------------------------- one measurement (a process)
@@ -268,15 +280,16 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     batches = {"unet": args.unet_batches, "dit": args.dit_batches}
     runs = []
     for model in args.models:
+        ours = [resolved(v, model) for v in variants]
         for batch in batches[model]:
             base = {"model": model, "batch": batch}
             if 1 in args.devices:
-                modes = dict.fromkeys([single_gpu_mode(model), *(v["compile_mode"] for v in variants)])
+                modes = dict.fromkeys([single_gpu_mode(model), *(v["compile_mode"] for v in ours)])
                 if args.smoke:  # eager on the CPU whatever the mode: one run stands for all
-                    modes = dict.fromkeys(v["compile_mode"] for v in variants[:1])
+                    modes = dict.fromkeys(v["compile_mode"] for v in ours[:1])
                 runs += [{**base, "devices": 1, "variant": f"1gpu:{mode}", "compile_mode": mode, "ddp": {}} for mode in modes]
             runs += [{**base, "devices": n, "variant": v["name"], "compile_mode": v["compile_mode"], "ddp": v["ddp"]}
-                     for v in variants for n in args.devices if n > 1]
+                     for v in ours for n in args.devices if n > 1]
     return runs
 
 
@@ -330,6 +343,15 @@ def run_process(run: dict[str, Any], timeout: float) -> int | None:
         return None
 
 
+def spec_of(run: dict[str, Any]) -> str:
+    """The MODE[:static][:view][:bucket=MB] name of a run's settings (the inverse of parse_variant)."""
+    ddp = run["ddp"]
+    options = [name for name, key in (("static", "static_graph"), ("view", "gradient_as_bucket_view")) if ddp.get(key)]
+    if "bucket_cap_mb" in ddp:
+        options.append(f"bucket={float(ddp['bucket_cap_mb']):g}")
+    return ":".join([run["compile_mode"], *options])
+
+
 def collect(args: argparse.Namespace, command: str, results: list[dict[str, Any]], seconds: float,
             complete: bool) -> dict[str, Any]:
     return {"card": "cpu" if args.smoke else device_name(), "date": today(), "command": command, "smoke": args.smoke,
@@ -346,7 +368,9 @@ def merge(files: list[str], out_path: str, smoke: bool) -> dict[str, Any]:
     if len(cards) > 1 or len(presets) > 1:
         raise SystemExit(f"--merge: the files come from different cards {sorted(cards)} or DiT presets "
                          f"{sorted(presets)}; merge only measurements of one setting.")
-    runs = [{**r, "command": p["command"]} for p in parts for r in p["runs"]]
+    # a run measured as "shipped" is named by its settings: ddp.yaml may have changed since
+    runs = [{**r, "command": p["command"], "variant": spec_of(r) if r["variant"] == "shipped" else r["variant"]}
+            for p in parts for r in p["runs"]]
     out = {"card": parts[0]["card"], "date": max(p["date"] for p in parts),
            "command": " && ".join(dict.fromkeys(p["command"] for p in parts)), "smoke": parts[0]["smoke"],
            "complete": all(p.get("complete", True) for p in parts), "merged": [str(f) for f in files],
@@ -379,13 +403,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
-def shipped_variant(entry: dict[str, Any]) -> dict[str, Any] | None:
-    """The measured variant with configs/multi_gpu/ddp.yaml's settings (named "shipped" or by its settings)."""
-    shipped = parse_variant("shipped")
-    for v in entry["variants"].values():
-        if v["compile_mode"] == shipped["compile_mode"] and v["ddp"] == shipped["ddp"]:
-            return v
-    return None
+def shipped_variant(model: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The measured variant that trains as configs/multi_gpu/ddp.yaml does on the model's base config (whatever
+    its name was when it ran)."""
+    shipped = resolved(parse_variant("shipped"), model)
+    return next((v for v in entry["variants"].values() if same_settings(v, shipped)), None)
 
 
 def summary_keys(out: dict[str, Any]) -> dict[str, Any]:
@@ -394,13 +416,14 @@ def summary_keys(out: dict[str, Any]) -> dict[str, Any]:
     for key, model in (("ddp_scaling_2gpu", "unet"), ("ddp_scaling_dit", "dit")):
         per_batch = {}
         for name, entry in out["scaling"].items():
-            shipped = shipped_variant(entry)
-            if name.startswith(f"{model}@") and shipped and "2" in shipped["images_per_s"] and entry["best_one_gpu"]:
+            if not name.startswith(f"{model}@") or not entry["best_one_gpu"]:
+                continue
+            shipped = shipped_variant(model, entry)
+            if shipped and shipped["images_per_s"]:
                 per_batch[name.split("@")[1]] = {
                     "images_per_s_1gpu": entry["best_one_gpu"],
                     **{f"images_per_s_{n}gpu": x for n, x in sorted(shipped["images_per_s"].items())},
-                    "speedup": shipped["speedup"]["2"],
-                    **{f"speedup_{n}gpu": x for n, x in sorted(shipped["speedup"].items()) if n != "2"},
+                    **{f"speedup_{n}gpu": x for n, x in sorted(shipped["speedup"].items())},
                     "compile_mode": shipped["compile_mode"], "ddp": shipped["ddp"]}
         if per_batch:
             keys[key] = {"card": out["card"], "date": out["date"], "command": out["command"],

@@ -556,6 +556,9 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
         files[-1].write_text(json.dumps(part))
     merged = merge([str(f) for f in files], str(tmp_path / "merged.json"), smoke=True)
     assert merged["scaling"] == result["scaling"] and [r["command"] for r in merged["runs"]] == ["call 1", "call 2"]
+    from benchmarks.ddp_scaling import parse_variant, spec_of
+
+    assert parse_variant(spec_of(two[0]))["ddp"] == two[0]["ddp"]  # a merged "shipped" run is named by its settings
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**result, "card": "another card"}))
     with pytest.raises(SystemExit, match="different cards"):
@@ -568,10 +571,31 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
     assert parse_variant("max-autotune-no-cudagraphs:static:view:bucket=50") == {
         "name": "max-autotune-no-cudagraphs:static:view:bucket=50", "compile_mode": "max-autotune-no-cudagraphs",
         "ddp": {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 50.0}}
-    shipped = parse_variant("shipped")  # what configs/multi_gpu/ddp.yaml sets
-    assert shipped["compile_mode"] in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none")
+    shipped = parse_variant("shipped")  # what configs/multi_gpu/ddp.yaml sets: DDP options, the base's compile mode
+    assert shipped["compile_mode"] is None and shipped["ddp"] == {"static_graph": True, "gradient_as_bucket_view": True}
     with pytest.raises(SystemExit, match="compile mode must be one of"):
         parse_variant("fast:static")
+    # ddp.yaml on top of each base config trains as the measured variant with the same settings, whatever its name
+    # (DDP's default bucket filled in); summary.json takes that variant's figures per model.
+    from benchmarks.ddp_scaling import summary_keys
+
+    def variant(mode: str, ddp: dict, ips: dict) -> dict:
+        return {"compile_mode": mode, "ddp": ddp, "images_per_s": ips, "speedup": {n: x / 100 for n, x in ips.items()}}
+
+    scaling = {
+        "unet@512": {"best_one_gpu": 100.0, "variants": {
+            "default:static:view": variant("default", {"static_graph": True, "gradient_as_bucket_view": True}, {"2": 90.0}),
+            "reduce-overhead:static:view:bucket=25": variant(
+                "reduce-overhead", {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 25.0},
+                {"2": 170.0, "4": 300.0}),
+            "reduce-overhead": variant("reduce-overhead", {}, {"2": 150.0})}},
+        "dit@256": {"best_one_gpu": 100.0, "variants": {
+            "shipped": variant("default", {"static_graph": True, "gradient_as_bucket_view": True}, {"2": 180.0})}},
+    }
+    keys = summary_keys({"card": "card", "date": "date", "command": "cmd", "dit_preset": "DiT-B/2", "scaling": scaling})
+    unet = keys["ddp_scaling_2gpu"]["batch_per_gpu"]["512"]
+    assert (unet["compile_mode"], unet["speedup_2gpu"], unet["speedup_4gpu"]) == ("reduce-overhead", 1.7, 3.0)
+    assert keys["ddp_scaling_dit"]["batch_per_gpu"]["256"]["speedup_2gpu"] == 1.8
     with pytest.raises(SystemExit, match="unknown option 'statik'"):
         parse_variant("default:statik")
 
@@ -586,6 +610,8 @@ REPORTS = {
     "convergence_h100_resume_bug": [],
     "convergence_h200x4": ["convergence_h100"],
     "convergence_dit_h200x2": [],  # the DiT recipe (issue 14): its own summary keys, speedup_dit
+    "convergence_dit_ema999": [],  # its ablations at N = 10k (no summary keys)
+    "convergence_dit_fixed_variance": [],
 }
 # The reports behind summary.json's speed-up keys, in the order BENCHMARKS.md runs them: a later
 # folder's entries replace an earlier one's.
