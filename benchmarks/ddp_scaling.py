@@ -6,13 +6,16 @@ data on the GPU), with a fixed batch per GPU:
   dit   DiT-B/2 (--dit-preset) on random 4x32x32 latents, learned sigma, EMA 0.9999, as dit_throughput.py
         builds its Trainer row
 
-A variant is a compile mode and DDP settings, written MODE[:static][:view][:bucket=MB]:
+A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobuffers][:bucket=MB]:
   MODE        DiffusionModule's compile_mode: default, reduce-overhead, max-autotune,
               max-autotune-no-cudagraphs or none (eager)
   static      DDPStrategy(static_graph=True)
   view        DDPStrategy(gradient_as_bucket_view=True)
+  nobuffers   DDPStrategy(broadcast_buffers=False): no broadcast of the module's buffers before each forward
+              (ours are constant tables)
   bucket=MB   DDPStrategy(bucket_cap_mb=MB)
-  shipped     the settings of configs/multi_gpu/ddp.yaml (what users compose)
+  shipped     the settings of configs/multi_gpu/ddp.yaml (what users compose) with the compile mode of the
+              model's own config (ddp.yaml sets none)
 Each device count of each variant runs in its own process (Lightning's DDP launcher starts the other
 ranks by running this module again). One GPU runs once per compile mode (DDP settings do not apply there),
 and also with the single-GPU config's own compile mode (the baseline a user has before adding GPUs).
@@ -25,7 +28,8 @@ that mention them. --profile adds, on rank 0, a torch.profiler window after the 
 split into compute and NCCL (and how much NCCL time overlaps compute), and the GPU's idle time, per step;
 --trace-dir also writes its Chrome trace.
 
-    # on 2 GPUs, about 4-5 minutes (UNet at 128 and 512 per GPU, DiT-B/2 at 256; 1 and 2 GPUs; shipped settings)
+    # on 2 H200s, about 10 minutes: six processes of 40-160 s, mostly compilation (UNet at 128 and 512 per GPU,
+    # DiT-B/2 at 256; 1 and 2 GPUs; shipped settings)
     python -m benchmarks.ddp_scaling --root .data --out ddp_scaling.json
     # compare settings in one call
     python -m benchmarks.ddp_scaling --models unet --unet-batches 128 --variants reduce-overhead \\
@@ -76,7 +80,7 @@ WATCHED = ("cudagraph", "cuda graph", "graph break", "recompil", "skipping", "dd
 
 # ------------------------------------------------------------------------------------- variants
 def parse_variant(spec: str) -> dict[str, Any]:
-    """``MODE[:static][:view][:bucket=MB]`` or ``shipped`` -> {"name", "compile_mode", "ddp": {...}}."""
+    """``MODE[:static][:view][:nobuffers][:bucket=MB]`` or ``shipped`` -> {"name", "compile_mode", "ddp": {...}}."""
     if spec == "shipped":  # ddp.yaml composes on top of a base config, whose compile mode it keeps unless it sets one
         config = load_config("multi_gpu/ddp.yaml")
         ddp = dict(config["trainer"]["strategy"].get("init_args") or {})
@@ -91,10 +95,12 @@ def parse_variant(spec: str) -> dict[str, Any]:
             ddp["static_graph"] = True
         elif option == "view":
             ddp["gradient_as_bucket_view"] = True
+        elif option == "nobuffers":
+            ddp["broadcast_buffers"] = False
         elif option.startswith("bucket=") and option[7:].replace(".", "", 1).isdigit():
             ddp["bucket_cap_mb"] = float(option[7:])
         else:
-            raise SystemExit(f"--variants {spec!r}: unknown option {option!r}; use static, view or bucket=MB.")
+            raise SystemExit(f"--variants {spec!r}: unknown option {option!r}; use static, view, nobuffers or bucket=MB.")
     return {"name": spec, "compile_mode": mode, "ddp": ddp}
 
 
@@ -108,7 +114,8 @@ def resolved(variant: dict[str, Any], model: str) -> dict[str, Any]:
     return {**variant, "compile_mode": variant["compile_mode"] or single_gpu_mode(model)}
 
 
-DDP_DEFAULTS = {"static_graph": False, "gradient_as_bucket_view": False, "bucket_cap_mb": 25.0}  # DDPStrategy's
+DDP_DEFAULTS = {"static_graph": False, "gradient_as_bucket_view": False, "broadcast_buffers": True,
+                "bucket_cap_mb": 25.0}  # DistributedDataParallel's
 
 
 def same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -344,9 +351,11 @@ def run_process(run: dict[str, Any], timeout: float) -> int | None:
 
 
 def spec_of(run: dict[str, Any]) -> str:
-    """The MODE[:static][:view][:bucket=MB] name of a run's settings (the inverse of parse_variant)."""
+    """The MODE[:static][:view][:nobuffers][:bucket=MB] name of a run's settings (the inverse of parse_variant)."""
     ddp = run["ddp"]
     options = [name for name, key in (("static", "static_graph"), ("view", "gradient_as_bucket_view")) if ddp.get(key)]
+    if ddp.get("broadcast_buffers") is False:
+        options.append("nobuffers")
     if "bucket_cap_mb" in ddp:
         options.append(f"bucket={float(ddp['bucket_cap_mb']):g}")
     return ":".join([run["compile_mode"], *options])
@@ -438,7 +447,7 @@ def main() -> None:
     p.add_argument("--dit-batches", type=int, nargs="+", default=None, help="per GPU (default 256; smoke 4)")
     p.add_argument("--dit-preset", default="DiT-B/2")
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to compare")
-    p.add_argument("--variants", nargs="+", default=["shipped"], help="MODE[:static][:view][:bucket=MB] or shipped")
+    p.add_argument("--variants", nargs="+", default=["shipped"], help="MODE[:static][:view][:nobuffers][:bucket=MB] or shipped")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 15; smoke 1)")
     p.add_argument("--windows", type=int, default=None, help="timed windows (default 3; smoke 2)")
     p.add_argument("--window-steps", type=int, default=None, help="steps per window (default 60; smoke 2)")

@@ -596,6 +596,11 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
     unet = keys["ddp_scaling_2gpu"]["batch_per_gpu"]["512"]
     assert (unet["compile_mode"], unet["speedup_2gpu"], unet["speedup_4gpu"]) == ("reduce-overhead", 1.7, 3.0)
     assert keys["ddp_scaling_dit"]["batch_per_gpu"]["256"]["speedup_2gpu"] == 1.8
+    from benchmarks.ddp_scaling import spec_of
+
+    nobuffers = parse_variant("reduce-overhead:static:nobuffers:bucket=10")
+    assert nobuffers["ddp"] == {"static_graph": True, "broadcast_buffers": False, "bucket_cap_mb": 10.0}
+    assert spec_of(nobuffers) == nobuffers["name"]
     with pytest.raises(SystemExit, match="unknown option 'statik'"):
         parse_variant("default:statik")
 

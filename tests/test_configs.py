@@ -233,8 +233,8 @@ def test_ddp_file_builds_lightnings_ddp_strategy_with_its_options(cli_env: Path)
     assert type(strategy) is DDPStrategy
     options = load(CONFIGS / "multi_gpu" / "ddp.yaml")["trainer"]["strategy"]["init_args"]
     assert {k: strategy._ddp_kwargs[k] for k in options} == options
-    assert cli.model.compile_mode is None  # smoke_args: eager on the CPU; the file's own value is checked next
-    assert load(CONFIGS / "multi_gpu" / "ddp.yaml")["model"]["compile_mode"] in (None, *get_args(CompileMode))
+    # The base config's compile mode stays: CUDA graphs measured fastest under DDP for the UNet (BENCHMARKS.md 0d).
+    assert "compile_mode" not in (load(CONFIGS / "multi_gpu" / "ddp.yaml").get("model") or {})
 
 
 class _ParseOnlyCLI(SpeedCLI):
