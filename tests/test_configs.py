@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 import yaml
@@ -21,7 +21,7 @@ from conftest import have_fashion_mnist  # pytest puts tests/ on sys.path (no __
 from lightning_speed.callbacks import StrategyCallback
 from lightning_speed.cli import SpeedCLI, main
 from lightning_speed.data import ImageFolderDataModule
-from lightning_speed.module import CompileMode, DiffusionModule
+from lightning_speed.module import DiffusionModule
 
 from _fixtures import write_fake_cifar, write_image_folder, write_tiny_autoencoder
 
