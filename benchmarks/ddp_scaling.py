@@ -329,12 +329,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         results.append(result)
         # after every process, so a call that runs out of time keeps what it measured
         write_json(Path(args.out), collect(args, command, results, time.perf_counter() - started, complete=False))
-    out = collect(args, command, results, time.perf_counter() - started, complete=True)
-    write_json(Path(args.out), out)
-    if not args.smoke:
-        update_summary(RESULTS / "summary.json", summary_keys(out))
-    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
-    return out
+    return publish(collect(args, command, results, time.perf_counter() - started, complete=True), args.out, args.smoke)
 
 
 def run_process(run: dict[str, Any], timeout: float) -> int | None:
@@ -384,8 +379,13 @@ def merge(files: list[str], out_path: str, smoke: bool) -> dict[str, Any]:
            "command": " && ".join(dict.fromkeys(p["command"] for p in parts)), "smoke": parts[0]["smoke"],
            "complete": all(p.get("complete", True) for p in parts), "merged": [str(f) for f in files],
            "dit_preset": parts[0]["dit_preset"], "scaling": summarise(runs), "runs": runs}
-    write_json(Path(out_path), out)
-    if not smoke and not out["smoke"]:
+    return publish(out, out_path, smoke or out["smoke"])
+
+
+def publish(out: dict[str, Any], path: str, smoke: bool) -> dict[str, Any]:
+    """Write the results file, update summary.json's keys (GPU results only) and print the table."""
+    write_json(Path(path), out)
+    if not smoke:
         update_summary(RESULTS / "summary.json", summary_keys(out))
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
     return out

@@ -310,7 +310,6 @@ def test_convergence_jobs_parse_and_reject_bad_ones() -> None:
             launch.jobs_of(Namespace(jobs=[bad], steps=10, seeds=[0], strategies=["uniform"]))
 
 
-
 def test_convergence_set_overrides_reach_the_composed_config(tmp_path: Path) -> None:
     """--set KEY=VALUE (an ablation) is forwarded by the launcher and lands in the run's composed config."""
     from benchmarks.convergence.__main__ import parser
@@ -335,6 +334,7 @@ def test_convergence_set_overrides_reach_the_composed_config(tmp_path: Path) -> 
     run_args.set = ["ema.init_args.decay"]
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         overrides(run_args, tmp_path)
+
 
 # ------------------------------------------------------------------- the speed-up arithmetic
 def test_first_step_reaching_interpolates() -> None:
@@ -527,6 +527,8 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
     """DiT on 1 and 2 CPU processes (gloo), a DDP-settings variant, repeated windows and a profile. (The UNet
     row differs only in the backbone, which test_throughput_smoke builds the same way; one model keeps the
     suite within its time.)"""
+    from benchmarks.ddp_scaling import merge, parse_variant, spec_of
+
     out = tmp_path / "ddp.json"
     proc = run_script("ddp_scaling", ["--smoke", "--models", "dit", "--devices", "1", "2", "--variants",
                                       "default:static:view:bucket=5", "--profile", "--profile-steps", "2",
@@ -547,8 +549,6 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
     assert result["complete"]
 
     # Two calls' files (1 GPU in one, 2 in the other) merge into the same table, each run keeping its command.
-    from benchmarks.ddp_scaling import merge
-
     files = []
     for n in (1, 2):
         part = {**result, "command": f"call {n}", "runs": [r for r in runs if r["devices"] == n]}
@@ -556,8 +556,6 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
         files[-1].write_text(json.dumps(part))
     merged = merge([str(f) for f in files], str(tmp_path / "merged.json"), smoke=True)
     assert merged["scaling"] == result["scaling"] and [r["command"] for r in merged["runs"]] == ["call 1", "call 2"]
-    from benchmarks.ddp_scaling import parse_variant, spec_of
-
     assert parse_variant(spec_of(two[0]))["ddp"] == two[0]["ddp"]  # a merged "shipped" run is named by its settings
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**result, "card": "another card"}))
@@ -566,7 +564,7 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
 
 
 def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
-    from benchmarks.ddp_scaling import parse_variant
+    from benchmarks.ddp_scaling import parse_variant, spec_of, summary_keys
 
     assert parse_variant("max-autotune-no-cudagraphs:static:view:bucket=50") == {
         "name": "max-autotune-no-cudagraphs:static:view:bucket=50", "compile_mode": "max-autotune-no-cudagraphs",
@@ -577,8 +575,6 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
         parse_variant("fast:static")
     # ddp.yaml on top of each base config trains as the measured variant with the same settings, whatever its name
     # (DDP's default bucket filled in); summary.json takes that variant's figures per model.
-    from benchmarks.ddp_scaling import summary_keys
-
     def variant(mode: str, ddp: dict, ips: dict) -> dict:
         return {"compile_mode": mode, "ddp": ddp, "images_per_s": ips, "speedup": {n: x / 100 for n, x in ips.items()}}
 
@@ -596,8 +592,6 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
     unet = keys["ddp_scaling_2gpu"]["batch_per_gpu"]["512"]
     assert (unet["compile_mode"], unet["speedup_2gpu"], unet["speedup_4gpu"]) == ("reduce-overhead", 1.7, 3.0)
     assert keys["ddp_scaling_dit"]["batch_per_gpu"]["256"]["speedup_2gpu"] == 1.8
-    from benchmarks.ddp_scaling import spec_of
-
     nobuffers = parse_variant("reduce-overhead:static:nobuffers:bucket=10")
     assert nobuffers["ddp"] == {"static_graph": True, "broadcast_buffers": False, "bucket_cap_mb": 10.0}
     assert spec_of(nobuffers) == nobuffers["name"]
