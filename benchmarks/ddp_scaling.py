@@ -6,7 +6,7 @@ data on the GPU), with a fixed batch per GPU:
   dit   DiT-B/2 (--dit-preset) on random 4x32x32 latents, learned sigma, EMA 0.9999, as dit_throughput.py
         builds its Trainer row
 
-A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobuffers][:bucket=MB]:
+A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobuffers][:bucket=MB][:lag=N][:stream=S]:
   MODE        DiffusionModule's compile_mode: default, reduce-overhead, max-autotune,
               max-autotune-no-cudagraphs or none (eager)
   static      DDPStrategy(static_graph=True)
@@ -14,6 +14,10 @@ A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobu
   nobuffers   DDPStrategy(broadcast_buffers=False): no broadcast of the module's buffers before each forward
               (ours are constant tables)
   bucket=MB   DDPStrategy(bucket_cap_mb=MB)
+  lag=N       lightning_speed.distributed.SyncFreeDDPStrategy(sigterm_check_lag=N): rank 0's SIGTERM flag is read
+              N steps after its broadcast instead of at once (0: Lightning's per-step wait for the GPU)
+  stream=S    SyncFreeDDPStrategy(init_stream=S): DDP built on the "current" stream or on a "side" one (Lightning's)
+              Without lag= and stream= the run uses Lightning's DDPStrategy, which behaves as lag=0:stream=side.
   shipped     the settings of configs/multi_gpu/ddp.yaml (what users compose) with the compile mode of the
               model's own config (ddp.yaml sets none)
 Each device count of each variant runs in its own process (Lightning's DDP launcher starts the other
@@ -42,6 +46,7 @@ split into compute and NCCL (and how much NCCL time overlaps compute), and the G
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -70,6 +75,7 @@ from lightning_speed import DiffusionModule
 from lightning_speed.backbones import DiT
 from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
 from lightning_speed.data import FashionMNISTDataModule
+from lightning_speed.distributed import SyncFreeDDPStrategy
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none")
 SINGLE_GPU_CONFIG = {"unet": "fashion_mnist.yaml", "dit": "fashion_mnist_dit.yaml"}
@@ -83,7 +89,10 @@ def parse_variant(spec: str) -> dict[str, Any]:
     """``MODE[:static][:view][:nobuffers][:bucket=MB]`` or ``shipped`` -> {"name", "compile_mode", "ddp": {...}}."""
     if spec == "shipped":  # ddp.yaml composes on top of a base config, whose compile mode it keeps unless it sets one
         config = load_config("multi_gpu/ddp.yaml")
-        ddp = dict(config["trainer"]["strategy"].get("init_args") or {})
+        strategy = config["trainer"]["strategy"]
+        ddp = dict(strategy.get("init_args") or {})
+        if strategy["class_path"].endswith("SyncFreeDDPStrategy"):  # its own defaults, spelled out
+            ddp = {**SYNC_FREE_DEFAULTS, **ddp}
         return {"name": "shipped", "compile_mode": (config.get("model") or {}).get("compile_mode"), "ddp": ddp}
     mode, *options = spec.split(":")
     if mode not in COMPILE_MODES:
@@ -99,8 +108,13 @@ def parse_variant(spec: str) -> dict[str, Any]:
             ddp["broadcast_buffers"] = False
         elif option.startswith("bucket=") and option[7:].replace(".", "", 1).isdigit():
             ddp["bucket_cap_mb"] = float(option[7:])
+        elif option.startswith("lag=") and option[4:].isdigit():
+            ddp["sigterm_check_lag"] = int(option[4:])
+        elif option in ("stream=current", "stream=side"):
+            ddp["init_stream"] = option[7:]
         else:
-            raise SystemExit(f"--variants {spec!r}: unknown option {option!r}; use static, view, nobuffers or bucket=MB.")
+            raise SystemExit(f"--variants {spec!r}: unknown option {option!r}; use static, view, nobuffers, bucket=MB, "
+                             "lag=N or stream=current|side.")
     return {"name": spec, "compile_mode": mode, "ddp": ddp}
 
 
@@ -114,8 +128,13 @@ def resolved(variant: dict[str, Any], model: str) -> dict[str, Any]:
     return {**variant, "compile_mode": variant["compile_mode"] or single_gpu_mode(model)}
 
 
+# DistributedDataParallel's, and Lightning's DDPStrategy in SyncFreeDDPStrategy's terms (what a run without lag= or
+# stream= used)
 DDP_DEFAULTS = {"static_graph": False, "gradient_as_bucket_view": False, "broadcast_buffers": True,
-                "bucket_cap_mb": 25.0}  # DistributedDataParallel's
+                "bucket_cap_mb": 25.0, "sigterm_check_lag": 0, "init_stream": "side"}
+SYNC_FREE_OPTIONS = ("sigterm_check_lag", "init_stream")  # SyncFreeDDPStrategy's own arguments
+SYNC_FREE_DEFAULTS = {name: p.default for name, p in inspect.signature(SyncFreeDDPStrategy).parameters.items()
+                      if name in SYNC_FREE_OPTIONS}
 
 
 def same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -252,7 +271,8 @@ def measure(run: dict[str, Any]) -> None:
         module = DiffusionModule(backbone, learn_sigma=True, compile_mode=mode, image_shape=(4, size, size))
         data = {"train_dataloaders": lazy_latents(run["batch"], size, smoke)}
     timer = WindowTimer(run["warmup"], run["windows"], run["window_steps"], run["profile_steps"], run["trace"])
-    strategy: Any = DDPStrategy(**run["ddp"]) if devices > 1 else "auto"
+    strategy_class = SyncFreeDDPStrategy if set(SYNC_FREE_OPTIONS) & run["ddp"].keys() else DDPStrategy
+    strategy: Any = strategy_class(**run["ddp"]) if devices > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=devices, strategy=strategy,
         precision="bf16-mixed" if cuda else "32-true",
@@ -346,13 +366,18 @@ def run_process(run: dict[str, Any], timeout: float) -> int | None:
 
 
 def spec_of(run: dict[str, Any]) -> str:
-    """The MODE[:static][:view][:nobuffers][:bucket=MB] name of a run's settings (the inverse of parse_variant)."""
+    """The MODE[:static][:view][:nobuffers][:bucket=MB][:lag=N][:stream=S] name of a run's settings (the inverse of
+    parse_variant)."""
     ddp = run["ddp"]
     options = [name for name, key in (("static", "static_graph"), ("view", "gradient_as_bucket_view")) if ddp.get(key)]
     if ddp.get("broadcast_buffers") is False:
         options.append("nobuffers")
     if "bucket_cap_mb" in ddp:
         options.append(f"bucket={float(ddp['bucket_cap_mb']):g}")
+    if "sigterm_check_lag" in ddp:
+        options.append(f"lag={int(ddp['sigterm_check_lag'])}")
+    if "init_stream" in ddp:
+        options.append(f"stream={ddp['init_stream']}")
     return ":".join([run["compile_mode"], *options])
 
 
@@ -447,7 +472,7 @@ def main() -> None:
     p.add_argument("--dit-batches", type=int, nargs="+", default=None, help="per GPU (default 256; smoke 4)")
     p.add_argument("--dit-preset", default="DiT-B/2")
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to compare")
-    p.add_argument("--variants", nargs="+", default=["shipped"], help="MODE[:static][:view][:nobuffers][:bucket=MB] or shipped")
+    p.add_argument("--variants", nargs="+", default=["shipped"], help="MODE[:static][:view][:nobuffers][:bucket=MB][:lag=N][:stream=S] or shipped")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 15; smoke 1)")
     p.add_argument("--windows", type=int, default=None, help="timed windows (default 3; smoke 2)")
     p.add_argument("--window-steps", type=int, default=None, help="steps per window (default 60; smoke 2)")

@@ -7,8 +7,9 @@ as FIDCallback does during training.
 
 Models: ``unet``, the default Fashion-MNIST UNet with DDIM (what the UNet configs sample), and ``dit``, the
 recipe's DiT-S/2 with learned sigma (configs/fashion_mnist_dit.yaml), whose ``ddpm`` solver is IDDPM's
-ancestral sampling with the learned variance. Two variants of the network call: "eager" and "compiled"
-(``DiffusionModule(compile_sampling=True)``). summary.json: ``fid_seconds`` (UNet, eager),
+ancestral sampling with the learned variance. Variants of the network call: "eager", "compiled"
+(``DiffusionModule(compile_sampling=True)``, torch.compile's default mode) and "compiled-MODE" (``compile_sampling=MODE``:
+reduce-overhead, max-autotune, max-autotune-no-cudagraphs). summary.json: ``fid_seconds`` (UNet, eager),
 ``fid_seconds_compiled`` (UNet, compiled), ``fid_seconds_dit`` (DiT, every variant measured).
 The networks are untrained: the timings are what they measure, not the FID values.
 """
@@ -38,7 +39,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--root", default=None)
     p.add_argument("--out", default=str(RESULTS / "fid_speed.json"))
-    p.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=list(VARIANTS),
+                   help="compiled-MODE: compile_sampling in that torch.compile mode")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke:
@@ -61,6 +63,11 @@ def main() -> None:
         update_summary(RESULTS / "summary.json", updates)
 
 
+# variant -> DiffusionModule(compile_sampling=...)
+VARIANTS = {"eager": False, "compiled": True, "compiled-reduce-overhead": "reduce-overhead",
+            "compiled-max-autotune": "max-autotune", "compiled-max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
+
+
 def _by_thousands(seconds: dict[str, float]) -> dict[str, float]:
     """{"5000": s, "10000": s} -> {"5k": s, "10k": s}, the keys of summary.json."""
     return {f"{int(n) // 1000}k": s for n, s in seconds.items()}
@@ -69,7 +76,7 @@ def _by_thousands(seconds: dict[str, float]) -> dict[str, float]:
 def time_variant(args: argparse.Namespace, variant: str) -> dict:
     """Seconds for one FID evaluation per sample count, after a warm-up evaluation."""
     cuda = torch.cuda.is_available() and not args.smoke
-    compiled = variant == "compiled"
+    compiled = VARIANTS[variant]
     if args.model == "dit":  # the recipe's backbone (configs/fashion_mnist_dit.yaml)
         torch.manual_seed(0)
         dit = DiT(preset="DiT-S/2", in_channels=1, image_size=32, learn_sigma=True,

@@ -62,8 +62,8 @@ class DiffusionModule(pl.LightningModule):
         solver_steps: default number of solver steps in ``sample``.
         compile_mode: compile the training forward with ``torch.compile`` in this mode (None: eager).
             CUDA-graph modes (``reduce-overhead``, ``max-autotune``) have each step marked.
-        compile_sampling: also compile the backbone for ``sample`` (default mode, one graph per batch
-            shape, compiled on first use); sampling is eager otherwise.
+        compile_sampling: also compile the backbone for ``sample``: ``True`` in the ``default`` mode, or a
+            compile mode (one graph per batch shape, compiled on first use); sampling is eager otherwise.
         channels_last: keep the backbone's 4-D weights, and so its activations, in NHWC memory format
             (cuDNN's bf16 convolutions run natively in NHWC; BENCHMARKS.md section 1).
     """
@@ -85,7 +85,7 @@ class DiffusionModule(pl.LightningModule):
         guidance_scale: float = 1.0,
         solver_steps: int = 50,
         compile_mode: CompileMode | None = None,
-        compile_sampling: bool = False,
+        compile_sampling: bool | CompileMode = False,
         channels_last: bool = False,
         **renamed: Any,
     ) -> None:
@@ -113,7 +113,9 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.compile_mode = None if compile_mode is None else check_choice(compile_mode, "compile_mode", get_args(CompileMode))
-        self.compile_sampling = check_bool(compile_sampling, "compile_sampling")
+        self.compile_sampling: bool | str = (
+            check_choice(compile_sampling, "compile_sampling", get_args(CompileMode)) if isinstance(compile_sampling, str)
+            else check_bool(compile_sampling, "compile_sampling", hint=f"or a compile mode: {', '.join(get_args(CompileMode))}"))
         self.channels_last = check_bool(channels_last, "channels_last")
         if channels_last:  # before any copy (EMA, DDP): .to(device), deepcopy and load_state_dict keep the layout
             self.backbone.to(memory_format=torch.channels_last)
@@ -266,7 +268,8 @@ class DiffusionModule(pl.LightningModule):
         if not self.compile_sampling:
             return self.backbone
         if self._sample_forward is None:
-            self._sample_forward = torch.compile(self.backbone.forward, dynamic=False)
+            mode = "default" if self.compile_sampling is True else self.compile_sampling
+            self._sample_forward = torch.compile(self.backbone.forward, dynamic=False, mode=mode)
         return self._sample_forward
 
     def _sampling_autocast(self) -> Any:

@@ -564,13 +564,14 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
 
 
 def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
-    from benchmarks.ddp_scaling import parse_variant, spec_of, summary_keys
+    from benchmarks.ddp_scaling import parse_variant, same_settings, spec_of, summary_keys
 
     assert parse_variant("max-autotune-no-cudagraphs:static:view:bucket=50") == {
         "name": "max-autotune-no-cudagraphs:static:view:bucket=50", "compile_mode": "max-autotune-no-cudagraphs",
         "ddp": {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 50.0}}
     shipped = parse_variant("shipped")  # what configs/multi_gpu/ddp.yaml sets: DDP options, the base's compile mode
-    assert shipped["compile_mode"] is None and shipped["ddp"] == {"static_graph": True, "gradient_as_bucket_view": True}
+    assert shipped["compile_mode"] is None and shipped["ddp"] == {
+        "static_graph": True, "gradient_as_bucket_view": True, "sigterm_check_lag": 2, "init_stream": "current"}
     with pytest.raises(SystemExit, match="compile mode must be one of"):
         parse_variant("fast:static")
     # ddp.yaml on top of each base config trains as the measured variant with the same settings, whatever its name
@@ -583,10 +584,15 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
             "default:static:view": variant("default", {"static_graph": True, "gradient_as_bucket_view": True}, {"2": 90.0}),
             "reduce-overhead:static:view:bucket=25": variant(
                 "reduce-overhead", {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 25.0},
-                {"2": 170.0, "4": 300.0}),
+                {"2": 160.0}),
+            "reduce-overhead:static:view:lag=2:stream=current": variant(
+                "reduce-overhead", {"static_graph": True, "gradient_as_bucket_view": True, "sigterm_check_lag": 2,
+                                    "init_stream": "current"}, {"2": 170.0, "4": 300.0}),
             "reduce-overhead": variant("reduce-overhead", {}, {"2": 150.0})}},
         "dit@256": {"best_one_gpu": 100.0, "variants": {
-            "shipped": variant("default", {"static_graph": True, "gradient_as_bucket_view": True}, {"2": 180.0})}},
+            "default:static:view": variant("default", {"static_graph": True, "gradient_as_bucket_view": True}, {"2": 170.0}),
+            "shipped": variant("default", {"static_graph": True, "gradient_as_bucket_view": True,
+                                           "sigterm_check_lag": 2, "init_stream": "current"}, {"2": 180.0})}},
     }
     keys = summary_keys({"card": "card", "date": "date", "command": "cmd", "dit_preset": "DiT-B/2", "scaling": scaling})
     unet = keys["ddp_scaling_2gpu"]["batch_per_gpu"]["512"]
@@ -597,6 +603,13 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
     assert spec_of(nobuffers) == nobuffers["name"]
     with pytest.raises(SystemExit, match="unknown option 'statik'"):
         parse_variant("default:statik")
+    # lag= and stream= select SyncFreeDDPStrategy; without them a run is Lightning's DDPStrategy (lag 0, side stream)
+    ours = parse_variant("reduce-overhead:static:lag=0:stream=side")
+    assert ours["ddp"] == {"static_graph": True, "sigterm_check_lag": 0, "init_stream": "side"}
+    assert spec_of(ours) == ours["name"] and same_settings(ours, parse_variant("reduce-overhead:static"))
+    assert not same_settings(parse_variant("reduce-overhead:static:lag=2"), parse_variant("reduce-overhead:static"))
+    with pytest.raises(SystemExit, match="unknown option 'stream=default'"):
+        parse_variant("default:stream=default")
 
 
 # ------------------------------------------------------------------ committed reports reproduce

@@ -209,6 +209,20 @@ def test_compiled_sampling_matches_eager_and_stays_out_of_the_state():
     assert len(list(compiled.parameters())) == len(list(backbone.parameters()))
 
 
+def test_compile_sampling_takes_a_compile_mode(monkeypatch):
+    """True compiles in torch.compile's default mode, a mode name in that mode; anything else is refused at once."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw["mode"]) or fn)
+    for value, mode in ((True, "default"), ("reduce-overhead", "reduce-overhead")):
+        module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8), compile_sampling=value)
+        module.sample(2, solver_steps=2)
+        assert modes[-1] == mode
+    with pytest.raises(ValueError, match="Unknown compile_sampling 'fast'; choose one of 'default'"):
+        DiffusionModule(TinyBackbone(), compile_sampling="fast")
+    with pytest.raises(TypeError, match="compile_sampling must be true or false.*or a compile mode"):
+        DiffusionModule(TinyBackbone(), compile_sampling=1)
+
+
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_compiled_training_keeps_keys_and_loss(learn_sigma):
     """configure_model compiles the forward and the loss as a function: same loss, same state_dict keys."""
