@@ -1,7 +1,7 @@
-"""Lightning's DDP without the two per-step costs that keep a fast compiled step from scaling.
+"""Lightning's DDP without its per-step wait for the GPU, which keeps a fast compiled step from scaling.
 
 ``SyncFreeDDPStrategy`` is ``lightning.pytorch.strategies.DDPStrategy`` (same arguments, same gradients) with two
-differences, each an argument so that Lightning's behaviour stays one setting away:
+arguments of its own, each able to restore Lightning's behaviour:
 
 - ``sigterm_check_lag``: Lightning 2.6 broadcasts rank 0's SIGTERM flag at the start of every training step and reads
   it back with ``.item()`` (Lightning-AI/pytorch-lightning#21487). That read waits for the GPU to finish everything
@@ -11,10 +11,11 @@ differences, each an argument so that Lightning's behaviour stays one setting aw
   step s - lag, whose event has long completed. Every rank decides at the same step, so all ranks stop together,
   ``lag`` steps later than with Lightning's check (0 restores Lightning's check and its wait).
 - ``init_stream``: Lightning builds ``DistributedDataParallel`` inside a new CUDA stream, which puts DDP's gradient
-  accumulators on that side stream, while forward and backward run on the current stream; every backward then
-  synchronises the two streams for each parameter (PyTorch's warning "The AccumulateGrad node's stream does not
-  match...", Lightning-AI/pytorch-lightning#21567). ``"current"`` builds DDP on the current stream, as plain PyTorch
-  does; ``"side"`` keeps Lightning's (which whole-network CUDA-graph capture outside ``torch.compile`` needs).
+  accumulators on that side stream while forward and backward run on the current stream (PyTorch then warns that
+  "The AccumulateGrad node's stream does not match..." and synchronises the two streams per parameter;
+  Lightning-AI/pytorch-lightning#21567). ``"current"`` builds DDP on the current stream, as plain PyTorch does, and
+  silences the warning. Measured on 2 H200s it was not faster: 2 % slower for the UNet, equal for DiT-B/2
+  (BENCHMARKS.md 0d), so ``"side"``, Lightning's, is the default.
 
 Select it in YAML (``configs/multi_gpu/ddp.yaml`` does)::
 
@@ -82,17 +83,17 @@ class LaggedSigtermCheck:
 
 
 class SyncFreeDDPStrategy(DDPStrategy):
-    """Lightning's ``DDPStrategy`` with no host-device wait per step and DDP built on the current stream.
+    """Lightning's ``DDPStrategy`` with no host-device wait per step.
 
     Args:
         sigterm_check_lag: steps between rank 0's SIGTERM flag being broadcast and every rank acting on it; 0 is
             Lightning's per-step check, which waits for the GPU at every step.
-        init_stream: the CUDA stream ``DistributedDataParallel`` is built on: ``"current"`` (that of forward and
-            backward) or ``"side"`` (Lightning's: a new stream).
+        init_stream: the CUDA stream ``DistributedDataParallel`` is built on: ``"side"`` (Lightning's: a new stream)
+            or ``"current"`` (that of forward and backward).
         *args, **kwargs: ``DDPStrategy``'s (``static_graph``, ``gradient_as_bucket_view``, ``bucket_cap_mb``, ...).
     """
 
-    def __init__(self, *args: Any, sigterm_check_lag: int = 2, init_stream: InitStream = "current", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sigterm_check_lag: int = 2, init_stream: InitStream = "side", **kwargs: Any) -> None:
         if isinstance(sigterm_check_lag, bool) or not isinstance(sigterm_check_lag, int) or sigterm_check_lag < 0:
             raise ValueError(f"sigterm_check_lag must be an integer >= 0 (steps), got {sigterm_check_lag!r}; "
                              "0 is Lightning's per-step check, 2 the default.")

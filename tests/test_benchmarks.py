@@ -571,7 +571,7 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
         "ddp": {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 50.0}}
     shipped = parse_variant("shipped")  # what configs/multi_gpu/ddp.yaml sets: DDP options, the base's compile mode
     assert shipped["compile_mode"] is None and shipped["ddp"] == {
-        "static_graph": True, "gradient_as_bucket_view": True, "sigterm_check_lag": 2, "init_stream": "current"}
+        "static_graph": True, "gradient_as_bucket_view": True, "sigterm_check_lag": 2, "init_stream": "side"}
     with pytest.raises(SystemExit, match="compile mode must be one of"):
         parse_variant("fast:static")
     # ddp.yaml on top of each base config trains as the measured variant with the same settings, whatever its name
@@ -587,12 +587,15 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
                 {"2": 160.0}),
             "reduce-overhead:static:view:lag=2:stream=current": variant(
                 "reduce-overhead", {"static_graph": True, "gradient_as_bucket_view": True, "sigterm_check_lag": 2,
-                                    "init_stream": "current"}, {"2": 170.0, "4": 300.0}),
+                                    "init_stream": "current"}, {"2": 165.0}),
+            "reduce-overhead:static:view:lag=2:stream=side": variant(
+                "reduce-overhead", {"static_graph": True, "gradient_as_bucket_view": True, "sigterm_check_lag": 2,
+                                    "init_stream": "side"}, {"2": 170.0, "4": 300.0}),
             "reduce-overhead": variant("reduce-overhead", {}, {"2": 150.0})}},
         "dit@256": {"best_one_gpu": 100.0, "variants": {
             "default:static:view": variant("default", {"static_graph": True, "gradient_as_bucket_view": True}, {"2": 170.0}),
             "shipped": variant("default", {"static_graph": True, "gradient_as_bucket_view": True,
-                                           "sigterm_check_lag": 2, "init_stream": "current"}, {"2": 180.0})}},
+                                           "sigterm_check_lag": 2, "init_stream": "side"}, {"2": 180.0})}},
     }
     keys = summary_keys({"card": "card", "date": "date", "command": "cmd", "dit_preset": "DiT-B/2", "scaling": scaling})
     unet = keys["ddp_scaling_2gpu"]["batch_per_gpu"]["512"]

@@ -67,7 +67,7 @@ def test_lag_0_decides_at_the_step_of_the_signal_as_lightning_does() -> None:
 
 def test_options_are_checked_and_ddp_kwargs_pass_through() -> None:
     strategy = SyncFreeDDPStrategy(static_graph=True, gradient_as_bucket_view=True)
-    assert (strategy.sigterm_check_lag, strategy.init_stream) == (2, "current")
+    assert (strategy.sigterm_check_lag, strategy.init_stream) == (2, "side")
     assert strategy._ddp_kwargs == {"static_graph": True, "gradient_as_bucket_view": True}
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="sigterm_check_lag must be an integer >= 0"):
