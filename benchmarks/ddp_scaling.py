@@ -86,7 +86,8 @@ WATCHED = ("cudagraph", "cuda graph", "graph break", "recompil", "skipping", "dd
 
 # ------------------------------------------------------------------------------------- variants
 def parse_variant(spec: str) -> dict[str, Any]:
-    """``MODE[:static][:view][:nobuffers][:bucket=MB]`` or ``shipped`` -> {"name", "compile_mode", "ddp": {...}}."""
+    """``MODE[:static][:view][:nobuffers][:bucket=MB][:lag=N][:stream=S]`` or ``shipped`` -> {"name", "compile_mode",
+    "ddp": {...}}."""
     if spec == "shipped":  # ddp.yaml composes on top of a base config, whose compile mode it keeps unless it sets one
         config = load_config("multi_gpu/ddp.yaml")
         strategy = config["trainer"]["strategy"]

@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.common import RESULTS, SMOKE_BACKBONES, default_backbone, device_name, today, update_summary, write_json
+from benchmarks.windows import sync
 from lightning_speed import DiffusionModule
 from lightning_speed.backbones import DiT
 from lightning_speed.callbacks import FIDCallback
@@ -101,12 +102,10 @@ def time_variant(args: argparse.Namespace, variant: str) -> dict:
               "note": f"untrained {args.model}: timing only, the FID value is meaningless", "seconds": {}}
     for n in args.counts:
         fid.num_samples = n
-        if cuda:
-            torch.cuda.synchronize()
+        sync(module.device)
         start = time.perf_counter()
         fid.evaluate(trainer, module)
-        if cuda:
-            torch.cuda.synchronize()
+        sync(module.device)
         result["seconds"][str(n)] = time.perf_counter() - start
         result.setdefault("samples_per_s", {})[str(n)] = n / result["seconds"][str(n)]
         print(f"{variant}: FID with {n} samples: {result['seconds'][str(n)]:.1f} s", flush=True)

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_speed.validation import check_choice
+from lightning_speed.validation import check_choice, check_int
 
 InitStream = Literal["current", "side"]
 
@@ -94,11 +94,10 @@ class SyncFreeDDPStrategy(DDPStrategy):
     """
 
     def __init__(self, *args: Any, sigterm_check_lag: int = 2, init_stream: InitStream = "side", **kwargs: Any) -> None:
-        if isinstance(sigterm_check_lag, bool) or not isinstance(sigterm_check_lag, int) or sigterm_check_lag < 0:
-            raise ValueError(f"sigterm_check_lag must be an integer >= 0 (steps), got {sigterm_check_lag!r}; "
-                             "0 is Lightning's per-step check, 2 the default.")
+        lag = check_int(sigterm_check_lag, "sigterm_check_lag", minimum=0,
+                        hint="steps; 0 is Lightning's per-step check, 2 the default")
         super().__init__(*args, **kwargs)
-        self.sigterm_check_lag = sigterm_check_lag
+        self.sigterm_check_lag = lag
         self.init_stream = check_choice(init_stream, "init_stream", get_args(InitStream))
 
     @override
