@@ -6,7 +6,7 @@ data on the GPU), with a fixed batch per GPU:
   dit   DiT-B/2 (--dit-preset) on random 4x32x32 latents, learned sigma, EMA 0.9999, as dit_throughput.py
         builds its Trainer row
 
-A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobuffers][:bucket=MB][:lag=N][:stream=S]:
+A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobuffers][:bucket=MB][:hook=H][:lag=N][:stream=S]:
   MODE        DiffusionModule's compile_mode: default, reduce-overhead, max-autotune,
               max-autotune-no-cudagraphs or none (eager)
   static      DDPStrategy(static_graph=True)
@@ -14,6 +14,8 @@ A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobu
   nobuffers   DDPStrategy(broadcast_buffers=False): no broadcast of the module's buffers before each forward
               (ours are constant tables)
   bucket=MB   DDPStrategy(bucket_cap_mb=MB)
+  hook=H      DDPStrategy(ddp_comm_hook=...): H is bf16 or fp16, PyTorch's bf16_compress_hook / fp16_compress_hook
+              (gradients all-reduced in half precision, half the bytes; CUDA only)
   lag=N       lightning_speed.distributed.SyncFreeDDPStrategy(sigterm_check_lag=N): rank 0's SIGTERM flag is read
               N steps after its broadcast instead of at once (0: Lightning's per-step wait for the GPU)
   stream=S    SyncFreeDDPStrategy(init_stream=S): DDP built on the "current" stream or on a "side" one (Lightning's)
@@ -46,6 +48,7 @@ split into compute and NCCL (and how much NCCL time overlaps compute), and the G
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import logging
@@ -81,12 +84,15 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 SINGLE_GPU_CONFIG = {"unet": "fashion_mnist.yaml", "dit": "fashion_mnist_dit.yaml"}
 EMA_DECAY = {"unet": 0.999, "dit": 0.9999}
 # what a compile log line or warning must mention to be kept in the results
+# hook=H -> DDPStrategy's ddp_comm_hook, as the dotted path a YAML config gives it (jsonargparse imports it)
+COMM_HOOKS = {name: f"torch.distributed.algorithms.ddp_comm_hooks.default_hooks.{name}_compress_hook"
+              for name in ("bf16", "fp16")}
 WATCHED = ("cudagraph", "cuda graph", "graph break", "recompil", "skipping", "ddp")
 
 
 # ------------------------------------------------------------------------------------- variants
 def parse_variant(spec: str) -> dict[str, Any]:
-    """``MODE[:static][:view][:nobuffers][:bucket=MB][:lag=N][:stream=S]`` or ``shipped`` -> {"name", "compile_mode",
+    """``MODE[:static][:view][:nobuffers][:bucket=MB][:hook=H][:lag=N][:stream=S]`` or ``shipped`` -> {"name", "compile_mode",
     "ddp": {...}}."""
     if spec == "shipped":  # ddp.yaml composes on top of a base config, whose compile mode it keeps unless it sets one
         config = load_config("multi_gpu/ddp.yaml")
@@ -109,13 +115,15 @@ def parse_variant(spec: str) -> dict[str, Any]:
             ddp["broadcast_buffers"] = False
         elif option.startswith("bucket=") and option[7:].replace(".", "", 1).isdigit():
             ddp["bucket_cap_mb"] = float(option[7:])
+        elif option.startswith("hook=") and option[5:] in COMM_HOOKS:
+            ddp["ddp_comm_hook"] = COMM_HOOKS[option[5:]]
         elif option.startswith("lag=") and option[4:].isdigit():
             ddp["sigterm_check_lag"] = int(option[4:])
         elif option in ("stream=current", "stream=side"):
             ddp["init_stream"] = option[7:]
         else:
             raise SystemExit(f"--variants {spec!r}: unknown option {option!r}; use static, view, nobuffers, bucket=MB, "
-                             "lag=N or stream=current|side.")
+                             f"hook={'|'.join(COMM_HOOKS)}, lag=N or stream=current|side.")
     return {"name": spec, "compile_mode": mode, "ddp": ddp}
 
 
@@ -132,15 +140,32 @@ def resolved(variant: dict[str, Any], model: str) -> dict[str, Any]:
 # DistributedDataParallel's, and Lightning's DDPStrategy in SyncFreeDDPStrategy's terms (what a run without lag= or
 # stream= used)
 DDP_DEFAULTS = {"static_graph": False, "gradient_as_bucket_view": False, "broadcast_buffers": True,
-                "bucket_cap_mb": 25.0, "sigterm_check_lag": 0, "init_stream": "side"}
+                "bucket_cap_mb": 25.0, "ddp_comm_hook": None, "sigterm_check_lag": 0, "init_stream": "side"}
 SYNC_FREE_OPTIONS = ("sigterm_check_lag", "init_stream")  # SyncFreeDDPStrategy's own arguments
 SYNC_FREE_DEFAULTS = {name: p.default for name, p in inspect.signature(SyncFreeDDPStrategy).parameters.items()
                       if name in SYNC_FREE_OPTIONS}
 
 
-def same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Two variants train alike: one compile mode and the same DDP settings once DDP's defaults are filled in."""
-    return a["compile_mode"] == b["compile_mode"] and {**DDP_DEFAULTS, **a["ddp"]} == {**DDP_DEFAULTS, **b["ddp"]}
+def same_settings(a: dict[str, Any], b: dict[str, Any], gradient_mb: float | None = None) -> bool:
+    """Two variants train alike: one compile mode and the same DDP settings once DDP's defaults are filled in.
+
+    With the model's gradient size (``gradient_mb``), two bucket caps that both hold every gradient count as one:
+    DDP then puts all gradients in a single bucket under either cap, so the two runs communicate identically.
+    """
+    a_ddp, b_ddp = {**DDP_DEFAULTS, **a["ddp"]}, {**DDP_DEFAULTS, **b["ddp"]}
+    if gradient_mb is not None and min(a_ddp["bucket_cap_mb"], b_ddp["bucket_cap_mb"]) >= gradient_mb:
+        a_ddp["bucket_cap_mb"] = b_ddp["bucket_cap_mb"]
+    return a["compile_mode"] == b["compile_mode"] and a_ddp == b_ddp
+
+
+def gradient_mb(model: str, dit_preset: str) -> float:
+    """MiB of fp32 gradients of the measured model (built on the meta device: no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        if model == "unet":
+            backbone = seeded_backbone(False, torch.device("meta"))
+        else:
+            backbone = DiT(preset=dit_preset, in_channels=4, image_size=32, learn_sigma=True)
+    return sum(p.numel() for p in backbone.parameters()) * 4 / 2**20
 
 
 # --------------------------------------------------------------------------- one measurement (a process)
@@ -273,7 +298,11 @@ def measure(run: dict[str, Any]) -> None:
         data = {"train_dataloaders": lazy_latents(run["batch"], size, smoke)}
     timer = WindowTimer(run["warmup"], run["windows"], run["window_steps"], run["profile_steps"], run["trace"])
     strategy_class = SyncFreeDDPStrategy if set(SYNC_FREE_OPTIONS) & run["ddp"].keys() else DDPStrategy
-    strategy: Any = strategy_class(**run["ddp"]) if devices > 1 else "auto"
+    ddp = {**run["ddp"]}
+    if ddp.get("ddp_comm_hook"):  # a dotted path (JSON, YAML) -> the function
+        module_name, _, name = ddp["ddp_comm_hook"].rpartition(".")
+        ddp["ddp_comm_hook"] = getattr(importlib.import_module(module_name), name)
+    strategy: Any = strategy_class(**ddp) if devices > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=devices, strategy=strategy,
         precision="bf16-mixed" if cuda else "32-true",
@@ -367,7 +396,7 @@ def run_process(run: dict[str, Any], timeout: float) -> int | None:
 
 
 def spec_of(run: dict[str, Any]) -> str:
-    """The MODE[:static][:view][:nobuffers][:bucket=MB][:lag=N][:stream=S] name of a run's settings (the inverse of
+    """The MODE[:static][:view][:nobuffers][:bucket=MB][:hook=H][:lag=N][:stream=S] name of a run's settings (the inverse of
     parse_variant)."""
     ddp = run["ddp"]
     options = [name for name, key in (("static", "static_graph"), ("view", "gradient_as_bucket_view")) if ddp.get(key)]
@@ -375,6 +404,8 @@ def spec_of(run: dict[str, Any]) -> str:
         options.append("nobuffers")
     if "bucket_cap_mb" in ddp:
         options.append(f"bucket={float(ddp['bucket_cap_mb']):g}")
+    if ddp.get("ddp_comm_hook"):
+        options.append("hook=" + next(k for k, v in COMM_HOOKS.items() if v == ddp["ddp_comm_hook"]))
     if "sigterm_check_lag" in ddp:
         options.append(f"lag={int(ddp['sigterm_check_lag'])}")
     if "init_stream" in ddp:
@@ -438,28 +469,35 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
-def shipped_variant(model: str, entry: dict[str, Any]) -> dict[str, Any] | None:
-    """The measured variant that trains as configs/multi_gpu/ddp.yaml does on the model's base config (whatever
-    its name was when it ran)."""
+def shipped_variants(model: str, entry: dict[str, Any], gradients: float | None = None) -> list[dict[str, Any]]:
+    """The measured variants that train as configs/multi_gpu/ddp.yaml does on the model's base config (whatever
+    their names were when they ran; ``gradients``: the model's gradient MiB, see ``same_settings``)."""
     shipped = resolved(parse_variant("shipped"), model)
-    return next((v for v in entry["variants"].values() if same_settings(v, shipped)), None)
+    return [v for v in entry["variants"].values() if same_settings(v, shipped, gradients)]
 
 
 def summary_keys(out: dict[str, Any]) -> dict[str, Any]:
-    """summary.json: the shipped multi-GPU settings' figures ("ddp_scaling_2gpu": UNet, "ddp_scaling_dit")."""
+    """summary.json: the shipped multi-GPU settings' figures ("ddp_scaling_2gpu": UNet, "ddp_scaling_dit"). Where
+    several measured variants train as the shipped settings (repeats under other names), images/s and speed-up are
+    their mean and ``runs_Ngpu`` lists each."""
     keys: dict[str, Any] = {}
     for key, model in (("ddp_scaling_2gpu", "unet"), ("ddp_scaling_dit", "dit")):
         per_batch = {}
-        for name, entry in out["scaling"].items():
-            if not name.startswith(f"{model}@") or not entry["best_one_gpu"]:
+        entries = {name: entry for name, entry in out["scaling"].items()
+                   if name.startswith(f"{model}@") and entry["best_one_gpu"]}
+        gradients = gradient_mb(model, out["dit_preset"]) if entries else None
+        for name, entry in entries.items():
+            shipped = [v for v in shipped_variants(model, entry, gradients) if v["images_per_s"]]
+            if not shipped:
                 continue
-            shipped = shipped_variant(model, entry)
-            if shipped and shipped["images_per_s"]:
-                per_batch[name.split("@")[1]] = {
-                    "images_per_s_1gpu": entry["best_one_gpu"],
-                    **{f"images_per_s_{n}gpu": x for n, x in sorted(shipped["images_per_s"].items())},
-                    **{f"speedup_{n}gpu": x for n, x in sorted(shipped["speedup"].items())},
-                    "compile_mode": shipped["compile_mode"], "ddp": shipped["ddp"]}
+            counts = sorted({n for v in shipped for n in v["images_per_s"]}, key=int)
+            runs = {n: [v["images_per_s"][n] for v in shipped if n in v["images_per_s"]] for n in counts}
+            per_batch[name.split("@")[1]] = {
+                "images_per_s_1gpu": entry["best_one_gpu"],
+                **{f"images_per_s_{n}gpu": statistics.mean(runs[n]) for n in counts},
+                **{f"speedup_{n}gpu": statistics.mean(runs[n]) / entry["best_one_gpu"] for n in counts},
+                **{f"runs_{n}gpu": runs[n] for n in counts if len(runs[n]) > 1},
+                "compile_mode": shipped[0]["compile_mode"], "ddp": shipped[0]["ddp"]}
         if per_batch:
             keys[key] = {"card": out["card"], "date": out["date"], "command": out["command"],
                          "model": model if model == "unet" else out["dit_preset"], "batch_per_gpu": per_batch}
@@ -473,7 +511,7 @@ def main() -> None:
     p.add_argument("--dit-batches", type=int, nargs="+", default=None, help="per GPU (default 256; smoke 4)")
     p.add_argument("--dit-preset", default="DiT-B/2")
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to compare")
-    p.add_argument("--variants", nargs="+", default=["shipped"], help="MODE[:static][:view][:nobuffers][:bucket=MB][:lag=N][:stream=S] or shipped")
+    p.add_argument("--variants", nargs="+", default=["shipped"], help="MODE[:static][:view][:nobuffers][:bucket=MB][:hook=H][:lag=N][:stream=S] or shipped")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 15; smoke 1)")
     p.add_argument("--windows", type=int, default=None, help="timed windows (default 3; smoke 2)")
     p.add_argument("--window-steps", type=int, default=None, help="steps per window (default 60; smoke 2)")

@@ -51,7 +51,7 @@ import torch
 
 from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops, today, update_summary, write_json
 from benchmarks.throughput import flops_per_image
-from benchmarks.windows import Row, Step, TrainerWindows, allocated, timed_window, warm, windowed_trainer
+from benchmarks.windows import Row, Step, TrainerWindows, settled, timed_window, warm, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.backbones import DiT
 from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
@@ -165,7 +165,7 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
 
     def add_official(alone: bool) -> None:  # build and warm it; a note instead when it does not fit
         try:
-            before = allocated(device)
+            before = settled(device)
             rows["official"] = warm(official_step(official, preset, size, smoke, draw, device, cuda), warmup, device, before)
         except torch.cuda.OutOfMemoryError as err:
             out["notes"].append(f"official: out of memory {'alone' if alone else 'next to the other rows'}: {str(err)[:200]}")
@@ -179,7 +179,7 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
             out["rows"][name]["peak_memory_gib"] = row.peak_memory_gib()
             out["rows"][name]["fraction_of_bf16_rate"] = out["flops_per_image"] * out["rows"][name]["images_per_s"] / 1e12 / args.tflops
 
-    rows["plain"] = warm(plain_step(dit().to(device), draw, mode, cuda), warmup, device, allocated(device))
+    rows["plain"] = warm(plain_step(dit().to(device), draw, mode, cuda), warmup, device, settled(device))
     if isinstance(official, str):
         out["notes"].append(f"official: {official}")
     else:
@@ -203,7 +203,7 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
         return None
 
     module = DiffusionModule(dit(), learn_sigma=True, compile_mode=mode, image_shape=(4, size, size))
-    windows = TrainerWindows(between, args.batch, warmup, args.window, min_steps, allocated(device))
+    windows = TrainerWindows(between, args.batch, warmup, args.window, min_steps, settled(device))
     trainer = windowed_trainer(cuda, [SpeeD(), EMAWeightAveraging(decay=0.9999), windows])
     trainer.fit(module, train_dataloaders=EndlessLatents(draw))
     if schedule or len(rows["trainer"].images_per_s) != args.repeats:

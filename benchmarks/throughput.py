@@ -56,7 +56,7 @@ from benchmarks.common import (
     update_summary,
     write_json,
 )
-from benchmarks.windows import Row, TrainerWindows, allocated, sync, timed_window, warm, windowed_trainer
+from benchmarks.windows import Row, TrainerWindows, settled, sync, timed_window, warm, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.module import uses_cuda_graphs
 from lightning_speed.process import GaussianDiffusion
@@ -237,7 +237,7 @@ def interleaved_rows(
     rows: dict[str, Row] = {}
     if "a_plain_fast" in names:
         step = plain_step(fresh(), data, batch, fast=cuda, compile_mode=args.compile_mode, channels_last=args.channels_last)
-        rows["a_plain_fast"] = warm(step, args.warmup, device, allocated(device))
+        rows["a_plain_fast"] = warm(step, args.warmup, device, settled(device))
     schedule = [name for _ in range(args.repeats) for name in INTERLEAVED if name in names]
     trainer_rows = [name for name in TRAINER_ROWS if name in names]
     if not trainer_rows:  # row a alone: its windows back to back
@@ -261,7 +261,7 @@ def interleaved_rows(
             timed_window(rows[name], batch, args.window, args.steps, device)
         return None
 
-    windows = TrainerWindows(between, batch, args.warmup, args.window, args.steps, allocated(device))
+    windows = TrainerWindows(between, batch, args.warmup, args.window, args.steps, settled(device))
     trainer = windowed_trainer(cuda, [SpeeD(tau=700, k=5, dual=True, lam=0.6), swap, windows])
     trainer.fit(module, datamodule=FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0))
     if schedule or any(len(rows[name].images_per_s) != args.repeats for name in trainer_rows):

@@ -12,6 +12,7 @@ This module imports torch and Lightning: ``benchmarks.common`` must not (its use
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,14 @@ def allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
 
+def settled(device: torch.device) -> int:
+    """Bytes allocated once Python's garbage is collected: the baseline of a resident-memory difference, which
+    tensors of earlier work freed later by the collector would otherwise drive below zero."""
+    gc.collect()
+    sync(device)
+    return allocated(device)
+
+
 @dataclass
 class Row:
     """One row's step closure, resident memory (bytes) and measured windows."""
@@ -47,8 +56,12 @@ class Row:
         ips = self.images_per_s
         return {"images_per_s": statistics.median(ips), "min": min(ips), "max": max(ips), "windows": list(ips)}
 
-    def peak_memory_gib(self) -> float:
-        """Resident state plus the most the row's steps allocated on top of it in any window."""
+    def peak_memory_gib(self) -> float | None:
+        """Resident state plus the most the row's steps allocated on top of it in any window; None when the
+        accounting is inconsistent (a negative resident state or peak: memory freed that was allocated before the
+        baseline), rather than a number that is not a memory size."""
+        if self.resident < 0 or self.resident + max(self.transient) < 0:
+            return None
         return (self.resident + max(self.transient)) / 2**30
 
 
@@ -80,8 +93,7 @@ def warm(step: Step, steps: int, device: torch.device, before: int) -> Row:
     """Run ``steps`` untimed steps (compilation); the row's resident memory is what it holds afterwards."""
     for _ in range(steps):
         step()
-    sync(device)
-    return Row(step, allocated(device) - before)
+    return Row(step, settled(device) - before)
 
 
 class TrainerWindows(pl.Callback):
@@ -109,8 +121,7 @@ class TrainerWindows(pl.Callback):
         if step < self.warmup:
             return
         if self.window is None:  # warm: what the Trainer holds now is its resident state
-            sync(pl_module.device)
-            self.resident = allocated(pl_module.device) - self.before_fit
+            self.resident = settled(pl_module.device) - self.before_fit
         else:
             n = step - self.start_step
             if n < self.min_steps or time.perf_counter() - self.window.start < self.seconds:

@@ -210,6 +210,31 @@ def test_fid_speed_smoke_times_the_dit_recipes_iddpm_sampling(tmp_path: Path, ho
     assert (result["model"], result["solver"]) == ("dit", "ddpm-3") and result["seconds"]["8"] > 0
 
 
+def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_path: Path, home: Path) -> None:
+    out = tmp_path / "roofline.json"
+    run_script("dit_roofline", ["--smoke", "--batch-size", "4", "--samples", "10", "--solver-steps", "3", "--iters", "2",
+                                "--repeats", "2", "--out", str(out)], home)
+    result = json.loads(out.read_text())
+    block = result["block"]
+    assert set(block) == {"qkv", "attention_out", "mlp_in", "mlp_out", "attention"} and result["complete"]
+    assert block["qkv"]["shape"] == [4 * 256, 32, 96] and block["mlp_out"]["shape"] == [4 * 256, 128, 32]
+    assert all(v["min"] <= v["ms"] <= v["max"] for v in block.values())
+    calls = 3 * 3  # ceil(10 / 4) batches of 3 solver steps
+    assert result["backbone_calls_per_fid"] == calls
+    # the smoke DiT has one block: the floor is the sum of its timings, and seconds per FID scale it by the calls
+    assert result["matmul_floor_ms_per_forward"] == pytest.approx(sum(v["ms"] for v in block.values()))
+    assert result["fid_seconds"]["matmul_floor"] == pytest.approx(result["matmul_floor_ms_per_forward"] * calls / 1e3)
+    assert result["fid_seconds"]["eager"] == pytest.approx(result["forward_ms"]["eager"]["ms"] * calls / 1e3)
+
+
+def test_peak_memory_is_none_when_the_accounting_is_inconsistent() -> None:
+    from benchmarks.windows import Row
+
+    assert Row(resident=2**30, transient=[0, 2**29]).peak_memory_gib() == 1.5
+    assert Row(resident=-50 * 2**20, transient=[0]).peak_memory_gib() is None  # freed more than it held: no size
+    assert Row(resident=2**20, transient=[-2**21]).peak_memory_gib() is None
+
+
 # ----------------------------------------------------------------------------- convergence
 @pytest.fixture(scope="module")
 def convergence(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Namespace:
@@ -531,7 +556,7 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
 
     out = tmp_path / "ddp.json"
     proc = run_script("ddp_scaling", ["--smoke", "--models", "dit", "--devices", "1", "2", "--variants",
-                                      "default:static:view:bucket=5", "--profile", "--profile-steps", "2",
+                                      "default:static:view:bucket=5:hook=bf16", "--profile", "--profile-steps", "2",
                                       "--out", str(out)], home)
     result = json.loads(out.read_text())
     runs = result["runs"]
@@ -540,10 +565,12 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
         assert len(r["windows"]) == 2 and r["min"] <= r["images_per_s"] <= r["max"]
         assert r["profile"]["steps"] == 2 and r["profile"]["wall_ms_per_step"] > 0
     two = [r for r in runs if r["devices"] == 2]
-    assert all(r["ddp"] == {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 5.0} for r in two)
+    hook = "torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"  # resolved, not applied on CPU
+    assert all(r["ddp"] == {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 5.0,
+                            "ddp_comm_hook": hook} for r in two)
     for key in ("dit@4",):
         entry = result["scaling"][key]
-        variant = entry["variants"]["default:static:view:bucket=5"]
+        variant = entry["variants"]["default:static:view:bucket=5:hook=bf16"]
         assert variant["speedup"]["2"] == pytest.approx(variant["images_per_s"]["2"] / entry["best_one_gpu"])
     assert "--- profile of rank 0" in proc.stdout and json.loads(proc.stdout[proc.stdout.rindex("\n{"):])["smoke"]
     assert result["complete"]
@@ -571,11 +598,13 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
         "ddp": {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 50.0}}
     shipped = parse_variant("shipped")  # what configs/multi_gpu/ddp.yaml sets: DDP options, the base's compile mode
     assert shipped["compile_mode"] is None and shipped["ddp"] == {
-        "static_graph": True, "gradient_as_bucket_view": True, "sigterm_check_lag": 2, "init_stream": "side"}
+        "static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 100, "sigterm_check_lag": 2,
+        "init_stream": "side"}
     with pytest.raises(SystemExit, match="compile mode must be one of"):
         parse_variant("fast:static")
-    # ddp.yaml on top of each base config trains as the measured variant with the same settings, whatever its name
-    # (DDP's default bucket filled in); summary.json takes that variant's figures per model.
+    # ddp.yaml on top of each base config trains as the measured variants with the same settings, whatever their
+    # names (DDP's defaults filled in); summary.json takes their mean per model. The UNet's 6.6 MiB of gradients fit
+    # one bucket under DDP's default 25 MB cap as under ddp.yaml's 100, so a run at 25 counts; DiT-B/2's 494 MiB do not.
     def variant(mode: str, ddp: dict, ips: dict) -> dict:
         return {"compile_mode": mode, "ddp": ddp, "images_per_s": ips, "speedup": {n: x / 100 for n, x in ips.items()}}
 
@@ -594,13 +623,21 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
             "reduce-overhead": variant("reduce-overhead", {}, {"2": 150.0})}},
         "dit@256": {"best_one_gpu": 100.0, "variants": {
             "default:static:view": variant("default", {"static_graph": True, "gradient_as_bucket_view": True}, {"2": 170.0}),
-            "shipped": variant("default", {"static_graph": True, "gradient_as_bucket_view": True,
-                                           "sigterm_check_lag": 2, "init_stream": "side"}, {"2": 180.0})}},
+            "default:static:view:lag=2:stream=side": variant(
+                "default", {"static_graph": True, "gradient_as_bucket_view": True, "sigterm_check_lag": 2,
+                            "init_stream": "side"}, {"2": 175.0}),  # DDP's 25 MB buckets: not the shipped setting
+            "shipped": variant("default", {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 100,
+                                           "sigterm_check_lag": 2, "init_stream": "side"}, {"2": 180.0}),
+            "default:static:view:bucket=100:lag=2": variant(
+                "default", {"static_graph": True, "gradient_as_bucket_view": True, "bucket_cap_mb": 100.0,
+                            "sigterm_check_lag": 2}, {"2": 190.0})}},
     }
     keys = summary_keys({"card": "card", "date": "date", "command": "cmd", "dit_preset": "DiT-B/2", "scaling": scaling})
     unet = keys["ddp_scaling_2gpu"]["batch_per_gpu"]["512"]
     assert (unet["compile_mode"], unet["speedup_2gpu"], unet["speedup_4gpu"]) == ("reduce-overhead", 1.7, 3.0)
-    assert keys["ddp_scaling_dit"]["batch_per_gpu"]["256"]["speedup_2gpu"] == 1.8
+    dit = keys["ddp_scaling_dit"]["batch_per_gpu"]["256"]
+    assert (dit["speedup_2gpu"], dit["runs_2gpu"]) == (pytest.approx(1.85), [180.0, 190.0])
+    assert "runs_2gpu" not in unet
     nobuffers = parse_variant("reduce-overhead:static:nobuffers:bucket=10")
     assert nobuffers["ddp"] == {"static_graph": True, "broadcast_buffers": False, "bucket_cap_mb": 10.0}
     assert spec_of(nobuffers) == nobuffers["name"]
@@ -613,6 +650,12 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
     assert not same_settings(parse_variant("reduce-overhead:static:lag=2"), parse_variant("reduce-overhead:static"))
     with pytest.raises(SystemExit, match="unknown option 'stream=default'"):
         parse_variant("default:stream=default")
+    # hook=H: PyTorch's compression hook as the dotted path a YAML config names, and back
+    bf16 = parse_variant("default:static:view:hook=bf16:lag=2")
+    assert bf16["ddp"]["ddp_comm_hook"] == "torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"
+    assert spec_of(bf16) == bf16["name"] and not same_settings(bf16, parse_variant("default:static:view:lag=2"))
+    with pytest.raises(SystemExit, match="hook=bf16|fp16"):
+        parse_variant("default:hook=int8")
 
 
 # ------------------------------------------------------------------ committed reports reproduce

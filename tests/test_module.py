@@ -310,3 +310,35 @@ def test_renamed_config_keys_name_the_new_key_in_the_cli(tmp_path, capsys, old, 
     with pytest.raises(SystemExit):
         main(["fit", "--config", quickstart, "--config", str(config)])
     assert capsys.readouterr().err.startswith(f"error: model.{old} is now model.{new}")
+
+
+class EveryStepLogging(DiffusionModule):
+    """The reference: ``self.log`` on every training step, as Lightning's default usage does."""
+
+    def _logger_writes_this_step(self) -> bool:
+        return True
+
+
+def test_train_loss_logged_only_when_written_and_logs_unchanged(tmp_path, monkeypatch):
+    """``self.log`` runs only on the steps whose metrics the Trainer writes, and the CSV log is what logging on
+    every step writes: the same steps, the same values."""
+    written = {}
+    for name, cls in (("skip", DiffusionModule), ("every", EveryStepLogging)):
+        pl.seed_everything(0)
+        module = cls(TinyBackbone(), image_shape=(1, 8, 8))
+        calls = []
+        original = cls.log
+        monkeypatch.setattr(cls, "log", lambda self, key, *a, **k: (calls.append(key), original(self, key, *a, **k)))
+        logger = pl.loggers.CSVLogger(tmp_path, name=name)
+        trainer(max_steps=10, logger=logger, log_every_n_steps=3).fit(module, loader(shuffle=False))
+        monkeypatch.undo()
+        lines = Path(logger.log_dir, "metrics.csv").read_text().splitlines()
+        rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+        written[name] = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+        if name == "skip":
+            # Lightning writes after steps 3, 6 and 9 (step indices 2, 5, 8); no other step calls self.log
+            assert calls == ["train/loss"] * 3
+        else:
+            assert calls == ["train/loss"] * 10
+    assert [s for s, _ in written["skip"]] == [2, 5, 8]
+    assert written["skip"] == written["every"]

@@ -1,0 +1,138 @@
+"""How fast can the recipe's FID sampling be? DiT-S/2's forward at the FID batch, against its matmul floor.
+
+An IDDPM-250 FID-10k calls the backbone 250 times on each of ceil(10,000 / batch) batches. This script times, in
+bf16 on the GPU at that batch, (1) each matrix product of one transformer block (qkv, attention output, the two MLP
+layers, each ``F.linear`` with its bias) and the attention itself (``F.scaled_dot_product_attention``), and (2) the
+whole backbone forward, eager and compiled as ``DiffusionModule(compile_sampling=MODE)`` compiles it. The sum of (1)
+over the blocks is the forward's floor with today's kernels, whatever the fusion of the elementwise work between
+them (LayerNorm, adaLN shift/scale, GELU, gates, residuals); seconds per FID = forward time x calls. Each time is
+the median of --repeats timings of --iters calls, the GPU synchronised at both ends; the min and max are kept.
+
+    python -m benchmarks.dit_roofline --batch-size 2500 --out benchmarks/results/dit_roofline.json
+    python -m benchmarks.dit_roofline --smoke --out /tmp/roofline.json   # CPU, tiny sizes (tests)
+
+summary.json: ``fid_roofline_dit`` (seconds per IDDPM-250 FID-10k: matmul floor, forward eager and compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops, today, update_summary, write_json
+from benchmarks.windows import sync
+from lightning_speed.backbones import DiT
+from lightning_speed.backbones.dit import dit_size
+
+SMOKE = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, iters: int, repeats: int) -> dict[str, float]:
+    """Milliseconds per call of ``fn``: median, min and max of ``repeats`` timings of ``iters`` calls."""
+    fn()  # warm-up: kernels chosen, memory allocated
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3 / iters)
+    return {"ms": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="DiT-S/2")
+    p.add_argument("--batch-size", type=int, default=2500, help="images per backbone call (the FID batch)")
+    p.add_argument("--samples", type=int, default=10_000, help="images per FID")
+    p.add_argument("--solver-steps", type=int, default=250, help="backbone calls per image")
+    p.add_argument("--compile-modes", nargs="*", default=["default", "max-autotune-no-cudagraphs"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=str(RESULTS / "dit_roofline.json"))
+    p.add_argument("--smoke", action="store_true", help="CPU, a tiny DiT, fp32, eager (tests)")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    size = dit_size(args.preset)
+    dim, heads, depth = (SMOKE["hidden_size"], SMOKE["num_heads"], SMOKE["depth"]) if args.smoke else \
+        (size.hidden_size, size.num_heads, size.depth)
+    image, channels = 32, 1  # the recipe's Fashion-MNIST pixels: (32 / patch)^2 tokens
+    tokens = (image // size.patch_size) ** 2
+    rows = args.batch_size * tokens
+    timing = {"device": device, "iters": args.iters, "repeats": args.repeats}
+
+    calls = args.solver_steps * math.ceil(args.samples / args.batch_size)
+    result: dict[str, Any] = {
+        "card": device_name() if cuda else "cpu", "date": today(), "command": " ".join(["python -m benchmarks.dit_roofline", *sys.argv[1:]]),
+        "preset": args.preset, "batch_size": args.batch_size, "tokens": tokens, "samples": args.samples,
+        "solver_steps": args.solver_steps, "backbone_calls_per_fid": calls,
+        "measured_bf16_matmul_tflops": measured_bf16_matmul_tflops() if cuda else None,
+        "block": {}, "forward_ms": {}, "fid_seconds": {}, "complete": False,
+    }
+
+    # (1) one block's matrix products, at the forward's shapes
+    x = torch.randn(rows, dim, device=device, dtype=dtype)
+    hidden = torch.randn(rows, 4 * dim, device=device, dtype=dtype)
+    for name, (inp, out_features) in {"qkv": (x, 3 * dim), "attention_out": (x, dim), "mlp_in": (x, 4 * dim),
+                                      "mlp_out": (hidden, dim)}.items():
+        weight = torch.randn(out_features, inp.shape[1], device=device, dtype=dtype)
+        bias = torch.randn(out_features, device=device, dtype=dtype)
+        t = timed(lambda inp=inp, weight=weight, bias=bias: F.linear(inp, weight, bias), **timing)
+        flops = 2 * rows * inp.shape[1] * out_features
+        record(result, name, {**t, "shape": [rows, inp.shape[1], out_features], "tflops": flops / t["ms"] / 1e9})
+    q = torch.randn(args.batch_size, heads, tokens, dim // heads, device=device, dtype=dtype)
+    t = timed(lambda q=q: F.scaled_dot_product_attention(q, q, q), **timing)
+    flops = 4 * args.batch_size * heads * tokens**2 * (dim // heads)
+    record(result, "attention", {**t, "shape": list(q.shape), "tflops": flops / t["ms"] / 1e9})
+    del x, hidden, q
+    result["matmul_floor_ms_per_forward"] = depth * sum(v["ms"] for v in result["block"].values())
+    result["fid_seconds"]["matmul_floor"] = result["matmul_floor_ms_per_forward"] * calls / 1e3
+    write_json(Path(args.out), result)  # after each stage: a call cut short keeps what it measured
+
+    # (2) the backbone forward, as the sampler calls it
+    torch.manual_seed(0)
+    dit = DiT(preset=args.preset, in_channels=channels, image_size=image, learn_sigma=True,
+              **({"depth": depth, "hidden_size": dim, "num_heads": heads} if args.smoke else {}))
+    dit = dit.to(device).eval()
+    xt = torch.randn(args.batch_size, channels, image, image, device=device)
+    steps = torch.randint(0, 1000, (args.batch_size,), device=device)
+    for mode in ["eager", *([] if args.smoke else args.compile_modes)]:
+        net = dit if mode == "eager" else torch.compile(dit.forward, dynamic=False, mode=mode)
+
+        def call(net: Callable[..., Any] = net) -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                net(xt, steps)
+
+        result["forward_ms"][mode] = timed(call, **timing)
+        result["fid_seconds"][mode] = result["forward_ms"][mode]["ms"] * calls / 1e3
+        print(f"forward {mode}: {result['forward_ms'][mode]['ms']:.2f} ms, {result['fid_seconds'][mode]:.1f} s per FID",
+              flush=True)
+        write_json(Path(args.out), result)
+        torch._dynamo.reset()
+    result["complete"] = True
+    write_json(Path(args.out), result)
+    if cuda:
+        update_summary(RESULTS / "summary.json", {"fid_roofline_dit": {
+            k: result[k] for k in ("card", "date", "command", "preset", "batch_size", "fid_seconds",
+                                   "matmul_floor_ms_per_forward", "measured_bf16_matmul_tflops")}})
+    print({k: round(v, 1) for k, v in result["fid_seconds"].items()}, "seconds per FID", flush=True)
+
+
+def record(result: dict[str, Any], name: str, timing: dict[str, Any]) -> None:
+    result["block"][name] = timing
+    print(f"{name:>14} {timing['shape']}: {timing['ms']:.3f} ms, {timing['tflops']:.0f} TFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
