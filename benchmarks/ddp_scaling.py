@@ -83,10 +83,10 @@ from lightning_speed.distributed import SyncFreeDDPStrategy
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none")
 SINGLE_GPU_CONFIG = {"unet": "fashion_mnist.yaml", "dit": "fashion_mnist_dit.yaml"}
 EMA_DECAY = {"unet": 0.999, "dit": 0.9999}
-# what a compile log line or warning must mention to be kept in the results
 # hook=H -> DDPStrategy's ddp_comm_hook, as the dotted path a YAML config gives it (jsonargparse imports it)
 COMM_HOOKS = {name: f"torch.distributed.algorithms.ddp_comm_hooks.default_hooks.{name}_compress_hook"
               for name in ("bf16", "fp16")}
+# what a compile log line or warning must mention to be kept in the results
 WATCHED = ("cudagraph", "cuda graph", "graph break", "recompil", "skipping", "ddp")
 
 
