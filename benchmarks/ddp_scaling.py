@@ -67,11 +67,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch._dynamo.utils import counters
-from torch.profiler import ProfilerActivity, profile
 from typing_extensions import override
 
 from benchmarks.common import REPO, RESULTS, device_name, load_config, today, update_summary, write_json
 from benchmarks.dit_throughput import SMOKE_DIT, EndlessLatents
+from benchmarks.profiling import TrainerProfile
 from benchmarks.throughput import seeded_backbone
 from benchmarks.windows import sync
 from lightning_speed import DiffusionModule
@@ -170,80 +170,21 @@ def gradient_mb(model: str, dit_preset: str) -> float:
 
 # --------------------------------------------------------------------------- one measurement (a process)
 class WindowTimer(pl.Callback):
-    """Timed windows after the warm-up, then an optional profiler window on rank 0."""
+    """Timed windows after the warm-up (``boundaries``: the steps at which they start and end)."""
 
-    def __init__(self, warmup: int, windows: int, steps: int, profile_steps: int, trace: str | None) -> None:
+    def __init__(self, warmup: int, windows: int, steps: int) -> None:
         self.boundaries = [warmup + k * steps for k in range(windows + 1)]
         self.times: list[float] = []
-        self.steps, self.profile_steps, self.trace = steps, profile_steps, trace
-        self.profile_start = self.boundaries[-1]
-        self.profiler: Any = None
-        self.profile_t0 = 0.0
-        self.profile: dict[str, Any] | None = None
+        self.steps = steps
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step in self.boundaries:
+        if trainer.global_step in self.boundaries:
             sync(pl_module.device)
             self.times.append(time.perf_counter())
-        if self.profile_steps and step == self.profile_start and trainer.global_rank == 0:
-            self.profiler = start_profiler(pl_module.device)
-            self.profile_t0 = time.perf_counter()
-        if self.profiler is not None and step == self.profile_start + self.profile_steps:
-            sync(pl_module.device)
-            wall = time.perf_counter() - self.profile_t0
-            self.profiler.__exit__(None, None, None)
-            self.profile = summarise_profile(self.profiler, wall, self.profile_steps, self.trace)
-            self.profiler = None
 
     def images_per_s(self, images_per_step: int) -> list[float]:
         return [images_per_step * self.steps / (b - a) for a, b in zip(self.times, self.times[1:])]
-
-
-def start_profiler(device: Any) -> Any:
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    prof = profile(activities=activities)
-    prof.__enter__()
-    return prof
-
-
-def _union_ms(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total / 1e3
-
-
-def summarise_profile(prof: Any, wall_s: float, steps: int, trace: str | None) -> dict[str, Any]:
-    """Per step: GPU kernel time (compute, NCCL, NCCL overlapping compute), busy and idle time, in ms."""
-    path = Path(trace) if trace else Path(tempfile.mkdtemp(prefix="ddp_trace_")) / "trace.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
-    events = json.loads(path.read_text()).get("traceEvents", [])
-    if not trace:
-        path.unlink()
-    kernels = [(e["ts"], e["ts"] + e.get("dur", 0), "nccl" in e.get("name", "").lower())
-               for e in events if e.get("cat") == "kernel" and "ts" in e]
-    nccl = [(a, b) for a, b, is_nccl in kernels if is_nccl]
-    compute = [(a, b) for a, b, is_nccl in kernels if not is_nccl]
-    compute_ms, nccl_ms = _union_ms(compute), _union_ms(nccl)
-    busy_ms = _union_ms(compute + nccl)
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if kernels else "self_cpu_time_total", row_limit=15)
-    return {
-        "steps": steps,
-        "wall_ms_per_step": wall_s * 1e3 / steps,
-        "compute_kernels_ms_per_step": compute_ms / steps,
-        "nccl_kernels_ms_per_step": nccl_ms / steps,
-        "nccl_overlapping_compute_ms_per_step": (compute_ms + nccl_ms - busy_ms) / steps,
-        "gpu_busy_ms_per_step": busy_ms / steps,
-        "gpu_idle_ms_per_step": max(0.0, wall_s * 1e3 - busy_ms) / steps,
-        "kernels_per_step": len(kernels) / steps,
-        "trace": str(path) if trace else None,
-        "table": table,
-    }
 
 
 class _Watch(logging.Handler):
@@ -296,7 +237,8 @@ def measure(run: dict[str, Any]) -> None:
                        **(SMOKE_DIT if smoke else {}))
         module = DiffusionModule(backbone, learn_sigma=True, compile_mode=mode, image_shape=(4, size, size))
         data = {"train_dataloaders": lazy_latents(run["batch"], size, smoke)}
-    timer = WindowTimer(run["warmup"], run["windows"], run["window_steps"], run["profile_steps"], run["trace"])
+    timer = WindowTimer(run["warmup"], run["windows"], run["window_steps"])
+    profiler = TrainerProfile(timer.boundaries[-1], run["profile_steps"], run["trace"])  # after the timed windows
     strategy_class = SyncFreeDDPStrategy if set(SYNC_FREE_OPTIONS) & run["ddp"].keys() else DDPStrategy
     ddp = {**run["ddp"]}
     if ddp.get("ddp_comm_hook"):  # a dotted path (JSON, YAML) -> the function
@@ -308,7 +250,8 @@ def measure(run: dict[str, Any]) -> None:
         precision="bf16-mixed" if cuda else "32-true",
         max_steps=timer.boundaries[-1] + run["profile_steps"] + 1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[SpeeD(tau=700, k=5, dual=True, lam=0.6), EMAWeightAveraging(decay=EMA_DECAY[model]), timer],
+        callbacks=[SpeeD(tau=700, k=5, dual=True, lam=0.6), EMAWeightAveraging(decay=EMA_DECAY[model]), timer,
+                   *([profiler] if run["profile_steps"] else [])],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -323,7 +266,7 @@ def measure(run: dict[str, Any]) -> None:
         "compile_counters": {k: dict(v) for k, v in counters.items()
                              if k in ("graph_break", "inductor", "stats", "recompiles") and v},
         "messages": list(dict.fromkeys(messages))[:30],
-        "profile": timer.profile,
+        "profile": profiler.result,
     }
     write_json(Path(run["part"]), result)
 

@@ -23,10 +23,14 @@ and max and every window; ratios use the medians, and for two interleaved rows a
 each repeat (``ratios_per_repeat``, spread in ``ratio_spread``). Peak memory of an interleaved row is the
 resident state of its loop plus the most its steps allocated on top in a window.
 Rows a0, d and d_lightning are measured alone, one window of ``--steps`` steps after ``--warmup``: a0
-before the interleaved rows, d and d_lightning after them, each in its own fit.
+before the interleaved rows, d and d_lightning after them, each in its own fit. ``--profile-steps N`` then traces
+N steps of row a and N steps of row b (a fit of its own) with ``benchmarks.profiling``: kernel time, GPU idle time
+and kernels per step of each, under ``profile`` in the batch's results (where b/a < 1: does b's GPU work longer or
+wait longer?).
 
     python -m benchmarks.throughput --batch-sizes 128 512 --out benchmarks/results/throughput.json
     python -m benchmarks.throughput --batch-sizes 128 --repeats 3 --window 10 --root .data   # about 5-6 min on an H200
+    python -m benchmarks.throughput --batch-sizes 128 --rows a b --repeats 2 --profile-steps 20 --root .data
     python -m benchmarks.throughput --smoke          # a few CPU steps of a tiny model (tests)
 """
 
@@ -56,6 +60,7 @@ from benchmarks.common import (
     update_summary,
     write_json,
 )
+from benchmarks.profiling import TrainerProfile, profile_closure
 from benchmarks.windows import Row, TrainerWindows, settled, sync, timed_window, warm, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.module import uses_cuda_graphs
@@ -163,6 +168,7 @@ class _StepTimer(pl.Callback):
 def lightning_loop(
     backbone: torch.nn.Module, root: str | None, batch: int, warmup: int, steps: int, speed: bool, smoke: bool,
     ema: str | None = None, devices: int = 1, compile_mode: str = "reduce-overhead", channels_last: bool = False,
+    extra_callbacks: tuple[pl.Callback, ...] = (),
 ) -> float:
     """Images/s of DiffusionModule under the Trainer (the b / c / d rows); ema: None, "ours" or "lightning".
 
@@ -197,7 +203,7 @@ def lightning_loop(
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[*callbacks, timer],
+        callbacks=[*callbacks, timer, *extra_callbacks],
     )
     trainer.fit(module, datamodule=data)
     return batch * devices * timer.timed_steps / (timer.end - timer.start)
@@ -364,6 +370,28 @@ def _save(result: dict[str, Any], args: argparse.Namespace, cuda: bool) -> None:
     })
 
 
+def profile_rows(batch: int, fresh: Callable[[], torch.nn.Module], data: torch.Tensor,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Rows a and b traced for ``--profile-steps`` steps each, after their warm-up, one after the other: kernel time,
+    GPU idle time and kernels per step (``benchmarks.profiling``). Where b/a < 1, this says whether b's GPU works
+    longer or waits longer."""
+    device = data.device
+    step = plain_step(fresh(), data, batch, fast=device.type == "cuda", compile_mode=args.compile_mode,
+                      channels_last=args.channels_last)
+    for _ in range(args.warmup):
+        step()
+    profiles = {"a_plain_fast": profile_closure(step, device, args.profile_steps)}
+    del step
+    traced = TrainerProfile(args.warmup, args.profile_steps, stop=True)
+    lightning_loop(fresh(), args.root, batch, args.warmup, args.profile_steps + 1, speed=False, smoke=args.smoke,
+                   compile_mode=args.compile_mode, channels_last=args.channels_last, extra_callbacks=(traced,))
+    profiles["b_lightning"] = traced.result
+    for name, summary in profiles.items():
+        table = summary.pop("table")
+        print(f"--- profile of {name}, batch {batch}\n{table}\n{json.dumps(summary)}", flush=True)
+    return profiles
+
+
 def measure_batch(batch: int, names: list[str], fresh: Callable[[], torch.nn.Module], data: torch.Tensor,
                   args: argparse.Namespace) -> dict[str, Any]:
     """Every requested row at one batch size: a0 alone, a / b / c interleaved, then d and d_lightning alone."""
@@ -426,6 +454,8 @@ def measure_batch(batch: int, names: list[str], fresh: Callable[[], torch.nn.Mod
     }
     row["ratios_per_repeat"] = per_repeat
     row["ratio_spread"] = {name: [min(r), max(r)] for name, r in per_repeat.items()}
+    if args.profile_steps:
+        row["profile"] = profile_rows(batch, fresh, data, args)
     return row
 
 
@@ -448,13 +478,15 @@ def main() -> dict[str, Any]:
                    help="NHWC weights and activations in rows a to d (the configs' setting)")
     p.add_argument("--merge", action="store_true",
                    help="keep the batch sizes already in --out (same card): measure 128 and 512 in separate calls")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="also trace this many steps of rows a and b per batch size, each after its warm-up (0: none)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps (for the test suite)")
     args = p.parse_args()
     if args.out is None:
         subset = "" if set(args.rows) == set(ROWS) else "_" + "_".join(args.rows)
         args.out = str(RESULTS / f"throughput{subset}.json")
-    if args.repeats < 1 or args.steps < 1 or args.warmup < 1 or args.window < 0:
-        raise SystemExit("--repeats, --steps and --warmup must be at least 1 and --window at least 0")
+    if args.repeats < 1 or args.steps < 1 or args.warmup < 1 or args.window < 0 or args.profile_steps < 0:
+        raise SystemExit("--repeats, --steps and --warmup must be at least 1, --window and --profile-steps at least 0")
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")

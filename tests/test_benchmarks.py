@@ -85,7 +85,7 @@ def throughput(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Namespac
     folder = tmp_path_factory.mktemp("throughput")
     full, merged = folder / "t.json", folder / "merged.json"
     timing = ["--steps", "2", "--warmup", "1", "--repeats", "2"]
-    run_script("throughput", ["--smoke", "--batch-sizes", "8", *timing, "--out", str(full)], home)
+    run_script("throughput", ["--smoke", "--batch-sizes", "8", *timing, "--profile-steps", "2", "--out", str(full)], home)
     shutil.copyfile(full, merged)
     before, threads = results_fingerprint(), torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch, torch.random.fork_rng():
@@ -127,6 +127,12 @@ def test_throughput_smoke_writes_rows_and_ratios(throughput: Namespace) -> None:
     b, c = row["b_lightning"]["windows"], row["c_lightning_speed"]["windows"]
     assert per_repeat["c_over_b"] == pytest.approx([c[0] / b[0], c[1] / b[1]])
     assert row["ratio_spread"]["c_over_b"] == [min(per_repeat["c_over_b"]), max(per_repeat["c_over_b"])]
+    # --profile-steps 2: rows a and b traced (on the CPU there are no kernels: all of the wall time is idle GPU time)
+    profile = row["profile"]
+    assert set(profile) == {"a_plain_fast", "b_lightning"}
+    for summary in profile.values():
+        assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0 and "table" not in summary
+        assert summary["gpu_idle_ms_per_step"] == pytest.approx(summary["wall_ms_per_step"] - summary["gpu_busy_ms_per_step"])
 
 
 @needs_fashion_mnist
@@ -225,6 +231,15 @@ def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_pat
     assert result["matmul_floor_ms_per_forward"] == pytest.approx(sum(v["ms"] for v in block.values()))
     assert result["fid_seconds"]["matmul_floor"] == pytest.approx(result["matmul_floor_ms_per_forward"] * calls / 1e3)
     assert result["fid_seconds"]["eager"] == pytest.approx(result["forward_ms"]["eager"]["ms"] * calls / 1e3)
+
+
+def test_kernel_time_is_the_union_of_the_kernels_intervals() -> None:
+    from benchmarks.profiling import _union_ms
+
+    # microseconds in, milliseconds out: overlaps count once, gaps not at all, order does not matter
+    assert _union_ms([(20, 30), (0, 10), (5, 15)]) == pytest.approx(0.025)
+    assert _union_ms([(0, 100), (10, 20), (30, 40)]) == pytest.approx(0.1)  # nested intervals
+    assert _union_ms([]) == 0.0
 
 
 def test_peak_memory_is_none_when_the_accounting_is_inconsistent() -> None:

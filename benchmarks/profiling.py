@@ -1,0 +1,110 @@
+"""A profiler window shared by the benchmarks: per step, GPU kernel time against wall time.
+
+A step whose GPU time is much shorter than its wall time leaves the GPU idle: the host (Python, the training loop,
+kernel launches) or a wait for the GPU is the limit. ``summarise_profile`` splits the kernel time of the traced steps
+into compute and NCCL (and their overlap) and gives the idle rest. Windows can trace a step closure
+(``profile_closure``) or steps of a ``trainer.fit`` (``TrainerProfile``). The profiler adds host time of its own, so
+the wall time of a traced window is longer than an untraced one; compare kernel times, and idle times only between
+windows traced the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from torch.profiler import ProfilerActivity, profile
+from typing_extensions import override
+
+from benchmarks.windows import sync
+
+
+def start_profiler(device: torch.device) -> Any:
+    """A started ``torch.profiler.profile`` of host operators and, on CUDA, GPU kernels."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    prof.__enter__()
+    return prof
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals in microseconds, in milliseconds."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+def summarise_profile(prof: Any, wall_s: float, steps: int, trace: str | None) -> dict[str, Any]:
+    """Per step: GPU kernel time (compute, NCCL, NCCL overlapping compute), busy and idle time, in ms; ``trace``: also
+    keep the Chrome trace there."""
+    path = Path(trace) if trace else Path(tempfile.mkdtemp(prefix="trace_")) / "trace.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text()).get("traceEvents", [])
+    if not trace:
+        path.unlink()
+    kernels = [(e["ts"], e["ts"] + e.get("dur", 0), "nccl" in e.get("name", "").lower())
+               for e in events if e.get("cat") == "kernel" and "ts" in e]
+    nccl = [(a, b) for a, b, is_nccl in kernels if is_nccl]
+    compute = [(a, b) for a, b, is_nccl in kernels if not is_nccl]
+    compute_ms, nccl_ms = _union_ms(compute), _union_ms(nccl)
+    busy_ms = _union_ms(compute + nccl)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if kernels else "self_cpu_time_total", row_limit=15)
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_s * 1e3 / steps,
+        "compute_kernels_ms_per_step": compute_ms / steps,
+        "nccl_kernels_ms_per_step": nccl_ms / steps,
+        "nccl_overlapping_compute_ms_per_step": (compute_ms + nccl_ms - busy_ms) / steps,
+        "gpu_busy_ms_per_step": busy_ms / steps,
+        "gpu_idle_ms_per_step": max(0.0, wall_s * 1e3 - busy_ms) / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "trace": str(path) if trace else None,
+        "table": table,
+    }
+
+
+def profile_closure(step: Callable[[], None], device: torch.device, steps: int, trace: str | None = None) -> dict[str, Any]:
+    """``steps`` calls of a (warm) step closure, traced and summarised."""
+    sync(device)
+    prof, start = start_profiler(device), time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    wall = time.perf_counter() - start
+    prof.__exit__(None, None, None)
+    return summarise_profile(prof, wall, steps, trace)
+
+
+class TrainerProfile(pl.Callback):
+    """Traces the training steps ``start`` .. ``start + steps - 1`` of a fit on rank 0 (whole loop iterations, hook to
+    hook: data, step, callbacks); the summary is in ``result``. ``stop``: end the fit after the window."""
+
+    def __init__(self, start: int, steps: int, trace: str | None = None, stop: bool = False) -> None:
+        self.start, self.steps, self.trace, self.stop = start, steps, trace, stop
+        self.profiler: Any = None
+        self.t0 = 0.0
+        self.result: dict[str, Any] | None = None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.start and trainer.global_rank == 0:
+            sync(pl_module.device)
+            self.profiler, self.t0 = start_profiler(pl_module.device), time.perf_counter()
+        elif self.profiler is not None and step == self.start + self.steps:
+            sync(pl_module.device)
+            wall = time.perf_counter() - self.t0
+            self.profiler.__exit__(None, None, None)
+            self.result = summarise_profile(self.profiler, wall, self.steps, self.trace)
+            self.profiler = None
+            if self.stop:
+                trainer.should_stop = True
