@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops,
 from benchmarks.windows import sync
 from lightning_speed.backbones import DiT
 from lightning_speed.backbones.dit import dit_size
+from lightning_speed.module import CompileMode
 
 SMOKE = {"depth": 1, "hidden_size": 32, "num_heads": 2}
 
@@ -55,12 +56,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2500, help="images per backbone call (the FID batch)")
     p.add_argument("--samples", type=int, default=10_000, help="images per FID")
     p.add_argument("--solver-steps", type=int, default=250, help="backbone calls per image")
-    p.add_argument("--compile-modes", nargs="*", default=["default", "max-autotune-no-cudagraphs"])
+    p.add_argument("--compile-modes", nargs="*", default=["default", "max-autotune-no-cudagraphs"],
+                   choices=get_args(CompileMode), help="torch.compile modes of the forward, besides eager")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS / "dit_roofline.json"))
     p.add_argument("--smoke", action="store_true", help="CPU, a tiny DiT, fp32, eager (tests)")
     args = p.parse_args()
+    if min(args.batch_size, args.samples, args.solver_steps, args.iters, args.repeats) < 1:
+        raise SystemExit("--batch-size, --samples, --solver-steps, --iters and --repeats must be at least 1.")
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -231,6 +231,9 @@ def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_pat
     assert result["matmul_floor_ms_per_forward"] == pytest.approx(sum(v["ms"] for v in block.values()))
     assert result["fid_seconds"]["matmul_floor"] == pytest.approx(result["matmul_floor_ms_per_forward"] * calls / 1e3)
     assert result["fid_seconds"]["eager"] == pytest.approx(result["forward_ms"]["eager"]["ms"] * calls / 1e3)
+    bad = bench("dit_roofline", ["--smoke", "--batch-size", "0", "--out", str(tmp_path / "bad.json")], home)
+    assert bad.returncode != 0 and "--batch-size, --samples, --solver-steps, --iters and --repeats must be at least 1" in bad.stderr
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_kernel_time_is_the_union_of_the_kernels_intervals() -> None:
