@@ -159,13 +159,26 @@ def same_settings(a: dict[str, Any], b: dict[str, Any], gradient_mb: float | Non
 
 
 def gradient_mb(model: str, dit_preset: str) -> float:
-    """MiB of fp32 gradients of the measured model (built on the meta device: no memory, no initialisation cost)."""
-    with torch.device("meta"):
-        if model == "unet":
-            backbone = seeded_backbone(False, torch.device("meta"))
-        else:
-            backbone = DiT(preset=dit_preset, in_channels=4, image_size=32, learn_sigma=True)
+    """MiB of fp32 gradients of the measured model (built on the meta device: no memory, no initialisation cost; the
+    global random state is left as it was)."""
+    meta = torch.device("meta")
+    with torch.random.fork_rng(devices=[]), meta:
+        backbone = measured_backbone(model, dit_preset, smoke=False, device=meta)
     return sum(p.numel() for p in backbone.parameters()) * 4 / 2**20
+
+
+def latent_size(smoke: bool) -> int:
+    """Height and width of DiT's random latents (4 channels)."""
+    return 8 if smoke else 32
+
+
+def measured_backbone(model: str, dit_preset: str, smoke: bool, device: torch.device) -> torch.nn.Module:
+    """The backbone a measurement trains (or its tiny smoke version), from seed 0."""
+    if model == "unet":
+        return seeded_backbone(smoke, device)
+    torch.manual_seed(0)
+    return DiT(preset=dit_preset, in_channels=4, image_size=latent_size(smoke), learn_sigma=True,
+               **(SMOKE_DIT if smoke else {})).to(device)
 
 
 # --------------------------------------------------------------------------- one measurement (a process)
@@ -225,16 +238,14 @@ def measure(run: dict[str, Any]) -> None:
     logging.getLogger("torch").addHandler(watch)
     if cuda:
         torch._logging.set_logs(perf_hints=True, graph_breaks=True, recompiles=True)
+    # on the CPU: Lightning moves it to each rank's device
+    backbone = measured_backbone(model, run["dit_preset"], smoke, torch.device("cpu"))
     if model == "unet":
-        backbone = seeded_backbone(smoke, torch.device("cpu"))  # Lightning moves it to each rank's device
         module = DiffusionModule(backbone, compile_mode=mode, channels_last=cuda)
         data: dict[str, Any] = {"datamodule": FashionMNISTDataModule(root=run["root"], batch_size=run["batch"],
                                                                      on_device=cuda, val_images=0)}
     else:
-        size = 8 if smoke else 32
-        torch.manual_seed(0)
-        backbone = DiT(preset=run["dit_preset"], in_channels=4, image_size=size, learn_sigma=True,
-                       **(SMOKE_DIT if smoke else {}))
+        size = latent_size(smoke)
         module = DiffusionModule(backbone, learn_sigma=True, compile_mode=mode, image_shape=(4, size, size))
         data = {"train_dataloaders": lazy_latents(run["batch"], size, smoke)}
     timer = WindowTimer(run["warmup"], run["windows"], run["window_steps"])

@@ -72,8 +72,9 @@ def summarise_profile(prof: Any, wall_s: float, steps: int, trace: str | None) -
     }
 
 
-def profile_closure(step: Callable[[], None], device: torch.device, steps: int, trace: str | None = None) -> dict[str, Any]:
-    """``steps`` calls of a (warm) step closure, traced and summarised."""
+def trace_closure(step: Callable[[], None], device: torch.device, steps: int) -> tuple[Any, float]:
+    """``steps`` calls of a (warm) step closure under the profiler: the finished profile and the wall seconds, the
+    device synchronised at both ends."""
     sync(device)
     prof, start = start_profiler(device), time.perf_counter()
     for _ in range(steps):
@@ -81,6 +82,12 @@ def profile_closure(step: Callable[[], None], device: torch.device, steps: int, 
     sync(device)
     wall = time.perf_counter() - start
     prof.__exit__(None, None, None)
+    return prof, wall
+
+
+def profile_closure(step: Callable[[], None], device: torch.device, steps: int, trace: str | None = None) -> dict[str, Any]:
+    """``steps`` calls of a (warm) step closure, traced and summarised."""
+    prof, wall = trace_closure(step, device, steps)
     return summarise_profile(prof, wall, steps, trace)
 
 

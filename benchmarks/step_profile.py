@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import RESULTS, device_name, today, write_json
+from benchmarks.profiling import trace_closure
 from benchmarks.throughput import plain_loop, plain_step, seeded_backbone, synthetic_images
 
 VARIANTS = {  # name: (cudnn.benchmark, channels_last)
@@ -68,14 +67,7 @@ def family(name: str) -> str:
 def breakdown(step: Callable[[], None], device: torch.device, steps: int) -> dict[str, Any]:
     """Per-step time of each kernel family, traced over ``steps`` steps (GPU kernels on CUDA, operators on CPU)."""
     cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - start
+    prof, wall = trace_closure(step, device, steps)
     per_family: dict[str, float] = {}
     for event in prof.events():
         if cuda:
