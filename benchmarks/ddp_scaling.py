@@ -22,6 +22,8 @@ A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobu
               Without lag= and stream= the run uses Lightning's DDPStrategy, which behaves as lag=0:stream=side.
   shipped     the settings of configs/multi_gpu/ddp.yaml (what users compose) with the compile mode of the
               model's own config (ddp.yaml sets none)
+  fsdp[:MODE] Lightning's FSDPStrategy as configs/multi_gpu/fsdp_dit_xl.yaml sets it (FULL_SHARD, one unit per DiT
+              block), with its compile mode or MODE; the EMA averages each rank's shard
 Each device count of each variant runs in its own process (Lightning's DDP launcher starts the other
 ranks by running this module again). One GPU runs once per compile mode (DDP settings do not apply there),
 and also with the single-GPU config's own compile mode (the baseline a user has before adding GPUs).
@@ -92,8 +94,16 @@ WATCHED = ("cudagraph", "cuda graph", "graph break", "recompil", "skipping", "dd
 
 # ------------------------------------------------------------------------------------- variants
 def parse_variant(spec: str) -> dict[str, Any]:
-    """``MODE[:static][:view][:nobuffers][:bucket=MB][:hook=H][:lag=N][:stream=S]`` or ``shipped`` -> {"name", "compile_mode",
-    "ddp": {...}}."""
+    """``MODE[:static][:view][:nobuffers][:bucket=MB][:hook=H][:lag=N][:stream=S]``, ``shipped`` or ``fsdp`` -> {"name",
+    "compile_mode", "ddp": {...}} (and "fsdp": FSDPStrategy's arguments)."""
+    if spec.split(":")[0] == "fsdp":
+        config = load_config("multi_gpu/fsdp_dit_xl.yaml")
+        strategy = config["trainer"]["strategy"]
+        fsdp = {**(strategy.get("init_args") or {}), **(strategy.get("dict_kwargs") or {})}
+        mode = spec.split(":", 1)[1] if ":" in spec else config["model"].get("compile_mode") or "none"
+        if mode not in COMPILE_MODES:
+            raise SystemExit(f"--variants {spec!r}: fsdp[:MODE] takes a compile mode, one of {', '.join(COMPILE_MODES)}.")
+        return {"name": spec, "compile_mode": mode, "ddp": {}, "fsdp": fsdp}
     if spec == "shipped":  # ddp.yaml composes on top of a base config, whose compile mode it keeps unless it sets one
         config = load_config("multi_gpu/ddp.yaml")
         strategy = config["trainer"]["strategy"]
@@ -104,7 +114,7 @@ def parse_variant(spec: str) -> dict[str, Any]:
     mode, *options = spec.split(":")
     if mode not in COMPILE_MODES:
         raise SystemExit(f"--variants {spec!r}: the compile mode must be one of {', '.join(COMPILE_MODES)} (or the "
-                         "variant 'shipped'), e.g. default:static:view:bucket=50.")
+                         "variant 'shipped' or 'fsdp'), e.g. default:static:view:bucket=50.")
     ddp: dict[str, Any] = {}
     for option in options:
         if option == "static":
@@ -152,6 +162,8 @@ def same_settings(a: dict[str, Any], b: dict[str, Any], gradient_mb: float | Non
     With the model's gradient size (``gradient_mb``), two bucket caps that both hold every gradient count as one:
     DDP then puts all gradients in a single bucket under either cap, so the two runs communicate identically.
     """
+    if a.get("fsdp") or b.get("fsdp"):
+        return a.get("fsdp") == b.get("fsdp") and a["compile_mode"] == b["compile_mode"]
     a_ddp, b_ddp = {**DDP_DEFAULTS, **a["ddp"]}, {**DDP_DEFAULTS, **b["ddp"]}
     if gradient_mb is not None and min(a_ddp["bucket_cap_mb"], b_ddp["bucket_cap_mb"]) >= gradient_mb:
         a_ddp["bucket_cap_mb"] = b_ddp["bucket_cap_mb"]
@@ -256,6 +268,8 @@ def measure(run: dict[str, Any]) -> None:
         module_name, _, name = ddp["ddp_comm_hook"].rpartition(".")
         ddp["ddp_comm_hook"] = getattr(importlib.import_module(module_name), name)
     strategy: Any = strategy_class(**ddp) if devices > 1 else "auto"
+    if run.get("fsdp") and devices > 1:
+        strategy = fsdp_strategy(run["fsdp"])
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=devices, strategy=strategy,
         precision="bf16-mixed" if cuda else "32-true",
@@ -273,13 +287,27 @@ def measure(run: dict[str, Any]) -> None:
     messages = watch.lines + [str(w.message)[:300] for w in caught if any(k in str(w.message).lower() for k in WATCHED)]
     result = {
         **{k: run[k] for k in ("model", "batch", "devices", "variant", "compile_mode", "ddp")},
+        **({"fsdp": run["fsdp"]} if run.get("fsdp") else {}),
         "images_per_s": statistics.mean(ips), "min": min(ips), "max": max(ips), "windows": ips,
         "compile_counters": {k: dict(v) for k, v in counters.items()
                              if k in ("graph_break", "inductor", "stats", "recompiles") and v},
         "messages": list(dict.fromkeys(messages))[:30],
         "profile": profiler.result,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
     write_json(Path(run["part"]), result)
+
+
+def fsdp_strategy(settings: dict[str, Any]) -> Any:
+    """Lightning's FSDPStrategy from the YAML's arguments (``auto_wrap_policy`` as dotted class paths)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    settings = dict(settings)
+    for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+        if settings.get(key) is not None:
+            settings[key] = {getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
+                             for path in settings[key]}
+    return FSDPStrategy(**settings)
 
 
 # ------------------------------------------------------------------------------------ orchestration
@@ -299,7 +327,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if args.smoke:  # eager on the CPU whatever the mode: one run stands for all
                     modes = dict.fromkeys(v["compile_mode"] for v in ours[:1])
                 runs += [{**base, "devices": 1, "variant": f"1gpu:{mode}", "compile_mode": mode, "ddp": {}} for mode in modes]
-            runs += [{**base, "devices": n, "variant": v["name"], "compile_mode": v["compile_mode"], "ddp": v["ddp"]}
+            runs += [{**base, "devices": n, "variant": v["name"], "compile_mode": v["compile_mode"], "ddp": v["ddp"],
+                      **({"fsdp": v["fsdp"]} if v.get("fsdp") else {})}
                      for v in ours for n in args.devices if n > 1]
     return runs
 
@@ -411,8 +440,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         if r["devices"] == 1:
             entry["one_gpu"][r["compile_mode"]] = r["images_per_s"]
         else:
-            entry["variants"].setdefault(r["variant"], {"compile_mode": r["compile_mode"], "ddp": r["ddp"],
-                                                        "images_per_s": {}})["images_per_s"][str(r["devices"])] = r["images_per_s"]
+            variant = entry["variants"].setdefault(r["variant"], {"compile_mode": r["compile_mode"], "ddp": r["ddp"],
+                                                                  **({"fsdp": r["fsdp"]} if r.get("fsdp") else {}),
+                                                                  "images_per_s": {}, "peak_memory_gib": {}})
+            variant["images_per_s"][str(r["devices"])] = r["images_per_s"]
+            variant["peak_memory_gib"][str(r["devices"])] = r.get("peak_memory_gib")
     for entry in table.values():
         best = max(entry["one_gpu"].values(), default=None)
         entry["best_one_gpu"] = best
@@ -431,11 +463,15 @@ def shipped_variants(model: str, entry: dict[str, Any], gradients: float | None 
 
 
 def summary_keys(out: dict[str, Any]) -> dict[str, Any]:
-    """summary.json: the shipped multi-GPU settings' figures ("ddp_scaling_2gpu": UNet, "ddp_scaling_dit"). Where
-    several measured variants train as the shipped settings (repeats under other names), images/s and speed-up are
-    their mean and ``runs_Ngpu`` lists each."""
+    """summary.json: the shipped multi-GPU settings' figures ("ddp_scaling_2gpu": UNet, "ddp_scaling_dit": DiT-B/2,
+    another preset under its own key) and the FSDP variants' ("fsdp_dit"). Where several measured variants train as
+    the shipped settings (repeats under other names), images/s and speed-up are their mean and ``runs_Ngpu`` lists
+    each."""
     keys: dict[str, Any] = {}
-    for key, model in (("ddp_scaling_2gpu", "unet"), ("ddp_scaling_dit", "dit")):
+    # the issue's DiT figure is DiT-B/2's; another preset gets its own key (DiT-XL/2: "ddp_scaling_dit_xl_2")
+    preset = out["dit_preset"]
+    dit_key = "ddp_scaling_dit" if preset == "DiT-B/2" else "ddp_scaling_" + preset.lower().replace("-", "_").replace("/", "_")
+    for key, model in (("ddp_scaling_2gpu", "unet"), (dit_key, "dit")):
         per_batch = {}
         entries = {name: entry for name, entry in out["scaling"].items()
                    if name.startswith(f"{model}@") and entry["best_one_gpu"]}
@@ -455,6 +491,16 @@ def summary_keys(out: dict[str, Any]) -> dict[str, Any]:
         if per_batch:
             keys[key] = {"card": out["card"], "date": out["date"], "command": out["command"],
                          "model": model if model == "unet" else out["dit_preset"], "batch_per_gpu": per_batch}
+    fsdp = {name.split("@")[1]: {"images_per_s_1gpu": entry["best_one_gpu"],
+                                 **{f"images_per_s_{n}gpu": x for n, x in v["images_per_s"].items()},
+                                 **{f"speedup_{n}gpu": x for n, x in v["speedup"].items()},
+                                 **{f"peak_memory_gib_{n}gpu": m for n, m in v.get("peak_memory_gib", {}).items()},
+                                 "compile_mode": v["compile_mode"], "fsdp": v["fsdp"]}
+            for name, entry in out["scaling"].items() if name.startswith("dit@")
+            for v in entry["variants"].values() if v.get("fsdp") and v["images_per_s"]}
+    if fsdp:
+        keys["fsdp_dit"] = {"card": out["card"], "date": out["date"], "command": out["command"],
+                            "model": out["dit_preset"], "batch_per_gpu": fsdp}
     return keys
 
 

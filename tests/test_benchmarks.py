@@ -674,6 +674,29 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
     assert spec_of(bf16) == bf16["name"] and not same_settings(bf16, parse_variant("default:static:view:lag=2"))
     with pytest.raises(SystemExit, match="hook=bf16|fp16"):
         parse_variant("default:hook=int8")
+    # fsdp: configs/multi_gpu/fsdp_dit_xl.yaml's FSDPStrategy, a variant of its own in the table and summary.json
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from benchmarks.ddp_scaling import fsdp_strategy
+    from lightning_speed.backbones.dit import DiTBlock
+
+    fsdp = parse_variant("fsdp")
+    assert fsdp["compile_mode"] == "none" and fsdp["fsdp"]["sharding_strategy"] == "FULL_SHARD"
+    assert not same_settings(fsdp, shipped) and same_settings(fsdp, parse_variant("fsdp:none"))
+    assert parse_variant("fsdp:default")["compile_mode"] == "default"
+    with pytest.raises(SystemExit, match=r"fsdp\[:MODE\] takes a compile mode"):
+        parse_variant("fsdp:fast")
+    strategy = fsdp_strategy(fsdp["fsdp"])
+    assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
+    scaling["dit@256"]["variants"]["fsdp"] = {**variant("none", {}, {"2": 150.0}), "fsdp": fsdp["fsdp"],
+                                              "peak_memory_gib": {"2": 40.0}}
+    keys = summary_keys({"card": "card", "date": "date", "command": "cmd", "dit_preset": "DiT-XL/2", "scaling": scaling})
+    assert keys["fsdp_dit"]["batch_per_gpu"]["256"] == {
+        "images_per_s_1gpu": 100.0, "images_per_s_2gpu": 150.0, "speedup_2gpu": 1.5, "peak_memory_gib_2gpu": 40.0,
+        "compile_mode": "none", "fsdp": fsdp["fsdp"]}
+    assert keys["ddp_scaling_dit_xl_2"]["batch_per_gpu"]["256"]["runs_2gpu"] == [180.0, 190.0]  # not among DDP's
+    assert "ddp_scaling_dit" not in keys  # DiT-B/2's key (the issue's figure) is not overwritten by another preset
 
 
 # ------------------------------------------------------------------ committed reports reproduce

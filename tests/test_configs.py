@@ -259,6 +259,8 @@ def test_fsdp_file_builds_lightnings_fsdp_strategy_for_dit_xl(cli_env: Path) -> 
     strategy = cli.config_init.trainer.strategy
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}  # ModuleWrapPolicy
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
     assert strategy.kwargs["use_orig_params"] is True
     assert cli.config.strategy.class_path == "lightning_speed.callbacks.SpeeD"
-    assert cli.config.ema is None and cli.config.fid is None  # the EMA refuses sharded weights (test_ema.py)
+    assert cli.config.ema.init_args.decay == 0.9999  # the base's EMA, averaged per shard (test_ema.py, test_fsdp.py)
+    assert cli.config.fid is None and cli.config.samples is None and cli.config.final_fid is None  # no sampling

@@ -10,8 +10,20 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_speed.callbacks import EMAWeightAveraging
+from lightning_speed.callbacks.ema import ShardAverage
 
 torch.set_num_threads(2)
+
+
+class ShardEMA(EMAWeightAveraging):
+    """The FSDP path (each rank averages the tensors it holds, checkpoints gathered through the strategy) on one
+    CPU process, where Lightning refuses FSDP: the module's whole tensors stand in for the rank's shard."""
+
+    def averages_shards(self, strategy):
+        return True
+
+
+BOTH = pytest.mark.parametrize("make", [EMAWeightAveraging, ShardEMA], ids=["full_copy", "shards"])
 
 
 class Regressor(pl.LightningModule):
@@ -39,13 +51,16 @@ def _fit(callback, steps: int = 7, ckpt_path=None, tmp_path=None, batch_size: in
 
 
 def _averaged(callback) -> list[torch.Tensor]:
+    if getattr(callback, "_shards", None) is not None:
+        return [t.clone() for t in callback._shards.tensors]
     module = callback._average_model.module
     return [t.detach().clone() for t in [*module.parameters(), *module.buffers()]]
 
 
+@BOTH
 @pytest.mark.parametrize("decay", [0.5, 0.9])
-def test_same_average_as_lightning(decay):
-    ours, theirs = EMAWeightAveraging(decay=decay), LightningEMA(decay=decay)
+def test_same_average_as_lightning(decay, make):
+    ours, theirs = make(decay=decay), LightningEMA(decay=decay)
     _, model = _fit(ours)
     _fit(theirs)
     pairs = list(zip(_averaged(ours), _averaged(theirs), strict=True))
@@ -54,18 +69,22 @@ def test_same_average_as_lightning(decay):
             torch.testing.assert_close(a, b)
     # Integer buffers (BatchNorm's step counter) are copied, not truncated averages as in AveragedModel.
     assert [int(a) for a, _ in pairs if not a.is_floating_point()] == [int(model.net[1].num_batches_tracked)] == [7]
-    assert int(ours._average_model.n_averaged) == int(theirs._average_model.n_averaged) == 7
+    assert ours.n_averaged == int(theirs._average_model.n_averaged) == 7
 
 
-def test_without_buffer_averaging_buffers_follow_the_model():
+@BOTH
+def test_without_buffer_averaging_buffers_follow_the_model(tmp_path, make):
     """use_buffers=False: parameters are averaged as Lightning's are, buffers are the model's."""
-    ours, theirs = EMAWeightAveraging(decay=0.9, use_buffers=False), LightningEMA(decay=0.9, use_buffers=False)
-    _, model = _fit(ours)
+    ours, theirs = make(decay=0.9, use_buffers=False), LightningEMA(decay=0.9, use_buffers=False)
+    trainer, model = _fit(ours)
     _fit(theirs)
-    for a, b in zip(ours._average_model.module.parameters(), theirs._average_model.module.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
-    for a, b in zip(ours._average_model.module.buffers(), model.buffers(), strict=True):
-        torch.testing.assert_close(a, b)
+    trainer.save_checkpoint(tmp_path / "ours.ckpt")
+    saved = torch.load(tmp_path / "ours.ckpt", weights_only=False)["state_dict"]
+    averaged = dict(theirs._average_model.module.named_parameters())
+    for name, value in model.named_buffers():
+        torch.testing.assert_close(saved[name], value)
+    for name, value in averaged.items():
+        torch.testing.assert_close(saved[name], value)
 
 
 def test_closed_form_three_updates():
@@ -84,11 +103,15 @@ def test_closed_form_three_updates():
     torch.testing.assert_close(callback._average_model.module.weight, torch.full((1, 2), expected))
 
 
-def test_update_reads_nothing_back_from_the_device(monkeypatch):
+@pytest.mark.parametrize("shards", [False, True], ids=["full_copy", "shards"])
+def test_update_reads_nothing_back_from_the_device(monkeypatch, shards):
     """After the first update, no tensor is converted to a Python value (a host sync on CUDA)."""
     callback = EMAWeightAveraging(decay=0.9)
     model = Regressor()
-    callback._average_model = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    if shards:
+        callback._shards = ShardAverage(0.9)
+    else:
+        callback._average_model = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
     callback.update(model)  # the first update may read the counter once
 
     def refuse(*args, **kwargs):
@@ -111,34 +134,82 @@ def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         torch.testing.assert_close(x, y)
 
 
-def test_resume_after_fit_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(("first", "then"), [(EMAWeightAveraging, EMAWeightAveraging), (ShardEMA, ShardEMA),
+                                             (ShardEMA, EMAWeightAveraging), (EMAWeightAveraging, ShardEMA)],
+                         ids=["full_copy", "shards", "shards_to_full_copy", "full_copy_to_shards"])
+def test_resume_after_fit_equals_an_uninterrupted_run(tmp_path, first, then):
     """Fit 4 steps, save after fit, resume to 7: the same weights and average as 7 steps in one go.
 
     After fit the module holds the average (Lightning copies it in at train end); the checkpoint must
     still resume from the training weights. Lightning's own callback resumes from the average here.
     One batch is the whole data set, so every step sees the same batch whatever Lightning's epoch
     bookkeeping does on resume (from a checkpoint written at an epoch's end it replays a batch).
+    A checkpoint of either path (a full copy; shards, as under FSDP) resumes in the other.
     """
     straight = EMAWeightAveraging(decay=0.8)
     _, straight_model = _fit(straight, steps=7, tmp_path=tmp_path, batch_size=32)
-    first, _ = _fit(EMAWeightAveraging(decay=0.8), steps=4, tmp_path=tmp_path, batch_size=32)
-    first.save_checkpoint(tmp_path / "after_fit.ckpt")
-    resumed = EMAWeightAveraging(decay=0.8)
+    trainer, _ = _fit(first(decay=0.8), steps=4, tmp_path=tmp_path, batch_size=32)
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    resumed = then(decay=0.8)
     _, resumed_model = _fit(resumed, steps=7, ckpt_path=str(tmp_path / "after_fit.ckpt"), tmp_path=tmp_path,
                             batch_size=32)
-    assert int(resumed._average_model.n_averaged) == 7
+    assert resumed.n_averaged == 7
     _assert_same(_averaged(resumed), _averaged(straight))
     _assert_same(_weights(resumed_model), _weights(straight_model))  # both hold the average after fit
 
 
-def test_last_checkpoint_at_max_steps_keeps_the_training_weights(tmp_path):
+@pytest.mark.parametrize("when", ["during_fit", "after_fit"])
+def test_shard_checkpoints_equal_full_copy_checkpoints(tmp_path, when):
+    """The same run writes the same checkpoint (average, training weights, counter) on either path."""
+
+    class SaveAtStep3(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                trainer.save_checkpoint(trainer.default_root_dir + "/during_fit.ckpt")
+
+    saved = {}
+    for make in (EMAWeightAveraging, ShardEMA):
+        root = tmp_path / make.__name__
+        torch.manual_seed(0)
+        model = Regressor()
+        data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+        trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                             callbacks=[make(decay=0.7), SaveAtStep3()])
+        trainer.fit(model, DataLoader(data, batch_size=8))
+        if when == "after_fit":
+            trainer.save_checkpoint(root / "after_fit.ckpt")
+        saved[make] = torch.load(root / f"{when}.ckpt", weights_only=False)
+    full, shards = saved[EMAWeightAveraging], saved[ShardEMA]
+    for key in ("state_dict", "current_model_state", "averaging_state"):
+        assert full[key].keys() == shards[key].keys()
+        _assert_same(list(shards[key].values()), list(full[key].values()))
+    assert int(shards["averaging_state"]["n_averaged"]) == (3 if when == "during_fit" else 5)
+    assert not torch.equal(shards["state_dict"]["net.0.weight"], shards["current_model_state"]["net.0.weight"])
+
+
+def test_a_shard_average_equals_the_whole_average():
+    """Elementwise: averaging two halves of a tensor on their own (two ranks' shards) equals averaging it whole."""
+    torch.manual_seed(0)
+    whole, halves = ShardAverage(0.9), [ShardAverage(0.9), ShardAverage(0.9)]
+    for _ in range(4):
+        weights = torch.randn(10)
+        whole.update([weights])
+        for shard, part in zip(halves, weights.chunk(2)):
+            shard.update([part])
+    assert torch.equal(torch.cat([h.tensors[0] for h in halves]), whole.tensors[0])
+    assert whole.n_averaged == 4
+
+
+@BOTH
+def test_last_checkpoint_at_max_steps_keeps_the_training_weights(tmp_path, make):
     """ModelCheckpoint(save_last=True) writes last.ckpt after the EMA callback's on_train_end."""
 
     class TrainingWeights(pl.Callback):  # runs before the EMA callback: sees the weights before the copy
         def on_train_end(self, trainer, pl_module):
             self.weights = _weights(pl_module)
 
-    probe, ema = TrainingWeights(), EMAWeightAveraging(decay=0.5)
+    probe, ema = TrainingWeights(), make(decay=0.5)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=100)
     torch.manual_seed(0)
     model = Regressor()
@@ -152,13 +223,14 @@ def test_last_checkpoint_at_max_steps_keeps_the_training_weights(tmp_path):
     assert not torch.equal(probe.weights[0], _weights(model)[0])  # so the two can be told apart
 
 
-def test_lightning_checkpoint_resumes_in_ours(tmp_path):
+@BOTH
+def test_lightning_checkpoint_resumes_in_ours(tmp_path, make):
     """Checkpoints are interchangeable with Lightning's callback."""
     trainer, _ = _fit(LightningEMA(decay=0.8), steps=4, tmp_path=tmp_path)
     trainer.save_checkpoint(tmp_path / "lightning.ckpt")
-    ours = EMAWeightAveraging(decay=0.8)
+    ours = make(decay=0.8)
     _fit(ours, steps=7, ckpt_path=str(tmp_path / "lightning.ckpt"), tmp_path=tmp_path)
-    assert int(ours._average_model.n_averaged) == 7
+    assert ours.n_averaged == 7
 
 
 @pytest.mark.parametrize(("decay", "error", "match"), [
@@ -190,8 +262,8 @@ def _all(module: nn.Module) -> list[torch.Tensor]:
     return [t.detach().clone() for t in [*module.parameters(), *module.buffers()]]
 
 
-@pytest.mark.parametrize("make", [lambda: EMAWeightAveraging(decay=0.5), lambda: LightningEMA(decay=0.5)],
-                         ids=["ours", "lightning"])
+@pytest.mark.parametrize("make", [lambda: EMAWeightAveraging(decay=0.5), lambda: ShardEMA(decay=0.5),
+                                  lambda: LightningEMA(decay=0.5)], ids=["ours", "ours_shards", "lightning"])
 def test_averaged_weights_swaps_the_average_in_and_back(make):
     ema, probe = make(), _Evaluate()
     torch.manual_seed(0)
@@ -231,14 +303,44 @@ def test_averaged_weights_refuses_a_module_that_changed():
             pass
 
 
-def test_ema_refuses_a_sharded_strategy_with_a_clear_error() -> None:
-    """FSDP shards the parameters the EMA would pair with its full copy by position: stop at setup, say why."""
+@pytest.mark.parametrize(("strategy", "kwargs", "match"), [
+    ("ModelParallelStrategy", {}, r"cannot average the weights under ModelParallelStrategy.*FSDPStrategy.*ema: null"),
+    ("FSDPStrategy", {"state_dict_type": "sharded"}, r"needs FSDPStrategy\(state_dict_type='full'\), got 'sharded'"),
+    ("FSDPStrategy", {"device": "cpu"}, r"device=device\(type='cpu'\)\) under FSDP.*Leave device unset"),
+])
+def test_ema_refuses_what_it_cannot_average_with_a_clear_error(strategy, kwargs, match) -> None:
+    """Stop at setup, before any step, and say what to change."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch import strategies
+
+    strategy_kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+    trainer = SimpleNamespace(strategy=getattr(strategies, strategy)(**strategy_kwargs))
+    ema = EMAWeightAveraging(decay=0.9, **({"device": kwargs["device"]} if "device" in kwargs else {}))
+    with pytest.raises(ValueError, match=match):
+        ema.setup(trainer, torch.nn.Linear(2, 2), "fit")
+
+
+def test_ema_under_fsdp_averages_shards_and_keeps_no_full_copy() -> None:
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lightning_speed.callbacks import EMAWeightAveraging
+    ema = EMAWeightAveraging(decay=0.9)
+    ema.setup(SimpleNamespace(strategy=FSDPStrategy()), torch.nn.Linear(2, 2), "fit")
+    assert ema._average_model is None and isinstance(ema._shards, ShardAverage) and ema.holds_average
 
-    trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match=r"cannot average the weights under FSDPStrategy.*DDP.*ema: null"):
-        EMAWeightAveraging(decay=0.9).setup(trainer, torch.nn.Linear(2, 2), "fit")
+
+def test_shard_swap_refuses_a_module_that_changed():
+    from lightning_speed.callbacks.ema import averaged_weights
+
+    class Trainer:
+        callbacks = [ShardEMA(decay=0.5)]
+
+    model = Regressor()
+    Trainer.callbacks[0]._shards = ShardAverage(0.5)
+    Trainer.callbacks[0].update(model)
+    model.extra = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match=r"EMA holds \d+ parameters\+buffers but the module has \d+.*use_ema=False"):
+        with averaged_weights(Trainer(), model):
+            pass

@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
@@ -77,6 +78,10 @@ def _renamed(old: str, new: str) -> property:
     return property(fail, fail)
 
 
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+"""Strategies that shard the parameters across ranks."""
+
+
 class SolverSettings:
     """How FIDCallback and SampleGridCallback generate images: the checked settings and the one call.
 
@@ -107,6 +112,19 @@ class SolverSettings:
             raise ValueError(f"{owner}(solver_steps={solver_steps}): solver_steps must be positive.")
         self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
         self.use_ema, self.sample_kwargs = use_ema, dict(sample_kwargs or {})
+
+    def _check_strategy(self, trainer: "pl.Trainer") -> None:
+        """Sampling calls the backbone on its own, outside the strategy's wrapper: FSDP's shards cannot run that way."""
+        strategy = trainer.strategy
+        if isinstance(strategy, SHARDED_STRATEGIES):
+            name = type(self).__name__
+            raise ValueError(
+                f"{name} cannot sample under {type(strategy).__name__}: it calls the backbone directly, and each rank "
+                f"holds only a shard of its parameters. Set this callback's key to null under a sharded strategy "
+                "(configs/multi_gpu/fsdp_dit_xl.yaml does), and evaluate a checkpoint on one GPU instead (its "
+                "state_dict holds the EMA weights): `lightning-speed validate --config <the same configs without the "
+                "FSDP file> --ckpt_path <run>/checkpoints/last.ckpt --fid.init_args.on_validation true`."
+            )
 
     def _generate(self, pl_module: "pl.LightningModule", count: int, *, batch_size: int, seed: int) -> Iterator[Tensor]:
         """``count`` images, ``batch_size`` at a time, from ``pl_module.sample`` with these settings.
@@ -272,6 +290,7 @@ class FIDCallback(SolverSettings, pl.Callback):
         """
         if stage not in ("fit", "validate") or self._fid is not None:
             return
+        self._check_strategy(trainer)
         start = time.perf_counter()
         device = trainer.strategy.root_device
         ref_key, load_images = self._reference_source(trainer)

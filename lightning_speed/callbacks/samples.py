@@ -76,6 +76,10 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         self.saved_paths: list[Path] = []
         self._last_step = -1
 
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            self._check_strategy(trainer)
+
     def make_grid(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
         """Sample with the fixed seed (EMA weights if present) and return the grid as uint8 (3, H, W) on the CPU."""
         with averaged_weights(trainer, pl_module, enabled=self.use_ema):
