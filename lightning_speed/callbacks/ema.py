@@ -12,8 +12,9 @@ Under FSDP each rank holds only a shard of every parameter, so a full copy of th
 paired with its parameters. The average is elementwise, so there each rank averages the shard it
 holds (``ShardAverage``): no communication per update and 1/N of the memory of a full copy. The full
 average is gathered only where it is needed whole, through the strategy's own state-dict gathering:
-checkpoints hold it in ``state_dict`` exactly as Lightning's layout does, so a checkpoint written under
-FSDP resumes under DDP or on one GPU and the other way round.
+checkpoints hold it in ``state_dict`` exactly as Lightning's layout does, so the average and the training
+weights of a checkpoint written under FSDP load on one GPU too, and an EMA state written either way resumes in
+the other (tested on one CPU process in tests/test_ema.py).
 
 Checkpoints written after training ends keep the training weights. Lightning copies the average
 into the module when training ends; a checkpoint written after that (``ModelCheckpoint(save_last=True)``
