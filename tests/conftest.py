@@ -7,6 +7,7 @@ Plain helper functions that tests import by name (fake data sets, float64 tolera
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def _no_distributed_env_leaks() -> object:
             os.environ[key] = value
 
 
+REPO = Path(__file__).resolve().parents[1]
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -62,3 +64,16 @@ def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(features_module, "_download", offline)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of tests/ddp_script.py: one real 2-process DDP launch on CPU (gloo) whose parts the tests of
+    test_fid_callback.py (``fid/``), test_ddp_callbacks.py (``callbacks/``) and test_distributed.py (``sigterm/``)
+    check; one launch, because every process start-up imports torch and Lightning."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(out)}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_script.py"), str(out)],
+                          cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out

@@ -1,10 +1,11 @@
-"""Run by tests/test_ddp_callbacks.py: a 2-process DDP fit on CPU (gloo) of DiffusionModule with
-loss-aware sampling, SpeeD's change-aware weights, our EMA, the time-step monitor and FID.
+"""A 2-process DDP fit on CPU (gloo) of DiffusionModule with loss-aware sampling, SpeeD's change-aware
+weights, our EMA, the time-step monitor and FID, for tests/test_ddp_callbacks.py.
 
     python tests/ddp_callbacks_script.py OUT_DIR
 
 Lightning's DDP launcher starts this script again for rank 1. Each rank saves what the test compares
-across ranks to ``OUT_DIR/rank<r>.pt``; rank 0's CSV logger writes ``OUT_DIR/logs``.
+across ranks to ``OUT_DIR/rank<r>.pt``; rank 0's CSV logger writes ``OUT_DIR/logs``. The test suite runs
+``main`` from tests/ddp_script.py, in the same two processes as ddp_fid_script.py's fit.
 """
 
 from __future__ import annotations

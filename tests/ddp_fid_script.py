@@ -1,9 +1,10 @@
-"""Run by tests/test_fid_callback.py: FIDCallback under a real 2-process DDP fit on CPU (gloo).
+"""FIDCallback under a real 2-process DDP fit on CPU (gloo), for tests/test_fid_callback.py.
 
     python tests/ddp_fid_script.py OUT_DIR CACHE_DIR
 
 Lightning's DDP launcher starts this script again for rank 1. Each rank saves the images it generated
-and the FID history it recorded to ``OUT_DIR/rank<r>.pt``.
+and the FID history it recorded to ``OUT_DIR/rank<r>.pt``. The test suite runs ``main`` from
+tests/ddp_script.py, in the same two processes as ddp_callbacks_script.py's fit.
 """
 
 from __future__ import annotations

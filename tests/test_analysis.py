@@ -5,8 +5,9 @@ The schedule facts it plots (pivot, tau, areas) are tested in test_schedules.py.
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,16 +59,22 @@ def test_cli_prints_the_areas(capsys):
     assert "convergence   t in [700, 1000)" in out
 
 
-def test_cli_module_writes_a_png(tmp_path):
+def test_cli_module_writes_a_png(tmp_path, monkeypatch, capsys):
+    """``python -m lightning_speed.analysis ... --out``, its ``__main__`` run in this process (runpy): a new process
+    would spend seconds importing torch again."""
     pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
     out = tmp_path / "analysis.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_speed.analysis", "--schedule", "linear", "--num-timesteps", "1000", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**_env(), "MPLBACKEND": "Agg"},
-    )
-    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["python -m lightning_speed.analysis", "--schedule", "linear",
+                                      "--num-timesteps", "1000", "--out", str(out)])
+    with warnings.catch_warnings():  # runpy notes that this test file imported the module already
+        warnings.filterwarnings("ignore", "'lightning_speed.analysis' found in sys.modules", RuntimeWarning)
+        runpy.run_module("lightning_speed.analysis", run_name="__main__", alter_sys=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "tau=642" in result.stdout
+    assert "tau=642" in capsys.readouterr().out
 
 
 def test_plot_analysis_has_a_row_per_schedule():
@@ -82,11 +89,3 @@ def test_plot_analysis_has_a_row_per_schedule():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env

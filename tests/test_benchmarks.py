@@ -4,7 +4,9 @@ reports regenerated from their raw results.
 The benchmarks run as a user runs them (``python -m benchmarks.x`` from the repository root), in
 ``--smoke`` mode, writing only under temporary folders: never into benchmarks/results/. Each script's
 smoke run happens once per session (a module-scoped fixture) and several tests check its output:
-every process imports torch and Lightning, seconds each on the two-core CI machine.
+every process imports torch and Lightning, seconds each on the two-core CI machine. A script whose
+entry point already runs as a process elsewhere (in another test here, or as the processes the command
+itself starts) is called through its main() in this process (``run_main``).
 """
 
 from __future__ import annotations
@@ -70,6 +72,30 @@ def run_script(module: str, args: list[str], home: Path, timeout: float = 240) -
     assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert results_fingerprint() == before, f"{args} changed files under {RESULTS}"
     return proc
+
+
+def run_main(module: str, args: list[str], home: Path) -> None:
+    """``python -m benchmarks.<module> ...`` through the script's main() in this process, with no torch start-up of
+    its own. HOME (the FID statistics cache) and MPLBACKEND are set as bench sets them; the environment, the working
+    directory, sys.argv, torch's random state and thread count are restored afterwards. Like run_script, it checks
+    that every committed file under benchmarks/results/ was left as it was."""
+    import importlib
+
+    import torch
+
+    script = importlib.import_module(f"benchmarks.{module}" + (".__main__" if module == "convergence" else ""))
+    before, threads, environ = results_fingerprint(), torch.get_num_threads(), dict(os.environ)
+    with pytest.MonkeyPatch.context() as patch, torch.random.fork_rng():
+        patch.chdir(REPO)
+        patch.setattr(sys, "argv", [f"python -m benchmarks.{module}", *args])
+        os.environ.update(HOME=str(home), MPLBACKEND="Agg")
+        try:
+            script.main()
+        finally:
+            torch.set_num_threads(threads)
+            os.environ.clear()
+            os.environ.update(environ)
+    assert results_fingerprint() == before, f"{args} changed files under {RESULTS}"
 
 
 # ------------------------------------------------------------------------------ throughput.py
@@ -209,9 +235,10 @@ def test_fid_speed_smoke_times_each_count(tmp_path: Path, home: Path) -> None:
 
 @needs_fashion_mnist
 def test_fid_speed_smoke_times_the_dit_recipes_iddpm_sampling(tmp_path: Path, home: Path) -> None:
+    """In this process: the test above runs the script as a process."""
     out = tmp_path / "fid_dit.json"
-    run_script("fid_speed", ["--smoke", "--model", "dit", "--solver", "ddpm", "--variants", "eager", "--counts", "8",
-                "--steps", "3", "--batch-size", "8", "--out", str(out)], home)
+    run_main("fid_speed", ["--smoke", "--model", "dit", "--solver", "ddpm", "--variants", "eager", "--counts", "8",
+                           "--steps", "3", "--batch-size", "8", "--out", str(out)], home)
     result = json.loads(out.read_text())["eager"]
     assert (result["model"], result["solver"]) == ("dit", "ddpm-3") and result["seconds"]["8"] > 0
 
@@ -231,8 +258,9 @@ def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_pat
     assert result["matmul_floor_ms_per_forward"] == pytest.approx(sum(v["ms"] for v in block.values()))
     assert result["fid_seconds"]["matmul_floor"] == pytest.approx(result["matmul_floor_ms_per_forward"] * calls / 1e3)
     assert result["fid_seconds"]["eager"] == pytest.approx(result["forward_ms"]["eager"]["ms"] * calls / 1e3)
-    bad = bench("dit_roofline", ["--smoke", "--batch-size", "0", "--out", str(tmp_path / "bad.json")], home)
-    assert bad.returncode != 0 and "--batch-size, --samples, --solver-steps, --iters and --repeats must be at least 1" in bad.stderr
+    # The refusal comes before any work: in this process, not another torch start-up.
+    with pytest.raises(SystemExit, match="--batch-size, --samples, --solver-steps, --iters and --repeats must be at least 1"):
+        run_main("dit_roofline", ["--smoke", "--batch-size", "0", "--out", str(tmp_path / "bad.json")], home)
     assert not (tmp_path / "bad.json").exists()
 
 
@@ -473,13 +501,14 @@ def test_part_timer_ignores_the_time_spent_before() -> None:
 
 @needs_fashion_mnist
 def test_convergence_run_resumes_after_its_time_limit(tmp_path: Path, home: Path) -> None:
-    """A part stopped by its time limit resumes and trains in the next part (not one step and stop)."""
+    """A part stopped by its time limit resumes and trains in the next part (not one step and stop). Both parts run
+    in this process: the launches of the convergence fixture start the run command as processes."""
     out = tmp_path / "conv"
     part = ["run", "--smoke", "--strategy", "uniform", "--seed", "0", "--steps", "100000",
             "--eval-every", "100000", "--fid-samples", "16", "--time-limit", "2", "--out", str(out)]  # fmt: skip
-    run_script("convergence", part, home)
+    run_main("convergence", part, home)
     first = json.loads((out / "uniform_s0" / "result.json").read_text())["steps_done"]
-    run_script("convergence", part, home)
+    run_main("convergence", part, home)
     result = json.loads((out / "uniform_s0" / "result.json").read_text())
     assert 0 < first < 100000
     assert result["steps_done"] > first + 1  # Lightning's restored Timer would allow exactly one step
@@ -566,16 +595,19 @@ def test_report_includes_another_folders_baseline(tmp_path: Path, home: Path) ->
 
 # ------------------------------------------------------------------------------ ddp_scaling.py
 @needs_fashion_mnist
-def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: Path) -> None:
+def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: Path,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
     """DiT on 1 and 2 CPU processes (gloo), a DDP-settings variant, repeated windows and a profile. (The UNet
     row differs only in the backbone, which test_throughput_smoke builds the same way; one model keeps the
-    suite within its time.)"""
+    suite within its time.) The orchestration runs in this process: each measurement is a
+    ``python -m benchmarks.ddp_scaling`` process of its own, and the orchestrator only starts them."""
     from benchmarks.ddp_scaling import merge, parse_variant, spec_of
 
     out = tmp_path / "ddp.json"
-    proc = run_script("ddp_scaling", ["--smoke", "--models", "dit", "--devices", "1", "2", "--variants",
-                                      "default:static:view:bucket=5:hook=bf16", "--profile", "--profile-steps", "2",
-                                      "--out", str(out)], home)
+    run_main("ddp_scaling", ["--smoke", "--models", "dit", "--devices", "1", "2", "--variants",
+                             "default:static:view:bucket=5:hook=bf16", "--profile", "--profile-steps", "2",
+                             "--out", str(out)], home)
+    proc = Namespace(stdout=capfd.readouterr().out)  # what the command prints, its measurement processes' included
     result = json.loads(out.read_text())
     runs = result["runs"]
     assert [(r["model"], r["devices"]) for r in runs] == [("dit", 1), ("dit", 2)]

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 
+def test_callbacks_keep_ranks_in_step_under_ddp(ddp_run: Path) -> None:
+    """ddp_callbacks_script.py's fit, run by the ddp_run fixture (conftest.py)."""
+    from ddp_callbacks_script import BATCH, HISTORY, STEPS, T  # pytest puts tests/ on sys.path
 
-def test_callbacks_keep_ranks_in_step_under_ddp(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "tests"))
-    from ddp_callbacks_script import BATCH, HISTORY, STEPS, T
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_callbacks_script.py"), str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    out = ddp_run / "callbacks"
+    r0, r1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert (r0["world_size"], r1["world_size"]) == (2, 2)
     # each rank draws its own t (own generator) ...
     assert r0["drawn"].shape == (STEPS * BATCH,) and not torch.equal(r0["drawn"], r1["drawn"])
@@ -36,7 +28,7 @@ def test_callbacks_keep_ranks_in_step_under_ddp(tmp_path: Path) -> None:
     # FID of both ranks' samples, one value, the same on both ranks
     assert r0["fid"] == r1["fid"] and [s for s, _ in r0["fid"]] == [STEPS] and math.isfinite(r0["fid"][0][1])
     # logged once: one metrics file (rank 0's), one row per logged step for the FID
-    files = list((tmp_path / "logs").rglob("metrics.csv"))
+    files = list((out / "logs").rglob("metrics.csv"))
     assert len(files) == 1
     rows = list(csv.DictReader(files[0].open()))
     assert [row["step"] for row in rows if row.get("fid")] == [str(STEPS)]

@@ -261,19 +261,11 @@ class ReplayGenerator(TinyGenerator):
         return out
 
 
-def test_fid_under_ddp_splits_samples_and_syncs_the_metric(tmp_path) -> None:
-    """A real 2-process DDP fit (CPU, gloo): each rank generates half the samples with its own noise,
-    both ranks get the same FID, and it equals the FID of all those samples in a single process."""
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    out, cache = tmp_path / "ddp", tmp_path / "cache"
-    out.mkdir()
-    env = {**__import__("os").environ, "PYTHONPATH": str(repo), "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(repo / "tests" / "ddp_fid_script.py"), str(out), str(cache)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def test_fid_under_ddp_splits_samples_and_syncs_the_metric(tmp_path, ddp_run) -> None:
+    """A real 2-process DDP fit (CPU, gloo; ddp_fid_script.py, run by the ddp_run fixture of conftest.py): each
+    rank generates half the samples with its own noise, both ranks get the same FID, and it equals the FID of all
+    those samples in a single process."""
+    out, cache = ddp_run / "fid", ddp_run / "fid" / "cache"
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [len(r["images"]) for r in ranks] == [16, 16]  # 32 samples split over 2 ranks
@@ -353,3 +345,16 @@ def test_evaluation_shows_a_progress_bar(tmp_path, capsys) -> None:
     import re
 
     assert re.search(r"fid: DDIM-3: +\d+%.* \d+/32 \[\d\d:\d\d<\d\d:\d\d", err), err  # done/total [elapsed<left]
+
+
+@pytest.mark.parametrize("make", [lambda: FIDCallback(feature_extractor="fashion_mnist"), SampleGridCallback],
+                         ids=["fid", "samples"])
+def test_sampling_callbacks_refuse_a_sharded_strategy_before_any_work(make) -> None:
+    """Sampling calls the backbone outside FSDP's wrapper, where each rank holds shards: stop at setup, say what to do."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match=r"cannot sample under FSDPStrategy.*null.*--ckpt_path"):
+        make().setup(trainer, nn.Linear(2, 2), "fit")

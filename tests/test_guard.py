@@ -1,15 +1,13 @@
 """DivergenceGuard: a non-finite loss, gradient or weight stops the run and never reaches a checkpoint.
 
 In-process runs use a tiny linear module that can be made to diverge at a chosen step; the
-CLI test trains the quickstart with a learning rate of 1e9 in a real ``lightning-speed`` process.
+CLI test trains the quickstart with a learning rate of 1e9 through the ``lightning-speed`` entry point.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_speed.callbacks import DivergenceError, DivergenceGuard
+from lightning_speed.cli import console
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -155,23 +154,27 @@ class SnapshotCheckpoints(Callback):
             shutil.copytree(self.src, self.dst)
 
 
-def test_lr_1e9_through_the_cli_exits_1_naming_step_timesteps_and_checkpoint(tmp_path: Path) -> None:
+def test_lr_1e9_through_the_cli_exits_1_naming_step_timesteps_and_checkpoint(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The ``lightning-speed`` entry point in this process (no second torch start-up); capfd reads file descriptor 2,
+    all that a terminal would show."""
+    tmp_path = cli_env
     run_dir = tmp_path / "runs" / "quickstart" / "version_0"
     ckpt_dir, snapshot = run_dir / "checkpoints", tmp_path / "before_step_2"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "lightning_speed", "fit", "--config", str(QUICKSTART),
-            "--model.optimizer.init_args.lr", "1e9", "--trainer.max_steps", "6",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
-            "--fid", "null", "--samples", "null", "--checkpoint.init_args.every_n_train_steps", "1",
-            "--trainer.callbacks+=test_guard.SnapshotCheckpoints",
-            "--trainer.callbacks.src", str(ckpt_dir), "--trainer.callbacks.dst", str(snapshot),
-        ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    error = proc.stderr[proc.stderr.index("error: Training diverged"):]
+    monkeypatch.setattr(sys, "argv", [
+        "lightning-speed", "fit", "--config", str(QUICKSTART),
+        "--model.optimizer.init_args.lr", "1e9", "--trainer.max_steps", "6",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+        "--fid", "null", "--samples", "null", "--checkpoint.init_args.every_n_train_steps", "1",
+        "--trainer.callbacks+=test_guard.SnapshotCheckpoints",
+        "--trainer.callbacks.src", str(ckpt_dir), "--trainer.callbacks.dst", str(snapshot),
+    ])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        console()
+    stderr = capfd.readouterr().err
+    assert exit_info.value.code == 1, stderr[-3000:]
+    error = stderr[stderr.index("error: Training diverged"):]
     assert "non-finite at step 2" in error or "the loss became nan at step 2" in error
     assert "Time steps of that batch (32): [" in error
     assert str(ckpt_dir) in error and "(step 1)" in error  # the last good checkpoint

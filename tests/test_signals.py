@@ -94,15 +94,24 @@ def test_sigterm_saves_checkpoint_exits_143_and_resume_draws_the_same_timesteps(
     assert f"--ckpt_path {checkpoint}" in stderr  # how to resume
     assert "Exit status 143" in stderr
 
-    # Resume for three more steps; an uninterrupted run of the same length draws the same time steps.
+    # Resume for three more steps; an uninterrupted run of the same length draws the same time steps. The two runs
+    # are independent processes (one thread each, their own run folders), so they run side by side.
     total = stopped_at + 3
     resumed, straight = tmp_path / "resumed.jsonl", tmp_path / "straight.jsonl"
-    for record, extra in ((resumed, ["--ckpt_path", str(checkpoint)]), (straight, [])):
-        done = subprocess.run(
-            cli_command(tmp_path, record, total, 0.0, *extra), cwd=tmp_path, env=run_env(),
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+    runs = [(resumed, ["--ckpt_path", str(checkpoint)]), (straight, ["--trainer.logger.init_args.name", "straight"])]
+    procs = [
+        subprocess.Popen(cli_command(tmp_path, record, total, 0.0, *extra), cwd=tmp_path, env=run_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for record, extra in runs
+    ]  # fmt: skip
+    try:
+        for done in procs:
+            _, stderr = done.communicate(timeout=300)
+            assert done.returncode == 0, stderr[-3000:]
+    finally:
+        for done in procs:
+            if done.poll() is None:
+                done.kill()
     after, reference = read_records(resumed), read_records(straight)
     assert sorted(after) == list(range(stopped_at + 1, total + 1))
     assert {s: after[s] for s in after} == {s: reference[s] for s in after}
