@@ -21,11 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
+def import_path(path: str) -> Any:
+    """The object a dotted path names (``package.module.Name``), as a YAML config names classes and functions."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def instantiate(spec: Any) -> Any:
     """Build ``{"class_path": ..., "init_args": {...}}`` (nested) the way the CLI would."""
     if isinstance(spec, dict) and "class_path" in spec:
-        module, _, name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
+        cls = import_path(spec["class_path"])
         kwargs = {k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
         return cls(**kwargs)
     if isinstance(spec, list):

@@ -50,7 +50,6 @@ split into compute and NCCL (and how much NCCL time overlaps compute), and the G
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import logging
@@ -71,7 +70,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch._dynamo.utils import counters
 from typing_extensions import override
 
-from benchmarks.common import REPO, RESULTS, device_name, load_config, today, update_summary, write_json
+from benchmarks.common import REPO, RESULTS, device_name, import_path, load_config, today, update_summary, write_json
 from benchmarks.dit_throughput import SMOKE_DIT, EndlessLatents
 from benchmarks.profiling import TrainerProfile
 from benchmarks.throughput import seeded_backbone
@@ -265,8 +264,7 @@ def measure(run: dict[str, Any]) -> None:
     strategy_class = SyncFreeDDPStrategy if set(SYNC_FREE_OPTIONS) & run["ddp"].keys() else DDPStrategy
     ddp = {**run["ddp"]}
     if ddp.get("ddp_comm_hook"):  # a dotted path (JSON, YAML) -> the function
-        module_name, _, name = ddp["ddp_comm_hook"].rpartition(".")
-        ddp["ddp_comm_hook"] = getattr(importlib.import_module(module_name), name)
+        ddp["ddp_comm_hook"] = import_path(ddp["ddp_comm_hook"])
     strategy: Any = strategy_class(**ddp) if devices > 1 else "auto"
     if run.get("fsdp") and devices > 1:
         strategy = fsdp_strategy(run["fsdp"])
@@ -305,8 +303,7 @@ def fsdp_strategy(settings: dict[str, Any]) -> Any:
     settings = dict(settings)
     for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
         if settings.get(key) is not None:
-            settings[key] = {getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
-                             for path in settings[key]}
+            settings[key] = {import_path(path) for path in settings[key]}
     return FSDPStrategy(**settings)
 
 

@@ -46,8 +46,8 @@ from typing_extensions import override
 from lightning_speed.validation import check_number
 
 
-UNSUPPORTED_SHARDED_STRATEGIES = (DeepSpeedStrategy, ModelParallelStrategy)
-"""Sharded strategies whose shards the EMA does not average (FSDP's it does)."""
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+"""Strategies that shard the parameters across ranks (the EMA averages FSDP's shards, not the others')."""
 
 
 class ShardAverage:
@@ -149,7 +149,7 @@ class EMAWeightAveraging(_LightningEMA):
         if stage != "fit":
             return super().setup(trainer, pl_module, stage)
         strategy = trainer.strategy
-        if isinstance(strategy, UNSUPPORTED_SHARDED_STRATEGIES):
+        if isinstance(strategy, SHARDED_STRATEGIES) and not self.averages_shards(strategy):
             raise ValueError(
                 f"EMAWeightAveraging cannot average the weights under {type(strategy).__name__}: it averages either a "
                 "full copy of the module or, under FSDPStrategy, each rank's shard. Train with FSDP "

@@ -30,7 +30,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
@@ -47,7 +46,7 @@ from lightning_speed.metrics.reference import (
     load_or_compute_reference_stats,
     load_reference_stats,
 )
-from lightning_speed.callbacks.ema import averaged_weights, ema_swapped_in_during_validation
+from lightning_speed.callbacks.ema import SHARDED_STRATEGIES, averaged_weights, ema_swapped_in_during_validation
 from lightning_speed.metrics.sampling import generate_batches, local_share
 from lightning_speed.solvers import SOLVERS, Solver
 
@@ -76,10 +75,6 @@ def _renamed(old: str, new: str) -> property:
         )
 
     return property(fail, fail)
-
-
-SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-"""Strategies that shard the parameters across ranks."""
 
 
 class SolverSettings:
