@@ -3,7 +3,13 @@
 An IDDPM-250 FID-10k calls the backbone 250 times on each of ceil(10,000 / batch) batches. This script times, in
 bf16 on the GPU at that batch, (1) each matrix product of one transformer block (qkv, attention output, the two MLP
 layers, each ``F.linear`` with its bias) and the attention itself (``F.scaled_dot_product_attention``), and (2) the
-whole backbone forward, eager and compiled as ``DiffusionModule(compile_sampling=MODE)`` compiles it. The sum of (1)
+whole backbone forward, eager and compiled as ``DiffusionModule(compile_sampling=MODE)`` compiles it, in each of
+``--precisions``: ``autocast`` (fp32 weights under bf16 autocast, as sampling runs today: LayerNorm and the residual
+stream in fp32), ``bf16`` (weights and activations in bf16 end to end) and ``fp8`` (``bf16`` with the blocks' four
+linear layers as e4m3 products, weights scaled per output row and activations per token, ``torch._scaled_mm``;
+Hopper and later). Each precision's output is compared with the fp32 forward of the same weights (``rel_error``: RMS
+of the difference over RMS of the fp32 output; the weights are re-drawn so the adaLN-Zero start is not all zeros). The
+sum of (1)
 over the blocks is the forward's floor with today's kernels, whatever the fusion of the elementwise work between
 them (LayerNorm, adaLN shift/scale, GELU, gates, residuals); seconds per FID = forward time x calls. Each time is
 the median of --repeats timings of --iters calls, the GPU synchronised at both ends; the min and max are kept.
@@ -17,6 +23,8 @@ summary.json: ``fid_roofline_dit`` (seconds per IDDPM-250 FID-10k: matmul floor,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import math
 import statistics
 import sys
@@ -31,9 +39,65 @@ from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops,
 from benchmarks.windows import sync
 from lightning_speed.backbones import DiT
 from lightning_speed.backbones.dit import dit_size
+from lightning_speed.backbones.embeddings import sinusoidal_embedding
 from lightning_speed.module import CompileMode
 
 SMOKE = {"depth": 1, "hidden_size": 32, "num_heads": 2}
+PRECISIONS = ("autocast", "bf16", "fp8")
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class Fp8Linear(torch.nn.Module):
+    """``nn.Linear`` for inference as an e4m3 product: weights quantised once per output row, the input per row (token)
+    at each call, ``torch._scaled_mm`` accumulating in fp32 and writing bf16 (Hopper and later GPUs)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = E4M3_MAX / weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+        # _scaled_mm wants its second operand column-major: the (out, in) row-major weight, transposed.
+        self.register_buffer("weight", (weight * scale).to(torch.float8_e4m3fn).t())
+        self.register_buffer("weight_scale", scale.reciprocal().reshape(1, -1))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        amax = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+        scale = E4M3_MAX / amax
+        q = (rows.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(q, self.weight, scale_a=scale.reciprocal(), scale_b=self.weight_scale, bias=self.bias,
+                               out_dtype=torch.bfloat16)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def low_precision_forward(dit: DiT, fp8: bool) -> Callable[..., torch.Tensor]:
+    """A bf16 copy of ``dit`` (``fp8``: its blocks' linear layers as ``Fp8Linear``) and its forward, without autocast:
+    images and time steps in, fp32 prediction out."""
+    net = copy.deepcopy(dit).to(torch.bfloat16)
+    if fp8:
+        for block in net.blocks:
+            block.attn.qkv, block.attn.proj = Fp8Linear(block.attn.qkv), Fp8Linear(block.attn.proj)
+            block.mlp[0], block.mlp[2] = Fp8Linear(block.mlp[0]), Fp8Linear(block.mlp[2])
+    embed = net.time_embed
+
+    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = net.patch_embed(x.to(torch.bfloat16)).flatten(2).transpose(1, 2) + net.pos_embed
+        frequencies = sinusoidal_embedding(t.float() * embed.time_scale, embed.frequency_dim)
+        c = embed.mlp(frequencies.to(torch.bfloat16))
+        for block in net.blocks:
+            h = block(h, c)
+        return net.unpatchify(net.final(h, c)).float()
+
+    return forward
+
+
+def redraw_weights(dit: DiT, seed: int = 0) -> None:
+    """Non-zero weights everywhere (the adaLN-Zero start predicts exactly zero, which no precision can get wrong)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in dit.parameters():
+            fan_in = param.shape[-1] if param.dim() > 1 else 1
+            param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
 
 
 def timed(fn: Callable[[], Any], device: torch.device, iters: int, repeats: int) -> dict[str, float]:
@@ -58,6 +122,8 @@ def main() -> None:
     p.add_argument("--solver-steps", type=int, default=250, help="backbone calls per image")
     p.add_argument("--compile-modes", nargs="*", default=["default", "max-autotune-no-cudagraphs"],
                    choices=get_args(CompileMode), help="torch.compile modes of the forward, besides eager")
+    p.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=PRECISIONS,
+                   help="forward precisions (module docstring); autocast is also timed eager")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS / "dit_roofline.json"))
@@ -104,31 +170,51 @@ def main() -> None:
     result["fid_seconds"]["matmul_floor"] = result["matmul_floor_ms_per_forward"] * calls / 1e3
     write_json(Path(args.out), result)  # after each stage: a call cut short keeps what it measured
 
-    # (2) the backbone forward, as the sampler calls it
+    # (2) the backbone forward, as the sampler calls it, in each precision
     torch.manual_seed(0)
     dit = DiT(preset=args.preset, in_channels=channels, image_size=image, learn_sigma=True,
               **({"depth": depth, "hidden_size": dim, "num_heads": heads} if args.smoke else {}))
+    redraw_weights(dit)
     dit = dit.to(device).eval()
     xt = torch.randn(args.batch_size, channels, image, image, device=device)
     steps = torch.randint(0, 1000, (args.batch_size,), device=device)
-    for mode in ["eager", *([] if args.smoke else args.compile_modes)]:
-        net = dit if mode == "eager" else torch.compile(dit.forward, dynamic=False, mode=mode)
+    with torch.no_grad():
+        reference = torch.cat([dit(xt[i:i + 250].float(), steps[i:i + 250]) for i in range(0, args.batch_size, 250)])
+    result["rel_error"] = {}
+    modes = [] if args.smoke else args.compile_modes
+    for precision in args.precisions:
+        if precision == "fp8" and cuda and torch.cuda.get_device_capability(device) < (8, 9):
+            print("fp8: skipped (needs a GPU of compute capability 8.9 or later)", flush=True)
+            continue
+        if precision == "autocast":
+            base = dit.forward
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+        else:
+            base = low_precision_forward(dit, fp8=precision == "fp8")
+            autocast = contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            out = base(xt, steps).float()
+        result["rel_error"][precision] = float((out - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
+        del out
+        for mode in (["eager"] if precision == "autocast" else []) + modes:
+            name = mode if precision == "autocast" else f"{precision}-{mode}"
+            net = base if mode == "eager" else torch.compile(base, dynamic=False, mode=mode)
 
-        def call(net: Callable[..., Any] = net) -> None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                net(xt, steps)
+            def call(net: Callable[..., Any] = net, autocast: Any = autocast) -> None:
+                with torch.no_grad(), autocast:
+                    net(xt, steps)
 
-        result["forward_ms"][mode] = timed(call, **timing)
-        result["fid_seconds"][mode] = result["forward_ms"][mode]["ms"] * calls / 1e3
-        print(f"forward {mode}: {result['forward_ms'][mode]['ms']:.2f} ms, {result['fid_seconds'][mode]:.1f} s per FID",
-              flush=True)
-        write_json(Path(args.out), result)
-        torch._dynamo.reset()
+            result["forward_ms"][name] = timed(call, **timing)
+            result["fid_seconds"][name] = result["forward_ms"][name]["ms"] * calls / 1e3
+            print(f"forward {name}: {result['forward_ms'][name]['ms']:.2f} ms, {result['fid_seconds'][name]:.1f} s per "
+                  f"FID; rel. error vs fp32 {result['rel_error'][precision]:.2e}", flush=True)
+            write_json(Path(args.out), result)
+            torch._dynamo.reset()
     result["complete"] = True
     write_json(Path(args.out), result)
     if cuda:
         update_summary(RESULTS / "summary.json", {"fid_roofline_dit": {
-            k: result[k] for k in ("card", "date", "command", "preset", "batch_size", "fid_seconds",
+            k: result[k] for k in ("card", "date", "command", "preset", "batch_size", "fid_seconds", "rel_error",
                                    "matmul_floor_ms_per_forward", "measured_bf16_matmul_tflops")}})
     print({k: round(v, 1) for k, v in result["fid_seconds"].items()}, "seconds per FID", flush=True)
 

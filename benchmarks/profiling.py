@@ -85,6 +85,46 @@ def trace_closure(step: Callable[[], None], device: torch.device, steps: int) ->
     return prof, wall
 
 
+def host_probe_closure(step: Callable[[], None], device: torch.device, steps: int) -> dict[str, float]:
+    """Host time per call of a (warm) step closure: ``steps`` calls started on an idle device and timed without
+    waiting for it, then the wait. ``host_ms_per_step`` below the GPU's time per step means the host runs ahead and
+    its own cost is hidden; at or above it, the host is the limit. ``steps`` must be few enough that the launch
+    queue never fills (its waits would count as host time)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    launched = time.perf_counter()
+    sync(device)
+    return {"steps": steps, "host_ms_per_step": (launched - start) * 1e3 / steps,
+            "wall_ms_per_step": (time.perf_counter() - start) * 1e3 / steps}
+
+
+class HostProbe(pl.Callback):
+    """``host_probe_closure`` for the training steps ``start`` .. ``start + steps - 1`` of a fit (rank 0), timed hook to
+    hook: the device is synchronised before step ``start`` and only after the host has begun step
+    ``start + steps``; the summary is in ``result``."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.steps = start, steps
+        self.t0: float | None = None
+        self.result: dict[str, float] | None = None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank != 0:
+            return
+        if trainer.global_step == self.start:
+            sync(pl_module.device)
+            self.t0 = time.perf_counter()
+        elif self.t0 is not None and trainer.global_step == self.start + self.steps:
+            launched = time.perf_counter()
+            sync(pl_module.device)
+            self.result = {"steps": self.steps, "host_ms_per_step": (launched - self.t0) * 1e3 / self.steps,
+                           "wall_ms_per_step": (time.perf_counter() - self.t0) * 1e3 / self.steps}
+            self.t0 = None
+
+
 def profile_closure(step: Callable[[], None], device: torch.device, steps: int, trace: str | None = None) -> dict[str, Any]:
     """``steps`` calls of a (warm) step closure, traced and summarised."""
     prof, wall = trace_closure(step, device, steps)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import time
 import warnings
@@ -60,7 +61,7 @@ from benchmarks.common import (
     update_summary,
     write_json,
 )
-from benchmarks.profiling import TrainerProfile, profile_closure
+from benchmarks.profiling import HostProbe, TrainerProfile, host_probe_closure, profile_closure
 from benchmarks.windows import Row, TrainerWindows, settled, sync, timed_window, warm, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.module import uses_cuda_graphs
@@ -70,6 +71,10 @@ from lightning_speed.schedules import NoiseSchedule
 
 # The tiny UNet of the CPU smoke runs (tests); seeded_backbone builds it for every benchmark script.
 SMOKE_BACKBONE = SMOKE_BACKBONES["UNet"]
+
+# --profile-steps: first the host time of each row, in HOST_PROBE_REPEATS bursts of HOST_PROBE_STEPS steps started on
+# an idle GPU (benchmarks.profiling.host_probe_closure), then the traced steps.
+HOST_PROBE_STEPS, HOST_PROBE_REPEATS = 10, 5
 
 # --rows names of the result rows
 ROWS = {"a0": "a0_naive_fp32", "a": "a_plain_fast", "b": "b_lightning", "c": "c_lightning_speed",
@@ -380,14 +385,22 @@ def profile_rows(batch: int, fresh: Callable[[], torch.nn.Module], data: torch.T
                       channels_last=args.channels_last)
     for _ in range(args.warmup):
         step()
+    # Host time first (no profiler), HOST_PROBE_STEPS steps at a time: few enough not to fill the launch queue.
+    probes = {"a_plain_fast": [host_probe_closure(step, device, HOST_PROBE_STEPS) for _ in range(HOST_PROBE_REPEATS)]}
     profiles = {"a_plain_fast": profile_closure(step, device, args.profile_steps)}
     del step
-    traced = TrainerProfile(args.warmup, args.profile_steps, stop=True)
-    lightning_loop(fresh(), args.root, batch, args.warmup, args.profile_steps + 1, speed=False, smoke=args.smoke,
-                   compile_mode=args.compile_mode, channels_last=args.channels_last, extra_callbacks=(traced,))
+    probe_b = [HostProbe(args.warmup + i * (HOST_PROBE_STEPS + 1), HOST_PROBE_STEPS) for i in range(HOST_PROBE_REPEATS)]
+    start = args.warmup + HOST_PROBE_REPEATS * (HOST_PROBE_STEPS + 1)
+    traced = TrainerProfile(start, args.profile_steps, stop=True)
+    lightning_loop(fresh(), args.root, batch, start, args.profile_steps + 1, speed=False, smoke=args.smoke,
+                   compile_mode=args.compile_mode, channels_last=args.channels_last,
+                   extra_callbacks=(*probe_b, traced))
     profiles["b_lightning"] = traced.result
+    probes["b_lightning"] = [p.result for p in probe_b]
     for name, summary in profiles.items():
         table = summary.pop("table")
+        summary["host_probe"] = probes[name]
+        summary["host_ms_per_step"] = statistics.median(p["host_ms_per_step"] for p in probes[name])
         print(f"--- profile of {name}, batch {batch}\n{table}\n{json.dumps(summary)}", flush=True)
     return profiles
 

@@ -159,6 +159,11 @@ def test_throughput_smoke_writes_rows_and_ratios(throughput: Namespace) -> None:
     for summary in profile.values():
         assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0 and "table" not in summary
         assert summary["gpu_idle_ms_per_step"] == pytest.approx(summary["wall_ms_per_step"] - summary["gpu_busy_ms_per_step"])
+        # the host probe: five untraced bursts of ten steps each, host time never above the wall time it is part of
+        probes = summary["host_probe"]
+        assert len(probes) == 5 and all(p["steps"] == 10 for p in probes)
+        assert all(0 < p["host_ms_per_step"] <= p["wall_ms_per_step"] for p in probes)
+        assert summary["host_ms_per_step"] == statistics.median(p["host_ms_per_step"] for p in probes)
 
 
 @needs_fashion_mnist
@@ -258,10 +263,51 @@ def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_pat
     assert result["matmul_floor_ms_per_forward"] == pytest.approx(sum(v["ms"] for v in block.values()))
     assert result["fid_seconds"]["matmul_floor"] == pytest.approx(result["matmul_floor_ms_per_forward"] * calls / 1e3)
     assert result["fid_seconds"]["eager"] == pytest.approx(result["forward_ms"]["eager"]["ms"] * calls / 1e3)
+    # every precision is compared with the fp32 forward: autocast on the CPU is fp32 itself, bf16 and fp8 are not
+    errors = result["rel_error"]
+    assert set(errors) == {"autocast", "bf16", "fp8"} and errors["autocast"] == 0.0
+    assert 2.0**-12 < errors["bf16"] < 2.0**-4 and errors["bf16"] < errors["fp8"] < 0.5
     # The refusal comes before any work: in this process, not another torch start-up.
     with pytest.raises(SystemExit, match="--batch-size, --samples, --solver-steps, --iters and --repeats must be at least 1"):
         run_main("dit_roofline", ["--smoke", "--batch-size", "0", "--out", str(tmp_path / "bad.json")], home)
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_fp8_linear_stays_within_the_rounding_bound_of_e4m3_operands_and_a_bf16_result() -> None:
+    """Fp8Linear against the exact product: each operand is rounded to e4m3 after scaling its row's largest magnitude to
+    448, so |x_hat - x| <= 2^-4 |x| (3 mantissa bits, round to nearest) + 2^-10 / scale (e4m3's subnormal spacing
+    2^-9, halved); the bias is rounded to bf16 (2^-8 |b|), the fp32 accumulation adds at most K 2^-24 sum|x_hat||w_hat|
+    and the bf16 result 2^-8 of itself. The error must stay within the sum of those terms, and use a fair part of it
+    (a bound never approached would not catch a wrong scale)."""
+    import torch
+
+    from benchmarks.dit_roofline import Fp8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = (torch.randn(200, 64) * torch.logspace(-3, 1, 200)[:, None]).to(torch.bfloat16)  # rows from 1e-3 to 10
+    got = Fp8Linear(linear)(x).double()
+    xd, w, b = x.double(), linear.weight.detach().double(), linear.bias.detach().double()
+    exact = xd @ w.T + b
+
+    def operand_error(v: torch.Tensor) -> torch.Tensor:
+        scale = 448.0 / v.abs().amax(dim=1, keepdim=True)
+        return 2.0**-4 * v.abs() + 2.0**-10 / scale
+
+    ex, ew = operand_error(xd), operand_error(w)
+    bound = (ex @ w.abs().T + xd.abs() @ ew.T + ex @ ew.T + 2.0**-8 * b.abs() + 2.0**-8 * got.abs()
+             + 64 * 2.0**-24 * (xd.abs() + ex) @ (w.abs() + ew).T)
+    error = (got - exact).abs()
+    assert bool((error <= bound).all()), f"worst error / bound {float((error / bound).max()):.3f}"
+    assert float((error / bound).max()) > 0.05
+    # relative to the output, the error is e4m3's: a few percent, not bf16's fraction of a percent
+    rel = float((got - exact).norm() / exact.norm())
+    assert 2.0**-8 < rel < 2.0**-3
+    # and unbiased: rounding to nearest errs both ways, so got ~ slope * exact with slope 1. The worst-case bound
+    # above would still hold for a scale off by a few percent; the slope would not. Its standard error is at most
+    # rel / sqrt(200 rows) ~ 0.0025 (errors shared within a row), so 0.01 is 4 of them, and a 5 % scale error fails.
+    slope = float((got * exact).sum() / (exact * exact).sum())
+    assert abs(slope - 1) < 0.01
 
 
 def test_kernel_time_is_the_union_of_the_kernels_intervals() -> None:
@@ -743,7 +789,12 @@ REPORTS = {
     "convergence_dit_h200x2": [],  # the DiT recipe (issue 14): its own summary keys, speedup_dit
     "convergence_dit_ema999": [],  # its ablations at N = 10k (no summary keys)
     "convergence_dit_fixed_variance": [],
+    "convergence_dit_ema999_s1": ["convergence_dit_ema999"],  # seed 1 of the EMA-0.999 pair, reported with seed 0
+    "convergence_dit_batch256": [],  # the recipe's batch 256 (EMA 0.999, one seed)
 }
+# summary.json keys that quote one committed report's speed-up at N (not written by the report: ablations)
+ABLATION_KEYS = {"speedup_dit_ablation_ema999": "convergence_dit_ema999_s1",
+                 "speedup_dit_ablation_batch256": "convergence_dit_batch256"}
 # The reports behind summary.json's speed-up keys, in the order BENCHMARKS.md runs them: a later
 # folder's entries replace an earlier one's.
 SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250", "convergence_dit_h200x2"]
@@ -783,6 +834,16 @@ def test_committed_reports_regenerate_byte_for_byte_from_raw_results(tmp_path: P
     for folder in SUMMARY_ORDER:
         regenerate(folder, "--summary-file", str(summary))
     assert summary.read_bytes() == (RESULTS / "summary.json").read_bytes()
+
+
+def test_ablation_keys_of_the_summary_quote_their_reports() -> None:
+    summary = json.loads((RESULTS / "summary.json").read_text())
+    for key, folder in ABLATION_KEYS.items():
+        report_n = json.loads((RESULTS / folder / "speedups.json").read_text())["N"]["speed"]
+        quoted = summary[key]
+        assert quoted["results"] == folder, key
+        assert {f: quoted[f] for f in ("mean", "min", "max", "seeds", "steps")} == \
+            {f: report_n[f] for f in ("mean", "min", "max", "seeds", "steps")}, key
 
 
 def test_every_committed_run_is_a_run_of_the_registry() -> None:
