@@ -23,10 +23,10 @@ and max and every window; ratios use the medians, and for two interleaved rows a
 each repeat (``ratios_per_repeat``, spread in ``ratio_spread``). Peak memory of an interleaved row is the
 resident state of its loop plus the most its steps allocated on top in a window.
 Rows a0, d and d_lightning are measured alone, one window of ``--steps`` steps after ``--warmup``: a0
-before the interleaved rows, d and d_lightning after them, each in its own fit. ``--profile-steps N`` then traces
-N steps of row a and N steps of row b (a fit of its own) with ``benchmarks.profiling``: kernel time, GPU idle time
-and kernels per step of each, under ``profile`` in the batch's results (where b/a < 1: does b's GPU work longer or
-wait longer?).
+before the interleaved rows, d and d_lightning after them, each in its own fit. ``--profile-steps N`` then measures
+the host time per step of row a and of row b (a fit of its own; steps launched on an idle GPU and not waited for),
+and traces N steps of each with ``benchmarks.profiling``: kernel time, GPU idle time and kernels per step, under
+``profile`` in the batch's results (where b/a < 1: does b's GPU work longer or wait longer, and for its host?).
 
     python -m benchmarks.throughput --batch-sizes 128 512 --out benchmarks/results/throughput.json
     python -m benchmarks.throughput --batch-sizes 128 --repeats 3 --window 10 --root .data   # about 5-6 min on an H200
@@ -377,9 +377,10 @@ def _save(result: dict[str, Any], args: argparse.Namespace, cuda: bool) -> None:
 
 def profile_rows(batch: int, fresh: Callable[[], torch.nn.Module], data: torch.Tensor,
                  args: argparse.Namespace) -> dict[str, Any]:
-    """Rows a and b traced for ``--profile-steps`` steps each, after their warm-up, one after the other: kernel time,
-    GPU idle time and kernels per step (``benchmarks.profiling``). Where b/a < 1, this says whether b's GPU works
-    longer or waits longer."""
+    """Rows a and b, one after the other, each after its warm-up: first its host time per step
+    (``host_ms_per_step``, the median of ``HOST_PROBE_REPEATS`` untraced bursts), then ``--profile-steps`` traced
+    steps: kernel time, GPU idle time and kernels per step (``benchmarks.profiling``). Where b/a < 1, this says
+    whether b's GPU works longer or waits longer, and whether the host is what it waits for."""
     device = data.device
     step = plain_step(fresh(), data, batch, fast=device.type == "cuda", compile_mode=args.compile_mode,
                       channels_last=args.channels_last)
