@@ -39,7 +39,6 @@ from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops,
 from benchmarks.windows import sync
 from lightning_speed.backbones import DiT
 from lightning_speed.backbones.dit import dit_size
-from lightning_speed.backbones.embeddings import sinusoidal_embedding
 from lightning_speed.module import CompileMode
 
 SMOKE = {"depth": 1, "hidden_size": 32, "num_heads": 2}
@@ -71,24 +70,14 @@ class Fp8Linear(torch.nn.Module):
 
 
 def low_precision_forward(dit: DiT, fp8: bool) -> Callable[..., torch.Tensor]:
-    """A bf16 copy of ``dit`` (``fp8``: its blocks' linear layers as ``Fp8Linear``) and its forward, without autocast:
+    """The forward of a bf16 copy of ``dit`` (``fp8``: its blocks' linear layers as ``Fp8Linear``), without autocast:
     images and time steps in, fp32 prediction out."""
     net = copy.deepcopy(dit).to(torch.bfloat16)
     if fp8:
         for block in net.blocks:
             block.attn.qkv, block.attn.proj = Fp8Linear(block.attn.qkv), Fp8Linear(block.attn.proj)
             block.mlp[0], block.mlp[2] = Fp8Linear(block.mlp[0]), Fp8Linear(block.mlp[2])
-    embed = net.time_embed
-
-    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = net.patch_embed(x.to(torch.bfloat16)).flatten(2).transpose(1, 2) + net.pos_embed
-        frequencies = sinusoidal_embedding(t.float() * embed.time_scale, embed.frequency_dim)
-        c = embed.mlp(frequencies.to(torch.bfloat16))
-        for block in net.blocks:
-            h = block(h, c)
-        return net.unpatchify(net.final(h, c)).float()
-
-    return forward
+    return lambda x, t: net(x, t).float()
 
 
 def redraw_weights(dit: DiT, seed: int = 0) -> None:

@@ -258,7 +258,8 @@ class DiT(nn.Module):
         t = check_inputs(
             type(self).__name__, x, t, y, (self.in_channels, self.image_size, self.image_size), self.num_classes
         )
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        # x in the weights' dtype: a no-op for fp32 weights (autocast casts inside the conv), bf16 for a bf16 module
+        h = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.time_embed(t)
         if self.label_embed is not None:
             c = c + self.label_embed(labels_or_null(y, x.shape[0], self.label_embed.null_label, x.device))

@@ -47,7 +47,10 @@ class TimestepEmbedding(nn.Module):
         )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(t.to(torch.float32) * self.time_scale, self.frequency_dim))
+        # The sinusoid is computed in fp32 (t up to 1000 needs it), then fed to the MLP in its weights' dtype
+        # (a no-op for fp32 weights, autocast included; bf16 for a module cast to bf16).
+        frequencies = sinusoidal_embedding(t.to(torch.float32) * self.time_scale, self.frequency_dim)
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedding(nn.Module):
