@@ -94,7 +94,11 @@ def host_probe_closure(step: Callable[[], None], device: torch.device, steps: in
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    launched = time.perf_counter()
+    return _host_probe_result(device, steps, start, launched=time.perf_counter())
+
+
+def _host_probe_result(device: torch.device, steps: int, start: float, launched: float) -> dict[str, float]:
+    """Wait for the device, then the host time (``start`` to ``launched``) and wall time per step of a probe."""
     sync(device)
     return {"steps": steps, "host_ms_per_step": (launched - start) * 1e3 / steps,
             "wall_ms_per_step": (time.perf_counter() - start) * 1e3 / steps}
@@ -118,10 +122,7 @@ class HostProbe(pl.Callback):
             sync(pl_module.device)
             self.t0 = time.perf_counter()
         elif self.t0 is not None and trainer.global_step == self.start + self.steps:
-            launched = time.perf_counter()
-            sync(pl_module.device)
-            self.result = {"steps": self.steps, "host_ms_per_step": (launched - self.t0) * 1e3 / self.steps,
-                           "wall_ms_per_step": (time.perf_counter() - self.t0) * 1e3 / self.steps}
+            self.result = _host_probe_result(pl_module.device, self.steps, self.t0, launched=time.perf_counter())
             self.t0 = None
 
 
