@@ -262,7 +262,8 @@ class UNet(nn.Module):
         if self.label_embed is not None:
             emb = emb + self.label_embed(labels_or_null(y, x.shape[0], self.label_embed.null_label, x.device))
 
-        h = self.input_conv(x)
+        # x in the weights' dtype: a no-op for fp32 weights (autocast casts inside the conv), bf16 for a bf16 module
+        h = self.input_conv(x.to(self.input_conv.weight.dtype))
         skips = [h]
         for block in self.down:
             h = block(h, emb) if isinstance(block, _Stage) else block(h)
