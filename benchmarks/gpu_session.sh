@@ -7,6 +7,14 @@
 #   bash benchmarks/gpu_session.sh ddp      # DDP scaling only (DDP_DEVICES, default "1 2"), then convergence jobs
 #   bash benchmarks/gpu_session.sh single   # one GPU: FID timing (idle GPU), throughput rows c, d at 512, then
 #                                           # convergence jobs on GPU 0 until CALL_SECONDS (default 585) are used
+#   bash benchmarks/gpu_session.sh hostgap  # one GPU, no training (about 5 minutes): rows a and b at 128, 5 interleaved
+#                                           # repeats, then each row's host time per step and a trace that names the host
+#                                           # operators launching ATen's elementwise kernels (BENCHMARKS.md, section 1)
+# The DiT recipe's open ablation seeds, one call each on one GPU (two runs share it; about 9k of the 10k steps):
+#   GPUS=0 PER_GPU=2 BASE=fashion_mnist_dit.yaml EVERY=2500 FINAL=0 BUDGET=545 JOBS="uniform:1:10000 speed:1:10000" \
+#     LAUNCH_ARGS="--batch-size 64 --set ema.init_args.decay=0.999 model.learn_sigma=false model.backbone.init_args.learn_sigma=false" \
+#     bash benchmarks/gpu_session.sh conv      # fixed variance, seed 1. The sampler ablation's seed 1: the same with
+#                                              # LAUNCH_ARGS="--batch-size 64 --fid-solver ddpm --fid-steps 250 --set ema.init_args.decay=0.999"
 # Throughput: python3 -m benchmarks.throughput --batch-sizes 128 512 --root .data (about 8 minutes).
 # Results are packed into $OUT/results.tgz (JSON, PNG, logs, TensorBoard events; no checkpoints).
 set -uo pipefail
@@ -43,6 +51,12 @@ throughput_c_d() {  # rows c and d at batch 512 on GPU 0
 ddp_scaling() {  # seconds allowed; DDP_DEVICES on otherwise idle GPUs
   timeout "$1" python3 -m benchmarks.ddp_scaling --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
 }
+if [ "$PHASE" = hostgap ]; then
+  timeout 420 python3 -m benchmarks.throughput --batch-sizes 128 --rows a b --repeats 5 --window 10 --profile-steps 20 \
+    --root .data --out "$OUT/r/throughput_hostgap.json" > "$OUT/r/throughput_hostgap.log" 2>&1
+  tar czf "$OUT/results.tgz" -C "$OUT" r; grep -E "b_over_a|host_ms" "$OUT/r/throughput_hostgap.log" | cut -c1-300; rm -rf "$OUT/r"
+  exit 0
+fi
 if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/results/ (copied into the tarball)
   fid_timing 170
   ddp_scaling 200

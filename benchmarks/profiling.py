@@ -11,8 +11,10 @@ windows traced the same way.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,10 +26,15 @@ from typing_extensions import override
 from benchmarks.windows import sync
 
 
+# ATen's generic elementwise kernels: copies, casts and layout conversions outside the compiled graphs' Triton kernels
+# (where they come from is what ``kernel_launchers`` answers).
+ATEN_ELEMENTWISE = r"at::native::.*elementwise_kernel"
+
+
 def start_profiler(device: torch.device) -> Any:
-    """A started ``torch.profiler.profile`` of host operators and, on CUDA, GPU kernels."""
+    """A started ``torch.profiler.profile`` of host operators (with their input shapes) and, on CUDA, GPU kernels."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    prof = profile(activities=activities)
+    prof = profile(activities=activities, record_shapes=True)
     prof.__enter__()
     return prof
 
@@ -42,9 +49,50 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def kernel_launchers(events: list[dict[str, Any]], pattern: str, steps: int, top: int = 12) -> list[dict[str, Any]]:
+    """Which host operators launch the kernels whose names match ``pattern``, from a Chrome trace's events.
+
+    A kernel is matched to the CPU operator with its ``External id`` (the innermost operator that launched it; for a
+    kernel replayed from a CUDA graph, the call that replayed the graph). Each row is one (context, operator, its
+    inputs' shapes, strides and dtypes: a layout or dtype conversion shows there). ``context`` names the operator's
+    enclosing host events, outermost first, without the profiler's own (``ProfilerStep``) and Python-function events;
+    ``kernels`` and ``ms`` are per step, largest ``ms`` first.
+    """
+    wanted = defaultdict(lambda: [0, 0.0])  # External id -> [kernels, us]
+    for e in events:
+        if e.get("cat") == "kernel" and re.search(pattern, e.get("name", "")):
+            ext = e.get("args", {}).get("External id")
+            if ext is not None:
+                wanted[ext][0] += 1
+                wanted[ext][1] += e.get("dur", 0)
+    host = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e),
+                  key=lambda e: (e.get("pid"), e.get("tid"), e["ts"], -e["dur"]))
+    rows: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+    stack: list[dict[str, Any]] = []
+    thread = None
+    for e in host:  # a sweep over each thread's events: the stack holds the open events that enclose e
+        if (e.get("pid"), e.get("tid")) != thread:
+            thread, stack = (e.get("pid"), e.get("tid")), []
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] < e["ts"] + e["dur"]:
+            stack.pop()
+        ext = e.get("args", {}).get("External id")
+        if e.get("cat") == "cpu_op" and ext in wanted:
+            context = " > ".join(s["name"] for s in stack if not s["name"].startswith("ProfilerStep"))
+            args = e.get("args", {})
+            inputs = json.dumps([args.get(key, []) for key in ("Input Dims", "Input Strides", "Input type")])
+            row = rows[(context, e["name"], inputs)]
+            row[0] += wanted[ext][0]
+            row[1] += wanted[ext][1]
+        stack.append(e)
+    ranked = sorted(rows.items(), key=lambda item: -item[1][1])[:top]
+    return [{"context": c, "op": op, **dict(zip(("input_dims", "input_strides", "input_types"), json.loads(inputs))),
+             "kernels": n / steps, "ms": us / 1e3 / steps}
+            for (c, op, inputs), (n, us) in ranked]
+
+
 def summarise_profile(prof: Any, wall_s: float, steps: int, trace: str | None) -> dict[str, Any]:
-    """Per step: GPU kernel time (compute, NCCL, NCCL overlapping compute), busy and idle time, in ms; ``trace``: also
-    keep the Chrome trace there."""
+    """Per step: GPU kernel time (compute, NCCL, NCCL overlapping compute), busy and idle time, in ms, and who launches
+    ATen's generic elementwise kernels (``kernel_launchers``); ``trace``: also keep the Chrome trace there."""
     path = Path(trace) if trace else Path(tempfile.mkdtemp(prefix="trace_")) / "trace.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(path))
@@ -67,6 +115,7 @@ def summarise_profile(prof: Any, wall_s: float, steps: int, trace: str | None) -
         "gpu_busy_ms_per_step": busy_ms / steps,
         "gpu_idle_ms_per_step": max(0.0, wall_s * 1e3 - busy_ms) / steps,
         "kernels_per_step": len(kernels) / steps,
+        "aten_elementwise_launchers": kernel_launchers(events, ATEN_ELEMENTWISE, steps),
         "trace": str(path) if trace else None,
         "table": table,
     }

@@ -25,8 +25,9 @@ resident state of its loop plus the most its steps allocated on top in a window.
 Rows a0, d and d_lightning are measured alone, one window of ``--steps`` steps after ``--warmup``: a0
 before the interleaved rows, d and d_lightning after them, each in its own fit. ``--profile-steps N`` then measures
 the host time per step of row a and of row b (a fit of its own; steps launched on an idle GPU and not waited for),
-and traces N steps of each with ``benchmarks.profiling``: kernel time, GPU idle time and kernels per step, under
-``profile`` in the batch's results (where b/a < 1: does b's GPU work longer or wait longer, and for its host?).
+and traces N steps of each with ``benchmarks.profiling``: kernel time, GPU idle time, kernels per step and the host
+operators that launch ATen's elementwise (copy) kernels, under ``profile`` in the batch's results (where b/a < 1: does
+b's GPU work longer or wait longer, and for its host?).
 
     python -m benchmarks.throughput --batch-sizes 128 512 --out benchmarks/results/throughput.json
     python -m benchmarks.throughput --batch-sizes 128 --repeats 3 --window 10 --root .data   # about 5-6 min on an H200

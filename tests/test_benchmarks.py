@@ -164,6 +164,7 @@ def test_throughput_smoke_writes_rows_and_ratios(throughput: Namespace) -> None:
         assert len(probes) == 5 and all(p["steps"] == 10 for p in probes)
         assert all(0 < p["host_ms_per_step"] <= p["wall_ms_per_step"] for p in probes)
         assert summary["host_ms_per_step"] == statistics.median(p["host_ms_per_step"] for p in probes)
+        assert summary["aten_elementwise_launchers"] == []  # no kernels on the CPU (kernel_launchers: its own test)
 
 
 @needs_fashion_mnist
@@ -317,6 +318,43 @@ def test_kernel_time_is_the_union_of_the_kernels_intervals() -> None:
     assert _union_ms([(20, 30), (0, 10), (5, 15)]) == pytest.approx(0.025)
     assert _union_ms([(0, 100), (10, 20), (30, 40)]) == pytest.approx(0.1)  # nested intervals
     assert _union_ms([]) == 0.0
+
+
+def test_kernel_launchers_name_the_host_operator_and_its_enclosing_events() -> None:
+    from benchmarks.profiling import ATEN_ELEMENTWISE, kernel_launchers
+
+    copy = "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<...>>(int, T)"
+
+    def op(name: str, ts: float, dur: float, ext: int, tid: int = 1, dims: list | None = None) -> dict:
+        args = {"External id": ext, "Input Dims": dims or [], "Input Strides": [], "Input type": []}
+        return {"ph": "X", "cat": "cpu_op", "name": name, "pid": 0, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+    def kernel(name: str, ext: int, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "pid": 1, "tid": 7, "ts": 0, "dur": dur,
+                "args": {"External id": ext}}
+
+    events = [
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#3", "pid": 0, "tid": 2, "ts": 0, "dur": 1000,
+         "args": {}},
+        # the backward thread: an AccumulateGrad copy, twice (two steps), each launching two copy kernels of 10 us
+        op("autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 100, 50, 1, tid=2),
+        op("aten::copy_", 110, 20, 2, tid=2, dims=[[64, 3, 3, 3], [64, 3, 3, 3]]),
+        op("autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 300, 50, 3, tid=2),
+        op("aten::copy_", 310, 20, 4, tid=2, dims=[[64, 3, 3, 3], [64, 3, 3, 3]]),
+        # the main thread: a graph call whose replay runs a copy kernel of 100 us and a Triton kernel (not matched),
+        # and a sibling operator that ends before it (so it is no context of the graph call's kernels)
+        op("aten::randn", 0, 5, 5), op("## Call CompiledFxGraph abc", 10, 500, 6),
+        kernel(copy, 2, 10), kernel(copy, 2, 10), kernel(copy, 4, 10), kernel(copy, 4, 10),
+        kernel(copy, 6, 100), kernel("triton_poi_fused_add_0", 6, 300), kernel("triton_poi_fused_add_0", 5, 300),
+    ]
+    rows = kernel_launchers(events, ATEN_ELEMENTWISE, steps=2)
+    assert [(r["op"], r["context"], r["kernels"], r["ms"]) for r in rows] == [
+        ("## Call CompiledFxGraph abc", "", 0.5, pytest.approx(0.05)),
+        ("aten::copy_", "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 2.0, pytest.approx(0.02)),
+    ]
+    assert rows[1]["input_dims"] == [[64, 3, 3, 3], [64, 3, 3, 3]] and rows[1]["input_types"] == []
+    assert kernel_launchers(events, "no such kernel", steps=2) == []
+    assert len(kernel_launchers(events, ATEN_ELEMENTWISE, steps=2, top=1)) == 1
 
 
 def test_peak_memory_is_none_when_the_accounting_is_inconsistent() -> None:
