@@ -15,6 +15,9 @@
 #     LAUNCH_ARGS="--batch-size 64 --set ema.init_args.decay=0.999 model.learn_sigma=false model.backbone.init_args.learn_sigma=false" \
 #     bash benchmarks/gpu_session.sh conv      # fixed variance, seed 1. The sampler ablation's seed 1: the same with
 #                                              # LAUNCH_ARGS="--batch-size 64 --fid-solver ddpm --fid-steps 250 --set ema.init_args.decay=0.999"
+# The UNet pair at the DiT ablations' batch 64, which separates the backbone from the batch (BENCHMARKS.md, section 0b):
+#   GPUS=0 PER_GPU=2 EVERY=2500 FINAL=0 BUDGET=545 JOBS="uniform:0:10000 speed:0:10000" LAUNCH_ARGS="--batch-size 64" \
+#     bash benchmarks/gpu_session.sh conv
 # Throughput: python3 -m benchmarks.throughput --batch-sizes 128 512 --root .data (about 8 minutes).
 # Results are packed into $OUT/results.tgz (JSON, PNG, logs, TensorBoard events; no checkpoints).
 set -uo pipefail
