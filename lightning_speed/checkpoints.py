@@ -109,7 +109,11 @@ def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | No
     """
     if path is None or not _is_local(str(path)):
         return
-    state = load_checkpoint(path)["state_dict"]
+    check_state_matches(model, load_checkpoint(path)["state_dict"], path)
+
+
+def check_state_matches(model: nn.Module, state: dict[str, Any], path: str | os.PathLike[str] | None = None) -> None:
+    """:func:`check_checkpoint_matches` on a checkpoint's loaded ``state_dict`` (``path``: where it came from, if known)."""
 
     def shapes(items: Any) -> dict[str, tuple[int, ...]]:
         return {
@@ -122,20 +126,20 @@ def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | No
         return
     missing = [k for k in ours if k not in theirs]
     unexpected = [k for k in theirs if k not in ours]
+    source = "The checkpoint" if path is None else f"The checkpoint {path}"
     lines = [
-        f"The checkpoint {path} was trained with another model configuration: {len(mismatched)} of "
-        f"{len(ours)} tensors have other shapes"
+        f"{source} was trained with another model configuration: {len(mismatched)} of {len(ours)} tensors have other shapes"
         + (f", {len(missing)} of the model's are missing from it" if missing else "")
         + (f", {len(unexpected)} of its are not in the model" if unexpected else "")
         + ". For example:"
     ]
     lines += [f"  {k}: checkpoint {_shape(a)}, model {_shape(b)}" for k, a, b in mismatched[:_SHOWN]]
-    config = _config_near(Path(path))
+    config = None if path is None else _config_near(Path(path))
     if config is not None:
         lines.append(f"Use the configuration it was trained with: lightning-speed fit --config {config} --ckpt_path {path}")
     else:
         lines.append(
             "Use the configuration it was trained with (the config.yaml in that run's log folder), or set the "
-            "model's backbone arguments to the sizes above."
+            "model's backbone arguments to the sizes above (in Python: the backbone given to load_from_checkpoint)."
         )
     raise CheckpointMismatchError("\n".join(lines))

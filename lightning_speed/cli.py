@@ -11,8 +11,11 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
+
+import yaml
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -38,27 +41,57 @@ _SEARCH_NOISE = re.compile(
 _CONTEXT = re.compile(r"Parser key \"([^\"]+)\"|Problem with given class_path '([^']+)'")
 
 
+def _indent(raw: str) -> int:
+    return len(raw) - len(raw.lstrip(" -"))
+
+
+def _useful(raw: str, path: list[str]) -> str | None:
+    """The part of one report line that names a problem (None for search noise); keys and classes it names
+    go to ``path``."""
+    line = raw.strip().lstrip("-").strip()
+    reason = re.search(r"expects a function or a callable class: (.+)$", line)
+    if reason and not _CONTEXT.search(reason.group(1)):  # e.g. module 'torch.optim' has no attribute 'Adamw'
+        return reason.group(1)
+    contexts = _CONTEXT.findall(line)
+    for key, class_path in contexts:
+        path.append(key or class_path.rsplit(".", 1)[-1])
+    rest = _CONTEXT.sub("", line).strip(" :")
+    if not line or (contexts and (not rest or _SEARCH_NOISE.match(rest) or rest.endswith("expects a function or a callable class"))):
+        return None
+    return None if _SEARCH_NOISE.match(line) else line
+
+
 def first_useful_error(message: str) -> str:
     """The innermost message of a jsonargparse error, prefixed with the keys and class that lead to it.
 
     jsonargparse reports a bad value inside a union type (every callback list is one) as a tree of
-    everything it tried; the line that names the problem comes last, under "Errors:". This returns
-    e.g. ``trainer.callbacks: AsymmetricSampling: k: Expected a <class 'float'>. Got value: banana``.
+    everything it tried; the lines that name the problem come last, under "Errors:", one per type the
+    value could have had. This returns those lines joined, with the value given, e.g.
+    ``trainer.precision: Expected a <class 'int'> or typing.Literal['16-mixed', 'bf16-mixed', ...]. Got value: bf17``.
     """
+    lines = message.splitlines()
     path: list[str] = []
-    for raw in message.splitlines():
-        line = raw.strip().lstrip("-").strip()
-        if not line:
+    for i, raw in enumerate(lines):
+        first = _useful(raw, path)
+        if first is None:
             continue
-        contexts = _CONTEXT.findall(line)
-        for key, class_path in contexts:
-            path.append(key or class_path.rsplit(".", 1)[-1])
-        rest = _CONTEXT.sub("", line).strip(" :")
-        if contexts and (not rest or _SEARCH_NOISE.match(rest) or rest.endswith("expects a function or a callable class")):
-            continue
-        if _SEARCH_NOISE.match(line):
-            continue
-        return ": ".join([*dict.fromkeys(path), line])
+        level, found, given = _indent(raw), [first], None
+        for other in lines[i + 1:]:
+            if other.strip() and _indent(other) < level:  # the end of this list of alternatives
+                value = re.match(r"\s*Given value: (.*?)(\. Got value: .*)?$", other)
+                if value:
+                    given = value.group(1)
+                    break
+                if not other.strip().startswith("Given value type"):
+                    break
+            elif _indent(other) == level and other.strip().startswith("-"):
+                alternative = _useful(other, [])
+                if alternative:
+                    found.append(alternative.removeprefix("Expected a ") if found[0].startswith("Expected a ") else alternative)
+        text = " or ".join(found)
+        if given is not None and "Got value" not in text:
+            text += f". Got value: {given}"
+        return ": ".join([*dict.fromkeys(path), text])
     return message.strip().splitlines()[0] if message.strip() else message
 
 
@@ -72,8 +105,64 @@ class SpeedArgumentParser(LightningArgumentParser):
             key = old and (old.group(1) or old.group(2))
             if key in RENAMED_ARGUMENTS:  # a config of an earlier version
                 headline = f"model.{key} is now model.{RENAMED_ARGUMENTS[key]}"
+            if "arguments are required" in message and "model.backbone" in message:
+                headline += (
+                    ". A strategy, schedule or ablation file only adds to a base config: give the base config first, "
+                    "e.g. --config configs/fashion_mnist.yaml --config configs/strategies/speed.yaml"
+                )
             sys.stderr.write(f"error: {headline}\n(the usage and jsonargparse's full report follow)\n\n")
         super().error(message, ex)
+
+
+def config_files(args: list[str]) -> list[str]:
+    """The files given with ``--config`` / ``-c`` on a command line, in order (inline YAML is not a file)."""
+    files = []
+    for i, token in enumerate(args):
+        value = args[i + 1] if token in ("--config", "-c") and i + 1 < len(args) else token.partition("=")[2]
+        if (token in ("--config", "-c") or token.startswith("--config=")) and os.path.isfile(value):
+            files.append(value)
+    return files
+
+
+def check_one_strategy(files: list[str]) -> None:
+    """Refuse a config file that replaces the time-step strategy an earlier file set.
+
+    jsonargparse lets the last ``strategy`` class win, so ``--config speed.yaml --config p2.yaml`` would
+    train with P2 alone (with any argument the two share, such as ``tau``, kept from SpeeD) and drop SpeeD
+    without a word. A later file may set the same class (its arguments merge), only ``init_args``, or
+    ``null`` (``strategies/uniform.yaml``: the uniform baseline of a config that has a strategy).
+    """
+    earlier: tuple[str, str] | None = None  # (file, class name) of the strategy set so far
+    for path in files:
+        try:
+            config = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse reports an unreadable config itself
+        if not isinstance(config, dict) or "strategy" not in config:
+            continue
+        value = config["strategy"]
+        if isinstance(value, dict):
+            value = value.get("class_path")
+            if value is None:  # only init_args: they merge into the earlier strategy
+                continue
+        if value is None:  # null: no strategy from here on (the uniform baseline), nothing merges into it
+            earlier = None
+            continue
+        name = str(value).rsplit(".", 1)[-1]
+        if earlier is not None and earlier[1] != name:
+            raise ValueError(
+                f"{path} sets strategy {name}, but {earlier[0]} already set {earlier[1]}: one run trains with one "
+                "time-step strategy, and the later file would silently replace the earlier one. Give one strategy "
+                "file per run, after the base config; change its arguments with --strategy.init_args.<name> VALUE."
+            )
+        earlier = (path, name)
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    """A nested config (dicts) as {dotted key: value}."""
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _leaves(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -120,6 +209,33 @@ class RunConfigCallback(SaveConfigCallback):
         self.already_saved = bool(trainer.strategy.broadcast(True))
 
 
+def check_trainer_values(trainer: Trainer) -> None:
+    """Trainer values Lightning accepts but cannot use: a negative clipping value turns clipping off without a
+    word, and a validation interval of 0 fails with a ZeroDivisionError after the first step."""
+    clip = trainer.gradient_clip_val
+    if clip is not None and not float(clip) >= 0:
+        raise ValueError(f"trainer.gradient_clip_val must be >= 0 (or null for no clipping), got {clip}.")
+    if trainer.val_check_interval == 0:
+        raise ValueError(
+            "trainer.val_check_interval must be > 0: a number of steps, or a fraction of an epoch in (0, 1]; to "
+            "validate never, set trainer.limit_val_batches: 0."
+        )
+
+
+def check_output_folders(trainer: Trainer) -> None:
+    """Folders the callbacks and the logger will write into must not be files: else the first write fails
+    (a sample grid, a checkpoint) after the training it should have saved."""
+    owners: list[Any] = [*trainer.callbacks, *trainer.loggers]
+    for owner in owners:
+        for attribute in ("dirpath", "save_dir", "cache_dir"):
+            folder = getattr(owner, attribute, None)
+            if isinstance(folder, (str, os.PathLike)) and os.path.exists(folder) and not os.path.isdir(folder):
+                raise ValueError(
+                    f"{type(owner).__name__}.{attribute} is {folder}, which is a file, not a folder: "
+                    "give a folder's path (it is created if missing)."
+                )
+
+
 class SpeedCLI(LightningCLI):
     """LightningCLI with TensorBoard logging by default and the data's shape linked into the model."""
 
@@ -160,16 +276,41 @@ class SpeedCLI(LightningCLI):
         callbacks sample from the model; ``CheckpointOnSignal`` saves a checkpoint on SIGTERM/SIGINT.
         """
         trainer = super().instantiate_trainer(**kwargs)
+        check_trainer_values(trainer)
         missing = [cls() for cls in (DivergenceGuard, CheckpointOnSignal) if not any(isinstance(c, cls) for c in trainer.callbacks)]
         trainer.callbacks[:0] = missing
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Refuse config files that replace one another's strategy (``check_one_strategy``), then parse."""
+        if not isinstance(args, dict) and not hasattr(args, "as_dict"):
+            check_one_strategy(config_files(list(sys.argv[1:] if args is None else args)))
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: LightningCLI reads the checkpoint's hyperparameters here, right
-        after parsing, and a file that is not a checkpoint failed inside ``torch.load``."""
-        if self.config.get("subcommand"):
-            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
+        after parsing, and a file that is not a checkpoint failed inside ``torch.load``.
+
+        LightningCLI then puts the checkpoint's model hyperparameters over the configured ones. A value
+        the configuration gave differently would change without a word (``--model.schedule cosine`` on a
+        linear checkpoint trains on linear): each such value is named in a warning.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return super()._parse_ckpt_path()
+        check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+        before = _leaves(self.config[subcommand]["model"].as_dict(), "model")
         super()._parse_ckpt_path()
+        after = _leaves(self.config[subcommand]["model"].as_dict(), "model")
+        changed = [f"  {key}: configured {before[key]!r}, checkpoint {after[key]!r}"
+                   for key in before if key in after and after[key] != before[key]]
+        if changed:
+            warnings.warn(
+                f"--ckpt_path {self.config[subcommand]['ckpt_path']} was trained with other model hyperparameters, and "
+                "LightningCLI restores the checkpoint's, so these configured values are not used:\n" + "\n".join(changed)
+                + "\nTo train with the configured values, start a new run (no --ckpt_path) or load only the weights.",
+                UserWarning, stacklevel=2,
+            )
 
     def _check_ckpt_path(self) -> None:
         """A ``--ckpt_path`` that is not a checkpoint, or one of another model size: a short, clear error."""
@@ -178,11 +319,20 @@ class SpeedCLI(LightningCLI):
             check_checkpoint_file(str(ckpt_path))
             check_checkpoint_matches(self.model, str(ckpt_path))
 
-    def before_validate(self) -> None:
+    def _check_evaluates_a_checkpoint(self) -> None:
         self._check_ckpt_path()
+        if self._get(self.config_init, "ckpt_path") is None:
+            warnings.warn(
+                f"{self.subcommand} without --ckpt_path evaluates the model's initial, untrained weights; pass "
+                "--ckpt_path runs/<name>/version_N/checkpoints/last.ckpt to evaluate a trained model.",
+                UserWarning, stacklevel=2,
+            )
+
+    def before_validate(self) -> None:
+        self._check_evaluates_a_checkpoint()
 
     def before_test(self) -> None:
-        self._check_ckpt_path()
+        self._check_evaluates_a_checkpoint()
 
     def before_predict(self) -> None:
         self._check_ckpt_path()
@@ -194,6 +344,7 @@ class SpeedCLI(LightningCLI):
         in a fast_dev_run, and with the logger disabled that lands in ``./checkpoints``.
         """
         self._check_ckpt_path()
+        check_output_folders(self.trainer)
         if self.trainer.fast_dev_run:
             for callback in self.trainer.checkpoint_callbacks:
                 if hasattr(callback, "save_last"):

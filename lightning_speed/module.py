@@ -12,6 +12,8 @@ they never copy the training step. Image generation is in ``lightning_speed.solv
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -19,6 +21,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_speed.checkpoints import check_state_matches
 from lightning_speed.process import DiffusionLosses, GaussianDiffusion
 from lightning_speed.schedules import NoiseSchedule, Prediction
 from lightning_speed.solvers import Solver, guided, sample_loop
@@ -39,6 +42,24 @@ def uses_cuda_graphs(compile_mode: str | None) -> bool:
     return compile_mode in ("reduce-overhead", "max-autotune")
 
 
+def _refuses_renamed_arguments(names: dict[str, str], why: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A method that names its renamed keyword arguments' new names (``names``: old -> new) when called with them.
+    Its signature stays the method's own (``functools.wraps``), so callers that bind arguments against it (the
+    evaluation callbacks' ``sample_kwargs``) see exactly the arguments it takes."""
+
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def refusing(self: Any, *args: Any, **kwargs: Any) -> Any:
+            for old, new in names.items():
+                if old in kwargs:
+                    raise TypeError(f"{method.__name__}({old}=...) is now {method.__name__}({new}=...): {why}.")
+            return method(self, *args, **kwargs)
+
+        return refusing
+
+    return decorate
+
+
 class DiffusionModule(pl.LightningModule):
     """Trains ``backbone(x, t, y=None)`` as a DDPM denoiser.
 
@@ -46,7 +67,7 @@ class DiffusionModule(pl.LightningModule):
         backbone: any ``nn.Module`` called as ``backbone(x, t, y=None)``; it outputs the data's C
             channels, or 2C with ``learn_sigma``.
         schedule: ``linear``, ``quadratic``, ``cosine``, ``constant`` or a list of betas.
-        num_timesteps: T, the number of discrete diffusion steps.
+        num_timesteps: T, the number of discrete diffusion steps (the length of a list of betas).
         prediction: what the network predicts: ``epsilon``, ``v`` or ``x0`` (a zero-terminal-SNR
             schedule needs ``v`` or ``x0``: epsilon carries no information about x0 where alpha_bar = 0).
         learn_sigma: learn the reverse variance too (improved DDPM): hybrid loss, learned-variance sampling.
@@ -100,6 +121,11 @@ class DiffusionModule(pl.LightningModule):
             raise TypeError(f"backbone must be an nn.Module called as backbone(x, t, y=None), got {type(backbone).__name__}.")
         self.backbone = backbone
         self.diffusion = GaussianDiffusion(NoiseSchedule.create(schedule, num_timesteps), prediction, learn_sigma, lambda_vlb)
+        if self.num_timesteps != num_timesteps:  # betas or a NoiseSchedule fix T; hparams must record it
+            raise ValueError(
+                f"The schedule has {self.num_timesteps} steps but num_timesteps={num_timesteps}: set num_timesteps "
+                f"to {self.num_timesteps} (a list of betas or a NoiseSchedule fixes T)."
+            )
         self.timesteps = TimestepStrategy(self.noise_schedule, prediction)
         self._check_backbone_timesteps()
         self.weight_vlb = check_bool(weight_vlb, "weight_vlb")
@@ -182,14 +208,7 @@ class DiffusionModule(pl.LightningModule):
                 f"steps 0 .. {self.num_timesteps - 1}: {str(err).rstrip('.')}. Make the backbone's in_channels / "
                 "image_size / num_timesteps match the data and the model (see `lightning-speed fit --print_config`)."
             ) from err
-        channels = shape[0] * (2 if self.diffusion.learn_sigma else 1)
-        if tuple(out.shape) != (2, channels, *shape[1:]):
-            need = f"2C = {channels} channels (prediction and variance) for learn_sigma" if self.diffusion.learn_sigma \
-                else f"the data's {channels} channels"
-            raise ValueError(
-                f"The backbone must return {need}, shaped {(2, channels, *shape[1:])} for this input; got "
-                f"{tuple(out.shape)}: set its out_channels to {channels}."
-            )
+        self.diffusion.check_output(out, x)
 
     def configure_model(self) -> None:
         """Compile the training forward once (``torch.compile`` compiles lazily, on the first step).
@@ -200,15 +219,69 @@ class DiffusionModule(pl.LightningModule):
         if self.compile_mode is not None and self._compiled_losses is None:
             self._compiled_losses = torch.compile(self._losses, mode=self.compile_mode)
 
+    # -- checkpoints ------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``; ``backbone=`` is needed unless the CLI saved its config."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except TypeError as err:
+            if "backbone" in kwargs or "'backbone'" not in str(err):
+                raise
+            raise TypeError(
+                "The checkpoint holds the backbone's weights, not the backbone: the module's hyperparameters leave "
+                "it out. Build it as in training and pass it: DiffusionModule.load_from_checkpoint(path, "
+                "backbone=UNet(...)) (a CLI run's config.yaml lists its arguments under model.backbone)."
+            ) from err
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # T beside the hyperparameters, which load_from_checkpoint overwrites with its keyword arguments
+        checkpoint["num_timesteps"] = self.num_timesteps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before the weights load: the checkpoint must fit this backbone and this T (short errors, no tensor list)."""
+        trained_t = checkpoint.get("num_timesteps", (checkpoint.get("hyper_parameters") or {}).get("num_timesteps"))
+        if trained_t not in (None, self.num_timesteps):
+            raise ValueError(
+                f"The checkpoint was trained with num_timesteps={trained_t} but this module diffuses over "
+                f"{self.num_timesteps} steps, which gives its weights another meaning: load it with "
+                f"num_timesteps={trained_t} (load_from_checkpoint uses the checkpoint's value unless given another)."
+            )
+        if "state_dict" in checkpoint:  # sharded strategies (FSDP) load the weights themselves and drop it
+            check_state_matches(self, checkpoint["state_dict"])
+
     # -- training ---------------------------------------------------------------------------
     def _split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """(images, labels or None) of a batch; type and shape checks on the host (no device sync)."""
         if isinstance(batch, (tuple, list)):
             x = batch[0]
             y = batch[1] if len(batch) > 1 else None
         elif isinstance(batch, dict):
+            if "images" not in batch:
+                raise KeyError(
+                    f"A dict batch needs the images under 'images' (and class labels, if any, under 'labels'); got "
+                    f"keys {sorted(batch)}: rename the key in the dataset or collate_fn."
+                )
             x, y = batch["images"], batch.get("labels")
         else:
             x, y = batch, None
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(
+                f"Batches must hold images as a floating-point tensor in [-1, 1], got {what}: convert them in the "
+                "dataset, e.g. x.float() / 127.5 - 1 for uint8 images."
+            )
+        if self.image_shape is not None and tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"The batch holds images of shape {tuple(x.shape[1:])} (after the batch dimension) but the model's "
+                f"image_shape is {self.image_shape}: set model.image_shape to {list(x.shape[1:])} or resize the data "
+                "(images are (C, H, W), channels first)."
+            )
+        if self.num_classes is not None and y is None:
+            raise ValueError(
+                f"The model is class-conditional (num_classes={self.num_classes}) but the batch holds no labels: "
+                "give batches of (images, labels) or {'images': ..., 'labels': ...}, or set num_classes=None."
+            )
         return x, (y if self.num_classes is not None else None)
 
     def _drop_labels(self, y: Tensor) -> Tensor:
@@ -315,6 +388,7 @@ class DiffusionModule(pl.LightningModule):
             return autoencoder.to(self.device).decode(samples, batch_size=batch_size)
 
     @torch.no_grad()
+    @_refuses_renamed_arguments({"sampler": "solver", "steps": "solver_steps"}, "image generation is a solver")
     def sample(
         self,
         num_samples: int,
@@ -327,7 +401,6 @@ class DiffusionModule(pl.LightningModule):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         batch_size: int | None = None,
-        **renamed: Any,
     ) -> Tensor:
         """Generate ``num_samples`` images in [-1, 1], shape (N, C, H, W), on the module's device
         (latents for latent diffusion: ``decode`` turns them into images).
@@ -335,23 +408,26 @@ class DiffusionModule(pl.LightningModule):
         ``solver="ddim"`` (eta 0 unless given) or ``"ddpm"`` (ancestral; with ``learn_sigma`` the
         learned variance), on ``solver_steps`` respaced steps (default: the module's ``solver_steps``).
         Pass a seeded ``generator`` or explicit ``noise`` for reproducible samples.
+        ``labels``: one per sample in [0, num_classes); ``num_classes`` (the null label) samples unconditionally.
         """
-        for old, new in (("sampler", "solver"), ("steps", "solver_steps")):
-            if old in renamed:
-                raise TypeError(f"sample({old}=...) is now sample({new}=...): image generation is a solver.")
-        if renamed:
-            raise TypeError(f"sample() got unexpected arguments {sorted(renamed)}.")
         if self.image_shape is None:
             raise ValueError("The module does not know its image shape yet: pass image_shape=(C, H, W) to DiffusionModule.")
-        if labels is not None and self.num_classes is None:
-            raise ValueError("labels were given but the model is unconditional (num_classes is null).")
+        num_samples = check_int(num_samples, "num_samples", minimum=1)
+        size = num_samples if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
+        steps = self.solver_steps if solver_steps is None else solver_steps
+        scale = self.guidance_scale if guidance_scale is None else check_number(guidance_scale, "guidance_scale")
+        if labels is not None:
+            self._check_labels(labels, num_samples)
         if self.num_classes is not None and labels is None:
             labels = torch.randint(0, self.num_classes, (num_samples,), device=self.device, generator=generator)
         labels = None if labels is None else labels.to(self.device)
         if noise is None:
             noise = torch.randn((num_samples, *self.image_shape), device=self.device, generator=generator)
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        size = batch_size or num_samples
+        elif tuple(noise.shape) != (num_samples, *self.image_shape):
+            raise ValueError(
+                f"noise must be shaped (num_samples, *image_shape) = {(num_samples, *self.image_shape)}, got "
+                f"{tuple(noise.shape)}: one x_T per sample."
+            )
         was_training = self.training
         self.eval()
         try:
@@ -362,8 +438,24 @@ class DiffusionModule(pl.LightningModule):
                 model = guided(self._sampling_forward(), part_labels, self.num_classes, scale)
                 with self._sampling_autocast():
                     x = sample_loop(self.diffusion, model, noise[part].to(self.device), solver,
-                                    solver_steps or self.solver_steps, eta, generator=generator)
+                                    steps, eta, generator=generator)
                 chunks.append(x.float())
             return torch.cat(chunks)
         finally:
             self.train(was_training)
+
+    def _check_labels(self, labels: Any, num_samples: int) -> None:
+        """sample()'s labels: one integer per sample in [0, num_classes] (num_classes: the null label,
+        unconditional). Sampling is not the training step: the one value check here may sync."""
+        if self.num_classes is None:
+            raise ValueError("labels were given but the model is unconditional (num_classes is null).")
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}.")
+        if tuple(labels.shape) != (num_samples,):
+            raise ValueError(f"labels must hold one label per sample, shaped ({num_samples},), got {tuple(labels.shape)}.")
+        outside = (labels < 0) | (labels > self.num_classes)
+        if outside.any():
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes - 1}] (or {self.num_classes}, the null label, for "
+                f"unconditional samples); got {labels[outside][:5].tolist()}."
+            )

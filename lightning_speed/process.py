@@ -13,7 +13,7 @@ Dhariwal 2021, eq. 16), with the mean frozen in the VLB term so that only ``v`` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -110,13 +110,44 @@ class GaussianDiffusion(nn.Module):
             return out, (x_t - a * out) / s
         return a * x_t - s * out, s * x_t + a * out  # v
 
+    def check_output(self, out: Any, x: Tensor) -> Tensor:
+        """``out`` if it is what the loss and the solvers read from the network at input ``x``: a floating
+        tensor of x's shape, with 2C channels for learned sigma. Host metadata only: free, and under
+        ``torch.compile`` checked once, at tracing."""
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"The network (backbone) must return the prediction as a tensor, got {type(out).__name__}: return "
+                "the tensor itself (from a diffusers model, its `.sample`, or [0] with return_dict=False)."
+            )
+        if not out.is_floating_point():
+            raise TypeError(
+                f"The network (backbone) must return floating-point predictions, got {out.dtype}: remove any "
+                "rounding, argmax or integer cast at its output (the loss needs gradients through it)."
+            )
+        channels = x.shape[1] * (2 if self.learn_sigma else 1)
+        expected = (x.shape[0], channels, *x.shape[2:])
+        if tuple(out.shape) == expected:
+            return out
+        if out.shape[2:] != x.shape[2:] or out.shape[0] != x.shape[0]:
+            fix = f"it must keep the input's batch size and size {tuple(x.shape[2:])} (check its image_size and resampling)"
+        else:
+            fix = f"set its out_channels to {channels}"
+            if out.shape[1] == x.shape[1] * (1 if self.learn_sigma else 2):  # the other learn_sigma convention
+                fix += f", or learn_sigma={not self.learn_sigma} in the model to match it"
+        need = f"2C = {channels} channels (prediction and variance) for learn_sigma" if self.learn_sigma \
+            else f"the data's {channels} channels"
+        raise ValueError(
+            f"The network (backbone) must return {need}, shaped {expected} for input {tuple(x.shape)}; got "
+            f"{tuple(out.shape)}: {fix}."
+        )
+
     # -- the loss ------------------------------------------------------------------------------
     def training_losses(self, model: Denoiser, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> DiffusionLosses:
         """Per-sample losses of ``model`` at time steps ``t`` (B,), in float32 whatever the autocast."""
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, t).float()
+        out = self.check_output(model(x_t, t), x0).float()
         prediction, v = out.split(x0.shape[1], dim=1) if self.learn_sigma else (out, None)
         mse = variance.mean_over_sample((prediction - self.target(x0, noise, t).float()) ** 2)
         if v is None:

@@ -107,7 +107,7 @@ def sample_loop(
     x = noise
     for i in reversed(range(len(kept))):
         t = torch.full((x.shape[0],), kept[i], device=x.device, dtype=torch.long)
-        out = model(x, t).float()
+        out = process.check_output(model(x, t), x).float()
         prediction, v = out.split(channels, dim=1) if process.learn_sigma else (out, None)
         x0, eps = process.split_prediction(prediction, x, t)
         if clip_denoised:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import configparser
 import importlib
 import math
+import re
 import runpy
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +307,94 @@ def test_a_run_that_trains_in_an_earlier_run_folder_keeps_its_config(cli_env: Pa
     assert (run_dir / "config.yaml").read_text() == "# the earlier run's configuration\n"
     assert yaml.safe_load((run_dir / "config-1.yaml").read_text())["trainer"]["max_steps"] == 1
     assert f"{run_dir / 'config.yaml'} belongs to an earlier run and is kept; this run's configuration is in config-1.yaml" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- values the parser or Lightning let through
+@pytest.mark.parametrize(
+    "config, fragments",
+    [
+        ("trainer:\n  precision: bf17-mixed\n",  # a union of Literals: every alternative, so the valid strings show
+         ["error: trainer.precision: Expected a <class 'int'> or typing.Literal[", "'bf16-mixed'", "Got value: bf17-mixed"]),
+        ("model:\n  optimizer: torch.optim.Adamw\n",  # the reason, not the search
+         ["error: model.optimizer: module 'torch.optim' has no attribute 'Adamw'. Got value: torch.optim.Adamw"]),
+    ],
+    ids=["precision-typo", "optimizer-typo"],
+)  # fmt: skip
+def test_union_errors_name_every_alternative_and_the_reason(
+    cli_env: Path, no_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    config: str, fragments: list[str],
+) -> None:  # fmt: skip
+    bad = cli_env / "bad.yaml"
+    bad.write_text(config)
+    code, err = run_console(["fit", "--config", str(QUICKSTART), "--config", str(bad), *FAST], monkeypatch, capsys)
+    first_error = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert code == 2 and all(fragment in first_error for fragment in fragments), first_error
+
+
+def test_a_strategy_file_alone_is_told_to_come_after_a_base_config(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = run_console(["fit", "--config", str(REPO / "configs" / "strategies" / "speed.yaml")], monkeypatch, capsys)
+    first_error = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert code == 2 and "model.backbone" in first_error
+    assert "give the base config first, e.g. --config configs/fashion_mnist.yaml --config configs/strategies/speed.yaml" in first_error
+
+
+def test_a_config_file_that_replaces_another_files_strategy_is_refused(cli_env: Path, no_training: None) -> None:
+    from lightning_speed.cli import check_one_strategy
+
+    strategies = REPO / "configs" / "strategies"
+    base = str(REPO / "configs" / "fashion_mnist.yaml")
+    with pytest.raises(ValueError) as err:  # before: trained with P2 alone, SpeeD dropped without a word
+        main(["fit", "--config", base, "--config", str(strategies / "speed.yaml"), "--config", str(strategies / "p2.yaml")])
+    assert f"{strategies / 'p2.yaml'} sets strategy P2Weighting, but {strategies / 'speed.yaml'} already set SpeeD" in str(err.value)
+    with pytest.raises(ValueError, match="p2.yaml sets strategy P2Weighting, but .*quickstart.yaml already set SpeeD"):
+        check_one_strategy([str(QUICKSTART), str(strategies / "p2.yaml")])
+    # what composes: a base's null first, the same class again, a file of init_args only, null (the uniform
+    # baseline, test_configs), and after a null another class
+    args_only = cli_env / "k2.yaml"
+    args_only.write_text("strategy:\n  init_args: {k: 2.0}\n")
+    check_one_strategy([base, str(strategies / "speed.yaml"), str(strategies / "speed_k2.yaml"), str(args_only)])
+    check_one_strategy([str(QUICKSTART), str(strategies / "uniform.yaml"), str(strategies / "p2.yaml")])
+    from lightning_speed.cli import config_files
+
+    assert config_files(["fit", "-c", base, "--config=" + str(args_only), "--config", "{strategy: null}"]) == [base, str(args_only)]
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val must be >= 0"),  # Lightning: clipping off
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be > 0"),  # Lightning: 1/0 at step 1
+        (["--checkpoint.init_args.dirpath", "a_file"], "a_file, which is a file, not a folder"),  # made absolute
+        (["--samples.init_args.save_dir", "a_file"], "SampleGridCallback.save_dir is a_file, which is a file"),
+    ],
+    ids=["negative-clip", "val-interval-0", "checkpoint-dir-is-a-file", "grid-dir-is-a-file"],
+)  # fmt: skip
+def test_trainer_values_and_output_folders_that_would_fail_late_fail_first(
+    cli_env: Path, no_training: None, extra: list[str], fragment: str
+) -> None:
+    (cli_env / "a_file").write_text("not a folder\n")
+    steps = ["--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]  # fast_dev_run
+    with pytest.raises(ValueError, match=re.escape(fragment)):  # would reset val_check_interval
+        main(["fit", "--config", str(QUICKSTART), *steps, "--trainer.logger.init_args.save_dir", str(cli_env), *extra])
+
+
+def test_a_checkpoints_hyperparameters_that_override_configured_values_are_named(cli_env: Path) -> None:
+    import lightning
+
+    model = main(["--config", str(QUICKSTART)], run=False).model
+    ckpt = cli_env / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": lightning.__version__,
+                "hyper_parameters": {"schedule": "linear"}}, ckpt)
+    evaluate = ["validate", "--config", str(QUICKSTART), *FAST, "--trainer.logger", "false", "--ckpt_path", str(ckpt)]
+    with pytest.warns(UserWarning, match="model.schedule: configured 'cosine', checkpoint 'linear'"):
+        main([*evaluate, "--model.schedule", "cosine"])  # LightningCLI uses the checkpoint's linear
+    with warnings.catch_warnings():  # the same value configured: nothing to say
+        warnings.filterwarnings("error", message=".*trained with other model hyperparameters")
+        main(evaluate)
+
+
+def test_validate_without_a_checkpoint_says_it_evaluates_untrained_weights(cli_env: Path) -> None:
+    with pytest.warns(UserWarning, match="validate without --ckpt_path evaluates the model's initial, untrained weights"):
+        main(["validate", "--config", str(QUICKSTART), *FAST, "--trainer.logger", "false"])

@@ -234,12 +234,14 @@ def test_lightning_checkpoint_resumes_in_ours(tmp_path, make):
 
 
 @pytest.mark.parametrize(("decay", "error", "match"), [
-    (1.5, ValueError, r"decay must be a number in \[0, 1\], got 1.5"),
+    (1.5, ValueError, r"decay must be a number in \[0, 1\), got 1.5"),
+    (1.0, ValueError, r"decay must be a number in \[0, 1\), got 1.0.*1 never moves the average"),
     ("0.9", TypeError, r"decay must be a number, got '0.9' \(str\)"),
 ])
 def test_bad_decay(decay, error, match):
     with pytest.raises(error, match=match):
         EMAWeightAveraging(decay=decay)
+    assert EMAWeightAveraging(decay=0).decay == 0.0  # no averaging: the latest weights
 
 
 class _Evaluate(pl.Callback):

@@ -358,3 +358,65 @@ def test_sampling_callbacks_refuse_a_sharded_strategy_before_any_work(make) -> N
     trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match=r"cannot sample under FSDPStrategy.*null.*--ckpt_path"):
         make().setup(trainer, nn.Linear(2, 2), "fit")
+
+
+@pytest.mark.parametrize("callback", [FIDCallback, SampleGridCallback])
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"eta": -1.0}, r"eta must be a non-negative number, got -1.0"),
+    ({"solver": "ddpm", "eta": 1.0}, "eta applies to the ddim solver only"),
+    ({"solver_steps": 1}, r"solver_steps must be an integer of at least 2, got 1"),
+])
+def test_generation_settings_wrong_in_themselves_fail_at_construction(callback, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        callback(**kwargs)
+
+
+class NoSample(pl.LightningModule):
+    """A user's module without ``sample()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def training_step(self, batch, batch_idx):
+        return self.scale**2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def tiny_diffusion():
+    from lightning_speed.backbones import UNet
+    from lightning_speed.module import DiffusionModule
+
+    unet = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+                attention_resolutions=(), num_heads=1, num_timesteps=100)
+    return DiffusionModule(unet, num_timesteps=100, image_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("callback", [
+    lambda tmp_path, **kw: fid_callback(tmp_path, reference_images=torch.zeros(4, 1, 8, 8, dtype=torch.uint8), **kw),
+    lambda tmp_path, **kw: SampleGridCallback(**kw),
+], ids=["fid", "samples"])
+@pytest.mark.parametrize(("make", "kwargs", "error", "match"), [
+    (tiny_diffusion, {"solver_steps": 250}, ValueError, r"Callback: solver_steps must be an integer from 2 to T = 100"),
+    (tiny_diffusion, {"sample_kwargs": {"guidance": 2.0}}, TypeError,
+     r"sample\(\) has no argument guidance; use its names: .*guidance_scale"),
+    (NoSample, {}, TypeError, "NoSample has no sample"),
+])
+def test_sampling_callbacks_check_the_module_before_training(tmp_path, callback, make, kwargs, error, match) -> None:
+    trainer = make_trainer(tmp_path, [callback(tmp_path, **kwargs)], max_steps=2)
+    with pytest.raises(error, match=match):
+        trainer.fit(make(), train_dataloaders=DataLoader(TensorDataset(torch.zeros(4, 1, 8, 8)), batch_size=2))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(("shape", "extractor"), [((3, 32, 32), FlatFeatures()), ((1, 16, 16), "fashion_mnist")],
+                         ids=["channels", "resolution"])
+def test_reference_images_of_another_shape_fail_in_setup(tmp_path, shape, extractor) -> None:
+    references = torch.zeros(4, *shape, dtype=torch.uint8)
+    fid = fid_callback(tmp_path, reference_images=references, feature_extractor=extractor)
+    trainer = make_trainer(tmp_path, [fid], max_steps=2)
+    with pytest.raises(ValueError, match=rf"reference images are {'x'.join(map(str, shape))} .* generates 1x32x32"):
+        trainer.fit(TinyGenerator(), train_dataloaders=DataLoader(TensorDataset(torch.zeros(4, 1, 32, 32)), batch_size=2))
+    assert trainer.global_step == 0

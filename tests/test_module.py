@@ -167,6 +167,7 @@ def test_data_shape_mismatch_names_the_fix():
     ({"compile_mode": "fast"}, ValueError, "compile_mode 'fast'.*'reduce-overhead'"),
     ({"compile": True}, TypeError, "'compile'.*now compile_mode"),
     ({"sampling_steps": 50}, TypeError, "'sampling_steps'.*now solver_steps"),
+    ({"schedule": [1e-3] * 500}, ValueError, "500 steps but num_timesteps=1000: set num_timesteps to 500"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -178,11 +179,80 @@ def test_bad_arguments(kwargs, error, match):
     ({"steps": 10}, TypeError, r"sample\(steps=...\) is now sample\(solver_steps=...\)"),
     ({"solver": "plms"}, ValueError, "Unknown solver 'plms'"),
     ({"solver_steps": 1001}, ValueError, "solver_steps must be an integer from 2 to T = 1000"),
+    ({"solver_steps": 0}, ValueError, "solver_steps must be an integer from 2 to T = 1000 .*got 0"),
+    ({"num_samples": 0}, ValueError, "num_samples must be an integer of at least 1, got 0"),
+    ({"num_samples": -2}, ValueError, "num_samples must be an integer of at least 1, got -2"),
+    ({"batch_size": 0}, ValueError, "batch_size must be an integer of at least 1, got 0"),
+    ({"noise": torch.randn(1, 1, 8, 8)}, ValueError, r"noise must be shaped .* = \(2, 1, 8, 8\), got \(1, 1, 8, 8\)"),
+    ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number, got nan"),
+    ({"labels": torch.tensor([3, 4])}, ValueError, r"labels must lie in \[0, 2\] \(or 3, the null label.*got \[4\]"),
+    ({"labels": torch.tensor([-1, 0])}, ValueError, r"labels must lie in \[0, 2\].*got \[-1\]"),
+    ({"labels": torch.tensor([0])}, ValueError, r"one label per sample, shaped \(2,\), got \(1,\)"),
+    ({"labels": torch.tensor([0.0, 1.0])}, TypeError, "labels must be an integer tensor, got torch.float32"),
 ])
 def test_bad_sample_arguments(kwargs, error, match):
-    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    module = DiffusionModule(TinyBackbone(num_classes=3), image_shape=(1, 8, 8), num_classes=3)
     with pytest.raises(error, match=match):
-        module.sample(2, **kwargs)
+        module.sample(kwargs.pop("num_samples", 2), **kwargs)
+
+
+def test_sample_accepts_the_null_label():
+    """labels == num_classes (the null label) is a legitimate request for unconditional samples."""
+    module = DiffusionModule(TinyBackbone(num_classes=3), image_shape=(1, 8, 8), num_classes=3)
+    assert module.sample(2, labels=torch.tensor([3, 0]), solver_steps=2).shape == (2, 1, 8, 8)
+
+
+class Returns(nn.Module):
+    """A TinyBackbone whose output goes through ``post`` (a tuple, an integer cast, ...)."""
+
+    def __init__(self, post):
+        super().__init__()
+        self.inner, self.post = TinyBackbone(), post
+
+    def forward(self, x, t, y=None):
+        return self.post(self.inner(x, t, y))
+
+
+@pytest.mark.parametrize("post,match", [
+    (lambda out: (out,), "must return the prediction as a tensor, got tuple"),
+    (lambda out: out.round().long(), "floating-point predictions, got torch.int64"),
+])
+def test_backbone_output_type_is_checked_at_setup(post, match):
+    module = DiffusionModule(Returns(post), image_shape=(1, 8, 8))
+    with pytest.raises(TypeError, match=match):
+        module.setup("fit")
+
+
+@pytest.mark.parametrize("batch,kwargs,error,match", [
+    ({"pixel_values": torch.zeros(2, 1, 8, 8)}, {}, KeyError, r"under 'images'.*'labels'.*got keys \['pixel_values'\]"),
+    ((torch.zeros(2, 1, 8, 8, dtype=torch.uint8),), {}, TypeError, r"floating-point tensor in \[-1, 1\], got torch.uint8"),
+    ((torch.zeros(2, 1, 16, 16),), {"image_shape": (1, 8, 8)}, ValueError,
+     r"shape \(1, 16, 16\).*image_shape is \(1, 8, 8\): set model.image_shape to \[1, 16, 16\]"),
+    ((torch.zeros(2, 1, 8, 8),), {"num_classes": 3}, ValueError, "num_classes=3.*holds no labels.*num_classes=None"),
+])
+def test_bad_batches_name_the_fix(batch, kwargs, error, match):
+    """Batch checks read host metadata only (type, dtype, shape): no device sync in the training step."""
+    module = DiffusionModule(TinyBackbone(num_classes=3), **kwargs)
+    with pytest.raises(error, match=match):
+        module.training_step(batch, 0)
+
+
+def test_checkpoint_loading_names_the_backbone_its_sizes_and_its_T(tmp_path):
+    from lightning_speed.checkpoints import CheckpointMismatchError
+
+    fit = trainer(max_steps=1)
+    fit.fit(DiffusionModule(TinyBackbone(embedded_timesteps=100), num_timesteps=100, image_shape=(1, 8, 8)),
+            loader(n=8, batch_size=8))
+    path = tmp_path / "m.ckpt"
+    fit.save_checkpoint(path)
+    loaded = DiffusionModule.load_from_checkpoint(path, backbone=TinyBackbone(embedded_timesteps=100))
+    assert loaded.num_timesteps == 100
+    with pytest.raises(TypeError, match="not the backbone.*load_from_checkpoint\\(path, backbone=UNet"):
+        DiffusionModule.load_from_checkpoint(path)
+    with pytest.raises(CheckpointMismatchError, match="(?s)1 of 5 tensors have other shapes.*backbone.t_emb.weight: checkpoint \\(100, 16\\)"):
+        DiffusionModule.load_from_checkpoint(path, backbone=TinyBackbone(embedded_timesteps=1000))
+    with pytest.raises(ValueError, match="trained with num_timesteps=100 but this module diffuses over 1000 steps"):
+        DiffusionModule.load_from_checkpoint(path, backbone=TinyBackbone(embedded_timesteps=1000), num_timesteps=1000)
 
 
 # -- state, compilation, memory format -------------------------------------------------------

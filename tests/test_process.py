@@ -352,3 +352,21 @@ def test_bad_solver_arguments(kwargs, match):
 def test_unknown_prediction():
     with pytest.raises(ValueError, match="epsilon"):
         make("score")
+
+
+@pytest.mark.parametrize("learn_sigma,network,error,match", [
+    (False, lambda x, t: (x,), TypeError, "must return the prediction as a tensor, got tuple.*`.sample`"),
+    (False, lambda x, t: x.round().long(), TypeError, "floating-point predictions, got torch.int64"),
+    (False, lambda x, t: x[:, :1], ValueError, r"the data's 3 channels.*got \(2, 1, 4, 4\): set its out_channels to 3\."),
+    (False, lambda x, t: x[:, :, ::2, ::2], ValueError, r"keep the input's batch size and size \(4, 4\)"),
+    (False, lambda x, t: torch.cat([x, x], 1), ValueError, "out_channels to 3, or learn_sigma=True in the model"),
+    (True, lambda x, t: x, ValueError, "2C = 6 channels.*out_channels to 6, or learn_sigma=False in the model"),
+])
+def test_network_output_is_checked_before_the_loss(learn_sigma, network, error, match):
+    """A wrong output type, dtype or shape fails on host metadata, naming the fix, instead of broadcasting."""
+    d = make(T=100, learn_sigma=learn_sigma)
+    x0 = torch.randn(2, 3, 4, 4)
+    with pytest.raises(error, match=match):
+        d.training_losses(network, x0, torch.tensor([0, 50]))
+    with pytest.raises(error, match=match):
+        sample_loop(d, network, x0, steps=2)

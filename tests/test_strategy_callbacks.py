@@ -253,6 +253,13 @@ def test_the_former_callback_name_says_the_new_one():
          r"disagree on tau \(AsymmetricSampling tau=642, ChangeAwareWeighting tau=700\).*SpeeD\(tau=...\)"),
         (lambda: TinyDiffusion(), lambda: [SpeeD(tau=700), TimestepMonitor(tau="auto")],
          r"TimestepMonitor\(tau='auto'\) splits the areas at 642, but the installed time-step strategy uses tau=700"),
+        (lambda: _with_attribute(TinyDiffusion(), "num_timesteps", 100), lambda: [SpeeD()],
+         r"SpeeD draws t from TinyDiffusion.timesteps, built for T = 1000 time steps, but TinyDiffusion.num_timesteps is "
+         r"100.*TimestepStrategy\(self.alphas_cumprod\)"),
+        (lambda: _with_attribute(TinyDiffusion(), "alphas_cumprod", torch.ones(100)), lambda: [P2Weighting()],
+         r"but len\(TinyDiffusion.alphas_cumprod\) is 100: the training step would use t up to 999"),
+        (lambda: _RebuildsInSetup(), lambda: [SpeeD()],
+         r"_RebuildsInSetup.timesteps was replaced after SpeeD installed its strategy.*Create self.timesteps once, in __init__"),
     ],
 )
 def test_bad_setups_fail_before_any_step(module, callbacks, match):
@@ -260,6 +267,13 @@ def test_bad_setups_fail_before_any_step(module, callbacks, match):
     with pytest.raises(ValueError, match=match):
         trainer(2, [*callbacks(), rec]).fit(module(), loader())
     assert rec.t == []
+
+
+class _RebuildsInSetup(TinyDiffusion):
+    """Builds a new strategy in its own setup(), which runs after the callbacks' setup."""
+
+    def setup(self, stage):
+        self.timesteps = TimestepStrategy(self.timesteps.schedule)
 
 
 class _PlainModule(pl.LightningModule):
@@ -506,6 +520,23 @@ class _MeanOnly(TinyDiffusion):
 def test_monitor_explains_what_it_needs():
     with pytest.raises(ValueError, match=r"(?s)_MeanOnly.timesteps.last.*did not call it.*self.timesteps.loss\(t, per_sample_loss\)"):
         trainer(1, [TimestepMonitor(log_every_n_steps=1)]).fit(_MeanOnly(), loader())
+
+
+@pytest.mark.parametrize(
+    ("callback", "match"),
+    [
+        (lambda: SpeeD(), r"(?s)SpeeD's ChangeAwareWeights acts through _MeanOnly.timesteps.loss, but this training_step "
+                          r"did not call it.*self.timesteps.loss\(t, per_sample_loss\)"),
+        (lambda: LossAwareSampling(), "LossAwareSampling's LossAwareSampler acts through _MeanOnly.timesteps.loss"),
+        (lambda: AsymmetricSampling(), None),  # it only chooses t: averaging the loss itself loses nothing
+    ],
+)
+def test_strategies_that_act_in_the_loss_need_it_called(callback, match):
+    if match is None:
+        trainer(2, [callback()]).fit(_MeanOnly(), loader())
+        return
+    with pytest.raises(ValueError, match=match):
+        trainer(2, [callback()]).fit(_MeanOnly(), loader())
 
 
 # ------------------------------------------------------------------------------ DiffusionModule

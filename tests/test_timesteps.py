@@ -368,6 +368,7 @@ def test_strategy_defaults_to_uniform_and_plain_mean(linear):
     assert torch.equal(strategy.last.weight, torch.ones(8))
 
 
+@pytest.mark.filterwarnings("ignore:TimestepStrategy.loss got time steps")  # t chosen by hand on purpose
 def test_strategy_loss_weights_only_the_weighted_part():
     """mean(imp * (w * weighted + unweighted)), with w = table[t] and imp = 1 / (T p(t))."""
     strategy = TimestepStrategy(NoiseSchedule.from_name("constant", 4))
@@ -404,6 +405,69 @@ def test_strategy_loss_rejects_anything_but_per_sample_losses(linear, t, losses,
     with pytest.raises(ValueError, match="1-D integer tensor|unweighted must hold one loss per sample"):
         strategy.loss(t, torch.ones(t.shape[0]) if t.ndim == 1 else losses, losses)
     assert strategy.last is None
+
+
+@pytest.mark.parametrize(
+    ("t", "weights", "error", "match"),
+    [
+        (torch.full((4,), T), None, ValueError, r"t must hold time steps in \[0, 1000\) for this T = 1000, got values from 1000"),
+        (torch.tensor([-1, 0, 5, 9]), "speed", ValueError, r"from -1 to 9: pass what TimestepStrategy.sample returned, unchanged"),
+        (torch.tensor([10, 20, 99, 100]), "small", ValueError, r"\[0, 10\) for this T = 10, got values from 10 to 100"),
+        ([1, 2, 3, 4], None, TypeError, "t must be a 1-D integer tensor of time steps \\(B,\\), got list"),
+        (torch.tensor([True, False, True, False]), None, ValueError, "1-D integer tensor.*got torch.bool"),
+    ],
+)
+def test_strategy_loss_rejects_time_steps_it_cannot_have_drawn(linear, t, weights, error, match):
+    """Type, dtype and shape always; values on the CPU only (reading a device tensor would sync every step)."""
+    strategy = TimestepStrategy(NoiseSchedule.from_name("cosine", 10) if weights == "small" else linear)
+    if weights is not None:  # a table lookup would index out of range or wrap around at t = -1
+        strategy.weights = ChangeAwareWeights(strategy.schedule, tau=5 if weights == "small" else 700)
+    with pytest.raises(error, match=match):
+        strategy.loss(t, torch.ones(4))
+    assert strategy.last is None
+    with pytest.raises(TypeError, match=r"weighted must be a tensor of per-sample losses shaped \(B,\) like t, got list"):
+        strategy.loss(torch.arange(4), [1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize(
+    ("n", "error", "match"),
+    [
+        (torch.zeros(4, 2), TypeError, r"got a tensor of shape \(4, 2\): pass the batch size, sample\(len\(x0\), x0.device\)"),
+        (4.0, TypeError, r"n \(the number of time steps to draw\) must be an integer, got 4.0 \(float\); pass the batch size"),
+        (-1, ValueError, "must be an integer of at least 0, got -1"),
+    ],
+)
+def test_strategy_sample_needs_a_count(linear, n, error, match):
+    strategy = TimestepStrategy(linear)
+    strategy.sampler = AsymmetricSampler(linear)  # dual pairs drew n // 2 + 1 = 0 for n = -1: an empty batch
+    with pytest.raises(error, match=match):
+        strategy.sample(n, "cpu")
+
+
+def test_strategy_loss_warns_once_when_t_was_not_drawn_by_its_sampler(linear):
+    import warnings
+
+    strategy = TimestepStrategy(linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy.loss(torch.randint(0, T, (4,)), torch.ones(4))  # uniform sampler: torch.randint is the same
+        strategy.sampler = AsymmetricSampler(linear)
+        strategy.loss(strategy.sample(4, "cpu"), torch.ones(4))
+    with pytest.warns(UserWarning, match=r"sample did not return, so the installed AsymmetricSampler does not choose.*"
+                                         r"t = self.timesteps.sample\(len\(x\), x.device\)"):
+        strategy.loss(torch.randint(0, T, (4,)), torch.ones(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy.loss(torch.randint(0, T, (4,)), torch.ones(4))  # once only
+
+
+def test_strategy_objects_take_what_timestep_strategy_takes(linear):
+    alphas_cumprod = linear.alpha_bar.float()
+    torch.testing.assert_close(AsymmetricSampler(alphas_cumprod, tau=700).probs, AsymmetricSampler(linear, tau=700).probs)
+    for make in (ChangeAwareWeights, P2Weights, MinSNRWeights):
+        torch.testing.assert_close(make(alphas_cumprod).table, make(linear).table, rtol=1e-4, atol=1e-6)
+    with pytest.raises(TypeError, match=r"Cannot read a noise schedule from str.*NoiseSchedule.from_name\('linear', 1000\)"):
+        ChangeAwareWeights("linear", lam=0.6, tau=700)
 
 
 def test_strategy_takes_alphas_cumprod_and_diffusers_like_schedulers(linear):

@@ -22,6 +22,7 @@ only, so the sum counts them once).
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -47,8 +48,9 @@ from lightning_speed.metrics.reference import (
     load_reference_stats,
 )
 from lightning_speed.callbacks.ema import SHARDED_STRATEGIES, averaged_weights, ema_swapped_in_during_validation
-from lightning_speed.metrics.sampling import generate_batches, local_share
-from lightning_speed.solvers import SOLVERS, Solver
+from lightning_speed.metrics.sampling import generate_batches, local_share, sample_method
+from lightning_speed.solvers import SOLVERS, Solver, check_solver
+from lightning_speed.validation import check_int, check_number
 
 ReferenceImages = Tensor | Callable[[], Tensor]
 TRAIN_PASSES = 3  # network evaluations per training image: a forward and a backward of about twice its cost
@@ -103,10 +105,30 @@ class SolverSettings:
         if solver not in SOLVERS:
             choices = " or ".join(f'"{name}"' for name in SOLVERS)
             raise ValueError(f"{owner}(solver={solver!r}): choose {choices}.")
-        if solver_steps <= 0:
-            raise ValueError(f"{owner}(solver_steps={solver_steps}): solver_steps must be positive.")
+        solver_steps = check_int(solver_steps, "solver_steps", minimum=2, hint="at most the model's T")
+        eta = None if eta is None else check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
+        check_solver(solver, solver_steps, eta, solver_steps)  # all but the bound on T, which setup checks
         self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
         self.use_ema, self.sample_kwargs = use_ema, dict(sample_kwargs or {})
+
+    def _check_module(self, pl_module: "pl.LightningModule") -> None:
+        """In ``setup``, before any training step: ``pl_module`` can sample with these settings."""
+        owner, sample = type(self).__name__, sample_method(pl_module)
+        num_timesteps = getattr(pl_module, "num_timesteps", None)
+        if isinstance(num_timesteps, int):
+            try:
+                check_solver(self.solver, self.solver_steps, self.eta, num_timesteps)
+            except ValueError as err:
+                raise ValueError(f"{owner}: {err}") from None
+        parameters = inspect.signature(sample).parameters.values()
+        named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)  # a **kwargs may take any name
+        unknown = sorted(set(self.sample_kwargs) - set(named))
+        if unknown and not open_ended:
+            raise TypeError(
+                f"{owner}(sample_kwargs={self.sample_kwargs!r}): {type(pl_module).__name__}.sample() has no argument "
+                f"{', '.join(unknown)}; use its names: {', '.join(named[1:])}."
+            )
 
     def _check_strategy(self, trainer: "pl.Trainer") -> None:
         """Sampling calls the backbone on its own, outside the strategy's wrapper: FSDP's shards cannot run that way."""
@@ -254,12 +276,29 @@ class FIDCallback(SolverSettings, pl.Callback):
 
     # ------------------------------------------------------------------ setup: extractor + real statistics
 
-    def _reference_source(self, trainer: "pl.Trainer") -> tuple[str, Callable[[], Tensor | Iterable[Tensor]]]:
+    def _reference_source(
+        self, trainer: "pl.Trainer", image_shape: tuple[int, ...] | None
+    ) -> tuple[str, Callable[[], Tensor | Iterable[Tensor]]]:
         """(cache key of the real images, a callable giving them: a tensor, or batches from a datamodule's
-        ``reference_batches``, so a large image folder is streamed through the feature network)."""
+        ``reference_batches``, so a large image folder is streamed through the feature network).
+
+        Real images held whole must have ``image_shape``, the generated images' (C, H, W), when it is known.
+        """
+
+        def checked(images: Tensor) -> Tensor:
+            images = check_reference_images(images)
+            if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
+                c, h, w = images.shape[1:]
+                raise ValueError(
+                    f"FIDCallback ({self.name}): the reference images are {c}x{h}x{w} (C x H x W) but the model "
+                    f"generates {'x'.join(map(str, image_shape))} images, and FID must compare images of one shape: "
+                    "give reference images prepared like the training images (the same size, padding and channels)."
+                )
+            return images
+
         if self.reference_images is not None:
             given = self.reference_images
-            images = check_reference_images(given() if callable(given) else given)
+            images = checked(given() if callable(given) else given)
             return f"tensor-{images_fingerprint(images)}-n{images.shape[0]}", lambda: images
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not callable(getattr(datamodule, "reference_images", None)):
@@ -273,8 +312,8 @@ class FIDCallback(SolverSettings, pl.Callback):
             key = str(datamodule.reference_key(split, n))
             if callable(getattr(datamodule, "reference_batches", None)):
                 return key, lambda: datamodule.reference_batches(split, n, self.batch_size)
-            return key, lambda: check_reference_images(datamodule.reference_images(split, n))
-        images = check_reference_images(datamodule.reference_images(split, n))
+            return key, lambda: checked(datamodule.reference_images(split, n))
+        images = checked(datamodule.reference_images(split, n))
         return f"{type(datamodule).__name__}-{split}-{images_fingerprint(images)}", lambda: images
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -286,10 +325,11 @@ class FIDCallback(SolverSettings, pl.Callback):
         if stage not in ("fit", "validate") or self._fid is not None:
             return
         self._check_strategy(trainer)
+        self._check_module(pl_module)
         start = time.perf_counter()
         device = trainer.strategy.root_device
-        ref_key, load_images = self._reference_source(trainer)
         image_shape = getattr(pl_module, "output_shape", getattr(pl_module, "image_shape", None))  # what FID sees
+        ref_key, load_images = self._reference_source(trainer, image_shape)
         if image_shape is None and not isinstance(self.feature_extractor, str):
             real = load_images()
             image_shape = tuple((real if isinstance(real, Tensor) else next(iter(real))).shape[1:])

@@ -79,6 +79,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
             self._check_strategy(trainer)
+            self._check_module(pl_module)
 
     def make_grid(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
         """Sample with the fixed seed (EMA weights if present) and return the grid as uint8 (3, H, W) on the CPU."""

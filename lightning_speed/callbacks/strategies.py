@@ -9,8 +9,11 @@ A module adopts them with three lines (``TIMESTEP_LINES``, shown in every error 
 In ``setup`` each callback builds its strategy object from ``timesteps.schedule`` and puts it in
 ``timesteps.sampler`` (``...Sampling`` callbacks) or ``timesteps.weights`` (``...Weighting``
 callbacks); ``SpeeD`` installs both with one tau. One sampling and one weighting callback
-combine; two of the same kind, or two that disagree on tau, are a ``ValueError`` at setup. The
-callbacks only glue: the math lives in ``lightning_speed.timesteps``.
+combine; two of the same kind, or two that disagree on tau, are a ``ValueError`` at setup, as is a
+strategy built for another T than the module's ``num_timesteps`` / ``alphas_cumprod``. A ``timesteps``
+the module replaces after setup fails at fit start, and a training step that skips ``timesteps.loss``
+while weights (or a loss-driven sampler) are installed fails at its end. The callbacks only glue: the
+math lives in ``lightning_speed.timesteps``.
 
 Checkpointing: a sampling callback's ``state_dict`` holds its sampler's seed, RNG state and
 statistics (loss history, curriculum step). Lightning restores callbacks after ``setup`` and
@@ -40,7 +43,9 @@ from lightning_speed.schedules import NoiseSchedule, Prediction, Tau, check_pred
 from lightning_speed.timesteps import baselines, speed
 from lightning_speed.timesteps.base import (
     ConstantWeights,
+    DeviceTables,
     LossWeights,
+    StepRecord,
     TimestepSampler,
     TimestepStrategy,
     UniformSampler,
@@ -80,6 +85,24 @@ def find_strategy(pl_module: pl.LightningModule, user: str) -> TimestepStrategy:
     )
 
 
+def _check_num_timesteps(pl_module: pl.LightningModule, strategy: TimestepStrategy, user: str) -> None:
+    """The strategy's T against the module's ``num_timesteps`` and ``alphas_cumprod`` where it has them
+    (host metadata): t drawn for another T would index the module's own schedule out of range or at wrong steps."""
+    name = type(pl_module).__name__
+    stated: dict[str, Any] = {f"{name}.num_timesteps": getattr(pl_module, "num_timesteps", None)}
+    alphas_cumprod = getattr(pl_module, "alphas_cumprod", None)
+    if isinstance(alphas_cumprod, torch.Tensor) and alphas_cumprod.ndim == 1:
+        stated[f"len({name}.alphas_cumprod)"] = len(alphas_cumprod)
+    for where, T in stated.items():
+        if isinstance(T, int) and not isinstance(T, bool) and T != strategy.num_timesteps:
+            raise ValueError(
+                f"{user} draws t from {name}.timesteps, built for T = {strategy.num_timesteps} time steps, but {where} "
+                f"is {T}: the training step would use t up to {strategy.num_timesteps - 1} with a {T}-step schedule. "
+                "Build the strategy from the module's own schedule, e.g. TimestepStrategy(self.alphas_cumprod), "
+                "or from a NoiseSchedule with the same T."
+            )
+
+
 def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
@@ -104,6 +127,7 @@ class StrategyCallback(Callback, ABC):
         self.weights: LossWeights | None = None
         self._strategy: TimestepStrategy | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._seen: StepRecord | None = None  # timesteps.last at the end of the previous step
 
     def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
         raise NotImplementedError(f"{type(self).__name__} installs no sampler.")
@@ -121,6 +145,7 @@ class StrategyCallback(Callback, ABC):
         if stage != "fit":
             return
         strategy = find_strategy(pl_module, type(self).__name__)
+        _check_num_timesteps(pl_module, strategy, type(self).__name__)
         self._check_others(trainer, strategy.schedule)
         if self._strategy is not strategy:  # first fit, or a new module (a repeated fit keeps the objects)
             self._build(trainer, pl_module, strategy)
@@ -174,8 +199,47 @@ class StrategyCallback(Callback, ABC):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._strategy is not None:
-            self._strategy.to(pl_module.device)
+        if self._strategy is None:
+            return
+        name = type(pl_module).__name__
+        if getattr(pl_module, "timesteps", None) is not self._strategy:
+            raise ValueError(
+                f"{name}.timesteps was replaced after {type(self).__name__} installed its strategy into it at setup "
+                f"(e.g. by {name}.setup or configure_model), so training would draw uniform t and weigh every loss "
+                "by 1. Create self.timesteps once, in __init__, and keep that object (sample() moves its tables to "
+                "the batch's device)."
+            )
+        self._strategy.to(pl_module.device)
+        self._seen = self._strategy.last  # a record from before this fit is not this fit's step
+
+    def _acts_in_loss(self) -> DeviceTables | None:
+        """What this callback installed that acts only inside ``TimestepStrategy.loss``: loss weights, or a
+        sampler with importance weights or a loss history (None: a step that averages its loss itself loses nothing)."""
+        if self.weights is not None:
+            return self.weights
+        kind = type(self.sampler)
+        if self.sampler is not None and (
+            kind.update is not TimestepSampler.update or kind.importance_weight is not TimestepSampler.importance_weight
+        ):
+            return self.sampler
+        return None
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Host-side identity checks only. outputs is None or {} when training_step returned None (a skipped batch).
+        if self._strategy is None or outputs is None or (isinstance(outputs, dict) and not outputs):
+            return
+        acting = self._acts_in_loss()
+        if acting is not None and self._strategy.last is self._seen:
+            name = type(pl_module).__name__
+            raise ValueError(
+                f"{type(self).__name__}'s {type(acting).__name__} acts through {name}.timesteps.loss, but this "
+                "training_step did not call it (e.g. it returned per_sample_loss.mean()), so it was never applied. "
+                "Compute the loss with:\n" + TIMESTEP_LINES
+            )
+        self._seen = self._strategy.last
 
     # -- checkpointing ----------------------------------------------------------------------
     @override

@@ -6,7 +6,7 @@ Shared by ``FIDCallback`` and ``SampleGridCallback``, which wrap it in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +17,17 @@ from torch import Tensor
 def local_share(total: int, world_size: int, rank: int) -> int:
     """How many of ``total`` samples rank ``rank`` generates (the first ranks take the remainder)."""
     return total // world_size + (1 if rank < total % world_size else 0)
+
+
+def sample_method(pl_module: "pl.LightningModule") -> Callable[..., Tensor]:
+    """``pl_module.sample``, or a ``TypeError`` saying that evaluation callbacks need one."""
+    sample = getattr(pl_module, "sample", None)
+    if not callable(sample):
+        raise TypeError(
+            f"{type(pl_module).__name__} has no sample(num_samples, *, solver, solver_steps, eta, generator, ...) method; "
+            "evaluation callbacks need it (see lightning_speed.module.DiffusionModule.sample)."
+        )
+    return sample
 
 
 @torch.no_grad()
@@ -37,11 +48,7 @@ def generate_batches(
     same noise, so evaluations at different steps are comparable. A module with a ``decode`` method
     (``DiffusionModule``: latents -> images with an autoencoder, else the identity) has its samples decoded.
     """
-    if not callable(getattr(pl_module, "sample", None)):
-        raise TypeError(
-            f"{type(pl_module).__name__} has no sample(num_samples, *, solver, solver_steps, eta, generator, ...) method; "
-            "evaluation callbacks need it (see lightning_speed.module.DiffusionModule.sample)."
-        )
+    sample = sample_method(pl_module)
     device = pl_module.device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     kwargs: dict[str, Any] = {"solver": solver, "solver_steps": solver_steps, "generator": generator, **(sample_kwargs or {})}
@@ -51,7 +58,7 @@ def generate_batches(
     decode = decode if callable(decode) else None
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        images = pl_module.sample(n, **kwargs)
+        images = sample(n, **kwargs)
         if images.shape[0] != n:
             raise ValueError(f"{type(pl_module).__name__}.sample({n}) returned {images.shape[0]} images.")
         yield decode(images) if decode is not None else images

@@ -259,12 +259,35 @@ class TableWeights(LossWeights):
 
 
 # ---------------------------------------------------------------------------------- the loss
-def _check_per_sample(t: Tensor, losses: Tensor, name: str) -> None:
-    """Shapes are host metadata: checking them costs no sync."""
-    if t.ndim != 1 or t.is_floating_point():
+def _check_timesteps(t: Any, num_timesteps: int) -> None:
+    """Type, dtype and shape are host metadata. Values are read only on the CPU, where that costs no
+    sync; on an accelerator a check would synchronise every step, so there t must come from ``sample``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            f"t must be a 1-D integer tensor of time steps (B,), got {type(t).__name__}: "
+            "pass what TimestepStrategy.sample returned."
+        )
+    if t.ndim != 1 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(
             f"t must be a 1-D integer tensor of time steps (B,), got {t.dtype} of shape {tuple(t.shape)}: "
             "pass what TimestepStrategy.sample returned."
+        )
+    if t.device.type == "cpu" and t.numel() > 0:
+        low, high = (int(v) for v in torch.aminmax(t))
+        if low < 0 or high >= num_timesteps:
+            raise ValueError(
+                f"t must hold time steps in [0, {num_timesteps}) for this T = {num_timesteps}, got values from {low} "
+                f"to {high}: pass what TimestepStrategy.sample returned, unchanged (t - 1, t + 1 or t drawn for "
+                "another T would read the loss weights of other time steps)."
+            )
+
+
+def _check_per_sample(t: Tensor, losses: Any, name: str) -> None:
+    """Shapes are host metadata: checking them costs no sync."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(
+            f"{name} must be a tensor of per-sample losses shaped (B,) like t, got {type(losses).__name__}: "
+            "compute it with torch, e.g. `(out - target).pow(2).flatten(1).mean(1)`."
         )
     if tuple(losses.shape) != tuple(t.shape):
         raise ValueError(
@@ -288,6 +311,7 @@ def weighted_loss(
     the sampler's importance factor ``imp`` (if any) multiplies both, keeping the objective
     unbiased. Adaptive samplers observe the detached total per-sample loss.
     """
+    _check_timesteps(t, sampler.num_timesteps)
     _check_per_sample(t, weighted, "weighted")
     if unweighted is not None:
         _check_per_sample(t, unweighted, "unweighted")
@@ -341,6 +365,8 @@ class TimestepStrategy:
         self.weights: LossWeights = ConstantWeights()
         self.tau: int | None = None
         self.last: StepRecord | None = None
+        self._drawn: Tensor | None = None  # what sample() returned last: loss() compares t with it (identity)
+        self._warned_undrawn = False
 
     @property
     def num_timesteps(self) -> int:
@@ -357,19 +383,38 @@ class TimestepStrategy:
 
         The tables move to ``device`` on first use there; the device comparison is host-side.
         """
+        if isinstance(n, Tensor):  # e.g. sample(x0, device); its repr would flood the message
+            raise TypeError(
+                f"n is the number of time steps to draw, got a tensor of shape {tuple(n.shape)}: "
+                "pass the batch size, sample(len(x0), x0.device)."
+            )
+        n = check_int(n, "n (the number of time steps to draw)", minimum=0, hint="pass the batch size, len(x0)")
         if device is not None:
             device = torch.device(device)
             if not (_same_device(self.sampler.device, device) and _same_device(self.weights.device, device)):
                 self.to(device)
-        return self.sampler.sample(n)
+        self._drawn = self.sampler.sample(n)
+        return self._drawn
 
     def loss(self, t: Tensor, weighted: Tensor, unweighted: Tensor | None = None) -> Tensor:
         """The scalar training loss ``mean(imp(t) * (w(t) * weighted + unweighted))``.
 
         ``weighted`` / ``unweighted`` are per-sample losses shaped (B,) like ``t`` (anything else
-        is an error). Records ``self.last`` for the monitor and the NaN guard.
+        is an error). ``t`` must be the tensor ``sample`` returned: its values are range-checked only
+        on the CPU (reading them on an accelerator would synchronise every step), and a t that
+        ``sample`` did not return warns once when a non-uniform sampler is installed, since that
+        sampler then never chooses the time steps. Records ``self.last`` for the monitor and the NaN guard.
         """
         loss, applied = weighted_loss(self.sampler, self.weights, t, weighted, unweighted)
+        if t is not self._drawn and not isinstance(self.sampler, UniformSampler) and not self._warned_undrawn:
+            self._warned_undrawn = True
+            warnings.warn(
+                f"TimestepStrategy.loss got time steps that TimestepStrategy.sample did not return, so the installed "
+                f"{type(self.sampler).__name__} does not choose the t this model trains on (t from torch.randint is "
+                "uniform whatever a callback installed). Draw t with `t = self.timesteps.sample(len(x), x.device)` and "
+                "pass that tensor to loss unchanged; if t derives from sample()'s draw on purpose, ignore this warning.",
+                stacklevel=2,
+            )
         total = weighted if unweighted is None else weighted + unweighted
         self.last = StepRecord(t.detach(), total.detach(), applied.detach())
         return loss

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
+from lightning_speed.schedules import NoiseSchedule, Prediction, as_schedule, check_prediction
 from lightning_speed.timesteps.base import (
     CDFSampler,
     TableWeights,
@@ -98,11 +98,14 @@ def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0) -> T
 
 
 class P2Weights(TableWeights):
-    """Perception-prioritised weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma."""
+    """Perception-prioritised weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma.
 
-    def __init__(self, schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0) -> None:
+    ``schedule``: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor or an object with one.
+    """
+
+    def __init__(self, schedule: Any, k: float = 1.0, gamma: float = 1.0) -> None:
         self.k, self.gamma = check_p2(k, gamma)
-        super().__init__(p2_weights(schedule, self.k, self.gamma))
+        super().__init__(p2_weights(as_schedule(schedule), self.k, self.gamma))
 
 
 def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: Prediction = "epsilon") -> Tensor:
@@ -118,12 +121,15 @@ def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: Pre
 
 
 class MinSNRWeights(TableWeights):
-    """Min-SNR-gamma weighting (Hang et al. 2023) for epsilon-, v- or x0-prediction."""
+    """Min-SNR-gamma weighting (Hang et al. 2023) for epsilon-, v- or x0-prediction.
 
-    def __init__(self, schedule: NoiseSchedule, gamma: float = 5.0, prediction: Prediction = "epsilon") -> None:
+    ``schedule``: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor or an object with one.
+    """
+
+    def __init__(self, schedule: Any, gamma: float = 5.0, prediction: Prediction = "epsilon") -> None:
         self.gamma = check_min_snr(gamma)
         self.prediction = check_prediction(prediction)
-        super().__init__(min_snr_weights(schedule, self.gamma, self.prediction))
+        super().__init__(min_snr_weights(as_schedule(schedule), self.gamma, self.prediction))
 
 
 # -------------------------------------------------------------------------------- samplers

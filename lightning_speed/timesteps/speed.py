@@ -17,12 +17,13 @@ behaves on other schedules and why it does not depend on the prediction type.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-
 from typing_extensions import override
 
-from lightning_speed.schedules import NoiseSchedule, Tau, auto_tau, resolve_tau
+from lightning_speed.schedules import NoiseSchedule, Tau, as_schedule, auto_tau, resolve_tau
 from lightning_speed.timesteps.base import TableSampler, TableWeights
 from lightning_speed.validation import check_bool, check_number
 
@@ -61,13 +62,15 @@ class AsymmetricSampler(TableSampler):
     """Asymmetric time-step sampling (SpeeD), optionally with dual pairs.
 
     Args:
-        schedule: the noise schedule (gives T and the dual pivot).
+        schedule: the noise schedule (gives T and the dual pivot): a ``NoiseSchedule``, an
+            ``alphas_cumprod`` tensor or an object with one, as ``TimestepStrategy`` takes.
         tau: first time step of the convergence area, or "auto" (the pivot m).
         k: how many times more often t < tau is drawn than t >= tau.
         dual: pair every drawn t with its partner around the pivot m (official default).
     """
 
-    def __init__(self, schedule: NoiseSchedule, tau: Tau = 700, k: float = 5.0, dual: bool = True) -> None:
+    def __init__(self, schedule: Any, tau: Tau = 700, k: float = 5.0, dual: bool = True) -> None:
+        schedule = as_schedule(schedule)
         self.tau = resolve_tau(tau, schedule)
         self.k = check_k(k)
         super().__init__(asymmetric_probabilities(schedule.num_timesteps, self.tau, self.k))
@@ -106,12 +109,13 @@ class ChangeAwareWeights(TableWeights):
     """Change-aware loss weighting (SpeeD): emphasise the steps where Psi changes fastest.
 
     Args:
-        schedule: the noise schedule (gives d/dt Psi).
+        schedule: the noise schedule (gives d/dt Psi); anything ``TimestepStrategy`` takes.
         lam: lambda in [0.5, 1]; weights below tau span [1 - lam, lam].
         tau: weights are 1 from tau on; an int or "auto".
     """
 
-    def __init__(self, schedule: NoiseSchedule, lam: float = 0.6, tau: Tau = 700) -> None:
+    def __init__(self, schedule: Any, lam: float = 0.6, tau: Tau = 700) -> None:
+        schedule = as_schedule(schedule)
         self.tau = resolve_tau(tau, schedule)
         self.lam = check_lam(lam)
         super().__init__(change_aware_weights(schedule, self.tau, self.lam))
