@@ -136,6 +136,11 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"label_dropout must be in [0, 1) (1 would never show a label), got {label_dropout}.")
         self.guidance_scale = check_number(guidance_scale, "guidance_scale")
         self.solver_steps = check_int(solver_steps, "solver_steps", minimum=2)
+        if self.solver_steps > self.num_timesteps:  # sample() would refuse it at the first grid or FID
+            raise ValueError(
+                f"solver_steps must be at most num_timesteps = {self.num_timesteps} (solvers visit a subset of the "
+                f"T steps), got {solver_steps}."
+            )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.compile_mode = None if compile_mode is None else check_choice(compile_mode, "compile_mode", get_args(CompileMode))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +446,14 @@ def test_image_folder_missing_or_empty(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(FileNotFoundError, match="No images"):
         ImageFolderDataModule(str(tmp_path), image_size=8).setup("fit")
+
+
+def test_more_reference_images_than_the_split_holds_warns_and_uses_them_all(tmp_path: Path) -> None:
+    write_fake_fashion(tmp_path)  # 6 test images
+    dm = FashionMNISTDataModule(root=str(tmp_path))
+    with pytest.warns(UserWarning, match="10 reference images were asked for, but the test split holds 6: using all 6"):
+        images = dm.reference_images("test", max_images=10)
+    assert images.shape[0] == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dm.reference_images("test", max_images=6).shape[0] == 6  # as many as there are: nothing to say

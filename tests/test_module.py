@@ -168,6 +168,7 @@ def test_data_shape_mismatch_names_the_fix():
     ({"compile": True}, TypeError, "'compile'.*now compile_mode"),
     ({"sampling_steps": 50}, TypeError, "'sampling_steps'.*now solver_steps"),
     ({"schedule": [1e-3] * 500}, ValueError, "500 steps but num_timesteps=1000: set num_timesteps to 500"),
+    ({"solver_steps": 2000}, ValueError, "solver_steps must be at most num_timesteps = 1000"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

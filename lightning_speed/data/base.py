@@ -14,6 +14,7 @@ Validation is the first ``val_images`` of the test split, so it is cheap and fix
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -346,6 +347,12 @@ class UInt8ImageDataModule(L.LightningDataModule):
         if max_images is not None:
             if max_images < 1:
                 raise ValueError(f"max_images must be >= 1 or None, got {max_images}.")
+            if max_images > n:
+                warnings.warn(
+                    f"{self.name}: {max_images} reference images were asked for, but the {split} split holds {n}: "
+                    f"using all {n} (set num_reference to at most {n}, or null for all, to silence this).",
+                    UserWarning, stacklevel=2,
+                )
             n = min(n, max_images)
         if n == 0:
             raise ValueError(f"{self.name}: the {split} split is empty; use another split for reference images.")
