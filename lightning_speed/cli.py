@@ -223,17 +223,22 @@ def check_trainer_values(trainer: Trainer) -> None:
 
 
 def check_output_folders(trainer: Trainer) -> None:
-    """Folders the callbacks and the logger will write into must not be files: else the first write fails
-    (a sample grid, a checkpoint) after the training it should have saved."""
+    """Folders the callbacks and the logger will write into must be folders that exist or can be created: else
+    the first write fails (a sample grid, a checkpoint) after the training it should have saved. Missing ones
+    are created here, as the first write would."""
     owners: list[Any] = [*trainer.callbacks, *trainer.loggers]
     for owner in owners:
         for attribute in ("dirpath", "save_dir", "cache_dir"):
             folder = getattr(owner, attribute, None)
-            if isinstance(folder, (str, os.PathLike)) and os.path.exists(folder) and not os.path.isdir(folder):
-                raise ValueError(
-                    f"{type(owner).__name__}.{attribute} is {folder}, which is a file, not a folder: "
-                    "give a folder's path (it is created if missing)."
-                )
+            if not isinstance(folder, (str, os.PathLike)):
+                continue
+            where = f"{type(owner).__name__}.{attribute} is {folder}"
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise ValueError(f"{where}, which is a file, not a folder: give a folder's path (it is created if missing).")
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"{where}, which cannot be created ({err.strerror}): give a writable folder.") from None
 
 
 class SpeedCLI(LightningCLI):

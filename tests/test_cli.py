@@ -368,8 +368,9 @@ def test_a_config_file_that_replaces_another_files_strategy_is_refused(cli_env: 
         (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be > 0"),  # Lightning: 1/0 at step 1
         (["--checkpoint.init_args.dirpath", "a_file"], "a_file, which is a file, not a folder"),  # made absolute
         (["--samples.init_args.save_dir", "a_file"], "SampleGridCallback.save_dir is a_file, which is a file"),
+        (["--samples.init_args.save_dir", "a_file/grids"], "save_dir is a_file/grids, which cannot be created"),
     ],
-    ids=["negative-clip", "val-interval-0", "checkpoint-dir-is-a-file", "grid-dir-is-a-file"],
+    ids=["negative-clip", "val-interval-0", "checkpoint-dir-is-a-file", "grid-dir-is-a-file", "grid-dir-under-a-file"],
 )  # fmt: skip
 def test_trainer_values_and_output_folders_that_would_fail_late_fail_first(
     cli_env: Path, no_training: None, extra: list[str], fragment: str
