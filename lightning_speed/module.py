@@ -26,7 +26,7 @@ from lightning_speed.process import DiffusionLosses, GaussianDiffusion
 from lightning_speed.schedules import NoiseSchedule, Prediction
 from lightning_speed.solvers import Solver, guided, sample_loop
 from lightning_speed.timesteps import TimestepStrategy
-from lightning_speed.validation import check_bool, check_choice, check_int, check_number
+from lightning_speed.validation import check_bool, check_choice, check_int, check_number, is_integer_tensor
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -131,9 +131,8 @@ class DiffusionModule(pl.LightningModule):
         self.weight_vlb = check_bool(weight_vlb, "weight_vlb")
         self.image_shape = None if image_shape is None else self._check_shape(image_shape)
         self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=1)
-        self.label_dropout = check_number(label_dropout, "label_dropout", at_least=0.0)
-        if self.label_dropout >= 1:
-            raise ValueError(f"label_dropout must be in [0, 1) (1 would never show a label), got {label_dropout}.")
+        self.label_dropout = check_number(label_dropout, "label_dropout", at_least=0.0, below=1.0,
+                                          hint="1 would never show a label")
         self.guidance_scale = check_number(guidance_scale, "guidance_scale")
         self.solver_steps = check_int(solver_steps, "solver_steps", minimum=2)
         if self.solver_steps > self.num_timesteps:  # sample() would refuse it at the first grid or FID
@@ -454,7 +453,7 @@ class DiffusionModule(pl.LightningModule):
         unconditional). Sampling is not the training step: the one value check here may sync."""
         if self.num_classes is None:
             raise ValueError("labels were given but the model is unconditional (num_classes is null).")
-        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        if not is_integer_tensor(labels):
             raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}.")
         if tuple(labels.shape) != (num_samples,):
             raise ValueError(f"labels must hold one label per sample, shaped ({num_samples},), got {tuple(labels.shape)}.")

@@ -68,14 +68,15 @@ def ddpm_step(
     return mean if noise is None else mean + (0.5 * log_variance).exp() * noise
 
 
-def check_solver(solver: str, steps: int, eta: float | None, num_timesteps: int) -> None:
-    """Clear errors for a solver name, a step count and an eta that cannot work together."""
+def check_solver(solver: str, steps: int, eta: float | None, num_timesteps: int | None) -> None:
+    """Clear errors for a solver name, a step count and an eta that cannot work together (``num_timesteps``
+    None: T is not known yet, as when an evaluation callback is built, so steps are not bounded by it)."""
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(map(repr, SOLVERS))}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= num_timesteps:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2 or (num_timesteps is not None and steps > num_timesteps):
+        bound = "of at least 2" if num_timesteps is None else f"from 2 to T = {num_timesteps}"
         raise ValueError(
-            f"solver_steps must be an integer from 2 to T = {num_timesteps} (the respaced chain keeps that "
-            f"many of the T steps), got {steps!r}."
+            f"solver_steps must be an integer {bound} (the respaced chain keeps that many of the T steps), got {steps!r}."
         )
     if solver == "ddpm" and eta is not None:
         raise ValueError(

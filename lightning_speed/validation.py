@@ -16,7 +16,9 @@ import numbers
 from collections.abc import Collection
 from typing import Any, NoReturn
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number", "renamed"]
+import torch
+
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "is_integer_tensor", "renamed"]
 
 
 def _fail(error: type[Exception], name: str, requirement: str, value: Any, hint: str) -> NoReturn:
@@ -48,34 +50,41 @@ def check_number(
     above: float | None = None,
     at_least: float | None = None,
     at_most: float | None = None,
+    below: float | None = None,
     hint: str = "",
 ) -> float:
-    """A finite real number (not a bool), optionally ``> above``, ``>= at_least``, ``<= at_most``."""
+    """A finite real number (not a bool), optionally ``> above``, ``>= at_least``, ``<= at_most``, ``< below``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(TypeError, name, "a number", value, hint)
     value = float(value)
     ok = math.isfinite(value)
     ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
-    ok = ok and (at_most is None or value <= at_most)
+    ok = ok and (at_most is None or value <= at_most) and (below is None or value < below)
     if not ok:
-        _fail(ValueError, name, _range_text(above, at_least, at_most), value, hint)
+        _fail(ValueError, name, _range_text(above, at_least, at_most, below), value, hint)
     return value
 
 
-def _range_text(above: float | None, at_least: float | None, at_most: float | None) -> str:
-    """'a positive number', 'a number in [0.5, 1]', 'a number in (0, 1]', ... (finite in every case)."""
+def _range_text(above: float | None, at_least: float | None, at_most: float | None, below: float | None = None) -> str:
+    """'a positive number', 'a number in [0.5, 1]', 'a number in (0, 1]', '[0, 1)', ... (finite in every case)."""
     low = above if above is not None else at_least
-    if low is not None and at_most is not None:
-        return f"a number in {'(' if above is not None else '['}{low:g}, {at_most:g}]"
+    high = below if below is not None else at_most
+    if low is not None and high is not None:
+        return f"a number in {'(' if above is not None else '['}{low:g}, {high:g}{')' if below is not None else ']'}"
     if above == 0:
         return "a positive number"
     if at_least == 0:
         return "a non-negative number"
     if low is not None:
         return f"a finite number {'>' if above is not None else '>='} {low:g}"
-    if at_most is not None:
-        return f"a finite number <= {at_most:g}"
+    if high is not None:
+        return f"a finite number {'<' if below is not None else '<='} {high:g}"
     return "a finite number"
+
+
+def is_integer_tensor(value: Any) -> bool:
+    """A tensor of an integer dtype: time steps and class labels (floating, complex and bool tensors are not)."""
+    return isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
 
 
 def check_choice(value: Any, name: str, choices: Collection[str]) -> str:

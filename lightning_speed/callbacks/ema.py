@@ -119,11 +119,9 @@ class EMAWeightAveraging(_LightningEMA):
     """
 
     def __init__(self, *args: Any, decay: float = 0.999, **kwargs: Any) -> None:
-        hint = "0.999 or 0.9999 are common"
-        decay = check_number(decay, "decay", hint=hint)
         # 1 would freeze the average at the weights after the first update; 0 makes it the latest weights.
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}; {hint} (1 never moves the average).")
+        decay = check_number(decay, "decay", at_least=0.0, below=1.0,
+                             hint="0.999 or 0.9999 are common (1 never moves the average)")
         super().__init__(*args, decay=decay, **kwargs)
         self.decay = decay
         self._started: bool | None = None  # host copy of "n_averaged > 0", read once per fit

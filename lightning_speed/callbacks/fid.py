@@ -107,7 +107,7 @@ class SolverSettings:
             raise ValueError(f"{owner}(solver={solver!r}): choose {choices}.")
         solver_steps = check_int(solver_steps, "solver_steps", minimum=2, hint="at most the model's T")
         eta = None if eta is None else check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
-        check_solver(solver, solver_steps, eta, solver_steps)  # all but the bound on T, which setup checks
+        check_solver(solver, solver_steps, eta, num_timesteps=None)  # the bound on T: in setup (_check_module)
         self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
         self.use_ema, self.sample_kwargs = use_ema, dict(sample_kwargs or {})
 

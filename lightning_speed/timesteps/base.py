@@ -32,7 +32,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speed.schedules import NoiseSchedule, Prediction, as_schedule, check_prediction, prediction_of
-from lightning_speed.validation import check_int
+from lightning_speed.validation import check_int, is_integer_tensor
 
 
 def _normalise_device(device: torch.device | str) -> torch.device:
@@ -267,7 +267,7 @@ def _check_timesteps(t: Any, num_timesteps: int) -> None:
             f"t must be a 1-D integer tensor of time steps (B,), got {type(t).__name__}: "
             "pass what TimestepStrategy.sample returned."
         )
-    if t.ndim != 1 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    if t.ndim != 1 or not is_integer_tensor(t):
         raise ValueError(
             f"t must be a 1-D integer tensor of time steps (B,), got {t.dtype} of shape {tuple(t.shape)}: "
             "pass what TimestepStrategy.sample returned."
