@@ -10,7 +10,9 @@ windows traced the same way.
 
 from __future__ import annotations
 
+import cProfile
 import json
+import pstats
 import re
 import tempfile
 import time
@@ -151,6 +153,52 @@ def _host_probe_result(device: torch.device, steps: int, start: float, launched:
     sync(device)
     return {"steps": steps, "host_ms_per_step": (launched - start) * 1e3 / steps,
             "wall_ms_per_step": (time.perf_counter() - start) * 1e3 / steps}
+
+
+def python_functions(prof: cProfile.Profile, steps: int, top: int = 40) -> list[dict[str, Any]]:
+    """The Python functions (and C functions called from Python) with the most host time of their own in a
+    ``cProfile`` window of ``steps`` steps: calls and microseconds per step, own (``self_us``) and with callees
+    (``total_us``). cProfile slows every Python call, so read the ranking, not the absolute times."""
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [{"function": f"{Path(file).name}:{line}({name})", "calls": calls / steps,
+             "self_us": own * 1e6 / steps, "total_us": cumulative * 1e6 / steps}
+            for (file, line, name), (_, calls, own, cumulative, _) in ranked]
+
+
+def python_functions_closure(step: Callable[[], None], device: torch.device, steps: int) -> list[dict[str, Any]]:
+    """``python_functions`` of ``steps`` calls of a (warm) step closure."""
+    sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    sync(device)
+    return python_functions(prof, steps)
+
+
+class PythonFunctions(pl.Callback):
+    """``python_functions`` of the training steps ``start`` .. ``start + steps - 1`` of a fit on rank 0, hook to hook;
+    the ranking is in ``result``."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.steps = start, steps
+        self.profiler: cProfile.Profile | None = None
+        self.result: list[dict[str, Any]] | None = None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank != 0:
+            return
+        if trainer.global_step == self.start:
+            sync(pl_module.device)
+            self.profiler = cProfile.Profile()
+            self.profiler.enable()
+        elif self.profiler is not None and trainer.global_step == self.start + self.steps:
+            self.profiler.disable()
+            self.result = python_functions(self.profiler, self.steps)
+            self.profiler = None
 
 
 class HostProbe(pl.Callback):

@@ -62,7 +62,8 @@ from benchmarks.common import (
     update_summary,
     write_json,
 )
-from benchmarks.profiling import HostProbe, TrainerProfile, host_probe_closure, profile_closure
+from benchmarks.profiling import (HostProbe, PythonFunctions, TrainerProfile, host_probe_closure, profile_closure,
+                                  python_functions_closure)
 from benchmarks.windows import Row, TrainerWindows, settled, sync, timed_window, warm, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.module import uses_cuda_graphs
@@ -380,8 +381,9 @@ def profile_rows(batch: int, fresh: Callable[[], torch.nn.Module], data: torch.T
                  args: argparse.Namespace) -> dict[str, Any]:
     """Rows a and b, one after the other, each after its warm-up: first its host time per step
     (``host_ms_per_step``, the median of ``HOST_PROBE_REPEATS`` untraced bursts), then ``--profile-steps`` traced
-    steps: kernel time, GPU idle time and kernels per step (``benchmarks.profiling``). Where b/a < 1, this says
-    whether b's GPU works longer or waits longer, and whether the host is what it waits for."""
+    steps: kernel time, GPU idle time and kernels per step (``benchmarks.profiling``), and before the traced steps as
+    many under cProfile (``python_functions``: where the host time goes). Where b/a < 1, this says whether b's GPU works
+    longer or waits longer, whether the host is what it waits for, and which Python code holds the host."""
     device = data.device
     step = plain_step(fresh(), data, batch, fast=device.type == "cuda", compile_mode=args.compile_mode,
                       channels_last=args.channels_last)
@@ -389,19 +391,24 @@ def profile_rows(batch: int, fresh: Callable[[], torch.nn.Module], data: torch.T
         step()
     # Host time first (no profiler), HOST_PROBE_STEPS steps at a time: few enough not to fill the launch queue.
     probes = {"a_plain_fast": [host_probe_closure(step, device, HOST_PROBE_STEPS) for _ in range(HOST_PROBE_REPEATS)]}
+    functions = {"a_plain_fast": python_functions_closure(step, device, args.profile_steps)}
     profiles = {"a_plain_fast": profile_closure(step, device, args.profile_steps)}
     del step
     probe_b = [HostProbe(args.warmup + i * (HOST_PROBE_STEPS + 1), HOST_PROBE_STEPS) for i in range(HOST_PROBE_REPEATS)]
     start = args.warmup + HOST_PROBE_REPEATS * (HOST_PROBE_STEPS + 1)
+    python_b = PythonFunctions(start, args.profile_steps)
+    start += args.profile_steps + 1
     traced = TrainerProfile(start, args.profile_steps, stop=True)
     lightning_loop(fresh(), args.root, batch, start, args.profile_steps + 1, speed=False, smoke=args.smoke,
                    compile_mode=args.compile_mode, channels_last=args.channels_last,
-                   extra_callbacks=(*probe_b, traced))
+                   extra_callbacks=(*probe_b, python_b, traced))
     profiles["b_lightning"] = traced.result
     probes["b_lightning"] = [p.result for p in probe_b]
+    functions["b_lightning"] = python_b.result
     for name, summary in profiles.items():
         table = summary.pop("table")
         summary["host_probe"] = probes[name]
+        summary["python_functions"] = functions[name]
         summary["host_ms_per_step"] = statistics.median(p["host_ms_per_step"] for p in probes[name])
         print(f"--- profile of {name}, batch {batch}\n{table}\n{json.dumps(summary)}", flush=True)
     return profiles

@@ -165,6 +165,12 @@ def test_throughput_smoke_writes_rows_and_ratios(throughput: Namespace) -> None:
         assert all(0 < p["host_ms_per_step"] <= p["wall_ms_per_step"] for p in probes)
         assert summary["host_ms_per_step"] == statistics.median(p["host_ms_per_step"] for p in probes)
         assert summary["aten_elementwise_launchers"] == []  # no kernels on the CPU (kernel_launchers: its own test)
+        # cProfile of as many steps: own time per step, largest first, each function within its callees' total
+        functions = summary["python_functions"]
+        assert functions and [f["self_us"] for f in functions] == sorted((f["self_us"] for f in functions), reverse=True)
+        assert all(0 <= f["self_us"] <= f["total_us"] + 1e-6 and f["calls"] > 0 for f in functions)
+    # only row b runs Lightning's loop, so only its ranking can name Lightning's code
+    assert not any("lightning" in f["function"] for f in profile["a_plain_fast"]["python_functions"])
 
 
 @needs_fashion_mnist
