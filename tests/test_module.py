@@ -413,3 +413,29 @@ def test_train_loss_logged_only_when_written_and_logs_unchanged(tmp_path, monkey
             assert calls == ["train/loss"] * 10
     assert [s for s, _ in written["skip"]] == [2, 5, 8]
     assert written["skip"] == written["every"]
+
+
+def test_hook_name_bypasses_module_setattr_and_nothing_else_does(monkeypatch):
+    """Lightning's ``_current_fx_name`` is stored without ``nn.Module.__setattr__``'s lookups; hooks still see
+    their own name (``self.log`` checks it), and submodules, parameters and plain values still register as usual."""
+    names = []
+    original = nn.Module.__setattr__
+    monkeypatch.setattr(nn.Module, "__setattr__", lambda self, name, value: (names.append(name), original(self, name, value))[1])
+    seen = []
+
+    class Recording(DiffusionModule):
+        def training_step(self, batch, batch_idx):
+            seen.append(self._current_fx_name)
+            return super().training_step(batch, batch_idx)
+
+    module = Recording(TinyBackbone(), image_shape=(1, 8, 8))
+    names.clear()
+    trainer(max_steps=3, log_every_n_steps=1).fit(module, loader())
+    assert seen == ["training_step"] * 3
+    assert "_current_fx_name" not in names
+    assert module.trainer.callback_metrics["train/loss"].isfinite()  # logged inside the hook
+    module.extra = nn.Linear(2, 2)
+    module.scale = nn.Parameter(torch.ones(1))
+    module.note = "plain"
+    assert "extra" in dict(module.named_children()) and "scale" in dict(module.named_parameters())
+    assert {"extra", "scale", "note"} <= set(names)
