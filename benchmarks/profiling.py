@@ -178,49 +178,66 @@ def python_functions_closure(step: Callable[[], None], device: torch.device, ste
     return python_functions(prof, steps)
 
 
-class PythonFunctions(pl.Callback):
-    """``python_functions`` of the training steps ``start`` .. ``start + steps - 1`` of a fit on rank 0, hook to hook;
-    the ranking is in ``result``."""
+class _StepWindow(pl.Callback):
+    """A window over the training steps ``start`` .. ``start + steps - 1`` of a fit on rank 0, hook to hook:
+    ``begin`` runs at the start of step ``start``, ``end`` at the start of step ``start + steps``."""
 
     def __init__(self, start: int, steps: int) -> None:
         self.start, self.steps = start, steps
-        self.profiler: cProfile.Profile | None = None
+        self.open = False
+
+    def begin(self, pl_module: pl.LightningModule) -> None: ...
+
+    def end(self, pl_module: pl.LightningModule) -> None: ...
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank != 0:
+            return
+        if trainer.global_step == self.start:
+            self.open = True
+            self.begin(pl_module)
+        elif self.open and trainer.global_step == self.start + self.steps:
+            self.open = False
+            self.end(pl_module)
+
+
+class PythonFunctions(_StepWindow):
+    """``python_functions`` of the training steps of the window; the ranking is in ``result``."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        super().__init__(start, steps)
+        self.profiler = cProfile.Profile()
         self.result: list[dict[str, Any]] | None = None
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if trainer.global_rank != 0:
-            return
-        if trainer.global_step == self.start:
-            sync(pl_module.device)
-            self.profiler = cProfile.Profile()
-            self.profiler.enable()
-        elif self.profiler is not None and trainer.global_step == self.start + self.steps:
-            self.profiler.disable()
-            self.result = python_functions(self.profiler, self.steps)
-            self.profiler = None
+    def begin(self, pl_module: pl.LightningModule) -> None:
+        sync(pl_module.device)
+        self.profiler.enable()
+
+    @override
+    def end(self, pl_module: pl.LightningModule) -> None:
+        self.profiler.disable()
+        self.result = python_functions(self.profiler, self.steps)
 
 
-class HostProbe(pl.Callback):
-    """``host_probe_closure`` for the training steps ``start`` .. ``start + steps - 1`` of a fit (rank 0), timed hook to
-    hook: the device is synchronised before step ``start`` and only after the host has begun step
-    ``start + steps``; the summary is in ``result``."""
+class HostProbe(_StepWindow):
+    """``host_probe_closure`` for the training steps of the window: the device is synchronised before step ``start``
+    and only after the host has begun step ``start + steps``; the summary is in ``result``."""
 
     def __init__(self, start: int, steps: int) -> None:
-        self.start, self.steps = start, steps
-        self.t0: float | None = None
+        super().__init__(start, steps)
+        self.t0 = 0.0
         self.result: dict[str, float] | None = None
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if trainer.global_rank != 0:
-            return
-        if trainer.global_step == self.start:
-            sync(pl_module.device)
-            self.t0 = time.perf_counter()
-        elif self.t0 is not None and trainer.global_step == self.start + self.steps:
-            self.result = _host_probe_result(pl_module.device, self.steps, self.t0, launched=time.perf_counter())
-            self.t0 = None
+    def begin(self, pl_module: pl.LightningModule) -> None:
+        sync(pl_module.device)
+        self.t0 = time.perf_counter()
+
+    @override
+    def end(self, pl_module: pl.LightningModule) -> None:
+        self.result = _host_probe_result(pl_module.device, self.steps, self.t0, launched=time.perf_counter())
 
 
 def profile_closure(step: Callable[[], None], device: torch.device, steps: int, trace: str | None = None) -> dict[str, Any]:
