@@ -186,9 +186,9 @@ class _StepWindow(pl.Callback):
         self.start, self.steps = start, steps
         self.open = False
 
-    def begin(self, pl_module: pl.LightningModule) -> None: ...
+    def begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None: ...
 
-    def end(self, pl_module: pl.LightningModule) -> None: ...
+    def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None: ...
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -196,10 +196,10 @@ class _StepWindow(pl.Callback):
             return
         if trainer.global_step == self.start:
             self.open = True
-            self.begin(pl_module)
+            self.begin(trainer, pl_module)
         elif self.open and trainer.global_step == self.start + self.steps:
             self.open = False
-            self.end(pl_module)
+            self.end(trainer, pl_module)
 
 
 class PythonFunctions(_StepWindow):
@@ -211,12 +211,12 @@ class PythonFunctions(_StepWindow):
         self.result: list[dict[str, Any]] | None = None
 
     @override
-    def begin(self, pl_module: pl.LightningModule) -> None:
+    def begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sync(pl_module.device)
         self.profiler.enable()
 
     @override
-    def end(self, pl_module: pl.LightningModule) -> None:
+    def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.profiler.disable()
         self.result = python_functions(self.profiler, self.steps)
 
@@ -231,12 +231,12 @@ class HostProbe(_StepWindow):
         self.result: dict[str, float] | None = None
 
     @override
-    def begin(self, pl_module: pl.LightningModule) -> None:
+    def begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sync(pl_module.device)
         self.t0 = time.perf_counter()
 
     @override
-    def end(self, pl_module: pl.LightningModule) -> None:
+    def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.result = _host_probe_result(pl_module.device, self.steps, self.t0, launched=time.perf_counter())
 
 
@@ -246,27 +246,28 @@ def profile_closure(step: Callable[[], None], device: torch.device, steps: int, 
     return summarise_profile(prof, wall, steps, trace)
 
 
-class TrainerProfile(pl.Callback):
-    """Traces the training steps ``start`` .. ``start + steps - 1`` of a fit on rank 0 (whole loop iterations, hook to
-    hook: data, step, callbacks); the summary is in ``result``. ``stop``: end the fit after the window."""
+class TrainerProfile(_StepWindow):
+    """Traces the training steps of the window (whole loop iterations, hook to hook: data, step, callbacks); the
+    summary is in ``result``. ``stop``: end the fit after the window."""
 
     def __init__(self, start: int, steps: int, trace: str | None = None, stop: bool = False) -> None:
-        self.start, self.steps, self.trace, self.stop = start, steps, trace, stop
+        super().__init__(start, steps)
+        self.trace, self.stop = trace, stop
         self.profiler: Any = None
         self.t0 = 0.0
         self.result: dict[str, Any] | None = None
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self.start and trainer.global_rank == 0:
-            sync(pl_module.device)
-            self.profiler, self.t0 = start_profiler(pl_module.device), time.perf_counter()
-        elif self.profiler is not None and step == self.start + self.steps:
-            sync(pl_module.device)
-            wall = time.perf_counter() - self.t0
-            self.profiler.__exit__(None, None, None)
-            self.result = summarise_profile(self.profiler, wall, self.steps, self.trace)
-            self.profiler = None
-            if self.stop:
-                trainer.should_stop = True
+    def begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sync(pl_module.device)
+        self.profiler, self.t0 = start_profiler(pl_module.device), time.perf_counter()
+
+    @override
+    def end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sync(pl_module.device)
+        wall = time.perf_counter() - self.t0
+        self.profiler.__exit__(None, None, None)
+        self.result = summarise_profile(self.profiler, wall, self.steps, self.trace)
+        self.profiler = None
+        if self.stop:
+            trainer.should_stop = True
