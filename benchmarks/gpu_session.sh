@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_session.sh hostgap  # one GPU, no training (about 5 minutes): rows a and b at 128, 5 interleaved
 #                                           # repeats, then each row's host time per step and a trace that names the host
 #                                           # operators launching ATen's elementwise kernels (BENCHMARKS.md, section 1),
-#                                           # and Inductor's code of row a's step (output_code.log)
+#                                           # and Inductor's code of row a's step (output_code.log; OUTPUT_CODE=0 skips
+#                                           # it). THEN_CONV=1: convergence jobs get the rest of the call, as in single
 # The DiT recipe's open ablation seeds, one call each on one GPU (two runs share it; about 9k of the 10k steps):
 #   GPUS=0 PER_GPU=2 BASE=fashion_mnist_dit.yaml EVERY=2500 FINAL=0 BUDGET=545 JOBS="uniform:1:10000 speed:1:10000" \
 #     LAUNCH_ARGS="--batch-size 64 --set ema.init_args.decay=0.999 model.learn_sigma=false model.backbone.init_args.learn_sigma=false" \
@@ -55,17 +56,23 @@ throughput_c_d() {  # rows c and d at batch 512 on GPU 0
 ddp_scaling() {  # seconds allowed; DDP_DEVICES on otherwise idle GPUs
   timeout "$1" python3 -m benchmarks.ddp_scaling --devices $DDP_DEVICES --root .data --out "$OUT/r/ddp_scaling.json" > "$OUT/r/ddp.log" 2>&1
 }
-if [ "$PHASE" = hostgap ]; then
-  timeout 420 python3 -m benchmarks.throughput --batch-sizes 128 --rows a b --repeats 5 --window 10 --profile-steps 20 \
-    --root .data --out "$OUT/r/throughput_hostgap.json" > "$OUT/r/throughput_hostgap.log" 2>&1
-  # Inductor's code for the plain step (row a): which op in the backward graph emits the copy kernels
-  TORCH_LOGS=output_code timeout 150 python3 -c "import torch; from benchmarks import throughput as t
+if [ "$PHASE" = hostgap ]; then  # OUTPUT_CODE=0 skips Inductor's code; THEN_CONV=1 gives the rest of the call to conv
+  # cudagraphs: Inductor logs here whether it skips CUDA graphs for a graph of either row, and why
+  TORCH_LOGS=cudagraphs timeout 420 python3 -m benchmarks.throughput --batch-sizes 128 --rows a b --repeats 5 --window 10 \
+    --profile-steps 20 --root .data --out "$OUT/r/throughput_hostgap.json" > "$OUT/r/throughput_hostgap.log" 2>&1
+  if [ "${OUTPUT_CODE:-1}" = 1 ]; then  # Inductor's code for the plain step (row a): the op behind the copy kernels
+    TORCH_LOGS=output_code timeout 150 python3 -c "import torch; from benchmarks import throughput as t
 dev = torch.device('cuda'); step = t.plain_step(t.seeded_backbone(False, dev), t.synthetic_images(4096, dev), 128, True,
                                                  channels_last=True)
 [step() for _ in range(3)]" > "$OUT/r/output_code.log" 2>&1
-  grep -c -E "copy_|as_strided|convolution_backward" "$OUT/r/output_code.log"
-  tar czf "$OUT/results.tgz" -C "$OUT" r; grep -E "b_over_a|host_ms" "$OUT/r/throughput_hostgap.log" | cut -c1-300; rm -rf "$OUT/r"
-  exit 0
+    grep -c -E "copy_|as_strided|convolution_backward" "$OUT/r/output_code.log"
+  fi
+  grep -E "b_over_a|host_ms|skipping cudagraphs" "$OUT/r/throughput_hostgap.log" | cut -c1-300
+  if [ "${THEN_CONV:-0}" != 1 ]; then
+    tar czf "$OUT/results.tgz" -C "$OUT" r; rm -rf "$OUT/r"
+    exit 0
+  fi
+  BUDGET=$(( ${CALL_SECONDS:-585} - SECONDS - 45 ))
 fi
 if [ "$PHASE" = measure ]; then  # about 8 minutes; results land in benchmarks/results/ (copied into the tarball)
   fid_timing 170
