@@ -837,12 +837,14 @@ REPORTS = {
     "convergence_dit_batch256": [],  # the recipe's batch 256 (EMA 0.999, one seed)
     "convergence_dit_fixed_variance_s1": ["convergence_dit_fixed_variance"],  # seed 1, reported with seed 0
     "convergence_unet_batch64": [],  # the UNet pair at the DiT ablations' batch 64 (one seed, stopped at 6k)
+    "convergence_unet_batch64_lr1e-4": [],  # the same at the DiT's lr 1e-4, to 10k
 }
 # summary.json keys that quote one committed report's speed-up at N (not written by the report: ablations)
 ABLATION_KEYS = {"speedup_dit_ablation_ema999": "convergence_dit_ema999_s1",
                  "speedup_dit_ablation_batch256": "convergence_dit_batch256",
                  "speedup_dit_ablation_fixed_variance": "convergence_dit_fixed_variance_s1",
-                 "speedup_unet_batch64": "convergence_unet_batch64"}
+                 "speedup_unet_batch64": "convergence_unet_batch64",
+                 "speedup_unet_batch64_lr1e-4": "convergence_unet_batch64_lr1e-4"}
 # The reports behind summary.json's speed-up keys, in the order BENCHMARKS.md runs them: a later
 # folder's entries replace an earlier one's.
 SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250", "convergence_dit_h200x2"]
