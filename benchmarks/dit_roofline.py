@@ -2,22 +2,26 @@
 
 An IDDPM-250 FID-10k calls the backbone 250 times on each of ceil(10,000 / batch) batches. This script times, in
 bf16 on the GPU at that batch, (1) each matrix product of one transformer block (qkv, attention output, the two MLP
-layers, each ``F.linear`` with its bias) and the attention itself (``F.scaled_dot_product_attention``), and (2) the
-whole backbone forward, eager and compiled as ``DiffusionModule(compile_sampling=MODE)`` compiles it, in each of
-``--precisions``: ``autocast`` (fp32 weights under bf16 autocast, as sampling runs today: LayerNorm and the residual
-stream in fp32), ``bf16`` (weights and activations in bf16 end to end) and ``fp8`` (``bf16`` with the blocks' four
-linear layers as e4m3 products, weights scaled per output row and activations per token, ``torch._scaled_mm``;
-Hopper and later). Each precision's output is compared with the fp32 forward of the same weights (``rel_error``: RMS
-of the difference over RMS of the fp32 output; the weights are re-drawn so the adaLN-Zero start is not all zeros). The
-sum of (1)
-over the blocks is the forward's floor with today's kernels, whatever the fusion of the elementwise work between
-them (LayerNorm, adaLN shift/scale, GELU, gates, residuals); seconds per FID = forward time x calls. Each time is
-the median of --repeats timings of --iters calls, the GPU synchronised at both ends; the min and max are kept.
+layers, each ``F.linear`` with its bias) and the attention itself (``F.scaled_dot_product_attention``), and, when
+``fp8-tensor`` is asked for, the same products in e4m3 with per-tensor scales; and (2) the whole backbone forward,
+eager and compiled as ``DiffusionModule(compile_sampling=MODE)`` compiles it, in each of ``--precisions``:
+``autocast`` (fp32 weights under bf16 autocast, as sampling runs today: LayerNorm and the residual stream in fp32),
+``bf16`` (weights and activations in bf16 end to end), ``fp8`` (``bf16`` with the blocks' four linear layers as e4m3
+products, weights scaled per output row and activations per token, ``torch._scaled_mm``; Hopper and later) and
+``fp8-tensor`` (the same products with one scale per weight and one per layer input, the latter calibrated once on a
+separate batch, so quantising an input is a multiply and a cast that the compiler fuses into the LayerNorm or GELU
+kernel before it; inputs beyond the calibrated range are clamped). Each precision's output is compared with the fp32
+forward of the same weights (``rel_error``: RMS of the difference over RMS of the fp32 output; the weights are
+re-drawn so the adaLN-Zero start is not all zeros). The sum of (1) over the blocks is the forward's floor with
+today's kernels, whatever the fusion of the elementwise work between them (LayerNorm, adaLN shift/scale, GELU, gates,
+residuals); seconds per FID = forward time x calls. Each time is the median of --repeats timings of --iters calls,
+the GPU synchronised at both ends; the min and max are kept.
 
     python -m benchmarks.dit_roofline --batch-size 2500 --out benchmarks/results/dit_roofline.json
     python -m benchmarks.dit_roofline --smoke --out /tmp/roofline.json   # CPU, tiny sizes (tests)
 
-summary.json: ``fid_roofline_dit`` (seconds per IDDPM-250 FID-10k: matmul floor, forward eager and compiled).
+summary.json: ``fid_roofline_dit`` (seconds per IDDPM-250 FID-10k: matmul floor, forward eager and compiled); a run on
+another card than the committed one goes in by hand under a key naming the card (``fid_roofline_dit_h100``).
 """
 
 from __future__ import annotations
@@ -42,41 +46,73 @@ from lightning_speed.backbones.dit import dit_size
 from lightning_speed.module import CompileMode
 
 SMOKE = {"depth": 1, "hidden_size": 32, "num_heads": 2}
-PRECISIONS = ("autocast", "bf16", "fp8")
+PRECISIONS = ("autocast", "bf16", "fp8", "fp8-tensor")
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 class Fp8Linear(torch.nn.Module):
-    """``nn.Linear`` for inference as an e4m3 product: weights quantised once per output row, the input per row (token)
-    at each call, ``torch._scaled_mm`` accumulating in fp32 and writing bf16 (Hopper and later GPUs)."""
+    """``nn.Linear`` for inference as an e4m3 product, ``torch._scaled_mm`` accumulating in fp32 and writing bf16
+    (Hopper and later GPUs). ``input_amax=None``: weights scaled per output row, the input per row (token) at each
+    call. ``input_amax`` given: one scale for the weight and one for the input, ``448 / input_amax`` (inputs beyond it
+    are clamped), so the call quantises with elementwise work only."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, input_amax: float | None = None) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
-        scale = E4M3_MAX / weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+        rowwise = input_amax is None
+        amax = weight.abs().amax(dim=1, keepdim=True) if rowwise else weight.abs().amax()
+        scale = E4M3_MAX / amax.clamp(min=1e-12)
         # _scaled_mm wants its second operand column-major: the (out, in) row-major weight, transposed.
         self.register_buffer("weight", (weight * scale).to(torch.float8_e4m3fn).t())
-        self.register_buffer("weight_scale", scale.reciprocal().reshape(1, -1))
+        self.register_buffer("weight_scale", scale.reciprocal().reshape(1, -1) if rowwise else scale.reciprocal())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.register_buffer("input_scale", None if rowwise else torch.tensor(E4M3_MAX / max(input_amax, 1e-12), device=weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        amax = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
-        scale = E4M3_MAX / amax
+        if self.input_scale is None:
+            scale = E4M3_MAX / rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+        else:
+            scale = self.input_scale
         q = (rows.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(q, self.weight, scale_a=scale.reciprocal(), scale_b=self.weight_scale, bias=self.bias,
                                out_dtype=torch.bfloat16)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def low_precision_forward(dit: DiT, fp8: bool) -> Callable[..., torch.Tensor]:
-    """The forward of a bf16 copy of ``dit`` (``fp8``: its blocks' linear layers as ``Fp8Linear``), without autocast:
-    images and time steps in, fp32 prediction out."""
+def block_linears(net: DiT) -> list[tuple[Any, str]]:
+    """(parent, attribute) of each transformer block's four linear layers: qkv, attention output, MLP in and out."""
+    return [pair for b in net.blocks for pair in ((b.attn, "qkv"), (b.attn, "proj"), (b.mlp, "0"), (b.mlp, "2"))]
+
+
+def input_amax(net: DiT, x: torch.Tensor, t: torch.Tensor) -> list[float]:
+    """The largest input magnitude each of ``block_linears(net)`` sees in one forward of ``(x, t)``."""
+    seen: list[float] = []
+    hooks = [getattr(parent, name).register_forward_pre_hook(lambda _, args: seen.append(float(args[0].abs().amax())))
+             for parent, name in block_linears(net)]
+    try:
+        with torch.no_grad():
+            net(x, t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def low_precision_forward(dit: DiT, precision: str, calibration: tuple[torch.Tensor, torch.Tensor] | None = None
+                          ) -> Callable[..., torch.Tensor]:
+    """The forward of a bf16 copy of ``dit`` without autocast (``fp8`` / ``fp8-tensor``: its blocks' linear layers as
+    ``Fp8Linear``, per-tensor input scales from one forward of ``calibration``): images and time steps in, fp32 out."""
     net = copy.deepcopy(dit).to(torch.bfloat16)
-    if fp8:
-        for block in net.blocks:
-            block.attn.qkv, block.attn.proj = Fp8Linear(block.attn.qkv), Fp8Linear(block.attn.proj)
-            block.mlp[0], block.mlp[2] = Fp8Linear(block.mlp[0]), Fp8Linear(block.mlp[2])
+    if precision != "bf16":
+        if precision == "fp8-tensor":
+            if calibration is None:
+                raise ValueError("fp8-tensor needs a calibration batch (images, time steps) for its input scales.")
+            amax = input_amax(net, calibration[0].to(torch.bfloat16), calibration[1])
+        else:
+            amax = [None] * len(block_linears(net))
+        for (parent, name), a in zip(block_linears(net), amax):
+            setattr(parent, name, Fp8Linear(getattr(parent, name), input_amax=a))
     return lambda x, t: net(x, t).float()
 
 
@@ -154,9 +190,26 @@ def main() -> None:
     t = timed(lambda q=q: F.scaled_dot_product_attention(q, q, q), **timing)
     flops = 4 * args.batch_size * heads * tokens**2 * (dim // heads)
     record(result, "attention", {**t, "shape": list(q.shape), "tflops": flops / t["ms"] / 1e9})
-    del x, hidden, q
     result["matmul_floor_ms_per_forward"] = depth * sum(v["ms"] for v in result["block"].values())
     result["fid_seconds"]["matmul_floor"] = result["matmul_floor_ms_per_forward"] * calls / 1e3
+    if "fp8-tensor" in args.precisions and cuda and torch.cuda.get_device_capability(device) >= (8, 9):
+        # the same products in e4m3 with per-tensor scales (bf16 out): the floor that fp8-tensor's forward can reach
+        result["block_fp8"] = {}
+        one = torch.ones((), device=device)
+        for name, (inp, out_features) in {"qkv": (x, 3 * dim), "attention_out": (x, dim), "mlp_in": (x, 4 * dim),
+                                          "mlp_out": (hidden, dim)}.items():
+            a = inp.to(torch.float8_e4m3fn)
+            b = torch.randn(out_features, inp.shape[1], device=device).to(torch.float8_e4m3fn).t()
+            bias = torch.randn(out_features, device=device, dtype=dtype)
+            t = timed(lambda a=a, b=b, bias=bias: torch._scaled_mm(a, b, scale_a=one, scale_b=one, bias=bias,
+                                                                  out_dtype=dtype), **timing)
+            flops = 2 * rows * inp.shape[1] * out_features
+            record(result, name, {**t, "shape": [rows, inp.shape[1], out_features], "tflops": flops / t["ms"] / 1e9},
+                   "block_fp8")
+        result["matmul_floor_fp8_ms_per_forward"] = depth * (sum(v["ms"] for v in result["block_fp8"].values())
+                                                             + result["block"]["attention"]["ms"])
+        result["fid_seconds"]["matmul_floor_fp8"] = result["matmul_floor_fp8_ms_per_forward"] * calls / 1e3
+    del x, hidden, q
     write_json(Path(args.out), result)  # after each stage: a call cut short keeps what it measured
 
     # (2) the backbone forward, as the sampler calls it, in each precision
@@ -167,19 +220,23 @@ def main() -> None:
     dit = dit.to(device).eval()
     xt = torch.randn(args.batch_size, channels, image, image, device=device)
     steps = torch.randint(0, 1000, (args.batch_size,), device=device)
+    # fp8-tensor's input scales come from another batch (other noise, other time steps) than the one it is judged on
+    gen = torch.Generator(device).manual_seed(1)
+    calibration = (torch.randn(xt.shape, device=device, generator=gen),
+                   torch.randint(0, 1000, steps.shape, device=device, generator=gen))
     with torch.no_grad():
         reference = torch.cat([dit(xt[i:i + 250].float(), steps[i:i + 250]) for i in range(0, args.batch_size, 250)])
     result["rel_error"] = {}
     modes = [] if args.smoke else args.compile_modes
     for precision in args.precisions:
-        if precision == "fp8" and cuda and torch.cuda.get_device_capability(device) < (8, 9):
-            print("fp8: skipped (needs a GPU of compute capability 8.9 or later)", flush=True)
+        if precision.startswith("fp8") and cuda and torch.cuda.get_device_capability(device) < (8, 9):
+            print(f"{precision}: skipped (needs a GPU of compute capability 8.9 or later)", flush=True)
             continue
         if precision == "autocast":
             base = dit.forward
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
         else:
-            base = low_precision_forward(dit, fp8=precision == "fp8")
+            base = low_precision_forward(dit, precision, calibration)
             autocast = contextlib.nullcontext()
         with torch.no_grad(), autocast:
             out = base(xt, steps).float()
@@ -204,13 +261,14 @@ def main() -> None:
     if cuda:
         update_summary(RESULTS / "summary.json", {"fid_roofline_dit": {
             k: result[k] for k in ("card", "date", "command", "preset", "batch_size", "fid_seconds", "rel_error",
-                                   "matmul_floor_ms_per_forward", "measured_bf16_matmul_tflops")}})
+                                   "matmul_floor_ms_per_forward", "matmul_floor_fp8_ms_per_forward",
+                                   "measured_bf16_matmul_tflops") if k in result}})
     print({k: round(v, 1) for k, v in result["fid_seconds"].items()}, "seconds per FID", flush=True)
 
 
-def record(result: dict[str, Any], name: str, timing: dict[str, Any]) -> None:
-    result["block"][name] = timing
-    print(f"{name:>14} {timing['shape']}: {timing['ms']:.3f} ms, {timing['tflops']:.0f} TFLOP/s", flush=True)
+def record(result: dict[str, Any], name: str, timing: dict[str, Any], key: str = "block") -> None:
+    result[key][name] = timing
+    print(f"{key} {name:>14} {timing['shape']}: {timing['ms']:.3f} ms, {timing['tflops']:.0f} TFLOP/s", flush=True)
 
 
 if __name__ == "__main__":

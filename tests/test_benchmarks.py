@@ -272,20 +272,23 @@ def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_pat
     assert result["fid_seconds"]["eager"] == pytest.approx(result["forward_ms"]["eager"]["ms"] * calls / 1e3)
     # every precision is compared with the fp32 forward: autocast on the CPU is fp32 itself, bf16 and fp8 are not
     errors = result["rel_error"]
-    assert set(errors) == {"autocast", "bf16", "fp8"} and errors["autocast"] == 0.0
-    assert 2.0**-12 < errors["bf16"] < 2.0**-4 and errors["bf16"] < errors["fp8"] < 0.5
+    assert set(errors) == {"autocast", "bf16", "fp8", "fp8-tensor"} and errors["autocast"] == 0.0
+    assert 2.0**-12 < errors["bf16"] < 2.0**-4 and errors["bf16"] < min(errors["fp8"], errors["fp8-tensor"])
+    assert max(errors["fp8"], errors["fp8-tensor"]) < 0.5
     # The refusal comes before any work: in this process, not another torch start-up.
     with pytest.raises(SystemExit, match="--batch-size, --samples, --solver-steps, --iters and --repeats must be at least 1"):
         run_main("dit_roofline", ["--smoke", "--batch-size", "0", "--out", str(tmp_path / "bad.json")], home)
     assert not (tmp_path / "bad.json").exists()
 
 
-def test_fp8_linear_stays_within_the_rounding_bound_of_e4m3_operands_and_a_bf16_result() -> None:
-    """Fp8Linear against the exact product: each operand is rounded to e4m3 after scaling its row's largest magnitude to
-    448, so |x_hat - x| <= 2^-4 |x| (3 mantissa bits, round to nearest) + 2^-10 / scale (e4m3's subnormal spacing
-    2^-9, halved); the bias is rounded to bf16 (2^-8 |b|), the fp32 accumulation adds at most K 2^-24 sum|x_hat||w_hat|
-    and the bf16 result 2^-8 of itself. The error must stay within the sum of those terms, and use a fair part of it
-    (a bound never approached would not catch a wrong scale)."""
+@pytest.mark.parametrize("scales", ["row", "tensor"])
+def test_fp8_linear_stays_within_the_rounding_bound_of_e4m3_operands_and_a_bf16_result(scales: str) -> None:
+    """Fp8Linear against the exact product: each operand is rounded to e4m3 after scaling the largest magnitude of its
+    row (``row``) or of the whole operand (``tensor``, the input's from calibration) to 448, so |x_hat - x| <=
+    2^-4 |x| (3 mantissa bits, round to nearest) + 2^-10 / scale (e4m3's subnormal spacing 2^-9, halved); the bias is
+    rounded to bf16 (2^-8 |b|), the fp32 accumulation adds at most K 2^-24 sum|x_hat||w_hat| and the bf16 result 2^-8
+    of itself. The error must stay within the sum of those terms, and use a fair part of it (a bound never approached
+    would not catch a wrong scale)."""
     import torch
 
     from benchmarks.dit_roofline import Fp8Linear
@@ -293,12 +296,12 @@ def test_fp8_linear_stays_within_the_rounding_bound_of_e4m3_operands_and_a_bf16_
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     x = (torch.randn(200, 64) * torch.logspace(-3, 1, 200)[:, None]).to(torch.bfloat16)  # rows from 1e-3 to 10
-    got = Fp8Linear(linear)(x).double()
+    got = Fp8Linear(linear, input_amax=None if scales == "row" else float(x.abs().max()))(x).double()
     xd, w, b = x.double(), linear.weight.detach().double(), linear.bias.detach().double()
     exact = xd @ w.T + b
 
     def operand_error(v: torch.Tensor) -> torch.Tensor:
-        scale = 448.0 / v.abs().amax(dim=1, keepdim=True)
+        scale = 448.0 / (v.abs().amax(dim=1, keepdim=True) if scales == "row" else v.abs().amax())
         return 2.0**-4 * v.abs() + 2.0**-10 / scale
 
     ex, ew = operand_error(xd), operand_error(w)
@@ -315,6 +318,38 @@ def test_fp8_linear_stays_within_the_rounding_bound_of_e4m3_operands_and_a_bf16_
     # rel / sqrt(200 rows) ~ 0.0025 (errors shared within a row), so 0.01 is 4 of them, and a 5 % scale error fails.
     slope = float((got * exact).sum() / (exact * exact).sum())
     assert abs(slope - 1) < 0.01
+
+
+def test_fp8_tensor_clamps_inputs_beyond_the_calibrated_range_and_its_forward_needs_a_calibration() -> None:
+    """With per-tensor scales an input above the calibrated maximum is clamped to it, so the product is that of the
+    clamped input (to e4m3's rounding, which is exact for the clamped value 448 itself); the calibration records each
+    block linear's largest input, and fp8-tensor without a calibration batch is refused."""
+    import torch
+
+    from benchmarks.dit_roofline import Fp8Linear, block_linears, input_amax, low_precision_forward
+    from lightning_speed.backbones import DiT
+
+    linear = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(3, 4))  # picks the first three inputs, exactly representable in e4m3
+    x = torch.tensor([[1.0, -2.0, 8.0, 0.0]], dtype=torch.bfloat16)
+    out = Fp8Linear(linear, input_amax=2.0)(x).float()
+    assert out.tolist() == [[1.0, -2.0, 2.0]]  # 8 clamped to the calibrated 2
+    assert Fp8Linear(linear, input_amax=8.0)(x).float().tolist() == [[1.0, -2.0, 8.0]]
+
+    torch.manual_seed(0)
+    dit = DiT(in_channels=1, image_size=8, patch_size=2, depth=2, hidden_size=16, num_heads=2, learn_sigma=True)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999])
+    seen = input_amax(dit, x, t)
+    assert len(seen) == len(block_linears(dit)) == 2 * 4
+    first_qkv_input = []
+    hook = dit.blocks[0].attn.qkv.register_forward_hook(lambda m, args, out: first_qkv_input.append(args[0]))
+    with torch.no_grad():
+        dit(x, t)
+    hook.remove()
+    assert seen[0] == pytest.approx(float(first_qkv_input[0].abs().max()))
+    with pytest.raises(ValueError, match="fp8-tensor needs a calibration batch"):
+        low_precision_forward(dit, "fp8-tensor")
 
 
 def test_kernel_time_is_the_union_of_the_kernels_intervals() -> None:
