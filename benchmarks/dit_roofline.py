@@ -15,7 +15,8 @@ forward of the same weights (``rel_error``: RMS of the difference over RMS of th
 re-drawn so the adaLN-Zero start is not all zeros). The sum of (1) over the blocks is the forward's floor with
 today's kernels, whatever the fusion of the elementwise work between them (LayerNorm, adaLN shift/scale, GELU, gates,
 residuals); seconds per FID = forward time x calls. Each time is the median of --repeats timings of --iters calls,
-the GPU synchronised at both ends; the min and max are kept.
+the GPU synchronised at both ends; the min and max are kept. ``--profile`` adds, per timed forward, its GPU kernel
+time and the kernels that take it (``profile``: the profiler's table, by self CUDA time).
 
     python -m benchmarks.dit_roofline --batch-size 2500 --out benchmarks/results/dit_roofline.json
     python -m benchmarks.dit_roofline --smoke --out /tmp/roofline.json   # CPU, tiny sizes (tests)
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops, today, update_summary, write_json
+from benchmarks.profiling import profile_closure
 from benchmarks.windows import sync
 from lightning_speed.backbones import DiT
 from lightning_speed.backbones.dit import dit_size
@@ -151,6 +153,8 @@ def main() -> None:
                    help="forward precisions (module docstring); autocast is also timed eager")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true",
+                   help="also trace two calls of each timed forward: GPU time per forward by kernel (``profile``)")
     p.add_argument("--out", default=str(RESULTS / "dit_roofline.json"))
     p.add_argument("--smoke", action="store_true", help="CPU, a tiny DiT, fp32, eager (tests)")
     args = p.parse_args()
@@ -251,6 +255,10 @@ def main() -> None:
                     net(xt, steps)
 
             result["forward_ms"][name] = timed(call, **timing)
+            if args.profile:  # where the time above the floor goes: the kernels between the products
+                summary = profile_closure(call, device, steps=2)
+                result.setdefault("profile", {})[name] = {k: summary[k] for k in (
+                    "compute_kernels_ms_per_step", "gpu_idle_ms_per_step", "kernels_per_step", "table")}
             result["fid_seconds"][name] = result["forward_ms"][name]["ms"] * calls / 1e3
             print(f"forward {name}: {result['forward_ms'][name]['ms']:.2f} ms, {result['fid_seconds'][name]:.1f} s per "
                   f"FID; rel. error vs fp32 {result['rel_error'][precision]:.2e}", flush=True)

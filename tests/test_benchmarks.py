@@ -258,7 +258,7 @@ def test_fid_speed_smoke_times_the_dit_recipes_iddpm_sampling(tmp_path: Path, ho
 def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_path: Path, home: Path) -> None:
     out = tmp_path / "roofline.json"
     run_script("dit_roofline", ["--smoke", "--batch-size", "4", "--samples", "10", "--solver-steps", "3", "--iters", "2",
-                                "--repeats", "2", "--out", str(out)], home)
+                                "--repeats", "2", "--profile", "--out", str(out)], home)
     result = json.loads(out.read_text())
     block = result["block"]
     assert set(block) == {"qkv", "attention_out", "mlp_in", "mlp_out", "attention"} and result["complete"]
@@ -270,6 +270,9 @@ def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_pat
     assert result["matmul_floor_ms_per_forward"] == pytest.approx(sum(v["ms"] for v in block.values()))
     assert result["fid_seconds"]["matmul_floor"] == pytest.approx(result["matmul_floor_ms_per_forward"] * calls / 1e3)
     assert result["fid_seconds"]["eager"] == pytest.approx(result["forward_ms"]["eager"]["ms"] * calls / 1e3)
+    # --profile traces each timed forward: on the CPU no kernels, and the table ranks the forward's operators
+    assert set(result["profile"]) == {"eager"} and result["profile"]["eager"]["kernels_per_step"] == 0
+    assert "aten::linear" in result["profile"]["eager"]["table"]
     # every precision is compared with the fp32 forward: autocast on the CPU is fp32 itself, bf16 and fp8 are not
     errors = result["rel_error"]
     assert set(errors) == {"autocast", "bf16", "fp8", "fp8-tensor"} and errors["autocast"] == 0.0
