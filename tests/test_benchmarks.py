@@ -275,8 +275,9 @@ def test_dit_roofline_smoke_sums_the_blocks_matmuls_into_seconds_per_fid(tmp_pat
     assert "aten::linear" in result["profile"]["eager"]["table"]
     # every precision is compared with the fp32 forward: autocast on the CPU is fp32 itself, bf16 and fp8 are not
     errors = result["rel_error"]
-    assert set(errors) == {"autocast", "bf16", "fp8", "fp8-tensor"} and errors["autocast"] == 0.0
+    assert set(errors) == {"autocast", "bf16", "bf16-gelu", "fp8", "fp8-tensor"} and errors["autocast"] == 0.0
     assert 2.0**-12 < errors["bf16"] < 2.0**-4 and errors["bf16"] < min(errors["fp8"], errors["fp8-tensor"])
+    assert 2.0**-12 < errors["bf16-gelu"] < 2.0**-4  # bf16 rounding, plus exact against tanh GELU on the CPU
     assert max(errors["fp8"], errors["fp8-tensor"]) < 0.5
     # The refusal comes before any work: in this process, not another torch start-up.
     with pytest.raises(SystemExit, match="--batch-size, --samples, --solver-steps, --iters and --repeats must be at least 1"):
@@ -321,6 +322,27 @@ def test_fp8_linear_stays_within_the_rounding_bound_of_e4m3_operands_and_a_bf16_
     # rel / sqrt(200 rows) ~ 0.0025 (errors shared within a row), so 0.01 is 4 of them, and a 5 % scale error fails.
     slope = float((got * exact).sum() / (exact * exact).sum())
     assert abs(slope - 1) < 0.01
+
+
+def test_gelu_linear_is_the_linear_layer_and_gelu_in_one_product() -> None:
+    """GeluLinear computes GELU(x W^T + b) over any leading dimensions. On the CPU ATen's kernel applies the exact GELU
+    (cuBLASLt's epilogue on CUDA is the tanh form): equal to it to fp32 rounding (a few ulps of values of order 10),
+    and away from the tanh form by that approximation's known size (at most about 5e-4 here)."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.dit_roofline import GeluLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 24)
+    x = torch.randn(2, 5, 16) * 2
+    with torch.no_grad():
+        got = GeluLinear(linear)(x)
+        pre = linear(x)
+    assert got.shape == (2, 5, 24)
+    torch.testing.assert_close(got, F.gelu(pre), rtol=1e-5, atol=1e-5)
+    tanh_gap = float((got - F.gelu(pre, approximate="tanh")).abs().max())
+    assert 1e-5 < tanh_gap < 1e-3
 
 
 def test_fp8_tensor_clamps_inputs_beyond_the_calibrated_range_and_its_forward_needs_a_calibration() -> None:
