@@ -203,8 +203,8 @@ def main() -> None:
     # (1) one block's matrix products, at the forward's shapes
     x = torch.randn(rows, dim, device=device, dtype=dtype)
     hidden = torch.randn(rows, 4 * dim, device=device, dtype=dtype)
-    for name, (inp, out_features) in {"qkv": (x, 3 * dim), "attention_out": (x, dim), "mlp_in": (x, 4 * dim),
-                                      "mlp_out": (hidden, dim)}.items():
+    products = {"qkv": (x, 3 * dim), "attention_out": (x, dim), "mlp_in": (x, 4 * dim), "mlp_out": (hidden, dim)}
+    for name, (inp, out_features) in products.items():
         weight = torch.randn(out_features, inp.shape[1], device=device, dtype=dtype)
         bias = torch.randn(out_features, device=device, dtype=dtype)
         t = timed(lambda inp=inp, weight=weight, bias=bias: F.linear(inp, weight, bias), **timing)
@@ -220,8 +220,7 @@ def main() -> None:
         # the same products in e4m3 with per-tensor scales (bf16 out): the floor that fp8-tensor's forward can reach
         result["block_fp8"] = {}
         one = torch.ones((), device=device)
-        for name, (inp, out_features) in {"qkv": (x, 3 * dim), "attention_out": (x, dim), "mlp_in": (x, 4 * dim),
-                                          "mlp_out": (hidden, dim)}.items():
+        for name, (inp, out_features) in products.items():
             a = inp.to(torch.float8_e4m3fn)
             b = torch.randn(out_features, inp.shape[1], device=device).to(torch.float8_e4m3fn).t()
             bias = torch.randn(out_features, device=device, dtype=dtype)
@@ -233,7 +232,7 @@ def main() -> None:
         result["matmul_floor_fp8_ms_per_forward"] = depth * (sum(v["ms"] for v in result["block_fp8"].values())
                                                              + result["block"]["attention"]["ms"])
         result["fid_seconds"]["matmul_floor_fp8"] = result["matmul_floor_fp8_ms_per_forward"] * calls / 1e3
-    del x, hidden, q
+    del x, hidden, q, products
     write_json(Path(args.out), result)  # after each stage: a call cut short keeps what it measured
 
     # (2) the backbone forward, as the sampler calls it, in each precision
