@@ -69,7 +69,8 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("weight", (weight * scale).to(torch.float8_e4m3fn).t())
         self.register_buffer("weight_scale", scale.reciprocal().reshape(1, -1) if rowwise else scale.reciprocal())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
-        self.register_buffer("input_scale", None if rowwise else torch.tensor(E4M3_MAX / max(input_amax, 1e-12), device=weight.device))
+        input_scale = None if rowwise else torch.tensor(E4M3_MAX / max(input_amax, 1e-12), device=weight.device)
+        self.register_buffer("input_scale", input_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -200,39 +201,40 @@ def main() -> None:
         "block": {}, "forward_ms": {}, "fid_seconds": {}, "complete": False,
     }
 
-    # (1) one block's matrix products, at the forward's shapes
+    # (1) one block's matrix products, at the forward's shapes; with fp8-tensor also in e4m3 with per-tensor scales
+    # (bf16 out), the floor that fp8-tensor's forward can reach
+    fp8_ok = not cuda or torch.cuda.get_device_capability(device) >= (8, 9)
+    fp8_floor = "fp8-tensor" in args.precisions and cuda and fp8_ok
     x = torch.randn(rows, dim, device=device, dtype=dtype)
     hidden = torch.randn(rows, 4 * dim, device=device, dtype=dtype)
-    products = {"qkv": (x, 3 * dim), "attention_out": (x, dim), "mlp_in": (x, 4 * dim), "mlp_out": (hidden, dim)}
-    for name, (inp, out_features) in products.items():
+    one = torch.ones((), device=device)
+    if fp8_floor:
+        result["block_fp8"] = {}
+    for name, (inp, out_features) in {"qkv": (x, 3 * dim), "attention_out": (x, dim), "mlp_in": (x, 4 * dim),
+                                      "mlp_out": (hidden, dim)}.items():
         weight = torch.randn(out_features, inp.shape[1], device=device, dtype=dtype)
         bias = torch.randn(out_features, device=device, dtype=dtype)
-        t = timed(lambda inp=inp, weight=weight, bias=bias: F.linear(inp, weight, bias), **timing)
+        calls_of = {"block": lambda inp=inp, weight=weight, bias=bias: F.linear(inp, weight, bias)}
+        if fp8_floor:
+            a, b = inp.to(torch.float8_e4m3fn), weight.to(torch.float8_e4m3fn).t()
+            calls_of["block_fp8"] = lambda a=a, b=b, bias=bias: torch._scaled_mm(
+                a, b, scale_a=one, scale_b=one, bias=bias, out_dtype=dtype)
         flops = 2 * rows * inp.shape[1] * out_features
-        record(result, name, {**t, "shape": [rows, inp.shape[1], out_features], "tflops": flops / t["ms"] / 1e9})
+        for key, fn in calls_of.items():
+            t = timed(fn, **timing)
+            record(result, name, {**t, "shape": [rows, inp.shape[1], out_features], "tflops": flops / t["ms"] / 1e9},
+                   key)
     q = torch.randn(args.batch_size, heads, tokens, dim // heads, device=device, dtype=dtype)
     t = timed(lambda q=q: F.scaled_dot_product_attention(q, q, q), **timing)
     flops = 4 * args.batch_size * heads * tokens**2 * (dim // heads)
     record(result, "attention", {**t, "shape": list(q.shape), "tflops": flops / t["ms"] / 1e9})
+    del x, hidden, q
     result["matmul_floor_ms_per_forward"] = depth * sum(v["ms"] for v in result["block"].values())
     result["fid_seconds"]["matmul_floor"] = result["matmul_floor_ms_per_forward"] * calls / 1e3
-    if "fp8-tensor" in args.precisions and cuda and torch.cuda.get_device_capability(device) >= (8, 9):
-        # the same products in e4m3 with per-tensor scales (bf16 out): the floor that fp8-tensor's forward can reach
-        result["block_fp8"] = {}
-        one = torch.ones((), device=device)
-        for name, (inp, out_features) in products.items():
-            a = inp.to(torch.float8_e4m3fn)
-            b = torch.randn(out_features, inp.shape[1], device=device).to(torch.float8_e4m3fn).t()
-            bias = torch.randn(out_features, device=device, dtype=dtype)
-            t = timed(lambda a=a, b=b, bias=bias: torch._scaled_mm(a, b, scale_a=one, scale_b=one, bias=bias,
-                                                                  out_dtype=dtype), **timing)
-            flops = 2 * rows * inp.shape[1] * out_features
-            record(result, name, {**t, "shape": [rows, inp.shape[1], out_features], "tflops": flops / t["ms"] / 1e9},
-                   "block_fp8")
+    if fp8_floor:  # the attention stays in bf16
         result["matmul_floor_fp8_ms_per_forward"] = depth * (sum(v["ms"] for v in result["block_fp8"].values())
                                                              + result["block"]["attention"]["ms"])
         result["fid_seconds"]["matmul_floor_fp8"] = result["matmul_floor_fp8_ms_per_forward"] * calls / 1e3
-    del x, hidden, q, products
     write_json(Path(args.out), result)  # after each stage: a call cut short keeps what it measured
 
     # (2) the backbone forward, as the sampler calls it, in each precision
@@ -252,7 +254,7 @@ def main() -> None:
     result["rel_error"] = {}
     modes = [] if args.smoke else args.compile_modes
     for precision in args.precisions:
-        if precision.startswith("fp8") and cuda and torch.cuda.get_device_capability(device) < (8, 9):
+        if precision.startswith("fp8") and not fp8_ok:
             print(f"{precision}: skipped (needs a GPU of compute capability 8.9 or later)", flush=True)
             continue
         if precision == "autocast":
