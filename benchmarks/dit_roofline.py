@@ -5,9 +5,10 @@ bf16 on the GPU at that batch, (1) each matrix product of one transformer block 
 layers, each ``F.linear`` with its bias) and the attention itself (``F.scaled_dot_product_attention``), and, when
 ``fp8-tensor`` is asked for, the same products in e4m3 with per-tensor scales; and (2) the whole backbone forward,
 eager and compiled as ``DiffusionModule(compile_sampling=MODE)`` compiles it, in each of ``--precisions``:
-``autocast`` (fp32 weights under bf16 autocast, as sampling runs today: LayerNorm and the residual stream in fp32),
-``bf16`` (weights and activations in bf16 end to end), ``bf16-gelu`` (``bf16`` with each MLP's bias and GELU in its
-first product's epilogue, ``GeluLinear``), ``fp8`` (``bf16`` with the blocks' four linear layers as e4m3
+``autocast`` (fp32 weights under bf16 autocast, as sampling runs: LayerNorm and the residual stream in fp32),
+``bf16`` (weights and activations in bf16 end to end), each also ``-unfused`` (each MLP's GELU as a kernel of its own
+instead of in its first product's epilogue, ``FeedForward.gelu_epilogue = False``: sampling before the epilogue),
+``fp8`` (``bf16`` with the blocks' four linear layers as e4m3
 products, weights scaled per output row and activations per token, ``torch._scaled_mm``; Hopper and later) and
 ``fp8-tensor`` (the same products with one scale per weight and one per layer input, the latter calibrated once on a
 separate batch, so quantising an input is a multiply and a cast that the compiler fuses into the LayerNorm or GELU
@@ -49,7 +50,7 @@ from lightning_speed.backbones.dit import dit_size
 from lightning_speed.module import CompileMode
 
 SMOKE = {"depth": 1, "hidden_size": 32, "num_heads": 2}
-PRECISIONS = ("autocast", "bf16", "bf16-gelu", "fp8", "fp8-tensor")
+PRECISIONS = ("autocast", "autocast-unfused", "bf16", "bf16-unfused", "fp8", "fp8-tensor")
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -103,31 +104,12 @@ def input_amax(net: DiT, x: torch.Tensor, t: torch.Tensor) -> list[float]:
     return seen
 
 
-class GeluLinear(torch.nn.Module):
-    """``GELU(Linear(x))`` as one product with the bias and the tanh GELU in its epilogue, for inference:
-    ``torch._addmm_activation`` (cuBLASLt's GELU_BIAS epilogue on CUDA, which is the tanh approximation DiT's MLP uses;
-    the CPU kernel computes the exact GELU). Inductor calls it as is, so the GELU needs no pass over the hidden
-    activations of its own. It has no derivative: sampling only."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
 def low_precision_forward(dit: DiT, precision: str, calibration: tuple[torch.Tensor, torch.Tensor] | None = None
                           ) -> Callable[..., torch.Tensor]:
-    """The forward of a bf16 copy of ``dit`` without autocast (``bf16-gelu``: each MLP's first layer and GELU as one
-    ``GeluLinear``; ``fp8`` / ``fp8-tensor``: its blocks' linear layers as ``Fp8Linear``, per-tensor input scales from
-    one forward of ``calibration``): images and time steps in, fp32 out."""
+    """The forward of a bf16 copy of ``dit`` without autocast (``fp8`` / ``fp8-tensor``: its blocks' linear layers as
+    ``Fp8Linear``, per-tensor input scales from one forward of ``calibration``): images and time steps in, fp32 out."""
     net = copy.deepcopy(dit).to(torch.bfloat16)
-    if precision == "bf16-gelu":
-        for block in net.blocks:
-            block.mlp = torch.nn.Sequential(GeluLinear(block.mlp[0]), block.mlp[2])
-    elif precision != "bf16":
+    if precision.startswith("fp8"):
         if precision == "fp8-tensor":
             if calibration is None:
                 raise ValueError("fp8-tensor needs a calibration batch (images, time steps) for its input scales.")
@@ -137,6 +119,14 @@ def low_precision_forward(dit: DiT, precision: str, calibration: tuple[torch.Ten
         for (parent, name), a in zip(block_linears(net), amax):
             setattr(parent, name, Fp8Linear(getattr(parent, name), input_amax=a))
     return lambda x, t: net(x, t).float()
+
+
+def without_gelu_epilogue(dit: DiT) -> DiT:
+    """A copy of ``dit`` whose MLPs run the GELU as a kernel of its own (``FeedForward.gelu_epilogue = False``)."""
+    net = copy.deepcopy(dit)
+    for block in net.blocks:
+        block.mlp.gelu_epilogue = False
+    return net
 
 
 def redraw_weights(dit: DiT, seed: int = 0) -> None:
@@ -257,11 +247,13 @@ def main() -> None:
         if precision.startswith("fp8") and not fp8_ok:
             print(f"{precision}: skipped (needs a GPU of compute capability 8.9 or later)", flush=True)
             continue
-        if precision == "autocast":
-            base = dit.forward
+        kind = precision.removesuffix("-unfused")
+        model = dit if kind == precision else without_gelu_epilogue(dit)
+        if kind == "autocast":
+            base = model.forward
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
         else:
-            base = low_precision_forward(dit, precision, calibration)
+            base = low_precision_forward(model, kind, calibration)
             autocast = contextlib.nullcontext()
         with torch.no_grad(), autocast:
             out = base(xt, steps).float()

@@ -12,12 +12,14 @@
 #                                           # operators launching ATen's elementwise kernels (BENCHMARKS.md, section 1),
 #                                           # and Inductor's code of row a's step (output_code.log; OUTPUT_CODE=0 skips
 #                                           # it). THEN_CONV=1: convergence jobs get the rest of the call, as in single
-# The DiT recipe's open ablation seeds, one call each on one GPU (two runs share it; about 9k of the 10k steps):
+# The DiT recipe's ablation seeds, one call each on one GPU (two runs share it; about 9k of the 10k steps; a second call
+# with the same CONV resumes them), as BENCHMARKS.md section 0b ran them:
 #   GPUS=0 PER_GPU=2 BASE=fashion_mnist_dit.yaml EVERY=2500 FINAL=0 BUDGET=545 JOBS="uniform:1:10000 speed:1:10000" \
 #     LAUNCH_ARGS="--batch-size 64 --set ema.init_args.decay=0.999 model.learn_sigma=false model.backbone.init_args.learn_sigma=false" \
-#     bash benchmarks/gpu_session.sh conv      # fixed variance, seed 1. The sampler ablation's seed 1: the same with
+#     bash benchmarks/gpu_session.sh conv      # fixed variance, seed 1. The sampler ablation: the same with
 #                                              # LAUNCH_ARGS="--batch-size 64 --fid-solver ddpm --fid-steps 250 --set ema.init_args.decay=0.999"
-# The UNet pair at the DiT ablations' batch 64, which separates the backbone from the batch (BENCHMARKS.md, section 0b):
+# The UNet pair at the DiT ablations' batch 64, which separates the backbone from the batch (BENCHMARKS.md, section 0b;
+# seed 1: uniform:1 speed:1; at the DiT's lr add --set model.optimizer.init_args.lr=0.0001 to LAUNCH_ARGS):
 #   GPUS=0 PER_GPU=2 EVERY=2500 FINAL=0 BUDGET=545 JOBS="uniform:0:10000 speed:0:10000" LAUNCH_ARGS="--batch-size 64" \
 #     bash benchmarks/gpu_session.sh conv
 # Throughput: python3 -m benchmarks.throughput --batch-sizes 128 512 --root .data (about 8 minutes).

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import get_args
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_speed.backbones import DIT_PRESETS, DiT, DiT_B_2, DiT_S_2, DiTPreset, UNet, dit, sinusoidal_embedding
+from lightning_speed.backbones.dit import FeedForward, linear_tanh_gelu
+
+dit_module = importlib.import_module("lightning_speed.backbones.dit")  # the package's ``dit`` is the preset function
 
 TINY_UNET = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_heads=2,
                  image_size=16)
@@ -342,6 +347,128 @@ def test_backbone_cast_to_bf16_runs_in_bf16_and_stays_near_fp32(backbone: str) -
     assert out.dtype == torch.bfloat16 and out.shape == reference.shape
     rel = float((out.float() - reference).norm() / reference.norm())
     assert 2.0**-12 < rel < 2.0**-4
+
+
+def _feed_forward(seed: int = 0) -> FeedForward:
+    torch.manual_seed(seed)
+    return FeedForward(nn.Linear(16, 64), nn.GELU(approximate="tanh"), nn.Linear(64, 16))
+
+
+def _tanh_gap_bound(fc2: nn.Linear) -> float:
+    """Largest output change from exact against tanh GELU (ATen's CPU kernel for ``_addmm_activation`` is the exact
+    form, cuBLASLt's epilogue the tanh one): the two differ by at most ``gap`` per hidden unit (measured on a grid
+    over the whole range where they differ), so an output moves by at most ``gap * max_row sum|W2|``, plus fp32
+    rounding of the 64-term sums."""
+    z = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+    gap = float((F.gelu(z) - F.gelu(z, approximate="tanh")).abs().max())
+    return gap * float(fc2.weight.detach().abs().sum(dim=1).max()) + 1e-5
+
+
+def test_dit_mlp_keeps_the_sequential_state_dict_keys() -> None:
+    """Checkpoints written while DiT's MLP was an ``nn.Sequential`` load into FeedForward unchanged."""
+    model = DiT(**TINY_DIT)
+    assert isinstance(model.blocks[0].mlp, FeedForward)
+    plain = nn.Sequential(nn.Linear(32, 128), nn.GELU(approximate="tanh"), nn.Linear(128, 32))
+    assert set(model.blocks[0].mlp.state_dict()) == set(plain.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    model.blocks[0].mlp.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(model.blocks[0].mlp[0].weight, plain[0].weight, rtol=0, atol=0)
+
+
+def test_linear_tanh_gelu_is_the_layer_and_gelu_over_leading_dimensions() -> None:
+    """One ``_addmm_activation`` call over any leading dimensions: exact GELU on the CPU (to fp32 rounding of values of
+    order 10), away from the tanh form by no more than that approximation's gap."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 24)
+    x = torch.randn(2, 5, 16) * 2
+    with torch.no_grad():
+        got = linear_tanh_gelu(x, linear.weight, linear.bias)
+        pre = linear(x)
+    assert got.shape == (2, 5, 24) and got.dtype == torch.float32
+    torch.testing.assert_close(got, F.gelu(pre), rtol=1e-5, atol=1e-5)
+    z = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+    gap = float((F.gelu(z) - F.gelu(z, approximate="tanh")).abs().max())
+    assert float((got - F.gelu(pre, approximate="tanh")).abs().max()) <= gap + 1e-5
+
+
+def test_feed_forward_takes_the_gelu_epilogue_only_when_sampling_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The epilogue has no derivative and is the tanh GELU on CUDA only: training, and anything on the CPU, keep the
+    three calls (the spy on ``_addmm_activation`` must stay unused); with the condition met (patched to hold on the
+    CPU) the MLP makes exactly one fused call and gives the plain output to the exact/tanh gap."""
+    calls: list[torch.dtype] = []
+    real = torch._addmm_activation
+
+    def spy(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append(mat1.dtype)
+        return real(bias, mat1, mat2, **kwargs)
+
+    monkeypatch.setattr(torch, "_addmm_activation", spy)
+    mlp = _feed_forward()
+    x = torch.randn(3, 7, 16)
+    reference = mlp[2](mlp[1](mlp[0](x))).detach()
+    mlp(x).sum().backward()  # training: autograd on
+    with torch.no_grad():
+        on_cpu = mlp(x)
+    assert calls == [] and mlp[0].weight.grad is not None
+    torch.testing.assert_close(on_cpu, reference, rtol=0, atol=0)
+
+    monkeypatch.setattr(dit_module, "_gelu_epilogue_applies", lambda x: not torch.is_grad_enabled())
+    with torch.no_grad():
+        fused = mlp(x)
+    assert calls == [torch.float32] and fused.shape == reference.shape
+    assert float((fused - reference).abs().max()) <= _tanh_gap_bound(mlp[2])
+    mlp.gelu_epilogue = False
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), reference, rtol=0, atol=0)
+    assert len(calls) == 1
+
+
+def test_feed_forward_epilogue_runs_in_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the fused product runs in bf16, as ``F.linear`` would: a bf16 result within bf16's rounding
+    (2^-8 relative per operand and result, a few roundings deep) of the fp32 output, not silently fp32."""
+    monkeypatch.setattr(dit_module, "_gelu_epilogue_applies", lambda x: not torch.is_grad_enabled())
+    mlp = _feed_forward()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        reference = mlp(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = linear_tanh_gelu(x, mlp[0].weight, mlp[0].bias)
+            out = mlp(x)
+    assert hidden.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    rel = float((out.float() - reference).norm() / reference.norm())
+    assert 2.0**-12 < rel < 2.0**-5
+
+
+def test_dit_with_the_gelu_epilogue_compiles_without_graph_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampling path (epilogue on) traces into one graph: the autocast queries fold to constants."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(dit_module, "_gelu_epilogue_applies", lambda x: not torch.is_grad_enabled())
+    model = _unzero(DiT(**TINY_DIT)).eval()
+    x, t = _inputs(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert compiled(x, t).dtype == torch.bfloat16
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dit_sampling_forward_on_cuda_matches_the_unfused_mlp(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """On CUDA both paths compute the tanh GELU; they differ only by where the product's result is rounded (the
+    epilogue applies the GELU to the fp32 accumulator), so fp32 agrees to TF32-free fp32 rounding and bf16 to bf16's
+    (2^-8 relative, a few layers deep)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = _unzero(DiT(**TINY_DIT, num_classes=3)).cuda().to(dtype).eval()
+    x, t = (v.cuda() for v in _inputs(model))
+    with torch.no_grad():
+        fused = model(x.to(dtype), t).float()
+        for block in model.blocks:
+            block.mlp.gelu_epilogue = False
+        plain = model(x.to(dtype), t).float()
+    rel = float((fused - plain).norm() / plain.norm())
+    assert rel < (1e-5 if dtype == torch.float32 else 2.0**-6)
 
 
 def test_unet_compiles_without_graph_breaks() -> None:

@@ -5,26 +5,56 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Timer
+from typing_extensions import override
 
 from benchmarks.common import device_name, load_config, smoke_args, today, write_json
 from benchmarks.convergence.runs import RUNS, config_args
 
 
 class PartTimer(Timer):
-    """A time limit for this part of a run only.
+    """A time limit for this part of a run only, which also keeps an FID evaluation inside it.
 
     Lightning's Timer (``Trainer(max_time=...)``) restores the time spent before from the
     checkpoint, so a run resumed with a budget smaller than what it had already used would stop at
     once, a whole call spent without a step. Each part here has its own budget.
+
+    The time limit is checked between steps, and an FID evaluation (a minute or more for a DiT with
+    IDDPM-250) runs inside a step's end. One begun with less than its duration left ends past the
+    launcher's deadline, which stops the process before it writes result.json. So the part stops
+    one step before an evaluation that the time left cannot hold, judged by the longest evaluation
+    seen so far (``fid_seconds``: earlier parts', then this process's, from ``fid.seconds``); the
+    next part makes that evaluation. Without an evaluation seen yet there is nothing to judge by.
     """
+
+    def __init__(self, *args: Any, fid: Any = None, fid_seconds: Sequence[float] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fid, self.fid_seconds = fid, list(fid_seconds)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # keep counting from zero
+
+    def stops_before_fid(self, step: int) -> bool:
+        """True when step ``step + 1`` evaluates FID and the time left is shorter than the longest evaluation."""
+        every = getattr(self.fid, "every_n_steps", None)
+        if not every or (step + 1) % every:
+            return False
+        seen = self.fid_seconds + [seconds for _, seconds in getattr(self.fid, "seconds", [])]
+        remaining = self.time_remaining()
+        return bool(seen) and remaining is not None and remaining < max(seen)
+
+    @override
+    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, *args, **kwargs)
+        if not trainer.should_stop and self.stops_before_fid(trainer.global_step):
+            print(f"stopping at step {trainer.global_step}: the FID evaluation at the next step would outlast this "
+                  f"part's time limit", flush=True)
+            trainer.should_stop = True  # one process per run: no rank to agree with
 
 
 def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -84,12 +114,13 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     trainer = cli.trainer
     (fid_cb,) = (cb for cb in trainer.callbacks if isinstance(cb, FIDCallback))
     (monitor,) = (cb for cb in trainer.callbacks if isinstance(cb, TimestepMonitor))
-    trainer.callbacks.append(PartTimer(duration=timedelta(seconds=args.time_limit)))
     if args.smoke:
         torch.set_num_threads(1)
     # The previous part's result.json is written right after its checkpoint, so it says where we resume.
     result_file = run_dir / "result.json"
     previous = json.loads(result_file.read_text()) if ckpt.exists() and result_file.exists() else {}
+    trainer.callbacks.append(PartTimer(duration=timedelta(seconds=args.time_limit), fid=fid_cb,
+                                       fid_seconds=[seconds for _, seconds in previous.get("fid_seconds", [])]))
     first_step, parts, start = previous.get("steps_done", 0), previous.get("parts", []), time.perf_counter()
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
     trainer.save_checkpoint(ckpt)
