@@ -423,8 +423,17 @@ def test_feed_forward_takes_the_gelu_epilogue_only_when_sampling_on_cuda(monkeyp
 
 
 def test_feed_forward_epilogue_runs_in_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under bf16 autocast the fused product runs in bf16, as ``F.linear`` would: a bf16 result within bf16's rounding
-    (2^-8 relative per operand and result, a few roundings deep) of the fp32 output, not silently fp32."""
+    """Under bf16 autocast the fused product gets bf16 operands, as ``F.linear`` would: CUDA's autocast does not cast
+    ``_addmm_activation`` itself (the CPU's does, so the spy checks what we pass), and the result is within bf16's
+    rounding (2^-8 relative per operand and result, a few roundings deep) of the fp32 output, not silently fp32."""
+    operands: list[tuple[torch.dtype, ...]] = []
+    real = torch._addmm_activation
+
+    def spy(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        operands.append((bias.dtype, mat1.dtype, mat2.dtype))
+        return real(bias, mat1, mat2, **kwargs)
+
+    monkeypatch.setattr(torch, "_addmm_activation", spy)
     monkeypatch.setattr(dit_module, "_gelu_epilogue_applies", lambda x: not torch.is_grad_enabled())
     mlp = _feed_forward()
     x = torch.randn(4, 16)
@@ -433,6 +442,7 @@ def test_feed_forward_epilogue_runs_in_the_autocast_dtype(monkeypatch: pytest.Mo
         with torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = linear_tanh_gelu(x, mlp[0].weight, mlp[0].bias)
             out = mlp(x)
+    assert operands == [(torch.float32,) * 3] + [(torch.bfloat16,) * 3] * 2
     assert hidden.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
     rel = float((out.float() - reference).norm() / reference.norm())
     assert 2.0**-12 < rel < 2.0**-5
