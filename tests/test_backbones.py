@@ -354,14 +354,17 @@ def _feed_forward(seed: int = 0) -> FeedForward:
     return FeedForward(nn.Linear(16, 64), nn.GELU(approximate="tanh"), nn.Linear(64, 16))
 
 
-def _tanh_gap_bound(fc2: nn.Linear) -> float:
-    """Largest output change from exact against tanh GELU (ATen's CPU kernel for ``_addmm_activation`` is the exact
-    form, cuBLASLt's epilogue the tanh one): the two differ by at most ``gap`` per hidden unit (measured on a grid
-    over the whole range where they differ), so an output moves by at most ``gap * max_row sum|W2|``, plus fp32
-    rounding of the 64-term sums."""
+def _tanh_gelu_gap() -> float:
+    """The largest difference between the exact and the tanh GELU (ATen's CPU kernel for ``_addmm_activation`` is the
+    exact form, cuBLASLt's epilogue the tanh one), on a fine grid over the whole range where they differ."""
     z = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
-    gap = float((F.gelu(z) - F.gelu(z, approximate="tanh")).abs().max())
-    return gap * float(fc2.weight.detach().abs().sum(dim=1).max()) + 1e-5
+    return float((F.gelu(z) - F.gelu(z, approximate="tanh")).abs().max())
+
+
+def _tanh_gap_bound(fc2: nn.Linear) -> float:
+    """Largest MLP output change from exact against tanh GELU: each hidden unit moves by at most the gap, so an output
+    by at most ``gap * max_row sum|W2|``, plus fp32 rounding of the 64-term sums."""
+    return _tanh_gelu_gap() * float(fc2.weight.detach().abs().sum(dim=1).max()) + 1e-5
 
 
 def test_dit_mlp_keeps_the_sequential_state_dict_keys() -> None:
@@ -385,9 +388,7 @@ def test_linear_tanh_gelu_is_the_layer_and_gelu_over_leading_dimensions() -> Non
         pre = linear(x)
     assert got.shape == (2, 5, 24) and got.dtype == torch.float32
     torch.testing.assert_close(got, F.gelu(pre), rtol=1e-5, atol=1e-5)
-    z = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
-    gap = float((F.gelu(z) - F.gelu(z, approximate="tanh")).abs().max())
-    assert float((got - F.gelu(pre, approximate="tanh")).abs().max()) <= gap + 1e-5
+    assert float((got - F.gelu(pre, approximate="tanh")).abs().max()) <= _tanh_gelu_gap() + 1e-5
 
 
 def test_feed_forward_takes_the_gelu_epilogue_only_when_sampling_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
