@@ -73,8 +73,8 @@ class FeedForward(nn.Sequential):
 
     Sampling on a GPU (CUDA, no autograd) runs the first layer and the GELU as one product with a GELU epilogue
     (``linear_tanh_gelu``): the 4x-wide hidden activations are then written once, instead of written, read and
-    written again by a GELU kernel of their own, which no ``torch.compile`` mode fuses into cuBLAS. That takes about
-    11 % off the compiled DiT-S/2 forward at the FID batch (BENCHMARKS.md, section 0b). ``gelu_epilogue = False``
+    written again by the GELU kernel that ``torch.compile`` leaves after a cuBLAS product. On an H100 that took 11 %
+    off the compiled bf16 DiT-S/2 forward at the FID batch (BENCHMARKS.md, section 0b). ``gelu_epilogue = False``
     keeps the three separate calls everywhere.
     """
 
