@@ -8,12 +8,11 @@ eager and compiled as ``DiffusionModule(compile_sampling=MODE)`` compiles it, in
 ``autocast`` (fp32 weights under bf16 autocast, as sampling runs: LayerNorm and the residual stream in fp32),
 ``bf16`` (weights and activations in bf16 end to end), each also ``-unfused`` (each MLP's GELU as a kernel of its own
 instead of in its first product's epilogue, ``FeedForward.gelu_epilogue = False``: sampling before the epilogue),
-``fp8`` (``bf16`` with the blocks' four linear layers as e4m3
-products, weights scaled per output row and activations per token, ``torch._scaled_mm``; Hopper and later) and
-``fp8-tensor`` (the same products with one scale per weight and one per layer input, the latter calibrated once on a
-separate batch, so quantising an input is a multiply and a cast that the compiler fuses into the LayerNorm or GELU
-kernel before it; inputs beyond the calibrated range are clamped). Each precision's output is compared with the fp32
-forward of the same weights (``rel_error``: RMS of the difference over RMS of the fp32 output; the weights are
+``fp8`` (``bf16`` with the blocks' four linear layers as e4m3 products, weights scaled per output row and activations
+per token, ``torch._scaled_mm``; Hopper and later) and ``fp8-tensor`` (the same products with one scale per weight
+and one per layer input, the latter calibrated once on a separate batch, so quantising an input is a multiply and a
+cast that the compiler fuses into the LayerNorm or GELU kernel before it; inputs beyond the calibrated range are
+clamped). Each precision's output is compared with the fp32 forward of the same weights (``rel_error``: RMS of the difference over RMS of the fp32 output; the weights are
 re-drawn so the adaLN-Zero start is not all zeros). The sum of (1) over the blocks is the forward's floor with
 today's kernels, whatever the fusion of the elementwise work between them (LayerNorm, adaLN shift/scale, GELU, gates,
 residuals); seconds per FID = forward time x calls. Each time is the median of --repeats timings of --iters calls,
