@@ -12,8 +12,8 @@ instead of in its first product's epilogue, ``FeedForward.gelu_epilogue = False`
 per token, ``torch._scaled_mm``; Hopper and later) and ``fp8-tensor`` (the same products with one scale per weight
 and one per layer input, the latter calibrated once on a separate batch, so quantising an input is a multiply and a
 cast that the compiler fuses into the LayerNorm or GELU kernel before it; inputs beyond the calibrated range are
-clamped). Each precision's output is compared with the fp32 forward of the same weights (``rel_error``: RMS of the difference over RMS of the fp32 output; the weights are
-re-drawn so the adaLN-Zero start is not all zeros). The sum of (1) over the blocks is the forward's floor with
+clamped). Each precision's output is compared with the fp32 forward of the same weights (``rel_error``: RMS of the
+difference over RMS of the fp32 output; the weights are re-drawn so the adaLN-Zero start is not all zeros). The sum of (1) over the blocks is the forward's floor with
 today's kernels, whatever the fusion of the elementwise work between them (LayerNorm, adaLN shift/scale, GELU, gates,
 residuals); seconds per FID = forward time x calls. Each time is the median of --repeats timings of --iters calls,
 the GPU synchronised at both ends; the min and max are kept. ``--profile`` adds, per timed forward, its GPU kernel

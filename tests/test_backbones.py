@@ -354,6 +354,25 @@ def _feed_forward(seed: int = 0) -> FeedForward:
     return FeedForward(nn.Linear(16, 64), nn.GELU(approximate="tanh"), nn.Linear(64, 16))
 
 
+@pytest.fixture
+def addmm_operands(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, ...]]:
+    """The (bias, mat1, mat2) dtypes of every ``torch._addmm_activation`` call, as passed (before any autocast cast)."""
+    operands: list[tuple[torch.dtype, ...]] = []
+    real = torch._addmm_activation
+
+    def spy(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        operands.append((bias.dtype, mat1.dtype, mat2.dtype))
+        return real(bias, mat1, mat2, **kwargs)
+
+    monkeypatch.setattr(torch, "_addmm_activation", spy)
+    return operands
+
+
+def _epilogue_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let the epilogue path run on the CPU: its condition without the CUDA part."""
+    monkeypatch.setattr(dit_module, "_gelu_epilogue_applies", lambda x: not torch.is_grad_enabled())
+
+
 def _tanh_gelu_gap() -> float:
     """The largest difference between the exact and the tanh GELU (ATen's CPU kernel for ``_addmm_activation`` is the
     exact form, cuBLASLt's epilogue the tanh one), on a fine grid over the whole range where they differ."""
@@ -391,18 +410,12 @@ def test_linear_tanh_gelu_is_the_layer_and_gelu_over_leading_dimensions() -> Non
     assert float((got - F.gelu(pre, approximate="tanh")).abs().max()) <= _tanh_gelu_gap() + 1e-5
 
 
-def test_feed_forward_takes_the_gelu_epilogue_only_when_sampling_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_feed_forward_takes_the_gelu_epilogue_only_when_sampling_on_cuda(
+        monkeypatch: pytest.MonkeyPatch, addmm_operands: list[tuple[torch.dtype, ...]]) -> None:
     """The epilogue has no derivative and is the tanh GELU on CUDA only: training, and anything on the CPU, keep the
     three calls (the spy on ``_addmm_activation`` must stay unused); with the condition met (patched to hold on the
     CPU) the MLP makes exactly one fused call and gives the plain output to the exact/tanh gap."""
-    calls: list[torch.dtype] = []
-    real = torch._addmm_activation
-
-    def spy(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        calls.append(mat1.dtype)
-        return real(bias, mat1, mat2, **kwargs)
-
-    monkeypatch.setattr(torch, "_addmm_activation", spy)
+    calls = addmm_operands
     mlp = _feed_forward()
     x = torch.randn(3, 7, 16)
     reference = mlp[2](mlp[1](mlp[0](x))).detach()
@@ -412,10 +425,10 @@ def test_feed_forward_takes_the_gelu_epilogue_only_when_sampling_on_cuda(monkeyp
     assert calls == [] and mlp[0].weight.grad is not None
     torch.testing.assert_close(on_cpu, reference, rtol=0, atol=0)
 
-    monkeypatch.setattr(dit_module, "_gelu_epilogue_applies", lambda x: not torch.is_grad_enabled())
+    _epilogue_on_cpu(monkeypatch)
     with torch.no_grad():
         fused = mlp(x)
-    assert calls == [torch.float32] and fused.shape == reference.shape
+    assert calls == [(torch.float32,) * 3] and fused.shape == reference.shape
     assert float((fused - reference).abs().max()) <= _tanh_gap_bound(mlp[2])
     mlp.gelu_epilogue = False
     with torch.no_grad():
@@ -423,19 +436,12 @@ def test_feed_forward_takes_the_gelu_epilogue_only_when_sampling_on_cuda(monkeyp
     assert len(calls) == 1
 
 
-def test_feed_forward_epilogue_runs_in_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_feed_forward_epilogue_runs_in_the_autocast_dtype(
+        monkeypatch: pytest.MonkeyPatch, addmm_operands: list[tuple[torch.dtype, ...]]) -> None:
     """Under bf16 autocast the fused product gets bf16 operands, as ``F.linear`` would: CUDA's autocast does not cast
     ``_addmm_activation`` itself (the CPU's does, so the spy checks what we pass), and the result is within bf16's
     rounding (2^-8 relative per operand and result, a few roundings deep) of the fp32 output, not silently fp32."""
-    operands: list[tuple[torch.dtype, ...]] = []
-    real = torch._addmm_activation
-
-    def spy(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        operands.append((bias.dtype, mat1.dtype, mat2.dtype))
-        return real(bias, mat1, mat2, **kwargs)
-
-    monkeypatch.setattr(torch, "_addmm_activation", spy)
-    monkeypatch.setattr(dit_module, "_gelu_epilogue_applies", lambda x: not torch.is_grad_enabled())
+    _epilogue_on_cpu(monkeypatch)
     mlp = _feed_forward()
     x = torch.randn(4, 16)
     with torch.no_grad():
@@ -443,7 +449,7 @@ def test_feed_forward_epilogue_runs_in_the_autocast_dtype(monkeypatch: pytest.Mo
         with torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = linear_tanh_gelu(x, mlp[0].weight, mlp[0].bias)
             out = mlp(x)
-    assert operands == [(torch.float32,) * 3] + [(torch.bfloat16,) * 3] * 2
+    assert addmm_operands == [(torch.float32,) * 3] + [(torch.bfloat16,) * 3] * 2
     assert hidden.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
     rel = float((out.float() - reference).norm() / reference.norm())
     assert 2.0**-12 < rel < 2.0**-5
@@ -452,7 +458,7 @@ def test_feed_forward_epilogue_runs_in_the_autocast_dtype(monkeypatch: pytest.Mo
 def test_dit_with_the_gelu_epilogue_compiles_without_graph_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sampling path (epilogue on) traces into one graph: the autocast queries fold to constants."""
     torch._dynamo.reset()
-    monkeypatch.setattr(dit_module, "_gelu_epilogue_applies", lambda x: not torch.is_grad_enabled())
+    _epilogue_on_cpu(monkeypatch)
     model = _unzero(DiT(**TINY_DIT)).eval()
     x, t = _inputs(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
