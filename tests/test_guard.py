@@ -77,7 +77,8 @@ def test_nan_loss_stops_with_step_timesteps_and_last_good_checkpoint(tmp_path: P
     assert "Time steps of that batch (4): [3, 103, 203, 303]" in message
     last = tmp_path / "ckpt" / "last.ckpt"
     assert f"The last good checkpoint is {last} (step 2)" in message
-    assert "lower the learning rate (now 0.01; --model.optimizer.init_args.lr)" in message and "--trainer.gradient_clip_val" in message
+    assert "lower the learning rate (now 0.01; --model.optimizer.init_args.lr, or the lr your configure_optimizers" in message
+    assert "--trainer.gradient_clip_val 1.0, Trainer(gradient_clip_val=1.0)" in message
     assert f"resume with --ckpt_path {last}" in message
     assert run.global_step == 3  # stopped right after the bad step
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]

@@ -258,6 +258,12 @@ def test_the_former_callback_name_says_the_new_one():
          r"100.*TimestepStrategy\(self.alphas_cumprod\)"),
         (lambda: _with_attribute(TinyDiffusion(), "alphas_cumprod", torch.ones(100)), lambda: [P2Weighting()],
          r"but len\(TinyDiffusion.alphas_cumprod\) is 100: the training step would use t up to 999"),
+        (lambda: _with_attribute(TinyDiffusion(), "noise_scheduler", _Scheduler("cosine")), lambda: [SpeeD(tau="auto")],
+         r"SpeeD draws t from TinyDiffusion.timesteps, whose linear schedule is not the one in "
+         r"TinyDiffusion.noise_scheduler.alphas_cumprod: alpha_bar at t = \d+ is .*"
+         r"TimestepStrategy\(self.noise_scheduler\)"),
+        (lambda: _with_attribute(TinyDiffusion(), "alphas_cumprod", _Scheduler("cosine").alphas_cumprod),
+         lambda: [P2Weighting()], r"not the one in TinyDiffusion.alphas_cumprod.*TimestepStrategy\(self.alphas_cumprod\)"),
         (lambda: _RebuildsInSetup(), lambda: [SpeeD()],
          r"_RebuildsInSetup.timesteps was replaced after SpeeD installed its strategy.*Create self.timesteps once, in __init__"),
     ],
@@ -267,6 +273,27 @@ def test_bad_setups_fail_before_any_step(module, callbacks, match):
     with pytest.raises(ValueError, match=match):
         trainer(2, [*callbacks(), rec]).fit(module(), loader())
     assert rec.t == []
+
+
+class _Scheduler:
+    """What a diffusers scheduler offers the checks: a float32 ``alphas_cumprod``."""
+
+    def __init__(self, name: str, num_timesteps: int = 1000) -> None:
+        self.alphas_cumprod = NoiseSchedule.from_name(name, num_timesteps).alpha_bar.float()
+
+
+def test_the_same_schedule_held_by_the_module_passes_the_check():
+    """The schedule check compares values with a tolerance: diffusers' own float32 linear schedule, and a bf16 copy
+    of the module's alpha_bar, are the strategy's linear schedule (both differ from it by more than float64 noise)."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    module = _with_attribute(TinyDiffusion(), "noise_scheduler", scheduler)
+    bf16 = NoiseSchedule.from_name("linear", 1000).alpha_bar.to(torch.bfloat16)
+    module = _with_attribute(module, "alphas_cumprod", bf16)
+    linear = NoiseSchedule.from_name("linear", 1000).alpha_bar
+    assert 0 < float((scheduler.alphas_cumprod.double() - linear).abs().max()) < 1e-5
+    assert 1e-3 < float((bf16.double() - linear).abs().max())  # beyond the float tolerance: bf16's own resolution
+    assert len(fit(module, [SpeeD(seed=0)], steps=1).t) == 1
 
 
 class _RebuildsInSetup(TinyDiffusion):
@@ -495,6 +522,38 @@ def test_monitor_logs_per_area_means_at_the_interval(tmp_path):
     histogram = events.Histograms("timesteps/t")
     assert [h.step for h in histogram] == [2, 4, 6]
     assert histogram[0].histogram_value.num == sum(x.numel() for x in rec.t[:2])
+
+
+def _assert_window(summary, t_batches, tau=700):
+    """A monitor summary's per-area shares are those of exactly these micro-batches' time steps."""
+    t = torch.cat(t_batches)
+    for name, lo, hi in (("acceleration", 0, 219), ("deceleration", 219, tau), ("convergence", tau, 1000)):
+        inside = ((t >= lo) & (t < hi)).float().mean().item()
+        assert summary[f"timesteps/share/{name}"] == pytest.approx(inside, abs=1e-6)
+
+
+def test_monitor_windows_hold_whole_optimizer_steps_under_accumulation(tmp_path):
+    # 8 micro-batches of 8 per epoch, two per optimizer step: a summary every 3 optimizer steps covers 6 of them,
+    # from the first window on (the first micro-batches end at global_step 0, which has no window behind it)
+    data = loader(n=64, batch_size=8)
+    monitor, rec = TimestepMonitor(log_every_n_steps=3, tau=700), Recorder()
+    run = trainer(6, [AsymmetricSampling(seed=0), monitor, rec], accumulate_grad_batches=2)
+    run.fit(TinyDiffusion(), data)
+    assert [h["step"] for h in monitor.history] == [3.0, 6.0]
+    assert len(rec.t) == 12
+    _assert_window(monitor.history[0], rec.t[:6])
+    _assert_window(monitor.history[1], rec.t[6:])
+
+    # resumed at step 3: the first window after the resume is again 6 micro-batches, not the first one alone
+    first = trainer(3, [AsymmetricSampling(seed=0)], accumulate_grad_batches=2)
+    first.fit(TinyDiffusion(), data)
+    first.save_checkpoint(tmp_path / "step3.ckpt")
+    resumed_monitor, resumed = TimestepMonitor(log_every_n_steps=3, tau=700), Recorder()
+    second = trainer(6, [AsymmetricSampling(seed=0), resumed_monitor, resumed], accumulate_grad_batches=2)
+    second.fit(TinyDiffusion(), data, ckpt_path=tmp_path / "step3.ckpt")
+    assert [h["step"] for h in resumed_monitor.history] == [6.0]
+    assert len(resumed.t) == 6
+    _assert_window(resumed_monitor.history[0], resumed.t)
 
 
 def test_monitor_splits_at_the_installed_strategy_tau():

@@ -121,6 +121,32 @@ def test_auto_tau_uses_pivot(linear):
     assert cosine.tau == 959 and cosine.pivot == 959
 
 
+def test_a_tau_well_before_the_schedules_convergence_warns_once(linear):
+    """tau = 700 on the cosine schedule (pivot 959, alpha_bar_700 = 0.20) would treat a fifth of T that still
+    holds x_0 as converged: a warning names the pivot and tau='auto'. The paper's 700 on the linear schedule,
+    'auto' anywhere, and a tau after the pivot are silent."""
+    import warnings
+
+    cosine = NoiseSchedule.from_name("cosine", T)
+    ab_700 = float(cosine.alpha_bar[700])
+    assert 0.1 < ab_700 < 0.3  # the premise: far from pure noise
+    with pytest.warns(UserWarning, match=rf"cosine schedule \(T = 1000\) converges only from t = 959 on: "
+                      rf"alpha_bar at t = 700 is {ab_700:.3g}.*tau='auto' \(959 here\)"):
+        AsymmetricSampler(cosine, tau=700)
+    with pytest.warns(UserWarning, match="converges only from t = 959"):
+        ChangeAwareWeights(cosine, tau=700)
+    with warnings.catch_warnings(record=True) as caught:  # one warning for SpeeD's sampler and weights together
+        warnings.simplefilter("default")
+        AsymmetricSampler(cosine, tau=800), ChangeAwareWeights(cosine, tau=800)
+    assert len([w for w in caught if "converges only from" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AsymmetricSampler(linear, tau=700), ChangeAwareWeights(linear, tau=700)  # 700 >= 642 - 100
+        AsymmetricSampler(linear, tau=543), AsymmetricSampler(cosine, tau="auto"), ChangeAwareWeights(cosine, tau=900)
+    with pytest.warns(UserWarning, match="converges only from t = 642"):
+        AsymmetricSampler(linear, tau=541)  # the edge: more than T / 10 before the pivot
+
+
 # ------------------------------------------------------------------ weightings
 def test_change_aware_weights_at_chosen_t(linear):
     ab = linear_alpha_bar()

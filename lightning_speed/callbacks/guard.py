@@ -259,14 +259,16 @@ class DivergenceGuard(Callback):
         lrs = sorted({group["lr"] for opt in trainer.optimizers for group in opt.param_groups if "lr" in group})
         now = f"now {', '.join(f'{v:g}' for v in lrs)}; " if lrs else ""
         then = (
-            f" To go on from the last good state, resume{resume} (resuming also restores the optimizer's "
-            "learning rate from the checkpoint)."
+            f" To go on from the last good state, resume{resume} (trainer.fit(..., ckpt_path=...) in Python; "
+            "resuming also restores the optimizer's learning rate from the checkpoint)."
             if resume
             else ""
         )
+        # The flags are lightning-speed's CLI; a module of your own takes the same settings in Python.
         return (
-            f"{good}\nTo fix it: lower the learning rate ({now}--model.optimizer.init_args.lr), clip gradients "
-            f"(--trainer.gradient_clip_val 1.0) or train in 32-true / bf16-mixed precision.{then}"
+            f"{good}\nTo fix it: lower the learning rate ({now}--model.optimizer.init_args.lr, or the lr your "
+            "configure_optimizers sets), clip gradients (--trainer.gradient_clip_val 1.0, "
+            f"Trainer(gradient_clip_val=1.0)) or train in 32-true / bf16-mixed precision.{then}"
         )
 
     def message(self, trainer: pl.Trainer) -> str:

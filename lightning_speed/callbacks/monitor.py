@@ -3,7 +3,8 @@
 Every training batch it adds the step's time steps, per-sample losses and applied weights
 (``pl_module.timesteps.last``, recorded by ``TimestepStrategy.loss``) into small device
 accumulators with ``index_add_`` (no sync, no bincount). Every ``log_every_n_steps`` optimizer
-steps it reads them once (the only sync), logs and resets:
+steps it reads them once (the only sync), logs and resets; with gradient accumulation a window holds
+every micro-batch of its optimizer steps:
 
 * ``timesteps/loss/<area>``: mean unweighted per-sample loss of the batches' samples in the area;
 * ``timesteps/weight/<area>``: mean applied weight (loss weight x importance weight);
@@ -72,6 +73,12 @@ class TimestepMonitor(Callback):
         self._t_counts = torch.zeros(self.areas.num_timesteps, device=device)
         # rows: count, loss sum, weight sum; columns: the three areas
         self._sums = torch.zeros(3, len(AREA_NAMES), device=device)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The step the run starts from (0, or a resumed checkpoint's) has no window of this fit behind it: with
+        # gradient accumulation its first micro-batches end at that global_step and must not flush alone.
+        self._last_logged_step = trainer.global_step
 
     def _tau(self, strategy: TimestepStrategy) -> int | str:
         if self.tau is None:

@@ -10,10 +10,10 @@ In ``setup`` each callback builds its strategy object from ``timesteps.schedule`
 ``timesteps.sampler`` (``...Sampling`` callbacks) or ``timesteps.weights`` (``...Weighting``
 callbacks); ``SpeeD`` installs both with one tau. One sampling and one weighting callback
 combine; two of the same kind, or two that disagree on tau, are a ``ValueError`` at setup, as is a
-strategy built for another T than the module's ``num_timesteps`` / ``alphas_cumprod``. A ``timesteps``
-the module replaces after setup fails at fit start, and a training step that skips ``timesteps.loss``
-while weights (or a loss-driven sampler) are installed fails at its end. The callbacks only glue: the
-math lives in ``lightning_speed.timesteps``.
+strategy built for another schedule than the module's (its ``num_timesteps``, its ``alphas_cumprod``, a
+diffusers scheduler it holds). A ``timesteps`` the module replaces after setup fails at fit start, and a
+training step that skips ``timesteps.loss`` while weights (or a loss-driven sampler) are installed fails at
+its end. The callbacks only glue: the math lives in ``lightning_speed.timesteps``.
 
 Checkpointing: a sampling callback's ``state_dict`` holds its sampler's seed, RNG state and
 statistics (loss history, curriculum step). Lightning restores callbacks after ``setup`` and
@@ -34,6 +34,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -85,21 +86,58 @@ def find_strategy(pl_module: pl.LightningModule, user: str) -> TimestepStrategy:
     )
 
 
-def _check_num_timesteps(pl_module: pl.LightningModule, strategy: TimestepStrategy, user: str) -> None:
-    """The strategy's T against the module's ``num_timesteps`` and ``alphas_cumprod`` where it has them
-    (host metadata): t drawn for another T would index the module's own schedule out of range or at wrong steps."""
+SCHEDULE_TOLERANCE = 1e-3
+"""Largest |alpha_bar| difference from a schedule the module holds that still counts as the same schedule (or
+twice the resolution of a coarser dtype, e.g. a bf16 buffer's): float32 cumulative products of one schedule agree
+to about 1e-6, while linear against cosine or diffusers' scaled_linear differ by more than 0.1."""
+
+
+def _module_schedules(pl_module: pl.LightningModule) -> dict[str, tuple[Any, str]]:
+    """The noise schedules a module holds besides its ``timesteps``: an ``alphas_cumprod`` of its own and that of
+    every public attribute that has one (a diffusers scheduler), as ``{where: (alpha_bar, what to build from)}``."""
     name = type(pl_module).__name__
+    found = {f"{name}.alphas_cumprod": (getattr(pl_module, "alphas_cumprod", None), "self.alphas_cumprod")}
+    for attr, value in vars(pl_module).items():
+        if attr.startswith("_") or attr == "timesteps" or isinstance(value, (torch.Tensor, torch.nn.Module)):
+            continue
+        found[f"{name}.{attr}.alphas_cumprod"] = (getattr(value, "alphas_cumprod", None), f"self.{attr}")
+    return {
+        where: (ab, source) for where, (ab, source) in found.items()
+        if isinstance(ab, (torch.Tensor, np.ndarray)) and ab.ndim == 1
+    }  # fmt: skip
+
+
+def _check_schedule(pl_module: pl.LightningModule, strategy: TimestepStrategy, user: str) -> None:
+    """The strategy's schedule against the module's ``num_timesteps`` and the schedules it holds: t drawn for
+    another T would index the module's schedule out of range or at wrong steps, and tau, the sampling table and
+    the weights of another schedule would not describe the noise the training step adds. Runs once, at setup."""
+    name = type(pl_module).__name__
+    T = strategy.num_timesteps
     stated: dict[str, Any] = {f"{name}.num_timesteps": getattr(pl_module, "num_timesteps", None)}
-    alphas_cumprod = getattr(pl_module, "alphas_cumprod", None)
-    if isinstance(alphas_cumprod, torch.Tensor) and alphas_cumprod.ndim == 1:
-        stated[f"len({name}.alphas_cumprod)"] = len(alphas_cumprod)
-    for where, T in stated.items():
-        if isinstance(T, int) and not isinstance(T, bool) and T != strategy.num_timesteps:
+    schedules = _module_schedules(pl_module)
+    stated.update({f"len({where})": len(ab) for where, (ab, _) in schedules.items()})
+    for where, length in stated.items():
+        if isinstance(length, int) and not isinstance(length, bool) and length != T:
             raise ValueError(
-                f"{user} draws t from {name}.timesteps, built for T = {strategy.num_timesteps} time steps, but {where} "
-                f"is {T}: the training step would use t up to {strategy.num_timesteps - 1} with a {T}-step schedule. "
-                "Build the strategy from the module's own schedule, e.g. TimestepStrategy(self.alphas_cumprod), "
+                f"{user} draws t from {name}.timesteps, built for T = {T} time steps, but {where} is {length}: the "
+                f"training step would use t up to {T - 1} with a {length}-step schedule. Build the strategy from the "
+                "module's own schedule, e.g. TimestepStrategy(self.alphas_cumprod) or TimestepStrategy(self.scheduler), "
                 "or from a NoiseSchedule with the same T."
+            )
+    ours = strategy.schedule.alpha_bar.double()
+    for where, (ab, source) in schedules.items():
+        theirs = torch.as_tensor(ab).detach()
+        tolerance = max(SCHEDULE_TOLERANCE, 2 * torch.finfo(theirs.dtype).eps if theirs.is_floating_point() else 0.0)
+        theirs = theirs.cpu().double()
+        gap = (theirs - ours).abs()
+        worst = int(gap.argmax())
+        if float(gap[worst]) > tolerance:
+            raise ValueError(
+                f"{user} draws t from {name}.timesteps, whose {strategy.schedule.name} schedule is not the one in "
+                f"{where}: alpha_bar at t = {worst} is {float(ours[worst]):.4g} in the strategy's and "
+                f"{float(theirs[worst]):.4g} in the module's. SpeeD's tau, sampling table and weights would describe "
+                "another noise schedule than the one the training step noises with. Build the strategy from the "
+                f"schedule the training step uses: TimestepStrategy({source})."
             )
 
 
@@ -145,7 +183,7 @@ class StrategyCallback(Callback, ABC):
         if stage != "fit":
             return
         strategy = find_strategy(pl_module, type(self).__name__)
-        _check_num_timesteps(pl_module, strategy, type(self).__name__)
+        _check_schedule(pl_module, strategy, type(self).__name__)
         self._check_others(trainer, strategy.schedule)
         if self._strategy is not strategy:  # first fit, or a new module (a repeated fit keeps the objects)
             self._build(trainer, pl_module, strategy)

@@ -17,6 +17,7 @@ behaves on other schedules and why it does not depend on the prediction type.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -40,6 +41,23 @@ def check_lam(lam: float) -> float:
 
 def check_dual(dual: bool) -> bool:
     return check_bool(dual, "dual", hint="true pairs each t with its partner around the pivot (the official default)")
+
+
+def warn_if_tau_precedes_convergence(tau: int, schedule: NoiseSchedule) -> None:
+    """Warn when an integer tau opens the convergence area more than T / 10 before the schedule's pivot m:
+    SpeeD would then draw less often, and weight as converged, steps whose x_t still holds much of x_0.
+    The paper's 700 fits the linear schedule with T = 1000 (m = 642), not e.g. cosine (m = 959)."""
+    pivot, T = auto_tau(schedule, warn=False), schedule.num_timesteps
+    if tau >= pivot - T // 10:
+        return
+    warnings.warn(
+        f"tau={tau} starts SpeeD's convergence area at t = {tau}, but this {schedule.name} schedule (T = {T}) "
+        f"converges only from t = {pivot} on: alpha_bar at t = {tau} is {float(schedule.alpha_bar[tau]):.3g}, far "
+        f"from pure noise, so the steps in [{tau}, {pivot}) would be drawn less often and weighted as converged. "
+        f"tau = 700 is the paper's value for the linear schedule with T = 1000. Use tau='auto' ({pivot} here), or "
+        "ignore this warning if the smaller tau is deliberate.",
+        stacklevel=1,  # one location: SpeeD's sampler and weights warn once between them
+    )
 
 
 def asymmetric_probabilities(num_timesteps: int, tau: int, k: float) -> Tensor:
@@ -72,6 +90,7 @@ class AsymmetricSampler(TableSampler):
     def __init__(self, schedule: Any, tau: Tau = 700, k: float = 5.0, dual: bool = True) -> None:
         schedule = as_schedule(schedule)
         self.tau = resolve_tau(tau, schedule)
+        warn_if_tau_precedes_convergence(self.tau, schedule)
         self.k = check_k(k)
         super().__init__(asymmetric_probabilities(schedule.num_timesteps, self.tau, self.k))
         self.dual = check_dual(dual)
@@ -117,5 +136,6 @@ class ChangeAwareWeights(TableWeights):
     def __init__(self, schedule: Any, lam: float = 0.6, tau: Tau = 700) -> None:
         schedule = as_schedule(schedule)
         self.tau = resolve_tau(tau, schedule)
+        warn_if_tau_precedes_convergence(self.tau, schedule)
         self.lam = check_lam(lam)
         super().__init__(change_aware_weights(schedule, self.tau, self.lam))
