@@ -13,7 +13,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Optional, Union
 
 import yaml
 
@@ -95,8 +95,32 @@ def first_useful_error(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else message
 
 
+# Trainer arguments typed ``float | int | None``: jsonargparse tries the union's types in order and float
+# takes an int, so ``limit_val_batches: 1`` became 1.0, which Lightning reads as 100 % of the batches, not one.
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
 class SpeedArgumentParser(LightningArgumentParser):
     """Prints the innermost problem of a parse error first, before the usage and the full report."""
+
+    def add_class_arguments(self, class_type: Any, nested_key: str | None = None, *args: Any, **kwargs: Any) -> list[str]:
+        """The Trainer's ``limit_*_batches`` typed ``int | float | None``: an integer stays a number of batches.
+
+        As in Lightning's Python API, ``1`` is one batch and ``1.0`` all of them (``val_check_interval`` and
+        ``overfit_batches`` already try int first)."""
+        if not (isinstance(class_type, type) and issubclass(class_type, Trainer) and nested_key):
+            return super().add_class_arguments(class_type, nested_key, *args, **kwargs)
+        kwargs["skip"] = set(kwargs.get("skip") or ()) | set(BATCH_LIMITS)
+        added = super().add_class_arguments(class_type, nested_key, *args, **kwargs)
+        group = (self.groups or {}).get(nested_key, self)
+        for name in BATCH_LIMITS:
+            group.add_argument(
+                f"--{nested_key}.{name}", type=Optional[Union[int, float]], default=None,
+                help=f"How many batches to use (an int) or which fraction of them (a float in [0, 1]): 1 is one batch, "
+                f"1.0 all of them; null: all. Lightning's Trainer({name}=...).",
+            )
+            added.append(f"{nested_key}.{name}")
+        return added
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.exit_on_error:
@@ -114,48 +138,138 @@ class SpeedArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
 
-def config_files(args: list[str]) -> list[str]:
-    """The files given with ``--config`` / ``-c`` on a command line, in order (inline YAML is not a file)."""
-    files = []
-    for i, token in enumerate(args):
-        value = args[i + 1] if token in ("--config", "-c") and i + 1 < len(args) else token.partition("=")[2]
-        if (token in ("--config", "-c") or token.startswith("--config=")) and os.path.isfile(value):
-            files.append(value)
-    return files
+def _is_strategy_file(config: dict[str, Any]) -> bool:
+    """A strategy (or ablation) file: ``strategy`` and at most the run's name (``trainer.logger``), nothing a
+    base config sets (model, data, the other trainer values, callbacks)."""
+    trainer = config.get("trainer")
+    only_name = trainer is None or (isinstance(trainer, dict) and set(trainer) <= {"logger"})
+    return set(config) <= {"strategy", "trainer"} and only_name
+
+
+def _strategy_class(value: Any) -> str | None:
+    """The class name a ``strategy`` value sets ('' for null, None for init_args only, which merge)."""
+    if isinstance(value, dict):
+        if "class_path" not in value:
+            return None
+        value = value["class_path"]
+    return "" if value is None else str(value).rsplit(".", 1)[-1]
+
+
+def _load_config(value: str) -> tuple[str, Any]:
+    """(name to show, parsed content) of one ``--config`` value: a file, or inline YAML."""
+    if os.path.isfile(value):
+        try:
+            return value, yaml.safe_load(Path(value).read_text())
+        except (OSError, yaml.YAMLError):
+            return value, None  # jsonargparse reports an unreadable config itself
+    try:
+        return f"--config {value!r}", yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value, None
+
+
+_StrategySet = tuple[str, str, bool]  # (where it was set, class name, set by a strategy file or an option)
+
+
+def strategy_args(args: list[str]) -> list[str]:
+    """Check the time-step strategy that config files and options set, in their order; ``args`` to parse.
+
+    jsonargparse merges each later ``strategy`` into the earlier one: a new class keeps every argument
+    of the old one that it also takes (jsonargparse does this on purpose, so that shared settings need
+    not be repeated). Our strategies share names that mean different things (SpeeD's ``k`` 5 is a
+    suppression ratio, P2's ``k`` an offset with default 1), so a merge across classes is a silent
+    wrong run. Hence:
+
+    - a config file that sets another class than an earlier file or option is refused: one run trains
+      one strategy (``--config speed.yaml --config p2.yaml`` would train P2 with SpeeD's ``tau``);
+    - a strategy file (``strategy`` and the run name only) may set the same class (its arguments merge),
+      only ``init_args``, or ``null`` (``strategies/uniform.yaml``: the uniform baseline of a config that
+      has a strategy);
+    - any other file that sets ``strategy`` after a strategy was set is refused: that is a base config
+      given after the strategy file (``--config speed.yaml --config fashion_mnist.yaml`` would train the
+      base's ``null``, the uniform baseline, or its own SpeeD arguments over the strategy file's);
+    - ``--strategy NewClass`` / ``--strategy.class_path NewClass`` on the command line starts NewClass
+      from its own defaults: a ``--strategy null`` is put before it, so nothing of the earlier class
+      carries over. That is what naming a class means to a user, and it matches a strategy file, which
+      gives every argument. ``--strategy.init_args.*`` given before such a switch would be dropped, so
+      they are refused: give them after the class.
+    """
+    out: list[str] = []
+    current: _StrategySet | None = None
+    pending: list[str] = []  # --strategy.init_args.* options for the current class
+    i = 0
+    while i < len(args):
+        token = args[i]
+        name, _, inline = token.partition("=")
+        value = inline if inline or "=" in token else (args[i + 1] if i + 1 < len(args) else None)
+        width = 1 if "=" in token else 2
+        if name in ("--config", "-c") and value is not None:
+            where, config = _load_config(value)
+            if isinstance(config, dict) and "strategy" in config:
+                current = _check_config_strategy(where, config, current)
+                pending = []
+            out += args[i:i + width]
+            i += width
+            continue
+        if name in ("--strategy", "--strategy.class_path") and value is not None:
+            try:
+                parsed = yaml.safe_load(value) if name == "--strategy" else value
+            except yaml.YAMLError:
+                parsed = value  # jsonargparse reports it
+            new = _strategy_class(parsed)
+            option = f"{name} {value}"
+            if new == "":
+                current, pending = None, []
+            elif new is not None and (current is None or current[1] != new):
+                if current is not None:
+                    if pending:
+                        raise ValueError(
+                            f"{' '.join(pending)} came before {option}, which starts {new} from its own defaults "
+                            f"(nothing of {current[1]} carries over): give {new}'s arguments after it, e.g. "
+                            f"{option} --strategy.init_args.<name> VALUE."
+                        )
+                    out += ["--strategy", "null"]  # a clean start: no argument of the earlier class kept
+                current, pending = (option, new, True), []
+            out += args[i:i + width]
+            i += width
+            continue
+        if token.startswith("--strategy."):
+            pending.append(token if "=" in token else f"{token} {value}")
+        out.append(token)
+        i += 1
+    return out
+
+
+def _check_config_strategy(where: str, config: dict[str, Any], current: _StrategySet | None) -> _StrategySet | None:
+    """The strategy after config file ``where`` (see ``strategy_args``); raises for a file that replaces it."""
+    new = _strategy_class(config["strategy"])
+    if new is None or current is None:  # init_args only (merge), or nothing set before
+        return current if new is None or new == "" else (where, new, _is_strategy_file(config))
+    strategy_file = _is_strategy_file(config)
+    if new and new != current[1]:
+        raise ValueError(
+            f"{where} sets strategy {new}, but {current[0]} already set {current[1]}: one run trains with one "
+            "time-step strategy, and the later one would silently replace the earlier one, keeping any argument "
+            "the two share (such as tau). Give one strategy file per run, after the base config; change its "
+            "arguments with --strategy.init_args.<name> VALUE."
+        )
+    if strategy_file:
+        return None if new == "" else current  # null: the uniform baseline; the same class: its arguments merge
+    if new == "" or current[2]:
+        what = "strategy: null (the uniform baseline)" if new == "" else f"own {new} arguments"
+        then = current[0] if current[0].startswith("-") else f"--config {current[0]}"
+        raise ValueError(
+            f"{where} is a base config, and it comes after {current[0]}, which set strategy {current[1]}: "
+            f"the base's {what} would silently replace the strategy's. Give the base config first, then the "
+            f"strategy: --config {where} {then}. (For the uniform baseline, put configs/strategies/uniform.yaml "
+            "or --strategy null last.)"
+        )
+    return current  # a base that sets the class a base before it set: its arguments merge
 
 
 def check_one_strategy(files: list[str]) -> None:
-    """Refuse a config file that replaces the time-step strategy an earlier file set.
-
-    jsonargparse lets the last ``strategy`` class win, so ``--config speed.yaml --config p2.yaml`` would
-    train with P2 alone (with any argument the two share, such as ``tau``, kept from SpeeD) and drop SpeeD
-    without a word. A later file may set the same class (its arguments merge), only ``init_args``, or
-    ``null`` (``strategies/uniform.yaml``: the uniform baseline of a config that has a strategy).
-    """
-    earlier: tuple[str, str] | None = None  # (file, class name) of the strategy set so far
-    for path in files:
-        try:
-            config = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError):
-            continue  # jsonargparse reports an unreadable config itself
-        if not isinstance(config, dict) or "strategy" not in config:
-            continue
-        value = config["strategy"]
-        if isinstance(value, dict):
-            value = value.get("class_path")
-            if value is None:  # only init_args: they merge into the earlier strategy
-                continue
-        if value is None:  # null: no strategy from here on (the uniform baseline), nothing merges into it
-            earlier = None
-            continue
-        name = str(value).rsplit(".", 1)[-1]
-        if earlier is not None and earlier[1] != name:
-            raise ValueError(
-                f"{path} sets strategy {name}, but {earlier[0]} already set {earlier[1]}: one run trains with one "
-                "time-step strategy, and the later file would silently replace the earlier one. Give one strategy "
-                "file per run, after the base config; change its arguments with --strategy.init_args.<name> VALUE."
-            )
-        earlier = (path, name)
+    """Refuse config files that replace one another's time-step strategy (see ``strategy_args``)."""
+    strategy_args([token for path in files for token in ("--config", path)])
 
 
 def _leaves(value: Any, prefix: str) -> dict[str, Any]:
@@ -172,7 +286,7 @@ class RunConfigCallback(SaveConfigCallback):
     ``--trainer.logger.init_args.version 0``) that then failed at setup had already replaced that
     run's config.yaml. Here nothing is written before training starts, an identical config.yaml is
     left as it is, and a different one is kept: this run's goes to ``config-1.yaml`` (the next free
-    number) instead.
+    number) instead. Without a logger it goes next to the run's checkpoints, or nowhere (``_folder``).
     """
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
@@ -182,10 +296,27 @@ class RunConfigCallback(SaveConfigCallback):
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         self._write(trainer)
 
+    @staticmethod
+    def _folder(trainer: Trainer) -> str | None:
+        """Where the config goes: the logger's run folder (Lightning's convention, ``trainer.log_dir``).
+
+        Without a logger (``--trainer.logger false``) there is no run folder, and ``trainer.log_dir`` is
+        ``default_root_dir``, the current folder: every run there added a config.yaml, config-1.yaml,
+        config-2.yaml, ... Then the config goes next to the checkpoints the run saves (``_config_near``
+        finds it for ``--ckpt_path``), and a run that saves none (validate, test, predict, ``fast_dev_run``,
+        ``--trainer.enable_checkpointing false``) writes no config: it leaves no results for it to describe.
+        """
+        if trainer.loggers:
+            return trainer.log_dir  # broadcast from rank 0
+        if trainer.state.fn != "fit" or trainer.fast_dev_run:
+            return None
+        folders = [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]  # set in their setup
+        return folders[0] if folders else None
+
     def _write(self, trainer: Trainer) -> None:
         if self.already_saved:
             return
-        log_dir = trainer.log_dir  # broadcast from rank 0
+        log_dir = self._folder(trainer)
         if self.save_to_log_dir and log_dir is not None and trainer.is_global_zero:
             text = self.parser.dump(self.config, skip_none=False)
             folder = Path(log_dir)
@@ -287,10 +418,16 @@ class SpeedCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Refuse config files that replace one another's strategy (``check_one_strategy``), then parse."""
-        if not isinstance(args, dict) and not hasattr(args, "as_dict"):
-            check_one_strategy(config_files(list(sys.argv[1:] if args is None else args)))
-        super().parse_arguments(parser, args)
+        """Check the strategies the config files and options set (``strategy_args``), then parse.
+
+        ``args=None`` (the command) parses sys.argv here: LightningCLI would warn about ``args`` given
+        while sys.argv has arguments, and the ``--strategy null`` that ``strategy_args`` may insert
+        must reach the parser."""
+        if isinstance(args, dict) or hasattr(args, "as_dict"):
+            return super().parse_arguments(parser, args)
+        if args is not None and len(sys.argv) > 1:
+            return super().parse_arguments(parser, strategy_args(list(args)))  # LightningCLI's warning
+        self.config = parser.parse_args(strategy_args(list(sys.argv[1:] if args is None else args)))
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: LightningCLI reads the checkpoint's hyperparameters here, right

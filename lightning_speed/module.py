@@ -13,6 +13,9 @@ they never copy the training step. Image generation is in ``lightning_speed.solv
 from __future__ import annotations
 
 import functools
+import math
+import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
@@ -77,9 +80,10 @@ class DiffusionModule(pl.LightningModule):
         image_shape: (C, H, W) of the data; the CLI links it from the data module.
         optimizer: optimizer factory; default AdamW(lr=1e-4, weight_decay=0), fused on CUDA.
         lr_scheduler: optional LR scheduler factory, stepped every optimizer step.
-        num_classes: number of classes for class-conditional training (None: unconditional).
+        num_classes: number of classes for class-conditional training (None: unconditional); a backbone that
+            states its ``num_classes`` (UNet, DiT) must have the same, and batch labels must lie in [0, num_classes).
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
-        guidance_scale: default guidance scale in ``sample`` (1 = no guidance).
+        guidance_scale: default guidance scale in ``sample`` (1 = no guidance; other values need ``num_classes``).
         solver_steps: default number of solver steps in ``sample``.
         compile_mode: compile the training forward with ``torch.compile`` in this mode (None: eager).
             CUDA-graph modes (``reduce-overhead``, ``max-autotune``) have each step marked.
@@ -88,6 +92,10 @@ class DiffusionModule(pl.LightningModule):
         channels_last: keep the backbone's 4-D weights, and so its activations, in NHWC memory format
             (cuDNN's bf16 convolutions run natively in NHWC; BENCHMARKS.md section 1).
     """
+
+    check_data_range: bool = True
+    """Check that the first training and validation batches hold images in about [-1, 1] (``_check_image_range``);
+    off for data of another range on purpose. Latent data (an autoencoder, here or the data module's) is exempt."""
 
     def __init__(
         self,
@@ -134,6 +142,14 @@ class DiffusionModule(pl.LightningModule):
         self.label_dropout = check_number(label_dropout, "label_dropout", at_least=0.0, below=1.0,
                                           hint="1 would never show a label")
         self.guidance_scale = check_number(guidance_scale, "guidance_scale")
+        if self.num_classes is None and self.guidance_scale != 1.0:  # guided() would ignore it without a word
+            raise ValueError(
+                f"model.guidance_scale={guidance_scale} needs a class-conditional model, but model.num_classes is "
+                "null: classifier-free guidance mixes class-conditional and unconditional predictions. Set "
+                "model.num_classes (and the backbone's num_classes) to the data's number of classes, or leave "
+                "guidance_scale at 1."
+            )
+        self._check_backbone_classes()
         self.solver_steps = check_int(solver_steps, "solver_steps", minimum=2)
         if self.solver_steps > self.num_timesteps:  # sample() would refuse it at the first grid or FID
             raise ValueError(
@@ -157,6 +173,7 @@ class DiffusionModule(pl.LightningModule):
         # A plain object, not a submodule: it stays out of checkpoints, the EMA copy and DDP. None: the
         # data module's ``autoencoder`` (LatentDataModule), if any; set it to sample from a loaded checkpoint.
         self.autoencoder: Any = None
+        self._values_checked: set[str] = set()  # stages whose first batch's values were read (_check_values)
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
@@ -182,8 +199,40 @@ class DiffusionModule(pl.LightningModule):
                 f"{self.num_timesteps} (or model.num_timesteps to {backbone_t})."
             )
 
+    def _check_backbone_classes(self) -> None:
+        """The backbone's ``num_classes`` (UNet's and DiT's label embedding), where it states one, must be the
+        model's: labels 0 .. num_classes - 1 and the null label ``num_classes`` index that embedding."""
+        if not hasattr(self.backbone, "num_classes"):
+            return
+        backbone_classes = self.backbone.num_classes
+        if backbone_classes is not None and (isinstance(backbone_classes, bool)
+                                             or not isinstance(backbone_classes, numbers.Integral)):
+            return  # not a number of classes: nothing this module can compare
+        if backbone_classes == self.num_classes:
+            return
+        name, n = type(self.backbone).__name__, self.num_classes
+        if n is None:
+            raise ValueError(
+                f"The backbone {name} was built with num_classes={backbone_classes} but the model is unconditional "
+                "(model.num_classes is null), so the backbone would only ever see the null label: set "
+                f"model.num_classes to {backbone_classes} for class-conditional training, or remove the backbone's "
+                "num_classes (model.backbone.init_args.num_classes) for an unconditional model."
+            )
+        if backbone_classes is None:
+            raise ValueError(
+                f"model.num_classes={n} trains class-conditionally but the backbone {name} was built without "
+                f"num_classes (it has no label embedding): set model.backbone.init_args.num_classes to {n}, or "
+                "model.num_classes to null for an unconditional model."
+            )
+        raise ValueError(
+            f"model.num_classes={n} but the backbone {name} was built with num_classes={backbone_classes}: labels "
+            f"0 .. {n - 1} and the null label {n} index the backbone's label embedding, so the two must agree. Set "
+            f"model.backbone.init_args.num_classes to {n} (or model.num_classes to {backbone_classes})."
+        )
+
     # -- setup: catch misconfiguration before any step ---------------------------------------------
     def setup(self, stage: str) -> None:
+        self._values_checked.clear()  # each run's first batches are read again (another run may bring other data)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_shape = getattr(datamodule, "image_shape", None)
         if data_shape is not None:
@@ -194,6 +243,15 @@ class DiffusionModule(pl.LightningModule):
                     f"{self.image_shape}: set model.image_shape to {list(data_shape)} (the CLI links it)."
                 )
             self.image_shape = data_shape
+        data_classes = getattr(datamodule, "num_classes", None)
+        if (self.num_classes is not None and isinstance(data_classes, numbers.Integral)
+                and not isinstance(data_classes, bool) and data_classes > self.num_classes):
+            # fewer classes in the data than in the model is fine (some labels unused); more would index past them
+            raise ValueError(
+                f"The data has {data_classes} classes (labels 0 .. {data_classes - 1}) but model.num_classes is "
+                f"{self.num_classes}: set model.num_classes and the backbone's num_classes "
+                f"(model.backbone.init_args.num_classes) to {data_classes}."
+            )
         if self.image_shape is not None:
             self._check_backbone_accepts(self.image_shape)
 
@@ -289,6 +347,19 @@ class DiffusionModule(pl.LightningModule):
                 "dataset, e.g. x.float() / 127.5 - 1 for uint8 images."
             )
         if self.image_shape is not None and tuple(x.shape[1:]) != self.image_shape:
+            c, h, w = self.image_shape
+            if x.ndim != 4:
+                raise ValueError(
+                    f"Batches must hold images shaped (B, C, H, W) = (B, {c}, {h}, {w}), got a {x.ndim}-D tensor of "
+                    f"shape {tuple(x.shape)}: give each image its channel dimension in the dataset (e.g. "
+                    "x.unsqueeze(0) for a grey (H, W) image)."
+                )
+            if tuple(x.shape[1:]) == (h, w, c):
+                raise ValueError(
+                    f"The batch holds images of shape {tuple(x.shape[1:])} after the batch dimension: channels last "
+                    f"(B, H, W, C), but the model takes (B, C, H, W) = (B, {c}, {h}, {w}). Permute them in the dataset "
+                    "or collate_fn: x.permute(2, 0, 1) per image, or x.permute(0, 3, 1, 2) per batch."
+                )
             raise ValueError(
                 f"The batch holds images of shape {tuple(x.shape[1:])} (after the batch dimension) but the model's "
                 f"image_shape is {self.image_shape}: set model.image_shape to {list(x.shape[1:])} or resize the data "
@@ -299,7 +370,99 @@ class DiffusionModule(pl.LightningModule):
                 f"The model is class-conditional (num_classes={self.num_classes}) but the batch holds no labels: "
                 "give batches of (images, labels) or {'images': ..., 'labels': ...}, or set num_classes=None."
             )
-        return x, (y if self.num_classes is not None else None)
+        if self.num_classes is None:
+            return x, None
+        if not is_integer_tensor(y):  # a float label would index the embedding truncated, 0.7 as class 0
+            what = y.dtype if isinstance(y, Tensor) else type(y).__name__
+            raise TypeError(
+                f"Class labels must be an integer tensor (0 .. model.num_classes - 1), got {what}: convert them in "
+                "the dataset, e.g. torch.as_tensor(label, dtype=torch.long), or set model.num_classes to null for "
+                "unconditional training."
+            )
+        if tuple(y.shape) != (x.shape[0],):
+            raise ValueError(
+                f"The batch holds labels of shape {tuple(y.shape)} for {x.shape[0]} images: give one integer label "
+                f"per image, shaped ({x.shape[0]},) (e.g. y.view(-1) for labels of shape (B, 1))."
+            )
+        return x, y
+
+    def _check_values(self, x: Tensor, y: Tensor | None, stage: str) -> None:
+        """Value checks of a batch, read at most once per stage on an accelerator: the first batch's images
+        (finite and, for pixel data, in about [-1, 1]) and labels (in [0, num_classes)) cost one device sync.
+        Labels still on the CPU are checked in every batch, which costs no sync."""
+        first = stage not in self._values_checked
+        check_labels = y is not None and y.numel() > 0 and (first or y.device.type == "cpu")
+        if not ((first and x.numel() > 0) or check_labels):
+            return
+        stats = []
+        if first and x.numel() > 0:
+            stats += [v.float() for v in x.detach().aminmax()]
+        if check_labels:
+            stats += [v.float() for v in y.detach().aminmax()]  # type: ignore[union-attr]
+        values = torch.stack(stats).tolist()  # the one sync (none for CPU tensors)
+        if check_labels:
+            self._check_label_range(int(values[-2]), int(values[-1]), stage)
+        if first and x.numel() > 0:
+            self._check_image_range(values[0], values[1], stage)
+        self._values_checked.add(stage)  # after the checks: a batch that failed them is read again if retried
+
+    def _check_label_range(self, lowest: int, highest: int, stage: str) -> None:
+        n = self.num_classes
+        assert n is not None
+        if lowest < 0:
+            raise ValueError(
+                f"A {stage} batch holds the class label {lowest}, but labels must lie in [0, {n - 1}] "
+                f"(model.num_classes={n}): map the dataset's labels to 0 .. {n - 1}."
+            )
+        if highest >= n:
+            null = " (the model's null label, the one classifier-free guidance trains without a class)" if highest == n else ""
+            raise ValueError(
+                f"A {stage} batch holds the class label {highest}{null}, but model.num_classes={n} takes labels "
+                f"0 .. {n - 1}: set model.num_classes and the backbone's num_classes "
+                f"(model.backbone.init_args.num_classes) to the number of classes in the data (at least {highest + 1})."
+            )
+
+    def _check_image_range(self, lowest: float, highest: float, stage: str) -> None:
+        where = f"The first {stage} batch"
+        if not (math.isfinite(lowest) and math.isfinite(highest)):
+            raise ValueError(
+                f"{where} holds NaN or infinite values (its range is [{lowest}, {highest}]): check the dataset and "
+                "its transforms (e.g. a normalisation dividing by a zero standard deviation, or a corrupt file)."
+            )
+        if not self.check_data_range or self._autoencoder() is not None:
+            return  # latents (latent diffusion) have the autoencoder's range, not the pixels' [-1, 1]
+        # Pixel data belongs in [-1, 1]; augmentations (added noise, a resize's overshoot) may leave it a little, so
+        # only values beyond +-2, twice the range, count. The thresholds tell three cases apart:
+        # * error: values above 2 and none below -1.5. Only unscaled pixels are that one-sided: [0, 255] (a missing
+        #   x / 127.5 - 1), or [-1, 254] (the division forgotten). Zero-mean data beyond +-2 (latents, Gaussian
+        #   stand-ins) has its minimum far below -1.5 in any batch of more than a few dozen values.
+        # * warning: values beyond +-2 on both sides. Mean/std-normalised images (ImageNet's statistics give about
+        #   [-2.1, 2.6]) which the solvers' clamp to [-1, 1] cannot generate, but also latents of an autoencoder the
+        #   module does not know about (benchmarks train on Gaussian stand-ins): too ambiguous to refuse.
+        # * warning: nothing below 0 and something above 0 (an all-zero batch says nothing): [0, 1] data, as
+        #   torchvision's ToTensor gives. A batch of [-1, 1] images without a pixel below mid-grey is rare.
+        escape = ("Latents of an autoencoder are exempt: train them with LatentDataModule or set module.autoencoder; "
+                  "for data of another range on purpose, set module.check_data_range = False.")
+        if highest > 2.0 and lowest >= -1.5:
+            raise ValueError(
+                f"{where} holds images in [{lowest:g}, {highest:g}], but the model trains on images in [-1, 1] (its "
+                "solvers clamp their predictions to it): scale them in the dataset, e.g. x / 127.5 - 1 for [0, 255] "
+                f"pixels. {escape}"
+            )
+        if lowest < -2.0 or highest > 2.0:
+            warnings.warn(
+                f"{where} holds values in [{lowest:g}, {highest:g}], far outside the [-1, 1] the model's solvers clamp "
+                "their predictions to. Images belong in [-1, 1]: for normalised images use Normalize(mean=0.5, "
+                f"std=0.5) on [0, 1] values, not the data set's mean and std. {escape}",
+                UserWarning, stacklevel=3,
+            )
+        elif lowest >= 0.0 and highest > 0.0:
+            warnings.warn(
+                f"{where} holds images in [{lowest:g}, {highest:g}], nothing below 0: this looks like [0, 1] data "
+                "(e.g. torchvision's ToTensor), which the model would learn as mid-grey to white in its [-1, 1] range. "
+                "Scale it in the dataset: x * 2 - 1, or transforms.Normalize(0.5, 0.5) after ToTensor.",
+                UserWarning, stacklevel=3,
+            )
 
     def _drop_labels(self, y: Tensor) -> Tensor:
         if self.label_dropout <= 0:
@@ -320,6 +483,7 @@ class DiffusionModule(pl.LightningModule):
         if self._compiled_losses is not None and uses_cuda_graphs(self.compile_mode):
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
         x0, y = self._split_batch(batch)
+        self._check_values(x0, y, "training")
         if y is not None:
             y = self._drop_labels(y)
         t = self.timesteps.sample(x0.shape[0], x0.device)
@@ -345,6 +509,7 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Unweighted loss at uniformly drawn t, with a fixed seed per batch so evaluations compare."""
         x0, y = self._split_batch(batch)
+        self._check_values(x0, y, "validation")
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
         noise = torch.randn(x0.shape, device=x0.device, generator=gen, dtype=x0.dtype)
@@ -433,6 +598,13 @@ class DiffusionModule(pl.LightningModule):
         size = num_samples if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
         steps = self.solver_steps if solver_steps is None else solver_steps
         scale = self.guidance_scale if guidance_scale is None else check_number(guidance_scale, "guidance_scale")
+        if self.num_classes is None and scale != 1.0:
+            raise ValueError(
+                f"guidance_scale={scale:g} needs a class-conditional model, but this one is unconditional "
+                "(num_classes is null): leave guidance_scale at 1 (or unset)."
+            )
+        if eta is not None:
+            eta = check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
         if labels is not None:
             self._check_labels(labels, num_samples)
         if self.num_classes is not None and labels is None:
@@ -440,11 +612,8 @@ class DiffusionModule(pl.LightningModule):
         labels = None if labels is None else labels.to(self.device)
         if noise is None:
             noise = torch.randn((num_samples, *self.image_shape), device=self.device, generator=generator)
-        elif tuple(noise.shape) != (num_samples, *self.image_shape):
-            raise ValueError(
-                f"noise must be shaped (num_samples, *image_shape) = {(num_samples, *self.image_shape)}, got "
-                f"{tuple(noise.shape)}: one x_T per sample."
-            )
+        else:
+            self._check_noise(noise, num_samples)
         was_training = self.training
         self.eval()
         try:
@@ -460,6 +629,23 @@ class DiffusionModule(pl.LightningModule):
             return torch.cat(chunks)
         finally:
             self.train(was_training)
+
+    def _check_noise(self, noise: Any, num_samples: int) -> None:
+        """sample()'s noise: x_T, a finite floating-point tensor of one image per sample. Sampling is not the
+        training step: the finiteness check reads the values once per call (a sync for noise on an accelerator)."""
+        expected = (num_samples, *self.image_shape)  # type: ignore[misc]
+        if not isinstance(noise, Tensor) or not noise.is_floating_point():
+            what = noise.dtype if isinstance(noise, Tensor) else type(noise).__name__
+            raise TypeError(
+                f"noise must be a floating-point tensor of standard normal values shaped {expected}, got {what}: "
+                f"e.g. torch.randn({', '.join(map(str, expected))})."
+            )
+        if tuple(noise.shape) != expected:
+            raise ValueError(
+                f"noise must be shaped (num_samples, *image_shape) = {expected}, got {tuple(noise.shape)}: one x_T per sample."
+            )
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise holds NaN or infinite values: every sample would come out NaN; give finite noise.")
 
     def _check_labels(self, labels: Any, num_samples: int) -> None:
         """sample()'s labels: one integer per sample in [0, num_classes] (num_classes: the null label,

@@ -144,6 +144,26 @@ def test_dit_bad_config_raises(kwargs: dict, match: str) -> None:
         DiT(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(mlp_ratio=float("nan")), ValueError, "mlp_ratio must be a positive number, got nan"),
+        (dict(mlp_ratio=float("inf")), ValueError, "mlp_ratio must be a positive number, got inf"),
+        (dict(mlp_ratio=-1.0), ValueError, "mlp_ratio must be a positive number, got -1.0"),
+        (dict(mlp_ratio="4"), TypeError, r"mlp_ratio must be a number, got '4' \(str\)"),
+        (dict(mlp_ratio=0.01), ValueError, r"int\(32 \* 0.01\) = 0 hidden units.*at least 0.03125"),
+        (dict(num_classes=2.5), TypeError, r"num_classes must be an integer, got 2.5 \(float\)"),
+        (dict(num_classes=0), ValueError, "num_classes must be an integer of at least 1, got 0"),
+        (dict(num_timesteps=0), ValueError, "num_timesteps must be an integer of at least 1, got 0"),
+    ],
+)
+def test_dit_number_arguments_are_checked(kwargs: dict, error: type, match: str) -> None:
+    """Float arguments are finite and positive, integer ones integers: a clear error, not one from int(nan)."""
+    with pytest.raises(error, match=match):
+        DiT(**TINY_DIT, **kwargs)
+    assert DiT(**TINY_DIT, mlp_ratio=0.5).blocks[0].mlp[0].out_features == 16
+
+
 @pytest.mark.parametrize("make", [lambda: UNet(**TINY_UNET), lambda: DiT(**TINY_DIT)])
 def test_bad_inputs_raise_helpful_errors(make) -> None:
     model = make()
@@ -471,19 +491,22 @@ def test_dit_with_the_gelu_epilogue_compiles_without_graph_breaks(monkeypatch: p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dit_sampling_forward_on_cuda_matches_the_unfused_mlp(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
+def test_dit_sampling_forward_on_cuda_matches_the_unfused_mlp(dtype: torch.dtype) -> None:
     """On CUDA both paths compute the tanh GELU; they differ only by where the product's result is rounded (the
     epilogue applies the GELU to the fp32 accumulator), so fp32 agrees to TF32-free fp32 rounding and bf16 to bf16's
     (2^-8 relative, a few layers deep)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = _unzero(DiT(**TINY_DIT, num_classes=3)).cuda().to(dtype).eval()
     x, t = (v.cuda() for v in _inputs(model))
-    with torch.no_grad():
-        fused = model(x.to(dtype), t).float()
-        for block in model.blocks:
-            block.mlp.gelu_epilogue = False
-        plain = model(x.to(dtype), t).float()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 in the fp32 products
+    try:
+        with torch.no_grad():
+            fused = model(x.to(dtype), t).float()
+            for block in model.blocks:
+                block.mlp.gelu_epilogue = False
+            plain = model(x.to(dtype), t).float()
+    finally:
+        torch.set_float32_matmul_precision(precision)
     rel = float((fused - plain).norm() / plain.norm())
     assert rel < (1e-5 if dtype == torch.float32 else 2.0**-6)
 

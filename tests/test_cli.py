@@ -356,9 +356,88 @@ def test_a_config_file_that_replaces_another_files_strategy_is_refused(cli_env: 
     args_only.write_text("strategy:\n  init_args: {k: 2.0}\n")
     check_one_strategy([base, str(strategies / "speed.yaml"), str(strategies / "speed_k2.yaml"), str(args_only)])
     check_one_strategy([str(QUICKSTART), str(strategies / "uniform.yaml"), str(strategies / "p2.yaml")])
-    from lightning_speed.cli import config_files
+    check_one_strategy([base, str(strategies / "speed.yaml"), "{strategy: null}"])  # inline YAML, like uniform.yaml
+    from lightning_speed.cli import strategy_args
 
-    assert config_files(["fit", "-c", base, "--config=" + str(args_only), "--config", "{strategy: null}"]) == [base, str(args_only)]
+    with pytest.raises(ValueError, match="p2.yaml sets strategy P2Weighting"):  # -c and --config= are config files too
+        strategy_args(["fit", "-c", str(QUICKSTART), "--config=" + str(strategies / "p2.yaml")])
+
+
+def test_a_base_config_after_a_strategy_file_is_refused(cli_env: Path, no_training: None) -> None:
+    """Before: ``--config speed.yaml --config fashion_mnist.yaml`` trained the base's ``strategy: null`` (the uniform
+    baseline, named uniform) and dropped SpeeD without a word; a base of the same class put its arguments over the
+    strategy file's (speed_k2.yaml's k 2 became quickstart's 5)."""
+    from lightning_speed.cli import check_one_strategy
+
+    strategies = REPO / "configs" / "strategies"
+    base, speed = REPO / "configs" / "fashion_mnist.yaml", strategies / "speed.yaml"
+    with pytest.raises(ValueError) as err:
+        main(["fit", "--config", str(speed), "--config", str(base)])
+    message = str(err.value)
+    assert f"{base} is a base config, and it comes after {speed}, which set strategy SpeeD" in message
+    assert "strategy: null (the uniform baseline) would silently replace" in message
+    assert f"Give the base config first, then the strategy: --config {base} --config {speed}" in message
+    with pytest.raises(ValueError, match=r"quickstart.yaml is a base config, .*speed_k2.yaml, which set strategy SpeeD: "
+                                         r"the base's own SpeeD arguments would silently replace"):
+        check_one_strategy([str(strategies / "speed_k2.yaml"), str(QUICKSTART)])
+    # still composes: the base first; uniform.yaml after a config with a strategy (its uniform baseline)
+    cli = main(["--config", str(QUICKSTART), "--config", str(strategies / "uniform.yaml")], run=False)
+    assert cli.config["strategy"] is None and cli.config["trainer"]["logger"]["init_args"]["name"] == "uniform"
+
+
+def test_a_strategy_class_named_on_the_command_line_starts_from_its_own_defaults(cli_env: Path, no_training: None) -> None:
+    """Before: ``--strategy P2Weighting`` after quickstart.yaml's SpeeD (k 5) kept k 5 for P2 (default 1): jsonargparse
+    keeps the arguments a new class shares with the old one, and SpeeD's k and P2's k mean different things."""
+    from lightning_speed.callbacks import P2Weighting
+    from lightning_speed.cli import strategy_args
+
+    def strategy(*extra: str) -> dict[str, Any]:
+        config = main(["--config", str(QUICKSTART), *extra], run=False).config["strategy"]
+        return {"class": config["class_path"].rsplit(".", 1)[-1], **config["init_args"].as_dict()}
+
+    assert strategy("--strategy", "P2Weighting") == {"class": "P2Weighting", "k": 1.0, "gamma": 1.0}
+    cli = main(["--config", str(QUICKSTART), "--strategy.class_path=lightning_speed.callbacks.P2Weighting",
+                "--strategy.init_args.gamma", "2"], run=False)  # fmt: skip
+    p2 = next(c for c in cli.trainer.callbacks if isinstance(c, P2Weighting))
+    assert (p2.k, p2.gamma) == (1.0, 2.0)
+    assert strategy("--strategy", "{class_path: P2Weighting, init_args: {gamma: 3}}")["k"] == 1.0
+    # the same class: its arguments still merge into the config's
+    same = strategy("--strategy", "SpeeD", "--strategy.init_args.k", "3")
+    assert same["class"] == "SpeeD" and (same["k"], same["tau"], same["lam"]) == (3.0, 700, 0.6)
+    with pytest.raises(ValueError, match=re.escape(
+        "--strategy.init_args.k 3 came before --strategy P2Weighting, which starts P2Weighting from its own defaults"
+    )):  # it would be dropped
+        strategy_args(["fit", "--config", str(QUICKSTART), "--strategy.init_args.k", "3", "--strategy", "P2Weighting"])
+    with pytest.raises(ValueError, match=r"speed.yaml sets strategy SpeeD, but --strategy P2Weighting already set P2Weighting"):
+        strategy_args(["--config", str(QUICKSTART), "--strategy", "P2Weighting", "--config",
+                       str(REPO / "configs" / "strategies" / "speed.yaml")])  # fmt: skip
+
+
+def test_an_integer_batch_limit_is_a_number_of_batches(cli_env: Path, no_training: None) -> None:
+    """``limit_val_batches: 1`` is one batch, as in Lightning's Python API; jsonargparse made it 1.0 (all batches), since
+    the Trainer types it ``float | int | None`` and tries float first."""
+    limits = cli_env / "limits.yaml"
+    limits.write_text("trainer:\n  limit_test_batches: 1\n  limit_predict_batches: 1.0\n")
+    trainer = main(["--config", str(QUICKSTART), "--config", str(limits), "--trainer.limit_val_batches", "1",
+                    "--trainer.limit_train_batches", "0.5"], run=False).trainer  # fmt: skip
+    limits_set = {name: getattr(trainer, name) for name in
+                  ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")}  # fmt: skip
+    assert limits_set == {"limit_train_batches": 0.5, "limit_val_batches": 1, "limit_test_batches": 1, "limit_predict_batches": 1.0}
+    assert [type(v) for v in limits_set.values()] == [float, int, int, float]
+
+
+def test_a_run_without_a_logger_writes_its_config_next_to_its_checkpoints_only(cli_env: Path) -> None:
+    """``--trainer.logger false``: no run folder, so Lightning's log_dir is the current folder, and each run added a
+    config.yaml, config-1.yaml, ... there. The config now goes where the run's checkpoints go, or nowhere."""
+    run = ["fit", "--config", str(QUICKSTART), "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
+           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--fid", "null", "--samples", "null"]  # fmt: skip
+    main([*run, "--checkpoint.init_args.dirpath", str(cli_env / "ckpts")])
+    assert (cli_env / "ckpts" / "last.ckpt").is_file()
+    assert yaml.safe_load((cli_env / "ckpts" / "config.yaml").read_text())["trainer"]["max_steps"] == 1
+    main([*run, "--checkpoint", "null", "--trainer.enable_checkpointing", "false"])  # saves nothing: no config
+    main(["validate", "--config", str(QUICKSTART), *FAST, "--trainer.logger", "false"])
+    configs = sorted(str(p.relative_to(cli_env)) for p in cli_env.rglob("config*.yaml"))
+    assert configs == [str(Path("ckpts") / "config.yaml")]
 
 
 @pytest.mark.parametrize(

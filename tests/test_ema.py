@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -299,10 +301,14 @@ def test_averaged_weights_refuses_a_module_that_changed():
 
     model = Regressor()
     Trainer.callbacks[0]._average_model = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    Trainer.callbacks[0].update(model)  # an average to swap in: before its first update the module keeps its own
     model.extra = nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match=r"EMA model has \d+ parameters\+buffers but the module has \d+.*use_ema=False"):
         with averaged_weights(Trainer(), model):
             pass
+
+
+_UNLIMITED = {"max_steps": -1, "max_epochs": None, "fast_dev_run": False}  # the trainer limits setup reads
 
 
 @pytest.mark.parametrize(("strategy", "kwargs", "match"), [
@@ -317,7 +323,7 @@ def test_ema_refuses_what_it_cannot_average_with_a_clear_error(strategy, kwargs,
     from lightning.pytorch import strategies
 
     strategy_kwargs = {k: v for k, v in kwargs.items() if k != "device"}
-    trainer = SimpleNamespace(strategy=getattr(strategies, strategy)(**strategy_kwargs))
+    trainer = SimpleNamespace(strategy=getattr(strategies, strategy)(**strategy_kwargs), **_UNLIMITED)
     ema = EMAWeightAveraging(decay=0.9, **({"device": kwargs["device"]} if "device" in kwargs else {}))
     with pytest.raises(ValueError, match=match):
         ema.setup(trainer, torch.nn.Linear(2, 2), "fit")
@@ -329,7 +335,7 @@ def test_ema_under_fsdp_averages_shards_and_keeps_no_full_copy() -> None:
     from lightning.pytorch.strategies import FSDPStrategy
 
     ema = EMAWeightAveraging(decay=0.9)
-    ema.setup(SimpleNamespace(strategy=FSDPStrategy()), torch.nn.Linear(2, 2), "fit")
+    ema.setup(SimpleNamespace(strategy=FSDPStrategy(), **_UNLIMITED), torch.nn.Linear(2, 2), "fit")
     assert ema._average_model is None and isinstance(ema._shards, ShardAverage) and ema.holds_average
 
 
@@ -346,3 +352,164 @@ def test_shard_swap_refuses_a_module_that_changed():
     with pytest.raises(RuntimeError, match=r"EMA holds \d+ parameters\+buffers but the module has \d+.*use_ema=False"):
         with averaged_weights(Trainer(), model):
             pass
+
+
+# ------------------------------------------------------------------ precision
+class Validated(Regressor):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return (self.net(x) - y).pow(2).mean()
+
+
+class _Record(pl.Callback):
+    """The training weights after every step, and the module's weights during each validation."""
+
+    def __init__(self) -> None:
+        self.steps, self.validated = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(_all(pl_module))
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.validated.append((len(self.steps), _all(pl_module)))
+
+
+@BOTH
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.float32), ("64-true", torch.float64)])
+def test_ema_averages_in_bf16_true_and_64_true(precision, dtype, make):
+    """The average of bf16 weights is held in fp32 (a bf16 one would not move: (1 - decay) * (w - ema) is below
+    its resolution), that of fp64 weights in fp64. Validating every 2 steps swaps it in and out: the module sees
+    the average rounded to its dtype, the average itself stays exact."""
+    decay, ema, record = 0.8, make(decay=0.8), _Record()
+    torch.manual_seed(0)
+    model = Validated()
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    pl.Trainer(max_steps=5, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, val_check_interval=2, limit_val_batches=1,
+               num_sanity_val_steps=0, callbacks=[ema, record]).fit(
+        model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    expected, averages = None, []  # the EMA of the recorded training weights, by hand, after each step
+    for weights in record.steps:
+        if expected is None:
+            expected = [w.to(dtype) if w.is_floating_point() else w for w in weights]
+        else:
+            expected = [e.lerp(w.to(dtype), 1 - decay) if w.is_floating_point() else w
+                        for e, w in zip(expected, weights, strict=True)]
+        averages.append(expected)
+    assert ema.n_averaged == len(record.steps) == 5
+    averaged = _averaged(ema)
+    assert [t.dtype for t in averaged if t.is_floating_point()] == [dtype] * 8  # 6 parameters, 2 BatchNorm statistics
+    _assert_same(averaged, expected)
+    assert [step for step, _ in record.validated] == [2, 4]
+    for step, seen in record.validated:
+        _assert_same(seen, [e.to(w.dtype) for e, w in zip(averages[step - 1], record.steps[0], strict=True)])
+    assert not torch.equal(record.steps[-1][0], record.steps[0][0])  # the weights did train
+
+
+# ------------------------------------------------------------------ schedules that never update
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"update_every_n_steps": 0}, ValueError,
+     r"update_every_n_steps must be an integer of at least 1, got 0; .*0 never does.*update_starting_at_epoch"),
+    ({"update_every_n_steps": -2, "update_starting_at_epoch": 0}, ValueError,
+     r"update_every_n_steps must be an integer of at least 0, got -2"),
+    ({"update_every_n_steps": 1.5}, TypeError, r"update_every_n_steps must be an integer, got 1.5 \(float\)"),
+    ({"update_starting_at_step": -1}, ValueError, r"update_starting_at_step must be an integer of at least 0, got -1"),
+    ({"update_starting_at_epoch": "1"}, TypeError, r"update_starting_at_epoch must be an integer, got '1' \(str\)"),
+])
+def test_bad_update_schedule_is_refused_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EMAWeightAveraging(decay=0.9, **kwargs)
+    # 0 with update_starting_at_epoch: updates after epochs only, as in Lightning
+    assert EMAWeightAveraging(update_every_n_steps=0, update_starting_at_epoch=0).update_every_n_steps == 0
+
+
+@pytest.mark.parametrize(("kwargs", "max_steps", "refused"), [
+    ({"update_starting_at_step": 5}, 5, True),  # step indices 0..4: the last one is 4
+    ({"update_starting_at_step": 1000}, 5, True),
+    ({"update_starting_at_step": 4, "update_every_n_steps": 3}, 5, True),  # first update at index 6
+    ({"update_every_n_steps": 0, "update_starting_at_epoch": 2}, 5, True),  # max_epochs 1
+    ({"update_starting_at_step": 4}, 5, False),
+    ({"update_every_n_steps": 10}, 5, False),  # updates at index 0
+    ({"update_starting_at_step": 1000}, -1, False),  # no step limit (max_epochs=1 is left to the train-end warning)
+])
+def test_schedule_that_cannot_update_before_max_steps_is_refused_at_setup(kwargs, max_steps, refused):
+    torch.manual_seed(0)
+    model = Regressor()
+    initial = _weights(model)
+    trainer = pl.Trainer(max_steps=max_steps, max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[EMAWeightAveraging(decay=0.9, **kwargs)])
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=4)  # 8 steps an epoch
+    if not refused:
+        with pytest.warns(UserWarning, match="never updated its average") if max_steps < 0 else nullcontext():
+            trainer.fit(model, data)
+        return
+    match = (r"EMAWeightAveraging would never update its average: with update_every_n_steps=.* its first update "
+             r"comes after (optimizer step|epoch) \d+, but the run stops at trainer.max_steps=5( and max_epochs=1)? "
+             r"before that.*Start the updates earlier.*or drop the EMA \(ema: null\)")
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, data)
+    assert trainer.global_step == 0
+    _assert_same(_weights(model), initial)  # refused before the first step
+
+
+def test_fast_dev_run_is_not_refused():
+    """A smoke test stops after a batch whatever the schedule: it runs, and says the average was never updated."""
+    torch.manual_seed(0)
+    trainer = pl.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[EMAWeightAveraging(update_starting_at_step=1000)])
+    with pytest.warns(UserWarning, match="never updated its average in 2 steps"):
+        trainer.fit(Regressor(), DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=8))
+
+
+class _TrainingWeights(pl.Callback):
+    """Before the EMA callback: the training weights at train end and where averaged_weights leaves the module;
+    after it: the weights validation sees."""
+
+    def __init__(self) -> None:
+        self.validated = []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.validated.append(_all(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.latest = _all(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_speed.callbacks.ema import averaged_weights
+
+        self.before = _all(pl_module)
+        with averaged_weights(trainer, pl_module) as self.used:
+            self.inside = _all(pl_module)
+
+
+@BOTH
+def test_an_average_never_updated_stands_for_the_training_weights(tmp_path, make):
+    """Stopped by max_epochs before update_starting_at_step: validation, averaged_weights, the model after fit and
+    the checkpoint all hold the training weights (Lightning's callback: the initial ones), with warnings."""
+    ema, before, after = make(decay=0.5, update_starting_at_step=100), _TrainingWeights(), _TrainingWeights()
+    torch.manual_seed(0)
+    model = Validated()
+    initial = _all(model)
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                         default_root_dir=tmp_path, callbacks=[before, ema, after])
+    with pytest.warns(UserWarning) as warned:
+        trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    messages = [str(w.message) for w in warned]
+    assert any("has not updated its average yet at step 4" in m for m in messages)
+    assert any("never updated its average in 4 steps (update_every_n_steps=1, update_starting_at_step=100)" in m
+               for m in messages)
+    assert ema.n_averaged == 0 and trainer.global_step == 4
+    trained = before.latest
+    assert not torch.equal(trained[0], initial[0])
+    _assert_same(after.validated[-1], trained)  # the end-of-epoch validation (the sanity check saw the initial)
+    assert before.used is False
+    _assert_same(before.inside, trained)
+    _assert_same(_all(model), trained)  # train end copied nothing in
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    saved = torch.load(tmp_path / "after_fit.ckpt", weights_only=False)
+    _assert_same(list(saved["state_dict"].values()), _weights(model))
+    _assert_same(list(saved["current_model_state"].values()), _weights(model))
+    assert int(saved["averaging_state"]["n_averaged"]) == 0

@@ -420,3 +420,90 @@ def test_reference_images_of_another_shape_fail_in_setup(tmp_path, shape, extrac
     with pytest.raises(ValueError, match=rf"reference images are {'x'.join(map(str, shape))} .* generates 1x32x32"):
         trainer.fit(TinyGenerator(), train_dataloaders=DataLoader(TensorDataset(torch.zeros(4, 1, 32, 32)), batch_size=2))
     assert trainer.global_step == 0
+
+
+# ------------------------------------------------------------------ bad settings fail before any work
+@pytest.mark.parametrize("callback", [FIDCallback, SampleGridCallback])
+@pytest.mark.parametrize(("sample_kwargs", "error", "match"), [
+    ({"batch_size": 0}, ValueError, r"Callback: sample_kwargs.batch_size must be an integer of at least 1, got 0"),
+    ({"batch_size": 2.5}, TypeError, r"sample_kwargs.batch_size must be an integer, got 2.5"),
+    ({"guidance_scale": "4"}, TypeError, r"sample_kwargs.guidance_scale must be a number, got '4'"),
+    ({"guidance_scale": float("nan")}, ValueError, r"sample_kwargs.guidance_scale must be a finite number"),
+    ({"solver": "ddpm"}, ValueError, r"sample_kwargs=\{'solver': 'ddpm'\}\): the callback passes solver to sample\(\) "
+                                     r"itself; remove them from sample_kwargs: solver: use the callback's own solver"),
+    ({"generator": None, "noise": None}, ValueError, r"passes generator, noise to sample\(\) itself.*from seed"),
+    (["guidance_scale", 4.0], TypeError, r"sample_kwargs must map argument names of pl_module.sample to values"),
+])
+def test_sample_kwargs_are_checked_at_construction(callback, sample_kwargs, error, match) -> None:
+    """Found at construction (the CLI's parse), not by the first evaluation after training."""
+    with pytest.raises(error, match=match):
+        callback(sample_kwargs=sample_kwargs)
+
+
+def test_sample_kwargs_within_range_are_kept() -> None:
+    made = FIDCallback(sample_kwargs={"batch_size": 8, "guidance_scale": 4, "labels": None})
+    assert made.sample_kwargs == {"batch_size": 8, "guidance_scale": 4.0, "labels": None}
+    assert FIDCallback(sample_kwargs={"batch_size": None}).sample_kwargs == {"batch_size": None}
+
+
+class NeedsLabels(TinyGenerator):
+    """A user's ``sample`` with a required keyword the callback does not pass: it must come from sample_kwargs."""
+
+    @torch.no_grad()
+    def sample(self, num_samples, *, solver, solver_steps, generator, labels):
+        return super().sample(num_samples, solver=solver, solver_steps=solver_steps, generator=generator)
+
+
+@pytest.mark.parametrize("callback", [
+    lambda tmp_path, **kw: fid_callback(tmp_path, reference_images=torch.zeros(4, 1, 32, 32, dtype=torch.uint8), **kw),
+    lambda tmp_path, **kw: SampleGridCallback(solver_steps=2, num_samples=4, **kw),
+], ids=["fid", "samples"])
+def test_sample_kwargs_are_bound_against_sample_in_setup(tmp_path, callback) -> None:
+    """The call the callback will make is bound against the module's sample() before the first training step."""
+    trainer = make_trainer(tmp_path, [callback(tmp_path)], max_steps=2)
+    with pytest.raises(TypeError, match=r"NeedsLabels.sample\(\) cannot be called as this callback calls it, "
+                                        r"sample\(num_samples, solver, solver_steps, generator\): missing a required "
+                                        r"argument: 'labels'.*extra arguments come from sample_kwargs \(now \{\}\)"):
+        trainer.fit(NeedsLabels(), train_dataloaders=DataLoader(TensorDataset(torch.zeros(4, 1, 32, 32)), batch_size=2))
+    assert trainer.global_step == 0
+    # given through sample_kwargs, the same module binds
+    fine = callback(tmp_path, sample_kwargs={"labels": None})
+    fine._check_module(NeedsLabels())
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"reference_split": "val"}, ValueError, r"Unknown reference_split 'val'; choose one of 'train', 'test'"),
+    ({"num_reference": 0}, ValueError, r"num_reference must be an integer of at least 2, got 0.*null: the whole split"),
+    ({"num_reference": 1}, ValueError, r"num_reference must be an integer of at least 2, got 1"),
+    ({"num_reference": 100.0}, TypeError, r"num_reference must be an integer, got 100.0"),
+    ({"compute_kid": True, "kid_subset_size": 0}, ValueError, r"kid_subset_size must be an integer of at least 2, got 0"),
+    ({"compute_kid": True, "kid_subset_size": 1}, ValueError, r"kid_subset_size must be an integer of at least 2, got 1"),
+    ({"num_samples": 2.5}, TypeError, r"num_samples must be an integer, got 2.5 \(float\)"),
+    ({"num_samples": 1}, ValueError, r"num_samples must be an integer of at least 2, got 1"),
+    ({"batch_size": 1.5}, TypeError, r"batch_size must be an integer, got 1.5 \(float\)"),
+    ({"batch_size": 0}, ValueError, r"batch_size must be an integer of at least 1, got 0"),
+    ({"every_n_steps": 2.0}, TypeError, r"every_n_steps must be an integer, got 2.0"),
+    ({"every_n_steps": 0}, ValueError, r"every_n_steps must be an integer of at least 1, got 0"),
+])
+def test_fid_settings_fail_at_construction_naming_the_argument(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        FIDCallback(feature_extractor="fashion_mnist", **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"nrow": -2}, ValueError, r"nrow must be an integer of at least 1, got -2.*null: about the square root"),
+    ({"nrow": 0}, ValueError, r"nrow must be an integer of at least 1, got 0"),
+    ({"nrow": 2.0}, TypeError, r"nrow must be an integer, got 2.0"),
+    ({"num_samples": 2.5}, TypeError, r"num_samples must be an integer, got 2.5 \(float\)"),
+    ({"num_samples": 0}, ValueError, r"num_samples must be an integer of at least 1, got 0"),
+    ({"every_n_steps": 0}, ValueError, r"every_n_steps must be an integer of at least 1, got 0"),
+])
+def test_sample_grid_settings_fail_at_construction_naming_the_argument(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        SampleGridCallback(**kwargs)
+
+
+def test_sample_grid_nrow_default_and_given() -> None:
+    assert SampleGridCallback(num_samples=9).nrow == 3
+    assert SampleGridCallback(num_samples=10).nrow == 4
+    assert SampleGridCallback(num_samples=9, nrow=9).nrow == 9

@@ -184,3 +184,58 @@ def test_lr_1e9_through_the_cli_exits_1_naming_step_timesteps_and_checkpoint(
     # The step-1 checkpoints are exactly as they were before step 2; nothing of step 2 was written.
     assert digests(ckpt_dir) == digests(snapshot)
     assert sorted(digests(ckpt_dir)) == ["epoch=0-step=1.ckpt", "last.ckpt"]
+
+
+# ------------------------------------------------------------------------------- NaN in the input data
+class NaNData(Regression):
+    """A healthy regression whose data loader yields a batch holding NaN (its batch ``bad_batch``)."""
+
+    def __init__(self, bad_batch: int = 2) -> None:
+        super().__init__()
+        self.bad_batch = bad_batch
+
+    def train_dataloader(self) -> Any:
+        x = torch.randn(64, 4)
+        x[self.bad_batch * 4 + 1, 2] = float("nan")
+        x[self.bad_batch * 4 + 3, 0] = float("inf")
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+
+
+@pytest.mark.parametrize("period", [None, 1000], ids=["read-every-step", "read-at-train-end"])
+def test_nan_in_the_input_data_is_named_as_a_data_problem_not_a_divergence(tmp_path: Path, period: int | None) -> None:
+    """The loss is NaN because a batch holds NaN/inf: the message names that batch and says the fix is in the data."""
+    guard = DivergenceGuard(check_every_n_steps=period)
+    run = pl.Trainer(
+        max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[guard],
+    )  # fmt: skip
+    with pytest.raises(DivergenceError) as err:
+        run.fit(NaNData(bad_batch=2))
+    message = str(err.value)
+    assert "the training data holds non-finite values: 2 NaN/inf values in the input batch of step 3 " in message
+    assert "(epoch 0, batch_idx 2)" in message and "the loss became nan at step 3" in message
+    assert "repair or drop the non-finite samples in the training data" in message
+    assert "will not help" in message
+    assert "lower the learning rate" not in message and "gradient_clip_val" not in message
+
+
+def test_a_divergence_with_finite_data_still_advises_the_optimizer(tmp_path: Path) -> None:
+    """Finite data: the input check stays silent and the optimizer advice is unchanged."""
+    with pytest.raises(DivergenceError) as err:
+        trainer(tmp_path).fit(Regression(nan_at=2))
+    message = str(err.value)
+    assert message.startswith("Training diverged: the loss became nan at step 2")
+    assert "training data" not in message and "lower the learning rate" in message
+
+
+def test_input_check_makes_no_host_read(tmp_path: Path) -> None:
+    """Counting the batch's non-finite values stays on the device: on the meta device a host read would raise."""
+    guard = DivergenceGuard(check_every_n_steps=1000)
+    guard._reset(torch.device("meta"))
+    fake_trainer = SimpleNamespace(global_step=0, world_size=1, log_every_n_steps=50, current_epoch=0)
+    batch = [torch.empty(8, 4, device="meta"), {"labels": torch.empty(8, dtype=torch.long, device="meta")}]
+    for step in range(1, 5):
+        fake_trainer.global_step = step
+        guard._grad_ok = torch.empty((), dtype=torch.bool, device="meta")
+        guard.on_train_batch_end(fake_trainer, SimpleNamespace(), {"loss": torch.empty((), device="meta")}, batch, step)
+    assert guard._state["data_nonfinite"].device.type == "meta"

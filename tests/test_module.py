@@ -169,6 +169,7 @@ def test_data_shape_mismatch_names_the_fix():
     ({"sampling_steps": 50}, TypeError, "'sampling_steps'.*now solver_steps"),
     ({"schedule": [1e-3] * 500}, ValueError, "500 steps but num_timesteps=1000: set num_timesteps to 500"),
     ({"solver_steps": 2000}, ValueError, "solver_steps must be at most num_timesteps = 1000"),
+    ({"guidance_scale": 4.0}, ValueError, "model.guidance_scale=4.0 needs a class-conditional model.*model.num_classes is null"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -190,11 +191,24 @@ def test_bad_arguments(kwargs, error, match):
     ({"labels": torch.tensor([-1, 0])}, ValueError, r"labels must lie in \[0, 2\].*got \[-1\]"),
     ({"labels": torch.tensor([0])}, ValueError, r"one label per sample, shaped \(2,\), got \(1,\)"),
     ({"labels": torch.tensor([0.0, 1.0])}, TypeError, "labels must be an integer tensor, got torch.float32"),
+    ({"noise": torch.full((2, 1, 8, 8), float("nan"))}, ValueError, "noise holds NaN or infinite values"),
+    ({"noise": torch.zeros(2, 1, 8, 8, dtype=torch.long)}, TypeError,
+     r"noise must be a floating-point tensor .* shaped \(2, 1, 8, 8\), got torch.int64"),
+    ({"noise": [[0.0]]}, TypeError, r"noise must be a floating-point tensor .*got list: e.g. torch.randn\(2, 1, 8, 8\)"),
+    ({"eta": "0.5"}, TypeError, r"eta must be a number, got '0.5' \(str\); 0: deterministic DDIM"),
 ])
 def test_bad_sample_arguments(kwargs, error, match):
     module = DiffusionModule(TinyBackbone(num_classes=3), image_shape=(1, 8, 8), num_classes=3)
     with pytest.raises(error, match=match):
         module.sample(kwargs.pop("num_samples", 2), **kwargs)
+
+
+def test_guidance_needs_a_class_conditional_model_in_sample_too():
+    """An unconditional model has nothing to guide: guidance_scale != 1 is refused, not silently ignored."""
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="guidance_scale=3 needs a class-conditional model.*unconditional"):
+        module.sample(2, solver_steps=2, guidance_scale=3.0)
+    assert module.sample(2, solver_steps=2, guidance_scale=1.0).shape == (2, 1, 8, 8)
 
 
 def test_sample_accepts_the_null_label():
@@ -230,12 +244,172 @@ def test_backbone_output_type_is_checked_at_setup(post, match):
     ((torch.zeros(2, 1, 16, 16),), {"image_shape": (1, 8, 8)}, ValueError,
      r"shape \(1, 16, 16\).*image_shape is \(1, 8, 8\): set model.image_shape to \[1, 16, 16\]"),
     ((torch.zeros(2, 1, 8, 8),), {"num_classes": 3}, ValueError, "num_classes=3.*holds no labels.*num_classes=None"),
+    # float labels would be truncated (0.7 -> class 0) without a word
+    ((torch.zeros(2, 1, 8, 8), torch.rand(2)), {"num_classes": 3}, TypeError,
+     r"Class labels must be an integer tensor \(0 .. model.num_classes - 1\), got torch.float32"),
+    ((torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, dtype=torch.long)), {"num_classes": 3}, ValueError,
+     r"labels of shape \(2, 1\) for 2 images: give one integer label per image, shaped \(2,\)"),
+    # channels-last images: the fix is a permute, not another image_shape
+    ((torch.zeros(2, 16, 16, 1),), {"image_shape": (1, 16, 16)}, ValueError,
+     r"shape \(16, 16, 1\) after the batch dimension: channels last.*x.permute\(0, 3, 1, 2\) per batch"),
+    ((torch.zeros(2, 8, 8),), {"image_shape": (1, 8, 8)}, ValueError,
+     r"\(B, C, H, W\) = \(B, 1, 8, 8\), got a 3-D tensor of shape \(2, 8, 8\).*channel dimension"),
 ])
 def test_bad_batches_name_the_fix(batch, kwargs, error, match):
     """Batch checks read host metadata only (type, dtype, shape): no device sync in the training step."""
     module = DiffusionModule(TinyBackbone(num_classes=3), **kwargs)
     with pytest.raises(error, match=match):
         module.training_step(batch, 0)
+
+
+# -- class labels: the model's, the backbone's and the data's num_classes, and the labels themselves --------
+@pytest.mark.parametrize("backbone,kwargs,match", [
+    (lambda: small_unet(num_classes=10), {},
+     r"UNet was built with num_classes=10 but the model is unconditional \(model.num_classes is null\).*only ever see "
+     r"the null label: set model.num_classes to 10.*model.backbone.init_args.num_classes"),
+    (lambda: small_unet(num_classes=5), {"num_classes": 10},
+     r"model.num_classes=10 but the backbone UNet was built with num_classes=5.*null label 10.*Set "
+     r"model.backbone.init_args.num_classes to 10 \(or model.num_classes to 5\)"),
+    (lambda: small_unet(), {"num_classes": 10},
+     r"model.num_classes=10 .*UNet was built without num_classes.*set model.backbone.init_args.num_classes to 10"),
+])
+def test_backbone_num_classes_must_be_the_models(backbone, kwargs, match):
+    """A backbone that states its num_classes (UNet, DiT) must agree with the model's, at construction."""
+    with pytest.raises(ValueError, match=match):
+        DiffusionModule(backbone(), **kwargs)
+    assert DiffusionModule(small_unet(num_classes=3), num_classes=3).num_classes == 3
+    assert DiffusionModule(TinyBackbone(num_classes=3), num_classes=3).num_classes == 3  # states none: not compared
+
+
+def test_data_with_more_classes_than_the_model_fails_at_setup():
+    class DM(pl.LightningDataModule):
+        image_shape, num_classes = (1, 8, 8), 10
+
+        def train_dataloader(self):
+            return loader()
+
+    module = DiffusionModule(TinyBackbone(num_classes=3), num_classes=3)
+    with pytest.raises(ValueError, match=r"The data has 10 classes \(labels 0 .. 9\) but model.num_classes is 3: set "
+                                         r"model.num_classes and the backbone's num_classes.*to 10"):
+        trainer(max_steps=1).fit(module, datamodule=DM())
+
+
+@pytest.mark.parametrize("label,match", [
+    (3, r"class label 3 \(the model's null label.*model.num_classes=3 takes labels 0 .. 2: set model.num_classes and "
+        r"the backbone's num_classes \(model.backbone.init_args.num_classes\).*at least 4"),
+    (9, r"class label 9, but model.num_classes=3 takes labels 0 .. 2.*at least 10"),
+    (-1, r"class label -1, but labels must lie in \[0, 2\] \(model.num_classes=3\)"),
+])
+def test_labels_outside_num_classes_name_the_keys(label, match):
+    module = DiffusionModule(TinyBackbone(num_classes=10), image_shape=(1, 8, 8), num_classes=3)
+    labels = torch.tensor([0, 1, label, 2])
+    with pytest.raises(ValueError, match=match):
+        module.training_step((torch.rand(4, 1, 8, 8) * 2 - 1, labels), 0)
+
+
+def test_labels_beyond_num_classes_fail_in_a_fit_not_deep_in_the_embedding():
+    """Fashion-MNIST's labels go to 9: a model of 5 classes fails with the keys to set, not an IndexError, also when
+    a later batch brings the first such label (labels on the CPU are checked in every batch: no sync)."""
+    x = torch.rand(64, 1, 8, 8) * 2 - 1
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(64) * 3 % 10), batch_size=8)
+    module = DiffusionModule(TinyBackbone(num_classes=5), image_shape=(1, 8, 8), num_classes=5)
+    with pytest.raises(ValueError, match="training batch holds the class label 9, but model.num_classes=5"):
+        trainer(max_steps=4).fit(module, data)
+    late = torch.cat([torch.zeros(8, dtype=torch.long), torch.full((8,), 7)])  # first batch fine, second not
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:16], late), batch_size=8)
+    module = DiffusionModule(TinyBackbone(num_classes=5), image_shape=(1, 8, 8), num_classes=5)
+    with pytest.raises(ValueError, match="training batch holds the class label 7"):
+        trainer(max_steps=4).fit(module, data)
+
+
+# -- the first batch's values: finite, pixels in [-1, 1] ----------------------------------------------
+@pytest.mark.parametrize("images,match", [
+    (torch.linspace(0, 255, 256).view(4, 1, 8, 8), r"first training batch holds images in \[0, 255\].*in \[-1, 1\].*x / 127.5 - 1"),
+    (torch.linspace(-1, 254, 256).view(4, 1, 8, 8), r"holds images in \[-1, 254\].*x / 127.5 - 1"),  # the division forgotten
+    (torch.full((4, 1, 8, 8), float("nan")), "first training batch holds NaN or infinite values"),
+    (torch.zeros(4, 1, 8, 8).index_fill_(0, torch.tensor([2]), float("inf")), "NaN or infinite values"),
+])
+def test_first_batch_outside_the_unit_range_is_refused(images, match):
+    module = DiffusionModule(TinyBackbone(channels=images.shape[1]), image_shape=tuple(images.shape[1:]))
+    with pytest.raises(ValueError, match=match):
+        module.training_step((images,), 0)
+
+
+@pytest.mark.parametrize("images,match", [
+    (torch.linspace(0, 1, 256).view(4, 1, 8, 8),
+     r"first training batch holds images in \[0, 1\], nothing below 0: this looks like \[0, 1\] data.*x \* 2 - 1"),
+    # mean/std normalised (ImageNet's statistics) or latents the module knows nothing of: ambiguous, so a warning
+    ((torch.linspace(0, 1, 256).view(4, 1, 8, 8) - 0.45) / 0.226,
+     r"holds values in \[-1.99\d*, 2.43\d*\], far outside the \[-1, 1\].*Normalize\(mean=0.5, std=0.5\).*"
+     r"LatentDataModule or set module.autoencoder.*module.check_data_range = False"),
+])
+def test_data_of_a_doubtful_range_warns_once(images, match, recwarn):
+    """[0, 1] data (torchvision's ToTensor) and data far beyond [-1, 1] on both sides train, with a warning naming the
+    fix; the values are read on the first batch only."""
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    with pytest.warns(UserWarning, match=match):
+        module.training_step((images,), 0)
+    recwarn.clear()
+    module.training_step((images,), 1)  # read once: the second batch is not read
+    assert not _range_warnings(recwarn)
+
+
+def _range_warnings(recwarn):
+    return [w for w in recwarn if "batch holds" in str(w.message)]
+
+
+def test_unit_range_data_does_not_warn(recwarn):
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    module.training_step((torch.rand(4, 1, 8, 8) * 2.2 - 1.1,), 0)  # a little beyond [-1, 1]: augmentation, fine
+    module.validation_step((torch.zeros(4, 1, 8, 8),), 0)  # all zero says nothing about the range
+    assert not _range_warnings(recwarn)
+
+
+def test_latents_are_exempt_from_the_pixel_range_but_not_from_nan(recwarn):
+    """Latent diffusion (an autoencoder on the module or its data module) trains on latents, whose range is
+    the autoencoder's; module.check_data_range = False exempts other data of another range on purpose."""
+    latents = torch.linspace(0, 3, 256).view(4, 1, 8, 8)  # one-sided beyond 2: refused as pixels
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"holds images in \[0, 3\]"):
+        module.training_step((latents,), 0)
+    module.autoencoder = object()  # what decode() would use; LatentDataModule's autoencoder counts the same
+    module.training_step((latents,), 0)
+    module._values_checked.clear()  # as a new fit's setup does
+    module.training_step((torch.linspace(-4, 4, 256).view(4, 1, 8, 8),), 0)
+    module._values_checked.clear()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        module.training_step((latents * float("nan"),), 0)
+    opted_out = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    opted_out.check_data_range = False
+    opted_out.training_step((latents,), 0)
+    assert not _range_warnings(recwarn)
+
+
+def test_bad_range_fails_in_a_fit_before_the_first_optimizer_step():
+    x = torch.randint(0, 256, (32, 1, 8, 8)).float()  # [0, 255] floats: a forgotten x / 127.5 - 1
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=8)
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
+    before = copy.deepcopy(module.backbone.state_dict())
+    fit = trainer(max_steps=3)
+    with pytest.raises(ValueError, match=r"first training batch holds images in \[0, 25\d\]"):
+        fit.fit(module, data)
+    assert fit.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_values_are_read_once_on_cuda():
+    """The value checks cost one sync, on the first batch; later training steps never sync."""
+    module = DiffusionModule(TinyBackbone(num_classes=3), image_shape=(1, 8, 8), num_classes=3).cuda()
+    batch = (torch.rand(8, 1, 8, 8, device="cuda") * 2 - 1, torch.randint(0, 3, (8,), device="cuda"))
+    module.training_step(batch, 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 4):
+            module.training_step(batch, step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_checkpoint_loading_names_the_backbone_its_sizes_and_its_T(tmp_path):

@@ -604,3 +604,42 @@ def test_strategy_reads_the_prediction_type_of_a_diffusers_scheduler(linear):
         TimestepStrategy(scheduler("v_prediction"), prediction="epsilon")
     with pytest.raises(ValueError, match=r"prediction_type 'flow' has no counterpart.*epsilon, v_prediction, sample"):
         TimestepStrategy(scheduler("flow"))
+
+
+# ------------------------------------------------------------------ CLTS's target must be a distribution over t
+@pytest.mark.parametrize("mu", [50_000, 5_000, 1000, -300, -0.5, float("inf")])
+def test_clts_mu_outside_the_time_steps_is_refused(mu):
+    """mu = 50000 gave NaN probabilities (every t = 999), mu = 5000 all t in 884-999, mu = -300 was accepted."""
+    from lightning_speed.callbacks import CLTSSampling
+    from lightning_speed.timesteps import clts_gaussian
+
+    match = r"mu must be a number in \[0, 1000\), got .*in steps of a T = 1000 process.*official value is 300"
+    for build in (lambda: CLTSSampler(T, mu=mu), lambda: CLTSSampling(mu=mu), lambda: clts_gaussian(T, mu=mu)):
+        with pytest.raises(ValueError, match=match):
+            build()
+
+
+def test_clts_mu_at_the_ends_of_the_range_is_a_distribution():
+    for mu, peak in ((0, 0), (999, 999), (999.9, 999)):
+        sampler = CLTSSampler(T, mu=mu, total_steps=1)
+        sampler.set_step(1)
+        p = sampler.probabilities()
+        assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-5 and int(p.argmax()) == peak
+
+
+@pytest.mark.parametrize(("num_timesteps", "mu", "sigma"), [(T, 300.5, 1e-4), (T, 999.9, 0.02), (100, 305, 0.05)])
+def test_clts_gaussian_with_no_mass_on_any_step_is_refused(num_timesteps, mu, sigma):
+    """A width far below one time step puts no probability on any integer t: 0 / 0 would give NaN."""
+    from lightning_speed.timesteps import clts_gaussian
+
+    match = rf"puts no probability on any time step t = 0..{num_timesteps - 1}.*use a larger sigma"
+    for build in (lambda: clts_gaussian(num_timesteps, mu, sigma), lambda: CLTSSampler(num_timesteps, mu=mu, sigma=sigma)):
+        with pytest.raises(ValueError, match=match):
+            build()
+
+
+def test_clts_gaussian_checks_sigma_itself():
+    from lightning_speed.timesteps import clts_gaussian
+
+    with pytest.raises(ValueError, match="sigma must be a positive number, got -1.0"):
+        clts_gaussian(T, sigma=-1)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import check_int, check_number
 from .embeddings import LabelEmbedding, TimestepEmbedding, check_inputs, labels_or_null, sinusoidal_embedding
 
 
@@ -219,10 +220,17 @@ class DiT(nn.Module):
                 f"learn_sigma=True predicts 2 * in_channels = {2 * in_channels} channels, but out_channels="
                 f"{out_channels}: leave out_channels unset."
             )
-        if min(image_size, patch_size, in_channels, hidden_size, depth, num_heads) < 1 or mlp_ratio <= 0:
+        if min(image_size, patch_size, in_channels, hidden_size, depth, num_heads) < 1:
+            raise ValueError("image_size, patch_size, in_channels, hidden_size, depth and num_heads must be positive.")
+        mlp_ratio = check_number(mlp_ratio, "mlp_ratio", above=0.0, hint="the MLP's width over hidden_size, 4 in DiT")
+        if int(hidden_size * mlp_ratio) < 1:
             raise ValueError(
-                "image_size, patch_size, in_channels, hidden_size, depth, num_heads and mlp_ratio must be positive."
+                f"mlp_ratio={mlp_ratio:g} gives the MLP int({hidden_size} * {mlp_ratio:g}) = 0 hidden units at "
+                f"hidden_size={hidden_size}: use an mlp_ratio of at least {1 / hidden_size:g} (DiT uses 4)."
             )
+        if num_classes is not None:
+            num_classes = check_int(num_classes, "num_classes", minimum=1, hint="or null for an unconditional model")
+        num_timesteps = check_int(num_timesteps, "num_timesteps", minimum=1)
         if image_size % patch_size:
             raise ValueError(
                 f"image_size={image_size} is not divisible by patch_size={patch_size}"

@@ -26,6 +26,19 @@ restart from the EMA weights with the optimizer state of the real ones.
 for ``FIDCallback`` and ``SampleGridCallback``: it swaps the average in and back out with the
 callback's own swap, the one Lightning uses around validation epochs, so parameters and buffers
 pair exactly as there. It works with Lightning's ``EMAWeightAveraging`` too.
+
+The average is held in float32 or the module's dtype, whichever is wider: under ``precision="bf16-true"``
+(or ``16-true``) an fp32 average of the bf16 weights, as Lightning's keeps (its copy is made before the
+precision plugin converts the module); a bf16 average would not move at all, since ``(1 - decay) * (w - ema)``
+is below bf16's resolution for a decay such as 0.999. Under ``64-true`` the average is float64. Where the two
+dtypes differ, evaluation puts the average into the module (rounded) and the training weights back from a
+copy, so evaluating never rounds the average itself. Under FSDP the checkpoint's average is gathered through
+the module and so holds the module's dtype.
+
+Until its first update the average is the training weights, not the weights it was created from: validation,
+``averaged_weights`` and checkpoints use the training weights (with a warning once training has started), and
+training ends with them. Lightning's callback evaluates, saves and ends with the initial weights there, e.g.
+while ``update_starting_at_step`` is ahead. A schedule that cannot update within ``max_steps`` is refused at setup.
 """
 
 from __future__ import annotations
@@ -43,7 +56,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speed.validation import check_number
+from lightning_speed.validation import check_int, check_number
 
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -53,49 +66,61 @@ SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 class ShardAverage:
     """Exponential moving average of the tensors one rank holds: a whole model, or its shard under FSDP.
 
-    ``ema_1 = w_1``, ``ema_n = decay * ema_{n-1} + (1 - decay) * w_n`` for floating tensors; other
-    tensors (integer buffers) are copied. Elementwise, so averaging each shard separately equals
-    averaging the whole. ``n_averaged`` is a host counter: an update reads nothing back from the device.
+    ``ema_1 = w_1``, ``ema_n = decay * ema_{n-1} + (1 - decay) * w_n`` for floating tensors, held in
+    ``average_dtype`` (fp32 for bf16 weights); other tensors (integer buffers) are copied. Elementwise, so
+    averaging each shard separately equals averaging the whole. ``n_averaged`` is a host counter: an update
+    reads nothing back from the device. Before the first update there is no average: ``swap`` and ``copy_to``
+    leave ``current`` as it is.
     """
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
         self.tensors: list[Tensor] | None = None
         self.n_averaged = 0
-        self._floating: list[int] = []
+        self._floating: list[int] = []  # averaged in the tensor's own dtype
+        self._widened: list[int] = []  # averaged in a wider dtype than the tensor's (fp32 of bf16)
         self._other: list[int] = []
+        self._stash: list[Tensor] | None = None  # the training values of widened tensors while the average is in
 
     def update(self, current: list[Tensor]) -> None:
         if self.tensors is None:
             self.load(current, n_averaged=0)
         tensors = self._paired(current)
         floating = [tensors[i] for i in self._floating]
+        widened = [tensors[i] for i in self._widened]
         if self.n_averaged == 0:
             torch._foreach_copy_(tensors, current)
-        elif floating:
-            torch._foreach_lerp_(floating, [current[i] for i in self._floating], 1.0 - self.decay)
+        else:
+            if floating:
+                torch._foreach_lerp_(floating, [current[i] for i in self._floating], 1.0 - self.decay)
+            if widened:  # lerp needs one dtype: the weights are widened for the update
+                ends = [current[i].to(tensors[i].dtype) for i in self._widened]
+                torch._foreach_lerp_(widened, ends, 1.0 - self.decay)
         for i in self._other:
             tensors[i].copy_(current[i])
         self.n_averaged += 1
 
     def load(self, tensors: list[Tensor], n_averaged: int) -> None:
-        """Take copies of ``tensors`` as the average of ``n_averaged`` updates."""
-        self.tensors = [t.detach().clone() for t in tensors]
+        """Take copies of ``tensors`` (floating ones in ``average_dtype``) as the average of ``n_averaged``
+        updates."""
+        self.tensors = [t.detach().to(average_dtype(t.dtype), copy=True) for t in tensors]
         self.n_averaged = n_averaged
-        self._floating = [i for i, t in enumerate(self.tensors) if t.is_floating_point()]
+        self._floating = [i for i, (a, t) in enumerate(zip(self.tensors, tensors))
+                          if a.is_floating_point() and a.dtype == t.dtype]
+        self._widened = [i for i, (a, t) in enumerate(zip(self.tensors, tensors))
+                         if a.is_floating_point() and a.dtype != t.dtype]
         self._other = [i for i, t in enumerate(self.tensors) if not t.is_floating_point()]
+        self._stash = None
 
     def swap(self, current: list[Tensor]) -> None:
-        """Exchange the values of the average and ``current`` (no-op before the first update)."""
-        if self.tensors is None:
+        """Put the average into ``current``, or the training values back (alternate calls); no-op before the
+        first update."""
+        if self.tensors is None or self.n_averaged == 0:
             return
-        tensors = self._paired(current)
-        held = [t.clone() for t in current]
-        torch._foreach_copy_(current, tensors)
-        torch._foreach_copy_(tensors, held)
+        self._stash = _swap_in_or_out(self._paired(current), current, self._stash)
 
     def copy_to(self, current: list[Tensor]) -> None:
-        if self.tensors is not None:
+        if self.tensors is not None and self.n_averaged > 0:
             torch._foreach_copy_(current, self._paired(current))
 
     def _paired(self, current: list[Tensor]) -> list[Tensor]:
@@ -114,18 +139,47 @@ class EMAWeightAveraging(_LightningEMA):
     A drop-in replacement for ``lightning.pytorch.callbacks.EMAWeightAveraging`` (same arguments,
     same checkpoints) whose per-step update makes no host-device synchronisation, and which also works
     under ``FSDPStrategy`` (each rank averages its own shard; ``state_dict_type`` must be ``full``).
-    One difference: integer buffers (e.g. BatchNorm's step counter) are copied rather than averaged
-    and truncated.
+    Differences: integer buffers (e.g. BatchNorm's step counter) are copied rather than averaged
+    and truncated; the average is held in fp32 under ``bf16-true`` and in fp64 under ``64-true``; and
+    an average that has not been updated yet stands for the training weights, never the initial ones
+    (see the module docstring).
+
+    ``update_every_n_steps`` must be at least 1, or 0 together with ``update_starting_at_epoch`` (updates
+    after epochs only, as in Lightning). A schedule whose first update would come at or after
+    ``trainer.max_steps`` (or ``max_epochs``) is refused at setup: such a run would end with no average.
     """
 
-    def __init__(self, *args: Any, decay: float = 0.999, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        decay: float = 0.999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        update_starting_at_epoch: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         # 1 would freeze the average at the weights after the first update; 0 makes it the latest weights.
         decay = check_number(decay, "decay", at_least=0.0, below=1.0,
                              hint="0.999 or 0.9999 are common (1 never moves the average)")
-        super().__init__(*args, decay=decay, **kwargs)
+        if update_starting_at_epoch is not None:
+            update_starting_at_epoch = check_int(update_starting_at_epoch, "update_starting_at_epoch", minimum=0)
+        if update_starting_at_step is not None:
+            update_starting_at_step = check_int(update_starting_at_step, "update_starting_at_step", minimum=0,
+                                                hint="null starts at the first step")
+        # 0 turns the per-step updates off (Lightning's meaning): only sensible with per-epoch updates.
+        update_every_n_steps = check_int(
+            update_every_n_steps, "update_every_n_steps", minimum=0 if update_starting_at_epoch is not None else 1,
+            hint="1 updates the average after every optimizer step; 0 never does, and is allowed only with "
+                 "update_starting_at_epoch set (updates after each epoch instead)",
+        )
+        super().__init__(*args, decay=decay, update_every_n_steps=update_every_n_steps,
+                         update_starting_at_step=update_starting_at_step,
+                         update_starting_at_epoch=update_starting_at_epoch, **kwargs)
         self.decay = decay
         self._started: bool | None = None  # host copy of "n_averaged > 0", read once per fit
-        self._pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._stash: list[Tensor] | None = None  # a full copy's counterpart of ShardAverage._stash
+        self._warned_not_updated = False  # once per fit
+        self._pairs: tuple[list[Tensor], ...] | None = None  # see _update_lists
         self._training_state: dict[str, Tensor] | None = None  # the module's own weights once training has ended
         self._shards: ShardAverage | None = None  # the average when each rank averages what it holds (FSDP)
         self._training_shards: list[Tensor] | None = None  # the rank's own weights once training has ended
@@ -150,6 +204,7 @@ class EMAWeightAveraging(_LightningEMA):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return super().setup(trainer, pl_module, stage)
+        self._check_schedule(trainer)
         strategy = trainer.strategy
         if isinstance(strategy, SHARDED_STRATEGIES) and not self.averages_shards(strategy):
             raise ValueError(
@@ -176,6 +231,59 @@ class EMAWeightAveraging(_LightningEMA):
         self._average_model = None  # no full copy: the module is sharded after this hook
         self._shards = ShardAverage(self.decay)
 
+    def _check_schedule(self, trainer: "pl.Trainer") -> None:
+        """Refuse a schedule that cannot update the average before ``max_steps``/``max_epochs`` end the run: it
+        would end with the training weights in the average's place. Not under ``fast_dev_run``, which stops
+        after a batch or two whatever the schedule; limits known only later (``max_time``, an epoch's length
+        under ``max_epochs``) are left to the warning at train end."""
+        if trainer.fast_dev_run:
+            return
+        every, start = self.update_every_n_steps, self.update_starting_at_step or 0
+        first_step = -(-start // every) * every if every > 0 else None  # zero-based index of the first update
+        max_steps, max_epochs = trainer.max_steps, trainer.max_epochs
+        by_steps = first_step is not None and (max_steps is None or max_steps < 0 or first_step < max_steps)
+        epoch = self.update_starting_at_epoch
+        by_epochs = epoch is not None and (max_epochs is None or max_epochs < 0 or epoch < max_epochs)
+        if by_steps or by_epochs:
+            return
+        first = [f"after optimizer step {first_step + 1}"] if first_step is not None else []
+        first += [f"after epoch {epoch + 1}"] if epoch is not None else []
+        limit = f"trainer.max_steps={max_steps}" + (f" and max_epochs={max_epochs}" if epoch is not None else "")
+        raise ValueError(
+            f"EMAWeightAveraging would never update its average: with {self._schedule()} its first update comes "
+            f"{' or '.join(first)}, but the run stops at {limit} before that, so the checkpoint, samples and FID "
+            "would be of the training weights, not an average. Start the updates earlier (update_starting_at_step "
+            "below max_steps: it counts steps from 0), raise the trainer's limit, or drop the EMA (ema: null)."
+        )
+
+    def _schedule(self) -> str:
+        text = f"update_every_n_steps={self.update_every_n_steps}, "
+        text += f"update_starting_at_step={self.update_starting_at_step}"
+        if self.update_starting_at_epoch is not None:
+            text += f", update_starting_at_epoch={self.update_starting_at_epoch}"
+        return text
+
+    def _updated(self) -> bool:
+        """Whether the average holds at least one update (reads the device counter of a full copy once per fit)."""
+        if self._shards is not None:
+            return self._shards.n_averaged > 0
+        if self._average_model is None:
+            return False
+        if self._started is None:
+            self._started = bool(self._average_model.n_averaged > 0)
+        return self._started
+
+    def _warn_not_updated(self, trainer: "pl.Trainer") -> None:
+        """Say (once per fit) that the training weights stand in for an average that has no update yet; not
+        before the first step, when the two are the same weights (the sanity check)."""
+        if self._warned_not_updated or trainer.global_step == 0 or self._updated():
+            return
+        self._warned_not_updated = True
+        rank_zero_warn(
+            f"EMAWeightAveraging has not updated its average yet at step {trainer.global_step} ({self._schedule()}): "
+            "until it does, validation, samples, FID and checkpoints use the training weights in its place."
+        )
+
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_start(trainer, pl_module)
@@ -183,19 +291,31 @@ class EMAWeightAveraging(_LightningEMA):
         self._pairs = None
         self._training_state = None
         self._training_shards = None
+        self._stash = None
+        self._warned_not_updated = False
+        if self._average_model is not None:
+            # The copy was made at setup, before the precision plugin converted the module (bf16-true, 64-true).
+            _widen(self._average_model.module, pl_module)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Keep the training weights, then copy the average into the module (as Lightning does)."""
+        """Keep the training weights, then copy the average into the module (as Lightning does) if it was updated."""
         if self._shards is not None:
             self._training_shards = [t.clone() for t in self._held(pl_module)]
         else:
             self._training_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        if not self._updated() and trainer.global_step > 0:
+            rank_zero_warn(
+                f"EMAWeightAveraging never updated its average in {trainer.global_step} steps ({self._schedule()}): "
+                "the model keeps its training weights, and checkpoints store them in the average's place. Lower "
+                "update_starting_at_step or update_every_n_steps, train longer, or drop the EMA (ema: null)."
+            )
         self._copy_average_to_current(pl_module)
 
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.holds_average:
+            self._warn_not_updated(trainer)
             self._swap_models(pl_module)
 
     @override
@@ -209,17 +329,21 @@ class EMAWeightAveraging(_LightningEMA):
     ) -> None:
         """Lightning's layout (average in ``state_dict``, training weights in ``current_model_state``),
         with the training weights from before the end-of-training copy when there was one."""
+        if self.holds_average:
+            self._warn_not_updated(trainer)
         if self._shards is None:
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
             if self._training_state is not None and "current_model_state" in checkpoint:
                 checkpoint["current_model_state"] = self._training_state
+            if "current_model_state" in checkpoint and not self._updated():  # the training weights, not the initial
+                checkpoint["state_dict"] = checkpoint["current_model_state"]
             return
         # The strategy has gathered the module's weights into checkpoint["state_dict"] (on rank 0); the average is
         # gathered the same way, with its shards put into the module for the time being.
         shards = self._shards
         if self._training_shards is None:  # the module holds the training weights
             current = checkpoint["state_dict"]
-            average = self._gathered_with(trainer, pl_module, shards.tensors) if shards.tensors is not None else current
+            average = self._gathered_with(trainer, pl_module, shards.tensors) if shards.n_averaged > 0 else current
         else:  # after on_train_end the module holds the average
             average = checkpoint["state_dict"]
             current = self._gathered_with(trainer, pl_module, self._training_shards)
@@ -271,26 +395,45 @@ class EMAWeightAveraging(_LightningEMA):
             self._started = bool(average.n_averaged > 0)  # one read per fit, not per step
         if self._pairs is None:  # built once per fit: rebuilding costs more host time than the update
             self._pairs = _update_lists(average.module, pl_module, average.use_buffers)
-        avg_float, cur_float, avg_copied, cur_copied = self._pairs
+        avg_float, cur_float, avg_converted, cur_converted, avg_copied, cur_copied = self._pairs
+        # lerp needs one dtype and device: weights held otherwise than the average (bf16 weights of an fp32
+        # average, or the average on another device) are converted for the update
+        ends = [c.to(device=a.device, dtype=a.dtype) for a, c in zip(avg_converted, cur_converted)]
         if not self._started:
             if avg_float:
                 torch._foreach_copy_(avg_float, cur_float)
+            if avg_converted:
+                torch._foreach_copy_(avg_converted, ends)
             self._started = True
-        elif avg_float:
-            torch._foreach_lerp_(avg_float, cur_float, 1.0 - self.decay)
+        else:
+            if avg_float:
+                torch._foreach_lerp_(avg_float, cur_float, 1.0 - self.decay)
+            if avg_converted:
+                torch._foreach_lerp_(avg_converted, ends, 1.0 - self.decay)
         for a, c in zip(avg_copied, cur_copied):
             a.copy_(c.to(a.device))
         average.n_averaged += 1
 
     @override
     def _swap_models(self, pl_module: "pl.LightningModule") -> None:
-        if self._shards is None:
-            return super()._swap_models(pl_module)
+        """Put the average into the module, or the training weights back (alternate calls); no-op while the
+        average has no update (it stands for the training weights then)."""
+        if not self._updated():
+            return
         with torch.no_grad():
-            self._shards.swap(self._held(pl_module))
+            if self._shards is not None:
+                return self._shards.swap(self._held(pl_module))
+            assert self._average_model is not None
+            # parameters, then every buffer (averaged or not), as Lightning's swap pairs them
+            average = [t.detach() for t in [*self._average_model.module.parameters(),
+                                            *self._average_model.module.buffers()]]
+            current = [t.detach() for t in [*pl_module.parameters(), *pl_module.buffers()]]
+            self._stash = _swap_in_or_out(average, current, self._stash)
 
     @override
     def _copy_average_to_current(self, pl_module: "pl.LightningModule") -> None:
+        if not self._updated():
+            return
         if self._shards is None:
             return super()._copy_average_to_current(pl_module)
         with torch.no_grad():
@@ -335,12 +478,12 @@ def _load_full_state_dict(trainer: "pl.Trainer", pl_module: "pl.LightningModule"
 
 def _update_lists(
     average: torch.nn.Module, model: torch.nn.Module, use_buffers: bool
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """(averaged, current) tensors to lerp, then (averaged, current) tensors to copy each update.
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(averaged, current) tensors to lerp as they are, (averaged, current) tensors to lerp after converting the
+    current one to the average's dtype and device, then (averaged, current) tensors to copy each update.
 
-    Paired in ``AveragedModel``'s order. Floating tensors on the same device are averaged; integer
-    buffers, tensors on another device and, without ``use_buffers``, all buffers (AveragedModel
-    keeps those equal to the model's) are copied.
+    Paired in ``AveragedModel``'s order. Floating tensors are averaged; integer buffers and, without
+    ``use_buffers``, all buffers (AveragedModel keeps those equal to the model's) are copied.
     """
     averaged, current = list(average.parameters()), list(model.parameters())
     averaged_buffers, current_buffers = list(average.buffers()), list(model.buffers())
@@ -352,15 +495,56 @@ def _update_lists(
             "the module's parameters changed after EMAWeightAveraging was set up."
         )
     lerp: tuple[list[Tensor], list[Tensor]] = ([], [])
+    converted: tuple[list[Tensor], list[Tensor]] = ([], [])
     copy: tuple[list[Tensor], list[Tensor]] = ([], [])
     for a, c in zip(averaged, current):
-        target = lerp if a.is_floating_point() and a.device == c.device else copy
+        if not a.is_floating_point():
+            target = copy
+        else:
+            target = lerp if a.dtype == c.dtype and a.device == c.device else converted
         target[0].append(a.detach())
         target[1].append(c.detach())
     if not use_buffers:
         copy[0].extend(b.detach() for b in averaged_buffers)
         copy[1].extend(b.detach() for b in current_buffers)
-    return lerp[0], lerp[1], copy[0], copy[1]
+    return lerp[0], lerp[1], converted[0], converted[1], copy[0], copy[1]
+
+
+def average_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the average of a tensor of ``dtype`` is held in: float32 or ``dtype``, whichever is wider
+    (an fp32 average of bf16/fp16 weights, fp64 of fp64); other dtypes (integer buffers) as they are."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
+
+
+@torch.no_grad()
+def _widen(average: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Hold each floating tensor of the ``average`` copy in ``average_dtype`` of the model's tensor."""
+    for a, c in zip([*average.parameters(), *average.buffers()], [*model.parameters(), *model.buffers()]):
+        if a.is_floating_point() and a.dtype != average_dtype(c.dtype):
+            a.data = a.data.to(average_dtype(c.dtype))
+
+
+def _swap_in_or_out(average: list[Tensor], current: list[Tensor], stash: list[Tensor] | None) -> list[Tensor] | None:
+    """Put the average into ``current``, or the training values back (alternate calls); returns the next stash.
+
+    Pairs of one dtype exchange values, which is lossless both ways. Where the average is held in a wider dtype
+    (an fp32 average of bf16 weights), an exchange would round the average to the module's dtype at every
+    evaluation, so on the way in the module's values are kept aside, and on the way out they are copied back.
+    """
+    putting_in = stash is None
+    kept: list[Tensor] = []
+    stashed = iter(stash or [])
+    for a, c in zip(average, current, strict=True):
+        if a.dtype == c.dtype:
+            held = c.clone()
+            c.copy_(a)
+            a.copy_(held)
+        elif putting_in:
+            kept.append(c.clone())
+            c.copy_(a)
+        else:
+            c.copy_(next(stashed))
+    return kept if putting_in and kept else None
 
 
 # ------------------------------------------------------------------ evaluating with the average
@@ -381,8 +565,8 @@ def ema_swapped_in_during_validation(trainer: "pl.Trainer", caller: "pl.Callback
     callbacks run in ``trainer.callbacks`` order, so they are still in iff it comes after ``caller``.
     """
     averaging = find_weight_averaging(trainer)
-    if averaging is None:
-        return False
+    if averaging is None or (isinstance(averaging, EMAWeightAveraging) and not averaging._updated()):
+        return False  # (our callback leaves the training weights in while it has no update)
     callbacks = list(trainer.callbacks)
     return callbacks.index(averaging) > callbacks.index(caller)
 
@@ -393,9 +577,14 @@ def averaged_weights(
 ) -> Iterator[bool]:
     """Run the body with the EMA weights in ``pl_module`` (if any); restore the training weights after.
 
-    Yields whether EMA weights are in use. ``already_in``: the caller knows they are swapped in.
+    Yields whether EMA weights are in use: not while ``EMAWeightAveraging`` has no update yet (the training
+    weights stand in then, with a warning once training has started). ``already_in``: the caller knows they are
+    swapped in.
     """
     averaging = find_weight_averaging(trainer) if enabled else None
+    if isinstance(averaging, EMAWeightAveraging) and not averaging._updated():
+        averaging._warn_not_updated(trainer)
+        averaging = None
     if averaging is None or already_in:
         yield averaging is not None
         return

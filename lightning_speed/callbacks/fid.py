@@ -26,7 +26,7 @@ import inspect
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -49,8 +49,9 @@ from lightning_speed.metrics.reference import (
 )
 from lightning_speed.callbacks.ema import SHARDED_STRATEGIES, averaged_weights, ema_swapped_in_during_validation
 from lightning_speed.metrics.sampling import generate_batches, local_share, sample_method
+from lightning_speed.data.base import SPLITS
 from lightning_speed.solvers import SOLVERS, Solver, check_solver
-from lightning_speed.validation import check_int, check_number
+from lightning_speed.validation import check_choice, check_int, check_number
 
 ReferenceImages = Tensor | Callable[[], Tensor]
 TRAIN_PASSES = 3  # network evaluations per training image: a forward and a backward of about twice its cost
@@ -67,6 +68,52 @@ def renamed_arguments(owner: str, sampler: str | None, sampling_steps: int | Non
             + "; ".join(f"write {new} instead of {old}" for old, (_, new) in given.items())
             + ' ("sampler" now always means time-step sampling).'
         )
+
+
+# Arguments the callbacks pass to ``pl_module.sample`` themselves, from their own settings: in
+# ``sample_kwargs`` they would silently replace those settings (the logged label, the state key and
+# the cost estimate would then describe a run that did not happen), so they are refused there.
+RESERVED_SAMPLE_KWARGS = {
+    "num_samples": "use the callback's own num_samples argument",
+    "solver": "use the callback's own solver argument",
+    "solver_steps": "use the callback's own solver_steps argument",
+    "eta": "use the callback's own eta argument",
+    "generator": "the callback seeds its own generator from seed",
+    "noise": "the callback draws the noise from seed, one batch at a time",
+}
+
+
+def check_sample_kwargs(owner: str, sample_kwargs: Any) -> dict[str, Any]:
+    """``sample_kwargs`` as a plain dict, checked without a module: a mapping of names to values, no name the
+    callback sets itself, and the values of ``DiffusionModule.sample``'s own options (``batch_size``,
+    ``guidance_scale``) in range. Which names the module's ``sample`` takes is checked in ``setup``."""
+    if sample_kwargs is None:
+        return {}
+    if not isinstance(sample_kwargs, Mapping) or not all(isinstance(k, str) for k in sample_kwargs):
+        raise TypeError(
+            f"{owner}(sample_kwargs={sample_kwargs!r}): sample_kwargs must map argument names of pl_module.sample to "
+            "values, e.g. {guidance_scale: 4.0}, or be null."
+        )
+    kwargs = dict(sample_kwargs)
+    reserved = [name for name in kwargs if name in RESERVED_SAMPLE_KWARGS]
+    if reserved:
+        raise ValueError(
+            f"{owner}(sample_kwargs={kwargs!r}): the callback passes {', '.join(reserved)} to sample() itself; remove "
+            "them from sample_kwargs: "
+            + "; ".join(f"{name}: {RESERVED_SAMPLE_KWARGS[name]}" for name in reserved)
+            + "."
+        )
+    if kwargs.get("batch_size") is not None:
+        kwargs["batch_size"] = check_int(
+            kwargs["batch_size"], f"{owner}: sample_kwargs.batch_size", minimum=1,
+            hint="it is how many images pl_module.sample passes through the network at once (null: the whole batch)",
+        )
+    if kwargs.get("guidance_scale") is not None:
+        kwargs["guidance_scale"] = check_number(
+            kwargs["guidance_scale"], f"{owner}: sample_kwargs.guidance_scale",
+            hint="it is the classifier-free guidance scale (1: no guidance)",
+        )
+    return kwargs
 
 
 def _renamed(old: str, new: str) -> property:
@@ -109,7 +156,7 @@ class SolverSettings:
         eta = None if eta is None else check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
         check_solver(solver, solver_steps, eta, num_timesteps=None)  # the bound on T: in setup (_check_module)
         self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
-        self.use_ema, self.sample_kwargs = use_ema, dict(sample_kwargs or {})
+        self.use_ema, self.sample_kwargs = use_ema, check_sample_kwargs(owner, sample_kwargs)
 
     def _check_module(self, pl_module: "pl.LightningModule") -> None:
         """In ``setup``, before any training step: ``pl_module`` can sample with these settings."""
@@ -120,15 +167,34 @@ class SolverSettings:
                 check_solver(self.solver, self.solver_steps, self.eta, num_timesteps)
             except ValueError as err:
                 raise ValueError(f"{owner}: {err}") from None
-        parameters = inspect.signature(sample).parameters.values()
+        try:
+            signature = inspect.signature(sample)
+        except (TypeError, ValueError):  # a builtin or C callable without a readable signature: checked when called
+            return
+        parameters = signature.parameters.values()
         named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)  # a **kwargs may take any name
         unknown = sorted(set(self.sample_kwargs) - set(named))
+        method = f"{type(pl_module).__name__}.sample()"
         if unknown and not open_ended:
+            usable = [name for name in named[1:] if name not in RESERVED_SAMPLE_KWARGS]
             raise TypeError(
-                f"{owner}(sample_kwargs={self.sample_kwargs!r}): {type(pl_module).__name__}.sample() has no argument "
-                f"{', '.join(unknown)}; use its names: {', '.join(named[1:])}."
+                f"{owner}(sample_kwargs={self.sample_kwargs!r}): {method} has no argument {', '.join(unknown)}; "
+                f"use its names: {', '.join(usable) or '(none besides those the callback sets)'}."
             )
+        # The exact call generate_batches makes (one image; the values do not matter to bind).
+        passed: dict[str, Any] = {"solver": self.solver, "solver_steps": self.solver_steps, "generator": None}
+        if self.eta is not None:
+            passed["eta"] = self.eta
+        try:
+            signature.bind(1, **passed, **self.sample_kwargs)
+        except TypeError as err:
+            call = ", ".join(["num_samples", *passed, *(f"{k}=<sample_kwargs>" for k in self.sample_kwargs)])
+            raise TypeError(
+                f"{owner}: {method} cannot be called as this callback calls it, sample({call}): {err}. A sample "
+                "method must take num_samples and the keywords solver, solver_steps, generator (and eta when eta is "
+                f"set); extra arguments come from sample_kwargs (now {self.sample_kwargs!r})."
+            ) from None
 
     def _check_strategy(self, trainer: "pl.Trainer") -> None:
         """Sampling calls the backbone on its own, outside the strategy's wrapper: FSDP's shards cannot run that way."""
@@ -247,12 +313,21 @@ class FIDCallback(SolverSettings, pl.Callback):
     ) -> None:
         super().__init__()
         self._set_solver(solver, solver_steps, eta, use_ema, sample_kwargs, sampler, sampling_steps)
-        if every_n_steps is not None and every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps}.")
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be at least 2 for FID, got {num_samples}.")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if every_n_steps is not None:
+            every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1, hint="null: no periodic evaluation")
+        num_samples = check_int(num_samples, "num_samples", minimum=2, hint="FID needs at least 2 generated images")
+        batch_size = check_int(
+            batch_size, "batch_size", minimum=1, hint="it is the images per sample call and per feature-network batch"
+        )
+        seed = check_int(seed, "seed")
+        # The real side: checked here with these arguments' names (the datamodule's own errors name its arguments).
+        reference_split = check_choice(reference_split, "reference_split", SPLITS)
+        if num_reference is not None:
+            num_reference = check_int(
+                num_reference, "num_reference", minimum=2, hint="FID needs 2 real images or more; null: the whole split"
+            )
+        # KID's unbiased estimate divides by subset_size - 1: a subset of 1 gives inf/NaN, not a number.
+        kid_subset_size = check_int(kid_subset_size, "kid_subset_size", minimum=2, hint="the usual value is 1000")
         # when to evaluate
         self.every_n_steps = every_n_steps
         self.eval_on_validation, self.eval_on_train_end = on_validation, on_train_end

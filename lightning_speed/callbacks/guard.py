@@ -56,6 +56,31 @@ def _batch_timesteps(pl_module: pl.LightningModule, outputs: Any) -> Tensor | No
     return t.detach().reshape(-1).long() if isinstance(t, Tensor) else None
 
 
+def _nonfinite_inputs(batch: Any, device: torch.device) -> Tensor | None:
+    """How many NaN/inf values the floating tensors of ``batch`` (nested in lists, tuples, dicts) on ``device``
+    hold, as a device scalar (no host read); None when the batch has no such tensor.
+
+    Tensors on another device (e.g. CPU metadata next to a CUDA batch) are skipped: moving them would sync.
+    """
+    counts: list[Tensor] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, Tensor):
+            if (value.is_floating_point() or value.is_complex()) and value.device == device:
+                counts.append((~torch.isfinite(value.detach())).sum())
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(batch)
+    if not counts:
+        return None
+    return torch.stack(counts).sum() if len(counts) > 1 else counts[0]
+
+
 def _batch_loss(outputs: Any) -> Tensor | None:
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
     return loss.detach() if isinstance(loss, Tensor) else None
@@ -104,6 +129,11 @@ class DivergenceGuard(Callback):
             "step": torch.full((), -1, dtype=torch.long, device=device),
             "kind": torch.zeros((), dtype=torch.long, device=device),
             "loss": torch.zeros((), dtype=torch.float32, device=device),
+            # the first bad step's input batch: its non-finite values and where it was (a NaN in the data is
+            # not a divergence: lowering the learning rate cannot fix it, so the message must say so)
+            "data_nonfinite": torch.zeros((), dtype=torch.long, device=device),
+            "batch_idx": torch.full((), -1, dtype=torch.long, device=device),
+            "epoch": torch.full((), -1, dtype=torch.long, device=device),
         }
         self._grad_ok, self._pending = None, None
 
@@ -149,6 +179,12 @@ class DivergenceGuard(Callback):
             state["kind"] = torch.where(newly, torch.where(bad_loss, _LOSS, _GRADIENT), state["kind"])
             if loss is not None:
                 state["loss"] = torch.where(newly, loss.float().sum().to(state["loss"].device), state["loss"])
+            # One reduction over the batch on the device per step (no host read): kept for the first bad step only.
+            inputs = _nonfinite_inputs(batch, state["bad"].device)
+            if inputs is not None:
+                state["data_nonfinite"] = torch.where(newly, inputs, state["data_nonfinite"])
+            state["batch_idx"] = torch.where(newly, int(batch_idx), state["batch_idx"])
+            state["epoch"] = torch.where(newly, int(getattr(trainer, "current_epoch", -1)), state["epoch"])
             t = _batch_timesteps(pl_module, outputs)
             if t is not None:
                 t = t.to(state["bad"].device)
@@ -183,7 +219,7 @@ class DivergenceGuard(Callback):
         flag = self._all_ranks(self._state["bad"], trainer)
         if flag.device.type != "cuda":
             if bool(flag):
-                raise DivergenceError(self.message(trainer))
+                self._raise(trainer)
             return
         previous = self._pending
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
@@ -196,7 +232,7 @@ class DivergenceGuard(Callback):
             if not previous_event.query():  # a period later it has all but certainly arrived
                 previous_event.synchronize()
             if bool(previous_host):
-                raise DivergenceError(self.message(trainer))
+                self._raise(trainer)
 
     def diverged(self, trainer: pl.Trainer) -> bool:
         """Read the flag now (one host-device synchronisation): has any step been non-finite?"""
@@ -205,7 +241,18 @@ class DivergenceGuard(Callback):
     def check(self, trainer: pl.Trainer) -> None:
         """Raise :class:`DivergenceError` if any step so far was non-finite (synchronises once)."""
         if self.diverged(trainer):
-            raise DivergenceError(self.message(trainer))
+            self._raise(trainer)
+
+    def _raise(self, trainer: pl.Trainer) -> None:
+        """Raise :class:`DivergenceError`; every rank calls this at the same point (after reading the same
+        reduced flag), so the count of non-finite input values can be summed over ranks here."""
+        assert self._state is not None
+        data = self._state["data_nonfinite"]
+        total = data
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            total = data.clone()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        raise DivergenceError(self.message(trainer, nonfinite_inputs_all_ranks=int(total)))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check(trainer)  # before evaluation callbacks sample from a diverged model
@@ -243,7 +290,7 @@ class DivergenceGuard(Callback):
                     paths.append(path)
         return sorted(paths, key=os.path.getmtime, reverse=True)
 
-    def _advice(self, trainer: pl.Trainer) -> str:
+    def _advice(self, trainer: pl.Trainer, data: bool = False) -> str:
         paths = self._last_good_checkpoints(trainer)
         if paths and self.last_good_step is not None:
             step = _checkpoint_step(paths[0])
@@ -264,6 +311,14 @@ class DivergenceGuard(Callback):
             if resume
             else ""
         )
+        if data:  # the inputs held NaN/inf: the optimizer settings are not the cause
+            return (
+                f"{good}\nTo fix it: repair or drop the non-finite samples in the training data (the dataset or "
+                "datamodule that produced this batch, or its preprocessing: e.g. a division by zero in normalisation, "
+                "a corrupt file, NaN in precomputed latents); checking torch.isfinite(x).all() on each sample finds "
+                "them. Lowering the learning rate or clipping gradients will not help: the non-finite values come "
+                f"from the input, not from the optimizer.{then}"
+            )
         # The flags are lightning-speed's CLI; a module of your own takes the same settings in Python.
         return (
             f"{good}\nTo fix it: lower the learning rate ({now}--model.optimizer.init_args.lr, or the lr your "
@@ -271,11 +326,17 @@ class DivergenceGuard(Callback):
             f"Trainer(gradient_clip_val=1.0)) or train in 32-true / bf16-mixed precision.{then}"
         )
 
-    def message(self, trainer: pl.Trainer) -> str:
-        """What went wrong, where, and what to do (reads the device record: one synchronisation)."""
+    def message(self, trainer: pl.Trainer, nonfinite_inputs_all_ranks: int | None = None) -> str:
+        """What went wrong, where, and what to do (reads the device record: one synchronisation).
+
+        ``nonfinite_inputs_all_ranks``: NaN/inf values in the first bad step's input batches summed over ranks
+        (None: this rank's record only), so a rank that saw only the effect still names the cause.
+        """
         assert self._state is not None
         state = {k: v.cpu() for k, v in self._state.items()}
         step, kind, loss = int(state["step"]), int(state["kind"]), float(state["loss"])
+        local_inputs = int(state.get("data_nonfinite", 0))
+        all_inputs = local_inputs if nonfinite_inputs_all_ranks is None else nonfinite_inputs_all_ranks
         if kind == _LOSS:
             what = f"the loss became {loss} at step {step}"
         elif kind == _GRADIENT:
@@ -288,6 +349,19 @@ class DivergenceGuard(Callback):
             shown = ", ".join(map(str, t[:_SHOWN_TIMESTEPS])) + (", ..." if len(t) > _SHOWN_TIMESTEPS else "")
             if t:
                 timesteps = f"\nTime steps of that batch ({len(t)}): [{shown}], min {min(t)}, max {max(t)}."
+        if all_inputs > 0:
+            rank = getattr(trainer, "global_rank", 0)
+            if local_inputs > 0:
+                where = f"step {step} (epoch {int(state['epoch'])}, batch_idx {int(state['batch_idx'])})"
+                found = f"{local_inputs} NaN/inf value{'s' * (local_inputs != 1)} in the input batch of {where}"
+                if trainer.world_size > 1:
+                    found += f" on rank {rank}"
+            else:
+                found = f"{all_inputs} NaN/inf value{'s' * (all_inputs != 1)} in the input batch of another rank"
+            return (
+                f"Training stopped: the training data holds non-finite values: {found}, so {what}; the model did "
+                f"not diverge by itself.{timesteps}\n{self._advice(trainer, data=True)}"
+            )
         return f"Training diverged: {what}.{timesteps}\n{self._advice(trainer)}"
 
 

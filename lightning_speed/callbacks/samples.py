@@ -26,6 +26,7 @@ from lightning_speed.callbacks.fid import SolverSettings
 from lightning_speed.solvers import Solver
 from lightning_speed.metrics.features import count_nonfinite, to_uint8
 from lightning_speed.callbacks.ema import averaged_weights
+from lightning_speed.validation import check_int
 
 
 class SampleGridCallback(SolverSettings, pl.Callback):
@@ -64,13 +65,18 @@ class SampleGridCallback(SolverSettings, pl.Callback):
     ) -> None:
         super().__init__()
         self._set_solver(solver, solver_steps, eta, use_ema, sample_kwargs, sampler, sampling_steps)
-        if every_n_steps <= 0 or num_samples <= 0:
-            raise ValueError(f"every_n_steps and num_samples must be positive, got {every_n_steps}, {num_samples}.")
+        every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1, hint="steps between grids")
+        num_samples = check_int(num_samples, "num_samples", minimum=1, hint="it is the number of images in the grid")
+        seed = check_int(seed, "seed")
+        if nrow is not None:
+            nrow = check_int(
+                nrow, "nrow", minimum=1, hint="it is the images per grid row; null: about the square root of num_samples"
+            )
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.seed = seed
         self.save_dir = save_dir
-        self.nrow = nrow or max(1, math.isqrt(num_samples - 1) + 1)
+        self.nrow = nrow if nrow is not None else max(1, math.isqrt(num_samples - 1) + 1)
         self.at_train_end = at_train_end
         self.last_grid: Tensor | None = None  # uint8 (3, H, W) on the CPU
         self.saved_paths: list[Path] = []

@@ -36,6 +36,7 @@ Samplers:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -70,10 +71,26 @@ def check_logit_normal(mean: float, std: float) -> tuple[float, float]:
     return check_number(mean, "mean", hint="SD3 uses 0"), check_number(std, "std", above=0, hint="SD3 uses 1")
 
 
+def _check_clts_gaussian(mu: float, sigma: float) -> tuple[float, float]:
+    """The target Gaussian's centre and width, in steps of a T = 1000 process (scaled by T / 1000).
+
+    The centre must be a time step, in [0, 1000): far outside, the truncated Gaussian is a sliver of
+    its tail (mu = 5000 puts every t in the last hundred steps) or underflows to zero everywhere
+    (NaN probabilities, every draw t = T - 1).
+    """
+    return (
+        check_number(
+            mu, "mu", at_least=0, below=1000,
+            hint="it is the centre time step in steps of a T = 1000 process (scaled by T / 1000); "
+            "the official value is 300",
+        ),
+        check_number(sigma, "sigma", above=0, hint="use e.g. 200 (steps of a T = 1000 process)"),
+    )
+
+
 def check_clts(mu: float, sigma: float, total_steps: int) -> tuple[float, float, int]:
     return (
-        check_number(mu, "mu", hint="it is in steps of a T = 1000 process; the official value is 300"),
-        check_number(sigma, "sigma", above=0, hint="use e.g. 200 (steps of a T = 1000 process)"),
+        *_check_clts_gaussian(mu, sigma),
         check_int(total_steps, "total_steps", minimum=1, hint="the paper uses 50000"),
     )
 
@@ -162,11 +179,19 @@ class LogitNormalSampler(TimestepSampler):
 
 def clts_gaussian(num_timesteps: int, mu: float = 300.0, sigma: float = 200.0) -> Tensor:
     """The curriculum's target: N(t; mu, sigma) at t = 0..T-1, renormalised; mu, sigma in T=1000 units."""
-    T = int(num_timesteps)
+    T = check_int(num_timesteps, "num_timesteps", minimum=1)
+    mu, sigma = _check_clts_gaussian(mu, sigma)
     scale = T / 1000.0
     t = torch.arange(T, dtype=torch.float64)
     density = torch.exp(-0.5 * ((t - mu * scale) / (sigma * scale)) ** 2)
-    return density / density.sum()
+    total = float(density.sum())  # built once, on the host: not in the training step
+    if not (math.isfinite(total) and total > 0):
+        raise ValueError(
+            f"CLTS: N(t; mu={mu:g}, sigma={sigma:g}) puts no probability on any time step t = 0..{T - 1} (T = {T}; "
+            f"its density underflows between the integers), so there is no distribution to sample: use a larger "
+            f"sigma (e.g. 200, in steps of a T = 1000 process)."
+        )
+    return density / total
 
 
 class CLTSSampler(CDFSampler):
