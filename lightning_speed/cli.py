@@ -146,6 +146,11 @@ def _is_strategy_file(config: dict[str, Any]) -> bool:
     return set(config) <= {"strategy", "trainer"} and only_name
 
 
+def _is_base(config: dict[str, Any]) -> bool:
+    """A base config: it sets the model or the data (a file with only trainer or callback keys overrides)."""
+    return bool({"model", "data"} & set(config))
+
+
 def _strategy_class(value: Any) -> str | None:
     """The class name a ``strategy`` value sets ('' for null, None for init_args only, which merge)."""
     if isinstance(value, dict):
@@ -182,12 +187,13 @@ def strategy_args(args: list[str]) -> list[str]:
 
     - a config file that sets another class than an earlier file or option is refused: one run trains
       one strategy (``--config speed.yaml --config p2.yaml`` would train P2 with SpeeD's ``tau``);
-    - a strategy file (``strategy`` and the run name only) may set the same class (its arguments merge),
-      only ``init_args``, or ``null`` (``strategies/uniform.yaml``: the uniform baseline of a config that
-      has a strategy);
-    - any other file that sets ``strategy`` after a strategy was set is refused: that is a base config
-      given after the strategy file (``--config speed.yaml --config fashion_mnist.yaml`` would train the
-      base's ``null``, the uniform baseline, or its own SpeeD arguments over the strategy file's);
+    - a strategy file (``strategy`` and the run name only), or an override file (no ``model`` or ``data``
+      keys), may set the same class (its arguments merge), only ``init_args``, or ``null``
+      (``strategies/uniform.yaml``: the uniform baseline of a config that has a strategy);
+    - a base config (``model`` or ``data`` keys) that sets ``strategy`` after a strategy file or option set
+      one is refused: that is a base given after the strategy file (``--config speed.yaml --config
+      fashion_mnist.yaml`` would train the base's ``null``, the uniform baseline, or its own SpeeD
+      arguments over the strategy file's);
     - ``--strategy NewClass`` / ``--strategy.class_path NewClass`` on the command line starts NewClass
       from its own defaults: a ``--strategy null`` is put before it, so nothing of the earlier class
       carries over. That is what naming a class means to a user, and it matches a strategy file, which
@@ -253,7 +259,7 @@ def _check_config_strategy(where: str, config: dict[str, Any], current: _Strateg
             "the two share (such as tau). Give one strategy file per run, after the base config; change its "
             "arguments with --strategy.init_args.<name> VALUE."
         )
-    if strategy_file:
+    if strategy_file or not _is_base(config):  # an override file given last on purpose, like a strategy file
         return None if new == "" else current  # null: the uniform baseline; the same class: its arguments merge
     if new == "" or current[2]:
         what = "strategy: null (the uniform baseline)" if new == "" else f"own {new} arguments"

@@ -91,11 +91,10 @@ class DiffusionModule(pl.LightningModule):
             compile mode (one graph per batch shape, compiled on first use); sampling is eager otherwise.
         channels_last: keep the backbone's 4-D weights, and so its activations, in NHWC memory format
             (cuDNN's bf16 convolutions run natively in NHWC; BENCHMARKS.md section 1).
+        check_data_range: read the first training and validation batches once and refuse images far outside
+            [-1, 1] (warn on [0, 1]-looking data); false for data of another range on purpose. Latent data (an
+            autoencoder, here or the data module's) is exempt from the range, not from the NaN check.
     """
-
-    check_data_range: bool = True
-    """Check that the first training and validation batches hold images in about [-1, 1] (``_check_image_range``);
-    off for data of another range on purpose. Latent data (an autoencoder, here or the data module's) is exempt."""
 
     def __init__(
         self,
@@ -116,6 +115,7 @@ class DiffusionModule(pl.LightningModule):
         compile_mode: CompileMode | None = None,
         compile_sampling: bool | CompileMode = False,
         channels_last: bool = False,
+        check_data_range: bool = True,
         **renamed: Any,
     ) -> None:
         super().__init__()
@@ -125,6 +125,7 @@ class DiffusionModule(pl.LightningModule):
                 f"DiffusionModule got an unexpected argument {old!r}" + (f": it is now {new}." if new else ".")
             )
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.check_data_range = check_bool(check_data_range, "check_data_range")
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module called as backbone(x, t, y=None), got {type(backbone).__name__}.")
         self.backbone = backbone
@@ -442,7 +443,8 @@ class DiffusionModule(pl.LightningModule):
         # * warning: nothing below 0 and something above 0 (an all-zero batch says nothing): [0, 1] data, as
         #   torchvision's ToTensor gives. A batch of [-1, 1] images without a pixel below mid-grey is rare.
         escape = ("Latents of an autoencoder are exempt: train them with LatentDataModule or set module.autoencoder; "
-                  "for data of another range on purpose, set module.check_data_range = False.")
+                  "for data of another range on purpose, set model.check_data_range: false "
+                  "(--model.check_data_range false; DiffusionModule(check_data_range=False)).")
         if highest > 2.0 and lowest >= -1.5:
             raise ValueError(
                 f"{where} holds images in [{lowest:g}, {highest:g}], but the model trains on images in [-1, 1] (its "

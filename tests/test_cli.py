@@ -383,6 +383,11 @@ def test_a_base_config_after_a_strategy_file_is_refused(cli_env: Path, no_traini
     # still composes: the base first; uniform.yaml after a config with a strategy (its uniform baseline)
     cli = main(["--config", str(QUICKSTART), "--config", str(strategies / "uniform.yaml")], run=False)
     assert cli.config["strategy"] is None and cli.config["trainer"]["logger"]["init_args"]["name"] == "uniform"
+    # an override file (no model or data keys) given last on purpose merges into the strategy, as a strategy file does
+    override = cli_env / "override.yaml"
+    override.write_text("trainer: {max_steps: 3}\nstrategy: {class_path: lightning_speed.callbacks.SpeeD, init_args: {tau: 800}}\n")
+    cli = main(["--config", str(base), "--config", str(speed), "--config", str(override)], run=False)
+    assert cli.config["strategy"]["init_args"]["tau"] == 800 and cli.config["trainer"]["max_steps"] == 3
 
 
 def test_a_strategy_class_named_on_the_command_line_starts_from_its_own_defaults(cli_env: Path, no_training: None) -> None:

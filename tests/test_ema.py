@@ -362,16 +362,20 @@ class Validated(Regressor):
 
 
 class _Record(pl.Callback):
-    """The training weights after every step, and the module's weights during each validation."""
+    """The training weights after every step, and the module's weights during and after each validation (after
+    the EMA callback, listed before this one, has swapped the training weights back)."""
 
     def __init__(self) -> None:
-        self.steps, self.validated = [], []
+        self.steps, self.validated, self.after_validation = [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append(_all(pl_module))
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self.validated.append((len(self.steps), _all(pl_module)))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.after_validation.append((len(self.steps), _all(pl_module)))
 
 
 @BOTH
@@ -403,6 +407,9 @@ def test_ema_averages_in_bf16_true_and_64_true(precision, dtype, make):
     assert [step for step, _ in record.validated] == [2, 4]
     for step, seen in record.validated:
         _assert_same(seen, [e.to(w.dtype) for e, w in zip(averages[step - 1], record.steps[0], strict=True)])
+    for step, restored in record.after_validation:  # training goes on from its own weights, exactly
+        assert all(torch.equal(r, w) for r, w in zip(restored, record.steps[step - 1], strict=True)), step
+        assert not all(torch.equal(r, v) for r, v in zip(restored, dict(record.validated)[step], strict=True))
     assert not torch.equal(record.steps[-1][0], record.steps[0][0])  # the weights did train
 
 

@@ -472,7 +472,7 @@ def test_sample_kwargs_are_bound_against_sample_in_setup(tmp_path, callback) -> 
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"reference_split": "val"}, ValueError, r"Unknown reference_split 'val'; choose one of 'train', 'test'"),
+    ({"reference_split": ""}, TypeError, r"reference_split must name a split of the datamodule, e.g. 'test', got ''"),
     ({"num_reference": 0}, ValueError, r"num_reference must be an integer of at least 2, got 0.*null: the whole split"),
     ({"num_reference": 1}, ValueError, r"num_reference must be an integer of at least 2, got 1"),
     ({"num_reference": 100.0}, TypeError, r"num_reference must be an integer, got 100.0"),
@@ -507,3 +507,26 @@ def test_sample_grid_nrow_default_and_given() -> None:
     assert SampleGridCallback(num_samples=9).nrow == 3
     assert SampleGridCallback(num_samples=10).nrow == 4
     assert SampleGridCallback(num_samples=9, nrow=9).nrow == 9
+
+
+def test_guidance_in_sample_kwargs_needs_a_class_conditional_module() -> None:
+    """sample() refuses guidance on an unconditional model only when it is called: the callbacks say so at setup."""
+    module = TinyGenerator()
+    callback = SampleGridCallback(solver_steps=2, num_samples=4, sample_kwargs={"guidance_scale": 4.0})
+    module.num_classes = None
+    with pytest.raises(ValueError, match=r"SampleGridCallback: sample_kwargs.guidance_scale=4 needs a class-conditional "
+                                         r"model, but TinyGenerator is unconditional"):
+        callback._check_module(module)
+    SampleGridCallback(solver_steps=2, num_samples=4, sample_kwargs={"guidance_scale": 1.0})._check_module(module)
+    module.num_classes = 10
+    callback._check_module(module)
+
+
+def test_reference_split_is_checked_against_the_datamodule(tmp_path) -> None:
+    """Our datamodules have 'train' and 'test': another name fails at setup, naming reference_split; a datamodule of
+    the user's own may have other splits, which the constructor does not refuse."""
+    callback = fid_callback(tmp_path, reference_split="val")
+    trainer = make_trainer(tmp_path, [callback], max_steps=2)
+    with pytest.raises(ValueError, match=r"reference_split 'val'; choose one of 'train', 'test'"):
+        trainer.fit(TinyGenerator(), datamodule=datamodule())
+    assert trainer.global_step == 0

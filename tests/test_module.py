@@ -341,7 +341,7 @@ def test_first_batch_outside_the_unit_range_is_refused(images, match):
     # mean/std normalised (ImageNet's statistics) or latents the module knows nothing of: ambiguous, so a warning
     ((torch.linspace(0, 1, 256).view(4, 1, 8, 8) - 0.45) / 0.226,
      r"holds values in \[-1.99\d*, 2.43\d*\], far outside the \[-1, 1\].*Normalize\(mean=0.5, std=0.5\).*"
-     r"LatentDataModule or set module.autoencoder.*module.check_data_range = False"),
+     r"LatentDataModule or set module.autoencoder.*--model.check_data_range false"),
 ])
 def test_data_of_a_doubtful_range_warns_once(images, match, recwarn):
     """[0, 1] data (torchvision's ToTensor) and data far beyond [-1, 1] on both sides train, with a warning naming the
@@ -367,7 +367,7 @@ def test_unit_range_data_does_not_warn(recwarn):
 
 def test_latents_are_exempt_from_the_pixel_range_but_not_from_nan(recwarn):
     """Latent diffusion (an autoencoder on the module or its data module) trains on latents, whose range is
-    the autoencoder's; module.check_data_range = False exempts other data of another range on purpose."""
+    the autoencoder's; check_data_range=False exempts other data of another range on purpose."""
     latents = torch.linspace(0, 3, 256).view(4, 1, 8, 8)  # one-sided beyond 2: refused as pixels
     module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
     with pytest.raises(ValueError, match=r"holds images in \[0, 3\]"):
@@ -379,8 +379,7 @@ def test_latents_are_exempt_from_the_pixel_range_but_not_from_nan(recwarn):
     module._values_checked.clear()
     with pytest.raises(ValueError, match="NaN or infinite"):
         module.training_step((latents * float("nan"),), 0)
-    opted_out = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
-    opted_out.check_data_range = False
+    opted_out = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8), check_data_range=False)
     opted_out.training_step((latents,), 0)
     assert not _range_warnings(recwarn)
 

@@ -668,3 +668,15 @@ def test_strategies_live_on_the_gpu_and_never_sync():
                     assert loss.is_cuda and strategy.last.weight.is_cuda and t.is_cuda
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_the_schedule_check_skips_buffers_not_materialised_yet():
+    """Under Trainer.init_module(empty_init=True) (FSDP) a module's alphas_cumprod is still on the meta device at the
+    callbacks' setup: its length is checked, its values cannot be read and are not."""
+    from lightning_speed.callbacks.strategies import _check_schedule
+
+    module = _with_attribute(TinyDiffusion(), "alphas_cumprod", torch.empty(1000, device="meta"))
+    _check_schedule(module, module.timesteps, "SpeeD")
+    short = _with_attribute(TinyDiffusion(), "alphas_cumprod", torch.empty(100, device="meta"))
+    with pytest.raises(ValueError, match=r"len\(TinyDiffusion.alphas_cumprod\) is 100"):
+        _check_schedule(short, short.timesteps, "SpeeD")

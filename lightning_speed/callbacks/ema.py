@@ -93,9 +93,9 @@ class ShardAverage:
         else:
             if floating:
                 torch._foreach_lerp_(floating, [current[i] for i in self._floating], 1.0 - self.decay)
-            if widened:  # lerp needs one dtype: the weights are widened for the update
-                ends = [current[i].to(tensors[i].dtype) for i in self._widened]
-                torch._foreach_lerp_(widened, ends, 1.0 - self.decay)
+            if widened:  # lerp needs one dtype; decay * ema + (1 - decay) * w takes the narrower w as it is
+                torch._foreach_mul_(widened, self.decay)
+                torch._foreach_add_(widened, [current[i] for i in self._widened], alpha=1.0 - self.decay)
         for i in self._other:
             tensors[i].copy_(current[i])
         self.n_averaged += 1
@@ -396,20 +396,22 @@ class EMAWeightAveraging(_LightningEMA):
         if self._pairs is None:  # built once per fit: rebuilding costs more host time than the update
             self._pairs = _update_lists(average.module, pl_module, average.use_buffers)
         avg_float, cur_float, avg_converted, cur_converted, avg_copied, cur_copied = self._pairs
-        # lerp needs one dtype and device: weights held otherwise than the average (bf16 weights of an fp32
-        # average, or the average on another device) are converted for the update
-        ends = [c.to(device=a.device, dtype=a.dtype) for a, c in zip(avg_converted, cur_converted)]
         if not self._started:
             if avg_float:
                 torch._foreach_copy_(avg_float, cur_float)
-            if avg_converted:
-                torch._foreach_copy_(avg_converted, ends)
+            if avg_converted:  # copy_ converts dtype and device
+                torch._foreach_copy_(avg_converted, cur_converted)
             self._started = True
         else:
             if avg_float:
                 torch._foreach_lerp_(avg_float, cur_float, 1.0 - self.decay)
             if avg_converted:
-                torch._foreach_lerp_(avg_converted, ends, 1.0 - self.decay)
+                # lerp needs one dtype and device; decay * ema + (1 - decay) * w takes bf16 weights of an fp32
+                # average as they are (no fp32 copy of the model per step); only an average on another device
+                # (EMAWeightAveraging(device=...)) needs the weights moved
+                ends = [c if c.device == a.device else c.to(a.device) for a, c in zip(avg_converted, cur_converted)]
+                torch._foreach_mul_(avg_converted, self.decay)
+                torch._foreach_add_(avg_converted, ends, alpha=1.0 - self.decay)
         for a, c in zip(avg_copied, cur_copied):
             a.copy_(c.to(a.device))
         average.n_averaged += 1

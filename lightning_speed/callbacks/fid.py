@@ -49,7 +49,7 @@ from lightning_speed.metrics.reference import (
 )
 from lightning_speed.callbacks.ema import SHARDED_STRATEGIES, averaged_weights, ema_swapped_in_during_validation
 from lightning_speed.metrics.sampling import generate_batches, local_share, sample_method
-from lightning_speed.data.base import SPLITS
+from lightning_speed.data.base import SPLITS, UInt8ImageDataModule
 from lightning_speed.solvers import SOLVERS, Solver, check_solver
 from lightning_speed.validation import check_choice, check_int, check_number
 
@@ -167,6 +167,13 @@ class SolverSettings:
                 check_solver(self.solver, self.solver_steps, self.eta, num_timesteps)
             except ValueError as err:
                 raise ValueError(f"{owner}: {err}") from None
+        scale = self.sample_kwargs.get("guidance_scale")
+        if scale is not None and scale != 1 and getattr(pl_module, "num_classes", 0) is None:
+            raise ValueError(
+                f"{owner}: sample_kwargs.guidance_scale={scale:g} needs a class-conditional model, but "
+                f"{type(pl_module).__name__} is unconditional (num_classes is null): drop guidance_scale from "
+                "sample_kwargs, or set it to 1."
+            )
         try:
             signature = inspect.signature(sample)
         except (TypeError, ValueError):  # a builtin or C callable without a readable signature: checked when called
@@ -321,7 +328,8 @@ class FIDCallback(SolverSettings, pl.Callback):
         )
         seed = check_int(seed, "seed")
         # The real side: checked here with these arguments' names (the datamodule's own errors name its arguments).
-        reference_split = check_choice(reference_split, "reference_split", SPLITS)
+        if not isinstance(reference_split, str) or not reference_split:
+            raise TypeError(f"reference_split must name a split of the datamodule, e.g. 'test', got {reference_split!r}.")
         if num_reference is not None:
             num_reference = check_int(
                 num_reference, "num_reference", minimum=2, hint="FID needs 2 real images or more; null: the whole split"
@@ -383,6 +391,8 @@ class FIDCallback(SolverSettings, pl.Callback):
                 "FIDCallback(reference_images=<uint8 tensor (N, C, H, W)> or a callable returning one)."
             )
         split, n = self.reference_split, self.num_reference
+        if isinstance(datamodule, UInt8ImageDataModule):  # ours: known splits (another datamodule checks its own)
+            check_choice(split, "reference_split", SPLITS)
         if callable(getattr(datamodule, "reference_key", None)):
             key = str(datamodule.reference_key(split, n))
             if callable(getattr(datamodule, "reference_batches", None)):

@@ -48,7 +48,7 @@ def warn_if_tau_precedes_convergence(tau: int, schedule: NoiseSchedule) -> None:
     SpeeD would then draw less often, and weight as converged, steps whose x_t still holds much of x_0.
     The paper's 700 fits the linear schedule with T = 1000 (m = 642), not e.g. cosine (m = 959)."""
     pivot, T = auto_tau(schedule, warn=False), schedule.num_timesteps
-    if tau >= pivot - T // 10:
+    if tau >= pivot - T // 10 or pivot == T - 1:  # T - 1: the schedule never converges, which warns of its own
         return
     warnings.warn(
         f"tau={tau} starts SpeeD's convergence area at t = {tau}, but this {schedule.name} schedule (T = {T}) "
