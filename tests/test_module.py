@@ -402,13 +402,14 @@ def test_batch_values_are_read_once_on_cuda():
     module = DiffusionModule(TinyBackbone(num_classes=3), image_shape=(1, 8, 8), num_classes=3).cuda()
     batch = (torch.rand(8, 1, 8, 8, device="cuda") * 2 - 1, torch.randint(0, 3, (8,), device="cuda"))
     module.training_step(batch, 0)
+    assert module._values_checked == {"training"}  # the first batch was read
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # any sync in these steps raises
     try:
-        for step in range(1, 4):
-            module.training_step(batch, step)
+        losses = [module.training_step(batch, step) for step in range(1, 4)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert all(bool(torch.isfinite(loss)) for loss in losses)
 
 
 def test_checkpoint_loading_names_the_backbone_its_sizes_and_its_T(tmp_path):

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_speed.callbacks.ema import find_weight_averaging
@@ -57,25 +58,18 @@ def _batch_timesteps(pl_module: pl.LightningModule, outputs: Any) -> Tensor | No
 
 
 def _nonfinite_inputs(batch: Any, device: torch.device) -> Tensor | None:
-    """How many NaN/inf values the floating tensors of ``batch`` (nested in lists, tuples, dicts) on ``device``
-    hold, as a device scalar (no host read); None when the batch has no such tensor.
+    """How many NaN/inf values the floating tensors of ``batch`` (in any collection Lightning's
+    ``apply_to_collection`` walks) on ``device`` hold, as a device scalar (no host read); None when it has none.
 
     Tensors on another device (e.g. CPU metadata next to a CUDA batch) are skipped: moving them would sync.
     """
     counts: list[Tensor] = []
 
-    def visit(value: Any) -> None:
-        if isinstance(value, Tensor):
-            if (value.is_floating_point() or value.is_complex()) and value.device == device:
-                counts.append((~torch.isfinite(value.detach())).sum())
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
+    def count(value: Tensor) -> None:
+        if (value.is_floating_point() or value.is_complex()) and value.device == device:
+            counts.append((~torch.isfinite(value.detach())).sum())
 
-    visit(batch)
+    apply_to_collection(batch, Tensor, count)
     if not counts:
         return None
     return torch.stack(counts).sum() if len(counts) > 1 else counts[0]
