@@ -94,6 +94,10 @@ class DiffusionModule(pl.LightningModule):
         check_data_range: read the first training and validation batches once and refuse images far outside
             [-1, 1] (warn on [0, 1]-looking data); false for data of another range on purpose. Latent data (an
             autoencoder, here or the data module's) is exempt from the range, not from the NaN check.
+        clip_denoised: clamp each solver step's predicted x0 to [-1, 1] in ``sample``, so samples lie in [-1, 1].
+            None: from the data space: on for pixels, off for latents (an autoencoder, here or the data module's),
+            which have no such bound (improved DDPM clips pixels, DiT samples latents unclipped). ``sample`` takes
+            it per call too; the ``clip_denoised`` attribute is the resolved setting.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class DiffusionModule(pl.LightningModule):
         compile_sampling: bool | CompileMode = False,
         channels_last: bool = False,
         check_data_range: bool = True,
+        clip_denoised: bool | None = None,
         **renamed: Any,
     ) -> None:
         super().__init__()
@@ -126,6 +131,7 @@ class DiffusionModule(pl.LightningModule):
             )
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.check_data_range = check_bool(check_data_range, "check_data_range")
+        self.clip_denoised = clip_denoised
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module called as backbone(x, t, y=None), got {type(backbone).__name__}.")
         self.backbone = backbone
@@ -175,6 +181,19 @@ class DiffusionModule(pl.LightningModule):
         # data module's ``autoencoder`` (LatentDataModule), if any; set it to sample from a loaded checkpoint.
         self.autoencoder: Any = None
         self._values_checked: set[str] = set()  # stages whose first batch's values were read (_check_values)
+
+    @property
+    def clip_denoised(self) -> bool:
+        """Whether ``sample`` clamps the predicted x0 to [-1, 1]: as set, or where unset (None) from the data
+        space: pixels yes, latents (an autoencoder, here or the data module's) no."""
+        if self._clip_denoised is not None:
+            return self._clip_denoised
+        return self._autoencoder() is None
+
+    @clip_denoised.setter
+    def clip_denoised(self, value: bool | None) -> None:
+        self._clip_denoised = None if value is None else check_bool(
+            value, "clip_denoised", hint="null: from the data space (pixels clipped to [-1, 1], latents not)")
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
@@ -444,7 +463,8 @@ class DiffusionModule(pl.LightningModule):
         #   torchvision's ToTensor gives. A batch of [-1, 1] images without a pixel below mid-grey is rare.
         escape = ("Latents of an autoencoder are exempt: train them with LatentDataModule or set module.autoencoder; "
                   "for data of another range on purpose, set model.check_data_range: false "
-                  "(--model.check_data_range false; DiffusionModule(check_data_range=False)).")
+                  "(--model.check_data_range false; DiffusionModule(check_data_range=False)), and "
+                  "model.clip_denoised: false so that sampling does not clamp to [-1, 1].")
         if highest > 2.0 and lowest >= -1.5:
             raise ValueError(
                 f"{where} holds images in [{lowest:g}, {highest:g}], but the model trains on images in [-1, 1] (its "
@@ -585,20 +605,24 @@ class DiffusionModule(pl.LightningModule):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         batch_size: int | None = None,
+        clip_denoised: bool | None = None,
     ) -> Tensor:
-        """Generate ``num_samples`` images in [-1, 1], shape (N, C, H, W), on the module's device
-        (latents for latent diffusion: ``decode`` turns them into images).
+        """Generate ``num_samples`` images, shape (N, C, H, W), on the module's device (latents for latent
+        diffusion: ``decode`` turns them into images).
 
         ``solver="ddim"`` (eta 0 unless given) or ``"ddpm"`` (ancestral; with ``learn_sigma`` the
         learned variance), on ``solver_steps`` respaced steps (default: the module's ``solver_steps``).
         Pass a seeded ``generator`` or explicit ``noise`` for reproducible samples.
         ``labels``: one per sample in [0, num_classes); ``num_classes`` (the null label) samples unconditionally.
+        ``clip_denoised``: clamp each step's predicted x0 to [-1, 1], and so the samples (None: the module's
+        ``clip_denoised``, which unless set is on for pixels and off for latents).
         """
         if self.image_shape is None:
             raise ValueError("The module does not know its image shape yet: pass image_shape=(C, H, W) to DiffusionModule.")
         num_samples = check_int(num_samples, "num_samples", minimum=1)
         size = num_samples if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
         steps = self.solver_steps if solver_steps is None else solver_steps
+        clip = self.clip_denoised if clip_denoised is None else check_bool(clip_denoised, "clip_denoised")
         scale = self.guidance_scale if guidance_scale is None else check_number(guidance_scale, "guidance_scale")
         if self.num_classes is None and scale != 1.0:
             raise ValueError(
@@ -626,7 +650,7 @@ class DiffusionModule(pl.LightningModule):
                 model = guided(self._sampling_forward(), part_labels, self.num_classes, scale)
                 with self._sampling_autocast():
                     x = sample_loop(self.diffusion, model, noise[part].to(self.device), solver,
-                                    steps, eta, generator=generator)
+                                    steps, eta, clip_denoised=clip, generator=generator)
                 chunks.append(x.float())
             return torch.cat(chunks)
         finally:

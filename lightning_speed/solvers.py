@@ -98,7 +98,11 @@ def sample_loop(
     clip_denoised: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Generate from pure noise ``x_T = noise`` with ``solver`` on ``steps`` respaced steps."""
+    """Generate from pure noise ``x_T = noise`` with ``solver`` on ``steps`` respaced steps.
+
+    ``clip_denoised`` clamps each step's predicted x0 to [-1, 1], the range of pixel data (improved DDPM); the last
+    step returns that x0, so the samples lie in [-1, 1]. Latents have no such bound and are sampled unclipped (DiT).
+    """
     check_solver(solver, steps, eta, process.num_timesteps)
     chain = variance.respace(process.schedule, steps)
     tables = variance.posterior_tables(chain.schedule).to(noise.device, torch.float32)
