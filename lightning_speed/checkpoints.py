@@ -4,7 +4,8 @@ Lightning reads ``ckpt_path`` with ``torch.load``: a text file then fails deep i
 unpickler ("IndexError: pop from empty list"), and a checkpoint of another model size lists every
 mismatching tensor (over a hundred lines for a UNet) without saying which configuration would fit.
 :func:`check_checkpoint_file` says what the file is instead; :func:`check_checkpoint_matches`
-summarises the mismatch and points to the configuration the checkpoint was trained with.
+summarises the mismatch and points to the configuration the checkpoint was trained with;
+:func:`optimizer_changes` lists the optimizer and LR scheduler settings that resuming from it replaces.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 SPECIAL_PATHS = ("last", "best", "hpc")  # Lightning resolves these itself
@@ -143,3 +145,79 @@ def check_state_matches(model: nn.Module, state: dict[str, Any], path: str | os.
             "model's backbone arguments to the sizes above (in Python: the backbone given to load_from_checkpoint)."
         )
     raise CheckpointMismatchError("\n".join(lines))
+
+
+# Param-group entries that are not training settings: which tensors, and how the update is computed.
+_NOT_SETTINGS = frozenset({"params", "param_names", "foreach", "fused", "capturable", "differentiable"})
+# LR scheduler state that records progress through the schedule, not its settings (base_lrs: the optimizer's lr).
+_SCHEDULER_PROGRESS = frozenset(
+    {"last_epoch", "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "T_cur", "T_i"}
+)
+
+
+def _settings(state: dict[str, Any], skip: frozenset[str]) -> dict[str, Any]:
+    """The plain values (numbers, strings and tuples of them) of an optimizer param group or scheduler state."""
+    plain = (bool, int, float, str)
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if key not in skip and not key.startswith("_") and (
+            isinstance(value, plain) or (isinstance(value, tuple) and all(isinstance(v, plain) for v in value))
+        ):
+            out[key] = value
+    return out
+
+
+def _differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str) -> list[tuple[str, Any, Any]]:
+    return [(prefix + key, theirs[key], value) for key, value in ours.items() if key in theirs and theirs[key] != value]
+
+
+def _optimizers_and_schedulers(config: Any) -> tuple[list[Any], list[Any]]:
+    """The optimizers and LR schedulers of a ``configure_optimizers()`` return value, in the forms Lightning
+    documents: an optimizer, a dict with "optimizer" and optional "lr_scheduler" (itself a scheduler or a dict
+    with "scheduler"), or a list/tuple of either, or two lists (optimizers, schedulers)."""
+    if config is None:
+        return [], []
+    if isinstance(config, dict):
+        scheduler = config.get("lr_scheduler")
+        if isinstance(scheduler, dict):
+            scheduler = scheduler.get("scheduler")
+        return [config["optimizer"]], [scheduler] if scheduler is not None else []
+    if isinstance(config, (list, tuple)):
+        if len(config) == 2 and all(isinstance(part, (list, tuple)) for part in config):
+            optimizers, schedulers = _optimizers_and_schedulers(list(config[0]))[0], list(config[1])
+            return optimizers, [s["scheduler"] if isinstance(s, dict) else s for s in schedulers]
+        pairs = [_optimizers_and_schedulers(item) for item in config]
+        return [o for opts, _ in pairs for o in opts], [s for _, scheds in pairs for s in scheds]
+    return [config], []
+
+
+def optimizer_changes(model: LightningModule, checkpoint: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, checkpoint value, configured value) for each optimizer or LR scheduler setting that resuming from
+    ``checkpoint`` replaces: Lightning loads the saved optimizer and scheduler state over the configured ones, so
+    a changed ``lr`` or ``weight_decay`` would not be used.
+
+    The configured values are read from a throwaway ``model.configure_optimizers()`` (an optimizer holds no state
+    before its first step). Settings are named ``optimizer.<key>`` and ``lr_scheduler.<key>`` (with ``[i]`` and
+    ``group j`` where a module has several); under a scheduler, ``lr`` is the base rate it starts from.
+    """
+    saved_optimizers, saved_schedulers = checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or []
+    if not saved_optimizers and not saved_schedulers:
+        return []
+    optimizers, schedulers = _optimizers_and_schedulers(model.configure_optimizers())
+    changes = []
+    for i, (optimizer, saved) in enumerate(zip(optimizers, saved_optimizers)):
+        groups = optimizer.state_dict()["param_groups"]
+        for j, (group, theirs) in enumerate(zip(groups, saved.get("param_groups", []))):
+            ours, theirs = _settings(group, _NOT_SETTINGS), _settings(theirs, _NOT_SETTINGS)
+            if "initial_lr" in ours and "initial_lr" in theirs:  # lr follows the schedule; initial_lr is the setting
+                ours["lr"], theirs["lr"] = ours.pop("initial_lr"), theirs.pop("initial_lr")
+            where = (f"[{i}]" if len(optimizers) > 1 else "") + (f" group {j}" if len(groups) > 1 else "")
+            changes += _differences(ours, theirs, f"optimizer{where}.")
+    for i, (scheduler, saved) in enumerate(zip(schedulers, saved_schedulers)):
+        scheduler = scheduler["scheduler"] if isinstance(scheduler, dict) else scheduler
+        where = f"[{i}]" if len(schedulers) > 1 else ""
+        ours, theirs = _settings(scheduler.state_dict(), _SCHEDULER_PROGRESS), _settings(saved, _SCHEDULER_PROGRESS)
+        changes += _differences(ours, theirs, f"lr_scheduler{where}.")
+    return changes

@@ -7,6 +7,7 @@ and ``--print_config`` shows them all.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -27,7 +28,9 @@ from lightning_speed.callbacks.monitor import TimestepMonitor
 from lightning_speed.callbacks.samples import SampleGridCallback
 from lightning_speed.callbacks.guard import CheckpointOnSignal, DivergenceError, DivergenceGuard
 from lightning_speed.callbacks.strategies import StrategyCallback
-from lightning_speed.checkpoints import check_checkpoint_file, check_checkpoint_matches
+from lightning_speed.checkpoints import (
+    check_checkpoint_file, check_checkpoint_matches, load_checkpoint, optimizer_changes,
+)
 from lightning_speed.module import RENAMED_ARGUMENTS, DiffusionModule
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -101,7 +104,14 @@ BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches"
 
 
 class SpeedArgumentParser(LightningArgumentParser):
-    """Prints the innermost problem of a parse error first, before the usage and the full report."""
+    """Prints the innermost problem of a parse error first, before the usage and the full report.
+
+    Options are taken by their full names only: argparse would expand a mistyped prefix without a word
+    (``--trainer.max_step 2`` would set ``max_steps``), where a mistyped YAML key is an error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def add_class_arguments(self, class_type: Any, nested_key: str | None = None, *args: Any, **kwargs: Any) -> list[str]:
         """The Trainer's ``limit_*_batches`` typed ``int | float | None``: an integer stays a number of batches.
@@ -134,8 +144,16 @@ class SpeedArgumentParser(LightningArgumentParser):
                     ". A strategy, schedule or ablation file only adds to a base config: give the base config first, "
                     "e.g. --config configs/fashion_mnist.yaml --config configs/strategies/speed.yaml"
                 )
+            if message.startswith("unrecognized arguments:"):
+                headline += self._close_options(message.split())
             sys.stderr.write(f"error: {headline}\n(the usage and jsonargparse's full report follow)\n\n")
         super().error(message, ex)
+
+    def _close_options(self, tokens: list[str]) -> str:
+        """A hint naming the options nearest to the unknown ones (options are taken by their full names only)."""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        near = [m for t in tokens if t.startswith("--") for m in difflib.get_close_matches(t.split("=")[0], known, n=1)]
+        return f". Options take their full names: did you mean {', '.join(near)}?" if near else ""
 
 
 def _is_strategy_file(config: dict[str, Any]) -> bool:
@@ -467,6 +485,23 @@ class SpeedCLI(LightningCLI):
             check_checkpoint_file(str(ckpt_path))
             check_checkpoint_matches(self.model, str(ckpt_path))
 
+    def _name_optimizer_changes(self) -> None:
+        """Resuming restores the checkpoint's optimizer and LR scheduler state over the configured ones: a changed
+        ``--model.optimizer.init_args.lr`` would not be used. Each such setting is named in a warning, as
+        ``_parse_ckpt_path`` names the model's."""
+        ckpt_path = self._get(self.config_init, "ckpt_path")
+        if ckpt_path is None or not os.path.isfile(ckpt_path):
+            return
+        changed = [f"  model.{name.replace('.', '.init_args.', 1)}: configured {ours!r}, checkpoint {theirs!r}"
+                   for name, theirs, ours in optimizer_changes(self.model, load_checkpoint(ckpt_path))]
+        if changed:
+            warnings.warn(
+                f"--ckpt_path {ckpt_path} holds the state of an optimizer configured otherwise, and resuming restores "
+                "it, so these configured values are not used:\n" + "\n".join(changed)
+                + "\nTo train with the configured values, start a new run (no --ckpt_path) or load only the weights.",
+                UserWarning, stacklevel=2,
+            )
+
     def _check_evaluates_a_checkpoint(self) -> None:
         self._check_ckpt_path()
         if self._get(self.config_init, "ckpt_path") is None:
@@ -492,6 +527,7 @@ class SpeedCLI(LightningCLI):
         in a fast_dev_run, and with the logger disabled that lands in ``./checkpoints``.
         """
         self._check_ckpt_path()
+        self._name_optimizer_changes()
         check_output_folders(self.trainer)
         if self.trainer.fast_dev_run:
             for callback in self.trainer.checkpoint_callbacks:

@@ -132,6 +132,25 @@ def test_unknown_option_is_a_usage_error(cli_env: Path, capsys: pytest.CaptureFi
     assert "scheduel" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+@pytest.mark.parametrize("option, full", [("--trainer.max_step", "--trainer.max_steps"), ("--conf", "--config")])
+def test_an_abbreviated_option_is_refused_not_expanded(
+    cli_env: Path, no_training: None, capsys: pytest.CaptureFixture[str], subcommand: str, option: str, full: str
+) -> None:
+    """argparse would take ``--trainer.max_step 2`` for ``--trainer.max_steps 2`` without a word."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(QUICKSTART), option, "2" if option == "--trainer.max_step" else str(QUICKSTART),
+              "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert first.startswith(f"error: unrecognized arguments: {option} ") and first.endswith(f"did you mean {full}?")
+    with pytest.raises(SystemExit) as exit_info:  # the full names still work
+        main([subcommand, "-c", str(QUICKSTART), "--trainer.max_steps", "2", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "max_steps: 2\n" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------- the quickstart
 def test_quickstart_trains_and_writes_logs_checkpoint_samples_and_fid(cli_env: Path) -> None:
     """configs/quickstart.yaml through the CLI, with its output folder moved, 60 of its 400 steps (the loss logged
@@ -483,3 +502,24 @@ def test_a_checkpoints_hyperparameters_that_override_configured_values_are_named
 def test_validate_without_a_checkpoint_says_it_evaluates_untrained_weights(cli_env: Path) -> None:
     with pytest.warns(UserWarning, match="validate without --ckpt_path evaluates the model's initial, untrained weights"):
         main(["validate", "--config", str(QUICKSTART), *FAST, "--trainer.logger", "false"])
+
+
+def test_resuming_names_the_optimizer_settings_the_checkpoint_replaces(cli_env: Path) -> None:
+    """Lightning restores the optimizer's and the LR scheduler's state over the configured ones on resume."""
+    run = ["fit", "--config", str(QUICKSTART), *FAST[2:], "--trainer.fast_dev_run", "false", "--trainer.max_steps", "1",
+           "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--trainer.enable_model_summary", "false",
+           "--samples", "null", "--fid", "null", "--checkpoint.init_args.dirpath", str(cli_env / "ckpt"),
+           "--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.init_args.step_size", "100"]
+    main(run)  # lr 0.002, gamma 0.1
+    resume = [*run, "--ckpt_path", str(cli_env / "ckpt" / "last.ckpt")]
+    with pytest.warns(UserWarning, match="holds the state of an optimizer configured otherwise") as record:
+        cli = main([*resume, "--model.optimizer.init_args.lr", "1e9", "--model.lr_scheduler.init_args.gamma", "0.5"])
+    message = next(str(w.message) for w in record if "configured otherwise" in str(w.message))
+    assert "  model.optimizer.init_args.lr: configured 1000000000.0, checkpoint 0.002\n" in message
+    assert "  model.lr_scheduler.init_args.gamma: configured 0.5, checkpoint 0.1\n" in message
+    assert "weight_decay" not in message and "betas" not in message  # only what differs
+    group = cli.trainer.optimizers[0].param_groups[0]
+    assert group["initial_lr"] == 0.002 and cli.trainer.lr_scheduler_configs[0].scheduler.gamma == 0.1  # as said
+    with warnings.catch_warnings():  # resumed as configured: nothing to say
+        warnings.filterwarnings("error", message=".*optimizer configured otherwise")
+        main(resume)

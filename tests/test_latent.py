@@ -6,6 +6,7 @@ differs; and the bad inputs that must fail before any work."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,29 @@ def test_cache_is_rebuilt_when_the_autoencoder_or_the_resolution_differs(files: 
     assert larger.encoder_calls > 0
     assert json.loads((cache / "meta.json").read_text())["record"]["latent_shape"] == [4, 16, 16]
     assert latent_data(files, cache, vae="other_vae", image_size=32).cache_matches()
+
+
+def test_cache_is_rebuilt_when_an_image_changes_at_the_same_name_and_size(files: dict[str, Path], tmp_path: Path) -> None:
+    """The key hashes the files' bytes: a name and size (or time stamp) would not show other pixels."""
+    from PIL import Image
+
+    folder = {"vae": files["vae"], "images": write_image_folder(tmp_path / "images", n=8, size=16)}
+    changed = folder["images"] / "00.png"
+    pixels = np.asarray(Image.open(changed))
+    Image.fromarray(pixels).save(changed, compress_level=0)  # stored: the file size depends on the image size only
+    cache = tmp_path / "cache"
+    latent_data(folder, cache, image_size=16).setup("fit")
+    before = np.load(cache / json.loads((cache / "meta.json").read_text())["files"]["posterior"])
+    stat = changed.stat()
+    Image.fromarray(255 - pixels).save(changed, compress_level=0)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even a copy that keeps the time stamps
+    assert changed.stat().st_size == stat.st_size and changed.stat().st_mtime_ns == stat.st_mtime_ns
+    swapped = latent_data(folder, cache, image_size=16)
+    assert not swapped.cache_matches()
+    swapped.setup("fit")
+    assert swapped.encoder_calls > 0
+    after = np.load(cache / json.loads((cache / "meta.json").read_text())["files"]["posterior"])
+    assert not np.array_equal(after[0], before[0]) and np.array_equal(after[1:], before[1:])  # the new pixels' latents
 
 
 def test_a_failed_rebuild_leaves_the_existing_cache_intact(files: dict[str, Path], tmp_path: Path,

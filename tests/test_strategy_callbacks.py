@@ -296,6 +296,28 @@ def test_the_same_schedule_held_by_the_module_passes_the_check():
     assert len(fit(module, [SpeeD(seed=0)], steps=1).t) == 1
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_prediction_of_a_held_scheduler_must_be_the_strategys(prediction_type):
+    """A module that keeps a v-prediction diffusers scheduler but builds its strategy from alphas_cumprod (epsilon
+    by default) would get epsilon's Min-SNR weights; diffusers' names for a prediction are ours (v_prediction is v)."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDPMScheduler(beta_schedule="linear", prediction_type=prediction_type)  # T = 1000
+    ours = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}[prediction_type]
+    for stated in ("epsilon", "v", "x0"):
+        module = _with_attribute(TinyDiffusion(prediction=stated), "noise_scheduler", scheduler)
+        if stated == ours:
+            assert len(fit(module, [MinSNRWeighting()], steps=1).t) == 1
+            continue
+        rec = Recorder()
+        with pytest.raises(ValueError, match=(
+            rf"MinSNRWeighting: TinyDiffusion.timesteps has prediction '{stated}', but TinyDiffusion.noise_scheduler."
+            rf"config.prediction_type is '{prediction_type}'.*TimestepStrategy\(self.noise_scheduler\).*"
+            rf"TimestepStrategy\(..., prediction='{ours}'\)"
+        )):  # fmt: skip
+            trainer(2, [MinSNRWeighting(), rec]).fit(module, loader())
+        assert rec.t == []
+
+
 class _RebuildsInSetup(TinyDiffusion):
     """Builds a new strategy in its own setup(), which runs after the callbacks' setup."""
 

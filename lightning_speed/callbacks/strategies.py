@@ -40,7 +40,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_speed.schedules import NoiseSchedule, Prediction, Tau, check_prediction, check_tau, resolve_tau
+from lightning_speed.schedules import (
+    NoiseSchedule, Prediction, Tau, check_prediction, check_tau, prediction_of, resolve_tau,
+)
 from lightning_speed.timesteps import baselines, speed
 from lightning_speed.timesteps.base import (
     ConstantWeights,
@@ -92,17 +94,18 @@ twice the resolution of a coarser dtype, e.g. a bf16 buffer's): float32 cumulati
 to about 1e-6, while linear against cosine or diffusers' scaled_linear differ by more than 0.1."""
 
 
-def _module_schedules(pl_module: pl.LightningModule) -> dict[str, tuple[Any, str]]:
+def _module_schedules(pl_module: pl.LightningModule) -> dict[str, tuple[Any, str, Any]]:
     """The noise schedules a module holds besides its ``timesteps``: an ``alphas_cumprod`` of its own and that of
-    every public attribute that has one (a diffusers scheduler), as ``{where: (alpha_bar, what to build from)}``."""
+    every public attribute that has one (a diffusers scheduler), as ``{where: (alpha_bar, what to build from, the
+    scheduler or None)}``."""
     name = type(pl_module).__name__
-    found = {f"{name}.alphas_cumprod": (getattr(pl_module, "alphas_cumprod", None), "self.alphas_cumprod")}
+    found = {f"{name}.alphas_cumprod": (getattr(pl_module, "alphas_cumprod", None), "self.alphas_cumprod", None)}
     for attr, value in vars(pl_module).items():
         if attr.startswith("_") or attr == "timesteps" or isinstance(value, (torch.Tensor, torch.nn.Module)):
             continue
-        found[f"{name}.{attr}.alphas_cumprod"] = (getattr(value, "alphas_cumprod", None), f"self.{attr}")
+        found[f"{name}.{attr}.alphas_cumprod"] = (getattr(value, "alphas_cumprod", None), f"self.{attr}", value)
     return {
-        where: (ab, source) for where, (ab, source) in found.items()
+        where: found[where] for where, (ab, _, _) in found.items()
         if isinstance(ab, (torch.Tensor, np.ndarray)) and ab.ndim == 1
     }  # fmt: skip
 
@@ -110,12 +113,13 @@ def _module_schedules(pl_module: pl.LightningModule) -> dict[str, tuple[Any, str
 def _check_schedule(pl_module: pl.LightningModule, strategy: TimestepStrategy, user: str) -> None:
     """The strategy's schedule against the module's ``num_timesteps`` and the schedules it holds: t drawn for
     another T would index the module's schedule out of range or at wrong steps, and tau, the sampling table and
-    the weights of another schedule would not describe the noise the training step adds. Runs once, at setup."""
+    the weights of another schedule would not describe the noise the training step adds; the strategy's prediction
+    against a held scheduler's, which Min-SNR's weights depend on. Runs once, at setup."""
     name = type(pl_module).__name__
     T = strategy.num_timesteps
     stated: dict[str, Any] = {f"{name}.num_timesteps": getattr(pl_module, "num_timesteps", None)}
     schedules = _module_schedules(pl_module)
-    stated.update({f"len({where})": len(ab) for where, (ab, _) in schedules.items()})
+    stated.update({f"len({where})": len(ab) for where, (ab, _, _) in schedules.items()})
     for where, length in stated.items():
         if isinstance(length, int) and not isinstance(length, bool) and length != T:
             raise ValueError(
@@ -124,8 +128,18 @@ def _check_schedule(pl_module: pl.LightningModule, strategy: TimestepStrategy, u
                 "module's own schedule, e.g. TimestepStrategy(self.alphas_cumprod) or TimestepStrategy(self.scheduler), "
                 "or from a NoiseSchedule with the same T."
             )
+    for where, (_, source, scheduler) in schedules.items():
+        prediction = prediction_of(scheduler)  # diffusers' names in ours: v_prediction is v, sample is x0
+        if prediction is not None and prediction != strategy.prediction:
+            raise ValueError(
+                f"{user}: {name}.timesteps has prediction {strategy.prediction!r}, but {where.removesuffix('alphas_cumprod')}"
+                f"config.prediction_type is {scheduler.config.prediction_type!r}: "
+                "weights that depend on what the network predicts (Min-SNR's) would be those of another prediction. "
+                f"Build the strategy from the scheduler, TimestepStrategy({source}), which reads its prediction_type, "
+                f"or state it: TimestepStrategy(..., prediction={prediction!r})."
+            )
     ours = strategy.schedule.alpha_bar.double()
-    for where, (ab, source) in schedules.items():
+    for where, (ab, source, _) in schedules.items():
         theirs = torch.as_tensor(ab).detach()
         if theirs.is_meta:  # not materialised yet (e.g. Trainer.init_module(empty_init=True)): only T is known
             continue

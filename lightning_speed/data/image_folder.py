@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,11 @@ from .base import SPLITS, UInt8ImageDataModule
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DECODE_BATCH = 64  # files per decoding batch when a whole split is loaded
+FINGERPRINT_BATCH = 64  # files hashed per thread-pool task
+
+
+def _file_digests(paths: list[Path]) -> list[str]:
+    return [hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() for path in paths]
 
 
 def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
@@ -146,6 +152,7 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         self.val_fraction = val_fraction
         self.image_shape = (channels, image_size, image_size)
         self._scan: tuple[list[Path], np.ndarray, tuple[str, ...]] | None = None
+        self._fingerprint: str | None = None
 
     def _scanned(self) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
         if self._scan is None:
@@ -212,10 +219,17 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         return images, labels
 
     def _key_extra(self) -> str:
-        """Fingerprint of the folder contents and split, so a changed folder gets a new FID cache key."""
-        paths, _, _ = self._scanned()
-        root = Path(self.root).expanduser()
-        h = hashlib.sha1(f"{self.val_fraction}|{self.seed}".encode())
-        for p in paths:  # relative names + sizes: moving the folder keeps the key
-            h.update(f"|{p.relative_to(root).as_posix()}:{p.stat().st_size}".encode())
-        return h.hexdigest()[:12]
+        """Fingerprint of the folder's contents (file names and bytes) and split, so that a changed folder gets new
+        FID and latent cache keys, also where an image changed at the same file size. Read once per data module,
+        as the file list is scanned once."""
+        if self._fingerprint is None:
+            paths, _, _ = self._scanned()
+            root = Path(self.root).expanduser()
+            h = hashlib.blake2b(f"{self.val_fraction}|{self.seed}".encode(), digest_size=16)
+            batches = [paths[i : i + FINGERPRINT_BATCH] for i in range(0, len(paths), FINGERPRINT_BATCH)]
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # reads overlap; hashlib releases the GIL
+                for batch, digests in zip(batches, pool.map(_file_digests, batches)):
+                    for p, digest in zip(batch, digests):  # relative names: moving the folder keeps the key
+                        h.update(f"|{p.relative_to(root).as_posix()}:{digest}".encode())
+            self._fingerprint = h.hexdigest()[:12]
+        return self._fingerprint

@@ -15,7 +15,8 @@ flipped (twice the encoding time and twice the disk), and every draw picks one o
 
 The cache folder holds ``meta.json`` and the files it names. ``meta.json`` records what the latents
 depend on: the autoencoder (its config and a hash of its weights), the data set (its name, image
-shape, count and, for an image folder, a fingerprint of the files), the flip, the dtype and the
+shape, count and, for an image folder, a hash of its files' names and bytes, so that an image
+replaced by another of the same name and size counts as a change), the flip, the dtype and the
 encoding precision. A cache whose record differs is rebuilt, never mixed: the new files are written
 under new names and ``meta.json`` is replaced atomically (``os.replace``) only after the encoding
 finished, so an encoding that fails midway leaves the existing cache as it was. A second run with the
