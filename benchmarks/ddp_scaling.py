@@ -39,10 +39,10 @@ split into compute and NCCL (and how much NCCL time overlaps compute), and the G
     # on 2 H200s, about 10 minutes: six processes of 40-160 s, mostly compilation (UNet at 128 and 512 per GPU,
     # DiT-B/2 at 256; 1 and 2 GPUs; shipped settings)
     python -m benchmarks.ddp_scaling --root .data --out ddp_scaling.json
-    # compare settings in one call
+    # compare settings in one run
     python -m benchmarks.ddp_scaling --models unet --unet-batches 128 --variants reduce-overhead \\
         default:static:view max-autotune-no-cudagraphs:static:view --profile --root .data
-    # 1 and 2 GPUs in one call, 4 in another: one table, speed-ups over the best one-GPU figure of both
+    # 1 and 2 GPUs in one run, 4 in another: one table, speed-ups over the best one-GPU figure of both
     python -m benchmarks.ddp_scaling --merge ddp_1_2.json ddp_4.json --out ddp_scaling.json
     python -m benchmarks.ddp_scaling --smoke --out /tmp/ddp.json   # CPU, 1 and 2 processes, tiny models (tests)
 """
@@ -357,7 +357,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{label}: {result['images_per_s']:.0f} images/s (min {result['min']:.0f}, max {result['max']:.0f}), "
               f"{result['process_s']:.0f} s; {json.dumps({k: v for k, v in profile.items() if k != 'table'})}", flush=True)
         results.append(result)
-        # after every process, so a call that runs out of time keeps what it measured
+        # after every process, so a run stopped early keeps what it measured
         write_json(Path(args.out), collect(args, command, results, time.perf_counter() - started, complete=False))
     return publish(collect(args, command, results, time.perf_counter() - started, complete=True), args.out, args.smoke)
 
@@ -401,7 +401,7 @@ def collect(args: argparse.Namespace, command: str, results: list[dict[str, Any]
 
 
 def merge(files: list[str], out_path: str, smoke: bool) -> dict[str, Any]:
-    """One table from several calls' results (e.g. 1 and 2 GPUs in one call, 4 GPUs in the next) on one kind of card:
+    """One table from several runs' results (e.g. 1 and 2 GPUs in one run, 4 GPUs in the next) on one kind of card:
     each run keeps the command that measured it; the speed-ups use the best one-GPU figure of all of them."""
     parts = [json.loads(Path(f).read_text()) for f in files]
     cards = {p["card"] for p in parts}
@@ -465,7 +465,7 @@ def summary_keys(out: dict[str, Any]) -> dict[str, Any]:
     the shipped settings (repeats under other names), images/s and speed-up are their mean and ``runs_Ngpu`` lists
     each."""
     keys: dict[str, Any] = {}
-    # the issue's DiT figure is DiT-B/2's; another preset gets its own key (DiT-XL/2: "ddp_scaling_dit_xl_2")
+    # the headline DiT figure is DiT-B/2's; another preset gets its own key (DiT-XL/2: "ddp_scaling_dit_xl_2")
     preset = out["dit_preset"]
     dit_key = "ddp_scaling_dit" if preset == "DiT-B/2" else "ddp_scaling_" + preset.lower().replace("-", "_").replace("/", "_")
     for key, model in (("ddp_scaling_2gpu", "unet"), (dit_key, "dit")):

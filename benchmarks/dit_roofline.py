@@ -224,7 +224,7 @@ def main() -> None:
         result["matmul_floor_fp8_ms_per_forward"] = depth * (sum(v["ms"] for v in result["block_fp8"].values())
                                                              + result["block"]["attention"]["ms"])
         result["fid_seconds"]["matmul_floor_fp8"] = result["matmul_floor_fp8_ms_per_forward"] * calls / 1e3
-    write_json(Path(args.out), result)  # after each stage: a call cut short keeps what it measured
+    write_json(Path(args.out), result)  # after each stage: a run cut short keeps what it measured
 
     # (2) the backbone forward, as the sampler calls it, in each precision
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """Training throughput of DiT at realistic size: the Trainer with SpeeD and EMA against a plain loop and
-against the official DiT training step (BENCHMARKS.md section 2, issue 14).
+against the official DiT training step (BENCHMARKS.md, section 4).
 
 Per DiT preset, on one GPU, random 4x32x32 latents held on the GPU (gathered by random indices from a
 device-resident pool, as from a latent cache), batch 256, bf16, learned sigma (hybrid loss):
@@ -27,7 +27,7 @@ steps allocated on top during its windows; the process holds all three rows' res
 The official eager step needs far more activation memory than the compiled rows; if it runs out of memory
 next to them, it is measured alone after them (--repeats windows, back to back) and the notes say so.
 
-On an H200 (about 7 to 9 minutes for both presets, mostly compilation; or one preset per call, the second
+On an H200 (about 7 to 9 minutes for both presets, mostly compilation; or one preset per run, the second
 with --merge, about 3 and 4.5 minutes):
     PYTHONPATH=.ext/timmlib python -m benchmarks.dit_throughput --preset DiT-B/2 DiT-XL/2 --batch 256 \\
         --window 10 --repeats 3 --compile-mode default --official-dir .ext

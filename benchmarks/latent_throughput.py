@@ -1,4 +1,4 @@
-"""The latent pipeline at the paper's size on one GPU (issue 15): encoding throughput of the real-size
+"""The latent pipeline at the paper's size on one GPU: encoding throughput of the real-size
 sd-vae-ft-ema ``AutoencoderKL`` architecture, and DiT training on latents read from the cache by the real
 ``LatentDataModule``.
 
@@ -23,8 +23,8 @@ The result goes to ``--out`` (JSON, also printed) and, on a GPU, under "throughp
 ``--summary`` (presets merged with those already there, so one preset per GPU can run concurrently).
 
 On an H200 (about 1.5 minutes for DiT-B/2 and 2.5 for DiT-XL/2, mostly compilation; one process per GPU):
-    python -m benchmarks.latent_throughput --presets DiT-B/2 --out $OUT/latent_b2.json
-    python -m benchmarks.latent_throughput --presets DiT-XL/2 --skip-encode-bench --out $OUT/latent_xl2.json
+    python -m benchmarks.latent_throughput --presets DiT-B/2 --out benchmarks/results/latent_throughput_b2.json
+    python -m benchmarks.latent_throughput --presets DiT-XL/2 --skip-encode-bench --out benchmarks/results/latent_throughput_xl2.json
     python -m benchmarks.latent_throughput --smoke --out /tmp/latent.json   # tiny, on the CPU (tests)
 """
 

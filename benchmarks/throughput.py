@@ -499,7 +499,7 @@ def main() -> dict[str, Any]:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC weights and activations in rows a to d (the configs' setting)")
     p.add_argument("--merge", action="store_true",
-                   help="keep the batch sizes already in --out (same card): measure 128 and 512 in separate calls")
+                   help="keep the batch sizes already in --out (same card): measure 128 and 512 in separate runs")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="also trace this many steps of rows a and b per batch size, each after its warm-up (0: none)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps (for the test suite)")

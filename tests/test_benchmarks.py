@@ -3,7 +3,7 @@ reports regenerated from their raw results.
 
 The benchmarks run as a user runs them (``python -m benchmarks.x`` from the repository root), in
 ``--smoke`` mode, writing only under temporary folders: never into benchmarks/results/. Each script's
-smoke run happens once per session (a module-scoped fixture) and several tests check its output:
+smoke run happens once per test module (a module-scoped fixture) and several tests check its output:
 every process imports torch and Lightning, seconds each on the two-core CI machine. A script whose
 entry point already runs as a process elsewhere (in another test here, or as the processes the command
 itself starts) is called through its main() in this process (``run_main``).
@@ -16,6 +16,7 @@ import json
 import shutil
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -430,19 +431,20 @@ def test_peak_memory_is_none_when_the_accounting_is_inconsistent() -> None:
 # ----------------------------------------------------------------------------- convergence
 @pytest.fixture(scope="module")
 def convergence(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Namespace:
-    """Two launches into one folder. The first trains uniform and SpeeD (seed 0) to 4 steps. The second
-    asks for uniform at 4 (finished: not started again), SpeeD at 6 (resumed from its checkpoint), and
-    two ablations with their own step count, each a composition of config files: SpeeD's sampling
-    without its loss weighting, and uniform t on the cosine schedule. FID every 2 steps, 16 samples,
-    the base config's solver (DDIM) at 4 steps instead of 50 to keep the CPU time small."""
+    """Two launches into one folder. The first trains uniform and SpeeD (seed 0) to 4 steps within a time
+    limit. The second, without one, asks for uniform at 4 (finished: not started again), SpeeD at 6 (resumed
+    from its checkpoint), and two ablations with their own step count, each a composition of config files:
+    SpeeD's sampling without its loss weighting, and uniform t on the cosine schedule. FID every 2 steps,
+    16 samples, the base config's solver (DDIM) at 4 steps instead of 50 to keep the CPU time small."""
     out = tmp_path_factory.mktemp("conv")
     common = ["--smoke", "--seeds", "0", "--eval-every", "2", "--fid-samples", "16", "--fid-steps", "4",
-              "--per-gpu", "3", "--time-limit", "400", "--out", str(out)]  # fmt: skip
+              "--per-gpu", "3", "--out", str(out)]  # fmt: skip
 
     def results() -> dict[str, dict]:
         return {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/result.json")}
 
-    first_launch = run_script("convergence", ["launch", "--strategies", "uniform", "speed", "--steps", "4", *common], home, 400)
+    first_launch = run_script("convergence", ["launch", "--strategies", "uniform", "speed", "--steps", "4",
+                                              "--time-limit", "400", *common], home, 400)
     first, first_speedups = results(), json.loads((out / "speedups.json").read_text())
     second_launch = run_script("convergence", ["launch", "--jobs", "uniform:0:4", "speed:0:6", "speed_sampling_only:0:2",
                                                "uniform_cosine:0:2", "--steps", "4", "--final-samples", "8",
@@ -457,6 +459,9 @@ def convergence(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Namespa
 @needs_fashion_mnist
 def test_convergence_smoke_launch(convergence: Namespace) -> None:
     assert set(convergence.first) == {"uniform_s0", "speed_s0"} and convergence.first_stdout.count("started ") == 2
+    # With --time-limit each run gets what is left of it; without, none (the second launch): runs train to N.
+    assert convergence.first_stdout.count(" s left)") == 2 and "no time limit" not in convergence.first_stdout
+    assert convergence.second_stdout.count("(no time limit)") == 3 and " s left)" not in convergence.second_stdout
     for strategy in ("uniform", "speed"):
         result = convergence.first[f"{strategy}_s0"]
         assert result["strategy"] == strategy and result["steps_done"] == 4 and result["fid_samples"] == 16
@@ -669,7 +674,7 @@ def test_part_timer_stops_one_step_before_an_fid_evaluation_the_time_left_cannot
 
 
 def test_part_timer_stop_ends_trainer_fit_before_the_fid_step() -> None:
-    """In a real Trainer.fit: with every evaluation known to take longer than the whole budget, training ends at step
+    """In a real Trainer.fit: with every evaluation known to take longer than the whole time limit, training ends at step
     4, one before the first FID step 5, instead of running to max_steps."""
     from datetime import timedelta
     from types import SimpleNamespace
@@ -746,7 +751,7 @@ def test_report_refuses_mixed_fid_solvers(tmp_path: Path) -> None:
         stats.curve_solver([run("uniform", "ddim-50"), run("speed", "ddpm-250")], tmp_path)
     assert stats.summary_keys("ddim-50") == ("speedup", "speedup_half")
     assert stats.summary_keys("ddpm-250") == ("speedup_ddpm250", "speedup_half_ddpm250")
-    # the DiT recipe's study (issue 14) has its own keys, so it never replaces the UNet headline
+    # the DiT recipe's study has its own keys, so it never replaces the UNet headline
     assert stats.summary_keys("ddim-50", "fashion_mnist_dit.yaml") == ("speedup_dit", "speedup_dit_half")
     assert stats.summary_keys("ddpm-250", "other.yaml") == ("speedup_other_ddpm250", "speedup_other_half_ddpm250")
     # the base comes from the results; results from before the field count as the default base
@@ -811,14 +816,14 @@ def test_ddp_scaling_smoke_runs_on_one_and_two_processes(tmp_path: Path, home: P
     assert "--- profile of rank 0" in proc.stdout and json.loads(proc.stdout[proc.stdout.rindex("\n{"):])["smoke"]
     assert result["complete"]
 
-    # Two calls' files (1 GPU in one, 2 in the other) merge into the same table, each run keeping its command.
+    # Two runs' files (1 GPU in one, 2 in the other) merge into the same table, each run keeping its command.
     files = []
     for n in (1, 2):
-        part = {**result, "command": f"call {n}", "runs": [r for r in runs if r["devices"] == n]}
+        part = {**result, "command": f"part {n}", "runs": [r for r in runs if r["devices"] == n]}
         files.append(tmp_path / f"part{n}.json")
         files[-1].write_text(json.dumps(part))
     merged = merge([str(f) for f in files], str(tmp_path / "merged.json"), smoke=True)
-    assert merged["scaling"] == result["scaling"] and [r["command"] for r in merged["runs"]] == ["call 1", "call 2"]
+    assert merged["scaling"] == result["scaling"] and [r["command"] for r in merged["runs"]] == ["part 1", "part 2"]
     assert parse_variant(spec_of(two[0]))["ddp"] == two[0]["ddp"]  # a merged "shipped" run is named by its settings
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**result, "card": "another card"}))
@@ -914,19 +919,17 @@ def test_ddp_scaling_variants_parse_and_reject_bad_ones() -> None:
         "images_per_s_1gpu": 100.0, "images_per_s_2gpu": 150.0, "speedup_2gpu": 1.5, "peak_memory_gib_2gpu": 40.0,
         "compile_mode": "none", "fsdp": fsdp["fsdp"]}
     assert keys["ddp_scaling_dit_xl_2"]["batch_per_gpu"]["256"]["runs_2gpu"] == [180.0, 190.0]  # not among DDP's
-    assert "ddp_scaling_dit" not in keys  # DiT-B/2's key (the issue's figure) is not overwritten by another preset
+    assert "ddp_scaling_dit" not in keys  # DiT-B/2's key (the headline figure) is not overwritten by another preset
 
 
 # ------------------------------------------------------------------ committed reports reproduce
 # Every committed speedups.json, by folder, with the folders its report included (--include).
 REPORTS = {
     "convergence": [],
-    "convergence_10k": [],
     "convergence_ddpm250": [],
     "convergence_h100": [],
-    "convergence_h100_resume_bug": [],
     "convergence_h200x4": ["convergence_h100"],
-    "convergence_dit_h200x2": [],  # the DiT recipe (issue 14): its own summary keys, speedup_dit
+    "convergence_dit_h200x2": [],  # the DiT recipe: its own summary keys, speedup_dit
     "convergence_dit_ema999": [],  # its ablations at N = 10k (no summary keys)
     "convergence_dit_fixed_variance": [],
     "convergence_dit_ema999_s1": ["convergence_dit_ema999"],  # seed 1 of the EMA-0.999 pair, reported with seed 0
@@ -1007,6 +1010,18 @@ def test_every_committed_run_is_a_run_of_the_registry() -> None:
     assert ablation_files <= used, ablation_files - used  # no ablation file that no run composes
 
 
+def test_benchmarks_md_points_only_into_the_repository() -> None:
+    """BENCHMARKS.md is read in a clone: every link and figure points into the repository, and every path under
+    benchmarks/results/ it names exists (a pattern such as ``throughput*.json`` matches at least one file)."""
+    text = (REPO / "BENCHMARKS.md").read_text()
+    links = [link for link in re.findall(r"\]\(([^)\s]+)\)", text) if not link.startswith("#")]
+    assert links and not [link for link in links if "://" in link or link.startswith(("/", ".."))], links
+    assert "../" not in text  # no file outside the repository, linked or not
+    named = re.findall(r"benchmarks/results/[\w./*-]+", text)
+    missing = sorted({path for path in [*links, *named] if not list(REPO.glob(path.rstrip("./")))})
+    assert not missing, missing
+
+
 # ------------------------------------------------------------------------------ dit_throughput.py
 def test_dit_throughput_smoke_interleaves_rows_and_reports_ratios(tmp_path: Path, home: Path) -> None:
     out = tmp_path / "dit.json"
@@ -1032,7 +1047,7 @@ def test_latent_throughput_smoke_encodes_caches_and_trains_from_the_cache(tmp_pa
     out = tmp_path / "latent.json"
     proc = run_script("latent_throughput", ["--smoke", "--repeats", "2", "--out", str(out)], home)
     result = json.loads(out.read_text())
-    assert json.loads(proc.stdout[proc.stdout.rindex("\n{"):]) == result  # printed too: the GPU machine returns few files
+    assert json.loads(proc.stdout[proc.stdout.rindex("\n{"):]) == result  # printed too, so that a log holds the result
     assert result["card"] == "cpu" and result["smoke"] and result["batch"] == 4
     assert all(result["encode"][p]["images_per_s"] > 0 for p in ("fp32", "bf16"))
     cache = result["cache"]

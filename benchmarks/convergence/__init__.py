@@ -6,9 +6,9 @@ CLI, evaluates FID (EMA weights, the FID callback of the config, the offline Fas
 network) every ``--eval-every`` steps, and writes ``<out>/<run>_s<seed>/result.json`` (FID curve,
 per-area training loss from TimestepMonitor, wall time per part, the config files and overrides).
 Runs execute as processes spread over ``--gpus`` (``--per-gpu`` at a time on each). Every run
-checkpoints when it stops (the call's ``--time-limit`` spent, or N reached), and running the same
-command again skips finished runs and resumes the others from their checkpoints, so a long benchmark
-fits in calls of a few minutes.
+checkpoints when it stops (N reached, or the launch's optional ``--time-limit`` spent), and running the
+same command again skips finished runs and resumes the others from their checkpoints, so a long
+benchmark can also run in parts.
 
     python -m benchmarks.convergence launch --strategies uniform speed --seeds 0 1 --steps 20000 --gpus 0 1
     python -m benchmarks.convergence launch --jobs uniform:0:20000 speed_sampling_only:0:10000 ...

@@ -16,7 +16,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.convergence", description=DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["launch", "run", "report"])
-    p.add_argument("--base", default=BASE, help="the base config, relative to configs/ (fashion_mnist_dit.yaml: issue 14)")
+    p.add_argument("--base", default=BASE, help="the base config, relative to configs/ (fashion_mnist_dit.yaml: the paper's recipe)")
     p.add_argument("--strategies", nargs="+", default=["uniform", "speed"], choices=NAMES)
     p.add_argument("--strategy", choices=NAMES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU indices to spread runs over (default: the visible one)")
     p.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU")
-    p.add_argument("--time-limit", type=int, default=540, help="launch: seconds for this whole call; run: seconds of training")
+    p.add_argument("--time-limit", type=int, default=None,
+                   help="launch: seconds for the whole launch; run: seconds of training (default: none, train to N). "
+                        "Runs stopped by it checkpoint, and the same command resumes them")
     p.add_argument("--min-run-seconds", type=int, default=120, help="launch: start no run with less time than this left")
     p.add_argument("--stop-margin", type=int, default=40, help="launch: seconds kept for start-up and the final checkpoint")
     p.add_argument("--stall-seconds", type=float, default=300,

@@ -1,9 +1,10 @@
-"""Many runs of the convergence benchmark as concurrent processes, resumable across calls."""
+"""Many runs of the convergence benchmark as concurrent processes, resumable across launches."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,11 +20,12 @@ def launch(args: argparse.Namespace) -> None:
     """Run every (run, seed) as a concurrent process, ``--per-gpu`` at a time on each of ``--gpus``.
 
     Jobs run seed-major (uniform s0, speed s0, uniform s1, ...), so the pairs that decide the
-    speed-up finish first. ``--time-limit`` is the budget of this whole call: a run starts only
-    if at least ``--min-run-seconds`` remain, and trains until the budget is spent (it then
-    checkpoints; the next call resumes it). Runs whose result.json already reached N are skipped.
+    speed-up finish first. Without ``--time-limit`` every run trains to its N. With it, the limit
+    holds for this whole launch: a run starts only if at least ``--min-run-seconds`` remain, and
+    trains until the limit is reached (it then checkpoints; the next launch resumes it). Runs whose
+    result.json already reached N are skipped.
     """
-    deadline = time.monotonic() + args.time_limit
+    deadline = time.monotonic() + args.time_limit if args.time_limit else math.inf
     jobs = [job for job in jobs_of(args) if not _finished(args, *job)]
     slots = [gpu for _ in range(args.per_gpu) for gpu in (args.gpus or [None])]  # round-robin over GPUs
     pending, running, failed = list(jobs), [], []
@@ -33,14 +35,16 @@ def launch(args: argparse.Namespace) -> None:
 
     def start(job: tuple[str, int, int], gpu: int | None, extra: list[str]) -> None:
         strategy, seed, steps = job
-        left = int(deadline - time.monotonic()) - args.stop_margin
+        left = deadline - time.monotonic() - args.stop_margin  # inf without --time-limit
+        limit = [] if math.isinf(left) else ["--time-limit", str(max(int(left), 1))]
+        left_text = f"{limit[1]} s left" if limit else "no time limit"
         cmd = [sys.executable, "-m", "benchmarks.convergence", "run", "--strategy", strategy, "--seed", str(seed),
-               *_forward(args), "--steps", str(steps), "--time-limit", str(max(left, 1)), *extra]
+               *_forward(args), "--steps", str(steps), *limit, *extra]
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
         log = open(log_dir / f"{strategy}_s{seed}.log", "a")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         running.append((job, proc, log, gpu, time.time()))
-        print(f"started {strategy} seed {seed} to {steps} steps on gpu {gpu} ({left} s left)"
+        print(f"started {strategy} seed {seed} to {steps} steps on gpu {gpu} ({left_text})"
               f"{' ' + ' '.join(extra) if extra else ''}", flush=True)
 
     while pending or running:
@@ -50,7 +54,7 @@ def launch(args: argparse.Namespace) -> None:
         while pending and free and deadline - time.monotonic() >= args.min_run_seconds:
             start(pending.pop(0), free.pop(0), [])
         if not running:
-            break  # the rest does not fit in this call's budget
+            break  # the rest does not fit in this launch's time limit
         time.sleep(1 if args.smoke else 5)
         for item in list(running):
             job, proc, log, gpu, started = item
@@ -71,7 +75,7 @@ def launch(args: argparse.Namespace) -> None:
             elif proc.returncode:
                 failed.append(job)
     if pending:
-        print(f"not started (no time left in this call): {pending}", flush=True)
+        print(f"not started (no time left in this launch): {pending}", flush=True)
     report(args)
     if failed:
         raise SystemExit(f"runs failed: {failed}; see {log_dir}")

@@ -21,8 +21,8 @@ class PartTimer(Timer):
     """A time limit for this part of a run only, which also keeps an FID evaluation inside it.
 
     Lightning's Timer (``Trainer(max_time=...)``) restores the time spent before from the
-    checkpoint, so a run resumed with a budget smaller than what it had already used would stop at
-    once, a whole call spent without a step. Each part here has its own budget.
+    checkpoint, so a run resumed with a limit smaller than the time it had already used would stop at
+    once, without a step. Each part here has its own limit.
 
     The time limit is checked between steps, and an FID evaluation (a minute or more for a DiT with
     IDDPM-250) runs inside a step's end. One begun with less than its duration left ends past the
@@ -119,7 +119,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     # The previous part's result.json is written right after its checkpoint, so it says where we resume.
     result_file = run_dir / "result.json"
     previous = json.loads(result_file.read_text()) if ckpt.exists() and result_file.exists() else {}
-    trainer.callbacks.append(PartTimer(duration=timedelta(seconds=args.time_limit), fid=fid_cb,
+    limit = timedelta(seconds=args.time_limit) if args.time_limit else None  # None: train to N
+    trainer.callbacks.append(PartTimer(duration=limit, fid=fid_cb,
                                        fid_seconds=[seconds for _, seconds in previous.get("fid_seconds", [])]))
     first_step, parts, start = previous.get("steps_done", 0), previous.get("parts", []), time.perf_counter()
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
