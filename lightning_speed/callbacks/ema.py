@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -53,7 +54,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMA
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from lightning_speed.validation import check_int, check_number
@@ -140,9 +143,10 @@ class EMAWeightAveraging(_LightningEMA):
     same checkpoints) whose per-step update makes no host-device synchronisation, and which also works
     under ``FSDPStrategy`` (each rank averages its own shard; ``state_dict_type`` must be ``full``).
     Differences: integer buffers (e.g. BatchNorm's step counter) are copied rather than averaged
-    and truncated; the average is held in fp32 under ``bf16-true`` and in fp64 under ``64-true``; and
+    and truncated; the average is held in fp32 under ``bf16-true`` and in fp64 under ``64-true``;
     an average that has not been updated yet stands for the training weights, never the initial ones
-    (see the module docstring).
+    (see the module docstring); and the average's copy of the module copies only its weights, sharing its
+    other attributes (a LightningCLI optimizer factory, which cannot be copied under DDP, stays the module's).
 
     ``update_every_n_steps`` must be at least 1, or 0 together with ``update_starting_at_epoch`` (updates
     after epochs only, as in Lightning). A schedule whose first update would come at or after
@@ -214,7 +218,13 @@ class EMAWeightAveraging(_LightningEMA):
             )
         if not self.averages_shards(strategy):
             self._shards = None
-            return super().setup(trainer, pl_module, stage)
+            if is_overridden("configure_model", pl_module):  # its layers must exist before the copy (as in Lightning)
+                pl_module.configure_model()
+            device = self._device or pl_module.device
+            # AveragedModel deep-copies the module it is given: it gets an empty one, then a copy of the weights only
+            self._average_model = AveragedModel(nn.Module(), device=device, use_buffers=self._use_buffers, **self._kwargs)
+            self._average_model.module = _copy_of_weights(pl_module).to(device)
+            return
         state_dict_type = getattr(strategy, "_state_dict_type", "full")
         if state_dict_type != "full":
             raise ValueError(
@@ -463,6 +473,27 @@ class EMAWeightAveraging(_LightningEMA):
                     for k, v in state.items()} if held else state
         finally:
             torch._foreach_copy_(held, own)
+
+
+_MODULE_STATE = frozenset(vars(nn.Module()))
+"""nn.Module's own attributes (parameters, buffers, submodules, hooks): copied with the module, never shared."""
+
+
+def _copy_of_weights(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (its tree of submodules) with its own parameters and buffers; every other attribute is
+    the original's, not a copy.
+
+    The average needs only the weights. A plain deep copy would also copy the module's configuration: the optimizer
+    factory LightningCLI gives a module holds the CLI itself, its parser and trainer (thread locks under DDP, which
+    cannot be copied), and an autoencoder kept as a plain attribute would be copied whole. Sharing those through
+    deepcopy's memo, rather than a ``__deepcopy__`` on our module, works for any LightningModule.
+    """
+    memo: dict[int, Any] = {}
+    for submodule in module.modules():
+        for name, value in vars(submodule).items():
+            if name not in _MODULE_STATE and not isinstance(value, (Tensor, nn.Module)):
+                memo[id(value)] = value
+    return deepcopy(module, memo)
 
 
 def _load_full_state_dict(trainer: "pl.Trainer", pl_module: "pl.LightningModule", state: dict[str, Any]) -> None:

@@ -103,7 +103,8 @@ class SampleGridCallback(SolverSettings, pl.Callback):
     def _output_dir(self, trainer: "pl.Trainer") -> Path:
         return Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
 
-    def _emit(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", save: bool) -> None:
+    def _emit(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", out: Path | None) -> None:
+        """Log a grid to TensorBoard and, with ``out``, write it there as a PNG."""
         step = trainer.global_step
         grid = self.make_grid(trainer, pl_module)
         self.last_grid = grid
@@ -111,8 +112,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid, global_step=step)
-        if save:
-            out = self._output_dir(trainer)
+        if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"samples_step{step}.png"
             write_png(grid, str(path))
@@ -125,15 +125,17 @@ class SampleGridCallback(SolverSettings, pl.Callback):
             return
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step and trainer.is_global_zero:
-            self._emit(trainer, pl_module, save=self.save_dir is not None)
+            self._emit(trainer, pl_module, Path(self.save_dir) if self.save_dir is not None else None)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not (self.at_train_end and trainer.is_global_zero) or trainer.fast_dev_run:
+        if not self.at_train_end or trainer.fast_dev_run:
+            return
+        out = self._output_dir(trainer)  # on every rank: under DDP trainer.log_dir is a broadcast from rank 0
+        if not trainer.is_global_zero:
             return
         if trainer.global_step != self._last_step:
-            self._emit(trainer, pl_module, save=True)
+            self._emit(trainer, pl_module, out)
         elif self.save_dir is None and self.last_grid is not None:  # grid exists but was never written
-            out = self._output_dir(trainer)
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"samples_step{trainer.global_step}.png"
             write_png(self.last_grid, str(path))

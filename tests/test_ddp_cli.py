@@ -1,0 +1,143 @@
+"""Several processes through the CLI: the README's DDP commands (Lightning's launcher and torchrun) on 2 CPU
+processes (gloo), with EMA, the time-step monitor, sample grids and FID on, and the EMA copy they depend on."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_speed import DiffusionModule
+from lightning_speed.backbones import UNet
+from lightning_speed.callbacks import EMAWeightAveraging
+
+from _fixtures import blob_loader, cpu_trainer  # pytest puts tests/ on sys.path
+from conftest import DISTRIBUTED_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ["configs/quickstart.yaml", "configs/strategies/speed.yaml", "configs/multi_gpu/ddp.yaml"]
+STEPS = 4
+TIMEOUT = 240  # seconds; a run takes about 15 on 2 CPU cores, and ranks waiting on each other never end
+SMALL = [  # CPU-sized steps, grid and FID; every callback of the configs stays on
+    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", str(STEPS),
+    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+    "--data.init_args.batch_size", "8", "--data.init_args.val_images", "16",
+    "--monitor.init_args.log_every_n_steps", "2",
+    "--samples.init_args.every_n_steps", str(STEPS), "--samples.init_args.num_samples", "4",
+    "--samples.init_args.solver_steps", "2",
+    "--fid.init_args.num_samples", "16", "--fid.init_args.batch_size", "8", "--fid.init_args.solver_steps", "2",
+    "--fid.init_args.num_reference", "64",
+]  # fmt: skip
+
+
+class _CLIOptimizer:
+    """What LightningCLI passes as ``optimizer``: a callable that holds objects a deep copy cannot copy (the CLI,
+    its parser and trainer, with thread locks under DDP)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self, params):
+        return torch.optim.SGD(params, lr=0.1)
+
+
+def test_ema_copies_the_weights_and_shares_the_optimizer_factory() -> None:
+    backbone = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                    attention_resolutions=[])
+    model = DiffusionModule(backbone, optimizer=_CLIOptimizer(), solver_steps=2)
+    ema = EMAWeightAveraging(decay=0.5)
+    cpu_trainer(max_steps=3, callbacks=[ema]).fit(model, blob_loader(n=48, batch_size=16))
+    average = ema._average_model.module
+    assert ema.n_averaged == 3
+    assert average.optimizer_factory is model.optimizer_factory  # shared, not copied
+    # the weights are the copy's own
+    own, copied = model.state_dict(), average.state_dict()
+    assert own.keys() == copied.keys()
+    assert not {t.untyped_storage().data_ptr() for t in own.values()} & {
+        t.untyped_storage().data_ptr() for t in copied.values()}
+
+
+# ------------------------------------------------------------------------------ the README's commands
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    python_path = [str(REPO), *filter(None, [env.get("PYTHONPATH")])]
+    # HOME and TORCH_HOME: the FID's reference statistics are computed and cached in the test's folder
+    return {**env, "PYTHONPATH": os.pathsep.join(python_path), "HOME": str(home), "TORCH_HOME": str(home / "torch"),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    """Run ``command`` and its ranks in their own process group; its output, after checking it succeeded."""
+    proc = subprocess.Popen(command, cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only the launcher
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(command[:4])} ... still ran after {TIMEOUT} s (ranks waiting on each other):\n"
+                    f"{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    assert "Starting with 2 processes" in out
+    return out
+
+
+def _config_args() -> list[str]:
+    return [arg for path in CONFIGS for arg in ("--config", str(REPO / path))]
+
+
+def _check_run(cwd: Path) -> None:
+    """One run folder, by rank 0, with the TensorBoard scalars of the loss, the monitor and the FID, the last grid,
+    and a checkpoint holding the EMA average next to the training weights."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert [p.name for p in (cwd / "runs" / "speed").iterdir()] == ["version_0"]
+    run = cwd / "runs" / "speed" / "version_0"
+    strategy = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning_speed.distributed.SyncFreeDDPStrategy"
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "train/loss" in scalars and "timesteps/share/convergence" in scalars  # the monitor saw SpeeD's sampling
+    fid = events.Scalars("fid")
+    assert [e.step for e in fid] == [STEPS] and math.isfinite(fid[0].value) and fid[0].value > 0
+    assert (run / f"samples_step{STEPS}.png").is_file()
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == STEPS
+    assert int(ckpt["averaging_state"]["n_averaged"]) == STEPS  # updated after every step
+    average, training = ckpt["state_dict"], ckpt["current_model_state"]
+    assert average.keys() == training.keys()
+    assert all(torch.isfinite(t).all() for t in average.values() if t.is_floating_point())
+    assert any(not torch.equal(average[k], training[k]) for k in average)  # an average, not the weights
+
+
+def test_readme_ddp_command_on_two_cpu_processes(tmp_path: Path) -> None:
+    """``lightning-speed fit --config BASE --config STRATEGY --config configs/multi_gpu/ddp.yaml --trainer.devices N``:
+    Lightning starts the second process itself."""
+    script = Path(sys.executable).with_name("lightning-speed")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "lightning_speed"]
+    _run([*command, "fit", *_config_args(), *SMALL], tmp_path)
+    _check_run(tmp_path)
+
+
+def test_readme_torchrun_command_on_one_node_of_two_cpu_processes(tmp_path: Path) -> None:
+    """The README's multi-node command with one node: torchrun starts both processes and sets their ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # the ``torchrun`` command
+    _run([*torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--node_rank", "0", "--master_addr", "127.0.0.1",
+          "--master_port", str(port), "-m", "lightning_speed", "fit", *_config_args(), *SMALL,
+          "--trainer.num_nodes", "1"], tmp_path)
+    _check_run(tmp_path)
