@@ -31,7 +31,7 @@ from lightning_speed.callbacks.strategies import StrategyCallback
 from lightning_speed.checkpoints import (
     check_checkpoint_file, check_checkpoint_matches, load_checkpoint, optimizer_changes,
 )
-from lightning_speed.module import RENAMED_ARGUMENTS, DiffusionModule
+from lightning_speed.module import DiffusionModule
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -135,10 +135,6 @@ class SpeedArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.exit_on_error:
             headline = first_useful_error(message)
-            old = re.search(r"Group 'model' does not accept option '(\w+)'|does not accept option 'model\.(\w+)'", message)
-            key = old and (old.group(1) or old.group(2))
-            if key in RENAMED_ARGUMENTS:  # a config of an earlier version
-                headline = f"model.{key} is now model.{RENAMED_ARGUMENTS[key]}"
             if "arguments are required" in message and "model.backbone" in message:
                 headline += (
                     ". A strategy, schedule or ablation file only adds to a base config: give the base config first, "

@@ -15,7 +15,7 @@ arguments of its own, each able to restore Lightning's behaviour:
   "The AccumulateGrad node's stream does not match..." and synchronises the two streams per parameter;
   Lightning-AI/pytorch-lightning#21567). ``"current"`` builds DDP on the current stream, as plain PyTorch does, and
   silences the warning. Measured on 2 H200s it was not faster: 2 % slower for the UNet, equal for DiT-B/2
-  (BENCHMARKS.md 0d), so ``"side"``, Lightning's, is the default.
+  (``benchmarks/results/ddp_scaling_h200x2_bucket/``), so ``"side"``, Lightning's, is the default.
 
 Select it in YAML (``configs/multi_gpu/ddp.yaml`` does)::
 
@@ -24,7 +24,7 @@ Select it in YAML (``configs/multi_gpu/ddp.yaml`` does)::
         class_path: lightning_speed.distributed.SyncFreeDDPStrategy
         init_args: {static_graph: true, gradient_as_bucket_view: true}
 
-BENCHMARKS.md, section 0d, has the measurements.
+BENCHMARKS.md, under multi-GPU scaling, has the measurements.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class FeedForward(nn.Sequential):
     Sampling on a GPU (CUDA, no autograd) runs the first layer and the GELU as one product with a GELU epilogue
     (``linear_tanh_gelu``): the 4x-wide hidden activations are then written once, instead of written, read and
     written again by the GELU kernel that ``torch.compile`` leaves after a cuBLAS product. On an H100 that took 11 %
-    off the compiled bf16 DiT-S/2 forward at the FID batch (BENCHMARKS.md, section 0b). ``gelu_epilogue = False``
+    off the compiled bf16 DiT-S/2 forward at the FID batch (BENCHMARKS.md, FID time). ``gelu_epilogue = False``
     keeps the three separate calls everywhere.
     """
 
