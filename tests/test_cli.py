@@ -218,10 +218,32 @@ def test_readme_commands_match_ci_and_list_every_config() -> None:
     assert commands[0].endswith("lightning-speed fit --config configs/quickstart.yaml")
     assert commands[1].endswith('pip install -e ".[dev]" && pytest')
     assert 'pip install -q -e ".[dev]" && pytest' in (REPO / ".ci" / "run").read_text()  # CI runs the same
+    study_doc = (REPO / "docs" / "configs.md").read_text()  # configs/study/ is listed there, the rest in the README
     for path in CONFIGS:
         names = (path.name, str(path.relative_to(REPO / "configs")), str(path.relative_to(REPO)))
-        assert any(f"`{name}`" in readme for name in names), \
-            f"README's config tables lack {path.relative_to(REPO)}"
+        study = path.parent.name == "study"
+        assert any(f"`{name}`" in (study_doc if study else readme) for name in names), \
+            f"{'docs/configs.md' if study else 'README'}'s config tables lack {path.relative_to(REPO)}"
+
+
+def test_readme_and_docs_links_point_to_existing_files_and_headings() -> None:
+    """Every relative link of README.md and docs/*.md names a file that exists, and a heading there if it has #."""
+    import re
+
+    def anchors(page: Path) -> set[str]:  # GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens
+        headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert len(pages) > 5
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.is_file(), f"{page.relative_to(REPO)} links to a missing {target}"
+            assert not anchor or anchor in anchors(linked), f"{page.relative_to(REPO)}: no heading for {target}"
 
 
 # ------------------------------------------------------------------- errors said first and clearly
@@ -419,7 +441,7 @@ def test_a_strategy_class_named_on_the_command_line_starts_from_its_own_defaults
         config = main(["--config", str(QUICKSTART), *extra], run=False).config["strategy"]
         return {"class": config["class_path"].rsplit(".", 1)[-1], **config["init_args"].as_dict()}
 
-    assert strategy("--strategy", "P2Weighting") == {"class": "P2Weighting", "k": 1.0, "gamma": 1.0}
+    assert strategy("--strategy", "P2Weighting") == {"class": "P2Weighting", "k": 1.0, "gamma": 1.0, "scale": 1.0}
     cli = main(["--config", str(QUICKSTART), "--strategy.class_path=lightning_speed.callbacks.P2Weighting",
                 "--strategy.init_args.gamma", "2"], run=False)  # fmt: skip
     p2 = next(c for c in cli.trainer.callbacks if isinstance(c, P2Weighting))

@@ -17,6 +17,7 @@ import yaml
 
 import lightning_speed.callbacks as callbacks_module
 from benchmarks.common import smoke_args
+from benchmarks.convergence.runs import STUDY as STUDY_RUNS
 from conftest import have_fashion_mnist  # pytest puts tests/ on sys.path (no __init__.py there)
 from lightning_speed.callbacks import StrategyCallback
 from lightning_speed.cli import SpeedCLI, main
@@ -36,6 +37,7 @@ ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
 SCHEDULES = sorted((CONFIGS / "schedules").glob("*.yaml"))
 MULTI_GPU = sorted((CONFIGS / "multi_gpu").glob("*.yaml"))
 FSDP = CONFIGS / "multi_gpu" / "fsdp_dit_xl.yaml"  # Lightning runs FSDP on GPUs only: parsed here, not run
+STUDY = sorted((CONFIGS / "study").glob("*.yaml"))  # the convergence study's candidates (tests/test_study_strategies.py)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -49,7 +51,8 @@ def name(path: Path) -> str:
 # ------------------------------------------------------------------------------ composition rules
 def test_the_layout_is_complete() -> None:
     shipped = sorted(CONFIGS.rglob("*.yaml"))
-    assert shipped == sorted([QUICKSTART, *BASES, *PAPER, *STRATEGIES, *ABLATIONS, *SCHEDULES, *MULTI_GPU]), "a YAML outside the layout"
+    assert shipped == sorted([QUICKSTART, *BASES, *PAPER, *STRATEGIES, *ABLATIONS, *SCHEDULES, *MULTI_GPU, *STUDY]), \
+        "a YAML outside the layout"
     assert {p.stem for p in MULTI_GPU} == {"ddp", "fsdp_dit_xl"}
     assert {p.stem for p in BASES} >= {"fashion_mnist", "fashion_mnist_dit", "cifar10"}
     assert {p.stem for p in PAPER} == {"ffhq", "metfaces"}
@@ -129,6 +132,7 @@ def combinations() -> list[tuple[str, ...]]:
     runs += [(name(fashion), "strategies/speed_auto.yaml", name(s)) for s in SCHEDULES]
     runs += [(name(base), "strategies/speed.yaml", name(m)) for base in BASES for m in MULTI_GPU if m != FSDP
              if base.stem in ("fashion_mnist", "fashion_mnist_dit")]
+    runs += [("fashion_mnist_dit.yaml", *files) for files in STUDY_RUNS.values()]  # the base the study runs on
     return [(name(QUICKSTART),), *runs]
 
 
@@ -251,7 +255,7 @@ def test_ddp_file_builds_the_sync_free_ddp_strategy_with_its_options(cli_env: Pa
     assert type(strategy) is SyncFreeDDPStrategy and strategy.sigterm_check_lag > 0
     options = load(CONFIGS / "multi_gpu" / "ddp.yaml")["trainer"]["strategy"]["init_args"]
     assert {k: strategy._ddp_kwargs[k] for k in options} == options
-    # The base config's compile mode stays: CUDA graphs measured fastest under DDP for the UNet (BENCHMARKS.md 0d).
+    # The base config's compile mode stays: CUDA graphs measured fastest under DDP for the UNet (BENCHMARKS.md, section 5).
     assert "compile_mode" not in (load(CONFIGS / "multi_gpu" / "ddp.yaml").get("model") or {})
 
 

@@ -41,10 +41,26 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "speed_weighting_only_lam1_tau_auto": ("ablations/speed_weighting_only_lam1_tau_auto.yaml",),
     "speed_weighting_only_lam1_tau850": ("ablations/speed_weighting_only_lam1_tau850.yaml",),
 }
-RUNS: dict[str, tuple[str, ...]] = {**STRATEGIES, **ABLATIONS}
+# Candidates for reaching uniform's FID in half the steps (configs/study/): measured, not recommended yet.
+STUDY: dict[str, tuple[str, ...]] = {
+    "curriculum_speed": ("study/curriculum_speed.yaml",),  # SpeeD's sampling annealed to uniform by N / 2
+    "curriculum_logit_normal": ("study/curriculum_logit_normal.yaml",),  # logit-normal, uniform from N / 2 on
+    "official_code_min_snr": ("study/official_code_min_snr.yaml",),  # the SpeeD code's "min_snr": 5 / (1 + SNR)
+    "official_code_clts": ("study/official_code_clts.yaml",),  # the SpeeD code's "clts": a spike at t = 300
+    "laplace_log_snr": ("study/laplace_log_snr.yaml",),
+    "edm_log_normal": ("study/edm_log_normal.yaml",),
+    "speed_sampling_min_snr": ("study/speed_sampling_min_snr.yaml",),
+    "logit_normal_change_aware": ("study/logit_normal_change_aware.yaml",),
+    # uniform t with a OneCycle learning rate (its total_steps must be N: see the file)
+    "uniform_onecycle": ("strategies/uniform.yaml", "study/onecycle_lr.yaml"),
+    # the paper's small-data regime: 1,336 training images
+    "uniform_1336": ("strategies/uniform.yaml", "study/fashion_mnist_1336.yaml"),
+    "speed_1336": ("strategies/speed.yaml", "study/fashion_mnist_1336.yaml"),
+}
+RUNS: dict[str, tuple[str, ...]] = {**STRATEGIES, **ABLATIONS, **STUDY}
 NAMES = sorted(RUNS)
-# A strategy on another noise schedule is compared with uniform sampling on that schedule (the default: "uniform").
-BASELINES = {"speed_cosine": "uniform_cosine"}
+# A strategy on another noise schedule or data set is compared with uniform sampling there (the default: "uniform").
+BASELINES = {"speed_cosine": "uniform_cosine", "speed_1336": "uniform_1336"}
 
 
 def config_args(base: str, run: str) -> list[str]:

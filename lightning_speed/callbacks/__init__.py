@@ -1,7 +1,8 @@
 """Lightning callbacks: time-step strategies (SpeeD and baselines), monitoring and evaluation.
 
 Strategy callbacks are named for what they do: ``...Sampling`` installs where t comes from,
-``...Weighting`` how each t's loss counts, ``SpeeD`` both with one tau.
+``...Weighting`` how each t's loss counts, ``SpeeD`` both with one tau, ``Compose`` any sampling
+callback with any weighting callback.
 """
 
 from lightning_speed.callbacks.ema import EMAWeightAveraging
@@ -14,6 +15,10 @@ from lightning_speed.callbacks.strategies import (
     AsymmetricTimestepSampling,
     ChangeAwareWeighting,
     CLTSSampling,
+    Compose,
+    CurriculumSampling,
+    EDMLogNormalSampling,
+    LaplaceLogSNRSampling,
     LogitNormalSampling,
     LossAwareSampling,
     LossWeightingCallback,
@@ -32,8 +37,12 @@ __all__ = [
     "AsymmetricTimestepSampling",
     "CLTSSampling",
     "ChangeAwareWeighting",
+    "Compose",
+    "CurriculumSampling",
+    "EDMLogNormalSampling",
     "EMAWeightAveraging",
     "FIDCallback",
+    "LaplaceLogSNRSampling",
     "LogitNormalSampling",
     "LossAwareSampling",
     "LossWeightingCallback",

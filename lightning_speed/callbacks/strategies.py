@@ -43,7 +43,7 @@ from typing_extensions import override
 from lightning_speed.schedules import (
     NoiseSchedule, Prediction, Tau, check_prediction, check_tau, prediction_of, resolve_tau,
 )
-from lightning_speed.timesteps import baselines, speed
+from lightning_speed.timesteps import baselines, curriculum, log_snr, speed
 from lightning_speed.timesteps.base import (
     ConstantWeights,
     DeviceTables,
@@ -427,15 +427,19 @@ class ChangeAwareWeighting(LossWeightingCallback):
 
 # --------------------------------------------------------------------------------- baselines
 class P2Weighting(LossWeightingCallback):
-    """P2 weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma; official k = 1, gamma = 1."""
+    """P2 weighting (Choi et al. 2022): w(t) = scale / (k + SNR(t))^gamma; official k = 1, gamma = 1, scale 1.
 
-    def __init__(self, k: float = 1.0, gamma: float = 1.0) -> None:
+    scale 5 with k 1, gamma 1 is what the SpeeD code's ``min_snr`` weighting computes (see
+    ``lightning_speed.timesteps.baselines``); ``configs/study/official_code_min_snr.yaml`` trains it.
+    """
+
+    def __init__(self, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> None:
         super().__init__()
-        self.k, self.gamma = baselines.check_p2(k, gamma)
+        self.k, self.gamma, self.scale = baselines.check_p2(k, gamma, scale)
 
     @override
     def build_weights(self, strategy: TimestepStrategy) -> LossWeights:
-        return baselines.P2Weights(strategy.schedule, self.k, self.gamma)
+        return baselines.P2Weights(strategy.schedule, self.k, self.gamma, self.scale)
 
 
 class MinSNRWeighting(LossWeightingCallback):
@@ -588,3 +592,187 @@ __all__ = [
     "TimestepSamplingCallback",
     "find_strategy",
 ]
+
+
+# ------------------------------------------------------------------------ study strategies
+class LaplaceLogSNRSampling(TimestepSamplingCallback):
+    """t whose log-SNR follows Laplace(mu, b) (Hang et al. 2024), mapped onto the module's schedule.
+
+    Args:
+        mu: the centre in log-SNR (0: SNR 1).
+        b: the scale in log-SNR (0.5).
+        seed: the sampler's own seed (None: from ``torch.initial_seed()``).
+
+    See ``lightning_speed.timesteps.log_snr`` for how a log-SNR density becomes P(t).
+    """
+
+    def __init__(self, mu: float = 0.0, b: float = 0.5, seed: int | None = None) -> None:
+        super().__init__(seed)
+        self.mu, self.b = log_snr.check_laplace(mu, b)
+
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        return log_snr.LaplaceLogSNRSampler(strategy.schedule, self.mu, self.b)
+
+
+class EDMLogNormalSampling(TimestepSamplingCallback):
+    """EDM's training noise levels, ln sigma ~ N(p_mean, p_std^2) with sigma^2 = 1 / SNR, mapped onto the schedule.
+
+    Args:
+        p_mean: mean of ln sigma (-1.2).
+        p_std: standard deviation of ln sigma (1.2).
+        seed: the sampler's own seed (None: from ``torch.initial_seed()``).
+    """
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, seed: int | None = None) -> None:
+        super().__init__(seed)
+        self.p_mean, self.p_std = log_snr.check_edm(p_mean, p_std)
+
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        return log_snr.EDMLogNormalSampler(strategy.schedule, self.p_mean, self.p_std)
+
+
+class CurriculumSampling(TimestepSamplingCallback):
+    """``early``'s time steps at first, annealed to uniform t by ``switch`` x ``trainer.max_steps``.
+
+    Each sample's t comes from ``early``'s sampler with probability a(step), else uniformly; a goes from 1
+    to 0 linearly (``shape="linear"``) or drops at once (``shape="step"``, the two phases of Curriculum
+    Sampling). See ``lightning_speed.timesteps.curriculum``.
+
+    Args:
+        early: the sampling callback whose sampler draws early t (``AsymmetricSampling``,
+            ``LogitNormalSampling``, ...: a fixed distribution); its ``tau`` is the run's. Its seed stays
+            unset: this callback seeds it.
+        switch: the fraction of ``trainer.max_steps`` at which t is uniform (0.5).
+        shape: ``linear`` or ``step``.
+        seed: the sampler's own seed (None: from ``torch.initial_seed()``).
+    """
+
+    def __init__(self, early: TimestepSamplingCallback, switch: float = 0.5, shape: curriculum.Shape = "linear",
+                 seed: int | None = None) -> None:
+        super().__init__(seed)
+        if not isinstance(early, TimestepSamplingCallback):
+            raise TypeError(
+                f"early must be a time-step sampling callback such as AsymmetricSampling, got {type(early).__name__}."
+            )
+        if isinstance(early, (CLTSSampling, LossAwareSampling, CurriculumSampling)):
+            raise ValueError(
+                f"early must draw from a fixed distribution, got {type(early).__name__}, which changes during training: "
+                "use e.g. AsymmetricSampling or LogitNormalSampling."
+            )
+        if early.seed is not None:
+            raise ValueError(
+                f"early={type(early).__name__}(seed={early.seed}) would be ignored: CurriculumSampling seeds its early "
+                f"sampler. Leave early's seed null and set CurriculumSampling(seed={early.seed})."
+            )
+        self.early = early
+        self.switch = curriculum.check_switch(switch)
+        self.shape = curriculum.check_shape(shape)
+        self.tau = early.tau
+        self.anneal_steps = 1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            max_steps = trainer.max_steps
+            if not isinstance(max_steps, int) or max_steps < 1:
+                raise ValueError(
+                    f"CurriculumSampling anneals to uniform t by switch x trainer.max_steps, but max_steps is {max_steps}: "
+                    "set trainer.max_steps (e.g. --trainer.max_steps 50000)."
+                )
+            self.anneal_steps = max(1, round(self.switch * max_steps))
+            if isinstance(self.sampler, curriculum.CurriculumSampler):  # a repeated fit
+                self.sampler.anneal_steps = self.anneal_steps
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def build_sampler(self, strategy: TimestepStrategy) -> TimestepSampler:
+        return curriculum.CurriculumSampler(self.early.build_sampler(strategy), self.anneal_steps, self.shape)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # trainer.global_step is a Python int (restored on resume): the mixing share never syncs.
+        if isinstance(self.sampler, curriculum.CurriculumSampler):
+            self.sampler.set_step(trainer.global_step)
+
+
+class Compose(StrategyCallback):
+    """One sampling and one weighting callback as one strategy (one ``strategy`` entry of a config).
+
+    Args:
+        sampling: a ``...Sampling`` callback (where t comes from).
+        weighting: a ``...Weighting`` callback (how each t's loss counts).
+
+    Each part installs and checkpoints as it does alone (same seed, so the same t as the sampling callback
+    alone); this callback forwards the hooks they use. Their taus must agree; the run's tau is theirs.
+    """
+
+    installs_sampler = True
+    installs_weights = True
+
+    def __init__(self, sampling: TimestepSamplingCallback, weighting: LossWeightingCallback) -> None:
+        super().__init__(seed=None)
+        if not isinstance(sampling, TimestepSamplingCallback):
+            raise TypeError(
+                f"sampling must be a time-step sampling callback such as AsymmetricSampling, got {type(sampling).__name__}."
+            )
+        if not isinstance(weighting, LossWeightingCallback):
+            raise TypeError(
+                f"weighting must be a loss weighting callback such as MinSNRWeighting, got {type(weighting).__name__}."
+            )
+        taus = [tau for tau in (sampling.tau, weighting.tau) if tau is not None]
+        if len(taus) == 2 and type(taus[0]) is type(taus[1]) and taus[0] != taus[1]:
+            raise ValueError(
+                f"{type(sampling).__name__}(tau={taus[0]!r}) and {type(weighting).__name__}(tau={taus[1]!r}) disagree: one "
+                "convergence threshold holds for sampling, weighting and the monitor. Give both the same tau."
+            )
+        self.sampling, self.weighting = sampling, weighting
+        self.tau = taus[0] if taus else None
+
+    def _parts(self) -> tuple[StrategyCallback, StrategyCallback]:
+        return self.sampling, self.weighting
+
+    @override
+    def resolved_tau(self, schedule: NoiseSchedule) -> int | None:
+        resolved = {type(cb).__name__: cb.resolved_tau(schedule) for cb in self._parts() if cb.tau is not None}
+        if len(set(resolved.values())) > 1:
+            given = ", ".join(f"{name} tau={tau}" for name, tau in resolved.items())
+            raise ValueError(f"Compose: its parts disagree on tau on this schedule ({given}); give both the same tau.")
+        return next(iter(resolved.values()), None)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for part in self._parts():
+            part.setup(trainer, pl_module, stage)
+        self.sampler, self.weights = self.sampling.sampler, self.weighting.weights
+        self._strategy = self.sampling._strategy
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for part in self._parts():
+            part.on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        for part in self._parts():
+            part.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for part in self._parts():
+            part.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampling": self.sampling.state_dict(), "weighting": self.weighting.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sampling.load_state_dict(state_dict.get("sampling", {}))
+        self.weighting.load_state_dict(state_dict.get("weighting", {}))
+
+
+__all__ += ["Compose", "CurriculumSampling", "EDMLogNormalSampling", "LaplaceLogSNRSampling"]

@@ -16,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from lightning_speed.validation import check_int
 from .base import UInt8ImageDataModule
 from .idx import read_idx
 
 SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
+SUBSET_SEED = 0
+"""Seeds the choice of ``train_subset`` images: the same subset for every run and run seed."""
 DEFAULT_DOWNLOAD_ROOT = Path(os.path.expanduser("~/.cache/lightning_speed/fashion-mnist"))
 
 CLASS_NAMES = (
@@ -104,6 +107,9 @@ class FashionMNISTDataModule(FashionMNISTBase):
         on_device: keep the train set on the GPU and batch there (fastest; ~60 MB).
         download: fetch the files with torchvision when they are not found.
         seed: seeds the shuffling order (and the on-device flips).
+        train_subset: train on this many training images only, a fixed random subset (``SUBSET_SEED``,
+            numpy's legacy RandomState, whose stream never changes); e.g. 1336, MetFaces' size, the SpeeD
+            paper's small-data regime. Validation and FID references still come from the test split.
     """
 
     name = "fashion_mnist"
@@ -120,6 +126,7 @@ class FashionMNISTDataModule(FashionMNISTBase):
         on_device: bool = False,
         download: bool = False,
         seed: int = 0,
+        train_subset: int | None = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -133,6 +140,9 @@ class FashionMNISTDataModule(FashionMNISTBase):
         self.save_hyperparameters()
         self.root = root
         self.download = download
+        self.train_subset = None if train_subset is None else check_int(
+            train_subset, "train_subset", minimum=1, hint="the number of training images to keep, or null for all"
+        )
         self._files: dict[str, Path] | None = None
 
     # ---------------------------------------------------------------- locating
@@ -196,4 +206,12 @@ class FashionMNISTDataModule(FashionMNISTBase):
         files = self.files
         images, labels = read_idx(files[img_stem]), read_idx(files[lab_stem])
         validate_pair(images, labels, (files[img_stem], files[lab_stem]), self.num_classes)
+        if split == "train" and self.train_subset is not None:
+            if self.train_subset > len(images):
+                raise ValueError(
+                    f"train_subset={self.train_subset} but {files[img_stem]} holds {len(images)} training images: "
+                    f"use train_subset <= {len(images)}, or null for all."
+                )
+            keep = np.sort(np.random.RandomState(SUBSET_SEED).permutation(len(images))[: self.train_subset])
+            images, labels = images[keep], labels[keep]
         return images[:, None], labels.astype(np.int64)

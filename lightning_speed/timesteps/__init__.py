@@ -2,8 +2,9 @@
 
 ``base`` holds the protocol and ``TimestepStrategy`` (the one object a training step uses),
 ``speed`` SpeeD's asymmetric sampling and change-aware weights, ``baselines`` the methods SpeeD
-is compared with. All are plain device-resident objects; the callbacks in
-``lightning_speed.callbacks`` install them on a LightningModule's ``timesteps``.
+is compared with, ``log_snr`` densities shaped in log-SNR (Laplace, EDM's log-normal) as tables over t,
+``curriculum`` a shaped sampler annealed to uniform t. All are plain device-resident objects;
+the callbacks in ``lightning_speed.callbacks`` install them on a LightningModule's ``timesteps``.
 """
 
 from lightning_speed.timesteps.base import (
@@ -30,6 +31,13 @@ from lightning_speed.timesteps.baselines import (
     min_snr_weights,
     p2_weights,
 )
+from lightning_speed.timesteps.curriculum import CurriculumSampler
+from lightning_speed.timesteps.log_snr import (
+    EDMLogNormalSampler,
+    LaplaceLogSNRSampler,
+    edm_log_normal_probabilities,
+    laplace_log_snr_probabilities,
+)
 from lightning_speed.timesteps.speed import (
     AsymmetricSampler,
     ChangeAwareWeights,
@@ -50,7 +58,10 @@ __all__ = [
     "CLTSSampler",
     "ChangeAwareWeights",
     "ConstantWeights",
+    "CurriculumSampler",
     "DeviceTables",
+    "EDMLogNormalSampler",
+    "LaplaceLogSNRSampler",
     "LogitNormalSampler",
     "LossAwareSampler",
     "LossWeights",
@@ -66,6 +77,8 @@ __all__ = [
     "change_aware_weights",
     "clts_gaussian",
     "dual_pairs",
+    "edm_log_normal_probabilities",
+    "laplace_log_snr_probabilities",
     "logit_normal_probabilities",
     "min_snr_weights",
     "p2_weights",

@@ -2,7 +2,10 @@
 
 Weightings (tables over t, gathered per step):
 
-* ``P2Weights``: w(t) = 1 / (k + SNR(t))^gamma (Choi et al. 2022; official k = 1, gamma = 1).
+* ``P2Weights``: w(t) = scale / (k + SNR(t))^gamma (Choi et al. 2022; official k = 1, gamma = 1, scale 1).
+  With scale 5 it is what the SpeeD code's ``min_snr`` weighting evaluates to, 5 / (1 + SNR(t)): that
+  code stacks (SNR, 5), takes a minimum and keeps element [0], the constant 5, so its Min-SNR-5 is
+  five times P2 (4.61 at t = 500 and 5.0 at t = 999 on the linear schedule, where Min-SNR-5 gives 1).
 * ``MinSNRWeights``: Min-SNR-gamma (Hang et al. 2023), gamma = 5. The clamp min(SNR, gamma)
   is defined on the x0-space loss; expressed for the loss the network is trained on:
   epsilon-prediction w = min(SNR, gamma) / SNR, v-prediction w = min(SNR, gamma) / (SNR + 1),
@@ -23,6 +26,9 @@ Samplers:
   tail still reaches the convergence area, so the curriculum concentrates on the informative
   steps without starving any t (the mixture keeps the uniform part until a = 1 anyway).
   The Gaussian is evaluated at the integers 0..T-1 and renormalised (truncated).
+  The SpeeD code's own CLTS evaluates exp(-((t - mu)^2) / 2 * T^2): by operator precedence a
+  Gaussian of width 1 / T, so all of its mass sits on t = mu. sigma = 0.001 (1 / T in steps of a
+  T = 1000 process) reproduces it exactly: exp(-5e5 (t - 300)^2) underflows to 0 at every other t.
   The distribution is a lerp between two fixed CDF tables, recomputed on the device from a
   Python step count (``set_step``) without syncs.
 * ``LossAwareSampler`` (Nichol & Dhariwal 2021, "loss-second-moment"): keeps the last
@@ -56,10 +62,11 @@ from lightning_speed.validation import check_int, check_number
 # ------------------------------------------------------------------------------ argument checks
 # One function per strategy, used by the strategy and by the callback that installs it, so a
 # bad value fails when the callback is constructed (before any schedule exists).
-def check_p2(k: float, gamma: float) -> tuple[float, float]:
+def check_p2(k: float, gamma: float, scale: float = 1.0) -> tuple[float, float, float]:
     return (
         check_number(k, "P2's k", at_least=0, hint="the official value is 1"),
         check_number(gamma, "P2's gamma", at_least=0, hint="the official value is 1"),
+        check_number(scale, "P2's scale", above=0, hint="1 is P2; 5 is the SpeeD code's 'min_snr', 5 / (1 + SNR)"),
     )
 
 
@@ -103,26 +110,27 @@ def check_loss_aware(history: int, uniform_prob: float) -> tuple[int, float]:
 
 
 # ------------------------------------------------------------------------------ weights
-def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0) -> Tensor:
-    """P2 weighting 1 / (k + SNR)^gamma, float64 (T,)."""
+def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> Tensor:
+    """P2 weighting scale / (k + SNR)^gamma, float64 (T,)."""
     snr = schedule.snr
     if k == 0 and gamma > 0 and bool((snr == 0).any()):
         raise ValueError(
             f"P2 with k = 0 is infinite where SNR = 0, and the {schedule.name} schedule reaches SNR = 0 at "
             f"t = {schedule.num_timesteps - 1} (zero terminal SNR): use k > 0 (the official value is 1)."
         )
-    return 1.0 / (k + snr) ** gamma
+    return scale / (k + snr) ** gamma
 
 
 class P2Weights(TableWeights):
-    """Perception-prioritised weighting (Choi et al. 2022): w(t) = 1 / (k + SNR(t))^gamma.
+    """Perception-prioritised weighting (Choi et al. 2022): w(t) = scale / (k + SNR(t))^gamma.
 
-    ``schedule``: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor or an object with one.
+    ``schedule``: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor or an object with one. ``scale`` 1 is P2;
+    5 (with k 1, gamma 1) is the SpeeD code's ``min_snr`` weighting (see the module docstring).
     """
 
-    def __init__(self, schedule: Any, k: float = 1.0, gamma: float = 1.0) -> None:
-        self.k, self.gamma = check_p2(k, gamma)
-        super().__init__(p2_weights(as_schedule(schedule), self.k, self.gamma))
+    def __init__(self, schedule: Any, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> None:
+        self.k, self.gamma, self.scale = check_p2(k, gamma, scale)
+        super().__init__(p2_weights(as_schedule(schedule), self.k, self.gamma, self.scale))
 
 
 def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: Prediction = "epsilon") -> Tensor:
