@@ -13,10 +13,10 @@ rate, peak memory, and host-device syncs per step in (d) and in (b) (profiler tr
 Rows a, b and c are interleaved (benchmarks/windows.py, as dit_throughput.py measures the DiT): row a
 is a step closure, built and warmed up first; rows b and c are one ``trainer.fit`` with the SpeeD callback,
 in which a callback swaps the module's time-step strategy at window boundaries: b's windows train with
-TimestepStrategy's defaults (UniformSampler + ConstantWeights), c's with what SpeeD installed
-(AsymmetricSampler + ChangeAwareWeights). Sampling and weighting run outside the compiled losses, so b
-and c share one compiled step and c/b is the cost of SpeeD's strategy alone (the SpeeD callback has no
-per-step hook: in b's windows it only sits in the callback list). The schedule a, b, c, a, b, c, ... runs
+TimestepStrategy's defaults (UniformSampling + ConstantWeighting), c's with what SpeeD installed
+(the SpeeD strategy, sampling and weighting). Sampling and weighting run outside the compiled losses, so b
+and c share one compiled step and c/b is the cost of SpeeD's strategy alone (the SpeeD callback's per-step
+hooks are host-side checks: in b's windows it only sits in the callback list). The schedule a, b, c, a, b, c, ... runs
 ``--repeats`` times from inside the fit; every window lasts at least ``--window`` seconds and ``--steps``
 steps, the GPU synchronised at both ends. Each row reports the median images/s of its windows, their min
 and max and every window; ratios use the medians, and for two interleaved rows also the ratio within
@@ -224,7 +224,7 @@ class StrategySwap(pl.Callback):
         self.strategies = {"b_lightning": uniform}
         self.rows, self.warmup = rows, warmup
         self.module: DiffusionModule | None = None
-        self.installed: dict[str, str] = {}  # row -> "Sampler + Weights" it trained with (for the results)
+        self.installed: dict[str, str] = {}  # row -> the strategies it trained with (for the results)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:  # SpeeD installed its pair at setup
         self.strategies["c_lightning_speed"] = (pl_module.timesteps.sampler, pl_module.timesteps.weights)
@@ -232,7 +232,7 @@ class StrategySwap(pl.Callback):
 
     def install(self, row: str) -> None:
         sampler, weights = self.module.timesteps.sampler, self.module.timesteps.weights = self.strategies[row]
-        self.installed[row] = f"{type(sampler).__name__} + {type(weights).__name__}"
+        self.installed[row] = " + ".join(dict.fromkeys(type(s).__name__ for s in (sampler, weights)))  # SpeeD plays both
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.global_step < self.warmup:

@@ -27,11 +27,12 @@ from lightning_speed.callbacks.fid import FIDCallback
 from lightning_speed.callbacks.monitor import TimestepMonitor
 from lightning_speed.callbacks.samples import SampleGridCallback
 from lightning_speed.callbacks.guard import CheckpointOnSignal, DivergenceError, DivergenceGuard
-from lightning_speed.callbacks.strategies import StrategyCallback
+from lightning_speed.callbacks.strategies import TimestepCallback
 from lightning_speed.checkpoints import (
     check_checkpoint_file, check_checkpoint_matches, load_checkpoint, optimizer_changes,
 )
 from lightning_speed.module import DiffusionModule
+from lightning_speed.timesteps import Strategy
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -153,11 +154,11 @@ class SpeedArgumentParser(LightningArgumentParser):
 
 
 def _is_strategy_file(config: dict[str, Any]) -> bool:
-    """A strategy (or ablation) file: ``strategy`` and at most the run's name (``trainer.logger``), nothing a
+    """A strategy (or ablation) file: ``timesteps`` and at most the run's name (``trainer.logger``), nothing a
     base config sets (model, data, the other trainer values, callbacks)."""
     trainer = config.get("trainer")
     only_name = trainer is None or (isinstance(trainer, dict) and set(trainer) <= {"logger"})
-    return set(config) <= {"strategy", "trainer"} and only_name
+    return set(config) <= {"timesteps", "trainer"} and only_name
 
 
 def _is_base(config: dict[str, Any]) -> bool:
@@ -166,7 +167,10 @@ def _is_base(config: dict[str, Any]) -> bool:
 
 
 def _strategy_class(value: Any) -> str | None:
-    """The class name a ``strategy`` value sets ('' for null, None for init_args only, which merge)."""
+    """The class name a ``timesteps`` value sets ('' for null, None for init_args only, which merge); a list's
+    names joined by " + "."""
+    if isinstance(value, list):
+        return " + ".join(_strategy_class(item) or "?" for item in value)
     if isinstance(value, dict):
         if "class_path" not in value:
             return None
@@ -190,10 +194,10 @@ def _load_config(value: str) -> tuple[str, Any]:
 _StrategySet = tuple[str, str, bool]  # (where it was set, class name, set by a strategy file or an option)
 
 
-def strategy_args(args: list[str]) -> list[str]:
-    """Check the time-step strategy that config files and options set, in their order; ``args`` to parse.
+def timesteps_args(args: list[str]) -> list[str]:
+    """Check the time-step strategies that config files and options set, in their order; ``args`` to parse.
 
-    jsonargparse merges each later ``strategy`` into the earlier one: a new class keeps every argument
+    jsonargparse merges each later ``timesteps`` into the earlier one: a new class keeps every argument
     of the old one that it also takes (jsonargparse does this on purpose, so that shared settings need
     not be repeated). Our strategies share names that mean different things (SpeeD's ``k`` 5 is a
     suppression ratio, P2's ``k`` an offset with default 1), so a merge across classes is a silent
@@ -201,22 +205,22 @@ def strategy_args(args: list[str]) -> list[str]:
 
     - a config file that sets another class than an earlier file or option is refused: one run trains
       one strategy (``--config speed.yaml --config p2.yaml`` would train P2 with SpeeD's ``tau``);
-    - a strategy file (``strategy`` and the run name only), or an override file (no ``model`` or ``data``
+    - a strategy file (``timesteps`` and the run name only), or an override file (no ``model`` or ``data``
       keys), may set the same class (its arguments merge), only ``init_args``, or ``null``
       (``strategies/uniform.yaml``: the uniform baseline of a config that has a strategy);
-    - a base config (``model`` or ``data`` keys) that sets ``strategy`` after a strategy file or option set
+    - a base config (``model`` or ``data`` keys) that sets ``timesteps`` after a strategy file or option set
       one is refused: that is a base given after the strategy file (``--config speed.yaml --config
       fashion_mnist.yaml`` would train the base's ``null``, the uniform baseline, or its own SpeeD
       arguments over the strategy file's);
-    - ``--strategy NewClass`` / ``--strategy.class_path NewClass`` on the command line starts NewClass
-      from its own defaults: a ``--strategy null`` is put before it, so nothing of the earlier class
+    - ``--timesteps NewClass`` / ``--timesteps.class_path NewClass`` on the command line starts NewClass
+      from its own defaults: a ``--timesteps null`` is put before it, so nothing of the earlier class
       carries over. That is what naming a class means to a user, and it matches a strategy file, which
-      gives every argument. ``--strategy.init_args.*`` given before such a switch would be dropped, so
+      gives every argument. ``--timesteps.init_args.*`` given before such a switch would be dropped, so
       they are refused: give them after the class.
     """
     out: list[str] = []
     current: _StrategySet | None = None
-    pending: list[str] = []  # --strategy.init_args.* options for the current class
+    pending: list[str] = []  # --timesteps.init_args.* options for the current class
     i = 0
     while i < len(args):
         token = args[i]
@@ -225,15 +229,15 @@ def strategy_args(args: list[str]) -> list[str]:
         width = 1 if "=" in token else 2
         if name in ("--config", "-c") and value is not None:
             where, config = _load_config(value)
-            if isinstance(config, dict) and "strategy" in config:
+            if isinstance(config, dict) and "timesteps" in config:
                 current = _check_config_strategy(where, config, current)
                 pending = []
             out += args[i:i + width]
             i += width
             continue
-        if name in ("--strategy", "--strategy.class_path") and value is not None:
+        if name in ("--timesteps", "--timesteps.class_path") and value is not None:
             try:
-                parsed = yaml.safe_load(value) if name == "--strategy" else value
+                parsed = yaml.safe_load(value) if name == "--timesteps" else value
             except yaml.YAMLError:
                 parsed = value  # jsonargparse reports it
             new = _strategy_class(parsed)
@@ -246,14 +250,14 @@ def strategy_args(args: list[str]) -> list[str]:
                         raise ValueError(
                             f"{' '.join(pending)} came before {option}, which starts {new} from its own defaults "
                             f"(nothing of {current[1]} carries over): give {new}'s arguments after it, e.g. "
-                            f"{option} --strategy.init_args.<name> VALUE."
+                            f"{option} --timesteps.init_args.<name> VALUE."
                         )
-                    out += ["--strategy", "null"]  # a clean start: no argument of the earlier class kept
+                    out += ["--timesteps", "null"]  # a clean start: no argument of the earlier class kept
                 current, pending = (option, new, True), []
             out += args[i:i + width]
             i += width
             continue
-        if token.startswith("--strategy."):
+        if token.startswith("--timesteps."):
             pending.append(token if "=" in token else f"{token} {value}")
         out.append(token)
         i += 1
@@ -261,35 +265,35 @@ def strategy_args(args: list[str]) -> list[str]:
 
 
 def _check_config_strategy(where: str, config: dict[str, Any], current: _StrategySet | None) -> _StrategySet | None:
-    """The strategy after config file ``where`` (see ``strategy_args``); raises for a file that replaces it."""
-    new = _strategy_class(config["strategy"])
+    """The strategy after config file ``where`` (see ``timesteps_args``); raises for a file that replaces it."""
+    new = _strategy_class(config["timesteps"])
     if new is None or current is None:  # init_args only (merge), or nothing set before
         return current if new is None or new == "" else (where, new, _is_strategy_file(config))
     strategy_file = _is_strategy_file(config)
     if new and new != current[1]:
         raise ValueError(
-            f"{where} sets strategy {new}, but {current[0]} already set {current[1]}: one run trains with one "
+            f"{where} sets timesteps {new}, but {current[0]} already set {current[1]}: one run trains with one "
             "time-step strategy, and the later one would silently replace the earlier one, keeping any argument "
             "the two share (such as tau). Give one strategy file per run, after the base config; change its "
-            "arguments with --strategy.init_args.<name> VALUE."
+            "arguments with --timesteps.init_args.<name> VALUE."
         )
     if strategy_file or not _is_base(config):  # an override file given last on purpose, like a strategy file
         return None if new == "" else current  # null: the uniform baseline; the same class: its arguments merge
     if new == "" or current[2]:
-        what = "strategy: null (the uniform baseline)" if new == "" else f"own {new} arguments"
+        what = "timesteps: null (the uniform baseline)" if new == "" else f"own {new} arguments"
         then = current[0] if current[0].startswith("-") else f"--config {current[0]}"
         raise ValueError(
-            f"{where} is a base config, and it comes after {current[0]}, which set strategy {current[1]}: "
+            f"{where} is a base config, and it comes after {current[0]}, which set timesteps {current[1]}: "
             f"the base's {what} would silently replace the strategy's. Give the base config first, then the "
             f"strategy: --config {where} {then}. (For the uniform baseline, put configs/strategies/uniform.yaml "
-            "or --strategy null last.)"
+            "or --timesteps null last.)"
         )
     return current  # a base that sets the class a base before it set: its arguments merge
 
 
 def check_one_strategy(files: list[str]) -> None:
-    """Refuse config files that replace one another's time-step strategy (see ``strategy_args``)."""
-    strategy_args([token for path in files for token in ("--config", path)])
+    """Refuse config files that replace one another's time-step strategy (see ``timesteps_args``)."""
+    timesteps_args([token for path in files for token in ("--config", path)])
 
 
 def _leaves(value: Any, prefix: str) -> dict[str, Any]:
@@ -396,10 +400,9 @@ class SpeedCLI(LightningCLI):
     """LightningCLI with TensorBoard logging by default and the data's shape linked into the model."""
 
     # Callbacks with their own top-level config keys. A later --config file merges into these keys
-    # (a strategy file sets only ``strategy``), whereas it would replace a whole trainer.callbacks list.
+    # (a strategy file sets only ``timesteps``), whereas it would replace a whole trainer.callbacks list.
     # Each key takes any subclass of its class, or null for none.
     CALLBACK_KEYS: dict[str, type[Callback]] = {
-        "strategy": StrategyCallback,  # null: uniform t, unit weights
         "monitor": TimestepMonitor,
         "ema": EMAWeightAveraging,
         "samples": SampleGridCallback,
@@ -410,6 +413,11 @@ class SpeedCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
+        parser.add_argument(
+            "--timesteps", type=Optional[Union[Strategy, list[Strategy]]], default=None,
+            help="The time-step strategy (lightning_speed.timesteps: SpeeD, P2Weighting, ...), or a list of one "
+            "sampling and one weighting strategy; installed by a TimestepCallback. null: uniform t, unit weights.",
+        )
         for key, base in self.CALLBACK_KEYS.items():
             parser.add_lightning_class_args(base, key, subclass_mode=True, required=False)
         parser.set_defaults(
@@ -422,8 +430,11 @@ class SpeedCLI(LightningCLI):
         )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Leave out the callback keys set to null: LightningCLI would pass their None to the Trainer."""
-        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+        """Install ``timesteps`` with a TimestepCallback, first; leave out the callback keys set to null (LightningCLI
+        would pass their None to the Trainer)."""
+        strategies = self._get(self.config_init, "timesteps")
+        installs = [] if strategies is None else [TimestepCallback(strategies)]
+        return super()._instantiate_trainer(config, [*installs, *(c for c in callbacks if c is not None)])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured Trainer plus the two safety callbacks every run gets (unless configured already).
@@ -438,16 +449,16 @@ class SpeedCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Check the strategies the config files and options set (``strategy_args``), then parse.
+        """Check the strategies the config files and options set (``timesteps_args``), then parse.
 
         ``args=None`` (the command) parses sys.argv here: LightningCLI would warn about ``args`` given
-        while sys.argv has arguments, and the ``--strategy null`` that ``strategy_args`` may insert
+        while sys.argv has arguments, and the ``--timesteps null`` that ``timesteps_args`` may insert
         must reach the parser."""
         if isinstance(args, dict) or hasattr(args, "as_dict"):
             return super().parse_arguments(parser, args)
         if args is not None and len(sys.argv) > 1:
-            return super().parse_arguments(parser, strategy_args(list(args)))  # LightningCLI's warning
-        self.config = parser.parse_args(strategy_args(list(sys.argv[1:] if args is None else args)))
+            return super().parse_arguments(parser, timesteps_args(list(args)))  # LightningCLI's warning
+        self.config = parser.parse_args(timesteps_args(list(sys.argv[1:] if args is None else args)))
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: LightningCLI reads the checkpoint's hyperparameters here, right

@@ -352,8 +352,9 @@ class DiffusionModule(pl.LightningModule):
         """Generate ``num_samples`` images, shape (N, C, H, W), on the module's device (latents for latent
         diffusion: ``decode`` turns them into images).
 
-        ``solver="ddim"`` (eta 0 unless given) or ``"ddpm"`` (ancestral; with ``learn_sigma`` the
-        learned variance), on ``solver_steps`` respaced steps (default: the module's ``solver_steps``).
+        ``solver="ddim"`` (eta 0 unless given), ``"ddpm"`` (ancestral; with ``learn_sigma`` the learned variance)
+        or ``"dpmpp_2m"`` (DPM-Solver++(2M): deterministic, second order, for 10 to 50 steps), on
+        ``solver_steps`` respaced steps (default: the module's ``solver_steps``).
         Pass a seeded ``generator`` or explicit ``noise`` for reproducible samples.
         ``labels``: one per sample in [0, num_classes); ``num_classes`` (the null label) samples unconditionally.
         ``clip_denoised``: clamp each step's predicted x0 to [-1, 1], and so the samples (None: the module's

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import torch
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number", "is_integer_tensor", "renamed"]
+__all__ = ["check_bool", "check_choice", "check_int", "check_number", "is_integer_tensor"]
 
 
 def _fail(error: type[Exception], name: str, requirement: str, value: Any, hint: str) -> NoReturn:
@@ -92,22 +92,3 @@ def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
     return value
-
-
-def renamed(new: type, old_name: str, module: str, note: str = "same arguments") -> type:
-    """A stand-in for a class that was renamed: importable, but constructing it raises ``TypeError``
-    naming the new class. It subclasses ``new`` so that config parsers accept its arguments and
-    report the error at instantiation, with this message.
-    """
-
-    def refuse(cls: type, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError(
-            f"{old_name} is now called {new.__name__} ({note}): replace {old_name} by {new.__name__} "
-            f"({module}.{new.__name__}) in your code or config."
-        )
-
-    # Marked as a wrapper of the inherited __new__ (as deprecation decorators are), so config parsers
-    # such as jsonargparse read the arguments from the new class's __init__ and reach this call.
-    refuse.__wrapped__ = new.__new__  # type: ignore[attr-defined]
-    doc = f"Renamed: use :class:`{module}.{new.__name__}`. Constructing this raises ``TypeError``."
-    return type(old_name, (new,), {"__new__": refuse, "__doc__": doc, "__module__": module})

@@ -20,9 +20,10 @@ from lightning.pytorch.loggers import CSVLogger
 from benchmarks.common import SMOKE_BACKBONES
 from lightning_speed import DiffusionModule
 from lightning_speed.backbones import UNet
-from lightning_speed.callbacks import ChangeAwareWeighting, EMAWeightAveraging, FIDCallback, LossAwareSampling, TimestepMonitor
+from lightning_speed.callbacks import EMAWeightAveraging, FIDCallback, TimestepCallback, TimestepMonitor
 from lightning_speed.data.embedded import EmbeddedFashionMNISTDataModule
 from lightning_speed.distributed import SyncFreeDDPStrategy
+from lightning_speed.timesteps import LossAwareSampling, SpeeD
 
 STEPS, BATCH, T, HISTORY = 4, 8, 16, 2
 
@@ -33,25 +34,25 @@ def main(out_dir: str) -> None:
     out = Path(out_dir)
     backbone = UNet(in_channels=1, image_size=32, num_timesteps=T, **SMOKE_BACKBONES["UNet"])
     model = DiffusionModule(backbone, schedule="cosine", num_timesteps=T, solver_steps=2)  # linear needs T >= 50
-    sampling, ema = LossAwareSampling(history=HISTORY), EMAWeightAveraging(decay=0.5)
+    sampler, ema = LossAwareSampling(history=HISTORY), EMAWeightAveraging(decay=0.5)
+    change_aware = SpeeD(tau="auto", k=1.0, dual=False)  # SpeeD's weights alone
     fid = FIDCallback(num_samples=8, batch_size=4, solver_steps=2, feature_extractor="fashion_mnist", num_reference=64,
                       cache_dir=str(out / "cache"), every_n_steps=STEPS, on_train_end=False)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=SyncFreeDDPStrategy(),  # what configs/multi_gpu/ddp.yaml ships
         max_steps=STEPS, logger=CSVLogger(out, name="logs"),
         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[sampling, ChangeAwareWeighting(tau="auto"), ema,
+        limit_val_batches=0, callbacks=[TimestepCallback([sampler, change_aware]), ema,
                                         TimestepMonitor(log_every_n_steps=2), fid],
     )
     drawn: list[torch.Tensor] = []
     draw = model.timesteps.sample
     model.timesteps.sample = lambda n, device=None: drawn.append(draw(n, device)) or drawn[-1]  # type: ignore[method-assign]
     trainer.fit(model, datamodule=EmbeddedFashionMNISTDataModule(batch_size=BATCH, val_images=16))
-    sampler = sampling.sampler
     torch.save({
         "rank": trainer.global_rank, "world_size": trainer.world_size,
         "ema": [p.detach().clone() for p in ema._average_model.module.parameters()],
-        "history": sampler.history.clone(), "counts": sampler.counts.clone(), "probs": sampler.probs.clone(),
+        "history": sampler.loss_history.clone(), "counts": sampler.counts.clone(), "probs": sampler.probs.clone(),
         "drawn": torch.cat(drawn), "fid": fid.history,
     }, out / f"rank{trainer.global_rank}.pt")
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
+from lightning_speed.callbacks import EMAWeightAveraging, TimestepCallback
+from lightning_speed.timesteps import SpeeD
 from lightning_speed.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def main(out_dir: str, data_root: str, steps: int, ckpt: str | None) -> None:
     torch.save({
         "world_size": cli.trainer.world_size,
         "strategy": type(cli.trainer.strategy).__name__,
-        "speed": any(isinstance(c, SpeeD) for c in cli.trainer.callbacks),
+        "speed": any(isinstance(c, TimestepCallback) and isinstance(c.sampling, SpeeD) for c in cli.trainer.callbacks),
         "ema_is_shards": ema._shards is not None and ema._average_model is None,
         "shard_numel": gathered, "total_numel": total,
         "reference": reference.average, "n_averaged": reference.n_averaged,

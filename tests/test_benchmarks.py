@@ -147,8 +147,8 @@ def test_throughput_smoke_writes_rows_and_ratios(throughput: Namespace) -> None:
         assert row[name]["images_per_s"] == pytest.approx(statistics.median(windows)), name
     assert [n for n in row if isinstance(row[n], dict) and row[n].get("interleaved")] == [
         "a_plain_fast", "b_lightning", "c_lightning_speed"]
-    assert row["b_lightning"]["strategy"] == "UniformSampler + ConstantWeights"
-    assert row["c_lightning_speed"]["strategy"] == "AsymmetricSampler + ChangeAwareWeights"
+    assert row["b_lightning"]["strategy"] == "UniformSampling + ConstantWeighting"
+    assert row["c_lightning_speed"]["strategy"] == "SpeeD"
     per_repeat = row["ratios_per_repeat"]
     assert set(per_repeat) == set(row["ratio_spread"]) == {"b_over_a", "c_over_b"}
     b, c = row["b_lightning"]["windows"], row["c_lightning_speed"]["windows"]

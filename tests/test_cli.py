@@ -160,7 +160,7 @@ def test_quickstart_trains_and_writes_logs_checkpoint_samples_and_fid(cli_env: P
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torchvision.io import read_image
 
-    from lightning_speed.timesteps.speed import AsymmetricSampler, ChangeAwareWeights
+    from lightning_speed.timesteps import SpeeD
 
     tmp_path = cli_env
     config = yaml.safe_load(QUICKSTART.read_text())
@@ -176,8 +176,7 @@ def test_quickstart_trains_and_writes_logs_checkpoint_samples_and_fid(cli_env: P
     ])  # fmt: skip
     trainer, model = cli.trainer, cli.model
     assert trainer.global_step == max_steps
-    assert isinstance(model.timesteps.sampler, AsymmetricSampler)
-    assert isinstance(model.timesteps.weights, ChangeAwareWeights)
+    assert isinstance(model.timesteps.sampler, SpeeD) and model.timesteps.weights is model.timesteps.sampler
 
     version_dir = tmp_path / "runs" / "quickstart" / "version_0"
     assert Path(trainer.log_dir) == version_dir
@@ -264,7 +263,7 @@ def run_console(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest
         ("fid:\n  class_path: lightning_speed.callbacks.FIDCallback\n  init_args: {sampling_steps: 20}\n", 1,
          "error: TypeError: FIDCallback(sampling_steps=20): renamed arguments: write solver_steps instead of sampling_steps"),
         ("fid:\n  class_path: lightning_speed.callbacks.FIDCallback\n  init_args: {solver: euler}\n", 2,
-         "error: fid: FIDCallback: solver: Expected a typing.Literal['ddim', 'ddpm']. Got value: euler"),
+         "error: fid: FIDCallback: solver: Expected a typing.Literal['ddim', 'ddpm', 'dpmpp_2m']. Got value: euler"),
         ("model:\n  optimizer:\n    class_path: torch.optim.AdamW\n    init_args: {lr: fast}\n", 2,
          "error: model.optimizer: lr: Expected a <class 'float'>"),
     ],
@@ -388,24 +387,30 @@ def test_a_config_file_that_replaces_another_files_strategy_is_refused(cli_env: 
     base = str(REPO / "configs" / "fashion_mnist.yaml")
     with pytest.raises(ValueError) as err:  # before: trained with P2 alone, SpeeD dropped without a word
         main(["fit", "--config", base, "--config", str(strategies / "speed.yaml"), "--config", str(strategies / "p2.yaml")])
-    assert f"{strategies / 'p2.yaml'} sets strategy P2Weighting, but {strategies / 'speed.yaml'} already set SpeeD" in str(err.value)
-    with pytest.raises(ValueError, match="p2.yaml sets strategy P2Weighting, but .*quickstart.yaml already set SpeeD"):
+    assert f"{strategies / 'p2.yaml'} sets timesteps P2Weighting, but {strategies / 'speed.yaml'} already set SpeeD" in str(err.value)
+    with pytest.raises(ValueError, match="p2.yaml sets timesteps P2Weighting, but .*quickstart.yaml already set SpeeD"):
         check_one_strategy([str(QUICKSTART), str(strategies / "p2.yaml")])
     # what composes: a base's null first, the same class again, a file of init_args only, null (the uniform
     # baseline, test_configs), and after a null another class
     args_only = cli_env / "k2.yaml"
-    args_only.write_text("strategy:\n  init_args: {k: 2.0}\n")
+    args_only.write_text("timesteps:\n  init_args: {k: 2.0}\n")
     check_one_strategy([base, str(strategies / "speed.yaml"), str(strategies / "speed_k2.yaml"), str(args_only)])
     check_one_strategy([str(QUICKSTART), str(strategies / "uniform.yaml"), str(strategies / "p2.yaml")])
-    check_one_strategy([base, str(strategies / "speed.yaml"), "{strategy: null}"])  # inline YAML, like uniform.yaml
-    from lightning_speed.cli import strategy_args
+    check_one_strategy([base, str(strategies / "speed.yaml"), "{timesteps: null}"])  # inline YAML, like uniform.yaml
+    from lightning_speed.cli import timesteps_args
 
-    with pytest.raises(ValueError, match="p2.yaml sets strategy P2Weighting"):  # -c and --config= are config files too
-        strategy_args(["fit", "-c", str(QUICKSTART), "--config=" + str(strategies / "p2.yaml")])
+    with pytest.raises(ValueError, match="p2.yaml sets timesteps P2Weighting"):  # -c and --config= are config files too
+        timesteps_args(["fit", "-c", str(QUICKSTART), "--config=" + str(strategies / "p2.yaml")])
+    # a list of strategies (one per role) is one strategy of the run too
+    study = REPO / "configs" / "study" / "speed_sampling_min_snr.yaml"
+    with pytest.raises(ValueError, match="speed_sampling_min_snr.yaml sets timesteps SpeeD [+] MinSNRWeighting, but "
+                                         ".*speed.yaml already set SpeeD"):
+        check_one_strategy([base, str(strategies / "speed.yaml"), str(study)])
+    check_one_strategy([str(QUICKSTART), str(strategies / "uniform.yaml"), str(study)])
 
 
 def test_a_base_config_after_a_strategy_file_is_refused(cli_env: Path, no_training: None) -> None:
-    """Before: ``--config speed.yaml --config fashion_mnist.yaml`` trained the base's ``strategy: null`` (the uniform
+    """Before: ``--config speed.yaml --config fashion_mnist.yaml`` trained the base's ``timesteps: null`` (the uniform
     baseline, named uniform) and dropped SpeeD without a word; a base of the same class put its arguments over the
     strategy file's (speed_k2.yaml's k 2 became quickstart's 5)."""
     from lightning_speed.cli import check_one_strategy
@@ -415,48 +420,58 @@ def test_a_base_config_after_a_strategy_file_is_refused(cli_env: Path, no_traini
     with pytest.raises(ValueError) as err:
         main(["fit", "--config", str(speed), "--config", str(base)])
     message = str(err.value)
-    assert f"{base} is a base config, and it comes after {speed}, which set strategy SpeeD" in message
-    assert "strategy: null (the uniform baseline) would silently replace" in message
+    assert f"{base} is a base config, and it comes after {speed}, which set timesteps SpeeD" in message
+    assert "timesteps: null (the uniform baseline) would silently replace" in message
     assert f"Give the base config first, then the strategy: --config {base} --config {speed}" in message
-    with pytest.raises(ValueError, match=r"quickstart.yaml is a base config, .*speed_k2.yaml, which set strategy SpeeD: "
+    with pytest.raises(ValueError, match=r"quickstart.yaml is a base config, .*speed_k2.yaml, which set timesteps SpeeD: "
                                          r"the base's own SpeeD arguments would silently replace"):
         check_one_strategy([str(strategies / "speed_k2.yaml"), str(QUICKSTART)])
     # still composes: the base first; uniform.yaml after a config with a strategy (its uniform baseline)
     cli = main(["--config", str(QUICKSTART), "--config", str(strategies / "uniform.yaml")], run=False)
-    assert cli.config["strategy"] is None and cli.config["trainer"]["logger"]["init_args"]["name"] == "uniform"
+    assert cli.config["timesteps"] is None and cli.config["trainer"]["logger"]["init_args"]["name"] == "uniform"
     # an override file (no model or data keys) given last on purpose merges into the strategy, as a strategy file does
     override = cli_env / "override.yaml"
-    override.write_text("trainer: {max_steps: 3}\nstrategy: {class_path: lightning_speed.callbacks.SpeeD, init_args: {tau: 800}}\n")
+    override.write_text("trainer: {max_steps: 3}\ntimesteps: {class_path: lightning_speed.timesteps.SpeeD, init_args: {tau: 800}}\n")
     cli = main(["--config", str(base), "--config", str(speed), "--config", str(override)], run=False)
-    assert cli.config["strategy"]["init_args"]["tau"] == 800 and cli.config["trainer"]["max_steps"] == 3
+    assert cli.config["timesteps"]["init_args"]["tau"] == 800 and cli.config["trainer"]["max_steps"] == 3
 
 
 def test_a_strategy_class_named_on_the_command_line_starts_from_its_own_defaults(cli_env: Path, no_training: None) -> None:
-    """Before: ``--strategy P2Weighting`` after quickstart.yaml's SpeeD (k 5) kept k 5 for P2 (default 1): jsonargparse
+    """Before: ``--timesteps P2Weighting`` after quickstart.yaml's SpeeD (k 5) kept k 5 for P2 (default 1): jsonargparse
     keeps the arguments a new class shares with the old one, and SpeeD's k and P2's k mean different things."""
-    from lightning_speed.callbacks import P2Weighting
-    from lightning_speed.cli import strategy_args
+    from lightning_speed.callbacks import TimestepCallback
+    from lightning_speed.cli import timesteps_args
+    from lightning_speed.timesteps import P2Weighting
 
     def strategy(*extra: str) -> dict[str, Any]:
-        config = main(["--config", str(QUICKSTART), *extra], run=False).config["strategy"]
+        config = main(["--config", str(QUICKSTART), *extra], run=False).config["timesteps"]
         return {"class": config["class_path"].rsplit(".", 1)[-1], **config["init_args"].as_dict()}
 
-    assert strategy("--strategy", "P2Weighting") == {"class": "P2Weighting", "k": 1.0, "gamma": 1.0, "scale": 1.0}
-    cli = main(["--config", str(QUICKSTART), "--strategy.class_path=lightning_speed.callbacks.P2Weighting",
-                "--strategy.init_args.gamma", "2"], run=False)  # fmt: skip
-    p2 = next(c for c in cli.trainer.callbacks if isinstance(c, P2Weighting))
-    assert (p2.k, p2.gamma) == (1.0, 2.0)
-    assert strategy("--strategy", "{class_path: P2Weighting, init_args: {gamma: 3}}")["k"] == 1.0
+    assert strategy("--timesteps", "P2Weighting") == {"class": "P2Weighting", "k": 1.0, "gamma": 1.0, "scale": 1.0}
+    cli = main(["--config", str(QUICKSTART), "--timesteps.class_path=lightning_speed.timesteps.P2Weighting",
+                "--timesteps.init_args.gamma", "2"], run=False)  # fmt: skip
+    (callback,) = (c for c in cli.trainer.callbacks if isinstance(c, TimestepCallback))
+    (p2,) = callback.strategies
+    assert isinstance(p2, P2Weighting) and (p2.k, p2.gamma) == (1.0, 2.0)
+    assert strategy("--timesteps", "{class_path: P2Weighting, init_args: {gamma: 3}}")["k"] == 1.0
     # the same class: its arguments still merge into the config's
-    same = strategy("--strategy", "SpeeD", "--strategy.init_args.k", "3")
+    same = strategy("--timesteps", "SpeeD", "--timesteps.init_args.k", "3")
     assert same["class"] == "SpeeD" and (same["k"], same["tau"], same["lam"]) == (3.0, 700, 0.6)
     with pytest.raises(ValueError, match=re.escape(
-        "--strategy.init_args.k 3 came before --strategy P2Weighting, which starts P2Weighting from its own defaults"
+        "--timesteps.init_args.k 3 came before --timesteps P2Weighting, which starts P2Weighting from its own defaults"
     )):  # it would be dropped
-        strategy_args(["fit", "--config", str(QUICKSTART), "--strategy.init_args.k", "3", "--strategy", "P2Weighting"])
-    with pytest.raises(ValueError, match=r"speed.yaml sets strategy SpeeD, but --strategy P2Weighting already set P2Weighting"):
-        strategy_args(["--config", str(QUICKSTART), "--strategy", "P2Weighting", "--config",
-                       str(REPO / "configs" / "strategies" / "speed.yaml")])  # fmt: skip
+        timesteps_args(["fit", "--config", str(QUICKSTART), "--timesteps.init_args.k", "3", "--timesteps", "P2Weighting"])
+    with pytest.raises(ValueError, match=r"speed.yaml sets timesteps SpeeD, but --timesteps P2Weighting already set P2Weighting"):
+        timesteps_args(["--config", str(QUICKSTART), "--timesteps", "P2Weighting", "--config",
+                        str(REPO / "configs" / "strategies" / "speed.yaml")])  # fmt: skip
+    # a list on the command line: one sampling and one weighting strategy
+    cli = main(["--config", str(QUICKSTART), "--timesteps", "[{class_path: LogitNormalSampling}, {class_path: MinSNRWeighting}]"],
+               run=False)  # fmt: skip
+    (callback,) = (c for c in cli.trainer.callbacks if isinstance(c, TimestepCallback))
+    assert callback.name == "LogitNormalSampling + MinSNRWeighting"
+    with pytest.raises(ValueError, match="Only one sampling strategy can be active, but 2 are given: SpeeD, LogitNormalSampling"):
+        main(["--config", str(QUICKSTART), "--timesteps", "[{class_path: SpeeD}, {class_path: LogitNormalSampling}]"],
+             run=False)  # fmt: skip
 
 
 def test_an_integer_batch_limit_is_a_number_of_batches(cli_env: Path, no_training: None) -> None:

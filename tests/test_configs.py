@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
-import lightning_speed.callbacks as callbacks_module
+import lightning_speed.timesteps as timesteps_module
 from benchmarks.common import smoke_args
 from benchmarks.convergence.runs import STUDY as STUDY_RUNS
 from conftest import have_fashion_mnist  # pytest puts tests/ on sys.path (no __init__.py there)
-from lightning_speed.callbacks import StrategyCallback
+from lightning_speed.callbacks import TimestepCallback
 from lightning_speed.cli import SpeedCLI, main
 from lightning_speed.data import ImageFolderDataModule
 from lightning_speed.module import DiffusionModule
@@ -64,23 +64,23 @@ def test_the_layout_is_complete() -> None:
 @pytest.mark.parametrize("path", [*STRATEGIES, *ABLATIONS], ids=name)
 def test_a_strategy_file_holds_only_its_strategy_and_logger_name(path: Path) -> None:
     """Anything else in a strategy file would make runs of different strategies differ in more than the
-    strategy. Every constructor argument is spelled out: when a later file changes ``strategy``'s class,
-    jsonargparse keeps the earlier class's values of arguments the new class shares (tau, k, seed, ...)."""
+    strategy. Every constructor argument is spelled out: when a later file changes ``timesteps``'s class,
+    jsonargparse keeps the earlier class's values of arguments the new class shares (tau, k, ...)."""
     config = load(path)
-    assert set(config) == {"strategy", "trainer"}, f"{name(path)} sets more than the strategy: {sorted(config)}"
+    assert set(config) == {"timesteps", "trainer"}, f"{name(path)} sets more than the strategy: {sorted(config)}"
     assert config["trainer"] == {"logger": {"init_args": {"name": path.stem}}}
-    strategy = config["strategy"]
+    strategy = config["timesteps"]
     if strategy is None:
         assert path.stem == "uniform"
         return
     assert set(strategy) == {"class_path", "init_args"}
     module, _, class_name = strategy["class_path"].rpartition(".")
-    assert module == "lightning_speed.callbacks"
-    cls = getattr(callbacks_module, class_name)
-    assert issubclass(cls, StrategyCallback)
+    assert module == "lightning_speed.timesteps"
+    cls = getattr(timesteps_module, class_name)
+    assert issubclass(cls, timesteps_module.Strategy)
     parameters = set(inspect.signature(cls.__init__).parameters) - {"self"}
     assert set(strategy["init_args"]) == parameters, f"{name(path)}: spell out exactly {sorted(parameters)}"
-    cls(**strategy["init_args"])  # valid values
+    TimestepCallback(cls(**strategy["init_args"]))  # valid values, one strategy per role
 
 
 @pytest.mark.parametrize("path", SCHEDULES, ids=name)
@@ -92,12 +92,12 @@ def test_a_schedule_file_changes_only_the_schedule(path: Path) -> None:
 def test_callbacks_use_their_own_keys(path: Path) -> None:
     """A callback with a top-level key never hides in trainer.callbacks, which a later file's list replaces."""
     config = load(path)
-    own = {cls.__name__ for cls in SpeedCLI.CALLBACK_KEYS.values()} | {cls.__name__ for cls in StrategyCallback.__subclasses__()}
+    own = {cls.__name__ for cls in SpeedCLI.CALLBACK_KEYS.values()} | {TimestepCallback.__name__}
     listed = [cb["class_path"].rsplit(".", 1)[-1] for cb in config.get("trainer", {}).get("callbacks") or []]
     assert not own & set(listed), f"{name(path)} lists {own & set(listed)} in trainer.callbacks"
-    assert {"monitor", "ema", "samples", "fid", "checkpoint", "strategy"} <= set(config)
+    assert {"monitor", "ema", "samples", "fid", "checkpoint", "timesteps"} <= set(config)
     if path != QUICKSTART:
-        assert config["strategy"] is None  # a base trains uniform t; the strategy comes from a strategy file
+        assert config["timesteps"] is None  # a base trains uniform t; the strategy comes from a strategy file
 
 
 def test_composition_merges_later_files_into_the_top_level_keys(cli_env: Path) -> None:
@@ -106,16 +106,16 @@ def test_composition_merges_later_files_into_the_top_level_keys(cli_env: Path) -
     base, speed, uniform = (CONFIGS / f for f in ("fashion_mnist.yaml", "strategies/speed.yaml", "strategies/uniform.yaml"))
     small = smoke_args(load(base)["model"]["backbone"]["class_path"])
     config = main(["--config", str(base), "--config", str(speed), *small], run=False).config
-    assert config.strategy.class_path == "lightning_speed.callbacks.SpeeD"
-    assert dict(config.strategy.init_args) == {"tau": 700, "k": 5.0, "dual": True, "lam": 0.6, "seed": None}
+    assert config.timesteps.class_path == "lightning_speed.timesteps.SpeeD"
+    assert dict(config.timesteps.init_args) == {"tau": 700, "k": 5.0, "dual": True, "lam": 0.6}
     assert config.trainer.logger.init_args.save_dir == "runs/fashion_mnist"
     assert config.trainer.logger.init_args.name == "speed"
     assert config.fid.init_args.num_samples == load(base)["fid"]["init_args"]["num_samples"]
     assert [cb.class_path for cb in config.trainer.callbacks] == ["lightning.pytorch.callbacks.LearningRateMonitor"]
     cli = main(["--config", str(base), "--config", str(speed), "--config", str(uniform), "--ema.init_args.decay", "0.5",
                 *small], run=False)
-    assert cli.config.strategy is None and cli.config.trainer.logger.init_args.name == "uniform"
-    assert not any(isinstance(cb, StrategyCallback) for cb in cli.trainer.callbacks)  # null adds no callback
+    assert cli.config.timesteps is None and cli.config.trainer.logger.init_args.name == "uniform"
+    assert not any(isinstance(cb, TimestepCallback) for cb in cli.trainer.callbacks)  # null adds no callback
     (ema,) = (cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EMAWeightAveraging")
     assert ema.decay == 0.5
 
@@ -210,19 +210,20 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
     trainer, model = cli.trainer, cli.model
     assert trainer.fast_dev_run and trainer.global_step == 1
 
-    installed = [cb for cb in trainer.callbacks if isinstance(cb, StrategyCallback)]
-    strategy = composed["strategy"]
+    installed = [cb for cb in trainer.callbacks if isinstance(cb, TimestepCallback)]
+    strategy = composed["timesteps"]
     if strategy is None:
         assert installed == []
-        assert type(model.timesteps.sampler).__name__ == "UniformSampler"
-        assert type(model.timesteps.weights).__name__ == "ConstantWeights"
+        assert type(model.timesteps.sampler).__name__ == "UniformSampling"
+        assert type(model.timesteps.weights).__name__ == "ConstantWeighting"
     else:
         (cb,) = installed
-        assert type(cb).__name__ == strategy["class_path"].rsplit(".", 1)[-1]
-        assert model.timesteps.sampler is (cb.sampler if cb.installs_sampler else model.timesteps.sampler)
-        assert model.timesteps.weights is (cb.weights if cb.installs_weights else model.timesteps.weights)
-        assert cb.installs_sampler or type(model.timesteps.sampler).__name__ == "UniformSampler"
-        assert cb.installs_weights or type(model.timesteps.weights).__name__ == "ConstantWeights"
+        given = strategy if isinstance(strategy, list) else [strategy]  # one strategy, or one per role
+        assert [type(s).__name__ for s in cb.strategies] == [s["class_path"].rsplit(".", 1)[-1] for s in given]
+        assert model.timesteps.sampler is (cb.sampling or model.timesteps.sampler)
+        assert model.timesteps.weights is (cb.weighting or model.timesteps.weights)
+        assert cb.sampling or type(model.timesteps.sampler).__name__ == "UniformSampling"
+        assert cb.weighting or type(model.timesteps.weights).__name__ == "ConstantWeighting"
     assert model.hparams.schedule == composed["model"]["schedule"]
     for key in ("monitor", "ema", "samples", "fid", "final_fid"):  # each top-level callback key is one callback
         spec = composed.get(key)
@@ -241,7 +242,7 @@ def test_multi_gpu_files_hold_only_what_differs_from_a_base() -> None:
         config = load(path)
         assert set(config) <= {"trainer", "model", "data", "ema", "samples", "fid", "final_fid"}, name(path)
         assert set(config["trainer"]) == {"devices", "strategy"}, name(path)
-        assert "strategy" not in config  # the time-step strategy comes from configs/strategies/
+        assert "timesteps" not in config  # the time-step strategy comes from configs/strategies/
 
 
 def test_ddp_file_builds_the_sync_free_ddp_strategy_with_its_options(cli_env: Path) -> None:
@@ -283,6 +284,6 @@ def test_fsdp_file_builds_lightnings_fsdp_strategy_for_dit_xl(cli_env: Path) -> 
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}  # ModuleWrapPolicy
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
     assert strategy.kwargs["use_orig_params"] is True
-    assert cli.config.strategy.class_path == "lightning_speed.callbacks.SpeeD"
+    assert cli.config.timesteps.class_path == "lightning_speed.timesteps.SpeeD"
     assert cli.config.ema.init_args.decay == 0.9999  # the base's EMA, averaged per shard (test_ema.py, test_fsdp.py)
     assert cli.config.fid is None and cli.config.samples is None and cli.config.final_fid is None  # no sampling

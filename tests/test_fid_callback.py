@@ -312,7 +312,7 @@ def test_sample_grid_warns_about_nonfinite_images(tmp_path) -> None:
 def test_old_generation_argument_names_say_the_new_ones(callback) -> None:
     with pytest.raises(TypeError, match=r"sampling_steps=20.*write solver_steps instead of sampling_steps"):
         callback(sampling_steps=20)
-    with pytest.raises(TypeError, match=r"sampler='ddpm'.*write solver \(\"ddim\" or \"ddpm\"\) instead of sampler"):
+    with pytest.raises(TypeError, match=r"sampler='ddpm'.*write solver \(\"ddim\" or \"ddpm\" or \"dpmpp_2m\"\) instead of sampler"):
         callback(sampler="ddpm")
     made = callback(solver="ddpm", solver_steps=20)
     with pytest.raises(AttributeError, match="sampling_steps was renamed solver_steps"):

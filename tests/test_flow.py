@@ -19,7 +19,7 @@ from scipy import integrate, special, stats
 
 from lightning_speed import flow
 from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps import AsymmetricSampler, UniformSampler, asymmetric_probabilities
+from lightning_speed.timesteps import SpeeD, UniformSampling, asymmetric_probabilities
 from lightning_speed.timesteps.continuous import (
     PROBABILITY_BINS,
     ContinuousSampler,
@@ -301,7 +301,7 @@ class LinearStepsInFlowTime(ContinuousSampler):
 def test_convergence_share_matches_discrete_speed_at_matched_snr(linear, dual):
     tau = float(flow.time_from_snr(linear.snr[700]))
     sampler = FlowAsymmetricSampler(tau=tau, k=5, dual=dual, base=LinearStepsInFlowTime(linear))
-    discrete = AsymmetricSampler(linear, tau=700, k=5, dual=dual).probabilities().double()
+    discrete = SpeeD(tau=700, k=5, dual=dual, lam=None).bind(linear).probabilities().double()
     expected = float(discrete[700:].sum())
     assert expected == pytest.approx(300 / 3800 / (2 if dual else 1))  # 7.9 %, 3.9 % with dual pairs
     assert sampler.areas.shares(sampler.cdf_at)["convergence"] == pytest.approx(expected, rel=1e-6)
@@ -511,7 +511,7 @@ def test_draws_weights_updates_and_loss_on_cuda_never_sync():
         (lambda: FlowAsymmetricSampler(tau=0.0), ValueError, r"tau must be a number in \(0, 1\)"),
         (lambda: FlowAsymmetricSampler(tau="half"), ValueError, "'auto'"),
         (lambda: FlowAsymmetricSampler(k=0), ValueError, "suppression intensity"),
-        (lambda: FlowAsymmetricSampler(base=UniformSampler(1000)), TypeError, "continuous sampler"),
+        (lambda: FlowAsymmetricSampler(base=UniformSampling()), TypeError, "continuous sampler"),
         (lambda: FlowChangeAwareWeights(lam=0.4), ValueError, r"lam must be a number in \[0.5, 1\]"),
         (lambda: FlowChangeAwareWeights(tau=1.0), ValueError, "tau"),
         (lambda: FlowModeSampler(scale=2.0), ValueError, "not monotone"),

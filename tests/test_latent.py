@@ -74,7 +74,7 @@ def test_encode_cache_train_speed_sample_decode_grid_and_fid(files: dict[str, Pa
         patch.setattr(ImageFolderDataModule, "_load_split", forbid_whole_split)
         trainer.fit(model, datamodule=data)
 
-    assert trainer.global_step == 3 and model.timesteps.sampler is speed.sampler
+    assert trainer.global_step == 3 and model.timesteps.sampler is speed.sampling
     assert data.encoder_calls == 2  # one batch of 20 images (encode_batch_size 64), as it is and mirrored
     (step, value), = fid.history
     assert step == 3 and np.isfinite(value)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_speed import DiffusionModule
-from lightning_speed.timesteps import TableSampler, TableWeights, TimestepStrategy
+from lightning_speed.timesteps import P2Weighting, SpeeD, TimestepStrategy
 
 from _fixtures import blob_loader as loader  # pytest puts tests/ on sys.path
 from _fixtures import cpu_trainer as trainer
@@ -80,7 +80,7 @@ def test_time_step_weights_multiply_the_mse_term_only_unless_weight_vlb(weight_v
     """loss = mean(w(t) mse + vlb) by default (official SpeeD), mean(w(t) (mse + vlb)) with weight_vlb."""
     module = DiffusionModule(TinyBackbone(out_channels=2), image_shape=(1, 8, 8), learn_sigma=True,
                              weight_vlb=weight_vlb)
-    module.timesteps.weights = TableWeights(torch.linspace(0.5, 2.0, 1000))
+    module.timesteps.install(weighting=P2Weighting())  # w = 1 / (1 + SNR), from 1e-4 to 1
     batch = (torch.rand(8, 1, 8, 8) * 2 - 1, torch.zeros(8, dtype=torch.long))
     torch.manual_seed(3)
     loss = module.training_step(batch, 0)
@@ -431,8 +431,7 @@ def test_checkpoint_keys_do_not_depend_on_strategies():
     module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
     assert isinstance(module.timesteps, TimestepStrategy) and module.timesteps.prediction == "epsilon"
     keys = set(module.state_dict())
-    module.timesteps.sampler = TableSampler(torch.ones(1000))
-    module.timesteps.weights = TableWeights(torch.ones(1000))
+    module.timesteps.install(SpeeD())  # tables of both roles
     assert set(module.state_dict()) == keys
 
 

@@ -185,28 +185,28 @@ def test_zero_terminal_snr_schedule_is_accepted(zero_snr_betas):
 
 
 def test_zero_terminal_snr_tables_are_finite_and_closed_form(zero_snr_betas):
-    from lightning_speed.timesteps import AsymmetricSampler, ChangeAwareWeights, MinSNRWeights, P2Weights
+    from lightning_speed.timesteps import MinSNRWeighting, P2Weighting, SpeeD
 
     s = NoiseSchedule(zero_snr_betas)
     snr = s.snr.numpy()
     for prediction, formula in (("epsilon", lambda x: np.minimum(x, 5) / x), ("v", lambda x: np.minimum(x, 5) / (x + 1)),
                                 ("x0", lambda x: np.minimum(x, 5))):
-        table = MinSNRWeights(s, gamma=5, prediction=prediction).table.numpy()
+        table = MinSNRWeighting(gamma=5).bind(s, prediction).table.numpy()
         assert np.isfinite(table).all()
         np.testing.assert_allclose(table[:-1], formula(snr[:-1]), rtol=1e-6)  # float32 table
     # at SNR = 0: epsilon's min(SNR, 5) / SNR is 1 for every SNR <= 5, so its limit is 1; v's and x0's are 0
-    assert MinSNRWeights(s, prediction="epsilon").table[-1].item() == 1.0
-    assert MinSNRWeights(s, prediction="v").table[-1].item() == 0.0
-    p2 = P2Weights(s).table.numpy()
+    assert MinSNRWeighting().bind(s, "epsilon").table[-1].item() == 1.0
+    assert MinSNRWeighting().bind(s, "v").table[-1].item() == 0.0
+    p2 = P2Weighting().bind(s).table.numpy()
     np.testing.assert_allclose(p2, 1 / (1 + snr), rtol=1e-6)
     assert p2[-1] == 1.0
     with pytest.raises(ValueError, match=r"P2 with k = 0 is infinite where SNR = 0.*t = 999.*use k > 0"):
-        P2Weights(s, k=0.0)
-    assert np.isfinite(ChangeAwareWeights(s, tau="auto").table.numpy()).all()
-    sampler = AsymmetricSampler(s, tau="auto")
-    sampler.manual_seed(0)
-    drawn = sampler.sample(10_000)
-    assert 0 <= int(drawn.min()) and int(drawn.max()) <= 999 and 1 <= sampler.tau < 1000
+        P2Weighting(k=0.0).bind(s)
+    speed = SpeeD(tau="auto").bind(s)
+    assert np.isfinite(speed.table.numpy()).all()
+    speed.manual_seed(0)
+    drawn = speed.sample(10_000)
+    assert 0 <= int(drawn.min()) and int(drawn.max()) <= 999 and 1 <= speed.resolved_tau < 1000
 
 
 def test_half_precision_alphas_cumprod_is_converted():

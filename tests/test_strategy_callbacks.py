@@ -1,4 +1,4 @@
-"""The Lightning callbacks that install time-step strategies, and TimestepMonitor.
+"""TimestepCallback, which installs time-step strategies, its one-line form SpeeD, and TimestepMonitor.
 
 Most tests use a tiny LightningModule of their own that adopts the strategies with the three
 lines of the protocol (``self.timesteps = TimestepStrategy(...)``, ``self.timesteps.sample``,
@@ -18,29 +18,20 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_speed import callbacks
+from lightning_speed.callbacks import TimestepCallback
 from lightning_speed.callbacks.monitor import TimestepMonitor
-from lightning_speed.callbacks.strategies import (
-    AsymmetricSampling,
-    ChangeAwareWeighting,
+from lightning_speed.schedules import NoiseSchedule
+from lightning_speed.timesteps import (
     CLTSSampling,
+    ConstantWeighting,
     LogitNormalSampling,
     LossAwareSampling,
     MinSNRWeighting,
     P2Weighting,
     SpeeD,
-)
-from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps import (
-    AsymmetricSampler,
-    ChangeAwareWeights,
-    CLTSSampler,
-    ConstantWeights,
-    LogitNormalSampler,
-    LossAwareSampler,
-    MinSNRWeights,
-    P2Weights,
     TimestepStrategy,
-    UniformSampler,
+    UniformSampling,
 )
 
 from _fixtures import cpu_trainer  # pytest puts tests/ on sys.path
@@ -105,16 +96,30 @@ def fit(module: pl.LightningModule, callbacks: list, steps: int = 2, **kwargs) -
     return recorder
 
 
+def install(*strategies, seed: int | None = None) -> TimestepCallback:
+    return TimestepCallback(list(strategies), seed=seed)
+
+
+def asymmetric(tau=700, k=5.0, dual=True) -> SpeeD:
+    """SpeeD's sampling alone."""
+    return SpeeD(tau, k, dual, lam=None)
+
+
+def change_aware(lam=0.6, tau=700) -> SpeeD:
+    """SpeeD's weighting alone (uniform t)."""
+    return SpeeD(tau, k=1.0, dual=False, lam=lam)
+
+
 # ------------------------------------------------------------------------------ install
-def test_speed_callbacks_install_and_weight_the_loss():
+def test_speed_installs_and_weights_the_loss():
     module = TinyDiffusion()
-    sampling = AsymmetricSampling(tau="auto", k=5, seed=0)
-    weighting = ChangeAwareWeighting(lam=0.6, tau="auto")
-    rec = fit(module, [sampling, weighting], steps=3)
-    assert module.timesteps.sampler is sampling.sampler and isinstance(module.timesteps.sampler, AsymmetricSampler)
-    assert module.timesteps.sampler.tau == 642 and module.timesteps.sampler.pivot == 642
-    assert module.timesteps.sampler.seed == 0
-    table = ChangeAwareWeights(module.timesteps.schedule, 0.6, 642).table
+    speed = SpeeD(tau="auto", k=5, lam=0.6)
+    callback = TimestepCallback(speed, seed=0)
+    rec = fit(module, [callback], steps=3)
+    assert module.timesteps.sampler is module.timesteps.weights is speed
+    assert module.timesteps.tau == speed.resolved_tau == 642 and speed.pivot == 642 and speed.tau == "auto"
+    assert speed.seed == 0 and callback.sampling is callback.weighting is speed
+    table = change_aware(lam=0.6, tau=642).bind(module.timesteps.schedule).table
     for t, w in zip(rec.t, rec.weight):
         torch.testing.assert_close(w, table[t])
         half = t.numel() // 2 + 1  # dual pairs around the pivot
@@ -123,20 +128,19 @@ def test_speed_callbacks_install_and_weight_the_loss():
 
 
 @pytest.mark.parametrize(
-    ("sampling", "weighting", "sampler_type"),
+    ("sampling", "weighting"),
     [
-        (lambda: LogitNormalSampling(seed=1), lambda: P2Weighting(), "LogitNormalSampler"),
-        (lambda: CLTSSampling(total_steps=10, seed=1), lambda: MinSNRWeighting(), "CLTSSampler"),
-        (lambda: LossAwareSampling(seed=1), lambda: ChangeAwareWeighting(), "LossAwareSampler"),
-        (lambda: AsymmetricSampling(dual=False, seed=1), lambda: MinSNRWeighting(gamma=2), "AsymmetricSampler"),
+        (lambda: LogitNormalSampling(), lambda: P2Weighting()),
+        (lambda: CLTSSampling(total_steps=10), lambda: MinSNRWeighting()),
+        (lambda: LossAwareSampling(), lambda: change_aware()),
+        (lambda: asymmetric(dual=False), lambda: MinSNRWeighting(gamma=2)),
     ],
 )
-def test_a_sampler_combines_with_a_weighting(sampling, weighting, sampler_type):
+def test_a_sampling_strategy_combines_with_a_weighting(sampling, weighting):
     module = TinyDiffusion()
-    w_cb = weighting()
-    rec = fit(module, [sampling(), w_cb], steps=2)
-    assert type(module.timesteps.sampler).__name__ == sampler_type
-    assert module.timesteps.weights is w_cb.weights
+    sampling, weighting = sampling(), weighting()
+    rec = fit(module, [install(weighting, sampling, seed=1)], steps=2)  # in any order
+    assert module.timesteps.sampler is sampling and module.timesteps.weights is weighting
     for t, w in zip(rec.t, rec.weight):  # loss-aware is uniform (importance 1) this early
         torch.testing.assert_close(w, module.timesteps.weights.weight(t))
 
@@ -145,40 +149,35 @@ def test_alphas_cumprod_is_wrapped_in_a_schedule():
     module = TinyDiffusion(use_alphas_cumprod=True)
     schedule = module.timesteps.schedule
     np.testing.assert_allclose(schedule.alpha_bar.numpy(), module._ab.double().numpy(), rtol=1e-6)
-    fit(module, [AsymmetricSampling(tau="auto")], steps=1)
-    assert module.timesteps.sampler.tau == 642 == module.timesteps.tau  # float32 alphas_cumprod: the same pivot
+    fit(module, [install(asymmetric(tau="auto"))], steps=1)
+    assert module.timesteps.sampler.resolved_tau == 642 == module.timesteps.tau  # float32 alphas_cumprod: the same pivot
 
 
 def test_clts_follows_the_global_step():
     module = TinyDiffusion()
-    cb = CLTSSampling(total_steps=4, seed=0)
-    fit(module, [cb], steps=3)
-    assert cb.sampler.step == 2  # set at the start of the third step from trainer.global_step
-    assert cb.sampler.progress == pytest.approx(0.5)
+    clts = CLTSSampling(total_steps=4)
+    fit(module, [install(clts, seed=0)], steps=3)
+    assert clts.step == 2  # set at the start of the third step from trainer.global_step
+    assert clts.progress == pytest.approx(0.5)
 
 
 def test_min_snr_reads_the_strategy_prediction():
     module = TinyDiffusion(prediction="v")
-    rec = fit(module, [MinSNRWeighting()], steps=1)
+    rec = fit(module, [install(MinSNRWeighting())], steps=1)
     snr = module.timesteps.schedule.snr
     expected = (snr.clamp(max=5) / (snr + 1)).float()
     torch.testing.assert_close(rec.weight[0], expected[rec.t[0]])
 
 
-@pytest.mark.parametrize(
-    ("module", "callback", "match"),
-    [
-        (lambda: TinyDiffusion(prediction="v"), lambda: MinSNRWeighting(prediction="epsilon"),
-         r"pl_module.timesteps.prediction = 'v', MinSNRWeighting\(prediction=...\) = 'epsilon'.*State it once"),
-        (lambda: _with_attribute(TinyDiffusion(), "prediction", "v"), lambda: MinSNRWeighting(),
-         r"pl_module.timesteps.prediction = 'epsilon', TinyDiffusion.prediction = 'v'.*TimestepStrategy\(schedule, prediction=...\)"),
-    ],
-)
-def test_min_snr_refuses_predictions_that_disagree(module, callback, match):
+def test_min_snr_refuses_predictions_that_disagree():
     rec = Recorder()
-    with pytest.raises(ValueError, match=match):
-        trainer(1, [callback(), rec]).fit(module(), loader())
+    module = _with_attribute(TinyDiffusion(), "prediction", "v")
+    with pytest.raises(ValueError, match=r"MinSNRWeighting: its weights depend on what the network predicts.*"
+                                         r"pl_module.timesteps.prediction = 'epsilon', TinyDiffusion.prediction = 'v'.*"
+                                         r"TimestepStrategy\(schedule, prediction=...\)"):
+        trainer(1, [install(MinSNRWeighting()), rec]).fit(module, loader())
     assert rec.t == []
+    fit(_with_attribute(TinyDiffusion(), "prediction", "v"), [install(P2Weighting())], steps=1)  # P2 does not depend on it
 
 
 def _with_attribute(obj, name, value):
@@ -186,17 +185,17 @@ def _with_attribute(obj, name, value):
     return obj
 
 
-def test_speed_installs_both_with_one_tau_and_draws_like_the_separate_callbacks():
+def test_the_one_line_speed_is_the_callback_of_the_speed_strategy_and_draws_like_its_halves():
     pl.seed_everything(0)
     together = TinyDiffusion()
-    speed_cb = SpeeD(tau="auto", k=5, lam=0.6)
+    speed_cb = callbacks.SpeeD(tau="auto", k=5, lam=0.6)
+    assert type(speed_cb) is TimestepCallback and repr(speed_cb.strategies) == "[SpeeD(tau='auto', k=5.0, dual=True, lam=0.6)]"
     rec_together = fit(together, [speed_cb], steps=3)
     pl.seed_everything(0)
     apart = TinyDiffusion()
-    rec_apart = fit(apart, [AsymmetricSampling(tau="auto", k=5), ChangeAwareWeighting(lam=0.6, tau="auto")], steps=3)
+    rec_apart = fit(apart, [install(asymmetric(tau="auto"), change_aware(lam=0.6, tau="auto"))], steps=3)
     assert together.timesteps.tau == apart.timesteps.tau == 642
-    assert together.timesteps.sampler is speed_cb.sampler and together.timesteps.weights is speed_cb.weights
-    assert isinstance(speed_cb.sampler, AsymmetricSampler) and isinstance(speed_cb.weights, ChangeAwareWeights)
+    assert together.timesteps.sampler is together.timesteps.weights is speed_cb.sampling
     for a, b in zip(rec_together.t + rec_together.weight, rec_apart.t + rec_apart.weight):
         assert torch.equal(a, b)
 
@@ -205,24 +204,16 @@ def test_speed_installs_both_with_one_tau_and_draws_like_the_separate_callbacks(
 @pytest.mark.parametrize(
     ("build", "error", "match"),
     [
-        (lambda: AsymmetricSampling(tau=0), ValueError, "tau must be an integer of at least 1, got 0"),
-        (lambda: AsymmetricSampling(tau="never"), ValueError, "tau must be a positive integer or 'auto', got 'never'"),
-        (lambda: AsymmetricSampling(k=0), ValueError, r"k \(the suppression intensity\) must be a positive number, got 0"),
-        (lambda: AsymmetricSampling(dual="false"), TypeError, r"dual must be true or false \(a boolean\), got 'false'"),
-        (lambda: SpeeD(dual="false"), TypeError, r"dual must be true or false \(a boolean\), got 'false'"),
-        (lambda: SpeeD(lam=0.4), ValueError, r"lam must be a number in \[0.5, 1\], got 0.4"),
-        (lambda: SpeeD(tau=700.5), TypeError, "tau must be a positive integer or 'auto', got 700.5"),
-        (lambda: AsymmetricSampling(seed="x"), TypeError, "seed must be an integer, got 'x'"),
-        (lambda: AsymmetricSampling(seed=True), TypeError, r"seed must be an integer, got True \(bool\)"),
-        (lambda: ChangeAwareWeighting(lam=1.5), ValueError, r"lam must be a number in \[0.5, 1\], got 1.5"),
-        (lambda: ChangeAwareWeighting(tau="late"), ValueError, "'auto'"),
-        (lambda: P2Weighting(k=-1), ValueError, "P2's k must be a non-negative number, got -1"),
-        (lambda: MinSNRWeighting(prediction="noise"), ValueError, "Unknown prediction 'noise'; choose one of 'epsilon', 'v', 'x0'"),
-        (lambda: MinSNRWeighting(gamma=0), ValueError, "gamma must be a positive number, got 0"),
-        (lambda: LogitNormalSampling(std=0), ValueError, "std must be a positive number, got 0"),
-        (lambda: CLTSSampling(total_steps=0), ValueError, "total_steps must be an integer of at least 1, got 0"),
-        (lambda: CLTSSampling(total_steps=10.0), TypeError, r"total_steps must be an integer, got 10.0 \(float\)"),
-        (lambda: LossAwareSampling(history=0), ValueError, "history must be an integer of at least 1, got 0"),
+        (lambda: callbacks.SpeeD(dual="false"), TypeError, r"dual must be true or false \(a boolean\), got 'false'"),
+        (lambda: callbacks.SpeeD(lam=0.4), ValueError, r"lam must be a number in \[0.5, 1\], got 0.4"),
+        (lambda: callbacks.SpeeD(tau=700.5), TypeError, "tau must be a positive integer or 'auto', got 700.5"),
+        (lambda: callbacks.SpeeD(seed="x"), TypeError, "seed must be an integer, got 'x'"),
+        (lambda: install(LogitNormalSampling(), seed=True), TypeError, r"seed must be an integer, got True \(bool\)"),
+        (lambda: install(asymmetric(), LossAwareSampling()), ValueError,
+         "Only one sampling strategy can be active, but 2 are given: SpeeD, LossAwareSampling"),
+        (lambda: install(P2Weighting(), change_aware()), ValueError, "Only one weighting strategy can be active"),
+        (lambda: install(SpeeD(), P2Weighting()), ValueError, "Only one weighting strategy.*SpeeD, P2Weighting"),
+        (lambda: TimestepCallback(P2Weighting), TypeError, "come from lightning_speed.timesteps.*got the class P2Weighting"),
         (lambda: TimestepMonitor(log_every_n_steps=0), ValueError, "log_every_n_steps must be an integer of at least 1"),
         (lambda: TimestepMonitor(tau="x"), ValueError, "'auto'"),
         (lambda: TimestepMonitor(histogram="no"), TypeError, "histogram must be true or false"),
@@ -233,45 +224,37 @@ def test_bad_arguments_fail_at_construction(build, error, match):
         build()
 
 
-def test_the_former_callback_name_says_the_new_one():
-    from lightning_speed.callbacks import AsymmetricTimestepSampling
-
-    with pytest.raises(TypeError, match=r"AsymmetricTimestepSampling is now called AsymmetricSampling.*SpeeD"):
-        AsymmetricTimestepSampling(tau=700, k=5)
-
-
 @pytest.mark.parametrize(
-    ("module", "callbacks", "match"),
+    ("module", "make_callbacks", "match"),
     [
-        (lambda: TinyDiffusion(num_timesteps=100), lambda: [AsymmetricSampling(tau=700)], "smaller than"),
-        (lambda: TinyDiffusion(num_timesteps=100), lambda: [ChangeAwareWeighting(tau=100)], "smaller than"),
-        (lambda: TinyDiffusion(), lambda: [AsymmetricSampling(), LossAwareSampling()],
-         "Only one time-step sampling strategy can be active.*AsymmetricSampling, LossAwareSampling"),
-        (lambda: TinyDiffusion(), lambda: [P2Weighting(), ChangeAwareWeighting()], "Only one loss weighting"),
-        (lambda: TinyDiffusion(), lambda: [SpeeD(), P2Weighting()], "Only one loss weighting.*SpeeD, P2Weighting"),
-        (lambda: TinyDiffusion(), lambda: [AsymmetricSampling(tau="auto"), ChangeAwareWeighting(tau=700)],
-         r"disagree on tau \(AsymmetricSampling tau=642, ChangeAwareWeighting tau=700\).*SpeeD\(tau=...\)"),
-        (lambda: TinyDiffusion(), lambda: [SpeeD(tau=700), TimestepMonitor(tau="auto")],
+        (lambda: TinyDiffusion(num_timesteps=100), lambda: [install(asymmetric(tau=700))], "smaller than"),
+        (lambda: TinyDiffusion(num_timesteps=100), lambda: [install(change_aware(tau=100))], "smaller than"),
+        (lambda: TinyDiffusion(), lambda: [install(asymmetric()), install(LossAwareSampling())],
+         r"trainer.callbacks has 2 TimestepCallbacks \(SpeeD, LossAwareSampling\).*TimestepCallback\(\[sampling, weighting\]\)"),
+        (lambda: TinyDiffusion(), lambda: [install(asymmetric(tau="auto"), change_aware(tau=700))],
+         r"disagree on tau \(SpeeD samples with tau=642, SpeeD weights with tau=700\).*SpeeD\(tau=...\)"),
+        (lambda: TinyDiffusion(), lambda: [callbacks.SpeeD(tau=700), TimestepMonitor(tau="auto")],
          r"TimestepMonitor\(tau='auto'\) splits the areas at 642, but the installed time-step strategy uses tau=700"),
-        (lambda: _with_attribute(TinyDiffusion(), "num_timesteps", 100), lambda: [SpeeD()],
+        (lambda: _with_attribute(TinyDiffusion(), "num_timesteps", 100), lambda: [callbacks.SpeeD()],
          r"SpeeD draws t from TinyDiffusion.timesteps, built for T = 1000 time steps, but TinyDiffusion.num_timesteps is "
          r"100.*TimestepStrategy\(self.alphas_cumprod\)"),
-        (lambda: _with_attribute(TinyDiffusion(), "alphas_cumprod", torch.ones(100)), lambda: [P2Weighting()],
+        (lambda: _with_attribute(TinyDiffusion(), "alphas_cumprod", torch.ones(100)), lambda: [install(P2Weighting())],
          r"but len\(TinyDiffusion.alphas_cumprod\) is 100: the training step would use t up to 999"),
-        (lambda: _with_attribute(TinyDiffusion(), "noise_scheduler", _Scheduler("cosine")), lambda: [SpeeD(tau="auto")],
+        (lambda: _with_attribute(TinyDiffusion(), "noise_scheduler", _Scheduler("cosine")),
+         lambda: [callbacks.SpeeD(tau="auto")],
          r"SpeeD draws t from TinyDiffusion.timesteps, whose linear schedule is not the one in "
          r"TinyDiffusion.noise_scheduler.alphas_cumprod: alpha_bar at t = \d+ is .*"
          r"TimestepStrategy\(self.noise_scheduler\)"),
         (lambda: _with_attribute(TinyDiffusion(), "alphas_cumprod", _Scheduler("cosine").alphas_cumprod),
-         lambda: [P2Weighting()], r"not the one in TinyDiffusion.alphas_cumprod.*TimestepStrategy\(self.alphas_cumprod\)"),
-        (lambda: _RebuildsInSetup(), lambda: [SpeeD()],
-         r"_RebuildsInSetup.timesteps was replaced after SpeeD installed its strategy.*Create self.timesteps once, in __init__"),
+         lambda: [install(P2Weighting())], r"not the one in TinyDiffusion.alphas_cumprod.*TimestepStrategy\(self.alphas_cumprod\)"),
+        (lambda: _RebuildsInSetup(), lambda: [callbacks.SpeeD()],
+         r"_RebuildsInSetup.timesteps was replaced after SpeeD was installed into it.*Create self.timesteps once, in __init__"),
     ],
 )
-def test_bad_setups_fail_before_any_step(module, callbacks, match):
+def test_bad_setups_fail_before_any_step(module, make_callbacks, match):
     rec = Recorder()
     with pytest.raises(ValueError, match=match):
-        trainer(2, [*callbacks(), rec]).fit(module(), loader())
+        trainer(2, [*make_callbacks(), rec]).fit(module(), loader())
     assert rec.t == []
 
 
@@ -293,7 +276,7 @@ def test_the_same_schedule_held_by_the_module_passes_the_check():
     linear = NoiseSchedule.from_name("linear", 1000).alpha_bar
     assert 0 < float((scheduler.alphas_cumprod.double() - linear).abs().max()) < 1e-5
     assert 1e-3 < float((bf16.double() - linear).abs().max())  # beyond the float tolerance: bf16's own resolution
-    assert len(fit(module, [SpeeD(seed=0)], steps=1).t) == 1
+    assert len(fit(module, [callbacks.SpeeD(seed=0)], steps=1).t) == 1
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -306,7 +289,7 @@ def test_the_prediction_of_a_held_scheduler_must_be_the_strategys(prediction_typ
     for stated in ("epsilon", "v", "x0"):
         module = _with_attribute(TinyDiffusion(prediction=stated), "noise_scheduler", scheduler)
         if stated == ours:
-            assert len(fit(module, [MinSNRWeighting()], steps=1).t) == 1
+            assert len(fit(module, [install(MinSNRWeighting())], steps=1).t) == 1
             continue
         rec = Recorder()
         with pytest.raises(ValueError, match=(
@@ -314,7 +297,7 @@ def test_the_prediction_of_a_held_scheduler_must_be_the_strategys(prediction_typ
             rf"config.prediction_type is '{prediction_type}'.*TimestepStrategy\(self.noise_scheduler\).*"
             rf"TimestepStrategy\(..., prediction='{ours}'\)"
         )):  # fmt: skip
-            trainer(2, [MinSNRWeighting(), rec]).fit(module, loader())
+            trainer(2, [install(MinSNRWeighting()), rec]).fit(module, loader())
         assert rec.t == []
 
 
@@ -326,14 +309,13 @@ class _RebuildsInSetup(TinyDiffusion):
 
 
 class _PlainModule(pl.LightningModule):
-    """A module that has not adopted the protocol (optionally with the former two attributes)."""
+    """A module that has not adopted the protocol (optionally with something else as ``timesteps``)."""
 
-    def __init__(self, former: bool = False) -> None:
+    def __init__(self, timesteps: object = None) -> None:
         super().__init__()
         self.net = nn.Linear(4, 4)
-        if former:
-            self.timestep_sampler = UniformSampler(1000)
-            self.loss_weighting = ConstantWeights()
+        if timesteps is not None:
+            self.timesteps = timesteps
 
     def training_step(self, batch, batch_idx):
         return self.net(batch[0]).pow(2).mean()
@@ -345,9 +327,10 @@ class _PlainModule(pl.LightningModule):
 @pytest.mark.parametrize(
     ("module", "callback", "match"),
     [
-        (lambda: _PlainModule(), lambda: SpeeD(), r"SpeeD works on _PlainModule.timesteps .*, but _PlainModule has no `timesteps`"),
-        (lambda: _PlainModule(former=True), lambda: AsymmetricSampling(),
-         r"_PlainModule has `timestep_sampler` and `loss_weighting` instead.*Replace them"),
+        (lambda: _PlainModule(), lambda: callbacks.SpeeD(),
+         r"SpeeD works on _PlainModule.timesteps .*, but _PlainModule has no `timesteps`"),
+        (lambda: _PlainModule(timesteps=SpeeD()), lambda: install(asymmetric()),
+         r"SpeeD needs _PlainModule.timesteps to be a lightning_speed.timesteps.TimestepStrategy, got SpeeD"),
         (lambda: _PlainModule(), lambda: TimestepMonitor(), r"TimestepMonitor works on _PlainModule.timesteps"),
     ],
 )
@@ -362,10 +345,11 @@ def test_module_without_the_protocol_gets_the_three_lines(module, callback, matc
 
 # ------------------------------------------------------------------------------ checkpointing
 RESUMABLE = {
-    "asymmetric": lambda: AsymmetricSampling(tau=12, k=5),
-    "loss_aware": lambda: LossAwareSampling(history=2),
-    "clts": lambda: CLTSSampling(total_steps=6),
-    "logit_normal": lambda: LogitNormalSampling(),
+    "asymmetric": lambda: install(asymmetric(tau=12, k=5)),
+    "speed": lambda: callbacks.SpeeD(tau=12),
+    "loss_aware": lambda: install(LossAwareSampling(history=2), P2Weighting()),
+    "clts": lambda: install(CLTSSampling(total_steps=6)),
+    "logit_normal": lambda: install(LogitNormalSampling()),
 }
 
 
@@ -401,21 +385,21 @@ def test_resume_continues_the_same_time_steps(name, accelerator, tmp_path):
         assert torch.equal(a, b), f"step {step} differs after resuming"
     if name == "loss_aware":
         assert bool(full_module.timesteps.sampler.warm)  # the history mattered for these draws
-        torch.testing.assert_close(resumed_module.timesteps.sampler.history, full_module.timesteps.sampler.history)
+        torch.testing.assert_close(resumed_module.timesteps.sampler.loss_history, full_module.timesteps.sampler.loss_history)
 
 
 def test_state_dict_round_trip_before_setup():
     module = TinyDiffusion(num_timesteps=20, schedule="cosine")
-    cb = LossAwareSampling(history=2, seed=4)
+    cb = install(LossAwareSampling(history=2), seed=4)
     fit(module, [cb], steps=3)
     state = cb.state_dict()
-    assert set(state["strategy"]) >= {"seed", "rng", "history", "counts"}
-    assert state["strategy"]["rng"]["device_type"] == "cpu"
+    assert set(state["sampling"]) >= {"seed", "rng", "history", "counts"}
+    assert state["sampling"]["rng"]["device_type"] == "cpu"
     expected = module.timesteps.sampler.sample(16)
 
-    fresh = LossAwareSampling(history=2)
-    fresh.load_state_dict(state)  # before setup: kept until the sampler exists
-    assert fresh.state_dict() == {"strategy": state["strategy"]}
+    fresh = install(LossAwareSampling(history=2))
+    fresh.load_state_dict(state)  # before setup: kept until the strategy is bound
+    assert fresh.state_dict() == {"sampling": state["sampling"]}
     other = TinyDiffusion(num_timesteps=20, schedule="cosine")
     fresh.setup(_FakeTrainer(), other, "fit")
     assert torch.equal(other.timesteps.sampler.sample(16), expected)
@@ -427,6 +411,8 @@ class _FakeTrainer:
     callbacks: list = []
     global_rank = 0
     world_size = 1
+    global_step = 0
+    max_steps = 10
 
 
 # ------------------------------------------------------------------------------ the external example
@@ -438,81 +424,81 @@ def test_external_module_example_runs():
     pl.seed_everything(0)
     model = example.main(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    assert isinstance(model.timesteps.sampler, AsymmetricSampler) and model.timesteps.sampler.tau == 700
-    assert isinstance(model.timesteps.weights, ChangeAwareWeights)
+    assert isinstance(model.timesteps.sampler, SpeeD) and model.timesteps.weights is model.timesteps.sampler
+    assert model.timesteps.tau == 700
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------ YAML
-YAML_CALLBACKS = """
-callbacks:
-  - class_path: lightning_speed.callbacks.strategies.AsymmetricSampling
-    init_args: {tau: auto, k: 5, dual: true, seed: 3}
-  - class_path: lightning_speed.callbacks.strategies.ChangeAwareWeighting
-    init_args: {lam: 0.6, tau: 700}
-  - class_path: lightning_speed.callbacks.strategies.CLTSSampling
+YAML_STRATEGIES = """
+timesteps:
+  - class_path: lightning_speed.timesteps.SpeeD
+    init_args: {tau: auto, k: 5, dual: true, lam: null}
+  - class_path: lightning_speed.timesteps.SpeeD
+    init_args: {tau: 700, k: 1, dual: false, lam: 0.6}
+  - class_path: lightning_speed.timesteps.CLTSSampling
     init_args: {mu: 300, sigma: 200, total_steps: 50000}
-  - class_path: lightning_speed.callbacks.strategies.LossAwareSampling
-  - class_path: lightning_speed.callbacks.strategies.LogitNormalSampling
+  - class_path: lightning_speed.timesteps.LossAwareSampling
+  - class_path: lightning_speed.timesteps.LogitNormalSampling
     init_args: {mean: 0.0, std: 1.0}
-  - class_path: lightning_speed.callbacks.strategies.P2Weighting
+  - class_path: lightning_speed.timesteps.P2Weighting
     init_args: {k: 1, gamma: 1}
-  - class_path: lightning_speed.callbacks.strategies.MinSNRWeighting
-    init_args: {gamma: 5, prediction: v}
+  - class_path: lightning_speed.timesteps.MinSNRWeighting
+    init_args: {gamma: 5}
+  - class_path: lightning_speed.timesteps.CurriculumSampling
+    init_args: {early: {class_path: LogitNormalSampling}, switch: 0.5, shape: step}
+callbacks:
+  - class_path: lightning_speed.callbacks.TimestepCallback
+    init_args:
+      strategies: {class_path: lightning_speed.timesteps.SpeeD, init_args: {tau: 650, dual: false}}
+      seed: 3
   - class_path: lightning_speed.callbacks.monitor.TimestepMonitor
     init_args: {log_every_n_steps: 50}
-  - class_path: lightning_speed.callbacks.SpeeD
-    init_args: {tau: 650, k: 5, dual: false, lam: 0.6}
 """
 
 
-def test_callbacks_are_configurable_from_yaml():
+def yaml_parser():
     from jsonargparse import ArgumentParser
 
+    from lightning_speed.timesteps import Strategy
+
     parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--timesteps", type=list[Strategy])
     parser.add_argument("--callbacks", type=list[pl.Callback])
-    config = YAML_CALLBACKS
-    callbacks = parser.instantiate_classes(parser.parse_string(config)).callbacks
-    assert [type(c).__name__ for c in callbacks] == [
-        "AsymmetricSampling", "ChangeAwareWeighting", "CLTSSampling", "LossAwareSampling",
-        "LogitNormalSampling", "P2Weighting", "MinSNRWeighting", "TimestepMonitor", "SpeeD",
+    return parser
+
+
+def test_strategies_and_their_callback_are_configurable_from_yaml():
+    parser = yaml_parser()
+    config = parser.instantiate_classes(parser.parse_string(YAML_STRATEGIES))
+    strategies, (callback, monitor) = config.timesteps, config.callbacks
+    assert [type(s).__name__ for s in strategies] == [
+        "SpeeD", "SpeeD", "CLTSSampling", "LossAwareSampling", "LogitNormalSampling", "P2Weighting", "MinSNRWeighting",
+        "CurriculumSampling",
     ]
-    assert callbacks[0].tau == "auto" and callbacks[0].seed == 3 and callbacks[1].tau == 700
-    assert callbacks[6].prediction == "v" and callbacks[8].tau == 650 and callbacks[8].dual is False
+    assert strategies[0].tau == "auto" and strategies[0].roles == ("sampling",) and strategies[1].roles == ("weighting",)
+    assert strategies[6].gamma == 5 and strategies[7].early.mean == 0.0 and strategies[7].shape == "step"
+    assert isinstance(callback, TimestepCallback) and callback.seed == 3 and isinstance(monitor, TimestepMonitor)
+    (speed,) = callback.strategies
+    assert speed.tau == 650 and speed.dual is False and speed.lam == 0.6
 
 
 @pytest.mark.parametrize(
     ("old", "new", "match"),
     [
-        ("k: 5,", "k: five,", "k"),
+        ("tau: auto, k: 5,", "tau: auto, k: five,", "k"),
         ("tau: auto, k: 5", "tau: late, k: 5", "late"),  # Literal['auto']: the allowed value is named
-        ("prediction: v", "prediction: noise", "epsilon"),
-        ("dual: true, seed: 3", "dual: maybe, seed: 3", "dual"),
+        ("shape: step", "shape: cosine", "linear"),
+        ("dual: true, lam: null", "dual: maybe, lam: null", "dual"),
+        ("{early: {class_path: LogitNormalSampling}", "{early: {class_path: P2Weighting}", "P2Weighting"),
     ],
 )
 def test_yaml_rejects_bad_values_naming_the_allowed_ones(old, new, match):
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--callbacks", type=list[pl.Callback])
-    bad = YAML_CALLBACKS.replace(old, new)
-    assert bad != YAML_CALLBACKS
+    parser = yaml_parser()
+    bad = YAML_STRATEGIES.replace(old, new)
+    assert bad != YAML_STRATEGIES
     with pytest.raises(Exception, match=match):
         parser.instantiate_classes(parser.parse_string(bad))
-
-
-def test_yaml_with_the_former_class_name_names_the_new_one():
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--callbacks", type=list[pl.Callback])
-    config = parser.parse_string("""
-callbacks:
-  - class_path: lightning_speed.callbacks.AsymmetricTimestepSampling
-    init_args: {tau: 700, k: 5}
-""")
-    with pytest.raises(TypeError, match="AsymmetricTimestepSampling is now called AsymmetricSampling"):
-        parser.instantiate_classes(config)
 
 
 # ------------------------------------------------------------------------------ monitor
@@ -523,7 +509,7 @@ def test_monitor_logs_per_area_means_at_the_interval(tmp_path):
     module = TinyDiffusion()
     monitor = TimestepMonitor(log_every_n_steps=2, tau=700)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    rec = fit(module, [AsymmetricSampling(seed=0), ChangeAwareWeighting(), monitor], steps=6, logger=logger)
+    rec = fit(module, [install(asymmetric(), change_aware(), seed=0), monitor], steps=6, logger=logger)
     assert [h["step"] for h in monitor.history] == [2.0, 4.0, 6.0]
     for index, summary in enumerate(monitor.history):
         t = torch.cat(rec.t[2 * index : 2 * index + 2])
@@ -559,7 +545,7 @@ def test_monitor_windows_hold_whole_optimizer_steps_under_accumulation(tmp_path)
     # from the first window on (the first micro-batches end at global_step 0, which has no window behind it)
     data = loader(n=64, batch_size=8)
     monitor, rec = TimestepMonitor(log_every_n_steps=3, tau=700), Recorder()
-    run = trainer(6, [AsymmetricSampling(seed=0), monitor, rec], accumulate_grad_batches=2)
+    run = trainer(6, [install(asymmetric(), seed=0), monitor, rec], accumulate_grad_batches=2)
     run.fit(TinyDiffusion(), data)
     assert [h["step"] for h in monitor.history] == [3.0, 6.0]
     assert len(rec.t) == 12
@@ -567,11 +553,11 @@ def test_monitor_windows_hold_whole_optimizer_steps_under_accumulation(tmp_path)
     _assert_window(monitor.history[1], rec.t[6:])
 
     # resumed at step 3: the first window after the resume is again 6 micro-batches, not the first one alone
-    first = trainer(3, [AsymmetricSampling(seed=0)], accumulate_grad_batches=2)
+    first = trainer(3, [install(asymmetric(), seed=0)], accumulate_grad_batches=2)
     first.fit(TinyDiffusion(), data)
     first.save_checkpoint(tmp_path / "step3.ckpt")
     resumed_monitor, resumed = TimestepMonitor(log_every_n_steps=3, tau=700), Recorder()
-    second = trainer(6, [AsymmetricSampling(seed=0), resumed_monitor, resumed], accumulate_grad_batches=2)
+    second = trainer(6, [install(asymmetric(), seed=0), resumed_monitor, resumed], accumulate_grad_batches=2)
     second.fit(TinyDiffusion(), data, ckpt_path=tmp_path / "step3.ckpt")
     assert [h["step"] for h in resumed_monitor.history] == [6.0]
     assert len(resumed.t) == 6
@@ -580,13 +566,13 @@ def test_monitor_windows_hold_whole_optimizer_steps_under_accumulation(tmp_path)
 
 def test_monitor_splits_at_the_installed_strategy_tau():
     monitor = TimestepMonitor(log_every_n_steps=1)
-    fit(TinyDiffusion(), [SpeeD(tau="auto", seed=0), monitor], steps=1)
+    fit(TinyDiffusion(), [callbacks.SpeeD(tau="auto", seed=0), monitor], steps=1)
     assert monitor.areas.tau == 642  # from SpeeD, given once
     alone = TimestepMonitor(log_every_n_steps=1)
-    fit(TinyDiffusion(), [P2Weighting(), alone], steps=1)
+    fit(TinyDiffusion(), [install(P2Weighting()), alone], steps=1)
     assert alone.areas.tau == 642  # no strategy tau: the schedule's pivot
     explicit = TimestepMonitor(log_every_n_steps=1, tau=700)
-    fit(TinyDiffusion(), [SpeeD(tau=700), explicit], steps=1)
+    fit(TinyDiffusion(), [callbacks.SpeeD(tau=700), explicit], steps=1)
     assert explicit.areas.tau == 700
 
 
@@ -606,10 +592,10 @@ def test_monitor_explains_what_it_needs():
 @pytest.mark.parametrize(
     ("callback", "match"),
     [
-        (lambda: SpeeD(), r"(?s)SpeeD's ChangeAwareWeights acts through _MeanOnly.timesteps.loss, but this training_step "
+        (lambda: callbacks.SpeeD(), r"(?s)SpeeD weights each loss through _MeanOnly.timesteps.loss, but this training_step "
                           r"did not call it.*self.timesteps.loss\(t, per_sample_loss\)"),
-        (lambda: LossAwareSampling(), "LossAwareSampling's LossAwareSampler acts through _MeanOnly.timesteps.loss"),
-        (lambda: AsymmetricSampling(), None),  # it only chooses t: averaging the loss itself loses nothing
+        (lambda: install(LossAwareSampling()), "LossAwareSampling reweights and observes each loss through _MeanOnly.timesteps.loss"),
+        (lambda: install(asymmetric()), None),  # it only chooses t: averaging the loss itself loses nothing
     ],
 )
 def test_strategies_that_act_in_the_loss_need_it_called(callback, match):
@@ -638,7 +624,7 @@ def test_with_diffusion_module():
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(16, dtype=torch.long)), batch_size=8)
     rec = Recorder()
     monitor = TimestepMonitor(log_every_n_steps=1)
-    trainer(3, [AsymmetricSampling(seed=0), MinSNRWeighting(), monitor, rec],
+    trainer(3, [install(asymmetric(), MinSNRWeighting(), seed=0), monitor, rec],
             limit_val_batches=0).fit(module, data)
     snr = module.timesteps.schedule.snr
     table = (snr.clamp(max=5) / (snr + 1)).float()  # picked from the module's prediction, "v"
@@ -653,15 +639,17 @@ def test_with_diffusion_module():
 @cuda
 def test_strategies_live_on_the_gpu_and_never_sync():
     module = TinyDiffusion(num_timesteps=20, schedule="cosine")
-    cbs = [LossAwareSampling(history=2, seed=0), ChangeAwareWeighting(tau="auto")]
+    cbs = [install(LossAwareSampling(history=2), change_aware(tau="auto"), seed=0)]
     rec = fit(module, [*cbs, TimestepMonitor(log_every_n_steps=5, tau="auto")], steps=12, accelerator="gpu", devices=1)
-    assert module.timesteps.sampler.history.is_cuda and module.timesteps.sampler.generator.device.type == "cuda"
+    assert module.timesteps.sampler.loss_history.is_cuda and module.timesteps.sampler.generator.device.type == "cuda"
     assert bool(module.timesteps.sampler.warm)
     assert len(rec.t) == 12
     schedule = NoiseSchedule.from_name("linear", 1000)
-    samplers = [AsymmetricSampler(schedule, 700, 5, True), LossAwareSampler(1000, history=1), CLTSSampler(1000),
-                LogitNormalSampler(1000), UniformSampler(1000)]
-    weightings = [ChangeAwareWeights(schedule, 0.6, 700), P2Weights(schedule), MinSNRWeights(schedule), ConstantWeights()]
+    samplers = [asymmetric(), LossAwareSampling(history=1), CLTSSampling(), LogitNormalSampling(), UniformSampling(),
+                SpeeD()]
+    weightings = [change_aware(), P2Weighting(), MinSNRWeighting(), ConstantWeighting(), SpeeD(tau=800)]
+    for s in [*samplers, *weightings]:
+        s.bind(schedule)
     gpu_module = TinyDiffusion().cuda()
     strategy = gpu_module.timesteps
     for s in samplers:
@@ -679,8 +667,7 @@ def test_strategies_live_on_the_gpu_and_never_sync():
     try:
         for step in range(3):
             for s in samplers:
-                if isinstance(s, CLTSSampler):
-                    s.set_step(step * 1000)
+                s.set_step(step * 1000, 3000)
                 for w in weightings:
                     strategy.sampler, strategy.weights = s, w
                     t = strategy.sample(256, "cuda")

@@ -3,7 +3,8 @@
 Closed forms: log-SNR tables against direct numerical integration and against draws of the continuous
 density mapped to the nearest step; the SpeeD code's ``min_snr`` (5 / (1 + SNR)) and ``clts`` (a spike at
 t = 300). Statistics: the curriculum's mixture at a given step (chi-square, threshold at a false-alarm
-probability of 1e-6). Checkpoints, the Compose callback, and two CLI steps of every study run.
+probability of 1e-6). Checkpoints, a sampling and a weighting strategy installed together, and two CLI
+steps of every study run.
 """
 
 from __future__ import annotations
@@ -20,39 +21,26 @@ from scipy import integrate, stats
 
 from benchmarks.convergence.runs import CONFIGS, RUNS, STUDY
 from conftest import have_fashion_mnist  # pytest puts tests/ on sys.path
-from lightning_speed.callbacks import (
-    AsymmetricSampling,
-    ChangeAwareWeighting,
+from lightning_speed.callbacks import TimestepCallback
+from lightning_speed.cli import main
+from lightning_speed.schedules import NoiseSchedule
+from lightning_speed.timesteps import (
     CLTSSampling,
-    Compose,
     CurriculumSampling,
     EDMLogNormalSampling,
     LaplaceLogSNRSampling,
     LogitNormalSampling,
+    LossAwareSampling,
     MinSNRWeighting,
     P2Weighting,
     SpeeD,
-    StrategyCallback,
-)
-from lightning_speed.cli import main
-from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps import (
-    AsymmetricSampler,
-    CLTSSampler,
-    CurriculumSampler,
-    EDMLogNormalSampler,
-    LaplaceLogSNRSampler,
-    LogitNormalSampler,
-    LossAwareSampler,
-    MinSNRWeights,
-    P2Weights,
-    TableSampler,
+    TableSampling,
     edm_log_normal_probabilities,
     laplace_log_snr_probabilities,
 )
 
 from _fixtures import EPS64, float64_rtol
-from test_strategy_callbacks import Recorder, TinyDiffusion, fit, loader, trainer
+from test_strategy_callbacks import Recorder, TinyDiffusion, asymmetric, change_aware, fit, install, loader, trainer
 
 FALSE_ALARM = 1e-6
 
@@ -148,10 +136,10 @@ def test_log_snr_tables_match_draws_of_the_continuous_density_at_the_nearest_ste
         assert statistic < threshold, (name, statistic, threshold)
 
 
-@pytest.mark.parametrize("build", [LaplaceLogSNRSampler, EDMLogNormalSampler])
-def test_log_snr_samplers_draw_their_tables(build: Any) -> None:
-    sampler = build(NoiseSchedule.from_name("cosine", 1000))
-    assert isinstance(sampler, TableSampler)
+@pytest.mark.parametrize("build", [LaplaceLogSNRSampling, EDMLogNormalSampling])
+def test_log_snr_strategies_draw_their_tables(build: Any) -> None:
+    sampler = build().bind(NoiseSchedule.from_name("cosine", 1000))
+    assert isinstance(sampler, TableSampling)
     sampler.manual_seed(0)
     statistic, threshold = chi_square_ok(sampler.sample(200_000), sampler.probs.double().numpy())
     assert statistic < threshold
@@ -175,17 +163,17 @@ def test_official_code_min_snr_is_five_times_p2() -> None:
     betas = np.linspace(1e-4, 0.02, 1000)
     ab = np.cumprod(1 - betas)
     snr = ab / (1 - ab)
-    weights = P2Weights(NoiseSchedule.from_name("linear", 1000), k=1.0, gamma=1.0, scale=5.0).table.double().numpy()
+    weights = P2Weighting(k=1.0, gamma=1.0, scale=5.0).bind(NoiseSchedule.from_name("linear", 1000)).table.double().numpy()
     np.testing.assert_allclose(weights, 5.0 / (1.0 + snr), rtol=2 * np.finfo(np.float32).eps)  # stored in float32
     assert round(float(weights[500]), 2) == 4.61 and round(float(weights[999]), 1) == 5.0
-    min_snr = MinSNRWeights(NoiseSchedule.from_name("linear", 1000), gamma=5.0).table
+    min_snr = MinSNRWeighting(gamma=5.0).bind(NoiseSchedule.from_name("linear", 1000)).table
     assert float(min_snr[500]) == float(min_snr[999]) == 1.0  # what Min-SNR-5 gives there
     with pytest.raises(ValueError, match="P2's scale must be a positive number, got 0"):
         P2Weighting(scale=0)
 
 
 def test_official_code_clts_is_a_spike_at_300_mixed_with_uniform() -> None:
-    sampler = CLTSSampler(1000, mu=300.0, sigma=0.001, total_steps=50_000)
+    sampler = CLTSSampling(mu=300.0, sigma=0.001, total_steps=50_000).bind(NoiseSchedule.from_name("linear", 1000))
     target = sampler.target_probs.double()
     assert float(target[300]) == 1.0 and float(target.sum()) == 1.0
     sampler.set_step(20_000)  # a = 0.4
@@ -202,22 +190,32 @@ def test_official_code_clts_is_a_spike_at_300_mixed_with_uniform() -> None:
 
 
 # --------------------------------------------------------------------------- curriculum
+LINEAR = NoiseSchedule.from_name("linear", 1000)
+
+
+def curriculum(early: Any, shape: str = "linear", schedule: NoiseSchedule = LINEAR) -> CurriculumSampling:
+    """A bound curriculum with switch 1: it reaches uniform t at the max_steps given to set_step."""
+    return CurriculumSampling(early, switch=1.0, shape=shape).bind(schedule)
+
+
 def test_curriculum_share_follows_the_step() -> None:
-    early = LogitNormalSampler(1000)
-    linear, step = CurriculumSampler(early, 400, "linear"), CurriculumSampler(LogitNormalSampler(1000), 400, "step")
+    linear, step = curriculum(LogitNormalSampling(), "linear"), curriculum(LogitNormalSampling(), "step")
     for s, a_linear, a_step in [(0, 1.0, 1.0), (100, 0.75, 1.0), (399, 1 / 400, 1.0), (400, 0.0, 0.0), (10_000, 0.0, 0.0)]:
-        linear.set_step(s)
-        step.set_step(s)
+        linear.set_step(s, 400)
+        step.set_step(s, 400)
+        assert linear.anneal_steps == step.anneal_steps == 400
         assert linear.share == pytest.approx(a_linear) and step.share == a_step
+    half = CurriculumSampling(LogitNormalSampling(), switch=0.5)
+    half.set_step(10, 1000)
+    assert half.anneal_steps == 500 and half.share == pytest.approx(0.98)
 
 
 @pytest.mark.parametrize("early", ["asymmetric", "logit_normal"])
 @pytest.mark.parametrize("share", [0.3, 0.8])
 def test_curriculum_draws_the_mixture_at_a_given_step(early: str, share: float) -> None:
-    schedule = NoiseSchedule.from_name("linear", 1000)
-    inner = AsymmetricSampler(schedule, 700, 5.0, dual=False) if early == "asymmetric" else LogitNormalSampler(1000)
-    sampler = CurriculumSampler(inner, anneal_steps=1000)
-    sampler.set_step(round((1 - share) * 1000))
+    inner = asymmetric(700, 5.0, dual=False) if early == "asymmetric" else LogitNormalSampling()
+    sampler = curriculum(inner)
+    sampler.set_step(round((1 - share) * 1000), 1000)
     assert sampler.share == pytest.approx(share)
     expected = share * inner.probabilities().double().numpy() + (1 - share) / 1000
     np.testing.assert_allclose(sampler.probabilities().double().numpy(), expected, rtol=1e-6)
@@ -231,30 +229,31 @@ def test_curriculum_draws_the_mixture_at_a_given_step(early: str, share: float) 
         assert abs(float((draws < 700).float().mean()) - p) < 5 * np.sqrt(p * (1 - p) / n)
 
 
-def test_curriculum_ends_are_the_early_sampler_and_uniform() -> None:
-    schedule = NoiseSchedule.from_name("linear", 1000)
-    sampler = CurriculumSampler(AsymmetricSampler(schedule, 700, 5.0, dual=True), anneal_steps=10)
+def test_curriculum_ends_are_the_early_strategy_and_uniform() -> None:
+    sampler = curriculum(asymmetric(700, 5.0, dual=True))
+    sampler.set_step(0, 10)
     sampler.manual_seed(7)
-    alone = AsymmetricSampler(schedule, 700, 5.0, dual=True)
-    alone.manual_seed(8)  # the early sampler's seed is the curriculum's + 1
+    alone = asymmetric(700, 5.0, dual=True).bind(LINEAR)
+    alone.manual_seed(8)  # the early strategy's seed is the curriculum's + 1
     assert torch.equal(sampler.sample(33), alone.sample(33))  # a = 1: dual pairs kept
-    sampler.set_step(10)
+    sampler.set_step(10, 10)
     statistic, threshold = chi_square_ok(sampler.sample(100_000), np.full(1000, 1e-3))
     assert statistic < threshold
-    assert sampler.tau == 700
+    assert sampler.tau == 700 and sampler.resolved_tau == 700
 
 
 def test_curriculum_state_round_trip() -> None:
     schedule = NoiseSchedule.from_name("cosine", 100)
-    make = lambda: CurriculumSampler(AsymmetricSampler(schedule, "auto", 5.0), anneal_steps=50)  # noqa: E731
+    make = lambda: curriculum(asymmetric("auto", 5.0), schedule=schedule)  # noqa: E731
     sampler = make()
     sampler.manual_seed(3)
-    sampler.set_step(20)
+    sampler.set_step(20, 50)
     sampler.sample(16)
     state = sampler.extra_state()
     assert state["step"] == 20 and state["early"]["seed"] == 4
     expected = sampler.sample(64)
     fresh = make()
+    fresh.set_step(0, 50)
     fresh.load_extra_state(state)
     assert fresh.step == 20 and fresh.share == pytest.approx(0.6)
     assert torch.equal(fresh.sample(64), expected)
@@ -263,18 +262,15 @@ def test_curriculum_state_round_trip() -> None:
 @pytest.mark.parametrize(
     ("build", "error", "match"),
     [
-        (lambda: CurriculumSampler(LossAwareSampler(10), 5), ValueError, "fixed distribution, got LossAwareSampler"),
-        (lambda: CurriculumSampler(CLTSSampler(10), 5), ValueError, "fixed distribution, got CLTSSampler"),
-        (lambda: CurriculumSampler(LogitNormalSampler(10), 0), ValueError, "anneal_steps must be an integer of at least 1"),
+        (lambda: CurriculumSampling(LossAwareSampling()), ValueError, "fixed distribution, got LossAwareSampling"),
+        (lambda: CurriculumSampling(CLTSSampling()), ValueError, "fixed distribution, got CLTSSampling"),
+        (lambda: CurriculumSampling(CurriculumSampling(LogitNormalSampling())), ValueError,
+         "fixed distribution, got CurriculumSampling"),
+        (lambda: CurriculumSampling(SpeeD()), ValueError, r"early=SpeeD\(.*lam=0.6\) also weights the loss.*SpeeD\(lam=None\)"),
         (lambda: CurriculumSampling(LogitNormalSampling(), shape="cosine"), ValueError, "Unknown curriculum shape 'cosine'"),
         (lambda: CurriculumSampling(LogitNormalSampling(), switch=0), ValueError, r"switch must be a number in \(0, 1\]"),
         (lambda: CurriculumSampling(LogitNormalSampling(), switch=1.5), ValueError, r"switch must be a number in \(0, 1\]"),
-        (lambda: CurriculumSampling(CLTSSampling()), ValueError, "fixed distribution, got CLTSSampling"),
-        (lambda: CurriculumSampling(LogitNormalSampling(seed=3)), ValueError, r"set CurriculumSampling\(seed=3\)"),
-        (lambda: CurriculumSampling(P2Weighting()), TypeError, "early must be a time-step sampling callback"),
-        (lambda: Compose(SpeeD(), P2Weighting()), TypeError, "sampling must be a time-step sampling callback"),
-        (lambda: Compose(AsymmetricSampling(), AsymmetricSampling()), TypeError, "weighting must be a loss weighting"),
-        (lambda: Compose(AsymmetricSampling(tau=700), ChangeAwareWeighting(tau=650)), ValueError, "disagree"),
+        (lambda: CurriculumSampling(P2Weighting()), TypeError, "early must be a sampling strategy"),
     ],
 )
 def test_bad_study_arguments_fail_at_construction(build: Any, error: type, match: str) -> None:
@@ -282,22 +278,24 @@ def test_bad_study_arguments_fail_at_construction(build: Any, error: type, match
         build()
 
 
-def test_curriculum_callback_anneals_over_a_fraction_of_max_steps() -> None:
+def test_curriculum_anneals_over_a_fraction_of_max_steps() -> None:
     module = TinyDiffusion()
-    cb = CurriculumSampling(LogitNormalSampling(), switch=0.5, seed=0)
-    fit(module, [cb], steps=8)
-    assert module.timesteps.sampler is cb.sampler and isinstance(cb.sampler, CurriculumSampler)
-    assert isinstance(cb.sampler.early, LogitNormalSampler) and cb.sampler.anneal_steps == 4
-    assert cb.sampler.step == 7 and cb.sampler.share == 0.0  # set at the start of the last step
+    early = LogitNormalSampling()
+    strategy = CurriculumSampling(early, switch=0.5)
+    fit(module, [install(strategy, seed=0)], steps=8)
+    assert module.timesteps.sampler is strategy and strategy.early is early and early.num_timesteps == 1000
+    assert strategy.anneal_steps == 4
+    assert strategy.step == 7 and strategy.share == 0.0  # set at the start of the last step
     module = TinyDiffusion()
-    speed = CurriculumSampling(AsymmetricSampling(tau="auto"), switch=0.5)
-    fit(module, [speed], steps=1)
+    fit(module, [install(CurriculumSampling(asymmetric(tau="auto")), seed=0)], steps=1)
     assert module.timesteps.tau == 642  # the early strategy's tau splits the monitor's areas
 
 
-def test_curriculum_callback_needs_max_steps() -> None:
-    with pytest.raises(ValueError, match="set trainer.max_steps"):
-        trainer(-1, [CurriculumSampling(LogitNormalSampling())], max_epochs=1).fit(TinyDiffusion(), loader())
+def test_curriculum_needs_max_steps() -> None:
+    rec = Recorder()
+    with pytest.raises(ValueError, match="but max_steps is -1: set trainer.max_steps"):
+        trainer(-1, [install(CurriculumSampling(LogitNormalSampling())), rec], max_epochs=1).fit(TinyDiffusion(), loader())
+    assert rec.t == []  # at setup, before any step
 
 
 class _StopAt(pl.Callback):
@@ -310,9 +308,9 @@ class _StopAt(pl.Callback):
 
 
 RESUMABLE = {
-    "curriculum": lambda: CurriculumSampling(AsymmetricSampling(tau=12, k=5), switch=0.6),
-    "curriculum_step": lambda: CurriculumSampling(LogitNormalSampling(), switch=0.3, shape="step"),
-    "compose": lambda: Compose(CurriculumSampling(LogitNormalSampling(), switch=0.6), ChangeAwareWeighting(tau=12)),
+    "curriculum": lambda: install(CurriculumSampling(asymmetric(tau=12, k=5), switch=0.6)),
+    "curriculum_step": lambda: install(CurriculumSampling(LogitNormalSampling(), switch=0.3, shape="step")),
+    "curriculum_weighted": lambda: install(CurriculumSampling(LogitNormalSampling(), switch=0.6), change_aware(tau=12)),
 }
 
 
@@ -343,17 +341,15 @@ def test_resume_continues_the_same_time_steps(name: str, accelerator: str, tmp_p
     assert len(second.t) == total - stop
     for step, (a, b) in enumerate(zip(full.t, [*first.t, *second.t])):
         assert torch.equal(a, b), f"step {step} differs"
-    assert resumed.sampler.step == total - 1
+    assert resumed.sampling.step == total - 1
 
 
 @cuda
 def test_study_samplers_never_sync_on_the_gpu() -> None:
-    schedule = NoiseSchedule.from_name("linear", 1000)
-    curricula = [CurriculumSampler(AsymmetricSampler(schedule, 700, 5.0, dual=True), 100),
-                 CurriculumSampler(LogitNormalSampler(1000), 100, "step")]
-    samplers = [*curricula, LaplaceLogSNRSampler(schedule), EDMLogNormalSampler(schedule),
-                CLTSSampler(1000, mu=300.0, sigma=0.001)]
-    weights = P2Weights(schedule, scale=5.0).to("cuda")
+    curricula = [curriculum(asymmetric(700, 5.0, dual=True)), curriculum(LogitNormalSampling(), "step")]
+    samplers = [*curricula, LaplaceLogSNRSampling().bind(LINEAR), EDMLogNormalSampling().bind(LINEAR),
+                CLTSSampling(mu=300.0, sigma=0.001).bind(LINEAR)]
+    weights = P2Weighting(scale=5.0).bind(LINEAR).to("cuda")
     strategy = TinyDiffusion().timesteps
     strategy.weights = weights
     for s in samplers:
@@ -365,8 +361,7 @@ def test_study_samplers_never_sync_on_the_gpu() -> None:
     try:
         for step in (0, 50, 100):  # a = 1, 0.5, 0
             for s in samplers:
-                if hasattr(s, "set_step"):
-                    s.set_step(step)
+                s.set_step(step, 100)
                 strategy.sampler = s
                 t = strategy.sample(256, "cuda")
                 loss = strategy.loss(t, torch.rand(256, device="cuda"), torch.rand(256, device="cuda"))
@@ -376,38 +371,26 @@ def test_study_samplers_never_sync_on_the_gpu() -> None:
     assert all(s.early.generator.device.type == "cuda" for s in curricula)
 
 
-# --------------------------------------------------------------------------- Compose
-def test_compose_installs_both_and_draws_like_its_sampling_part_alone() -> None:
-    composed = Compose(AsymmetricSampling(tau=700, k=5, seed=3), MinSNRWeighting(gamma=5.0))
+# --------------------------------------------------------------------------- a sampling and a weighting strategy
+def test_a_sampling_and_a_weighting_strategy_draw_like_the_sampling_one_alone() -> None:
+    sampling, weighting = asymmetric(tau=700, k=5), MinSNRWeighting(gamma=5.0)
     module = TinyDiffusion()
-    rec = fit(module, [composed], steps=3)
-    assert module.timesteps.sampler is composed.sampler is composed.sampling.sampler
-    assert module.timesteps.weights is composed.weights is composed.weighting.weights
-    assert module.timesteps.tau == 700 == composed.tau
-    alone = fit(TinyDiffusion(), [AsymmetricSampling(tau=700, k=5, seed=3), MinSNRWeighting(gamma=5.0)], steps=3)
-    for a, b, wa, wb in zip(rec.t, alone.t, rec.weight, alone.weight):
-        assert torch.equal(a, b) and torch.equal(wa, wb)
-    assert set(composed.state_dict()) == {"sampling", "weighting"}
+    callback = install(sampling, weighting, seed=3)
+    rec = fit(module, [callback], steps=3)
+    assert module.timesteps.sampler is sampling and module.timesteps.weights is weighting
+    assert module.timesteps.tau == 700
+    alone = fit(TinyDiffusion(), [install(asymmetric(tau=700, k=5), seed=3)], steps=3)
+    snr = module.timesteps.schedule.snr
+    for a, b, w in zip(rec.t, alone.t, rec.weight):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(w, (5 / snr).clamp(max=1).float()[a])
+    assert set(callback.state_dict()) == {"sampling"}
 
 
-def test_compose_forwards_the_step_to_a_curriculum() -> None:
-    composed = Compose(CurriculumSampling(LogitNormalSampling(), switch=1.0), P2Weighting(scale=5.0))
-    fit(TinyDiffusion(), [composed], steps=3)
-    assert composed.sampler.step == 2 and composed.sampler.anneal_steps == 3
-
-
-@pytest.mark.parametrize(
-    ("callbacks", "match"),
-    [
-        (lambda: [Compose(AsymmetricSampling(tau="auto"), ChangeAwareWeighting(tau=700))],
-         "parts disagree on tau on this schedule.*AsymmetricSampling tau=642, ChangeAwareWeighting tau=700"),
-        (lambda: [Compose(LogitNormalSampling(), P2Weighting()), AsymmetricSampling()], "Only one time-step sampling"),
-        (lambda: [Compose(LogitNormalSampling(), P2Weighting()), MinSNRWeighting()], "Only one loss weighting"),
-    ],
-)
-def test_bad_compositions_fail_before_any_step(callbacks: Any, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        fit(TinyDiffusion(), callbacks(), steps=1)
+def test_a_curriculum_next_to_a_weighting_follows_the_step() -> None:
+    strategy = CurriculumSampling(LogitNormalSampling(), switch=1.0)
+    fit(TinyDiffusion(), [install(strategy, P2Weighting(scale=5.0))], steps=3)
+    assert strategy.step == 2 and strategy.anneal_steps == 3
 
 
 # --------------------------------------------------------------------------- the study's configs
@@ -432,20 +415,22 @@ def test_every_study_run_trains_two_cli_steps_on_the_quickstart_base(run: str, c
     cli = main(args)
     model, trainer_ = cli.model, cli.trainer
     assert trainer_.global_step == 2
-    strategy = None  # the class of the last file that sets one
+    strategies = None  # the classes of the last file that sets them
     for f in files:
         config = yaml.safe_load((CONFIGS / f).read_text())
-        if "strategy" in config:
-            strategy = config["strategy"] and config["strategy"]["class_path"].rsplit(".", 1)[-1]
-    installed = [cb for cb in trainer_.callbacks if isinstance(cb, StrategyCallback)]
-    if strategy is None:
-        assert installed == [] and type(model.timesteps.sampler).__name__ == "UniformSampler"
+        if "timesteps" in config:
+            value = config["timesteps"]
+            strategies = value and [item["class_path"].rsplit(".", 1)[-1] for item in (value if isinstance(value, list) else [value])]
+    installed = [cb for cb in trainer_.callbacks if isinstance(cb, TimestepCallback)]
+    if strategies is None:
+        assert installed == [] and type(model.timesteps.sampler).__name__ == "UniformSampling"
     else:
         (cb,) = installed
-        assert type(cb).__name__ == strategy
-        assert model.timesteps.sampler is (cb.sampler if cb.installs_sampler else model.timesteps.sampler)
-        assert model.timesteps.weights is (cb.weights if cb.installs_weights else model.timesteps.weights)
-    if isinstance(model.timesteps.sampler, CurriculumSampler):
+        assert [type(s).__name__ for s in cb.strategies] == strategies
+        assert model.timesteps.sampler is (cb.sampling or model.timesteps.sampler)
+        assert model.timesteps.weights is (cb.weighting or model.timesteps.weights)
+        assert {cb.sampling, cb.weighting} - {None} == set(cb.strategies)  # each strategy plays its role
+    if isinstance(model.timesteps.sampler, CurriculumSampling):
         assert model.timesteps.sampler.anneal_steps == 1 and model.timesteps.sampler.step == 1
     if run == "official_code_clts":
         assert float(model.timesteps.sampler.target_probs[300]) == 1.0

@@ -1,4 +1,4 @@
-"""The time-step strategy objects: formulas, sampled frequencies, state and errors.
+"""The time-step strategy objects: formulas, sampled frequencies, roles, binding, state and errors.
 
 Reference values are computed independently here with numpy / scipy from METHOD.md's formulas.
 Chi-square tests use fixed seeds and bins of 20 time steps (expected counts in the hundreds).
@@ -13,23 +13,58 @@ from scipy import special, stats
 
 from lightning_speed.schedules import NoiseSchedule
 from lightning_speed.timesteps import (
-    AsymmetricSampler,
-    ChangeAwareWeights,
-    CLTSSampler,
-    ConstantWeights,
-    LogitNormalSampler,
-    LossAwareSampler,
-    MinSNRWeights,
-    P2Weights,
-    TableSampler,
-    TableWeights,
+    CLTSSampling,
+    ConstantWeighting,
+    LogitNormalSampling,
+    LossAwareSampling,
+    MinSNRWeighting,
+    P2Weighting,
+    SamplingStrategy,
+    SpeeD,
+    TableSampling,
+    TableWeighting,
     TimestepStrategy,
-    UniformSampler,
+    UniformSampling,
+    WeightingStrategy,
+    split_roles,
     weighted_loss,
 )
 
 T = 1000
 CHOSEN_T = [0, 219, 699, 700, 999]
+
+
+def steps(num_timesteps: int) -> NoiseSchedule:
+    """A schedule with ``num_timesteps`` steps, for strategies that read only T."""
+    return NoiseSchedule.from_name("constant", num_timesteps)
+
+
+def asymmetric(schedule, tau=700, k=5.0, dual=True) -> SpeeD:
+    """SpeeD's sampling alone, bound."""
+    return SpeeD(tau, k, dual, lam=None).bind(schedule)
+
+
+def change_aware(schedule, lam=0.6, tau=700) -> SpeeD:
+    """SpeeD's weighting alone (uniform t), bound."""
+    return SpeeD(tau, k=1.0, dual=False, lam=lam).bind(schedule)
+
+
+class Table(TableSampling):
+    """Draws from a given table (the tables of the strategies come from their schedule)."""
+
+    def __init__(self, probs: torch.Tensor) -> None:
+        self.given = probs
+
+    def build(self, schedule, prediction):
+        self.set_probabilities(self.given)
+
+
+class Weights(TableWeighting):
+    def __init__(self, weights: torch.Tensor) -> None:
+        self.given = weights
+
+    def build(self, schedule, prediction):
+        self.set_weights(self.given)
 
 
 def linear_alpha_bar(num_timesteps: int = T) -> np.ndarray:
@@ -56,14 +91,14 @@ def asymmetric_reference(tau: int, k: float, num_timesteps: int = T) -> np.ndarr
 
 
 def test_asymmetric_probabilities_match_formula(linear):
-    sampler = AsymmetricSampler(linear, tau=700, k=5, dual=False)
+    sampler = asymmetric(linear, tau=700, k=5, dual=False)
     expected = asymmetric_reference(700, 5)
     np.testing.assert_allclose(sampler.probabilities().numpy(), expected, rtol=1e-6)
     assert expected[0] == pytest.approx(5 / 3800) and expected[999] == pytest.approx(1 / 3800)
 
 
 def test_asymmetric_frequencies_chi_square(linear):
-    sampler = AsymmetricSampler(linear, tau=700, k=5, dual=False)
+    sampler = asymmetric(linear, tau=700, k=5, dual=False)
     sampler.manual_seed(0)
     t = sampler.sample(400_000)
     assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) < T
@@ -77,7 +112,7 @@ def test_dual_pairs_follow_the_pivot_rule(linear):
     pivot = int(np.flatnonzero(np.gradient(np.sqrt(1 - ab)) < 1e-4)[0]) + 1
     assert pivot == 642
     for tau in (700, 300):  # the pivot does not depend on tau
-        sampler = AsymmetricSampler(linear, tau=tau, k=5, dual=True)
+        sampler = asymmetric(linear, tau=tau, k=5, dual=True)
         sampler.manual_seed(1)
         for n in (64, 65, 2, 1):
             t = sampler.sample(n).numpy()
@@ -90,7 +125,7 @@ def test_dual_pairs_follow_the_pivot_rule(linear):
 
 
 def test_dual_primary_draws_follow_p(linear):
-    sampler = AsymmetricSampler(linear, tau=700, k=5, dual=True)
+    sampler = asymmetric(linear, tau=700, k=5, dual=True)
     sampler.manual_seed(2)
     n = 2000
     primary = torch.cat([sampler.sample(n)[: n // 2 + 1] for _ in range(200)])
@@ -100,7 +135,7 @@ def test_dual_primary_draws_follow_p(linear):
 def test_dual_probabilities_are_the_marginal_of_the_draws(linear):
     """The monitor logs probabilities() next to the sampled shares: with dual pairs it must be the
     mixture of p and the partners' distribution q, not p (which puts twice the mass on t >= tau)."""
-    sampler = AsymmetricSampler(linear, tau=700, k=5, dual=True)
+    sampler = asymmetric(linear, tau=700, k=5, dual=True)
     p, pivot = asymmetric_reference(700, 5), sampler.pivot
     t = np.arange(T)
     q = np.bincount(np.where(t < pivot, pivot - t, t - pivot), weights=p, minlength=T)
@@ -111,14 +146,14 @@ def test_dual_probabilities_are_the_marginal_of_the_draws(linear):
     drawn = torch.cat([sampler.sample(n) for _ in range(batches)])
     assert chi_square_p(drawn, (33 * p + 31 * q) / 64) > 1e-3
     assert chi_square_p(drawn, p) < 1e-12  # the table alone is clearly rejected: the test can fail
-    assert AsymmetricSampler(linear, tau=700, k=5, dual=False).probabilities().double().numpy() == pytest.approx(p, rel=1e-6)
+    assert asymmetric(linear, tau=700, k=5, dual=False).probabilities().double().numpy() == pytest.approx(p, rel=1e-6)
 
 
 def test_auto_tau_uses_pivot(linear):
-    sampler = AsymmetricSampler(linear, tau="auto", k=5)
-    assert sampler.tau == 642 and sampler.pivot == 642
-    cosine = AsymmetricSampler(NoiseSchedule.from_name("cosine", T), tau="auto")
-    assert cosine.tau == 959 and cosine.pivot == 959
+    sampler = asymmetric(linear, tau="auto", k=5)
+    assert sampler.resolved_tau == 642 and sampler.pivot == 642 and sampler.tau == "auto"  # the setting is kept
+    cosine = sampler.bind(NoiseSchedule.from_name("cosine", T))  # bound again: "auto" resolves on the new schedule
+    assert cosine is sampler and cosine.resolved_tau == 959 and cosine.pivot == 959
 
 
 def test_a_tau_well_before_the_schedules_convergence_warns_once(linear):
@@ -132,19 +167,19 @@ def test_a_tau_well_before_the_schedules_convergence_warns_once(linear):
     assert 0.1 < ab_700 < 0.3  # the premise: far from pure noise
     with pytest.warns(UserWarning, match=rf"cosine schedule \(T = 1000\) converges only from t = 959 on: "
                       rf"alpha_bar at t = 700 is {ab_700:.3g}.*tau='auto' \(959 here\)"):
-        AsymmetricSampler(cosine, tau=700)
+        asymmetric(cosine, tau=700)
     with pytest.warns(UserWarning, match="converges only from t = 959"):
-        ChangeAwareWeights(cosine, tau=700)
-    with warnings.catch_warnings(record=True) as caught:  # one warning for SpeeD's sampler and weights together
-        warnings.simplefilter("default")
-        AsymmetricSampler(cosine, tau=800), ChangeAwareWeights(cosine, tau=800)
+        change_aware(cosine, tau=700)
+    with warnings.catch_warnings(record=True) as caught:  # one warning for SpeeD's sampling and weights together
+        warnings.simplefilter("always")
+        SpeeD(tau=800).bind(cosine)
     assert len([w for w in caught if "converges only from" in str(w.message)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        AsymmetricSampler(linear, tau=700), ChangeAwareWeights(linear, tau=700)  # 700 >= 642 - 100
-        AsymmetricSampler(linear, tau=543), AsymmetricSampler(cosine, tau="auto"), ChangeAwareWeights(cosine, tau=900)
+        SpeeD(tau=700).bind(linear)  # 700 >= 642 - 100
+        asymmetric(linear, tau=543), asymmetric(cosine, tau="auto"), change_aware(cosine, tau=900)
     with pytest.warns(UserWarning, match="converges only from t = 642"):
-        AsymmetricSampler(linear, tau=541)  # the edge: more than T / 10 before the pivot
+        asymmetric(linear, tau=541)  # the edge: more than T / 10 before the pivot
 
 
 # ------------------------------------------------------------------ weightings
@@ -154,24 +189,24 @@ def test_change_aware_weights_at_chosen_t(linear):
     u = (d - d.min()) / (d.max() - d.min())
     lam, tau = 0.6, 700
     expected = np.where(np.arange(T) < tau, (1 - lam) + (2 * lam - 1) * u, 1.0)
-    weighting = ChangeAwareWeights(linear, lam=lam, tau=tau)
+    weighting = change_aware(linear, lam=lam, tau=tau)
     got = weighting.weight(torch.tensor(CHOSEN_T)).numpy()
     np.testing.assert_allclose(got, expected[CHOSEN_T], rtol=1e-6)
     assert got[1] == pytest.approx(lam, rel=1e-6)  # the rate peaks at t = 219: w = lambda
     assert got[3] == got[4] == 1.0
-    auto = ChangeAwareWeights(linear, lam=0.8, tau="auto")
-    assert auto.tau == 642
+    auto = change_aware(linear, lam=0.8, tau="auto")
+    assert auto.resolved_tau == 642
     assert auto.weight(torch.tensor([641])).item() < 1.0 and auto.weight(torch.tensor([642])).item() == 1.0
-    table = ChangeAwareWeights(linear, lam=0.8, tau=700).table
+    table = change_aware(linear, lam=0.8, tau=700).table
     assert table[:700].min() >= 0.2 - 1e-6 and table[:700].max() <= 0.8 + 1e-6
 
 
 def test_p2_weights_at_chosen_t(linear):
     ab = linear_alpha_bar()
     snr = ab / (1 - ab)
-    got = P2Weights(linear).weight(torch.tensor(CHOSEN_T)).numpy()
+    got = P2Weighting().bind(linear).weight(torch.tensor(CHOSEN_T)).numpy()
     np.testing.assert_allclose(got, 1.0 / (1.0 + snr[CHOSEN_T]), rtol=1e-6)
-    got = P2Weights(linear, k=0.5, gamma=2).weight(torch.tensor(CHOSEN_T)).numpy()
+    got = P2Weighting(k=0.5, gamma=2).bind(linear).weight(torch.tensor(CHOSEN_T)).numpy()
     np.testing.assert_allclose(got, 1.0 / (0.5 + snr[CHOSEN_T]) ** 2, rtol=1e-6)
 
 
@@ -186,18 +221,18 @@ def test_p2_weights_at_chosen_t(linear):
 def test_min_snr_weights_at_chosen_t(linear, prediction, formula):
     ab = linear_alpha_bar()
     snr = ab / (1 - ab)
-    got = MinSNRWeights(linear, gamma=5, prediction=prediction).weight(torch.tensor(CHOSEN_T)).numpy()
+    got = MinSNRWeighting(gamma=5).bind(linear, prediction).weight(torch.tensor(CHOSEN_T)).numpy()
     np.testing.assert_allclose(got, formula(snr)[CHOSEN_T], rtol=1e-6)
 
 
 def test_constant_weights_are_one():
-    assert torch.equal(ConstantWeights().weight(torch.tensor([0, 5])), torch.ones(2))
+    assert torch.equal(ConstantWeighting().weight(torch.tensor([0, 5])), torch.ones(2))
 
 
 # ------------------------------------------------------------------ logit-normal and CLTS
 def test_logit_normal_frequencies_match_formula():
     mean, std = 0.3, 1.2
-    sampler = LogitNormalSampler(T, mean=mean, std=std)
+    sampler = LogitNormalSampling(mean=mean, std=std).bind(steps(T))
     sampler.manual_seed(3)
     t = sampler.sample(400_000)
     edges = np.clip((np.arange(T + 1) - 0.5) / (T - 1), 0, 1)
@@ -216,7 +251,7 @@ def clts_reference(step: int, total: int = 50_000, mu: float = 300.0, sigma: flo
 
 
 def test_clts_frequencies_follow_the_curriculum():
-    sampler = CLTSSampler(T)
+    sampler = CLTSSampling().bind(steps(T))
     sampler.manual_seed(4)
     np.testing.assert_allclose(sampler.probabilities().numpy(), np.full(T, 1 / T), rtol=1e-5)
     for step in (25_000, 10**6):
@@ -229,13 +264,13 @@ def test_clts_frequencies_follow_the_curriculum():
 
 
 def test_clts_scales_with_T():
-    sampler = CLTSSampler(100, mu=300, sigma=200)
+    sampler = CLTSSampling(mu=300, sigma=200).bind(steps(100))
     sampler.set_step(50_000)
     assert int(torch.argmax(sampler.probabilities())) == 30
 
 
 # ------------------------------------------------------------------ loss-aware sampling
-def fill_history(sampler: LossAwareSampler, loss_of_t, batches: int, batch: int = 64, seed: int = 0):
+def fill_history(sampler: LossAwareSampling, loss_of_t, batches: int, batch: int = 64, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(batches):
         t = torch.randint(0, sampler.num_timesteps, (batch,), generator=gen)
@@ -244,7 +279,7 @@ def fill_history(sampler: LossAwareSampler, loss_of_t, batches: int, batch: int 
 
 def test_loss_aware_is_uniform_until_warm_then_second_moment():
     n_t = 50
-    sampler = LossAwareSampler(n_t, history=10)
+    sampler = LossAwareSampling(history=10).bind(steps(n_t))
     sampler.manual_seed(5)
     loss_of_t = lambda t: (t.float() + 1.0) / n_t  # noqa: E731
     # every t but the last gets its 10 losses: still uniform, importance weights 1
@@ -256,7 +291,7 @@ def test_loss_aware_is_uniform_until_warm_then_second_moment():
     for _ in range(10):
         sampler.update(torch.tensor([n_t - 1]), loss_of_t(torch.tensor([n_t - 1])))
     assert bool(sampler.warm)
-    second = np.sqrt(np.mean(sampler.history.numpy() ** 2, axis=1))
+    second = np.sqrt(np.mean(sampler.loss_history.numpy() ** 2, axis=1))
     expected = second / second.sum() * (1 - 0.001) + 0.001 / n_t
     np.testing.assert_allclose(sampler.probabilities().numpy(), expected, rtol=1e-5)
     # proportional to the loss here, since each t saw a constant loss
@@ -267,7 +302,7 @@ def test_loss_aware_is_uniform_until_warm_then_second_moment():
 
 def test_loss_aware_importance_weights_make_the_estimator_unbiased():
     n_t = 100
-    sampler = LossAwareSampler(n_t)
+    sampler = LossAwareSampling().bind(steps(n_t))
     sampler.manual_seed(6)
     rng = np.random.default_rng(0)
     mean_loss = torch.tensor(rng.gamma(2.0, 1.0, n_t), dtype=torch.float32)
@@ -309,34 +344,34 @@ def test_loss_aware_update_handles_duplicates_deterministically():
         losses = torch.rand(40, generator=gen)
         losses[3] = float("nan")  # ignored
         batches.append((t, losses))
-    sampler = LossAwareSampler(n_t, history=size)
+    sampler = LossAwareSampling(history=size).bind(steps(n_t))
     for t, losses in batches:
         sampler.update(t, losses)
     history, counts = reference_history(n_t, size, batches)
     np.testing.assert_array_equal(sampler.counts.numpy(), counts)
-    np.testing.assert_array_equal(sampler.history.numpy(), history)
+    np.testing.assert_array_equal(sampler.loss_history.numpy(), history)
     assert torch.isfinite(sampler.probabilities()).all()
 
 
 def test_loss_aware_state_round_trip():
-    sampler = LossAwareSampler(20)
+    sampler = LossAwareSampling().bind(steps(20))
     sampler.manual_seed(8)
     fill_history(sampler, lambda t: t.float() + 1, batches=10)
     state = sampler.extra_state()
     expected_next = sampler.sample(50)
-    restored = LossAwareSampler(20)
+    restored = LossAwareSampling().bind(steps(20))
     restored.load_extra_state(state)
     torch.testing.assert_close(restored.probabilities(), sampler.probabilities())
     torch.testing.assert_close(restored.sample(50), expected_next)
     with pytest.raises(ValueError, match="same T and history"):
-        LossAwareSampler(30).load_extra_state(state)
+        LossAwareSampling().bind(steps(30)).load_extra_state(state)
 
 
 # ------------------------------------------------------------------ protocol, RNG, state
 def test_weighted_loss_multiplies_weight_and_importance():
-    sampler = LossAwareSampler(4, history=1)
+    sampler = LossAwareSampling(history=1).bind(steps(4))
     sampler.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))  # warm: p ~ L (+ mix)
-    weighting = TableWeights(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    weighting = Weights(torch.tensor([0.5, 1.0, 1.5, 2.0])).bind(steps(4))
     t = torch.tensor([0, 3])
     losses = torch.tensor([2.0, 5.0])
     p = sampler.probabilities()
@@ -348,23 +383,23 @@ def test_weighted_loss_multiplies_weight_and_importance():
 
 
 def test_seeded_sampler_replays_and_resumes():
-    a, b = UniformSampler(T), UniformSampler(T)
+    a, b = UniformSampling().bind(steps(T)), UniformSampling().bind(steps(T))
     a.manual_seed(9)
     b.manual_seed(9)
     assert torch.equal(a.sample(100), b.sample(100))
     state = a.extra_state()
     expected = a.sample(100)
-    c = UniformSampler(T)
+    c = UniformSampling().bind(steps(T))
     c.load_extra_state(state)
     assert torch.equal(c.sample(100), expected)
 
 
 def test_rng_state_from_another_device_type_warns_and_reseeds():
-    sampler = TableSampler(torch.ones(10))
+    sampler = Table(torch.ones(10)).bind(steps(10))
     sampler.load_extra_state({"seed": 3, "rng": {"device_type": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}})
     with pytest.warns(UserWarning, match="restarts from seed 3"):
         t = sampler.sample(20)
-    fresh = TableSampler(torch.ones(10))
+    fresh = Table(torch.ones(10)).bind(steps(10))
     fresh.manual_seed(3)
     assert torch.equal(t, fresh.sample(20))
 
@@ -372,7 +407,7 @@ def test_rng_state_from_another_device_type_warns_and_reseeds():
 def test_table_sampler_never_draws_zero_probability():
     probs = torch.zeros(10)
     probs[[0, 4, 9]] = torch.tensor([0.2, 0.5, 0.3])
-    sampler = TableSampler(probs)
+    sampler = Table(probs).bind(steps(10))
     sampler.manual_seed(0)
     drawn = set(sampler.sample(20_000).tolist())
     assert drawn == {0, 4, 9}
@@ -381,7 +416,7 @@ def test_table_sampler_never_draws_zero_probability():
 # ------------------------------------------------------------------ TimestepStrategy
 def test_strategy_defaults_to_uniform_and_plain_mean(linear):
     strategy = TimestepStrategy(linear)
-    assert isinstance(strategy.sampler, UniformSampler) and isinstance(strategy.weights, ConstantWeights)
+    assert isinstance(strategy.sampler, UniformSampling) and isinstance(strategy.weights, ConstantWeighting)
     assert strategy.tau is None and strategy.last is None and strategy.prediction == "epsilon"
     strategy.sampler.manual_seed(0)
     t = strategy.sample(400_000, "cpu")
@@ -398,8 +433,7 @@ def test_strategy_defaults_to_uniform_and_plain_mean(linear):
 def test_strategy_loss_weights_only_the_weighted_part():
     """mean(imp * (w * weighted + unweighted)), with w = table[t] and imp = 1 / (T p(t))."""
     strategy = TimestepStrategy(NoiseSchedule.from_name("constant", 4))
-    strategy.weights = TableWeights(torch.tensor([0.5, 1.0, 1.5, 2.0]))
-    strategy.sampler = LossAwareSampler(4, history=1)
+    strategy.install(LossAwareSampling(history=1), Weights(torch.tensor([0.5, 1.0, 1.5, 2.0])))
     strategy.sampler.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]))  # warm: p ~ L
     p = strategy.sampler.probabilities().clone()
     t = torch.tensor([0, 3, 3])
@@ -411,7 +445,7 @@ def test_strategy_loss_weights_only_the_weighted_part():
     torch.testing.assert_close(strategy.last.weight, imp * w)
     torch.testing.assert_close(strategy.last.loss, mse + vlb)
     # the sampler observed the total loss: the history of t = 3 now holds the last one
-    assert strategy.sampler.history[3, 0].item() == pytest.approx(5.0)
+    assert strategy.sampler.loss_history[3, 0].item() == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize(
@@ -447,7 +481,7 @@ def test_strategy_loss_rejects_time_steps_it_cannot_have_drawn(linear, t, weight
     """Type, dtype and shape always; values on the CPU only (reading a device tensor would sync every step)."""
     strategy = TimestepStrategy(NoiseSchedule.from_name("cosine", 10) if weights == "small" else linear)
     if weights is not None:  # a table lookup would index out of range or wrap around at t = -1
-        strategy.weights = ChangeAwareWeights(strategy.schedule, tau=5 if weights == "small" else 700)
+        strategy.install(weighting=SpeeD(tau=5 if weights == "small" else 700, k=1.0, dual=False))
     with pytest.raises(error, match=match):
         strategy.loss(t, torch.ones(4))
     assert strategy.last is None
@@ -465,7 +499,7 @@ def test_strategy_loss_rejects_time_steps_it_cannot_have_drawn(linear, t, weight
 )
 def test_strategy_sample_needs_a_count(linear, n, error, match):
     strategy = TimestepStrategy(linear)
-    strategy.sampler = AsymmetricSampler(linear)  # dual pairs drew n // 2 + 1 = 0 for n = -1: an empty batch
+    strategy.install(SpeeD())  # dual pairs drew n // 2 + 1 = 0 for n = -1: an empty batch
     with pytest.raises(error, match=match):
         strategy.sample(n, "cpu")
 
@@ -477,9 +511,9 @@ def test_strategy_loss_warns_once_when_t_was_not_drawn_by_its_sampler(linear):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         strategy.loss(torch.randint(0, T, (4,)), torch.ones(4))  # uniform sampler: torch.randint is the same
-        strategy.sampler = AsymmetricSampler(linear)
+        strategy.install(SpeeD(lam=None))
         strategy.loss(strategy.sample(4, "cpu"), torch.ones(4))
-    with pytest.warns(UserWarning, match=r"sample did not return, so the installed AsymmetricSampler does not choose.*"
+    with pytest.warns(UserWarning, match=r"sample did not return, so the installed SpeeD does not choose.*"
                                          r"t = self.timesteps.sample\(len\(x\), x.device\)"):
         strategy.loss(torch.randint(0, T, (4,)), torch.ones(4))
     with warnings.catch_warnings():
@@ -489,11 +523,11 @@ def test_strategy_loss_warns_once_when_t_was_not_drawn_by_its_sampler(linear):
 
 def test_strategy_objects_take_what_timestep_strategy_takes(linear):
     alphas_cumprod = linear.alpha_bar.float()
-    torch.testing.assert_close(AsymmetricSampler(alphas_cumprod, tau=700).probs, AsymmetricSampler(linear, tau=700).probs)
-    for make in (ChangeAwareWeights, P2Weights, MinSNRWeights):
-        torch.testing.assert_close(make(alphas_cumprod).table, make(linear).table, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(SpeeD().bind(alphas_cumprod).probs, SpeeD().bind(linear).probs)
+    for make in (SpeeD, P2Weighting, MinSNRWeighting):
+        torch.testing.assert_close(make().bind(alphas_cumprod).table, make().bind(linear).table, rtol=1e-4, atol=1e-6)
     with pytest.raises(TypeError, match=r"Cannot read a noise schedule from str.*NoiseSchedule.from_name\('linear', 1000\)"):
-        ChangeAwareWeights("linear", lam=0.6, tau=700)
+        SpeeD().bind("linear")
 
 
 def test_strategy_takes_alphas_cumprod_and_diffusers_like_schedulers(linear):
@@ -514,8 +548,7 @@ def test_strategy_takes_alphas_cumprod_and_diffusers_like_schedulers(linear):
 
 def test_strategy_sample_moves_the_tables_to_the_batch_device(linear):
     strategy = TimestepStrategy(linear)
-    strategy.sampler = AsymmetricSampler(linear)
-    strategy.weights = ChangeAwareWeights(linear)
+    strategy.install(SpeeD(), P2Weighting())
     cdf, table = strategy.sampler.cdf, strategy.weights.table
     assert strategy.sample(4, "cpu").device.type == "cpu"
     assert strategy.sampler.cdf is cdf and strategy.weights.table is table  # already there: nothing copied
@@ -525,44 +558,33 @@ def test_strategy_sample_moves_the_tables_to_the_batch_device(linear):
 
 
 def test_bases_are_abstract():
-    from lightning_speed.timesteps import LossWeights, TimestepSampler
-
     with pytest.raises(TypeError, match="abstract"):
-        TimestepSampler(10)
+        SamplingStrategy()
     with pytest.raises(TypeError, match="abstract"):
-        LossWeights()
-
-
-@pytest.mark.parametrize(("old", "new"), [("ConstantWeighting", "ConstantWeights"), ("TableWeighting", "TableWeights"),
-                                          ("LossWeighting", "LossWeights")])
-def test_former_names_say_the_new_one(old, new):
-    import lightning_speed.timesteps as timesteps
-
-    with pytest.raises(TypeError, match=f"{old} is now called {new}.*replace {old} by {new}"):
-        getattr(timesteps, old)(torch.ones(3))
+        WeightingStrategy()
 
 
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda s: AsymmetricSampler(s, tau=0), "at least 1"),
-        (lambda s: AsymmetricSampler(s, tau=1000), "smaller than"),
-        (lambda s: AsymmetricSampler(s, tau="late"), "'auto'"),
-        (lambda s: AsymmetricSampler(s, k=0), "positive"),
-        (lambda s: AsymmetricSampler(s, k=-1), "positive"),
-        (lambda s: ChangeAwareWeights(s, lam=0.4), r"lam must be a number in \[0.5, 1\], got 0.4; weights span \[1 - lam, lam\]"),
-        (lambda s: ChangeAwareWeights(s, lam=1.2), r"\[0.5, 1\]"),
-        (lambda s: ChangeAwareWeights(s, tau=5000), "smaller than"),
-        (lambda s: MinSNRWeights(s, prediction="score"), "Unknown prediction 'score'; choose one of 'epsilon'"),
-        (lambda s: MinSNRWeights(s, gamma=0), "positive"),
-        (lambda s: LogitNormalSampler(T, std=0), "positive"),
-        (lambda s: CLTSSampler(T, sigma=-1), "positive"),
-        (lambda s: CLTSSampler(T, total_steps=0), "total_steps must be an integer of at least 1, got 0; the paper uses 50000"),
-        (lambda s: LossAwareSampler(T, history=0), "history must be an integer of at least 1, got 0; the paper keeps 10"),
-        (lambda s: LossAwareSampler(T, uniform_prob=0), r"uniform_prob must be a number in \(0, 1\], got 0.0; the paper mixes in 0.001"),
-        (lambda s: P2Weights(s, k=float("inf")), "P2's k must be a non-negative number, got inf; the official value is 1"),
-        (lambda s: LogitNormalSampler(T, mean=float("nan")), "mean must be a finite number"),
+        (lambda s: SpeeD(tau=0), "at least 1"),
+        (lambda s: SpeeD(tau=1000).bind(s), r"tau=1000 must be smaller than the schedule's number of time steps T=1000"),
+        (lambda s: SpeeD(tau="late"), "'auto'"),
+        (lambda s: SpeeD(k=0), "positive"),
+        (lambda s: SpeeD(k=-1), "positive"),
+        (lambda s: SpeeD(lam=0.4), r"lam must be a number in \[0.5, 1\], got 0.4; weights span \[1 - lam, lam\]"),
+        (lambda s: SpeeD(lam=1.2), r"\[0.5, 1\]"),
+        (lambda s: SpeeD(tau=5000, k=1.0, dual=False).bind(s), "smaller than"),
+        (lambda s: MinSNRWeighting().bind(s, "score"), "Unknown prediction 'score'; choose one of 'epsilon'"),
+        (lambda s: MinSNRWeighting(gamma=0), "positive"),
+        (lambda s: LogitNormalSampling(std=0), "positive"),
+        (lambda s: CLTSSampling(sigma=-1), "positive"),
+        (lambda s: CLTSSampling(total_steps=0), "total_steps must be an integer of at least 1, got 0; the paper uses 50000"),
+        (lambda s: LossAwareSampling(history=0), "history must be an integer of at least 1, got 0; the paper keeps 10"),
+        (lambda s: LossAwareSampling(uniform_prob=0), r"uniform_prob must be a number in \(0, 1\], got 0.0; the paper mixes in 0.001"),
+        (lambda s: P2Weighting(k=float("inf")), "P2's k must be a non-negative number, got inf; the official value is 1"),
+        (lambda s: LogitNormalSampling(mean=float("nan")), "mean must be a finite number"),
     ],
 )
 def test_bad_arguments_raise(linear, build, match):
@@ -573,15 +595,15 @@ def test_bad_arguments_raise(linear, build, match):
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda s: AsymmetricSampler(s, dual="false"), "dual must be true or false \\(a boolean\\), got 'false' \\(str\\)"),
-        (lambda s: AsymmetricSampler(s, dual=1), "dual must be true or false"),
-        (lambda s: AsymmetricSampler(s, k="5"), "k \\(the suppression intensity\\) must be a number, got '5'"),
-        (lambda s: AsymmetricSampler(s, tau=700.0), "tau must be a positive integer or 'auto', got 700.0 \\(float\\)"),
-        (lambda s: CLTSSampler(T, total_steps=True), "total_steps must be an integer, got True \\(bool\\)"),
-        (lambda s: CLTSSampler(T, total_steps=5e4), "total_steps must be an integer"),
-        (lambda s: LossAwareSampler(T, history=2.0), "history must be an integer"),
-        (lambda s: ChangeAwareWeights(s, lam=True), "lam must be a number, got True \\(bool\\)"),
-        (lambda s: UniformSampler(T).manual_seed("1"), "seed must be an integer"),
+        (lambda s: SpeeD(dual="false"), "dual must be true or false \\(a boolean\\), got 'false' \\(str\\)"),
+        (lambda s: SpeeD(dual=1), "dual must be true or false"),
+        (lambda s: SpeeD(k="5"), "k \\(the suppression intensity\\) must be a number, got '5'"),
+        (lambda s: SpeeD(tau=700.0), "tau must be a positive integer or 'auto', got 700.0 \\(float\\)"),
+        (lambda s: CLTSSampling(total_steps=True), "total_steps must be an integer, got True \\(bool\\)"),
+        (lambda s: CLTSSampling(total_steps=5e4), "total_steps must be an integer"),
+        (lambda s: LossAwareSampling(history=2.0), "history must be an integer"),
+        (lambda s: SpeeD(lam=True), "lam must be a number, got True \\(bool\\)"),
+        (lambda s: UniformSampling().manual_seed("1"), "seed must be an integer"),
     ],
 )
 def test_wrong_types_raise_type_errors(linear, build, match):
@@ -610,18 +632,17 @@ def test_strategy_reads_the_prediction_type_of_a_diffusers_scheduler(linear):
 @pytest.mark.parametrize("mu", [50_000, 5_000, 1000, -300, -0.5, float("inf")])
 def test_clts_mu_outside_the_time_steps_is_refused(mu):
     """mu = 50000 gave NaN probabilities (every t = 999), mu = 5000 all t in 884-999, mu = -300 was accepted."""
-    from lightning_speed.callbacks import CLTSSampling
     from lightning_speed.timesteps import clts_gaussian
 
     match = r"mu must be a number in \[0, 1000\), got .*in steps of a T = 1000 process.*official value is 300"
-    for build in (lambda: CLTSSampler(T, mu=mu), lambda: CLTSSampling(mu=mu), lambda: clts_gaussian(T, mu=mu)):
+    for build in (lambda: CLTSSampling(mu=mu), lambda: clts_gaussian(T, mu=mu)):
         with pytest.raises(ValueError, match=match):
             build()
 
 
 def test_clts_mu_at_the_ends_of_the_range_is_a_distribution():
     for mu, peak in ((0, 0), (999, 999), (999.9, 999)):
-        sampler = CLTSSampler(T, mu=mu, total_steps=1)
+        sampler = CLTSSampling(mu=mu, total_steps=1).bind(steps(T))
         sampler.set_step(1)
         p = sampler.probabilities()
         assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-5 and int(p.argmax()) == peak
@@ -633,7 +654,8 @@ def test_clts_gaussian_with_no_mass_on_any_step_is_refused(num_timesteps, mu, si
     from lightning_speed.timesteps import clts_gaussian
 
     match = rf"puts no probability on any time step t = 0..{num_timesteps - 1}.*use a larger sigma"
-    for build in (lambda: clts_gaussian(num_timesteps, mu, sigma), lambda: CLTSSampler(num_timesteps, mu=mu, sigma=sigma)):
+    for build in (lambda: clts_gaussian(num_timesteps, mu, sigma),
+                  lambda: CLTSSampling(mu=mu, sigma=sigma).bind(steps(num_timesteps))):
         with pytest.raises(ValueError, match=match):
             build()
 
@@ -643,3 +665,57 @@ def test_clts_gaussian_checks_sigma_itself():
 
     with pytest.raises(ValueError, match="sigma must be a positive number, got -1.0"):
         clts_gaussian(T, sigma=-1)
+
+
+# ------------------------------------------------------------------ roles, binding, installing
+def test_speed_plays_both_roles_or_one_for_the_ablations(linear):
+    assert SpeeD().roles == ("sampling", "weighting")
+    assert SpeeD(lam=None).roles == ("sampling",)
+    assert SpeeD(k=1, dual=False).roles == ("weighting",)
+    assert SpeeD(k=1).roles == SpeeD(k=5, dual=False).roles == ("sampling", "weighting")  # dual pairs or k != 1 reshape t
+    assert UniformSampling().roles == ("sampling",) and MinSNRWeighting().roles == ("weighting",)
+    sampling_only = SpeeD(lam=None).bind(linear)
+    assert torch.equal(sampling_only.weight(torch.tensor([0, 219, 999])), torch.ones(3))  # unit weights
+    uniform = SpeeD(k=1, dual=False).bind(linear).probabilities()
+    torch.testing.assert_close(uniform, torch.full((T,), 1 / T))
+
+
+def test_split_roles_takes_one_sampling_and_one_weighting():
+    speed, p2, logit = SpeeD(lam=None), P2Weighting(), LogitNormalSampling()
+    assert split_roles(speed) == (speed, None)
+    assert split_roles([p2, speed]) == (speed, p2)
+    both = SpeeD()
+    assert split_roles([both]) == (both, both)
+    for strategies, error, match in [
+        ([speed, logit], ValueError, "Only one sampling strategy can be active, but 2 are given: SpeeD, LogitNormalSampling"),
+        ([SpeeD(), p2], ValueError, "Only one weighting strategy can be active.*SpeeD, P2Weighting.*SpeeD plays both roles"),
+        ([SpeeD(k=1, dual=False, lam=None)], ValueError, r"SpeeD\(tau=700, k=1.0, dual=False, lam=None\) neither samples nor weights"),
+        ([], ValueError, "No time-step strategy given"),
+        ([logit, "P2Weighting"], TypeError, "come from lightning_speed.timesteps.*got str"),
+    ]:
+        with pytest.raises(error, match=match):
+            split_roles(strategies)
+
+
+def test_install_binds_to_the_schedule_and_keeps_one_tau(linear):
+    strategy = TimestepStrategy(linear, prediction="v")
+    weighting = MinSNRWeighting()
+    strategy.install(weighting=weighting)
+    assert strategy.weights is weighting and isinstance(strategy.sampler, UniformSampling)  # the sampler is kept
+    snr = linear.snr
+    torch.testing.assert_close(weighting.table, (snr.clamp(max=5) / (snr + 1)).float())  # bound with the prediction v
+    speed = SpeeD(tau="auto", lam=None)
+    strategy.install(speed)
+    assert strategy.sampler is speed and strategy.weights is weighting and strategy.tau == 642
+    with pytest.raises(ValueError, match=r"disagree on tau \(SpeeD samples with tau=642, SpeeD weights with tau=700\)"):
+        strategy.install(weighting=SpeeD(tau=700, k=1, dual=False))
+    assert strategy.weights is weighting  # nothing installed
+    strategy.install(weighting=SpeeD(tau=642, k=1, dual=False))  # "auto" and its value agree
+    assert strategy.tau == 642
+
+
+def test_a_strategy_names_what_it_lacks_before_it_is_bound(linear):
+    with pytest.raises(AttributeError, match=r"SpeeD has no cdf before it is bound to a schedule: call SpeeD\(...\).bind"):
+        SpeeD().sample(4)
+    assert repr(SpeeD(tau="auto")) == "SpeeD(tau='auto', k=5.0, dual=True, lam=0.6)"
+    assert repr(LossAwareSampling()) == "LossAwareSampling(history=10, uniform_prob=0.001)"

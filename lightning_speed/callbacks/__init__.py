@@ -1,8 +1,7 @@
 """Lightning callbacks: time-step strategies (SpeeD and baselines), monitoring and evaluation.
 
-Strategy callbacks are named for what they do: ``...Sampling`` installs where t comes from,
-``...Weighting`` how each t's loss counts, ``SpeeD`` both with one tau, ``Compose`` any sampling
-callback with any weighting callback.
+``TimestepCallback`` installs the strategies of ``lightning_speed.timesteps`` (one, or one sampling and
+one weighting); ``SpeeD(...)`` is its one-line form for SpeeD.
 """
 
 from lightning_speed.callbacks.ema import EMAWeightAveraging
@@ -10,47 +9,16 @@ from lightning_speed.callbacks.fid import FIDCallback
 from lightning_speed.callbacks.guard import CheckpointOnSignal, DivergenceError, DivergenceGuard
 from lightning_speed.callbacks.monitor import TimestepMonitor
 from lightning_speed.callbacks.samples import SampleGridCallback
-from lightning_speed.callbacks.strategies import (
-    AsymmetricSampling,
-    AsymmetricTimestepSampling,
-    ChangeAwareWeighting,
-    CLTSSampling,
-    Compose,
-    CurriculumSampling,
-    EDMLogNormalSampling,
-    LaplaceLogSNRSampling,
-    LogitNormalSampling,
-    LossAwareSampling,
-    LossWeightingCallback,
-    MinSNRWeighting,
-    P2Weighting,
-    SpeeD,
-    StrategyCallback,
-    TimestepSamplingCallback,
-)
+from lightning_speed.callbacks.strategies import SpeeD, TimestepCallback
 
 __all__ = [
     "CheckpointOnSignal",
     "DivergenceError",
     "DivergenceGuard",
-    "AsymmetricSampling",
-    "AsymmetricTimestepSampling",
-    "CLTSSampling",
-    "ChangeAwareWeighting",
-    "Compose",
-    "CurriculumSampling",
-    "EDMLogNormalSampling",
     "EMAWeightAveraging",
     "FIDCallback",
-    "LaplaceLogSNRSampling",
-    "LogitNormalSampling",
-    "LossAwareSampling",
-    "LossWeightingCallback",
-    "MinSNRWeighting",
-    "P2Weighting",
     "SampleGridCallback",
     "SpeeD",
-    "StrategyCallback",
+    "TimestepCallback",
     "TimestepMonitor",
-    "TimestepSamplingCallback",
 ]

@@ -60,7 +60,8 @@ FAR_LONGER = 10.0  # warn when the evaluations need this many times the training
 
 def renamed_arguments(owner: str, sampler: str | None, sampling_steps: int | None) -> None:
     """Image generation is a *solver*: ``sampler``/``sampling_steps`` were renamed ``solver``/``solver_steps``."""
-    renamed = {"sampler": (sampler, 'solver ("ddim" or "ddpm")'), "sampling_steps": (sampling_steps, "solver_steps")}
+    solvers = " or ".join(f'"{name}"' for name in SOLVERS)
+    renamed = {"sampler": (sampler, f"solver ({solvers})"), "sampling_steps": (sampling_steps, "solver_steps")}
     given = {old: (value, new) for old, (value, new) in renamed.items() if value is not None}
     if given:
         raise TypeError(
@@ -268,7 +269,7 @@ class FIDCallback(SolverSettings, pl.Callback):
         on_train_end: evaluate once more when training ends (skipped if that step was just evaluated).
         num_samples: generated images per evaluation, over all ranks.
         solver / solver_steps / eta: how images are generated, passed to ``pl_module.sample``:
-            "ddim" or "ddpm", its number of steps, and eta (None: the solver's default).
+            "ddim", "ddpm" or "dpmpp_2m", its number of steps, and eta (None: the solver's default).
         batch_size: images per ``sample`` call and per feature-network batch; a stop signal is
             honoured between batches.
         feature_extractor: "inception" (standard; needs its weights file), "fashion_mnist" (offline),

@@ -14,8 +14,8 @@ every micro-batch of its optimizer steps:
 * a histogram ``timesteps/t`` of the sampled t (TensorBoard only).
 
 Areas (acceleration / deceleration / convergence) come from ``lightning_speed.schedules`` for
-the module's own schedule, split at the tau of the installed strategy (``timesteps.tau``, set by
-``SpeeD`` or a sampling/weighting callback), or at the schedule's pivot when none set one. Under
+the module's own schedule, split at the tau of the installed strategies (``timesteps.tau``: SpeeD's,
+or a curriculum's early SpeeD's), or at the schedule's pivot when none has one. Under
 DDP the sums are reduced over ranks before logging. The summaries are also kept in
 ``monitor.history`` (a list of dicts) for notebooks.
 """

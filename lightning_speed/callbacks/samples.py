@@ -36,7 +36,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         every_n_steps: steps between grids (``trainer.global_step`` multiples).
         num_samples: images in the grid.
         solver / solver_steps / eta: how images are generated, passed to ``pl_module.sample``:
-            "ddim" or "ddpm", its number of steps, and eta (None: the solver's default).
+            "ddim", "ddpm" or "dpmpp_2m", its number of steps, and eta (None: the solver's default).
         seed: noise seed, the same for every grid.
         save_dir: write ``samples_step{N}.png`` here at every grid; None: only at train end, in the log dir.
         nrow: images per grid row (default: about the square root of ``num_samples``).

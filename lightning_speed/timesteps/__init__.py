@@ -1,78 +1,65 @@
-"""Time-step strategies: where t comes from (``...Sampler``) and how each t's loss counts (``...Weights``).
+"""Time-step strategies: where t comes from (``...Sampling``) and how each t's loss counts (``...Weighting``).
 
-``base`` holds the protocol and ``TimestepStrategy`` (the one object a training step uses),
-``speed`` SpeeD's asymmetric sampling and change-aware weights, ``baselines`` the methods SpeeD
-is compared with, ``log_snr`` densities shaped in log-SNR (Laplace, EDM's log-normal) as tables over t,
-``curriculum`` a shaped sampler annealed to uniform t. All are plain device-resident objects;
-the callbacks in ``lightning_speed.callbacks`` install them on a LightningModule's ``timesteps``.
+Each strategy holds its settings and builds its tables when bound to a schedule; ``SpeeD`` plays
+both roles with one tau. ``base`` holds the protocol and ``TimestepStrategy`` (the one object a
+training step uses), ``speed`` SpeeD, ``baselines`` the methods SpeeD is compared with, ``log_snr``
+densities shaped in log-SNR (Laplace, EDM's log-normal) as tables over t, ``curriculum`` a shaped
+strategy annealed to uniform t. ``lightning_speed.callbacks.TimestepCallback`` installs them on a
+LightningModule's ``timesteps``.
 """
 
 from lightning_speed.timesteps.base import (
-    CDFSampler,
-    ConstantWeights,
-    DeviceTables,
-    LossWeights,
+    ConstantWeighting,
+    SamplingStrategy,
     StepRecord,
-    TableSampler,
-    TableWeights,
-    TimestepSampler,
+    Strategy,
+    TableSampling,
+    TableWeighting,
     TimestepStrategy,
-    UniformSampler,
+    UniformSampling,
+    WeightingStrategy,
+    split_roles,
     weighted_loss,
 )
 from lightning_speed.timesteps.baselines import (
-    CLTSSampler,
-    LogitNormalSampler,
-    LossAwareSampler,
-    MinSNRWeights,
-    P2Weights,
+    CLTSSampling,
+    LogitNormalSampling,
+    LossAwareSampling,
+    MinSNRWeighting,
+    P2Weighting,
     clts_gaussian,
     logit_normal_probabilities,
     min_snr_weights,
     p2_weights,
 )
-from lightning_speed.timesteps.curriculum import CurriculumSampler
+from lightning_speed.timesteps.curriculum import CurriculumSampling
 from lightning_speed.timesteps.log_snr import (
-    EDMLogNormalSampler,
-    LaplaceLogSNRSampler,
+    EDMLogNormalSampling,
+    LaplaceLogSNRSampling,
     edm_log_normal_probabilities,
     laplace_log_snr_probabilities,
 )
-from lightning_speed.timesteps.speed import (
-    AsymmetricSampler,
-    ChangeAwareWeights,
-    asymmetric_probabilities,
-    change_aware_weights,
-    dual_pairs,
-)
-from lightning_speed.validation import renamed
-
-# Former names of the weights classes: importable, but constructing one names the new class.
-ConstantWeighting = renamed(ConstantWeights, "ConstantWeighting", __name__)
-TableWeighting = renamed(TableWeights, "TableWeighting", __name__)
-LossWeighting = renamed(LossWeights, "LossWeighting", __name__)
+from lightning_speed.timesteps.speed import SpeeD, asymmetric_probabilities, change_aware_weights, dual_pairs
 
 __all__ = [
-    "AsymmetricSampler",
-    "CDFSampler",
-    "CLTSSampler",
-    "ChangeAwareWeights",
-    "ConstantWeights",
-    "CurriculumSampler",
-    "DeviceTables",
-    "EDMLogNormalSampler",
-    "LaplaceLogSNRSampler",
-    "LogitNormalSampler",
-    "LossAwareSampler",
-    "LossWeights",
-    "MinSNRWeights",
-    "P2Weights",
+    "CLTSSampling",
+    "ConstantWeighting",
+    "CurriculumSampling",
+    "EDMLogNormalSampling",
+    "LaplaceLogSNRSampling",
+    "LogitNormalSampling",
+    "LossAwareSampling",
+    "MinSNRWeighting",
+    "P2Weighting",
+    "SamplingStrategy",
+    "SpeeD",
     "StepRecord",
-    "TableSampler",
-    "TableWeights",
-    "TimestepSampler",
+    "Strategy",
+    "TableSampling",
+    "TableWeighting",
     "TimestepStrategy",
-    "UniformSampler",
+    "UniformSampling",
+    "WeightingStrategy",
     "asymmetric_probabilities",
     "change_aware_weights",
     "clts_gaussian",
@@ -82,5 +69,6 @@ __all__ = [
     "logit_normal_probabilities",
     "min_snr_weights",
     "p2_weights",
+    "split_roles",
     "weighted_loss",
 ]

@@ -1,37 +1,43 @@
 """The seam of the training step: where time steps come from and how each one's loss counts.
 
-A ``TimestepSampler`` draws ``t`` for a batch; a ``LossWeights`` turns ``t`` into per-sample
-loss weights; a ``TimestepStrategy`` holds one of each for a schedule and is the only object a
+A strategy is a small object that holds its settings (validated in ``__init__``) and plays one or
+two roles: a ``SamplingStrategy`` draws ``t`` for a batch, a ``WeightingStrategy`` turns ``t`` into
+per-sample loss weights (``SpeeD`` plays both). ``bind(schedule, prediction)`` builds its tables
+for a schedule; ``TimestepStrategy`` holds one bound strategy per role and is the only object a
 training step talks to::
 
     self.timesteps = TimestepStrategy(self.scheduler)         # in __init__
     t = self.timesteps.sample(len(x), x.device)               # instead of torch.randint
     loss = self.timesteps.loss(t, per_sample_mse)             # instead of per_sample_mse.mean()
 
-Callbacks (``lightning_speed.callbacks``) replace ``timesteps.sampler`` / ``timesteps.weights``.
+``lightning_speed.callbacks.TimestepCallback`` binds and installs strategies into ``timesteps``.
 
 Everything runs once per step with tensors only: no host-device synchronisation (no
 ``.item()``, ``.cpu()``, ``.tolist()``, boolean masking or ``torch.multinomial``'s validity
-check). Table samplers draw by inverse-CDF lookup (``torch.rand`` + ``torch.searchsorted``).
+check). Table strategies draw by inverse-CDF lookup (``torch.rand`` + ``torch.searchsorted``).
 
 Strategies are not ``nn.Module``: holding one on a LightningModule must not change the model's
 parameters, buffers or checkpoint keys (EMA weight averaging pairs the model's buffers by
 position, and a checkpoint must load with or without the callbacks). Their tables are plain
 tensors that ``.to(device)`` moves; ``TimestepStrategy.sample`` moves them to the batch's device.
-Stateful samplers save their state through ``extra_state`` / ``load_extra_state``.
+Sampling strategies save their state (seed, RNG, statistics) through ``extra_state`` / ``load_extra_state``.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
-from typing_extensions import override
+from typing_extensions import Self, override
 
-from lightning_speed.schedules import NoiseSchedule, Prediction, as_schedule, check_prediction, prediction_of
+from lightning_speed.schedules import (
+    NoiseSchedule, Prediction, Tau, as_schedule, check_prediction, prediction_of, resolve_tau,
+)
 from lightning_speed.validation import check_int, is_integer_tensor
 
 
@@ -41,28 +47,6 @@ def _normalise_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-class DeviceTables:
-    """Base for strategy objects: every tensor attribute follows ``.to(device)``."""
-
-    device: torch.device = torch.device("cpu")
-
-    def to(self, device: torch.device | str) -> DeviceTables:
-        device = _normalise_device(device)
-        for name, value in vars(self).items():
-            if isinstance(value, Tensor):
-                setattr(self, name, value.to(device))
-        self.device = device
-        return self
-
-    # -- checkpointing (stateless by default) -------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        """State that must survive a resume (CPU tensors and plain Python values only)."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what ``extra_state`` returned."""
 
 
 def inverse_cdf_sample(cdf: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -82,28 +66,91 @@ def probabilities_to_cdf(probs: Tensor) -> Tensor:
     return cdf / cdf[-1:]
 
 
-# ---------------------------------------------------------------------------------- samplers
-class TimestepSampler(DeviceTables, ABC):
+# ---------------------------------------------------------------------------------- strategies
+class Strategy(ABC):
+    """A time-step strategy: settings given to ``__init__`` (validated there, stored under their argument
+    names) and the tables ``bind`` builds from a schedule.
+
+    ``bind(schedule, prediction)`` is where a schedule meets the settings, for every strategy: it resolves
+    ``tau`` (the one place "auto" becomes a time step: ``resolved_tau``) and calls ``build``, which
+    subclasses implement. ``schedule`` is a ``NoiseSchedule`` or anything ``as_schedule`` reads. It is also
+    the seam for a schedule of another kind (continuous flow time): a strategy that supports one binds it
+    through the same call, builds other tables there and keeps ``sample`` / ``weight``, so configs name the
+    same strategies. Every tensor attribute follows ``to(device)``.
+    """
+
+    tau: Tau | None = None
+    """Where the convergence area starts (an int or "auto"); None: the strategy has no such setting."""
+    uses_prediction: ClassVar[bool] = False
+    """Whether the tables depend on what the network predicts (Min-SNR's do)."""
+    schedule: NoiseSchedule | None = None
+    """The schedule bound last (None before ``bind``)."""
+    num_timesteps: int | None = None
+    resolved_tau: int | None = None
+    """``tau`` as a time step of the bound schedule (None without a tau or before ``bind``)."""
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """What installing it changes: ``"sampling"`` (where t comes from) and/or ``"weighting"``."""
+        return tuple(
+            role for role, base in (("sampling", SamplingStrategy), ("weighting", WeightingStrategy))
+            if isinstance(self, base)
+        )  # fmt: skip
+
+    def bind(self, schedule: Any, prediction: Prediction = "epsilon") -> Self:
+        """Build this strategy's tables for ``schedule`` (on the CPU; ``to`` moves them) and return it."""
+        schedule = as_schedule(schedule)
+        resolved = None if self.tau is None else resolve_tau(self.tau, schedule)
+        self.schedule, self.num_timesteps, self.resolved_tau = schedule, schedule.num_timesteps, resolved
+        self.device = torch.device("cpu")
+        self.build(schedule, check_prediction(prediction))
+        return self
+
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        """Build the tables for ``schedule`` (``resolved_tau`` is set); nothing by default."""
+
+    def to(self, device: torch.device | str) -> Self:
+        device = _normalise_device(device)
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+        self.device = device
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes that do not exist: the tables of a strategy not bound yet.
+        if not name.startswith("__") and self.__dict__.get("schedule") is None:
+            raise AttributeError(
+                f"{type(self).__name__} has no {name} before it is bound to a schedule: call "
+                f"{type(self).__name__}(...).bind(schedule) (TimestepCallback does at setup)."
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n, None)!r}' for n in names)})"
+
+
+class SamplingStrategy(Strategy):
     """Draws integer time steps in ``[0, num_timesteps)`` on ``self.device``.
 
-    Randomness: after ``manual_seed(seed)`` the sampler owns a ``torch.Generator`` on its
+    Randomness: after ``manual_seed(seed)`` the strategy owns a ``torch.Generator`` on its
     device, so its draws can be replayed and resumed. The generator is created lazily on the
-    current device; when the sampler moves to another device *type* (CPU -> CUDA) the stream
+    current device; when the strategy moves to another device *type* (CPU -> CUDA) the stream
     restarts from the seed, since CPU and CUDA generator states are not interchangeable.
     Without a seed it uses the global RNG of its device.
     """
 
-    def __init__(self, num_timesteps: int) -> None:
-        self.num_timesteps = check_int(num_timesteps, "num_timesteps", minimum=1)
-        self._generator: torch.Generator | None = None
-        self._seed: int | None = None
-        # (device type, CPU byte tensor) restored from a checkpoint, applied when the
-        # generator is (re)built on a device of that type.
-        self._pending_rng: tuple[str, Tensor] | None = None
+    _generator: torch.Generator | None = None
+    _seed: int | None = None
+    # (device type, CPU byte tensor) restored from a checkpoint, applied when the generator is
+    # (re)built on a device of that type.
+    _pending_rng: tuple[str, Tensor] | None = None
 
     # -- randomness ---------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
-        """Give the sampler its own generator, so its draws can be replayed and resumed."""
+        """Give the strategy its own generator, so its draws can be replayed and resumed."""
         self._seed = check_int(seed, "seed")
         self._generator = None  # (re)built lazily on the current device
         self._pending_rng = None
@@ -152,7 +199,18 @@ class TimestepSampler(DeviceTables, ABC):
         return None
 
     def update(self, t: Tensor, losses: Tensor) -> None:
-        """Observe the detached per-sample losses of the step (for adaptive samplers)."""
+        """Observe the detached per-sample losses of the step (for adaptive strategies)."""
+
+    def set_step(self, step: int, max_steps: int | None = None) -> None:
+        """Follow training: the optimizer step (a Python int, no sync) and ``trainer.max_steps``; for curricula."""
+
+    @property
+    def acts_in_loss(self) -> bool:
+        """Whether it acts inside ``TimestepStrategy.loss`` (importance weights or a loss history), not only
+        in choosing t."""
+        kind = type(self)
+        base = SamplingStrategy
+        return kind.update is not base.update or kind.importance_weight is not base.importance_weight
 
     # -- checkpointing --------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any] | None:
@@ -163,13 +221,12 @@ class TimestepSampler(DeviceTables, ABC):
             return {"device_type": self._generator.device.type, "state": self._generator.get_state()}
         return None
 
-    @override
     def extra_state(self) -> dict[str, Any]:
-        """State that must survive a resume: the seed and generator state (CPU tensors only)."""
+        """State that must survive a resume: the seed and generator state (CPU tensors and plain values only)."""
         return {"seed": self._seed, "rng": self._rng_state()}
 
-    @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned."""
         if state.get("seed") is None:
             return
         self.manual_seed(state["seed"])
@@ -178,7 +235,60 @@ class TimestepSampler(DeviceTables, ABC):
             self._pending_rng = (str(rng["device_type"]), torch.as_tensor(rng["state"]).cpu())
 
 
-class UniformSampler(TimestepSampler):
+class WeightingStrategy(Strategy):
+    """Maps time steps to per-sample loss weights."""
+
+    @abstractmethod
+    def weight(self, t: Tensor) -> Tensor:
+        """Weights shaped like ``t``, on ``t``'s device."""
+
+
+class TableSampling(SamplingStrategy):
+    """Base of the strategies that draw t from a distribution held in two device tables, set by ``set_probabilities``:
+    ``probs`` (float32, for logging) and its cumulative ``cdf`` (float32, last entry exactly 1), drawn from by
+    inverse-CDF lookup."""
+
+    probs: Tensor
+    cdf: Tensor
+
+    def set_probabilities(self, probs: Tensor) -> None:
+        """Hold the distribution ``probs`` over t (non-negative weights, normalised here in float64)."""
+        probs = torch.as_tensor(probs, dtype=torch.float64).flatten().cpu()
+        if probs.numel() < 1 or not torch.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: time-step probabilities must be finite, non-negative and not all zero."
+            )
+        probs = probs / probs.sum()
+        self.probs = probs.float()
+        self.cdf = probabilities_to_cdf(probs).float()
+
+    @override
+    def sample(self, n: int) -> Tensor:
+        return inverse_cdf_sample(self.cdf, n, self.generator)
+
+    @override
+    def probabilities(self) -> Tensor:
+        return self.probs
+
+
+class TableWeighting(WeightingStrategy):
+    """Base of the weightings looked up from a table over t held on the device: ``table`` (float32), set in
+    ``build`` by ``set_weights``."""
+
+    table: Tensor
+
+    def set_weights(self, weights: Tensor) -> None:
+        weights = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
+        if weights.numel() < 1 or not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError(f"{type(self).__name__}: loss weights must be finite and non-negative.")
+        self.table = weights.float()
+
+    @override
+    def weight(self, t: Tensor) -> Tensor:
+        return self.table[t]
+
+
+class UniformSampling(SamplingStrategy):
     """t ~ U{0 .. T-1}: the DDPM default and the baseline everything is compared with."""
 
     @override
@@ -190,49 +300,7 @@ class UniformSampler(TimestepSampler):
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=self.device)
 
 
-class CDFSampler(TimestepSampler):
-    """Base for samplers whose distribution lives in two device tables that subclasses set:
-    ``probs`` (float32, for logging) and its cumulative ``cdf`` (drawn from by inverse-CDF lookup)."""
-
-    probs: Tensor
-    cdf: Tensor
-
-    @override
-    def sample(self, n: int) -> Tensor:
-        return inverse_cdf_sample(self.cdf, n, self.generator)
-
-    @override
-    def probabilities(self) -> Tensor:
-        return self.probs
-
-
-class TableSampler(CDFSampler):
-    """Samples from a fixed categorical distribution over t held on the device.
-
-    ``probs`` (float32, normalised) is kept for logging; draws use ``cdf``, built in float64
-    and stored in float32 with its last entry exactly 1.
-    """
-
-    def __init__(self, probs: Tensor) -> None:
-        probs = torch.as_tensor(probs, dtype=torch.float64).flatten().cpu()
-        if probs.numel() < 1 or not torch.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
-            raise ValueError("Time-step probabilities must be finite, non-negative and not all zero.")
-        super().__init__(probs.numel())
-        probs = probs / probs.sum()
-        self.probs = probs.float()
-        self.cdf = probabilities_to_cdf(probs).float()
-
-
-# ---------------------------------------------------------------------------------- weights
-class LossWeights(DeviceTables, ABC):
-    """Maps time steps to per-sample loss weights."""
-
-    @abstractmethod
-    def weight(self, t: Tensor) -> Tensor:
-        """Weights shaped like ``t``, on ``t``'s device."""
-
-
-class ConstantWeights(LossWeights):
+class ConstantWeighting(WeightingStrategy):
     """w(t) = 1: the plain DDPM objective."""
 
     @override
@@ -240,22 +308,39 @@ class ConstantWeights(LossWeights):
         return torch.ones(t.shape, device=t.device)
 
 
-class TableWeights(LossWeights):
-    """Weights looked up from a fixed table over t held on the device."""
+def split_roles(strategies: Strategy | Sequence[Strategy]) -> tuple[SamplingStrategy | None, WeightingStrategy | None]:
+    """The strategy that samples and the one that weights among ``strategies`` (one strategy or a list).
 
-    def __init__(self, weights: Tensor) -> None:
-        weights = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
-        if weights.numel() < 1 or not torch.isfinite(weights).all() or (weights < 0).any():
-            raise ValueError("Loss weights must be finite and non-negative.")
-        self.table = weights.float()
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.table.numel()
-
-    @override
-    def weight(self, t: Tensor) -> Tensor:
-        return self.table[t]
+    At most one per role (a sampling and a weighting strategy combine; ``SpeeD`` plays both), and each
+    strategy must play one at least.
+    """
+    sequence = isinstance(strategies, Sequence) and not isinstance(strategies, str)
+    items = list(strategies) if sequence else [strategies]
+    for item in items:
+        if not isinstance(item, Strategy):
+            given = f"the class {item.__name__}" if isinstance(item, type) else type(item).__name__
+            raise TypeError(
+                f"Time-step strategies come from lightning_speed.timesteps (e.g. SpeeD(), LogitNormalSampling(), "
+                f"MinSNRWeighting()), got {given}."
+            )
+    if not items:
+        raise ValueError("No time-step strategy given: give one or two (one sampling, one weighting), or none at all "
+                         "(null) for uniform t with unit weights.")
+    for item in items:
+        if not item.roles:
+            raise ValueError(f"{item!r} neither samples nor weights (uniform t, unit weights): leave it out, or give "
+                             "null for the uniform baseline.")
+    found = []
+    for role in ("sampling", "weighting"):
+        playing = [item for item in items if role in item.roles]
+        if len(playing) > 1:
+            raise ValueError(
+                f"Only one {role} strategy can be active, but {len(playing)} are given: "
+                f"{', '.join(type(item).__name__ for item in playing)}. Keep one of them (a sampling and a weighting "
+                "strategy do combine; SpeeD plays both roles)."
+            )
+        found.append(playing[0] if playing else None)
+    return found[0], found[1]
 
 
 # ---------------------------------------------------------------------------------- the loss
@@ -298,8 +383,8 @@ def _check_per_sample(t: Tensor, losses: Any, name: str) -> None:
 
 
 def weighted_loss(
-    sampler: TimestepSampler,
-    weights: LossWeights,
+    sampler: SamplingStrategy,
+    weights: WeightingStrategy,
     t: Tensor,
     weighted: Tensor,
     unweighted: Tensor | None = None,
@@ -338,18 +423,18 @@ class StepRecord(NamedTuple):
 
 
 class TimestepStrategy:
-    """The time-step seam of a training step: one sampler and one set of loss weights for a schedule.
+    """The time-step seam of a training step: one sampling and one weighting strategy, bound to a schedule.
 
     Args:
         schedule: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor, or an object with one
             (a diffusers scheduler). Zero terminal SNR and half precision are accepted.
         prediction: what the network predicts (``epsilon``, ``v`` or ``x0``); weightings that
-            depend on it (Min-SNR) read it from here. None: a diffusers scheduler's
+            depend on it (Min-SNR) are bound with it. None: a diffusers scheduler's
             ``config.prediction_type`` (``v_prediction`` is ``v``, ``sample`` is ``x0``), else ``epsilon``.
 
-    Attributes set by the callbacks: ``sampler`` (default ``UniformSampler``), ``weights``
-    (default ``ConstantWeights``), ``tau`` (the installed SpeeD strategy's convergence threshold,
-    None when no strategy set one). ``last`` is the latest step's ``StepRecord``.
+    ``sampler`` (default ``UniformSampling``) and ``weights`` (default ``ConstantWeighting``) are the
+    installed strategies (``install``; the same object twice for ``SpeeD``); ``tau`` is theirs, as a time
+    step (None when neither has one). ``last`` is the latest step's ``StepRecord``.
     """
 
     def __init__(self, schedule: Any, prediction: Prediction | None = None) -> None:
@@ -361,9 +446,8 @@ class TimestepStrategy:
                 f"{schedule.config.prediction_type!r} ({configured!r} here): leave prediction unset or make them agree."
             )
         self.prediction: str = check_prediction(prediction or configured or "epsilon")
-        self.sampler: TimestepSampler = UniformSampler(self.schedule.num_timesteps)
-        self.weights: LossWeights = ConstantWeights()
-        self.tau: int | None = None
+        self.sampler: SamplingStrategy = UniformSampling().bind(self.schedule)
+        self.weights: WeightingStrategy = ConstantWeighting().bind(self.schedule)
         self.last: StepRecord | None = None
         self._drawn: Tensor | None = None  # what sample() returned last: loss() compares t with it (identity)
         self._warned_undrawn = False
@@ -371,6 +455,27 @@ class TimestepStrategy:
     @property
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
+
+    @property
+    def tau(self) -> int | None:
+        """The installed strategies' convergence threshold as a time step (None when neither has one)."""
+        return self.sampler.resolved_tau if self.sampler.resolved_tau is not None else self.weights.resolved_tau
+
+    def install(self, sampling: SamplingStrategy | None = None, weighting: WeightingStrategy | None = None) -> None:
+        """Bind ``sampling`` and ``weighting`` to this schedule and prediction and use them; a role given None
+        keeps what it holds. The two must agree on tau: one convergence threshold holds for both."""
+        sampler = self.sampler if sampling is None else sampling
+        weights = self.weights if weighting is None else weighting
+        for strategy in dict.fromkeys(s for s in (sampling, weighting) if s is not None):
+            strategy.bind(self.schedule, self.prediction)
+        taus = (sampler.resolved_tau, weights.resolved_tau)
+        if None not in taus and taus[0] != taus[1]:
+            raise ValueError(
+                f"The time-step strategies disagree on tau ({type(sampler).__name__} samples with tau={taus[0]}, "
+                f"{type(weights).__name__} weights with tau={taus[1]}); one convergence threshold must hold for "
+                "sampling, weighting and the monitor. Give both the same tau, or one SpeeD(tau=...) for both roles."
+            )
+        self.sampler, self.weights = sampler, weights
 
     def to(self, device: torch.device | str) -> TimestepStrategy:
         """Move the sampler's and the weights' tables to ``device``."""
@@ -406,7 +511,7 @@ class TimestepStrategy:
         sampler then never chooses the time steps. Records ``self.last`` for the monitor and the NaN guard.
         """
         loss, applied = weighted_loss(self.sampler, self.weights, t, weighted, unweighted)
-        if t is not self._drawn and not isinstance(self.sampler, UniformSampler) and not self._warned_undrawn:
+        if t is not self._drawn and not isinstance(self.sampler, UniformSampling) and not self._warned_undrawn:
             self._warned_undrawn = True
             warnings.warn(
                 f"TimestepStrategy.loss got time steps that TimestepStrategy.sample did not return, so the installed "
@@ -422,7 +527,7 @@ class TimestepStrategy:
     def __repr__(self) -> str:
         return (
             f"TimestepStrategy(schedule={self.schedule!r}, prediction={self.prediction!r}, "
-            f"sampler={type(self.sampler).__name__}, weights={type(self.weights).__name__}, tau={self.tau})"
+            f"sampler={self.sampler!r}, weights={self.weights!r}, tau={self.tau})"
         )
 
 

@@ -1,12 +1,12 @@
-"""The baselines SpeeD is compared with, as the same kind of small device-resident objects.
+"""The baselines SpeeD is compared with, as the same kind of strategy objects.
 
-Weightings (tables over t, gathered per step):
+Weighting strategies (tables over t, gathered per step):
 
-* ``P2Weights``: w(t) = scale / (k + SNR(t))^gamma (Choi et al. 2022; official k = 1, gamma = 1, scale 1).
+* ``P2Weighting``: w(t) = scale / (k + SNR(t))^gamma (Choi et al. 2022; official k = 1, gamma = 1, scale 1).
   With scale 5 it is what the SpeeD code's ``min_snr`` weighting evaluates to, 5 / (1 + SNR(t)): that
   code stacks (SNR, 5), takes a minimum and keeps element [0], the constant 5, so its Min-SNR-5 is
   five times P2 (4.61 at t = 500 and 5.0 at t = 999 on the linear schedule, where Min-SNR-5 gives 1).
-* ``MinSNRWeights``: Min-SNR-gamma (Hang et al. 2023), gamma = 5. The clamp min(SNR, gamma)
+* ``MinSNRWeighting``: Min-SNR-gamma (Hang et al. 2023), gamma = 5. The clamp min(SNR, gamma)
   is defined on the x0-space loss; expressed for the loss the network is trained on:
   epsilon-prediction w = min(SNR, gamma) / SNR, v-prediction w = min(SNR, gamma) / (SNR + 1),
   x0-prediction w = min(SNR, gamma).
@@ -15,11 +15,11 @@ Both are finite at SNR = 0 (a zero-terminal-SNR schedule's last step): epsilon-p
 min(SNR, gamma) / SNR is 1 for every SNR <= gamma and is computed as min(gamma / SNR, 1), which
 is 1 there too; P2 needs k > 0 on such a schedule (1 / SNR^gamma is infinite at SNR = 0).
 
-Samplers:
+Sampling strategies:
 
-* ``LogitNormalSampler`` (SD3, Esser et al. 2024): u ~ N(mean, std^2), t = round(sigmoid(u) (T - 1));
+* ``LogitNormalSampling`` (SD3, Esser et al. 2024): u ~ N(mean, std^2), t = round(sigmoid(u) (T - 1));
   SD3's location m = 0 and scale s = 1 are ``mean`` and ``std``.
-* ``CLTSSampler``: curriculum p(t) = (1 - a) U(t) + a N(t; mu, sigma) with a = min(step / total_steps, 1).
+* ``CLTSSampling``: curriculum p(t) = (1 - a) U(t) + a N(t; mu, sigma) with a = min(step / total_steps, 1).
   mu = 300 (official) and sigma = 200 are given in steps of a T = 1000 process and scale by
   T / 1000. Our choice of sigma = 200: the Gaussian's +-1.5 sigma band [0, 600] covers the
   acceleration and deceleration areas of the linear schedule (peak 219, pivot 642) while its
@@ -31,7 +31,7 @@ Samplers:
   T = 1000 process) reproduces it exactly: exp(-5e5 (t - 300)^2) underflows to 0 at every other t.
   The distribution is a lerp between two fixed CDF tables, recomputed on the device from a
   Python step count (``set_step``) without syncs.
-* ``LossAwareSampler`` (Nichol & Dhariwal 2021, "loss-second-moment"): keeps the last
+* ``LossAwareSampling`` (Nichol & Dhariwal 2021, "loss-second-moment"): keeps the last
   ``history`` losses per t in a (T, history) device buffer; once every t has a full history
   p(t) is proportional to sqrt(mean(L_t^2)), mixed with ``uniform_prob`` uniform; before that
   it is uniform. Each sample's loss is multiplied by 1 / (T p(t)) so the objective stays
@@ -49,33 +49,13 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speed.schedules import NoiseSchedule, Prediction, as_schedule, check_prediction
-from lightning_speed.timesteps.base import (
-    CDFSampler,
-    TableWeights,
-    TimestepSampler,
-    probabilities_to_cdf,
-)
+from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
+from lightning_speed.timesteps.base import TableSampling, TableWeighting, probabilities_to_cdf
 from lightning_speed.validation import check_int, check_number
-
-
-# ------------------------------------------------------------------------------ argument checks
-# One function per strategy, used by the strategy and by the callback that installs it, so a
-# bad value fails when the callback is constructed (before any schedule exists).
-def check_p2(k: float, gamma: float, scale: float = 1.0) -> tuple[float, float, float]:
-    return (
-        check_number(k, "P2's k", at_least=0, hint="the official value is 1"),
-        check_number(gamma, "P2's gamma", at_least=0, hint="the official value is 1"),
-        check_number(scale, "P2's scale", above=0, hint="1 is P2; 5 is the SpeeD code's 'min_snr', 5 / (1 + SNR)"),
-    )
 
 
 def check_min_snr(gamma: float) -> float:
     return check_number(gamma, "gamma", above=0, hint="the paper uses 5")
-
-
-def check_logit_normal(mean: float, std: float) -> tuple[float, float]:
-    return check_number(mean, "mean", hint="SD3 uses 0"), check_number(std, "std", above=0, hint="SD3 uses 1")
 
 
 def _check_clts_gaussian(mu: float, sigma: float) -> tuple[float, float]:
@@ -95,20 +75,6 @@ def _check_clts_gaussian(mu: float, sigma: float) -> tuple[float, float]:
     )
 
 
-def check_clts(mu: float, sigma: float, total_steps: int) -> tuple[float, float, int]:
-    return (
-        *_check_clts_gaussian(mu, sigma),
-        check_int(total_steps, "total_steps", minimum=1, hint="the paper uses 50000"),
-    )
-
-
-def check_loss_aware(history: int, uniform_prob: float) -> tuple[int, float]:
-    return (
-        check_int(history, "history", minimum=1, hint="the paper keeps 10 losses per t"),
-        check_number(uniform_prob, "uniform_prob", above=0, at_most=1, hint="the paper mixes in 0.001"),
-    )
-
-
 # ------------------------------------------------------------------------------ weights
 def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> Tensor:
     """P2 weighting scale / (k + SNR)^gamma, float64 (T,)."""
@@ -121,16 +87,25 @@ def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0, scal
     return scale / (k + snr) ** gamma
 
 
-class P2Weights(TableWeights):
+class P2Weighting(TableWeighting):
     """Perception-prioritised weighting (Choi et al. 2022): w(t) = scale / (k + SNR(t))^gamma.
 
-    ``schedule``: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor or an object with one. ``scale`` 1 is P2;
-    5 (with k 1, gamma 1) is the SpeeD code's ``min_snr`` weighting (see the module docstring).
+    Args:
+        k: the offset (official 1; 0 needs a schedule whose SNR stays above 0).
+        gamma: the exponent (official 1).
+        scale: 1 is P2; 5 (with k 1, gamma 1) is the SpeeD code's ``min_snr`` weighting (see the module
+            docstring), which ``configs/study/official_code_min_snr.yaml`` trains.
     """
 
-    def __init__(self, schedule: Any, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> None:
-        self.k, self.gamma, self.scale = check_p2(k, gamma, scale)
-        super().__init__(p2_weights(as_schedule(schedule), self.k, self.gamma, self.scale))
+    def __init__(self, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> None:
+        self.k = check_number(k, "P2's k", at_least=0, hint="the official value is 1")
+        self.gamma = check_number(gamma, "P2's gamma", at_least=0, hint="the official value is 1")
+        self.scale = check_number(scale, "P2's scale", above=0,
+                                  hint="1 is P2; 5 is the SpeeD code's 'min_snr', 5 / (1 + SNR)")
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        self.set_weights(p2_weights(schedule, self.k, self.gamma, self.scale))
 
 
 def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: Prediction = "epsilon") -> Tensor:
@@ -145,16 +120,24 @@ def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: Pre
     return clamped
 
 
-class MinSNRWeights(TableWeights):
+class MinSNRWeighting(TableWeighting):
     """Min-SNR-gamma weighting (Hang et al. 2023) for epsilon-, v- or x0-prediction.
 
-    ``schedule``: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor or an object with one.
+    The weights depend on what the network predicts: the prediction ``bind`` is given, which
+    ``TimestepStrategy`` takes from its ``prediction`` (``DiffusionModule`` passes its own).
+
+    Args:
+        gamma: the SNR clamp (5).
     """
 
-    def __init__(self, schedule: Any, gamma: float = 5.0, prediction: Prediction = "epsilon") -> None:
+    uses_prediction = True
+
+    def __init__(self, gamma: float = 5.0) -> None:
         self.gamma = check_min_snr(gamma)
-        self.prediction = check_prediction(prediction)
-        super().__init__(min_snr_weights(as_schedule(schedule), self.gamma, self.prediction))
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        self.set_weights(min_snr_weights(schedule, self.gamma, prediction))
 
 
 # -------------------------------------------------------------------------------- samplers
@@ -168,21 +151,26 @@ def logit_normal_probabilities(num_timesteps: int, mean: float = 0.0, std: float
     return cdf[1:] - cdf[:-1]
 
 
-class LogitNormalSampler(TimestepSampler):
-    """Logit-normal time steps (SD3): t = round(sigmoid(u) (T - 1)), u ~ N(mean, std^2)."""
+class LogitNormalSampling(TableSampling):
+    """Logit-normal time steps (SD3): t = round(sigmoid(u) (T - 1)), u ~ N(mean, std^2).
 
-    def __init__(self, num_timesteps: int, mean: float = 0.0, std: float = 1.0) -> None:
-        super().__init__(num_timesteps)
-        self.mean, self.std = check_logit_normal(mean, std)
+    Args:
+        mean: SD3's location m (0).
+        std: SD3's scale s (1).
+    """
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
+        self.mean = check_number(mean, "mean", hint="SD3 uses 0")
+        self.std = check_number(std, "std", above=0, hint="SD3 uses 1")
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        self.set_probabilities(logit_normal_probabilities(schedule.num_timesteps, self.mean, self.std))
 
     @override
     def sample(self, n: int) -> Tensor:
         u = torch.randn(n, device=self.device, generator=self.generator) * self.std + self.mean
         return torch.round(torch.sigmoid(u) * (self.num_timesteps - 1)).long()
-
-    @override
-    def probabilities(self) -> Tensor:
-        return logit_normal_probabilities(self.num_timesteps, self.mean, self.std).float().to(self.device)
 
 
 def clts_gaussian(num_timesteps: int, mu: float = 300.0, sigma: float = 200.0) -> Tensor:
@@ -202,22 +190,30 @@ def clts_gaussian(num_timesteps: int, mu: float = 300.0, sigma: float = 200.0) -
     return density / total
 
 
-class CLTSSampler(CDFSampler):
+class CLTSSampling(TableSampling):
     """Curriculum time-step sampling: uniform at step 0, moving to N(mu, sigma) by ``total_steps``.
 
-    Call ``set_step(step)`` once per optimizer step (the CLTSSampling callback does, from
-    ``trainer.global_step``); the tables stay on the device and nothing syncs.
+    Args:
+        mu: centre of the target Gaussian in steps of a T = 1000 process (official 300; scales with T).
+        sigma: its width, same units (our choice 200: see the module docstring).
+        total_steps: optimizer steps until the curriculum reaches the Gaussian (50000).
+
+    ``set_step(step)`` moves it (``TimestepCallback`` calls it at every batch from ``trainer.global_step``);
+    the tables stay on the device and nothing syncs.
     """
 
-    def __init__(self, num_timesteps: int, mu: float = 300.0, sigma: float = 200.0, total_steps: int = 50_000) -> None:
-        super().__init__(num_timesteps)
-        self.mu, self.sigma, self.total_steps = check_clts(mu, sigma, total_steps)
-        uniform = torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
-        target = clts_gaussian(self.num_timesteps, self.mu, self.sigma)
+    def __init__(self, mu: float = 300.0, sigma: float = 200.0, total_steps: int = 50_000) -> None:
+        self.mu, self.sigma = _check_clts_gaussian(mu, sigma)
+        self.total_steps = check_int(total_steps, "total_steps", minimum=1, hint="the paper uses 50000")
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        T = schedule.num_timesteps
+        uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
+        target = clts_gaussian(T, self.mu, self.sigma)
         self.uniform_probs, self.target_probs = uniform.float(), target.float()
         self.uniform_cdf = probabilities_to_cdf(uniform).float()
         self.target_cdf = probabilities_to_cdf(target).float()
-        self.step = 0
         self.set_step(0)
 
     @property
@@ -225,7 +221,8 @@ class CLTSSampler(CDFSampler):
         """The mixing weight a = min(step / total_steps, 1)."""
         return min(self.step / self.total_steps, 1.0)
 
-    def set_step(self, step: int) -> None:
+    @override
+    def set_step(self, step: int, max_steps: int | None = None) -> None:
         """Move the curriculum to optimizer step ``step`` (a Python int: no sync)."""
         self.step = int(step)
         a = self.progress
@@ -242,30 +239,41 @@ class CLTSSampler(CDFSampler):
         self.set_step(int(state.get("step", 0)))
 
 
-class LossAwareSampler(CDFSampler):
+class LossAwareSampling(TableSampling):
     """Importance sampling by the loss's second moment per t (improved DDPM).
 
     Args:
-        num_timesteps: T.
         history: losses kept per t (10 in the paper); sampling stays uniform until every t has them.
         uniform_prob: share of the uniform distribution mixed in once warm (0.001).
 
-    Several processes (DDP): set ``all_gather`` to a function that returns a tensor of every rank
-    stacked, shaped (world_size, *shape) (``lightning_speed.callbacks.strategies.gather_from_ranks``;
-    ``LossAwareSampling`` sets it). ``update`` then records the losses of all ranks, in rank order,
+    Samples are re-weighted by 1 / (T p(t)) inside ``TimestepStrategy.loss``, so the objective stays
+    unbiased; it combines with any weighting (the weights multiply).
+
+    Several processes (DDP): ``all_gather`` is a function that returns a tensor of every rank stacked,
+    shaped (world_size, *shape) (``TimestepCallback`` sets ``lightning_speed.callbacks.strategies.gather_from_ranks``
+    when the world is larger than one). ``update`` then records the losses of all ranks, in rank order,
     so every rank keeps the same history and draws from the same p(t) with its own generator. The
     gather is one collective per step on the device, without a host sync; all ranks must pass the
     same batch size at each step (as DDP's DistributedSampler and drop_last loaders give).
     """
 
-    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
-        super().__init__(num_timesteps)
-        self.history_size, self.uniform_prob = check_loss_aware(history, uniform_prob)
-        self.all_gather: Callable[[Tensor], Tensor] | None = None
-        T = self.num_timesteps
+    all_gather: Callable[[Tensor], Tensor] | None = None
+
+    def __init__(self, history: int = 10, uniform_prob: float = 0.001) -> None:
+        self.history = check_int(history, "history", minimum=1, hint="the paper keeps 10 losses per t")
+        self.uniform_prob = check_number(uniform_prob, "uniform_prob", above=0, at_most=1,
+                                         hint="the paper mixes in 0.001")
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        self.start_history(schedule.num_timesteps)
+
+    def start_history(self, num_timesteps: int) -> None:
+        """An empty history for ``num_timesteps`` values of t (uniform p until it fills)."""
+        T = self.num_timesteps = num_timesteps
         # Row T is a scratch row: writes that must not land (non-finite losses, occurrences beyond
         # the last `history` of a t in one batch) go there, so every real write is unique.
-        self._buffer = torch.zeros(T + 1, history)
+        self._buffer = torch.zeros(T + 1, self.history)
         self._counts = torch.zeros(T + 1, dtype=torch.long)
         self._uniform = torch.full((T,), 1.0 / T)
         self.probs = self._uniform.clone()
@@ -273,7 +281,7 @@ class LossAwareSampler(CDFSampler):
 
     # -- views ------------------------------------------------------------------------
     @property
-    def history(self) -> Tensor:
+    def loss_history(self) -> Tensor:
         """(T, history) ring buffer of the latest losses per t."""
         return self._buffer[:-1]
 
@@ -285,7 +293,7 @@ class LossAwareSampler(CDFSampler):
     @property
     def warm(self) -> Tensor:
         """Device bool scalar: every t has a full history."""
-        return (self.counts >= self.history_size).all()
+        return (self.counts >= self.history).all()
 
     # -- the protocol -----------------------------------------------------------------
     @override
@@ -294,7 +302,7 @@ class LossAwareSampler(CDFSampler):
 
     @override
     def update(self, t: Tensor, losses: Tensor) -> None:
-        T, H = self.num_timesteps, self.history_size
+        T, H = self.num_timesteps, self.history
         t = t.reshape(-1).to(self._counts.device)
         losses = losses.reshape(-1).detach().to(self._buffer.device, self._buffer.dtype)
         if self.all_gather is not None:  # one collective: t is exact in float32 (T < 2**24)
@@ -320,7 +328,7 @@ class LossAwareSampler(CDFSampler):
 
     def _refresh(self) -> None:
         """Recompute p (and its CDF) from the buffer; uniform until warm (torch.where, no sync)."""
-        second_moment = self.history.pow(2).mean(dim=1).sqrt()
+        second_moment = self.loss_history.pow(2).mean(dim=1).sqrt()
         total = second_moment.sum()
         learned = second_moment / total.clamp_min(torch.finfo(total.dtype).tiny)
         learned = learned * (1.0 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
@@ -331,17 +339,17 @@ class LossAwareSampler(CDFSampler):
     # -- checkpointing ----------------------------------------------------------------
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "history": self.history.cpu().clone(), "counts": self.counts.cpu().clone()}
+        return {**super().extra_state(), "history": self.loss_history.cpu().clone(), "counts": self.counts.cpu().clone()}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         if "history" in state:
             history = torch.as_tensor(state["history"], dtype=self._buffer.dtype)
-            if tuple(history.shape) != (self.num_timesteps, self.history_size):
+            if tuple(history.shape) != (self.num_timesteps, self.history):
                 raise ValueError(
                     f"The checkpoint's loss history has shape {tuple(history.shape)} but this sampler keeps "
-                    f"({self.num_timesteps}, {self.history_size}): resume with the same T and history."
+                    f"({self.num_timesteps}, {self.history}): resume with the same T and history."
                 )
             self._buffer[:-1] = history.to(self._buffer.device)
             self._counts[:-1] = torch.as_tensor(state["counts"], dtype=torch.long).to(self._counts.device)

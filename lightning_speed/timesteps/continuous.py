@@ -2,7 +2,7 @@
 
 The protocol is the discrete one (``timesteps.base``): ``sampler.sample(n)`` returns t on ``sampler.device``
 (float32, shape (n,)); ``weights.weight(t)`` returns per-sample weights on t's device; ``importance_weight`` and
-``update`` serve adaptive samplers; seeds, generators and checkpoint state come from ``TimestepSampler``.
+``update`` serve adaptive samplers; seeds, generators and checkpoint state come from ``SamplingStrategy``.
 Samplers draw by inverse CDF, t = Q(u) with u ~ U[0, 1) from their generator and Q in closed form, and the
 weights are closed-form functions of t: nothing reads a value back to the host. ``cdf_at(t)`` gives the exact
 distribution of a drawn t (float64, on the CPU; for tests and logging) and ``probabilities()`` its mass in
@@ -17,7 +17,7 @@ Samplers; the first four take SD3's time shift, applied to their draws (``flow.s
   f is a decreasing bijection of [0, 1] exactly for scale in [-1, 2 / (pi - 2)], so Q(v) = f(1 - v).
 * ``FlowCosMapSampler``: t = 1 - 1 / (tan(pi u / 2) + 1), density 2 / (pi (1 - 2t + 2t^2)) (SD3's CosMap).
 * ``FlowLossAwareSampler``: loss-aware importance sampling on ``bins`` equal bins of t (improved DDPM's
-  loss-second-moment rule on the bins, see ``LossAwareSampler``): a bin b is drawn with p_b ~ sqrt(E[L^2])
+  loss-second-moment rule on the bins, see ``LossAwareSampling``): a bin b is drawn with p_b ~ sqrt(E[L^2])
   mixed with uniform, t uniform inside it; the density of t is bins p_b, so the unbiasing weight is
   1 / (bins p_b).
 * ``FlowAsymmetricSampler``: SpeeD's asymmetric sampling on the flow (below).
@@ -52,8 +52,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speed import flow
-from lightning_speed.timesteps.base import LossWeights, TimestepSampler
-from lightning_speed.timesteps.baselines import LossAwareSampler, check_min_snr
+from lightning_speed.timesteps.base import SamplingStrategy, WeightingStrategy
+from lightning_speed.timesteps.baselines import LossAwareSampling, check_min_snr
 from lightning_speed.timesteps.speed import check_dual, check_k, check_lam
 from lightning_speed.validation import check_int, check_number
 
@@ -69,7 +69,7 @@ def _float64(t: Any) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------- samplers
-class ContinuousSampler(TimestepSampler):
+class ContinuousSampler(SamplingStrategy):
     """Draws flow times t in [0, 1] (float32, (n,)) on ``self.device`` as t = shift(Q(u)), u ~ U[0, 1).
 
     Subclasses give the unshifted quantile ``_quantile`` (on u's device, tensor ops only) and CDF ``_cdf``
@@ -78,7 +78,7 @@ class ContinuousSampler(TimestepSampler):
     """
 
     def __init__(self, shift: float = 1.0) -> None:
-        super().__init__(PROBABILITY_BINS)
+        self.num_timesteps = PROBABILITY_BINS
         self.shift = flow.check_shift(shift)
         edges = torch.linspace(0.0, 1.0, PROBABILITY_BINS + 1, dtype=torch.float64)
         self.probs = torch.diff(self.cdf_at(edges)).clamp_min(0.0).float()
@@ -183,17 +183,19 @@ class FlowCosMapSampler(ContinuousSampler):
         return torch.atan2(t, 1 - t) * (2 / math.pi)  # (2 / pi) atan(t / (1 - t)), 1 at t = 1
 
 
-class FlowLossAwareSampler(LossAwareSampler):
+class FlowLossAwareSampler(LossAwareSampling):
     """Loss-aware importance sampling on ``bins`` equal bins of t (see the module docstring).
 
     Args:
         bins: resolution of the loss history; 100 bins fill their history of 10 within a few thousand draws.
-        history, uniform_prob: as ``LossAwareSampler`` (10 and 0.001 in improved DDPM).
+        history, uniform_prob: as ``LossAwareSampling`` (10 and 0.001 in improved DDPM).
     """
 
     def __init__(self, bins: int = 100, history: int = 10, uniform_prob: float = 0.001) -> None:
         bins = check_int(bins, "bins", minimum=1, hint="the number of equal bins of [0, 1] with a loss history")
-        super().__init__(bins, history, uniform_prob)
+        super().__init__(history, uniform_prob)
+        self.bins = bins
+        self.start_history(bins)
 
     def bin_of(self, t: Tensor) -> Tensor:
         """The bin index of each t, long, on t's device."""
@@ -310,7 +312,7 @@ def change_aware_weight(t: Tensor, tau: float, lam: float = 0.6) -> Tensor:
     return torch.where(t < tau, (1 - lam) + (2 * lam - 1) * u, torch.ones_like(t))
 
 
-class FlowMinSNRWeights(LossWeights):
+class FlowMinSNRWeights(WeightingStrategy):
     """Min-SNR-gamma (Hang et al. 2023) for the flow's velocity target."""
 
     def __init__(self, gamma: float = 5.0) -> None:
@@ -321,7 +323,7 @@ class FlowMinSNRWeights(LossWeights):
         return min_snr_weight(t, self.gamma)
 
 
-class FlowP2Weights(LossWeights):
+class FlowP2Weights(WeightingStrategy):
     """P2 weighting (Choi et al. 2022) for the flow's velocity target; k > 0."""
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0) -> None:
@@ -336,7 +338,7 @@ class FlowP2Weights(LossWeights):
         return p2_weight(t, self.k, self.gamma)
 
 
-class FlowChangeAwareWeights(LossWeights):
+class FlowChangeAwareWeights(WeightingStrategy):
     """SpeeD's change-aware weighting on the flow.
 
     Args:

@@ -1,18 +1,19 @@
-"""A curriculum over time-step samplers: a shaped sampler early in training, uniform t later.
+"""A curriculum over sampling strategies: a shaped one early in training, uniform t later.
 
-Middle-biased samplers (logit-normal, SpeeD's asymmetric sampling) speed up early training but can end
+Middle-biased strategies (logit-normal, SpeeD's asymmetric sampling) speed up early training but can end
 worse than uniform t, which keeps refining the steps they draw rarely (Curriculum Sampling, Sun 2026:
-logit-normal, then a switch to uniform). ``CurriculumSampler`` draws each sample's t from the early
-sampler with probability a(step) and uniformly otherwise:
+logit-normal, then a switch to uniform). ``CurriculumSampling`` draws each sample's t from the early
+strategy with probability a(step) and uniformly otherwise:
 
     p_step(t) = a(step) p_early(t) + (1 - a(step)) / T,
 
 with a(step) = max(0, 1 - step / anneal_steps) (``shape="linear"``) or a(step) = 1 before
-``anneal_steps`` and 0 from it on (``shape="step"``, the two phases of Curriculum Sampling).
+``anneal_steps`` and 0 from it on (``shape="step"``, the two phases of Curriculum Sampling), where
+``anneal_steps = switch x max_steps``.
 
 The mixture is per sample: both candidates are drawn and a device-side Bernoulli(a) mask picks one
 (``torch.where``), which is exact and never syncs; a is a Python float from the step count. At a = 1
-the early sampler's draw is returned as is (dual pairs included) and at a = 0 a uniform one.
+the early strategy's draw is returned as is (dual pairs included) and at a = 0 a uniform one.
 """
 
 from __future__ import annotations
@@ -21,68 +22,89 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from typing_extensions import override
+from typing_extensions import Self, override
 
-from lightning_speed.timesteps.base import DeviceTables, TimestepSampler
-from lightning_speed.validation import check_choice, check_int, check_number
+from lightning_speed.schedules import NoiseSchedule, Tau
+from lightning_speed.timesteps.base import SamplingStrategy
+from lightning_speed.validation import check_choice, check_number
 
 Shape = Literal["linear", "step"]
 SHAPES = ("linear", "step")
 
 
-def check_shape(shape: Any) -> str:
-    return check_choice(shape, "curriculum shape", SHAPES)
-
-
-def check_switch(switch: float) -> float:
-    """The fraction of training at which t has become uniform."""
-    return check_number(switch, "switch", above=0, at_most=1, hint="the fraction of max_steps at which t is uniform, e.g. 0.5")
-
-
-def check_early(early: Any) -> TimestepSampler:
-    """The early sampler must draw from a fixed distribution: the curriculum neither forwards loss
-    updates and importance weights nor moves a step count of its own."""
-    if not isinstance(early, TimestepSampler):
-        raise TypeError(f"early must be a TimestepSampler, got {type(early).__name__}.")
+def check_early(early: Any) -> SamplingStrategy:
+    """The early strategy must sample only, from a fixed distribution: the curriculum neither forwards loss
+    updates, importance weights and loss weights nor moves a step count of its own."""
+    if not isinstance(early, SamplingStrategy):
+        raise TypeError(
+            "early must be a sampling strategy such as SpeeD(lam=None) or LogitNormalSampling(), got "
+            f"{type(early).__name__}."
+        )
     kind = type(early)
-    adaptive = kind.update is not TimestepSampler.update or kind.importance_weight is not TimestepSampler.importance_weight
-    if adaptive or hasattr(early, "set_step"):
+    if early.acts_in_loss or kind.set_step is not SamplingStrategy.set_step:
         raise ValueError(
             f"early must draw from a fixed distribution, got {kind.__name__}, which changes with the losses or the "
-            "step: use e.g. AsymmetricSampler, LogitNormalSampler or another table sampler."
+            "step: use e.g. SpeeD(lam=None), LogitNormalSampling() or another table strategy."
+        )
+    if early.roles != ("sampling",):
+        raise ValueError(
+            f"early={early!r} also weights the loss, which the curriculum would drop: give a strategy that only "
+            "samples (SpeeD(lam=None) for SpeeD's sampling), and any weighting next to the curriculum."
         )
     return early
 
 
-class CurriculumSampler(TimestepSampler):
-    """Time steps from ``early`` at first, moving to uniform by ``anneal_steps`` (see the module docstring).
+class CurriculumSampling(SamplingStrategy):
+    """``early``'s time steps at first, moving to uniform t by ``switch`` x ``max_steps`` (see the module docstring).
 
-    Call ``set_step(step)`` once per optimizer step (the CurriculumSampling callback does, from
-    ``trainer.global_step``). ``manual_seed(s)`` seeds this sampler with s (the mask and the uniform
-    draws) and the early sampler with s + 1; both generators and the step are in ``extra_state``.
+    Args:
+        early: the sampling strategy that draws early t (a fixed distribution, sampling only:
+            ``SpeeD(lam=None)``, ``LogitNormalSampling()``, ...); its tau is the curriculum's.
+        switch: the fraction of ``trainer.max_steps`` at which t is uniform (0.5).
+        shape: ``linear`` or ``step``.
+
+    ``set_step(step, max_steps)`` moves it (``TimestepCallback`` calls it at every batch from the trainer).
+    ``manual_seed(s)`` seeds this strategy with s (the mask and the uniform draws) and the early one with
+    s + 1; both generators and the step are in ``extra_state``.
     """
 
-    def __init__(self, early: TimestepSampler, anneal_steps: int, shape: Shape = "linear") -> None:
+    def __init__(self, early: SamplingStrategy, switch: float = 0.5, shape: Shape = "linear") -> None:
         self.early = check_early(early)
-        super().__init__(early.num_timesteps)
-        self.anneal_steps = check_int(anneal_steps, "anneal_steps", minimum=1)
-        self.shape = check_shape(shape)
-        self.tau: int | None = getattr(early, "tau", None)
+        self.switch = check_number(switch, "switch", above=0, at_most=1,
+                                   hint="the fraction of max_steps at which t is uniform, e.g. 0.5")
+        self.shape = check_choice(shape, "curriculum shape", SHAPES)
+        self.anneal_steps = 1
         self.step = 0
 
     @property
+    @override
+    def tau(self) -> Tau | None:  # type: ignore[override]
+        return self.early.tau
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        self.early.bind(schedule, prediction)
+
+    @property
     def share(self) -> float:
-        """a(step): the probability that a sample's t comes from the early sampler."""
+        """a(step): the probability that a sample's t comes from the early strategy."""
         if self.shape == "step":
             return 1.0 if self.step < self.anneal_steps else 0.0
         return max(0.0, 1.0 - self.step / self.anneal_steps)
 
-    def set_step(self, step: int) -> None:
-        """Move the curriculum to optimizer step ``step`` (a Python int: no sync)."""
+    @override
+    def set_step(self, step: int, max_steps: int | None = None) -> None:
+        """Move the curriculum to optimizer step ``step`` of ``max_steps`` (Python ints: no sync)."""
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+            raise ValueError(
+                f"CurriculumSampling anneals to uniform t by switch x trainer.max_steps, but max_steps is {max_steps}: "
+                "set trainer.max_steps (e.g. --trainer.max_steps 50000)."
+            )
+        self.anneal_steps = max(1, round(self.switch * max_steps))
         self.step = int(step)
 
     @override
-    def to(self, device: torch.device | str) -> DeviceTables:
+    def to(self, device: torch.device | str) -> Self:
         self.early.to(device)
         return super().to(device)
 
@@ -116,4 +138,4 @@ class CurriculumSampler(TimestepSampler):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         self.early.load_extra_state(state.get("early", {}))
-        self.set_step(int(state.get("step", 0)))
+        self.step = int(state.get("step", 0))

@@ -6,11 +6,11 @@ neighbours': the interval between the midpoints (lambda_(t-1) + lambda_t) / 2 an
 (lambda_t + lambda_(t+1)) / 2, open to +inf at t = 0 and to -inf at t = T - 1. Its probability is the
 density's mass there, P(t) = F(upper) - F(lower) with F the CDF in lambda, so P sums to 1 exactly
 (the edges telescope); a zero-terminal-SNR last step (lambda = -inf) gets none. Draws are inverse-CDF
-lookups of the table (``TableSampler``), sync-free.
+lookups of the table (``TableSampling``), sync-free.
 
-* ``LaplaceLogSNRSampler`` (Hang et al. 2024, "Improved noise schedule for diffusion training"):
+* ``LaplaceLogSNRSampling`` (Hang et al. 2024, "Improved noise schedule for diffusion training"):
   p(lambda) = exp(-|lambda - mu| / b) / (2 b), their best mu = 0, b = 0.5.
-* ``EDMLogNormalSampler`` (Karras et al. 2022, EDM's training noise levels): ln sigma ~ N(p_mean, p_std^2),
+* ``EDMLogNormalSampling`` (Karras et al. 2022, EDM's training noise levels): ln sigma ~ N(p_mean, p_std^2),
   p_mean = -1.2, p_std = 1.2, where sigma^2 = (1 - alpha_bar) / alpha_bar = 1 / SNR (the VP process
   rescaled to EDM's x_0 + sigma eps). Then lambda = -2 ln sigma ~ N(-2 p_mean, (2 p_std)^2).
 
@@ -21,13 +21,14 @@ tail, F(2c - lower) - F(2c - upper), so the tiny probabilities of the steps far 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_speed.schedules import NoiseSchedule, as_schedule
-from lightning_speed.timesteps.base import TableSampler
+from lightning_speed.schedules import NoiseSchedule
+from lightning_speed.timesteps.base import TableSampling
 from lightning_speed.validation import check_number
 
 
@@ -80,23 +81,33 @@ def edm_log_normal_probabilities(schedule: NoiseSchedule, p_mean: float = -1.2, 
     )
 
 
-class LaplaceLogSNRSampler(TableSampler):
+class LaplaceLogSNRSampling(TableSampling):
     """t drawn so that its log-SNR follows Laplace(mu, b) (Hang et al. 2024); see the module docstring.
 
-    ``schedule``: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor or an object with one.
+    Args:
+        mu: the centre in log-SNR (0: SNR 1).
+        b: the scale in log-SNR (0.5).
     """
 
-    def __init__(self, schedule: Any, mu: float = 0.0, b: float = 0.5) -> None:
+    def __init__(self, mu: float = 0.0, b: float = 0.5) -> None:
         self.mu, self.b = check_laplace(mu, b)
-        super().__init__(laplace_log_snr_probabilities(as_schedule(schedule), self.mu, self.b))
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        self.set_probabilities(laplace_log_snr_probabilities(schedule, self.mu, self.b))
 
 
-class EDMLogNormalSampler(TableSampler):
+class EDMLogNormalSampling(TableSampling):
     """t drawn so that ln sigma = -log-SNR / 2 follows N(p_mean, p_std^2) (EDM); see the module docstring.
 
-    ``schedule``: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor or an object with one.
+    Args:
+        p_mean: mean of ln sigma (-1.2).
+        p_std: standard deviation of ln sigma (1.2).
     """
 
-    def __init__(self, schedule: Any, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2) -> None:
         self.p_mean, self.p_std = check_edm(p_mean, p_std)
-        super().__init__(edm_log_normal_probabilities(as_schedule(schedule), self.p_mean, self.p_std))
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        self.set_probabilities(edm_log_normal_probabilities(schedule, self.p_mean, self.p_std))

@@ -1,6 +1,6 @@
-"""SpeeD's two strategies: asymmetric time-step sampling and change-aware loss weighting.
+"""SpeeD: asymmetric time-step sampling and change-aware loss weighting, one strategy with one tau.
 
-Both are tables over t computed once from the noise schedule (float64 on the CPU, stored in
+Both halves are tables over t computed once from the noise schedule (float64 on the CPU, stored in
 float32) and used per step with a gather or an inverse-CDF lookup on the device: no syncs.
 
 * Asymmetric sampling: P(t) = k / (T + tau (k - 1)) for t < tau and 1 / (T + tau (k - 1))
@@ -18,14 +18,14 @@ behaves on other schedules and why it does not depend on the prediction type.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Optional
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speed.schedules import NoiseSchedule, Tau, as_schedule, auto_tau, resolve_tau
-from lightning_speed.timesteps.base import TableSampler, TableWeights
+from lightning_speed.schedules import NoiseSchedule, Tau, auto_tau, check_tau
+from lightning_speed.timesteps.base import TableSampling, TableWeighting
 from lightning_speed.validation import check_bool, check_number
 
 
@@ -56,16 +56,13 @@ def warn_if_tau_precedes_convergence(tau: int, schedule: NoiseSchedule) -> None:
         f"from pure noise, so the steps in [{tau}, {pivot}) would be drawn less often and weighted as converged. "
         f"tau = 700 is the paper's value for the linear schedule with T = 1000. Use tau='auto' ({pivot} here), or "
         "ignore this warning if the smaller tau is deliberate.",
-        stacklevel=1,  # one location: SpeeD's sampler and weights warn once between them
+        stacklevel=1,  # one location: warned once, however many strategies bind
     )
 
 
 def asymmetric_probabilities(num_timesteps: int, tau: int, k: float) -> Tensor:
-    """P(t) of asymmetric sampling as a float64 tensor (T,)."""
+    """P(t) of asymmetric sampling as a float64 tensor (T,), for tau in [1, T) and k > 0 (``SpeeD`` checks them)."""
     T = int(num_timesteps)
-    if not 1 <= tau < T:
-        raise ValueError(f"tau must lie in [1, {T - 1}] for T = {T}, got {tau}.")
-    k = check_k(k)
     probs = torch.full((T,), 1.0, dtype=torch.float64)
     probs[:tau] = k
     return probs / (T + tau * (k - 1))
@@ -76,28 +73,53 @@ def dual_pairs(t: Tensor, pivot: int) -> Tensor:
     return torch.where(t < pivot, pivot - t, t - pivot)
 
 
-class AsymmetricSampler(TableSampler):
-    """Asymmetric time-step sampling (SpeeD), optionally with dual pairs.
+def change_aware_weights(schedule: NoiseSchedule, tau: int, lam: float) -> Tensor:
+    """w(t) of change-aware weighting as a float64 tensor (T,), for lam in [0.5, 1] (``SpeeD`` checks it)."""
+    rate = schedule.psi_rate
+    u = (rate - rate.min()) / (rate.max() - rate.min()).clamp_min(torch.finfo(rate.dtype).tiny)
+    weights = (1.0 - lam) + (2.0 * lam - 1.0) * u
+    weights[tau:] = 1.0
+    return weights
+
+
+class SpeeD(TableSampling, TableWeighting):
+    """SpeeD: asymmetric time-step sampling and change-aware loss weights, with one tau.
 
     Args:
-        schedule: the noise schedule (gives T and the dual pivot): a ``NoiseSchedule``, an
-            ``alphas_cumprod`` tensor or an object with one, as ``TimestepStrategy`` takes.
-        tau: first time step of the convergence area, or "auto" (the pivot m).
-        k: how many times more often t < tau is drawn than t >= tau.
-        dual: pair every drawn t with its partner around the pivot m (official default).
+        tau: first time step of the convergence area (700 in the paper for linear T = 1000), or
+            "auto" for the schedule's pivot m (642 for linear T = 1000).
+        k: suppression intensity: t < tau is drawn k times more often than t >= tau (5; the paper's
+            ablation: 1, 5, 10, 25).
+        dual: pair each drawn t with its partner around the pivot m (official default).
+        lam: lambda in [0.5, 1]; the weights below tau span [1 - lam, lam] (0.6).
+
+    It plays both roles, or one for the ablations: ``lam=None`` samples only (unit weights),
+    ``k=1, dual=False`` (uniform t) weights only.
     """
 
-    def __init__(self, schedule: Any, tau: Tau = 700, k: float = 5.0, dual: bool = True) -> None:
-        schedule = as_schedule(schedule)
-        self.tau = resolve_tau(tau, schedule)
-        warn_if_tau_precedes_convergence(self.tau, schedule)
+    def __init__(self, tau: Tau = 700, k: float = 5.0, dual: bool = True, lam: Optional[float] = 0.6) -> None:
+        self.tau = check_tau(tau)
         self.k = check_k(k)
-        super().__init__(asymmetric_probabilities(schedule.num_timesteps, self.tau, self.k))
         self.dual = check_dual(dual)
+        self.lam = None if lam is None else check_lam(lam)
+
+    @property
+    @override
+    def roles(self) -> tuple[str, ...]:
+        samples = self.k != 1.0 or self.dual
+        return ("sampling",) * samples + ("weighting",) * (self.lam is not None)
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        tau = self.resolved_tau
+        warn_if_tau_precedes_convergence(tau, schedule)
+        self.set_probabilities(asymmetric_probabilities(schedule.num_timesteps, tau, self.k))
         self.pivot = auto_tau(schedule, warn=False)
         # Mass of each t as a dual partner: q(s) = sum of p(t) over the t whose partner is s.
-        partners = dual_pairs(torch.arange(self.num_timesteps), self.pivot)
+        partners = dual_pairs(torch.arange(schedule.num_timesteps), self.pivot)
         self.partner_probs = torch.zeros_like(self.probs).index_add_(0, partners, self.probs)
+        T = schedule.num_timesteps
+        self.set_weights(torch.ones(T) if self.lam is None else change_aware_weights(schedule, tau, self.lam))
 
     @override
     def probabilities(self) -> Tensor:
@@ -112,30 +134,3 @@ class AsymmetricSampler(TableSampler):
             return super().sample(n)
         t = super().sample(n // 2 + 1)
         return torch.cat([t, dual_pairs(t, self.pivot)])[:n]
-
-
-def change_aware_weights(schedule: NoiseSchedule, tau: int, lam: float) -> Tensor:
-    """w(t) of change-aware weighting as a float64 tensor (T,)."""
-    lam = check_lam(lam)
-    rate = schedule.psi_rate
-    u = (rate - rate.min()) / (rate.max() - rate.min()).clamp_min(torch.finfo(rate.dtype).tiny)
-    weights = (1.0 - lam) + (2.0 * lam - 1.0) * u
-    weights[tau:] = 1.0
-    return weights
-
-
-class ChangeAwareWeights(TableWeights):
-    """Change-aware loss weighting (SpeeD): emphasise the steps where Psi changes fastest.
-
-    Args:
-        schedule: the noise schedule (gives d/dt Psi); anything ``TimestepStrategy`` takes.
-        lam: lambda in [0.5, 1]; weights below tau span [1 - lam, lam].
-        tau: weights are 1 from tau on; an int or "auto".
-    """
-
-    def __init__(self, schedule: Any, lam: float = 0.6, tau: Tau = 700) -> None:
-        schedule = as_schedule(schedule)
-        self.tau = resolve_tau(tau, schedule)
-        warn_if_tau_precedes_convergence(self.tau, schedule)
-        self.lam = check_lam(lam)
-        super().__init__(change_aware_weights(schedule, self.tau, self.lam))
