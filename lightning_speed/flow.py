@@ -13,6 +13,10 @@ which lowers the log-SNR of every t by 2 log(shift); shift > 1 moves time toward
 resolutions need. ``resolution_shift`` gives the shift that diffusers' Flux pipelines compute from an
 image's token count (shift = exp(mu), mu linear in the token count).
 
+``FlowSchedule(shift)`` is the flow's schedule: ``TimestepStrategy(FlowSchedule(shift))`` binds the time-step
+strategies of ``lightning_speed.timesteps`` to flow time (a diffusers ``FlowMatchEulerDiscreteScheduler`` gives its
+shift the same way).
+
 Sampling integrates dx/dt = v from t = 1 (pure noise) to t = 0 on a ``time_grid`` with ``euler`` or ``heun``,
 short pure functions in the style of k-diffusion that call ``model(x, t)`` with t a float tensor (B,).
 
@@ -72,6 +76,11 @@ def check_shift(shift: Any) -> float:
     )
 
 
+def is_flow_scheduler(source: Any) -> bool:
+    """Whether ``source`` is a diffusers flow-matching scheduler: a ``config.shift`` and no ``alphas_cumprod``."""
+    return getattr(getattr(source, "config", None), "shift", None) is not None and not hasattr(source, "alphas_cumprod")
+
+
 def _check_range(t: Tensor, name: str) -> None:
     """Values in [0, 1], read only on the CPU (free there; a sync on an accelerator)."""
     if t.device.type == "cpu" and t.numel() > 0:
@@ -79,8 +88,8 @@ def _check_range(t: Tensor, name: str) -> None:
         if not (0.0 <= low and high <= 1.0):  # also false for NaN
             raise ValueError(
                 f"{name} must hold flow times in [0, 1] (0 data, 1 noise), got values from {low:g} to {high:g}: "
-                "draw t with a continuous sampler (lightning_speed.timesteps.continuous); discrete steps s of a "
-                "T-step schedule are not flow times."
+                "draw t with TimestepStrategy(FlowSchedule(shift)).sample; discrete steps s of a T-step schedule "
+                "are not flow times."
             )
 
 
@@ -91,7 +100,7 @@ def check_times(t: Any, name: str = "t", batch: int | None = None) -> Tensor:
     if not t.is_floating_point():
         raise ValueError(
             f"{name} must hold flow times in [0, 1] as floats, got {t.dtype}: the flow's time is continuous; draw it "
-            "with a continuous sampler (lightning_speed.timesteps.continuous), not as integer steps."
+            "with TimestepStrategy(FlowSchedule(shift)).sample, not as integer steps."
         )
     if t.ndim != 1 or (batch is not None and t.numel() != batch):
         shape = "(B,)" if batch is None else f"({batch},), one per sample"
@@ -243,6 +252,69 @@ def resolution_shift(
     base_shift, max_shift = check_number(base_shift, "base_shift"), check_number(max_shift, "max_shift")
     mu = base_shift + (max_shift - base_shift) * (num_tokens - base_tokens) / (max_tokens - base_tokens)
     return math.exp(mu)
+
+
+class FlowSchedule:
+    """The schedule of rectified flow in continuous time, x_t = (1 - t) x0 + t eps, with SD3's time shift.
+
+    What ``NoiseSchedule`` is to a DDPM: ``TimestepStrategy(FlowSchedule(shift))`` binds the strategies of
+    ``lightning_speed.timesteps`` to flow time, so they draw float t in (0, 1) and weight by closed forms of t.
+    ``shift`` is applied to every draw of the default (uniform) sampling and of the samplers built on it, as
+    SD3 and diffusers apply it to the training times; SpeeD's areas and every weight are functions of the
+    process time t (after the shift), since they describe the noise level of x_t.
+    """
+
+    name = "flow"
+
+    def __init__(self, shift: float = 1.0) -> None:
+        self.shift = check_shift(shift)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """SNR(t) = ((1 - t) / t)^2 of the process time t (the shift does not change it)."""
+        return snr(t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return log_snr(t)
+
+    def shift_time(self, u: float | Tensor) -> float | Tensor:
+        """u in [0, 1] -> the shifted time t = shift u / (1 + (shift - 1) u) (checked)."""
+        return shift_time(u, self.shift)
+
+    def unshift_time(self, t: float | Tensor) -> float | Tensor:
+        """The inverse of ``shift_time`` (checked)."""
+        return unshift_time(t, self.shift)
+
+    def warp(self, u: Tensor) -> Tensor:
+        """``shift_time`` without checks, for draws in the training step (no host reads)."""
+        return u if self.shift == 1.0 else apply_shift(u, self.shift)
+
+    def unwarp(self, t: Tensor) -> Tensor:
+        """``unshift_time`` without checks."""
+        return t if self.shift == 1.0 else remove_shift(t, self.shift)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> FlowSchedule:
+        """The schedule of a diffusers flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``): its
+        ``config.shift``. A scheduler with dynamic shifting has no fixed shift (its pipelines choose one per
+        resolution) and is refused: the shift to train with must then be stated."""
+        config = scheduler.config
+        if getattr(config, "use_dynamic_shifting", False):
+            raise ValueError(
+                f"{type(scheduler).__name__} uses dynamic shifting (use_dynamic_shifting=True): its pipelines choose "
+                "the shift per image resolution, so config.shift is not the shift of its training times. State the "
+                "shift to train with: TimestepStrategy(FlowSchedule(shift=flow.resolution_shift(num_tokens))) for the "
+                "shift of your resolution, or FlowSchedule(1.0) for the scheduler's unshifted training sigmas."
+            )
+        return cls(config.shift)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlowSchedule) and other.shift == self.shift
+
+    def __hash__(self) -> int:
+        return hash(("flow", self.shift))
+
+    def __repr__(self) -> str:
+        return f"FlowSchedule(shift={self.shift:g})"
 
 
 # ---------------------------------------------------------------------------------- sampling

@@ -39,13 +39,16 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_speed.validation import check_choice, check_int
+
+if TYPE_CHECKING:
+    from lightning_speed.flow import FlowSchedule
 
 SCHEDULE_NAMES = ("linear", "quadratic", "cosine", "constant")
 
@@ -236,11 +239,16 @@ class NoiseSchedule:
         return f"NoiseSchedule(name={self.name!r}, num_timesteps={self.num_timesteps})"
 
 
-def as_schedule(source: Any) -> NoiseSchedule:
-    """A NoiseSchedule from what a module holds: a NoiseSchedule, an ``alphas_cumprod`` tensor (or
-    array), or an object with an ``alphas_cumprod`` attribute (a diffusers scheduler)."""
-    if isinstance(source, NoiseSchedule):
+def as_schedule(source: Any) -> NoiseSchedule | FlowSchedule:
+    """The schedule a module holds: a NoiseSchedule, an ``alphas_cumprod`` tensor (or array), or an object
+    with an ``alphas_cumprod`` attribute (a diffusers scheduler); for flow matching a ``flow.FlowSchedule`` or a
+    diffusers flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``: its ``config.shift``)."""
+    from lightning_speed.flow import FlowSchedule, is_flow_scheduler  # flow imports this module
+
+    if isinstance(source, (NoiseSchedule, FlowSchedule)):
         return source
+    if is_flow_scheduler(source):
+        return FlowSchedule.from_scheduler(source)
     if isinstance(source, (Tensor, np.ndarray)):
         return NoiseSchedule.from_alphas_cumprod(source)
     alphas_cumprod = getattr(source, "alphas_cumprod", None)
@@ -248,8 +256,9 @@ def as_schedule(source: Any) -> NoiseSchedule:
         return NoiseSchedule.from_alphas_cumprod(alphas_cumprod, name=type(source).__name__)
     raise TypeError(
         f"Cannot read a noise schedule from {type(source).__name__}: pass a lightning_speed.schedules.NoiseSchedule "
-        "(e.g. NoiseSchedule.from_name('linear', 1000)), an alphas_cumprod tensor, or an object with an "
-        "`alphas_cumprod` tensor such as a diffusers scheduler."
+        "(e.g. NoiseSchedule.from_name('linear', 1000)), an alphas_cumprod tensor, an object with an "
+        "`alphas_cumprod` tensor such as a diffusers scheduler, or for flow matching a lightning_speed.flow."
+        "FlowSchedule(shift) or a diffusers FlowMatchEulerDiscreteScheduler."
     )
 
 
@@ -285,7 +294,10 @@ def check_tau(tau: Any, name: str = "tau") -> int | str:
     try:
         return check_int(tau, name, minimum=1, hint="it is the first converged time step, or 'auto'")
     except TypeError as err:
-        raise TypeError(f"{name} must be a positive integer or 'auto', got {tau!r} ({type(tau).__name__}).") from err
+        flow_time = isinstance(tau, float) and 0 < tau < 1
+        hint = " (a flow time: a DDPM schedule's tau is a time step, e.g. 700)" if flow_time else ""
+        got = f"{tau!r} ({type(tau).__name__}){hint}"
+        raise TypeError(f"{name} must be a positive integer or 'auto', got {got}.") from err
 
 
 def resolve_tau(tau: Any, schedule: NoiseSchedule, name: str = "tau") -> int:

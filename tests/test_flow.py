@@ -1,4 +1,4 @@
-"""The flow process and its continuous-time strategies: closed forms, sampled densities, devices, errors.
+"""The flow process and the time-step strategies bound to a flow: closed forms, sampled densities, devices, errors.
 
 Densities are checked with the Kolmogorov-Smirnov distance D = sup |F_n - F| against a CDF derived here
 independently (numpy / scipy). Its critical value comes from the Dvoretzky-Kiefer-Wolfowitz inequality with
@@ -9,6 +9,7 @@ with the same draws, so it can fail.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 
@@ -18,22 +19,28 @@ import torch
 from scipy import integrate, special, stats
 
 from lightning_speed import flow
+from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps import SpeeD, UniformSampling, asymmetric_probabilities
-from lightning_speed.timesteps.continuous import (
-    PROBABILITY_BINS,
-    ContinuousSampler,
-    FlowAsymmetricSampler,
-    FlowChangeAwareWeights,
-    FlowCosMapSampler,
-    FlowLogitNormalSampler,
-    FlowLossAwareSampler,
-    FlowMinSNRWeights,
-    FlowModeSampler,
-    FlowP2Weights,
-    FlowUniformSampler,
+from lightning_speed.timesteps import (
+    AsymmetricDensity,
+    CLTSSampling,
+    ConstantWeighting,
+    CosMapSampling,
+    CurriculumSampling,
+    EDMLogNormalSampling,
+    LaplaceLogSNRSampling,
+    LogitNormalSampling,
+    LossAwareSampling,
+    MinSNRWeighting,
+    ModeSampling,
+    P2Weighting,
+    SpeeD,
+    TimestepStrategy,
+    UniformSampling,
+    asymmetric_probabilities,
     dual_pairs,
 )
+from lightning_speed.timesteps.base import PROBABILITY_BINS
 
 ALPHA = 1e-4
 N_DRAWS = 200_000
@@ -50,6 +57,10 @@ def ks_distance(samples: np.ndarray, cdf) -> float:
 
 def ks_critical(n: int, alpha: float = ALPHA) -> float:
     return math.sqrt(math.log(2 / alpha) / (2 * n))
+
+
+def on_flow(strategy, shift: float = 1.0):
+    return strategy.bind(FlowSchedule(shift))
 
 
 def draws(sampler, n: int = N_DRAWS, seed: int = 0) -> np.ndarray:
@@ -246,9 +257,10 @@ def test_areas_labels_and_shares():
     assert early.bounds()["deceleration"] == (0.3, 0.3) and early.labels(torch.tensor([0.4])).tolist() == [2]
 
 
+
 def test_change_aware_weights_on_the_flow():
     lam, tau = 0.6, flow.auto_tau()
-    weights = FlowChangeAwareWeights(lam=lam)
+    weights = on_flow(SpeeD(lam=lam))
     t = torch.linspace(0, 1, 100_001, dtype=torch.float64)
     w = weights.weight(t)
     rate = torch.gradient(flow.psi(t), spacing=(t,))[0]
@@ -258,6 +270,11 @@ def test_change_aware_weights_on_the_flow():
     assert (w[~below] == 1).all()
     assert float(w[0]) == pytest.approx(1 - lam) and float(weights.weight(torch.tensor(0.5))) == pytest.approx(lam)
     assert float(w[below].min()) >= 1 - lam - 1e-12 and float(w[below].max()) <= lam + 1e-12
+    # the documented values; the shift moves draws, not weights (they are functions of the process time)
+    points = torch.tensor([0.25, 0.9], dtype=torch.float64)
+    assert weights.weight(points).tolist() == pytest.approx([0.496, 0.4 + 0.2 * 0.09 / 0.82**2], abs=1e-12)
+    assert on_flow(SpeeD(lam=lam), 3.0).weight(points).equal(weights.weight(points))
+    assert on_flow(SpeeD(lam=None)).weight(points).tolist() == [1.0, 1.0]
 
 
 def test_min_snr_and_p2_weights_are_their_x0_and_eps_forms_on_the_velocity_loss():
@@ -269,42 +286,50 @@ def test_min_snr_and_p2_weights_are_their_x0_and_eps_forms_on_the_velocity_loss(
     mse = lambda a, b: (a - b).pow(2).mean(1)  # noqa: E731
     snr, gamma = flow.snr(t), 5.0
     v_loss = mse(v_hat, flow.velocity(x0, noise))
-    torch.testing.assert_close(FlowMinSNRWeights(gamma).weight(t) * v_loss, snr.clamp(max=gamma) * mse(x0_hat, x0))
-    torch.testing.assert_close(FlowP2Weights(1.0, 1.0).weight(t) * v_loss, mse(eps_hat, noise) / (1 + snr))
-    # finite at both ends; Min-SNR peaks where (1 - t)^2 = gamma t^2
+    min_snr, p2 = on_flow(MinSNRWeighting(gamma)), on_flow(P2Weighting(1.0, 1.0, scale=2.0))
+    torch.testing.assert_close(min_snr.weight(t) * v_loss, snr.clamp(max=gamma) * mse(x0_hat, x0))
+    torch.testing.assert_close(p2.weight(t) * v_loss, 2.0 * mse(eps_hat, noise) / (1 + snr))
+    # finite at both ends; Min-SNR peaks where (1 - t)^2 = gamma t^2, at 0.309 with w = 0.477 for gamma = 5
     ends = torch.tensor([0.0, 1.0])
-    assert FlowMinSNRWeights().weight(ends).tolist() == [0.0, 0.0] and FlowP2Weights().weight(ends).tolist() == [0.0, 0.0]
+    assert min_snr.weight(ends).tolist() == [0.0, 0.0] and p2.weight(ends).tolist() == [0.0, 0.0]
     grid = torch.linspace(0, 1, 100_001, dtype=torch.float64)
-    assert float(grid[FlowMinSNRWeights(gamma).weight(grid).argmax()]) == pytest.approx(1 / (1 + math.sqrt(gamma)), abs=1e-4)
+    peak = 1 / (1 + math.sqrt(gamma))
+    assert float(grid[min_snr.weight(grid).argmax()]) == pytest.approx(peak, abs=1e-4)
+    assert float(min_snr.weight(torch.tensor(peak, dtype=torch.float64))) == pytest.approx((1 - peak) ** 2)
+    assert on_flow(ConstantWeighting()).weight(t).equal(torch.ones(64))
 
 
 # ------------------------------------------------------------------ SpeeD at matched SNR
-class LinearStepsInFlowTime(ContinuousSampler):
+class LinearStepsInFlowTime:
     """The flow times of uniform steps of a discrete schedule at equal SNR: step j owns the times from its SNR's
     to the next step's (the last step up to t = 1), each with mass 1 / T."""
 
     def __init__(self, schedule: NoiseSchedule) -> None:
         self.steps = schedule.num_timesteps
         self.knots = torch.cat([flow.time_from_snr(schedule.snr), torch.ones(1, dtype=torch.float64)])
-        super().__init__()
 
-    def _quantile(self, u):
+    def quantile(self, u):
         x = u.double() * self.steps
         j = x.floor().long().clamp(max=self.steps - 1)
         return (self.knots[j] + (x - j) * (self.knots[j + 1] - self.knots[j])).float()
 
-    def _cdf(self, t):
+    def cdf(self, t):
         return torch.as_tensor(np.interp(t.numpy(), self.knots.numpy(), np.arange(self.steps + 1) / self.steps))
 
 
 @pytest.mark.parametrize("dual", [False, True])
 def test_convergence_share_matches_discrete_speed_at_matched_snr(linear, dual):
+    """SpeeD on a flow whose base puts time at the SNRs of uniform linear steps draws the convergence area as often
+    as discrete SpeeD: 300 / 3800 = 7.9 %, 3.9 % with dual pairs (whose partners stay below 0.921 < 0.923)."""
     tau = float(flow.time_from_snr(linear.snr[700]))
-    sampler = FlowAsymmetricSampler(tau=tau, k=5, dual=dual, base=LinearStepsInFlowTime(linear))
+    sampler = on_flow(SpeeD(tau=tau, k=5, dual=dual, lam=None))
+    base = LinearStepsInFlowTime(linear)
+    sampler.density = AsymmetricDensity(base.quantile, base.cdf, tau, 5)
     discrete = SpeeD(tau=700, k=5, dual=dual, lam=None).bind(linear).probabilities().double()
     expected = float(discrete[700:].sum())
-    assert expected == pytest.approx(300 / 3800 / (2 if dual else 1))  # 7.9 %, 3.9 % with dual pairs
-    assert sampler.areas.shares(sampler.cdf_at)["convergence"] == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(300 / 3800 / (2 if dual else 1))
+    shares = flow.FlowAreas(sampler.resolved_tau).shares(sampler.cdf_at)
+    assert shares["convergence"] == pytest.approx(expected, rel=1e-6)
     if not dual:
         assert float(asymmetric_probabilities(1000, 700, 5)[700:].sum()) == pytest.approx(expected)
     t = draws(sampler)
@@ -312,41 +337,47 @@ def test_convergence_share_matches_discrete_speed_at_matched_snr(linear, dual):
     assert abs(share - expected) < 5 * math.sqrt(expected * (1 - expected) / n)
 
 
-def test_flow_speed_shares_with_the_uniform_base():
-    """Uniform flow t already draws the convergence area as rarely as discrete SpeeD with k = 5 (7.9 %)."""
+@pytest.mark.parametrize("shift, convergence", [(1.0, 0.0790), (3.0, 0.2046)])
+def test_flow_speed_shares_on_the_shifted_uniform_default(shift, convergence):
+    """The areas are in process time, after the shift: the shifted uniform default puts 1 - unshift(tau) there
+    (7.9 %, 20.5 % at shift 3), and SpeeD draws that mass k times less densely: c / (k (1 - c) + c)."""
     tau = flow.auto_tau()
-    sampler = FlowAsymmetricSampler(k=5, dual=False)
-    expected = (1 - tau) / (5 * tau + 1 - tau)
-    assert sampler.areas.shares(sampler.cdf_at)["convergence"] == pytest.approx(expected)
-    np.testing.assert_allclose(sampler.probabilities().numpy()[:900], 5 / (1 + tau * 4) / PROBABILITY_BINS, rtol=1e-5)
-    assert flow.flow_areas().fractions()["convergence"] == pytest.approx(0.0790, abs=1e-4)
+    above = 1 - float(flow.unshift_time(tau, shift))
+    assert above == pytest.approx(convergence, abs=1e-4)
+    assert on_flow(UniformSampling(), shift).cdf_at(tau).item() == pytest.approx(1 - above)
+    sampler = on_flow(SpeeD(k=5, dual=False, lam=None), shift)
+    expected = above / (5 * (1 - above) + above)
+    assert flow.FlowAreas(sampler.resolved_tau).shares(sampler.cdf_at)["convergence"] == pytest.approx(expected)
+    if shift == 1.0:  # the discrete P(t) with T = 1: k / (1 + tau (k - 1)) below tau
+        below = 5 / (1 + tau * 4) / PROBABILITY_BINS
+        np.testing.assert_allclose(sampler.probabilities().numpy()[:900], below, rtol=1e-5)
 
 
 def test_dual_pairs_about_the_pivot():
-    sampler = FlowAsymmetricSampler(tau=0.8, k=5, dual=True)
+    sampler = on_flow(SpeeD(tau=0.8, k=5, dual=True), 2.0)
     sampler.manual_seed(0)
     t = sampler.sample(9)
     primary, partners = t[:5], t[5:]
     torch.testing.assert_close(partners, dual_pairs(primary, sampler.pivot)[:4])
-    assert sampler.pivot == flow.auto_tau()  # whatever tau is
-    assert float(FlowAsymmetricSampler().sample(10_000)[5001:].max()) <= max(sampler.pivot, 1 - sampler.pivot)
+    assert sampler.pivot == flow.auto_tau()  # whatever tau and the shift are
+    assert float(on_flow(SpeeD()).sample(10_000)[5001:].max()) <= max(sampler.pivot, 1 - sampler.pivot)
 
 
 # ------------------------------------------------------------------ sampled densities
 SAMPLER_CASES = [
-    ("uniform", lambda: FlowUniformSampler(), uniform_cdf(), uniform_cdf(2.0)),
-    ("uniform shift 3", lambda: FlowUniformSampler(shift=3.0), uniform_cdf(3.0), uniform_cdf()),
-    ("logit-normal", lambda: FlowLogitNormalSampler(), logit_normal_cdf(), uniform_cdf()),
-    ("logit-normal 0.5 0.7 shift 2", lambda: FlowLogitNormalSampler(0.5, 0.7, 2.0), logit_normal_cdf(0.5, 0.7, 2.0),
-     logit_normal_cdf(0.5, 0.7)),
-    ("mode 1.29", lambda: FlowModeSampler(), mode_cdf(1.29), uniform_cdf()),
-    ("mode -0.8 shift 3", lambda: FlowModeSampler(-0.8, shift=3.0), mode_cdf(-0.8, 3.0), mode_cdf(-0.8)),
-    ("cosmap", lambda: FlowCosMapSampler(), cosmap_cdf(), uniform_cdf()),
-    ("cosmap shift 0.5", lambda: FlowCosMapSampler(shift=0.5), cosmap_cdf(0.5), cosmap_cdf()),
-    ("asymmetric", lambda: FlowAsymmetricSampler(tau=0.7, k=5, dual=False), asymmetric_cdf(uniform_cdf(), 0.7, 5),
-     uniform_cdf()),
-    ("asymmetric on logit-normal shift 3", lambda: FlowAsymmetricSampler(0.9, 3, False, FlowLogitNormalSampler(shift=3.0)),
-     asymmetric_cdf(logit_normal_cdf(s=3.0), 0.9, 3), logit_normal_cdf(s=3.0)),
+    ("uniform", lambda: on_flow(UniformSampling()), uniform_cdf(), uniform_cdf(2.0)),
+    ("uniform shift 3", lambda: on_flow(UniformSampling(), 3.0), uniform_cdf(3.0), uniform_cdf()),
+    ("logit-normal", lambda: on_flow(LogitNormalSampling()), logit_normal_cdf(), uniform_cdf()),
+    ("logit-normal 0.5 0.7 shift 2", lambda: on_flow(LogitNormalSampling(0.5, 0.7), 2.0),
+     logit_normal_cdf(0.5, 0.7, 2.0), logit_normal_cdf(0.5, 0.7)),
+    ("mode 1.29", lambda: on_flow(ModeSampling()), mode_cdf(1.29), uniform_cdf()),
+    ("mode -0.8 shift 3", lambda: on_flow(ModeSampling(-0.8), 3.0), mode_cdf(-0.8, 3.0), mode_cdf(-0.8)),
+    ("cosmap", lambda: on_flow(CosMapSampling()), cosmap_cdf(), uniform_cdf()),
+    ("cosmap shift 0.5", lambda: on_flow(CosMapSampling(), 0.5), cosmap_cdf(0.5), cosmap_cdf()),
+    ("speed", lambda: on_flow(SpeeD(tau=0.7, k=5, dual=False)), asymmetric_cdf(uniform_cdf(), 0.7, 5), uniform_cdf()),
+    ("speed shift 3", lambda: on_flow(SpeeD(tau=0.9, k=3, dual=False), 3.0), asymmetric_cdf(uniform_cdf(3.0), 0.9, 3),
+     uniform_cdf(3.0)),
+    ("loss-aware, cold, shift 2", lambda: on_flow(LossAwareSampling(bins=7), 2.0), uniform_cdf(2.0), uniform_cdf()),
 ]
 
 
@@ -365,23 +396,53 @@ def test_sampler_density_kolmogorov_smirnov(build, reference, wrong):
     assert probs.shape == (PROBABILITY_BINS,) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_timestep_strategy_draws_the_shifted_uniform_default_in_the_open_interval():
+    timesteps = TimestepStrategy(FlowSchedule(3.0))
+    timesteps.sampler.manual_seed(0)
+    t = timesteps.sample(N_DRAWS, "cpu")
+    assert t.dtype == torch.float32 and t.shape == (N_DRAWS,) and timesteps.process == "flow"
+    assert float(t.min()) > 0 and float(t.max()) < 1
+    assert ks_distance(t.double().numpy(), uniform_cdf(3.0)) < ks_critical(N_DRAWS)
+    assert ks_distance(t.double().numpy(), uniform_cdf()) > ks_critical(N_DRAWS)
+    assert timesteps.prediction == "velocity" and timesteps.num_timesteps is None and timesteps.tau is None
+    # draws that float32 rounds onto an end (SNR inf or 0) are kept inside: logit-normal far out in either tail
+    for mean, end in ((-200.0, 2.0**-24), (40.0, 1 - 2.0**-24)):
+        timesteps.install(LogitNormalSampling(mean=mean))
+        assert timesteps.sample(8).tolist() == [pytest.approx(end, rel=0, abs=0)] * 8
+
+
+def test_curriculum_on_a_flow_mixes_its_early_strategy_with_the_shifted_uniform():
+    early = SpeeD(tau=0.8, k=5, dual=False, lam=None)
+    curriculum = on_flow(CurriculumSampling(early, switch=0.5), 2.0)
+    assert curriculum.resolved_tau == 0.8 and early.process == "flow"
+    curriculum.set_step(50, 200)  # a = 1 - 50 / 100
+    assert curriculum.share == 0.5
+    reference = lambda x: 0.5 * asymmetric_cdf(uniform_cdf(2.0), 0.8, 5)(x) + 0.5 * unshift(x, 2.0)  # noqa: E731
+    t = draws(curriculum)
+    assert ks_distance(t, reference) < ks_critical(t.size)
+    assert ks_distance(t, uniform_cdf(2.0)) > ks_critical(t.size)
+    np.testing.assert_allclose(curriculum.cdf_at(np.linspace(0, 1, 101)).numpy(), reference(np.linspace(0, 1, 101)),
+                               atol=1e-12)
+
+
 def test_cosmap_and_mode_match_sd3s_densities():
     x = np.array([0.1, 0.37, 0.5, 0.9])
     cosmap_density = lambda t: 2 / (np.pi - 2 * np.pi * t + 2 * np.pi * t**2)  # noqa: E731
     integral = [integrate.quad(cosmap_density, 0, v)[0] for v in x]
-    np.testing.assert_allclose(FlowCosMapSampler().cdf_at(x).numpy(), integral, rtol=1e-10)
+    np.testing.assert_allclose(on_flow(CosMapSampling()).cdf_at(x).numpy(), integral, rtol=1e-10)
     # mode sampling is symmetric about 1/2 and uniform at scale 0
-    np.testing.assert_allclose(FlowModeSampler(1.29).cdf_at(1 - x).numpy(), 1 - FlowModeSampler(1.29).cdf_at(x).numpy(), atol=1e-12)
-    np.testing.assert_allclose(FlowModeSampler(0.0).cdf_at(x).numpy(), x, atol=1e-12)
+    mode = on_flow(ModeSampling(1.29))
+    np.testing.assert_allclose(mode.cdf_at(1 - x).numpy(), 1 - mode.cdf_at(x).numpy(), atol=1e-12)
+    np.testing.assert_allclose(on_flow(ModeSampling(0.0)).cdf_at(x).numpy(), x, atol=1e-12)
 
 
-@pytest.mark.parametrize("tau", ["auto", 0.95])
-def test_dual_sampling_primaries_and_partners_follow_their_distributions(tau):
-    sampler = FlowAsymmetricSampler(tau=tau, k=5, dual=True)
+@pytest.mark.parametrize("tau, shift", [("auto", 1.0), (0.95, 1.0), ("auto", 3.0)])
+def test_dual_sampling_primaries_and_partners_follow_their_distributions(tau, shift):
+    sampler = on_flow(SpeeD(tau=tau, k=5, dual=True), shift)
     n = 2 * N_DRAWS
     t = draws(sampler, n)
     primary, partners = t[: n // 2 + 1], t[n // 2 + 1 :]
-    g = asymmetric_cdf(uniform_cdf(), sampler.tau, 5)
+    g = asymmetric_cdf(uniform_cdf(shift), sampler.resolved_tau, 5)
     m = sampler.pivot
     h = lambda x: g(np.clip(m + x, 0, 1)) - g(np.clip(m - x, 0, 1))  # noqa: E731
     assert ks_distance(primary, g) < ks_critical(primary.size)
@@ -391,55 +452,85 @@ def test_dual_sampling_primaries_and_partners_follow_their_distributions(tau):
     np.testing.assert_allclose(sampler.cdf_at(x).numpy(), 0.5 * (g(x) + h(x)), atol=1e-12)
 
 
-def test_loss_aware_sampler_on_bins():
+@pytest.mark.parametrize("shift", [1.0, 2.0])
+def test_loss_aware_sampler_on_bins(shift):
+    """Bins of equal width in the unshifted time u (t = shift(u)); 1 / (bins p_b) keeps the objective of the
+    shifted uniform default unbiased."""
     bins, history = 50, 10
-    sampler = FlowLossAwareSampler(bins=bins, history=history)
+    sampler = on_flow(LossAwareSampling(bins=bins, history=history), shift)
     t = draws(sampler)
-    assert ks_distance(t, uniform_cdf()) < ks_critical(t.size)  # uniform until every bin has its history
-    centres = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
+    assert ks_distance(t, uniform_cdf(shift)) < ks_critical(t.size)  # the default until every bin has its history
+    centres = flow.shift_time((torch.arange(bins, dtype=torch.float64) + 0.5) / bins, shift).float()
     losses = 1.0 + torch.arange(bins, dtype=torch.float32)  # sqrt(E[L^2]) = 1 + b
     for _ in range(history):
         sampler.update(centres, losses)
     assert bool(sampler.warm)
     p = (1 + np.arange(bins)) / np.sum(1 + np.arange(bins)) * (1 - 0.001) + 0.001 / bins
-    np.testing.assert_allclose(sampler.probabilities().numpy(), p, rtol=1e-5)
+    np.testing.assert_allclose(sampler.probs.numpy(), p, rtol=1e-5)
     t = draws(sampler, seed=1)
-    density_cdf = lambda x: np.interp(x, np.arange(bins + 1) / bins, np.concatenate([[0], np.cumsum(p)]))  # noqa: E731
+    edges, cumulative = np.arange(bins + 1) / bins, np.concatenate([[0], np.cumsum(p)])
+    density_cdf = lambda x: np.interp(unshift(x, shift), edges, cumulative)  # noqa: E731
     assert ks_distance(t, density_cdf) < ks_critical(t.size)
-    assert ks_distance(t, uniform_cdf()) > ks_critical(t.size)
-    np.testing.assert_allclose(sampler.cdf_at(np.linspace(0, 1, 101)).numpy(), density_cdf(np.linspace(0, 1, 101)), atol=1e-6)
-    # 1 / (bins p_b) makes the estimate of the uniform-t mean of f(t) = t^2 unbiased
+    assert ks_distance(t, uniform_cdf(shift)) > ks_critical(t.size)
+    x = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(sampler.cdf_at(x).numpy(), density_cdf(x), atol=1e-6)
+    # 1 / (bins p_b) makes the estimate of the default's mean of f(t) = t^2 unbiased
+    u = unshift(t, shift)
     w = sampler.importance_weight(torch.from_numpy(t).float()).double().numpy()
-    np.testing.assert_allclose(w[:5], 1 / (bins * p[np.minimum((t[:5] * bins).astype(int), bins - 1)]), rtol=1e-5)
+    np.testing.assert_allclose(w[:5], 1 / (bins * p[np.minimum((u[:5] * bins).astype(int), bins - 1)]), rtol=1e-5)
     estimate = w * t**2
-    assert abs(estimate.mean() - 1 / 3) < 5 * estimate.std() / math.sqrt(t.size)
-    assert sampler.bin_of(torch.tensor([0.0, 1.0])).tolist() == [0, bins - 1]
+    exact = integrate.quad(lambda v: float(flow.shift_time(v, shift)) ** 2, 0, 1)[0]
+    assert abs(estimate.mean() - exact) < 5 * estimate.std() / math.sqrt(t.size)
+    assert sampler.slot_of(torch.tensor([0.0, 1.0])).tolist() == [0, bins - 1]
 
 
-def test_continuous_samplers_replay_from_their_seed_and_state():
-    sampler = FlowLogitNormalSampler(shift=3.0)
+@pytest.mark.parametrize("build", [
+    lambda: on_flow(LossAwareSampling(bins=8, history=2), 3.0),
+    lambda: on_flow(SpeeD(), 3.0),
+    lambda: on_flow(LogitNormalSampling(), 3.0),
+], ids=["loss-aware", "speed", "logit-normal"])
+def test_flow_samplers_state_dict_round_trip(build):
+    """The state survives a checkpoint (torch.save / torch.load of the plain state): a restored sampler draws
+    what the original draws next, and the loss-aware one keeps its history."""
+    sampler = build()
     sampler.manual_seed(7)
-    first = sampler.sample(5)
-    state = sampler.extra_state()
-    after = sampler.sample(5)
-    again = FlowLogitNormalSampler(shift=3.0)
-    again.manual_seed(7)
-    assert again.sample(5).equal(first)
-    restored = FlowLogitNormalSampler(shift=3.0)
-    restored.load_extra_state(state)
-    assert restored.sample(5).equal(after)
+    for _ in range(10):
+        t = sampler.sample(64)
+        sampler.update(t, t + 1.0)
+    buffer = io.BytesIO()
+    torch.save(sampler.extra_state(), buffer)
+    after = sampler.sample(16)
+    restored = build()
+    restored.load_extra_state(torch.load(io.BytesIO(buffer.getvalue())))
+    assert restored.sample(16).equal(after)
+    if isinstance(sampler, LossAwareSampling):
+        assert bool(sampler.warm) and bool(restored.warm)  # the learned p, not the uniform start
+        assert restored.loss_history.equal(sampler.loss_history) and restored.probs.equal(sampler.probs)
 
 
 # ------------------------------------------------------------------ devices and host syncs
-def all_strategies():
-    samplers = [FlowUniformSampler(shift=3.0), FlowLogitNormalSampler(), FlowModeSampler(), FlowCosMapSampler(),
-                FlowLossAwareSampler(bins=4, history=1), FlowAsymmetricSampler(),
-                FlowAsymmetricSampler(dual=False, base=FlowLogitNormalSampler(shift=2.0))]
-    weights = [FlowMinSNRWeights(), FlowP2Weights(), FlowChangeAwareWeights()]
-    return samplers, weights
+def flow_samplers():
+    curriculum = CurriculumSampling(SpeeD(lam=None))
+    curriculum.set_step(10, 100)
+    return [UniformSampling(), LogitNormalSampling(), ModeSampling(), CosMapSampling(),
+            LossAwareSampling(bins=4, history=1), SpeeD(), SpeeD(dual=False, tau=0.9), curriculum]
 
 
-def run_steps(samplers, weights, device, steps=3):
+def all_strategies(shift: float = 3.0):
+    """Bound samplers and weights, and TimestepStrategy objects with each sampler and a weighting installed (all
+    built at setup, before the steps are checked)."""
+    samplers = [on_flow(s, shift) for s in flow_samplers()]
+    weights = [on_flow(w, shift) for w in (MinSNRWeighting(), P2Weighting(), SpeeD(), ConstantWeighting())]
+    installed = []
+    for sampler, weighting in zip(flow_samplers(), [MinSNRWeighting(), P2Weighting(), ConstantWeighting()] * 3):
+        timesteps = TimestepStrategy(FlowSchedule(shift))
+        timesteps.install(sampler, weighting)
+        sampler.manual_seed(0)
+        installed.append(timesteps)
+    return samplers, weights, installed
+
+
+def run_steps(samplers, weights, installed, device, steps=3):
     for sampler in samplers:
         sampler.manual_seed(0)
         for _ in range(steps):
@@ -453,11 +544,16 @@ def run_steps(samplers, weights, device, steps=3):
             x0 = torch.randn(33, 2, 4, 4, device=device)
             per_sample = flow.loss(lambda x, s: x * s.view(-1, 1, 1, 1), x0, t)
             assert per_sample.shape == (33,) and per_sample.device == t.device
+    for timesteps in installed:
+        for _ in range(steps):
+            t = timesteps.sample(33, device)
+            loss = timesteps.loss(t, torch.rand(33, device=device))
+            assert loss.shape == () and loss.device == t.device and timesteps.last.weight.device == t.device
 
 
-def test_no_host_reads_in_draws_weights_and_updates_on_cpu(monkeypatch):
+def test_no_host_reads_in_draws_weights_updates_and_loss_on_cpu(monkeypatch):
     """On the CPU a sync cannot be observed; instead every way of reading a value to the host is refused."""
-    samplers, weights = all_strategies()
+    samplers, weights, installed = all_strategies()
 
     def refuse(self, *args, **kwargs):
         raise AssertionError("a tensor value was read on the host")
@@ -465,32 +561,39 @@ def test_no_host_reads_in_draws_weights_and_updates_on_cpu(monkeypatch):
     for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     monkeypatch.setattr(flow, "_check_range", lambda t, name: None)  # the loss's value check runs on the CPU only
-    run_steps(samplers, weights, "cpu")
+    run_steps(samplers, weights, installed, "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_draws_weights_updates_and_loss_on_cuda_never_sync():
-    samplers, weights = all_strategies()
+    samplers, weights, installed = all_strategies()
+    for strategy in samplers + weights:
+        strategy.to("cuda")
     for sampler in samplers:
-        sampler.to("cuda")
         sampler.manual_seed(0)
         sampler.sample(1)  # builds the generator outside the checked region
+    for timesteps in installed:
+        timesteps.sample(1, "cuda")  # moves the tables and builds the generator
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run_steps(samplers, weights, f"cuda:{torch.cuda.current_device()}")
+        run_steps(samplers, weights, installed, f"cuda:{torch.cuda.current_device()}")
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
 
 # ------------------------------------------------------------------ bad input
+LINEAR = NoiseSchedule.from_name("linear", 1000)
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
         (lambda: flow.shift_time(0.5, 0.0), ValueError, "shift must be a positive number"),
         (lambda: flow.shift_time(0.5, -1.0), ValueError, "shift must be a positive number"),
         (lambda: flow.time_grid(10, shift=float("nan")), ValueError, "shift must be a positive number"),
-        (lambda: FlowUniformSampler(shift=0), ValueError, "shift must be a positive number"),
+        (lambda: FlowSchedule(0), ValueError, "shift must be a positive number"),
+        (lambda: FlowSchedule(-3.0), ValueError, "shift must be a positive number"),
         (lambda: flow.shift_time(1.5, 3.0), ValueError, r"t must be a number in \[0, 1\]"),
         (lambda: flow.shift_time(torch.tensor([0.2, -0.1]), 3.0), ValueError, r"flow times in \[0, 1\]"),
         (lambda: flow.loss(lambda x, t: x, torch.zeros(2, 3), torch.tensor([0.5, 1.2])), ValueError,
@@ -507,18 +610,41 @@ def test_draws_weights_updates_and_loss_on_cuda_never_sync():
         (lambda: flow.time_from_snr(-1.0), ValueError, "SNR values must be >= 0"),
         (lambda: flow.resolution_shift(1024, base_tokens=4096, max_tokens=256), ValueError, "must be larger"),
         (lambda: flow.auto_tau(1.0), ValueError, "threshold"),
-        (lambda: FlowAsymmetricSampler(tau=700), ValueError, "time_from_snr"),
-        (lambda: FlowAsymmetricSampler(tau=0.0), ValueError, r"tau must be a number in \(0, 1\)"),
-        (lambda: FlowAsymmetricSampler(tau="half"), ValueError, "'auto'"),
-        (lambda: FlowAsymmetricSampler(k=0), ValueError, "suppression intensity"),
-        (lambda: FlowAsymmetricSampler(base=UniformSampling()), TypeError, "continuous sampler"),
-        (lambda: FlowChangeAwareWeights(lam=0.4), ValueError, r"lam must be a number in \[0.5, 1\]"),
-        (lambda: FlowChangeAwareWeights(tau=1.0), ValueError, "tau"),
-        (lambda: FlowModeSampler(scale=2.0), ValueError, "not monotone"),
-        (lambda: FlowLogitNormalSampler(std=0), ValueError, "std must be a positive number"),
-        (lambda: FlowLossAwareSampler(bins=0), ValueError, "bins"),
-        (lambda: FlowP2Weights(k=0), ValueError, "P2's k must be a positive number.*infinite for k = 0"),
-        (lambda: FlowMinSNRWeights(gamma=0), ValueError, "gamma"),
+        # t outside [0, 1], or integer steps, passed to the loss of a flow strategy (checked on the CPU)
+        (lambda: TimestepStrategy(FlowSchedule()).loss(torch.tensor([0.5, 1.5]), torch.ones(2)), ValueError,
+         r"flow times in \[0, 1\].*from 0.5 to 1.5"),
+        (lambda: TimestepStrategy(FlowSchedule()).loss(torch.tensor([-0.1, 0.5]), torch.ones(2)), ValueError,
+         r"from -0.1 to 0.5"),
+        (lambda: TimestepStrategy(FlowSchedule()).loss(torch.tensor([3, 700]), torch.ones(2)), ValueError,
+         "not as integer steps"),
+        (lambda: TimestepStrategy(LINEAR).loss(torch.tensor([0.5, 0.2]), torch.ones(2)), ValueError,
+         "integer tensor of time steps"),
+        (lambda: TimestepStrategy(FlowSchedule(), prediction="epsilon"), ValueError, "predicts the velocity"),
+        # a tau of the other process
+        (lambda: on_flow(SpeeD(tau=700)), ValueError, "looks like a discrete time step.*'auto'"),
+        (lambda: on_flow(SpeeD(tau=1)), ValueError, r"tau must be a number in \(0, 1\)"),
+        (lambda: SpeeD(tau=0.9).bind(LINEAR), TypeError, r"got 0.9 \(float\) \(a flow time"),
+        (lambda: SpeeD(tau=0), ValueError, r"tau must be an integer of at least 1"),
+        (lambda: SpeeD(tau=0.0), TypeError, r"got 0.0 \(float\); a float tau is a flow time in \(0, 1\)"),
+        (lambda: SpeeD(tau=1.5), TypeError, r"a float tau is a flow time in \(0, 1\)"),
+        (lambda: SpeeD(tau="half"), ValueError, "'auto'"),
+        (lambda: SpeeD(k=0), ValueError, "suppression intensity"),
+        (lambda: SpeeD(lam=0.4), ValueError, r"lam must be a number in \[0.5, 1\]"),
+        # strategies without a form for the process
+        (lambda: on_flow(CLTSSampling()), ValueError, "CLTSSampling has no flow form.*On a flow use UniformSampling"),
+        (lambda: on_flow(LaplaceLogSNRSampling()), ValueError, "LaplaceLogSNRSampling has no flow form"),
+        (lambda: on_flow(EDMLogNormalSampling()), ValueError, "EDMLogNormalSampling has no flow form"),
+        (lambda: TimestepStrategy(FlowSchedule()).install(CLTSSampling()), ValueError, "has no flow form"),
+        (lambda: on_flow(CurriculumSampling(LaplaceLogSNRSampling())), ValueError, "LaplaceLogSNRSampling has no flow"),
+        (lambda: ModeSampling().bind(LINEAR), ValueError, "ModeSampling is a density of flow time.*FlowSchedule"),
+        (lambda: CosMapSampling().bind(LINEAR), ValueError, "CosMapSampling is a density of flow time"),
+        (lambda: TimestepStrategy(LINEAR).install(ModeSampling()), ValueError, "has no form on the discrete linear"),
+        # the samplers' and weights' own settings
+        (lambda: ModeSampling(scale=2.0), ValueError, "not monotone"),
+        (lambda: LogitNormalSampling(std=0), ValueError, "std must be a positive number"),
+        (lambda: LossAwareSampling(bins=0), ValueError, "bins"),
+        (lambda: on_flow(P2Weighting(k=0)), ValueError, "P2 with k = 0 is infinite at t = 1 of a flow"),
+        (lambda: MinSNRWeighting(gamma=0), ValueError, "gamma"),
     ],
 )
 def test_bad_input_is_refused_with_the_cause(call, error, match):
@@ -528,5 +654,5 @@ def test_bad_input_is_refused_with_the_cause(call, error, match):
 
 def test_integer_tau_message_names_the_matched_flow_time():
     with pytest.raises(ValueError) as info:
-        FlowChangeAwareWeights(tau=700)
+        on_flow(SpeeD(tau=700))
     assert re.search(r"0\.923 for step 700", str(info.value))

@@ -689,7 +689,7 @@ def test_split_roles_takes_one_sampling_and_one_weighting():
     for strategies, error, match in [
         ([speed, logit], ValueError, "Only one sampling strategy can be active, but 2 are given: SpeeD, LogitNormalSampling"),
         ([SpeeD(), p2], ValueError, "Only one weighting strategy can be active.*SpeeD, P2Weighting.*SpeeD plays both roles"),
-        ([SpeeD(k=1, dual=False, lam=None)], ValueError, r"SpeeD\(tau=700, k=1.0, dual=False, lam=None\) neither samples nor weights"),
+        ([SpeeD(tau=700, k=1, dual=False, lam=None)], ValueError, r"SpeeD\(tau=700, k=1.0, dual=False, lam=None\) neither samples nor weights"),
         ([], ValueError, "No time-step strategy given"),
         ([logit, "P2Weighting"], TypeError, "come from lightning_speed.timesteps.*got str"),
     ]:
@@ -718,4 +718,4 @@ def test_a_strategy_names_what_it_lacks_before_it_is_bound(linear):
     with pytest.raises(AttributeError, match=r"SpeeD has no cdf before it is bound to a schedule: call SpeeD\(...\).bind"):
         SpeeD().sample(4)
     assert repr(SpeeD(tau="auto")) == "SpeeD(tau='auto', k=5.0, dual=True, lam=0.6)"
-    assert repr(LossAwareSampling()) == "LossAwareSampling(history=10, uniform_prob=0.001)"
+    assert repr(LossAwareSampling()) == "LossAwareSampling(history=10, uniform_prob=0.001, bins=100)"

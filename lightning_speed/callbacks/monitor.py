@@ -15,7 +15,9 @@ every micro-batch of its optimizer steps:
 
 Areas (acceleration / deceleration / convergence) come from ``lightning_speed.schedules`` for
 the module's own schedule, split at the tau of the installed strategies (``timesteps.tau``: SpeeD's,
-or a curriculum's early SpeeD's), or at the schedule's pivot when none has one. Under
+or a curriculum's early SpeeD's), or at the schedule's pivot when none has one. On a flow schedule they
+come from ``lightning_speed.flow.flow_areas``, and the continuous t are counted in ``PROBABILITY_BINS``
+equal bins of [0, 1] (the bins of the samplers' ``probabilities``). Under
 DDP the sums are reduced over ranks before logging. The summaries are also kept in
 ``monitor.history`` (a list of dicts) for notebooks.
 """
@@ -31,9 +33,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_speed import flow
 from lightning_speed.callbacks.strategies import TIMESTEP_LINES, find_strategy
 from lightning_speed.schedules import AREA_NAMES, TimestepAreas, check_tau, resolve_tau, timestep_areas
-from lightning_speed.timesteps.base import StepRecord, TimestepStrategy
+from lightning_speed.timesteps.base import PROBABILITY_BINS, StepRecord, TimestepStrategy
 from lightning_speed.validation import check_bool, check_int
 
 
@@ -44,17 +47,21 @@ class TimestepMonitor(Callback):
         log_every_n_steps: optimizer steps between two summaries (the accumulators are read then).
         tau: where the convergence area starts. ``None`` (default): the installed strategy's tau
             (``pl_module.timesteps.tau``), or the schedule's pivot when no strategy set one. An int
-            or "auto" must agree with the installed strategy's tau.
+            (a flow time in (0, 1) on a flow schedule) or "auto" must agree with the installed strategy's tau.
         histogram: also log a histogram of the sampled t when the logger is TensorBoard.
     """
 
     def __init__(
-        self, log_every_n_steps: int = 100, tau: Union[int, Literal["auto"], None] = None, histogram: bool = True
+        self, log_every_n_steps: int = 100, tau: Union[int, float, Literal["auto"], None] = None, histogram: bool = True
     ) -> None:
         self.log_every_n_steps = check_int(log_every_n_steps, "log_every_n_steps", minimum=1)
-        self.tau = None if tau is None else check_tau(tau)
+        if tau is None:
+            self.tau = None
+        else:  # a float is a flow time, anything else a DDPM time step or "auto"
+            self.tau = flow.check_tau(tau) if isinstance(tau, float) else check_tau(tau)
         self.histogram = check_bool(histogram, "histogram")
-        self.areas: TimestepAreas | None = None
+        self.areas: TimestepAreas | flow.FlowAreas | None = None
+        self._bins: int | None = None  # on a flow: t counted in this many equal bins of [0, 1]
         self.history: list[dict[str, float]] = []
         self._last_logged_step = -1
         self._strategy: TimestepStrategy | None = None
@@ -67,10 +74,17 @@ class TimestepMonitor(Callback):
         strategy = find_strategy(pl_module, "TimestepMonitor")
         self._strategy = strategy
         self._seen = strategy.last  # a record from before this fit is not this fit's step
-        self.areas = timestep_areas(strategy.schedule, self._tau(strategy))
         device = pl_module.device
-        self._area_of_t = self.areas.labels().to(device)
-        self._t_counts = torch.zeros(self.areas.num_timesteps, device=device)
+        if isinstance(strategy.schedule, flow.FlowSchedule):
+            self.areas = flow.flow_areas(self._tau(strategy))
+            self._bins = PROBABILITY_BINS
+            centres = (torch.arange(self._bins, dtype=torch.float64) + 0.5) / self._bins
+            self._area_of_t = self.areas.labels(centres).to(device)
+        else:
+            self.areas = timestep_areas(strategy.schedule, self._tau(strategy))
+            self._bins = None
+            self._area_of_t = self.areas.labels().to(device)
+        self._t_counts = torch.zeros(self._area_of_t.numel(), device=device)
         # rows: count, loss sum, weight sum; columns: the three areas
         self._sums = torch.zeros(3, len(AREA_NAMES), device=device)
 
@@ -80,10 +94,19 @@ class TimestepMonitor(Callback):
         # gradient accumulation its first micro-batches end at that global_step and must not flush alone.
         self._last_logged_step = trainer.global_step
 
-    def _tau(self, strategy: TimestepStrategy) -> int | str:
+    def _tau(self, strategy: TimestepStrategy) -> int | float | str:
         if self.tau is None:
             return "auto" if strategy.tau is None else strategy.tau
-        tau = resolve_tau(self.tau, strategy.schedule)
+        if isinstance(strategy.schedule, flow.FlowSchedule):
+            if isinstance(self.tau, int):
+                raise ValueError(f"TimestepMonitor(tau={self.tau}) is a DDPM time step, but the module trains a flow: "
+                                 "give a flow time in (0, 1) or 'auto'.")
+            tau = flow.resolve_tau(self.tau)
+        else:
+            if isinstance(self.tau, float):
+                raise ValueError(f"TimestepMonitor(tau={self.tau}) is a flow time, but the module trains a DDPM "
+                                 "schedule: give a time step or 'auto'.")
+            tau = resolve_tau(self.tau, strategy.schedule)
         if strategy.tau is not None and tau != strategy.tau:
             raise ValueError(
                 f"TimestepMonitor(tau={self.tau!r}) splits the areas at {tau}, but the installed time-step "
@@ -115,6 +138,8 @@ class TimestepMonitor(Callback):
     # -- per step (device only) --------------------------------------------------------------
     def _accumulate(self, t: Tensor, loss: Tensor, weight: Tensor) -> None:
         t = t.to(self._area_of_t.device)
+        if self._bins is not None:  # flow time in [0, 1] -> its bin
+            t = (t * self._bins).long().clamp_(0, self._bins - 1)
         area = self._area_of_t[t]
         ones = torch.ones_like(loss)
         self._t_counts.index_add_(0, t, ones)
@@ -150,6 +175,8 @@ class TimestepMonitor(Callback):
             if self.histogram and isinstance(logger, TensorBoardLogger) and total > 0:
                 counts_per_t = t_counts.round().long().cpu()
                 values = torch.repeat_interleave(torch.arange(counts_per_t.numel()), counts_per_t)
+                if self._bins is not None:  # bin centres in flow time
+                    values = (values.double() + 0.5) / self._bins
                 logger.experiment.add_histogram("timesteps/t", values.numpy(), global_step=step, bins="auto")
         self._t_counts.zero_()
         self._sums.zero_()

@@ -9,7 +9,8 @@ A module adopts them with three lines (``TIMESTEP_LINES``, shown in every error 
 ``TimestepCallback(strategies)`` takes one strategy of ``lightning_speed.timesteps`` or a list of them (one
 sampling and one weighting role at most, checked when it is built); ``SpeeD(...)`` is its one-line form for
 SpeeD. In ``setup`` it checks the module's schedules against ``timesteps.schedule`` (T, ``alphas_cumprod``,
-a held diffusers scheduler and its prediction) and binds and installs the strategies with
+a held diffusers scheduler and its prediction; on a flow, the process and the shift of a held
+``FlowSchedule`` or ``FlowMatchEulerDiscreteScheduler``) and binds and installs the strategies with
 ``TimestepStrategy.install`` (one tau among them). A ``timesteps`` the module replaces after setup fails at
 fit start, and a training step that skips ``timesteps.loss`` while weights (or a loss-driven sampler) are
 installed fails at its end. The callback only glues: the math lives in ``lightning_speed.timesteps``.
@@ -27,6 +28,7 @@ different time steps.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from typing import Any, Union
@@ -39,6 +41,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_speed import timesteps
+from lightning_speed.flow import FlowSchedule, is_flow_scheduler
 from lightning_speed.schedules import prediction_of
 from lightning_speed.timesteps.base import (
     ConstantWeighting, StepRecord, Strategy, TimestepStrategy, UniformSampling, split_roles,
@@ -48,7 +51,7 @@ from lightning_speed.validation import check_int
 
 TIMESTEP_LINES = (
     "    self.timesteps = TimestepStrategy(schedule)     # in __init__ (from lightning_speed.timesteps); schedule: "
-    "a NoiseSchedule, an alphas_cumprod tensor or a diffusers scheduler\n"
+    "a NoiseSchedule, an alphas_cumprod tensor, a diffusers scheduler or a flow.FlowSchedule\n"
     "    t = self.timesteps.sample(len(x), x.device)     # in training_step, instead of torch.randint\n"
     "    loss = self.timesteps.loss(t, per_sample_loss)  # instead of per_sample_loss.mean(); per_sample_loss shaped (B,)"
 )
@@ -94,6 +97,59 @@ def _module_schedules(pl_module: pl.LightningModule) -> dict[str, tuple[Any, str
     }  # fmt: skip
 
 
+def _module_flows(pl_module: pl.LightningModule) -> dict[str, float | None]:
+    """The flow schedules a module holds besides its ``timesteps`` (public attributes: a ``FlowSchedule`` or a
+    diffusers flow-matching scheduler), as ``{where: shift}``; None for a scheduler with dynamic shifting, whose
+    shift is chosen per resolution."""
+    name, found = type(pl_module).__name__, {}
+    for attr, value in vars(pl_module).items():
+        if attr.startswith("_") or attr == "timesteps":
+            continue
+        if isinstance(value, FlowSchedule):
+            found[f"{name}.{attr}"] = value.shift
+        elif is_flow_scheduler(value):
+            dynamic = getattr(value.config, "use_dynamic_shifting", False)
+            found[f"{name}.{attr}"] = None if dynamic else float(value.config.shift)
+    return found
+
+
+def _check_process(pl_module: pl.LightningModule, strategy: TimestepStrategy, user: str) -> None:
+    """The strategy's process (DDPM or flow) against the schedules the module holds and the ``process`` it states;
+    on a flow, its shift against a held flow schedule's and a stated ``shift``. Runs once, at setup."""
+    name, ours = type(pl_module).__name__, strategy.process
+    stated = getattr(pl_module, "process", None)
+    if stated in ("ddpm", "flow") and stated != ours:
+        raise ValueError(
+            f"{user}: {name}.process is {stated!r} but {name}.timesteps is built on {strategy.schedule!r}, a "
+            f"{ours} schedule: build it from the schedule the training step uses, e.g. TimestepStrategy(FlowSchedule(shift)) "
+            "for a flow."
+        )
+    others = _module_schedules(pl_module) if ours == "flow" else _module_flows(pl_module)
+    if others:
+        kind = "a DDPM noise schedule" if ours == "flow" else "a flow-matching schedule"
+        raise ValueError(
+            f"{user} draws {'flow times' if ours == 'flow' else 'time steps'} from {name}.timesteps "
+            f"({strategy.schedule!r}), but {next(iter(others)).removesuffix('.alphas_cumprod')} holds {kind}: "
+            "the time steps, tau and weights would describe another process than the one the training step "
+            "noises with. Build the strategy from the schedule the training step uses (a schedule it does not "
+            "noise with is not compared when the attribute's name starts with an underscore)."
+        )
+    if ours != "flow":
+        return
+    shift = strategy.schedule.shift
+    theirs = _module_flows(pl_module)
+    if isinstance(getattr(pl_module, "shift", None), (int, float)) and not isinstance(pl_module.shift, bool):
+        theirs[f"{name}.shift"] = float(pl_module.shift)
+    for where, other in theirs.items():
+        if other is not None and not math.isclose(other, shift, rel_tol=1e-9):
+            raise ValueError(
+                f"{user} draws flow times from {name}.timesteps with shift {shift:g}, but {where} has shift {other:g}: "
+                "training would draw its times with another shift than the schedule the model is sampled with. "
+                f"Build the strategy from that schedule, TimestepStrategy(self.{where.split('.', 1)[1]}), or give "
+                "both the same shift."
+            )
+
+
 def _check_schedule(pl_module: pl.LightningModule, strategy: TimestepStrategy, user: str,
                     uses_prediction: bool = False) -> None:
     """The strategy's schedule against the module's ``num_timesteps`` and the schedules it holds: t drawn for
@@ -101,6 +157,9 @@ def _check_schedule(pl_module: pl.LightningModule, strategy: TimestepStrategy, u
     the weights of another schedule would not describe the noise the training step adds; the strategy's prediction
     against a held scheduler's and, for weights that depend on it (``uses_prediction``: Min-SNR's), against the
     module's ``prediction``. Runs once, at setup."""
+    _check_process(pl_module, strategy, user)
+    if strategy.process == "flow":
+        return
     name = type(pl_module).__name__
     stated_prediction = getattr(pl_module, "prediction", None)
     if uses_prediction and isinstance(stated_prediction, str) and stated_prediction != strategy.prediction:

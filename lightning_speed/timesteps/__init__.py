@@ -5,7 +5,8 @@ both roles with one tau. ``base`` holds the protocol and ``TimestepStrategy`` (t
 training step uses), ``speed`` SpeeD, ``baselines`` the methods SpeeD is compared with, ``log_snr``
 densities shaped in log-SNR (Laplace, EDM's log-normal) as tables over t, ``curriculum`` a shaped
 strategy annealed to uniform t. ``lightning_speed.callbacks.TimestepCallback`` installs them on a
-LightningModule's ``timesteps``.
+LightningModule's ``timesteps``. The same strategies bind to a flow (``flow.FlowSchedule``) where they have a
+flow form (``Strategy.processes``); ``ModeSampling`` and ``CosMapSampling`` exist on flows only.
 """
 
 from lightning_speed.timesteps.base import (
@@ -23,9 +24,11 @@ from lightning_speed.timesteps.base import (
 )
 from lightning_speed.timesteps.baselines import (
     CLTSSampling,
+    CosMapSampling,
     LogitNormalSampling,
     LossAwareSampling,
     MinSNRWeighting,
+    ModeSampling,
     P2Weighting,
     clts_gaussian,
     logit_normal_probabilities,
@@ -39,17 +42,22 @@ from lightning_speed.timesteps.log_snr import (
     edm_log_normal_probabilities,
     laplace_log_snr_probabilities,
 )
-from lightning_speed.timesteps.speed import SpeeD, asymmetric_probabilities, change_aware_weights, dual_pairs
+from lightning_speed.timesteps.speed import (
+    AsymmetricDensity, SpeeD, asymmetric_probabilities, change_aware_weights, dual_pairs,
+)
 
 __all__ = [
+    "AsymmetricDensity",
     "CLTSSampling",
     "ConstantWeighting",
+    "CosMapSampling",
     "CurriculumSampling",
     "EDMLogNormalSampling",
     "LaplaceLogSNRSampling",
     "LogitNormalSampling",
     "LossAwareSampling",
     "MinSNRWeighting",
+    "ModeSampling",
     "P2Weighting",
     "SamplingStrategy",
     "SpeeD",

@@ -16,6 +16,12 @@ Everything runs once per step with tensors only: no host-device synchronisation 
 ``.item()``, ``.cpu()``, ``.tolist()``, boolean masking or ``torch.multinomial``'s validity
 check). Table strategies draw by inverse-CDF lookup (``torch.rand`` + ``torch.searchsorted``).
 
+On a flow (``TimestepStrategy(flow.FlowSchedule(shift))`` or a diffusers ``FlowMatchEulerDiscreteScheduler``)
+the same strategies draw float flow times t in (0, 1) (float32) and weight by closed forms of t: a
+strategy names the processes it has a form for in ``processes`` and builds its flow form in ``build_flow``.
+Flow draws are inverse-CDF maps t = ``quantile(u)`` of uniform u, with the schedule's shift applied to
+the default (uniform) density, and ``cdf_at(t)`` gives their exact distribution.
+
 Strategies are not ``nn.Module``: holding one on a LightningModule must not change the model's
 parameters, buffers or checkpoint keys (EMA weight averaging pairs the model's buffers by
 position, and a checkpoint must load with or without the callbacks). Their tables are plain
@@ -35,8 +41,10 @@ import torch
 from torch import Tensor
 from typing_extensions import Self, override
 
+from lightning_speed import flow
+from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import (
-    NoiseSchedule, Prediction, Tau, as_schedule, check_prediction, prediction_of, resolve_tau,
+    NoiseSchedule, Prediction, as_schedule, check_prediction, prediction_of, resolve_tau,
 )
 from lightning_speed.validation import check_int, is_integer_tensor
 
@@ -60,6 +68,39 @@ def inverse_cdf_sample(cdf: Tensor, n: int, generator: torch.Generator | None = 
     return t.clamp_(max=cdf.numel() - 1)
 
 
+PROBABILITY_BINS = 1000
+"""Equal bins of [0, 1] in which ``probabilities()`` reports the distribution of flow times."""
+
+FLOW_EDGE = 2.0**-24
+"""Flow times are drawn in [FLOW_EDGE, 1 - FLOW_EDGE] (float32's spacing below 1): open at both ends, where
+SNR is infinite or 0, for mass 2^-24 that float32 rounding would otherwise put there."""
+
+FLOW_SAMPLING = (
+    "UniformSampling, LogitNormalSampling, ModeSampling, CosMapSampling, LossAwareSampling, CurriculumSampling"
+)
+FLOW_WEIGHTING = "ConstantWeighting, MinSNRWeighting, P2Weighting"
+
+
+def process_of(schedule: NoiseSchedule | FlowSchedule) -> str:
+    """``"flow"`` for a flow schedule, ``"ddpm"`` for a discrete one."""
+    return "flow" if isinstance(schedule, FlowSchedule) else "ddpm"
+
+
+def _no_form_message(strategy: Strategy, schedule: NoiseSchedule | FlowSchedule) -> str:
+    name = type(strategy).__name__
+    if isinstance(schedule, FlowSchedule):
+        return (
+            f"{name} has no flow form: it is defined on the time steps of a discrete DDPM schedule, and {schedule!r} "
+            f"is a flow with continuous t in [0, 1]. On a flow use {FLOW_SAMPLING} or SpeeD to sample and "
+            f"{FLOW_WEIGHTING} or SpeeD to weight."
+        )
+    return (
+        f"{name} is a density of flow time t in [0, 1] and has no form on the discrete {schedule.name} schedule "
+        f"(T = {schedule.num_timesteps}): bind it to a flow, TimestepStrategy(FlowSchedule(shift)), or use "
+        "LogitNormalSampling on a DDPM schedule."
+    )
+
+
 def probabilities_to_cdf(probs: Tensor) -> Tensor:
     """Normalised cumulative table of non-negative weights, ending exactly at 1 (same dtype)."""
     cdf = torch.cumsum(probs, dim=0)
@@ -72,22 +113,25 @@ class Strategy(ABC):
     names) and the tables ``bind`` builds from a schedule.
 
     ``bind(schedule, prediction)`` is where a schedule meets the settings, for every strategy: it resolves
-    ``tau`` (the one place "auto" becomes a time step: ``resolved_tau``) and calls ``build``, which
-    subclasses implement. ``schedule`` is a ``NoiseSchedule`` or anything ``as_schedule`` reads. It is also
-    the seam for a schedule of another kind (continuous flow time): a strategy that supports one binds it
-    through the same call, builds other tables there and keeps ``sample`` / ``weight``, so configs name the
-    same strategies. Every tensor attribute follows ``to(device)``.
+    ``tau`` (the one place "auto" becomes a time step or a flow time: ``resolved_tau``) and calls ``build``
+    for a discrete schedule or ``build_flow`` for a flow, which subclasses implement. ``schedule`` is a
+    ``NoiseSchedule``, a ``flow.FlowSchedule`` or anything ``as_schedule`` reads. A strategy binds only to the
+    processes in ``processes``; the others are a clear error. Every tensor attribute follows ``to(device)``.
     """
 
-    tau: Tau | None = None
-    """Where the convergence area starts (an int or "auto"); None: the strategy has no such setting."""
+    tau: Any = None
+    """Where the convergence area starts ("auto", a time step, or a flow time in (0, 1)); None: no such setting."""
+    processes: ClassVar[tuple[str, ...]] = ("ddpm",)
+    """The processes it has a form for: "ddpm" (discrete time steps) and/or "flow" (continuous flow time)."""
     uses_prediction: ClassVar[bool] = False
     """Whether the tables depend on what the network predicts (Min-SNR's do)."""
-    schedule: NoiseSchedule | None = None
+    schedule: NoiseSchedule | FlowSchedule | None = None
     """The schedule bound last (None before ``bind``)."""
+    process: str | None = None
+    """``"ddpm"`` or ``"flow"``: the process of the schedule bound last."""
     num_timesteps: int | None = None
-    resolved_tau: int | None = None
-    """``tau`` as a time step of the bound schedule (None without a tau or before ``bind``)."""
+    resolved_tau: int | float | None = None
+    """``tau`` as a time step of the bound schedule or a flow time on a flow (None without a tau or before ``bind``)."""
     device: torch.device = torch.device("cpu")
 
     @property
@@ -98,17 +142,38 @@ class Strategy(ABC):
             if isinstance(self, base)
         )  # fmt: skip
 
-    def bind(self, schedule: Any, prediction: Prediction = "epsilon") -> Self:
-        """Build this strategy's tables for ``schedule`` (on the CPU; ``to`` moves them) and return it."""
+    def bind(self, schedule: Any, prediction: Prediction | None = None) -> Self:
+        """Build this strategy's tables for ``schedule`` (on the CPU; ``to`` moves them) and return it.
+
+        ``prediction``: what the network predicts; None is epsilon on a DDPM schedule and the velocity on a flow.
+        """
         schedule = as_schedule(schedule)
-        resolved = None if self.tau is None else resolve_tau(self.tau, schedule)
-        self.schedule, self.num_timesteps, self.resolved_tau = schedule, schedule.num_timesteps, resolved
+        process = process_of(schedule)
+        if process not in self.processes:
+            raise ValueError(_no_form_message(self, schedule))
+        setting = self.tau_setting(process)
         self.device = torch.device("cpu")
-        self.build(schedule, check_prediction(prediction))
+        if process == "flow":
+            check_flow_prediction(prediction)
+            resolved = None if setting is None else flow.resolve_tau(setting)
+            self.schedule, self.process, self.num_timesteps, self.resolved_tau = schedule, process, None, resolved
+            self.build_flow(schedule)
+        else:
+            resolved = None if setting is None else resolve_tau(setting, schedule)
+            self.schedule, self.process, self.num_timesteps = schedule, process, schedule.num_timesteps
+            self.resolved_tau = resolved
+            self.build(schedule, check_prediction(prediction or "epsilon"))
         return self
 
+    def tau_setting(self, process: str) -> Any:
+        """The tau to resolve on ``process`` ("ddpm" or "flow"): ``tau`` by default."""
+        return self.tau
+
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
-        """Build the tables for ``schedule`` (``resolved_tau`` is set); nothing by default."""
+        """Build the tables for a discrete ``schedule`` (``resolved_tau`` is set); nothing by default."""
+
+    def build_flow(self, schedule: FlowSchedule) -> None:
+        """Build the flow form for ``schedule`` (``resolved_tau`` is a flow time); nothing by default."""
 
     def to(self, device: torch.device | str) -> Self:
         device = _normalise_device(device)
@@ -132,8 +197,19 @@ class Strategy(ABC):
         return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n, None)!r}' for n in names)})"
 
 
+def check_flow_prediction(prediction: Any) -> str:
+    """A flow's network predicts the velocity: None or "velocity"."""
+    if prediction not in (None, "velocity"):
+        raise ValueError(
+            f"prediction={prediction!r}, but a flow's network predicts the velocity v = eps - x0 (the target of "
+            "flow.loss): leave prediction unset (or 'velocity') for a flow schedule."
+        )
+    return "velocity"
+
+
 class SamplingStrategy(Strategy):
-    """Draws integer time steps in ``[0, num_timesteps)`` on ``self.device``.
+    """Draws integer time steps in ``[0, num_timesteps)`` on ``self.device``, or flow times in [0, 1] (float32)
+    on a flow.
 
     Randomness: after ``manual_seed(seed)`` the strategy owns a ``torch.Generator`` on its
     device, so its draws can be replayed and resumed. The generator is created lazily on the
@@ -188,11 +264,30 @@ class SamplingStrategy(Strategy):
     # -- the protocol ---------------------------------------------------------------------
     @abstractmethod
     def sample(self, n: int) -> Tensor:
-        """Return ``n`` time steps as a long tensor on ``self.device``."""
+        """Return ``n`` time steps as a long tensor on ``self.device`` (flow times, float32, on a flow)."""
 
     @abstractmethod
     def probabilities(self) -> Tensor:
-        """The current sampling distribution over t (for logging and tests)."""
+        """The current sampling distribution over t (for logging and tests); on a flow, the mass in each of
+        ``PROBABILITY_BINS`` equal bins of [0, 1] (``flow_probabilities``)."""
+
+    # -- the flow form: t = quantile(u), u ~ U[0, 1) ---------------------------------------
+    def quantile(self, u: Tensor) -> Tensor:
+        """The flow time drawn for uniform ``u`` (the inverse of ``cdf_at``, shift included), on u's device."""
+        raise NotImplementedError(f"{type(self).__name__} draws no flow times by quantile.")
+
+    def cdf_at(self, t: Any) -> Tensor:
+        """P(drawn t <= t) on a flow, float64 on the CPU."""
+        raise NotImplementedError(f"{type(self).__name__} has no flow CDF.")
+
+    def sample_flow(self, n: int) -> Tensor:
+        """``n`` flow times by inverse CDF, float32 on ``self.device``."""
+        return self.quantile(torch.rand(n, device=self.device, generator=self.generator))
+
+    def flow_probabilities(self) -> Tensor:
+        """The mass of each of ``PROBABILITY_BINS`` equal bins of [0, 1] under ``cdf_at`` (float32, on the device)."""
+        edges = torch.linspace(0.0, 1.0, PROBABILITY_BINS + 1, dtype=torch.float64)
+        return torch.diff(self.cdf_at(edges)).clamp_min(0.0).float().to(self.device)
 
     def importance_weight(self, t: Tensor) -> Tensor | None:
         """Per-sample factor that keeps the objective unbiased (``None`` when not needed)."""
@@ -236,11 +331,15 @@ class SamplingStrategy(Strategy):
 
 
 class WeightingStrategy(Strategy):
-    """Maps time steps to per-sample loss weights."""
+    """Maps time steps (or flow times) to per-sample loss weights."""
 
     @abstractmethod
     def weight(self, t: Tensor) -> Tensor:
         """Weights shaped like ``t``, on ``t``'s device."""
+
+    def flow_weight(self, t: Tensor) -> Tensor:
+        """The weights of flow times t, a closed form of t on t's device (weightings with a flow form)."""
+        raise NotImplementedError(f"{type(self).__name__} has no flow form.")
 
 
 class TableSampling(SamplingStrategy):
@@ -264,16 +363,18 @@ class TableSampling(SamplingStrategy):
 
     @override
     def sample(self, n: int) -> Tensor:
+        if self.process == "flow":
+            return self.sample_flow(n)
         return inverse_cdf_sample(self.cdf, n, self.generator)
 
     @override
     def probabilities(self) -> Tensor:
-        return self.probs
+        return self.flow_probabilities() if self.process == "flow" else self.probs
 
 
 class TableWeighting(WeightingStrategy):
     """Base of the weightings looked up from a table over t held on the device: ``table`` (float32), set in
-    ``build`` by ``set_weights``."""
+    ``build`` by ``set_weights``; on a flow, ``flow_weight(t)``."""
 
     table: Tensor
 
@@ -285,23 +386,42 @@ class TableWeighting(WeightingStrategy):
 
     @override
     def weight(self, t: Tensor) -> Tensor:
-        return self.table[t]
+        return self.flow_weight(t) if self.process == "flow" else self.table[t]
 
 
 class UniformSampling(SamplingStrategy):
-    """t ~ U{0 .. T-1}: the DDPM default and the baseline everything is compared with."""
+    """t ~ U{0 .. T-1}: the DDPM default and the baseline everything is compared with.
+
+    On a flow: t = shift(u), u ~ U[0, 1), with the schedule's shift (rectified flow's default; SD3's with a shift).
+    """
+
+    processes = ("ddpm", "flow")
 
     @override
     def sample(self, n: int) -> Tensor:
+        if self.process == "flow":
+            return self.sample_flow(n)
         return torch.randint(0, self.num_timesteps, (n,), device=self.device, generator=self.generator)
 
     @override
     def probabilities(self) -> Tensor:
+        if self.process == "flow":
+            return self.flow_probabilities()
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=self.device)
+
+    @override
+    def quantile(self, u: Tensor) -> Tensor:
+        return self.schedule.warp(u)
+
+    @override
+    def cdf_at(self, t: Any) -> Tensor:
+        return self.schedule.unwarp(torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0))
 
 
 class ConstantWeighting(WeightingStrategy):
-    """w(t) = 1: the plain DDPM objective."""
+    """w(t) = 1: the plain DDPM objective (the plain velocity MSE on a flow)."""
+
+    processes = ("ddpm", "flow")
 
     @override
     def weight(self, t: Tensor) -> Tensor:
@@ -396,7 +516,10 @@ def weighted_loss(
     the sampler's importance factor ``imp`` (if any) multiplies both, keeping the objective
     unbiased. Adaptive samplers observe the detached total per-sample loss.
     """
-    _check_timesteps(t, sampler.num_timesteps)
+    if sampler.process == "flow":
+        flow.check_times(t)
+    else:
+        _check_timesteps(t, sampler.num_timesteps)
     _check_per_sample(t, weighted, "weighted")
     if unweighted is not None:
         _check_per_sample(t, unweighted, "unweighted")
@@ -427,38 +550,55 @@ class TimestepStrategy:
 
     Args:
         schedule: a ``NoiseSchedule``, an ``alphas_cumprod`` tensor, or an object with one
-            (a diffusers scheduler). Zero terminal SNR and half precision are accepted.
+            (a diffusers scheduler). Zero terminal SNR and half precision are accepted. For flow matching
+            a ``flow.FlowSchedule(shift)`` or a diffusers ``FlowMatchEulerDiscreteScheduler`` (its shift):
+            ``sample`` then returns float32 flow times in (0, 1) and ``loss`` takes them.
         prediction: what the network predicts (``epsilon``, ``v`` or ``x0``); weightings that
             depend on it (Min-SNR) are bound with it. None: a diffusers scheduler's
-            ``config.prediction_type`` (``v_prediction`` is ``v``, ``sample`` is ``x0``), else ``epsilon``.
+            ``config.prediction_type`` (``v_prediction`` is ``v``, ``sample`` is ``x0``), else ``epsilon``;
+            on a flow always ``velocity``.
 
-    ``sampler`` (default ``UniformSampling``) and ``weights`` (default ``ConstantWeighting``) are the
-    installed strategies (``install``; the same object twice for ``SpeeD``); ``tau`` is theirs, as a time
-    step (None when neither has one). ``last`` is the latest step's ``StepRecord``.
+    ``sampler`` (default ``UniformSampling``: uniform with the shift on a flow) and ``weights`` (default
+    ``ConstantWeighting``) are the installed strategies (``install``; the same object twice for ``SpeeD``);
+    ``tau`` is theirs, as a time step or a flow time (None when neither has one). ``last`` is the latest
+    step's ``StepRecord``.
     """
 
     def __init__(self, schedule: Any, prediction: Prediction | None = None) -> None:
-        self.schedule: NoiseSchedule = as_schedule(schedule)
+        self.schedule: NoiseSchedule | FlowSchedule = as_schedule(schedule)
+        if isinstance(self.schedule, FlowSchedule):
+            self.prediction: str = check_flow_prediction(prediction)
+            self._init_strategies()
+            return
         configured = prediction_of(schedule)  # a diffusers scheduler knows what its model predicts
         if prediction is not None and configured is not None and check_prediction(prediction) != configured:
             raise ValueError(
                 f"prediction={prediction!r} but the scheduler was configured with prediction_type "
                 f"{schedule.config.prediction_type!r} ({configured!r} here): leave prediction unset or make them agree."
             )
-        self.prediction: str = check_prediction(prediction or configured or "epsilon")
-        self.sampler: SamplingStrategy = UniformSampling().bind(self.schedule)
-        self.weights: WeightingStrategy = ConstantWeighting().bind(self.schedule)
+        self.prediction = check_prediction(prediction or configured or "epsilon")
+        self._init_strategies()
+
+    def _init_strategies(self) -> None:
+        self.sampler: SamplingStrategy = UniformSampling().bind(self.schedule, self.prediction)
+        self.weights: WeightingStrategy = ConstantWeighting().bind(self.schedule, self.prediction)
         self.last: StepRecord | None = None
         self._drawn: Tensor | None = None  # what sample() returned last: loss() compares t with it (identity)
         self._warned_undrawn = False
 
     @property
-    def num_timesteps(self) -> int:
-        return self.schedule.num_timesteps
+    def process(self) -> str:
+        """``"ddpm"`` (integer time steps) or ``"flow"`` (float flow times)."""
+        return process_of(self.schedule)
 
     @property
-    def tau(self) -> int | None:
-        """The installed strategies' convergence threshold as a time step (None when neither has one)."""
+    def num_timesteps(self) -> int | None:
+        """T of a discrete schedule; None on a flow."""
+        return getattr(self.schedule, "num_timesteps", None)
+
+    @property
+    def tau(self) -> int | float | None:
+        """The installed strategies' convergence threshold, a time step or a flow time (None when neither has one)."""
         return self.sampler.resolved_tau if self.sampler.resolved_tau is not None else self.weights.resolved_tau
 
     def install(self, sampling: SamplingStrategy | None = None, weighting: WeightingStrategy | None = None) -> None:
@@ -484,7 +624,8 @@ class TimestepStrategy:
         return self
 
     def sample(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        """``n`` time steps (long, (n,)) on ``device`` (default: where the sampler is).
+        """``n`` time steps (long, (n,)) on ``device`` (default: where the sampler is); on a flow, flow times
+        (float32, (n,)) in [2^-24, 1 - 2^-24].
 
         The tables move to ``device`` on first use there; the device comparison is host-side.
         """
@@ -498,7 +639,8 @@ class TimestepStrategy:
             device = torch.device(device)
             if not (_same_device(self.sampler.device, device) and _same_device(self.weights.device, device)):
                 self.to(device)
-        self._drawn = self.sampler.sample(n)
+        t = self.sampler.sample(n)
+        self._drawn = t.clamp_(FLOW_EDGE, 1.0 - FLOW_EDGE) if self.sampler.process == "flow" else t
         return self._drawn
 
     def loss(self, t: Tensor, weighted: Tensor, unweighted: Tensor | None = None) -> Tensor:

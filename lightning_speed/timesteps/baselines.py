@@ -15,10 +15,20 @@ Both are finite at SNR = 0 (a zero-terminal-SNR schedule's last step): epsilon-p
 min(SNR, gamma) / SNR is 1 for every SNR <= gamma and is computed as min(gamma / SNR, 1), which
 is 1 there too; P2 needs k > 0 on such a schedule (1 / SNR^gamma is infinite at SNR = 0).
 
-Sampling strategies:
+On a flow both weight the velocity MSE ||v_hat - v||^2, whose x0 and eps errors are
+||x0_hat - x0||^2 = t^2 ||v_hat - v||^2 and ||eps_hat - eps||^2 = (1 - t)^2 ||v_hat - v||^2 (docs/flow_matching.md):
+Min-SNR w(t) = min(SNR, gamma) t^2 = min((1 - t)^2, gamma t^2), P2 w(t) = scale (1 - t)^2 / (k + SNR(t))^gamma
+(k > 0: SNR reaches 0 at t = 1).
+
+Sampling strategies (on a flow, t = Q(u) for uniform u with the schedule's shift applied after Q, as SD3's
+training applies it):
 
 * ``LogitNormalSampling`` (SD3, Esser et al. 2024): u ~ N(mean, std^2), t = round(sigmoid(u) (T - 1));
-  SD3's location m = 0 and scale s = 1 are ``mean`` and ``std``.
+  SD3's location m = 0 and scale s = 1 are ``mean`` and ``std``. On a flow t = sigmoid(u); a shift s then
+  equals a mean of mean + log s.
+* ``ModeSampling`` (SD3's mode sampling, flows only): t = f(1 - u), f(u) = 1 - u - scale (cos^2(pi u / 2) - 1 + u);
+  f is a decreasing bijection of [0, 1] exactly for scale in [-1, 2 / (pi - 2)] (SD3: 1.29).
+* ``CosMapSampling`` (SD3's CosMap, flows only): t = 1 - 1 / (tan(pi u / 2) + 1), density 2 / (pi (1 - 2t + 2t^2)).
 * ``CLTSSampling``: curriculum p(t) = (1 - a) U(t) + a N(t; mu, sigma) with a = min(step / total_steps, 1).
   mu = 300 (official) and sigma = 200 are given in steps of a T = 1000 process and scale by
   T / 1000. Our choice of sigma = 200: the Gaussian's +-1.5 sigma band [0, 600] covers the
@@ -37,7 +47,10 @@ Sampling strategies:
   it is uniform. Each sample's loss is multiplied by 1 / (T p(t)) so the objective stays
   unbiased. ``update`` is vectorised (sort + scatter) and sync-free, and handles repeated t
   in a batch deterministically: occurrences are written in batch order, so the buffer ends
-  up holding the last ``history`` losses of each t. Non-finite losses are ignored.
+  up holding the last ``history`` losses of each t. Non-finite losses are ignored. On a flow the history is
+  kept on ``bins`` bins of equal width in the unshifted time u (t = shift(u); equal bins of t without a shift):
+  a bin b is drawn with p_b, u uniform inside it, so 1 / (bins p_b) keeps the objective of the shifted
+  uniform default unbiased.
 """
 
 from __future__ import annotations
@@ -49,9 +62,21 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_speed import flow
+from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
-from lightning_speed.timesteps.base import TableSampling, TableWeighting, probabilities_to_cdf
+from lightning_speed.timesteps.base import (
+    SamplingStrategy, TableSampling, TableWeighting, inverse_cdf_sample, probabilities_to_cdf,
+)
 from lightning_speed.validation import check_int, check_number
+
+
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
+"""The scales for which SD3's mode map is a monotone bijection of [0, 1]."""
+
+
+def _float64(t: Any) -> Tensor:
+    return torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)
 
 
 def check_min_snr(gamma: float) -> float:
@@ -87,15 +112,28 @@ def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0, scal
     return scale / (k + snr) ** gamma
 
 
+def flow_p2_weight(t: Tensor, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> Tensor:
+    """P2 on a flow's velocity loss: scale (1 - t)^2 / (k + SNR(t))^gamma (0 at t = 0, where SNR is inf)."""
+    return scale * (1 - t) ** 2 / (k + flow.snr(t)) ** gamma
+
+
+def flow_min_snr_weight(t: Tensor, gamma: float = 5.0) -> Tensor:
+    """Min-SNR-gamma on a flow's velocity loss: min(SNR, gamma) t^2 = min((1 - t)^2, gamma t^2)."""
+    return torch.minimum((1 - t) ** 2, gamma * t**2)
+
+
 class P2Weighting(TableWeighting):
-    """Perception-prioritised weighting (Choi et al. 2022): w(t) = scale / (k + SNR(t))^gamma.
+    """Perception-prioritised weighting (Choi et al. 2022): w(t) = scale / (k + SNR(t))^gamma; on a flow's
+    velocity loss scale (1 - t)^2 / (k + SNR(t))^gamma (see the module docstring).
 
     Args:
-        k: the offset (official 1; 0 needs a schedule whose SNR stays above 0).
+        k: the offset (official 1; 0 needs a schedule whose SNR stays above 0, so never on a flow).
         gamma: the exponent (official 1).
         scale: 1 is P2; 5 (with k 1, gamma 1) is the SpeeD code's ``min_snr`` weighting (see the module
             docstring), which ``configs/study/official_code_min_snr.yaml`` trains.
     """
+
+    processes = ("ddpm", "flow")
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> None:
         self.k = check_number(k, "P2's k", at_least=0, hint="the official value is 1")
@@ -106,6 +144,17 @@ class P2Weighting(TableWeighting):
     @override
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
         self.set_weights(p2_weights(schedule, self.k, self.gamma, self.scale))
+
+    @override
+    def build_flow(self, schedule: FlowSchedule) -> None:
+        if self.k == 0 and self.gamma > 0:
+            raise ValueError(
+                "P2 with k = 0 is infinite at t = 1 of a flow, where SNR = 0: use k > 0 (the official value is 1)."
+            )
+
+    @override
+    def flow_weight(self, t: Tensor) -> Tensor:
+        return flow_p2_weight(t, self.k, self.gamma, self.scale)
 
 
 def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: Prediction = "epsilon") -> Tensor:
@@ -121,7 +170,7 @@ def min_snr_weights(schedule: NoiseSchedule, gamma: float = 5.0, prediction: Pre
 
 
 class MinSNRWeighting(TableWeighting):
-    """Min-SNR-gamma weighting (Hang et al. 2023) for epsilon-, v- or x0-prediction.
+    """Min-SNR-gamma weighting (Hang et al. 2023) for epsilon-, v- or x0-prediction, and for a flow's velocity.
 
     The weights depend on what the network predicts: the prediction ``bind`` is given, which
     ``TimestepStrategy`` takes from its ``prediction`` (``DiffusionModule`` passes its own).
@@ -131,6 +180,7 @@ class MinSNRWeighting(TableWeighting):
     """
 
     uses_prediction = True
+    processes = ("ddpm", "flow")
 
     def __init__(self, gamma: float = 5.0) -> None:
         self.gamma = check_min_snr(gamma)
@@ -138,6 +188,10 @@ class MinSNRWeighting(TableWeighting):
     @override
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
         self.set_weights(min_snr_weights(schedule, self.gamma, prediction))
+
+    @override
+    def flow_weight(self, t: Tensor) -> Tensor:
+        return flow_min_snr_weight(t, self.gamma)
 
 
 # -------------------------------------------------------------------------------- samplers
@@ -152,12 +206,15 @@ def logit_normal_probabilities(num_timesteps: int, mean: float = 0.0, std: float
 
 
 class LogitNormalSampling(TableSampling):
-    """Logit-normal time steps (SD3): t = round(sigmoid(u) (T - 1)), u ~ N(mean, std^2).
+    """Logit-normal time steps (SD3): t = round(sigmoid(u) (T - 1)), u ~ N(mean, std^2); on a flow
+    t = shift(sigmoid(u)).
 
     Args:
         mean: SD3's location m (0).
         std: SD3's scale s (1).
     """
+
+    processes = ("ddpm", "flow")
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
         self.mean = check_number(mean, "mean", hint="SD3 uses 0")
@@ -169,8 +226,91 @@ class LogitNormalSampling(TableSampling):
 
     @override
     def sample(self, n: int) -> Tensor:
+        if self.process == "flow":
+            return self.sample_flow(n)
         u = torch.randn(n, device=self.device, generator=self.generator) * self.std + self.mean
         return torch.round(torch.sigmoid(u) * (self.num_timesteps - 1)).long()
+
+    @override
+    def quantile(self, u: Tensor) -> Tensor:
+        return self.schedule.warp(torch.sigmoid(self.mean + self.std * torch.special.ndtri(u)))
+
+    @override
+    def cdf_at(self, t: Any) -> Tensor:
+        return torch.special.ndtr((torch.logit(self.schedule.unwarp(_float64(t))) - self.mean) / self.std)
+
+
+class FlowSampling(SamplingStrategy):
+    """Base of the samplers that exist on flows only: t = shift(Q(u)) with the unshifted quantile ``_map``
+    and CDF ``_cdf`` (float64) of the subclass."""
+
+    processes = ("flow",)
+
+    def _map(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _cdf(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @override
+    def sample(self, n: int) -> Tensor:
+        return self.sample_flow(n)
+
+    @override
+    def probabilities(self) -> Tensor:
+        return self.flow_probabilities()
+
+    @override
+    def quantile(self, u: Tensor) -> Tensor:
+        return self.schedule.warp(self._map(u))
+
+    @override
+    def cdf_at(self, t: Any) -> Tensor:
+        return self._cdf(self.schedule.unwarp(_float64(t)))
+
+
+class ModeSampling(FlowSampling):
+    """SD3's mode sampling on a flow, t = f(1 - u) with f(u) = 1 - u - scale (cos^2(pi u / 2) - 1 + u).
+
+    Args:
+        scale: in [-1, 2 / (pi - 2)] (SD3: 1.29); larger scales put more mass around t = 1/2, 0 is uniform.
+    """
+
+    def __init__(self, scale: float = 1.29) -> None:
+        low, high = MODE_SCALE_RANGE
+        self.scale = check_number(
+            scale, "scale", at_least=low, at_most=high,
+            hint="outside this range SD3's mode map is not monotone, so it is no distribution on [0, 1]; SD3 uses 1.29",
+        )
+
+    def _mode(self, u: Tensor) -> Tensor:
+        return 1 - u - self.scale * (torch.cos(0.5 * math.pi * u) ** 2 - 1 + u)
+
+    @override
+    def _map(self, u: Tensor) -> Tensor:
+        return self._mode(1 - u)
+
+    @override
+    def _cdf(self, t: Tensor) -> Tensor:
+        # F(t) = 1 - f^-1(t); f decreases from 1 to 0, so bisect for f(u) = t.
+        low, high = torch.zeros_like(t), torch.ones_like(t)
+        for _ in range(60):
+            mid = 0.5 * (low + high)
+            above = self._mode(mid) > t
+            low, high = torch.where(above, mid, low), torch.where(above, high, mid)
+        return 1 - 0.5 * (low + high)
+
+
+class CosMapSampling(FlowSampling):
+    """SD3's CosMap on a flow, t = 1 - 1 / (tan(pi u / 2) + 1)."""
+
+    @override
+    def _map(self, u: Tensor) -> Tensor:
+        return 1 - 1 / (torch.tan(0.5 * math.pi * u) + 1)
+
+    @override
+    def _cdf(self, t: Tensor) -> Tensor:
+        return torch.atan2(t, 1 - t) * (2 / math.pi)  # (2 / pi) atan(t / (1 - t)), 1 at t = 1
 
 
 def clts_gaussian(num_timesteps: int, mu: float = 300.0, sigma: float = 200.0) -> Tensor:
@@ -245,6 +385,9 @@ class LossAwareSampling(TableSampling):
     Args:
         history: losses kept per t (10 in the paper); sampling stays uniform until every t has them.
         uniform_prob: share of the uniform distribution mixed in once warm (0.001).
+        bins: on a flow, the number of bins of time with a loss history (see the module docstring; 100 fill
+            their history of 10 within a few thousand draws); unused on a discrete schedule, which keeps one
+            history per time step.
 
     Samples are re-weighted by 1 / (T p(t)) inside ``TimestepStrategy.loss``, so the objective stays
     unbiased; it combines with any weighting (the weights multiply).
@@ -258,15 +401,44 @@ class LossAwareSampling(TableSampling):
     """
 
     all_gather: Callable[[Tensor], Tensor] | None = None
+    processes = ("ddpm", "flow")
 
-    def __init__(self, history: int = 10, uniform_prob: float = 0.001) -> None:
+    def __init__(self, history: int = 10, uniform_prob: float = 0.001, bins: int = 100) -> None:
         self.history = check_int(history, "history", minimum=1, hint="the paper keeps 10 losses per t")
         self.uniform_prob = check_number(uniform_prob, "uniform_prob", above=0, at_most=1,
                                          hint="the paper mixes in 0.001")
+        self.bins = check_int(bins, "bins", minimum=1, hint="the number of bins of flow time with a loss history")
 
     @override
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
         self.start_history(schedule.num_timesteps)
+
+    @override
+    def build_flow(self, schedule: FlowSchedule) -> None:
+        self.start_history(self.bins)
+
+    def slot_of(self, t: Tensor) -> Tensor:
+        """The history slot of each t: t itself on a discrete schedule, its bin on a flow (long, on t's device)."""
+        if self.process != "flow":
+            return t
+        return (self.schedule.unwarp(t) * self.bins).long().clamp_(0, self.bins - 1)
+
+    @override
+    def sample(self, n: int) -> Tensor:
+        b = inverse_cdf_sample(self.cdf, n, self.generator)
+        if self.process != "flow":
+            return b
+        u = torch.rand(n, device=self.device, generator=self.generator)
+        return self.schedule.warp((b + u) / self.bins)
+
+    @override
+    def cdf_at(self, t: Any) -> Tensor:
+        """P(drawn t <= t) on a flow under the current bin probabilities (piecewise linear in the unshifted time)."""
+        probs = self.probs.detach().double().cpu()
+        cumulative = torch.cat([probs.new_zeros(1), probs.cumsum(0)])
+        x = self.schedule.unwarp(_float64(t)) * self.bins
+        j = x.floor().long().clamp(0, self.bins - 1)
+        return cumulative[j] + probs[j] * (x - j)
 
     def start_history(self, num_timesteps: int) -> None:
         """An empty history for ``num_timesteps`` values of t (uniform p until it fills)."""
@@ -298,12 +470,12 @@ class LossAwareSampling(TableSampling):
     # -- the protocol -----------------------------------------------------------------
     @override
     def importance_weight(self, t: Tensor) -> Tensor:
-        return 1.0 / (self.num_timesteps * self.probs[t])
+        return 1.0 / (self.num_timesteps * self.probs[self.slot_of(t)])
 
     @override
     def update(self, t: Tensor, losses: Tensor) -> None:
         T, H = self.num_timesteps, self.history
-        t = t.reshape(-1).to(self._counts.device)
+        t = self.slot_of(t.reshape(-1)).to(self._counts.device)
         losses = losses.reshape(-1).detach().to(self._buffer.device, self._buffer.dtype)
         if self.all_gather is not None:  # one collective: t is exact in float32 (T < 2**24)
             both = self.all_gather(torch.stack([t.to(losses.dtype), losses]))  # (world, 2, B)

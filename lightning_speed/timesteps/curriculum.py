@@ -14,6 +14,9 @@ with a(step) = max(0, 1 - step / anneal_steps) (``shape="linear"``) or a(step) =
 The mixture is per sample: both candidates are drawn and a device-side Bernoulli(a) mask picks one
 (``torch.where``), which is exact and never syncs; a is a Python float from the step count. At a = 1
 the early strategy's draw is returned as is (dual pairs included) and at a = 0 a uniform one.
+
+On a flow (when the early strategy has a flow form) "uniform" is the flow's default: uniform u, then the
+schedule's shift.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch
 from torch import Tensor
 from typing_extensions import Self, override
 
-from lightning_speed.schedules import NoiseSchedule, Tau
+from lightning_speed.flow import FlowSchedule
+from lightning_speed.schedules import NoiseSchedule
 from lightning_speed.timesteps.base import SamplingStrategy
 from lightning_speed.validation import check_choice, check_number
 
@@ -68,6 +72,8 @@ class CurriculumSampling(SamplingStrategy):
     s + 1; both generators and the step are in ``extra_state``.
     """
 
+    processes = ("ddpm", "flow")  # binding ``early`` refuses a process it has no form for
+
     def __init__(self, early: SamplingStrategy, switch: float = 0.5, shape: Shape = "linear") -> None:
         self.early = check_early(early)
         self.switch = check_number(switch, "switch", above=0, at_most=1,
@@ -78,12 +84,20 @@ class CurriculumSampling(SamplingStrategy):
 
     @property
     @override
-    def tau(self) -> Tau | None:  # type: ignore[override]
+    def tau(self) -> Any:
         return self.early.tau
+
+    @override
+    def tau_setting(self, process: str) -> Any:
+        return self.early.tau_setting(process)
 
     @override
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
         self.early.bind(schedule, prediction)
+
+    @override
+    def build_flow(self, schedule: FlowSchedule) -> None:
+        self.early.bind(schedule)
 
     @property
     def share(self) -> float:
@@ -113,20 +127,32 @@ class CurriculumSampling(SamplingStrategy):
         super().manual_seed(seed)
         self.early.manual_seed(seed + 1)
 
+    def _uniform(self, n: int) -> Tensor:
+        if self.process == "flow":
+            return self.schedule.warp(torch.rand(n, device=self.device, generator=self.generator))
+        return torch.randint(0, self.num_timesteps, (n,), device=self.device, generator=self.generator)
+
     @override
     def sample(self, n: int) -> Tensor:
         a = self.share
         if a <= 0.0:
-            return torch.randint(0, self.num_timesteps, (n,), device=self.device, generator=self.generator)
+            return self._uniform(n)
         early = self.early.sample(n)
         if a >= 1.0:
             return early
-        uniform = torch.randint(0, self.num_timesteps, (n,), device=self.device, generator=self.generator)
+        uniform = self._uniform(n)
         keep = torch.rand(n, device=self.device, generator=self.generator) < a
         return torch.where(keep, early, uniform)
 
     @override
+    def cdf_at(self, t: Any) -> Tensor:
+        a, t = self.share, torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)
+        return a * self.early.cdf_at(t) + (1.0 - a) * self.schedule.unwarp(t)
+
+    @override
     def probabilities(self) -> Tensor:
+        if self.process == "flow":
+            return self.flow_probabilities()
         a = self.share
         return a * self.early.probabilities().to(self.device) + (1.0 - a) / self.num_timesteps
 
