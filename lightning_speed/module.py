@@ -1,8 +1,8 @@
-"""DiffusionModule: a backbone, a diffusion process and the time-step strategy seam.
+"""DiffusionModule: a backbone, a diffusion process (DDPM or rectified flow) and the time-step strategy seam.
 
 The training step is the only place that combines them::
 
-    t = self.timesteps.sample(n, device)                       # where time steps come from
+    t = self.timesteps.sample(n, device)                       # where time steps (or flow times) come from
     losses = self.diffusion.training_losses(network, x0, t)    # per-sample mse (and vlb), (B,)
     loss = self.timesteps.loss(t, losses.mse, losses.vlb)      # how each t's loss counts
 
@@ -20,14 +20,16 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_speed import flow
 from lightning_speed.checkpoints import check_state_matches
 from lightning_speed.module_checks import (
-    check_backbone, check_backbone_accepts, check_batch_values, check_data_module, check_guidance, check_image_shape,
-    check_sample_labels, check_sample_noise, split_batch,
+    FLOW_TIME_SCALE, AnySolver, Process, check_backbone, check_backbone_accepts, check_batch_values,
+    check_checkpoint_process, check_data_module, check_guidance, check_image_shape, check_process, check_process_solver,
+    check_steps, sample_inputs, split_batch,
 )
 from lightning_speed.process import DiffusionLosses, GaussianDiffusion
 from lightning_speed.schedules import NoiseSchedule, Prediction
-from lightning_speed.solvers import Solver, guided, sample_loop
+from lightning_speed.solvers import guided, sample_loop
 from lightning_speed.timesteps import TimestepStrategy
 from lightning_speed.validation import check_bool, check_choice, check_int, check_number
 
@@ -40,11 +42,15 @@ def uses_cuda_graphs(compile_mode: str | None) -> bool:
 
 
 class DiffusionModule(pl.LightningModule):
-    """Trains ``backbone(x, t, y=None)`` as a DDPM denoiser.
+    """Trains ``backbone(x, t, y=None)`` as a DDPM denoiser or a rectified flow's velocity field.
 
     Args:
         backbone: any ``nn.Module`` called as ``backbone(x, t, y=None)``; it outputs the data's C
             channels, or 2C with ``learn_sigma``.
+        process: ``ddpm`` (discrete steps t, the arguments below) or ``flow``: rectified flow, x_t = (1 - t) x0 + t eps
+            for t in [0, 1], trained on the velocity eps - x0 (``lightning_speed.flow``), t reaching the backbone as
+            t * 1000; ``schedule``, ``num_timesteps``, ``prediction`` and ``learn_sigma`` keep their defaults then.
+        shift: a flow's time shift (SD3): t' = shift t / (1 + (shift - 1) t) on its training times and solver grid.
         schedule: ``linear``, ``quadratic``, ``cosine``, ``constant`` or a list of betas.
         num_timesteps: T, the number of discrete diffusion steps (the length of a list of betas).
         prediction: what the network predicts: ``epsilon``, ``v`` or ``x0`` (a zero-terminal-SNR
@@ -60,7 +66,7 @@ class DiffusionModule(pl.LightningModule):
             states its ``num_classes`` (UNet, DiT) must have the same, and batch labels must lie in [0, num_classes).
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
         guidance_scale: default guidance scale in ``sample`` (1 = no guidance; other values need ``num_classes``).
-        solver_steps: default number of solver steps in ``sample``.
+        solver_steps: default number of solver steps in ``sample`` (the DDPM's respaced steps, or the flow's ODE steps).
         compile_mode: compile the training forward with ``torch.compile`` in this mode (None: eager).
             CUDA-graph modes (``reduce-overhead``, ``max-autotune``) have each step marked.
         compile_sampling: also compile the backbone for ``sample``: ``True`` in the ``default`` mode, or a
@@ -79,6 +85,8 @@ class DiffusionModule(pl.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
+        process: Process = "ddpm",
+        shift: float = 1.0,
         schedule: str | list[float] = "linear",
         num_timesteps: int = 1000,
         prediction: Prediction = "epsilon",
@@ -102,13 +110,15 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.check_data_range = check_bool(check_data_range, "check_data_range")
         self.clip_denoised = clip_denoised
-        self.diffusion = GaussianDiffusion(NoiseSchedule.create(schedule, num_timesteps), prediction, learn_sigma, lambda_vlb)
-        if self.num_timesteps != num_timesteps:  # betas or a NoiseSchedule fix T; hparams must record it
-            raise ValueError(
-                f"The schedule has {self.num_timesteps} steps but num_timesteps={num_timesteps}: set num_timesteps "
-                f"to {self.num_timesteps} (a list of betas or a NoiseSchedule fixes T)."
-            )
-        self.timesteps = TimestepStrategy(self.noise_schedule, prediction)
+        self.process = check_process(process, shift, schedule=schedule, num_timesteps=num_timesteps,
+                                     prediction=prediction, learn_sigma=learn_sigma)
+        if self.process == "flow":
+            self._schedule: NoiseSchedule | flow.FlowSchedule = flow.FlowSchedule(shift)
+            self.diffusion = flow.RectifiedFlow()
+        else:
+            self._schedule = NoiseSchedule.create(schedule, num_timesteps)
+            self.diffusion = GaussianDiffusion(self._schedule, prediction, learn_sigma, lambda_vlb)
+        self.timesteps = TimestepStrategy(self._schedule, None if self.process == "flow" else prediction)
         self.weight_vlb = check_bool(weight_vlb, "weight_vlb")
         self.image_shape = None if image_shape is None else check_image_shape(image_shape)
         self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=1)
@@ -116,12 +126,7 @@ class DiffusionModule(pl.LightningModule):
                                           hint="1 would never show a label")
         self.guidance_scale = check_guidance(guidance_scale, self.num_classes, "model.guidance_scale")
         self.backbone = check_backbone(backbone, self.num_timesteps, self.num_classes)
-        self.solver_steps = check_int(solver_steps, "solver_steps", minimum=2)
-        if self.solver_steps > self.num_timesteps:  # sample() would refuse it at the first grid or FID
-            raise ValueError(
-                f"solver_steps must be at most num_timesteps = {self.num_timesteps} (solvers visit a subset of the "
-                f"T steps), got {solver_steps}."
-            )
+        self.solver_steps = check_steps(num_timesteps, self.num_timesteps, solver_steps)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         modes = get_args(CompileMode)
@@ -156,12 +161,13 @@ class DiffusionModule(pl.LightningModule):
             value, "clip_denoised", hint="null: from the data space (pixels clipped to [-1, 1], latents not)")
 
     @property
-    def noise_schedule(self) -> NoiseSchedule:
-        return self.diffusion.schedule
+    def noise_schedule(self) -> NoiseSchedule | flow.FlowSchedule:
+        return self._schedule
 
     @property
-    def num_timesteps(self) -> int:
-        return self.diffusion.num_timesteps
+    def num_timesteps(self) -> int | None:
+        """T of a DDPM; None for a flow, whose time is continuous."""
+        return getattr(self.diffusion, "num_timesteps", None)
 
     def _attached_trainer(self) -> pl.Trainer | None:
         """The Trainer running this module, or None outside one (where ``self.trainer`` raises)."""
@@ -203,18 +209,12 @@ class DiffusionModule(pl.LightningModule):
             ) from err
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # T beside the hyperparameters, which load_from_checkpoint overwrites with its keyword arguments
-        checkpoint["num_timesteps"] = self.num_timesteps
+        # The process and T beside the hyperparameters, which load_from_checkpoint overwrites with its keyword arguments
+        checkpoint["process"], checkpoint["num_timesteps"] = self.process, self.num_timesteps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Before the weights load: the checkpoint must fit this backbone and this T (short errors, no tensor list)."""
-        trained_t = checkpoint.get("num_timesteps", (checkpoint.get("hyper_parameters") or {}).get("num_timesteps"))
-        if trained_t not in (None, self.num_timesteps):
-            raise ValueError(
-                f"The checkpoint was trained with num_timesteps={trained_t} but this module diffuses over "
-                f"{self.num_timesteps} steps, which gives its weights another meaning: load it with "
-                f"num_timesteps={trained_t} (load_from_checkpoint uses the checkpoint's value unless given another)."
-            )
+        """Before the weights load: the checkpoint must fit this process, backbone and T (short errors, no tensor list)."""
+        check_checkpoint_process(checkpoint, self.process, self.num_timesteps)
         if "state_dict" in checkpoint:  # sharded strategies (FSDP) load the weights themselves and drop it
             check_state_matches(self, checkpoint["state_dict"])
 
@@ -232,12 +232,16 @@ class DiffusionModule(pl.LightningModule):
         drop = torch.rand(y.shape, device=y.device) < self.label_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
+    def _backbone_time(self, t: Tensor) -> Tensor:  # a DDPM's step, or a flow's t * 1000: the DDPM backbones' range
+        return t * FLOW_TIME_SCALE if self.process == "flow" else t
+
     def _losses(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None) -> DiffusionLosses:
         """The process's per-sample losses of the backbone (what configure_model compiles)."""
         if self.channels_last:
-            network = lambda x, tt: self.backbone(x.contiguous(memory_format=torch.channels_last), tt, y)  # noqa: E731
+            network = lambda x, tt: self.backbone(  # noqa: E731
+                x.contiguous(memory_format=torch.channels_last), self._backbone_time(tt), y)
         else:
-            network = lambda x, tt: self.backbone(x, tt, y)  # noqa: E731
+            network = lambda x, tt: self.backbone(x, self._backbone_time(tt), y)  # noqa: E731
         return self.diffusion.training_losses(network, x0, t, noise)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -272,11 +276,13 @@ class DiffusionModule(pl.LightningModule):
         return every > 0 and ((self.trainer.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Unweighted loss at uniformly drawn t, with a fixed seed per batch so evaluations compare."""
+        """Unweighted loss at uniformly drawn t (a flow's unshifted, so runs of any shift compare), with a fixed seed
+        per batch so evaluations compare."""
         x0, y = split_batch(batch, self.image_shape, self.num_classes)
         self._check_values(x0, y, "validation")
-        gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
+        n, gen = x0.shape[0], torch.Generator(device=x0.device).manual_seed(batch_idx)
+        t = (torch.rand(n, device=x0.device, generator=gen) if self.process == "flow"
+             else torch.randint(0, self.num_timesteps, (n,), device=x0.device, generator=gen))
         noise = torch.randn(x0.shape, device=x0.device, generator=gen, dtype=x0.dtype)
         losses = self._losses(x0, t, noise, y)
         loss = losses.mse.mean() if losses.vlb is None else (losses.mse + losses.vlb).mean()
@@ -339,7 +345,7 @@ class DiffusionModule(pl.LightningModule):
         self,
         num_samples: int,
         *,
-        solver: Solver = "ddim",
+        solver: AnySolver | None = None,
         solver_steps: int | None = None,
         eta: float | None = None,
         labels: Tensor | None = None,
@@ -352,43 +358,42 @@ class DiffusionModule(pl.LightningModule):
         """Generate ``num_samples`` images, shape (N, C, H, W), on the module's device (latents for latent
         diffusion: ``decode`` turns them into images).
 
-        ``solver="ddim"`` (eta 0 unless given), ``"ddpm"`` (ancestral; with ``learn_sigma`` the learned variance)
-        or ``"dpmpp_2m"`` (DPM-Solver++(2M): deterministic, second order, for 10 to 50 steps), on
-        ``solver_steps`` respaced steps (default: the module's ``solver_steps``).
+        A DDPM's ``solver``: ``"ddim"`` (the default; eta 0 unless given), ``"ddpm"`` (ancestral; with ``learn_sigma``
+        the learned variance) or ``"dpmpp_2m"`` (DPM-Solver++(2M): deterministic, second order, for 10 to 50 steps), on
+        ``solver_steps`` respaced steps (default: the module's ``solver_steps``). A flow's: ``"euler"`` (the default)
+        or ``"heun"`` (second order, two network calls a step but the last) from t = 1 to 0 on ``solver_steps``
+        equal steps, shifted by the module's ``shift``.
         Pass a seeded ``generator`` or explicit ``noise`` for reproducible samples.
         ``labels``: one per sample in [0, num_classes); ``num_classes`` (the null label) samples unconditionally.
-        ``clip_denoised``: clamp each step's predicted x0 to [-1, 1], and so the samples (None: the module's
-        ``clip_denoised``, which unless set is on for pixels and off for latents).
+        ``clip_denoised``: clamp each step's predicted x0 to [-1, 1], and so the samples (a flow: the samples; None:
+        the module's ``clip_denoised``, which unless set is on for pixels and off for latents).
         """
         if self.image_shape is None:
             raise ValueError("The module does not know its image shape yet: pass image_shape=(C, H, W) to DiffusionModule.")
         num_samples = check_int(num_samples, "num_samples", minimum=1)
         size = num_samples if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
         steps = self.solver_steps if solver_steps is None else solver_steps
+        solver = check_process_solver(solver, self.process, eta=eta)
         clip = self.clip_denoised if clip_denoised is None else check_bool(clip_denoised, "clip_denoised")
         scale = self.guidance_scale if guidance_scale is None else check_guidance(guidance_scale, self.num_classes)
-        if eta is not None:
-            eta = check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
-        if labels is not None:
-            check_sample_labels(labels, num_samples, self.num_classes)
-        if self.num_classes is not None and labels is None:
-            labels = torch.randint(0, self.num_classes, (num_samples,), device=self.device, generator=generator)
-        labels = None if labels is None else labels.to(self.device)
-        if noise is None:
-            noise = torch.randn((num_samples, *self.image_shape), device=self.device, generator=generator)
-        else:
-            check_sample_noise(noise, (num_samples, *self.image_shape))
+        labels, noise = sample_inputs(num_samples, labels, noise, self.image_shape, self.num_classes, self.device,
+                                      generator)
+        forward = self._sampling_forward()
+        network = lambda x, t, y: forward(x, self._backbone_time(t), y)  # noqa: E731
         was_training = self.training
         self.eval()
         try:
             chunks = []
             for start in range(0, num_samples, size):
                 part = slice(start, start + size)
-                part_labels = None if labels is None else labels[part]
-                model = guided(self._sampling_forward(), part_labels, self.num_classes, scale)
+                model = guided(network, None if labels is None else labels[part], self.num_classes, scale)
+                x = noise[part].to(self.device)
                 with self._sampling_autocast():
-                    x = sample_loop(self.diffusion, model, noise[part].to(self.device), solver,
-                                    steps, eta, clip_denoised=clip, generator=generator)
+                    if self.process == "flow":  # the flow's solvers have no x0 to clip: the samples are clamped
+                        x = flow.sample_loop(model, x, solver, steps, self.noise_schedule.shift)
+                        x = x.clamp(-1, 1) if clip else x
+                    else:
+                        x = sample_loop(self.diffusion, model, x, solver, steps, eta, clip_denoised=clip, generator=generator)
                 chunks.append(x.float())
             return torch.cat(chunks)
         finally:

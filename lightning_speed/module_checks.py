@@ -1,4 +1,5 @@
-"""DiffusionModule's input checks: its backbone, the data module, each batch and ``sample``'s arguments.
+"""DiffusionModule's input checks: its process and solvers, its backbone, the data module, each batch and
+``sample``'s arguments.
 
 Each check raises a short error naming the cause and the fix, before any work is lost. Batch checks read
 host metadata (type, dtype, shape) on every step, which costs no device sync; the values (finite images,
@@ -10,13 +11,22 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
 
-from lightning_speed.process import GaussianDiffusion
-from lightning_speed.validation import check_number, is_integer_tensor
+from lightning_speed.flow import FLOW_SOLVERS, FlowSolver
+from lightning_speed.solvers import SOLVERS, Solver
+from lightning_speed.validation import check_choice, check_int, check_number, is_integer_tensor
+
+Process = Literal["ddpm", "flow"]
+AnySolver = Union[Solver, FlowSolver]
+"""A solver of either process: DDPM's (ddim, ddpm, dpmpp_2m) or the flow's (euler, heun)."""
+PROCESS_SOLVERS: dict[str, tuple[str, ...]] = {"ddpm": SOLVERS, "flow": FLOW_SOLVERS}
+FLOW_TIME_SCALE = 1000.0
+"""Flow times t in [0, 1] reach the backbone as t * 1000, the range the DDPM backbones' time embedding is built
+for (steps 0 .. 999 at T = 1000; diffusers' models too), so one backbone class serves both processes."""
 
 
 def check_image_shape(shape: Any) -> tuple[int, int, int]:
@@ -39,15 +49,114 @@ def check_guidance(scale: Any, num_classes: int | None, name: str = "guidance_sc
     return scale
 
 
+# -- the process and its solvers -------------------------------------------------------------------
+# DDPM-only arguments: their defaults, and why a flow has no use for another value.
+_DDPM_ONLY = {
+    "schedule": ("linear", "the flow's path is fixed, x_t = (1 - t) x0 + t eps; its shift moves time towards noise"),
+    "num_timesteps": (1000, "a flow's time is continuous, t in [0, 1]"),
+    "prediction": ("epsilon", "a flow's network predicts the velocity eps - x0"),
+    "learn_sigma": (False, "a flow's network predicts the velocity only: it has no variance to learn"),
+}
+
+
+def check_process(process: Any, shift: Any, **ddpm_arguments: Any) -> str:
+    """The process, refusing arguments it would ignore: ``shift`` other than 1 on a DDPM, and on a flow the DDPM-only
+    arguments (``schedule``, ``num_timesteps``, ``prediction``, ``learn_sigma``) other than their defaults."""
+    process = check_choice(process, "process", PROCESS_SOLVERS)
+    if process == "ddpm":
+        if shift != 1.0:
+            raise ValueError(
+                f"shift={shift!r} applies to process='flow' only (it moves the flow's time towards noise); a DDPM's "
+                "noise levels come from its schedule: leave shift at 1, or set process: flow."
+            )
+        return process
+    for name, value in ddpm_arguments.items():
+        default, why = _DDPM_ONLY[name]
+        if value != default:
+            raise ValueError(
+                f"{name}={value!r} does not apply to process='flow': {why}. Leave {name} at its default "
+                f"({default!r}), or use process='ddpm'."
+            )
+    return process
+
+
+def check_process_solver(solver: Any, process: str, owner: str = "", eta: float | None = None) -> str:
+    """``solver`` if it integrates ``process``: ddim, ddpm or dpmpp_2m for a DDPM, euler or heun for a flow (which
+    take no ``eta``); None: the process's first (ddim, euler)."""
+    where = f"{owner}: " if owner else ""
+    solver = PROCESS_SOLVERS[process][0] if solver is None else solver
+    for other, solvers in PROCESS_SOLVERS.items():
+        if solver in solvers and other != process:
+            raise ValueError(
+                f"{where}solver {solver!r} samples a {other} model but this model is a {process} model (process="
+                f"{process!r}): use {' or '.join(map(repr, PROCESS_SOLVERS[process]))}."
+            )
+    solver = check_choice(solver, f"{where}solver", PROCESS_SOLVERS[process])
+    if eta is not None:
+        check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
+    if process == "flow" and eta is not None:
+        raise ValueError(f"{where}eta applies to DDPM's ddim solver only; {solver} integrates the flow's ODE "
+                         "deterministically: leave eta unset.")
+    return solver
+
+
+def check_steps(num_timesteps: int, schedule_steps: int | None, solver_steps: Any) -> int:
+    """``solver_steps`` (at least 2; for a DDPM at most T), once the schedule's own T (``schedule_steps``, None for a
+    flow) is checked against ``num_timesteps``: a list of betas or a NoiseSchedule fixes T, and hparams must record it."""
+    if schedule_steps is not None and schedule_steps != num_timesteps:
+        raise ValueError(
+            f"The schedule has {schedule_steps} steps but num_timesteps={num_timesteps}: set num_timesteps "
+            f"to {schedule_steps} (a list of betas or a NoiseSchedule fixes T)."
+        )
+    steps = check_int(solver_steps, "solver_steps", minimum=2)
+    if schedule_steps is not None and steps > schedule_steps:  # sample() would refuse it at the first grid or FID
+        raise ValueError(
+            f"solver_steps must be at most num_timesteps = {schedule_steps} (solvers visit a subset of the "
+            f"T steps), got {solver_steps}."
+        )
+    return steps
+
+
+def check_checkpoint_process(checkpoint: dict[str, Any], process: str, num_timesteps: int | None) -> None:
+    """A checkpoint's process and T are the module's (checkpoints without a process are DDPM's): the weights of
+    another process or T predict another quantity."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    trained_process = checkpoint.get("process", hparams.get("process", "ddpm"))
+    if trained_process != process:
+        raise ValueError(
+            f"The checkpoint was trained with process={trained_process!r} but this module is a {process!r} "
+            f"model: its weights predict another quantity. Load it with process={trained_process!r}."
+        )
+    trained_t = checkpoint.get("num_timesteps", hparams.get("num_timesteps"))
+    if process == "ddpm" and trained_t not in (None, num_timesteps):
+        raise ValueError(
+            f"The checkpoint was trained with num_timesteps={trained_t} but this module diffuses over "
+            f"{num_timesteps} steps, which gives its weights another meaning: load it with "
+            f"num_timesteps={trained_t} (load_from_checkpoint uses the checkpoint's value unless given another)."
+        )
+
+
 # -- the backbone ----------------------------------------------------------------------------------
-def check_backbone(backbone: Any, num_timesteps: int, num_classes: int | None) -> nn.Module:
+def check_backbone(backbone: Any, num_timesteps: int | None, num_classes: int | None) -> nn.Module:
     """An ``nn.Module`` whose ``num_timesteps`` and ``num_classes``, where it states them (UNet, DiT), are the
-    model's: labels 0 .. num_classes - 1 and the null label ``num_classes`` index its label embedding."""
+    model's: labels 0 .. num_classes - 1 and the null label ``num_classes`` index its label embedding. A flow
+    (``num_timesteps`` None) feeds t * 1000, which a backbone embeds as such at its num_timesteps 1000."""
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be an nn.Module called as backbone(x, t, y=None), got {type(backbone).__name__}.")
     name = type(backbone).__name__
     backbone_t = getattr(backbone, "num_timesteps", None)
-    if isinstance(backbone_t, int) and backbone_t != num_timesteps:
+    if num_timesteps is None and isinstance(backbone_t, int) and backbone_t != FLOW_TIME_SCALE:
+        raise ValueError(
+            f"The backbone {name} was built for num_timesteps={backbone_t}, which rescales its time input by "
+            f"1000 / {backbone_t}, but a flow model passes t * 1000 for flow times t in [0, 1]: leave the backbone's "
+            "num_timesteps at 1000."
+        )
+    if num_timesteps is None and getattr(backbone, "learn_sigma", False) is True:
+        raise ValueError(
+            f"The backbone {name} was built with learn_sigma=True (prediction and variance, 2C output channels), but "
+            "a flow model predicts the velocity only: set model.backbone.init_args.learn_sigma to false."
+        )
+    if num_timesteps is not None and isinstance(backbone_t, int) and backbone_t != num_timesteps:
         raise ValueError(
             f"The backbone {name} was built for num_timesteps={backbone_t} but the model diffuses over "
             f"{num_timesteps} steps: set the backbone's num_timesteps to {num_timesteps} (or model.num_timesteps "
@@ -79,23 +188,28 @@ def check_backbone(backbone: Any, num_timesteps: int, num_classes: int | None) -
     )
 
 
-def check_backbone_accepts(backbone: nn.Module, diffusion: GaussianDiffusion, shape: tuple[int, int, int],
+def check_backbone_accepts(backbone: nn.Module, process: Any, shape: tuple[int, int, int],
                            num_classes: int | None) -> None:
-    """One tiny forward at t = 0 and T-1, so a backbone that cannot take the data fails at setup."""
+    """One tiny forward at both ends of time (steps 0 and T-1 of a DDPM, a flow's t = 0 and 1 as 0 and 1000), so
+    a backbone that cannot take the data fails at setup. ``process``: a GaussianDiffusion or RectifiedFlow."""
     device = next(backbone.parameters(), torch.empty(0)).device
     x = torch.zeros(2, *shape, device=device)
-    t = torch.tensor([0, diffusion.num_timesteps - 1], device=device)
+    steps = getattr(process, "num_timesteps", None)
+    if steps is None:  # a flow
+        t, times = torch.tensor([0.0, FLOW_TIME_SCALE], device=device), f"flow times 0 .. 1 (as 0 .. {FLOW_TIME_SCALE:g})"
+    else:
+        t, times = torch.tensor([0, steps - 1], device=device), f"time steps 0 .. {steps - 1}"
     y = torch.zeros(2, dtype=torch.long, device=device) if num_classes is not None else None
     try:
         with torch.no_grad():
             out = backbone(x, t, y)
     except Exception as err:  # surface as configuration error, with the original cause kept
         raise ValueError(
-            f"The backbone {type(backbone).__name__} cannot process images of shape {shape} at time "
-            f"steps 0 .. {diffusion.num_timesteps - 1}: {str(err).rstrip('.')}. Make the backbone's in_channels / "
+            f"The backbone {type(backbone).__name__} cannot process images of shape {shape} at "
+            f"{times}: {str(err).rstrip('.')}. Make the backbone's in_channels / "
             "image_size / num_timesteps match the data and the model (see `lightning-speed fit --print_config`)."
         ) from err
-    diffusion.check_output(out, x)
+    process.check_output(out, x)
 
 
 # -- the data module and its batches ----------------------------------------------------------------
@@ -279,6 +393,21 @@ def check_sample_labels(labels: Any, num_samples: int, num_classes: int | None) 
             f"labels must lie in [0, {num_classes - 1}] (or {num_classes}, the null label, for "
             f"unconditional samples); got {labels[outside][:5].tolist()}."
         )
+
+
+def sample_inputs(num_samples: int, labels: Any, noise: Any, image_shape: tuple[int, int, int], num_classes: int | None,
+                  device: torch.device, generator: torch.Generator | None) -> tuple[Tensor | None, Tensor]:
+    """``sample``'s labels (checked, or drawn for a class-conditional model) and noise (checked, or drawn)."""
+    if labels is not None:
+        check_sample_labels(labels, num_samples, num_classes)
+    if num_classes is not None and labels is None:
+        labels = torch.randint(0, num_classes, (num_samples,), device=device, generator=generator)
+    labels = None if labels is None else labels.to(device)
+    if noise is None:
+        noise = torch.randn((num_samples, *image_shape), device=device, generator=generator)
+    else:
+        check_sample_noise(noise, (num_samples, *image_shape))
+    return labels, noise
 
 
 def check_sample_noise(noise: Any, expected: tuple[int, ...]) -> None:

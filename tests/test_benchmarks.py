@@ -22,7 +22,9 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -693,10 +695,11 @@ def test_part_timer_stop_ends_trainer_fit_before_the_fid_step() -> None:
 @needs_fashion_mnist
 def test_convergence_run_resumes_after_its_time_limit(tmp_path: Path, home: Path) -> None:
     """A part stopped by its time limit resumes and trains in the next part (not one step and stop). Both parts run
-    in this process: the launches of the convergence fixture start the run command as processes."""
+    in this process: the launches of the convergence fixture start the run command as processes. The limit counts
+    each part's start-up (about a second in this process) too."""
     out = tmp_path / "conv"
     part = ["run", "--smoke", "--strategy", "uniform", "--seed", "0", "--steps", "100000",
-            "--eval-every", "100000", "--fid-samples", "16", "--time-limit", "2", "--out", str(out)]  # fmt: skip
+            "--eval-every", "100000", "--fid-samples", "16", "--time-limit", "3", "--out", str(out)]  # fmt: skip
     run_main("convergence", part, home)
     first = json.loads((out / "uniform_s0" / "result.json").read_text())["steps_done"]
     run_main("convergence", part, home)
@@ -704,6 +707,100 @@ def test_convergence_run_resumes_after_its_time_limit(tmp_path: Path, home: Path
     assert 0 < first < 100000
     assert result["steps_done"] > first + 1  # Lightning's restored Timer would allow exactly one step
     assert [p["from_step"] for p in result["parts"]] == [0, first]
+
+
+def test_part_timer_counts_from_the_parts_start() -> None:
+    """A launcher's deadline counts the run's start-up: the part's clock starts at ``start``, not at the first step."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    timer = PartTimer(duration=timedelta(seconds=60), start=time.monotonic() - 50)
+    timer.on_train_start(SimpleNamespace(), None)
+    try:
+        assert timer.time_remaining() == pytest.approx(10, abs=1)
+    finally:
+        timer.on_exception(SimpleNamespace(), None, RuntimeError())  # disarm its stop signal
+
+
+@needs_fashion_mnist
+def test_time_limit_inside_an_fid_evaluation_saves_and_the_next_part_makes_it(tmp_path: Path, home: Path) -> None:
+    """The part's time limit falls inside the FID evaluation at step 2 (a second per sampling batch here, 16 batches):
+    the evaluation stops after its current batch, and the part writes last.ckpt and result.json without that point.
+    The same command then makes it first thing: at step 2, from the checkpoint's weights, so exactly the value of
+    an uninterrupted run. Stopped at N (2), the run is not finished for the launcher, and its next part, with no
+    step left to train, makes the evaluation after the fit. All parts run in this process (no torch start-up)."""
+    import torch
+
+    from lightning_speed.callbacks import FIDCallback
+
+    def command(out: Path, steps: int, *limit: str) -> list[str]:
+        return ["run", "--smoke", "--strategy", "uniform", "--seed", "0", "--steps", str(steps), "--eval-every", "2",
+                "--fid-samples", "64", "--fid-steps", "2", "--set", "fid.init_args.batch_size=4", "--out", str(out),
+                *limit]  # fmt: skip
+
+    def result(out: Path) -> dict:
+        return json.loads((out / "uniform_s0" / "result.json").read_text())
+
+    run_main("convergence", command(tmp_path / "whole", 2), home)
+    (reference,) = result(tmp_path / "whole")["fid_history"]
+    generate, batches = FIDCallback._generate, []
+
+    def slow(self: FIDCallback, *args: Any, **kwargs: Any) -> Iterator[torch.Tensor]:
+        for images in generate(self, *args, **kwargs):
+            time.sleep(1.0)
+            batches.append(len(images))
+            yield images
+
+    out, out_at_n = tmp_path / "parts", tmp_path / "parts_at_n"
+    part = command(out, 3, "--time-limit", "8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FIDCallback, "_generate", slow)
+        run_main("convergence", part, home)
+    first = result(out)
+    assert 0 < len(batches) < 16  # stopped inside the evaluation
+    assert first["steps_done"] == 2 and first["fid_history"] == [] and first["fid_pending"] == 2
+    saved = torch.load(out / "uniform_s0" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2 and not (out / "uniform_s0" / "saving.ckpt").exists()
+    shutil.copytree(out, out_at_n)
+
+    run_main("convergence", part, home)  # the next launch of the same command
+    second = result(out)
+    assert second["fid_history"] == [reference]  # step 2, the uninterrupted run's value
+    assert second["steps_done"] == 3 and second["fid_pending"] is None
+    assert [(p["from_step"], p["to_step"]) for p in second["parts"]] == [(0, 2), (2, 3)]
+
+    finished = Namespace(out=str(out_at_n), final_samples=0, final_strategies=[])
+    assert not launch._finished(finished, "uniform", 0, 2)  # N reached, its FID point not: the launcher resumes it
+    run_main("convergence", command(out_at_n, 2, "--time-limit", "8"), home)
+    assert result(out_at_n)["fid_history"] == [reference] and launch._finished(finished, "uniform", 0, 2)
+    assert not launch._finished(Namespace(out=str(out_at_n), final_samples=8, final_strategies=["uniform"]),
+                                "uniform", 0, 2)  # the final FIDs asked for are missing
+
+
+def test_launch_kills_a_run_still_going_at_its_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that outlasts its stop margin (a process that ignores its time limit here) is killed at the launch's
+    deadline, so the launch ends by then; a stop margin that leaves started runs no time is refused up front."""
+    from benchmarks.convergence.__main__ import parser
+
+    started, popen = [], subprocess.Popen
+
+    def sleeper(cmd: list[str], **kwargs: object) -> subprocess.Popen:
+        started.append(cmd)
+        return popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=kwargs["stdout"])
+
+    monkeypatch.setattr(launch.subprocess, "Popen", sleeper)
+    monkeypatch.setattr(launch, "report", lambda args: None)
+    common = ["launch", "--smoke", "--jobs", "uniform:0:4", "--out", str(tmp_path)]
+    begin = time.monotonic()
+    with pytest.raises(SystemExit, match="runs failed"):
+        launch.launch(parser().parse_args([*common, "--time-limit", "3", "--min-run-seconds", "2",
+                                           "--stop-margin", "1"]))
+    assert time.monotonic() - begin < 5
+    assert started[0][started[0].index("--time-limit") + 1] in {"1", "2"}  # the launch's 3 s less the margin
+    assert "uniform seed 0: still running at the launch's deadline, killing it" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--stop-margin 120"):
+        launch.launch(parser().parse_args([*common, "--time-limit", "600", "--stop-margin", "120"]))
 
 
 def test_stalled_run_detection(tmp_path: Path) -> None:

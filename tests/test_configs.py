@@ -2,8 +2,10 @@
 
 A base per data/model setup (``configs/<base>.yaml``; the paper's latent recipe in ``configs/paper/``) composes with one small file per strategy or
 ablation (``configs/strategies/``, ``configs/ablations/``) and optionally a schedule
-(``configs/schedules/``): ``lightning-speed fit --config <base> --config <strategy>``. The files
-below are found by glob, so a new one is tested without editing this file.
+(``configs/schedules/``): ``lightning-speed fit --config <base> --config <strategy>``. A flow base
+(``model.process: flow``) composes with the shared strategy files that have a flow form and with ``configs/flow/``
+(flow-only strategies and a time shift). The files below are found by glob, so a new one is tested without editing
+this file.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ SCHEDULES = sorted((CONFIGS / "schedules").glob("*.yaml"))
 MULTI_GPU = sorted((CONFIGS / "multi_gpu").glob("*.yaml"))
 FSDP = CONFIGS / "multi_gpu" / "fsdp_dit_xl.yaml"  # Lightning runs FSDP on GPUs only: parsed here, not run
 STUDY = sorted((CONFIGS / "study").glob("*.yaml"))  # the convergence study's candidates (tests/test_study_strategies.py)
+FLOW = sorted((CONFIGS / "flow").glob("*.yaml"))
+FLOW_STRATEGIES = [p for p in FLOW if "timesteps" in yaml.safe_load(p.read_text())]
+FLOW_SHIFTS = [p for p in FLOW if p not in FLOW_STRATEGIES]
+FLOW_BASES = [p for p in BASES if yaml.safe_load(p.read_text())["model"].get("process") == "flow"]
+DDPM_BASES = [p for p in BASES if p not in FLOW_BASES]
+DISCRETE_ONLY = ("speed", "speed_k2", "change_aware", "clts")  # strategies/ files with tau or mu in time steps
+FLOW_SHARED = [p for p in STRATEGIES if p.stem not in DISCRETE_ONLY]  # strategies/ files that bind to a flow too
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -51,17 +60,20 @@ def name(path: Path) -> str:
 # ------------------------------------------------------------------------------ composition rules
 def test_the_layout_is_complete() -> None:
     shipped = sorted(CONFIGS.rglob("*.yaml"))
-    assert shipped == sorted([QUICKSTART, *BASES, *PAPER, *STRATEGIES, *ABLATIONS, *SCHEDULES, *MULTI_GPU, *STUDY]), \
-        "a YAML outside the layout"
+    assert shipped == sorted([QUICKSTART, *BASES, *PAPER, *STRATEGIES, *ABLATIONS, *SCHEDULES, *MULTI_GPU, *STUDY,
+                              *FLOW]), "a YAML outside the layout"
     assert {p.stem for p in MULTI_GPU} == {"ddp", "fsdp_dit_xl"}
-    assert {p.stem for p in BASES} >= {"fashion_mnist", "fashion_mnist_dit", "cifar10"}
+    assert {p.stem for p in BASES} >= {"fashion_mnist", "fashion_mnist_dit", "cifar10", "fashion_mnist_sit"}
+    assert [p.stem for p in FLOW_BASES] == ["fashion_mnist_sit"]
+    assert {p.stem for p in FLOW_STRATEGIES} == {"mode", "cosmap"} and [p.stem for p in FLOW_SHIFTS] == ["shift3"]
+    assert set(DISCRETE_ONLY) < {p.stem for p in STRATEGIES}
     assert {p.stem for p in PAPER} == {"ffhq", "metfaces"}
     assert {p.stem for p in STRATEGIES} == {
         "uniform", "speed", "speed_k2", "change_aware", "speed_auto", "p2", "min_snr", "logit_normal", "clts", "loss_aware",
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("path", [*STRATEGIES, *ABLATIONS], ids=name)
+@pytest.mark.parametrize("path", [*STRATEGIES, *ABLATIONS, *FLOW_STRATEGIES], ids=name)
 def test_a_strategy_file_holds_only_its_strategy_and_logger_name(path: Path) -> None:
     """Anything else in a strategy file would make runs of different strategies differ in more than the
     strategy. Every constructor argument is spelled out: when a later file changes ``timesteps``'s class,
@@ -78,14 +90,53 @@ def test_a_strategy_file_holds_only_its_strategy_and_logger_name(path: Path) -> 
     assert module == "lightning_speed.timesteps"
     cls = getattr(timesteps_module, class_name)
     assert issubclass(cls, timesteps_module.Strategy)
-    parameters = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    parameters = {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                  if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}  # none: object's (*args, **kwargs)
     assert set(strategy["init_args"]) == parameters, f"{name(path)}: spell out exactly {sorted(parameters)}"
     TimestepCallback(cls(**strategy["init_args"]))  # valid values, one strategy per role
+
+
+@pytest.mark.parametrize("path", [p for p in STRATEGIES if load(p)["timesteps"] is not None], ids=name)
+def test_the_shared_strategy_files_run_on_a_flow_base_are_those_with_a_flow_form(path: Path) -> None:
+    """FLOW_SHARED (combined with the flow base below) bind to a flow; DISCRETE_ONLY refuse, naming the flow."""
+    from lightning_speed.flow import FlowSchedule
+
+    spec = load(path)["timesteps"]
+    strategy = getattr(timesteps_module, spec["class_path"].rsplit(".", 1)[-1])(**spec["init_args"])
+    if path in FLOW_SHARED:
+        strategy.bind(FlowSchedule())
+    else:
+        with pytest.raises(ValueError, match=r"flow|tau must be a number in \(0, 1\)"):
+            strategy.bind(FlowSchedule())
 
 
 @pytest.mark.parametrize("path", SCHEDULES, ids=name)
 def test_a_schedule_file_changes_only_the_schedule(path: Path) -> None:
     assert load(path) == {"model": {"schedule": path.stem}}
+
+
+@pytest.mark.parametrize("path", FLOW_SHIFTS, ids=name)
+def test_a_shift_file_changes_only_the_flows_shift(path: Path) -> None:
+    assert load(path) == {"model": {"shift": float(path.stem.removeprefix("shift"))}}
+
+
+def test_the_flow_base_is_the_dit_base_as_a_flow() -> None:
+    """Only what a flow changes differs from the DiT recipe: the process, the solvers, no learned variance, the runs'
+    folder; the optimiser, EMA, compile settings, data, trainer and evaluation schedule are the same."""
+    dit, sit = load(CONFIGS / "fashion_mnist_dit.yaml"), load(CONFIGS / "fashion_mnist_sit.yaml")
+    assert {key for key in dit if dit[key] != sit[key]} == {"trainer", "samples", "fid", "final_fid", "model"}
+    assert sit["trainer"]["logger"]["init_args"]["save_dir"] == "runs/fashion_mnist_sit"
+    sit["trainer"]["logger"]["init_args"]["save_dir"] = dit["trainer"]["logger"]["init_args"]["save_dir"]
+    assert sit["trainer"] == dit["trainer"]
+    for key in ("samples", "fid", "final_fid"):
+        assert sit[key]["init_args"]["solver"] in ("euler", "heun"), key
+        assert {k for k in dit[key]["init_args"] if dit[key]["init_args"][k] != sit[key]["init_args"][k]} <= \
+            {"solver", "solver_steps", "name"}, key
+    assert sit["model"]["backbone"]["init_args"] == {**dit["model"]["backbone"]["init_args"], "learn_sigma": False}
+    assert sit["model"]["process"] == "flow" and sit["model"]["shift"] == 1.0
+    ddpm_only = {"schedule", "num_timesteps", "prediction", "learn_sigma"}
+    assert {k: v for k, v in dit["model"].items() if k not in ddpm_only | {"backbone"}} == \
+        {k: v for k, v in sit["model"].items() if k not in {"process", "shift", "backbone"}}
 
 
 @pytest.mark.parametrize("path", [QUICKSTART, *BASES, *PAPER], ids=name)
@@ -126,7 +177,9 @@ def combinations() -> list[tuple[str, ...]]:
     Fashion-MNIST base (they are studied there), the paper's FFHQ base with the strategies the paper compares
     (the other paper bases, which differ in folders only, with SpeeD), and the quickstart alone."""
     fashion = CONFIGS / "fashion_mnist.yaml"
-    runs = [(name(base), name(s)) for base in BASES for s in STRATEGIES]
+    runs = [(name(base), name(s)) for base in DDPM_BASES for s in STRATEGIES]
+    runs += [(name(base), name(s)) for base in FLOW_BASES for s in [*FLOW_SHARED, *FLOW_STRATEGIES]]
+    runs += [(name(base), "strategies/logit_normal.yaml", name(s)) for base in FLOW_BASES for s in FLOW_SHIFTS]
     runs += [(name(base), f"strategies/{s}.yaml") for base in PAPER for s in (PAPER_STRATEGIES if base.stem == "ffhq" else ["speed"])]
     runs += [(name(fashion), name(a)) for a in ABLATIONS]
     runs += [(name(fashion), "strategies/speed_auto.yaml", name(s)) for s in SCHEDULES]
@@ -224,7 +277,8 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
         assert model.timesteps.weights is (cb.weighting or model.timesteps.weights)
         assert cb.sampling or type(model.timesteps.sampler).__name__ == "UniformSampling"
         assert cb.weighting or type(model.timesteps.weights).__name__ == "ConstantWeighting"
-    assert model.hparams.schedule == composed["model"]["schedule"]
+    assert model.hparams.schedule == composed["model"].get("schedule", "linear")
+    assert (model.process, model.hparams.shift) == (composed["model"].get("process", "ddpm"), composed["model"].get("shift", 1.0))
     for key in ("monitor", "ema", "samples", "fid", "final_fid"):  # each top-level callback key is one callback
         spec = composed.get(key)
         classes = [type(cb).__name__ for cb in trainer.callbacks]
@@ -233,6 +287,29 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
     assert "fid" not in trainer.callback_metrics  # fast_dev_run: no FID, no grids, no checkpoints
     written = [p for p in cli_env.rglob("*") if p.suffix in (".ckpt", ".png") and cli_env / INPUTS not in p.parents]
     assert written == [], f"fast_dev_run wrote {written}"
+
+
+@pytest.mark.parametrize(("files", "match"), [
+    pytest.param(("fashion_mnist_sit.yaml", "strategies/speed.yaml"), r"tau .*700 looks like a discrete time step.*'auto'",
+                 id="flow+speed"),
+    pytest.param(("fashion_mnist_dit.yaml", "flow/mode.yaml"), r"ModeSampling.*flow", id="ddpm+mode"),
+])
+def test_a_strategy_file_of_the_other_process_fails_before_the_first_step(files: tuple[str, ...], match: str,
+                                                                         cli_env: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A discrete-only strategy (tau in time steps) on a flow base, and a flow-only one on a DDPM base: a clear error at
+    setup, before any training step."""
+
+    def training_step(self: DiffusionModule, batch: Any, batch_idx: int) -> None:
+        raise AssertionError("a training step ran before the configuration error was reported")
+
+    monkeypatch.setattr(DiffusionModule, "training_step", training_step)
+    base = load(CONFIGS / files[0])
+    args = ["fit", *(a for f in files for a in ("--config", str(CONFIGS / f))), "--trainer.fast_dev_run", "true",
+            "--trainer.logger.init_args.save_dir", str(cli_env / "runs"),
+            *smoke_args(base["model"]["backbone"]["class_path"]), *data_args(base, cli_env)]
+    with pytest.raises(ValueError, match=match):
+        main(args)
 
 
 # ------------------------------------------------------------------------------------ several GPUs

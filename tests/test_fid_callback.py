@@ -312,13 +312,14 @@ def test_sample_grid_warns_about_nonfinite_images(tmp_path) -> None:
 def test_old_generation_argument_names_say_the_new_ones(callback) -> None:
     with pytest.raises(TypeError, match=r"sampling_steps=20.*write solver_steps instead of sampling_steps"):
         callback(sampling_steps=20)
-    with pytest.raises(TypeError, match=r"sampler='ddpm'.*write solver \(\"ddim\" or \"ddpm\" or \"dpmpp_2m\"\) instead of sampler"):
+    with pytest.raises(TypeError, match=r"sampler='ddpm'.*write solver \(\"ddim\" or \"ddpm\" or \"dpmpp_2m\" or \"euler\" or "
+                                        r"\"heun\"\) instead of sampler"):
         callback(sampler="ddpm")
     made = callback(solver="ddpm", solver_steps=20)
     with pytest.raises(AttributeError, match="sampling_steps was renamed solver_steps"):
         made.sampling_steps = 10  # a script setting the old attribute must not be silently ignored
-    with pytest.raises(ValueError, match=r"solver='euler'.*\"ddim\" or \"ddpm\""):
-        callback(solver="euler")
+    with pytest.raises(ValueError, match=r"solver='rk4'.*\"ddim\" or \"ddpm\" or \"dpmpp_2m\" or \"euler\" or \"heun\""):
+        callback(solver="rk4")
 
 
 def test_warns_up_front_when_evaluation_dwarfs_training(tmp_path) -> None:

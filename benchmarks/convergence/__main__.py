@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 from benchmarks.common import RESULTS
 from benchmarks.convergence import __doc__ as DOC
@@ -42,10 +43,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU indices to spread runs over (default: the visible one)")
     p.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU")
     p.add_argument("--time-limit", type=int, default=None,
-                   help="launch: seconds for the whole launch; run: seconds of training (default: none, train to N). "
-                        "Runs stopped by it checkpoint, and the same command resumes them")
+                   help="launch: seconds for the whole launch; run: seconds from the process's start (default: none, "
+                        "train to N). Runs stopped by it (inside an FID evaluation: after its current batch) "
+                        "checkpoint, and the same command resumes them")
     p.add_argument("--min-run-seconds", type=int, default=120, help="launch: start no run with less time than this left")
-    p.add_argument("--stop-margin", type=int, default=40, help="launch: seconds kept for start-up and the final checkpoint")
+    p.add_argument("--stop-margin", type=int, default=40,
+                   help="launch: a run stops this long before the launch's deadline, for the step or FID sampling "
+                        "batch in progress and its checkpoint; one still running at the deadline is killed")
     p.add_argument("--stall-seconds", type=float, default=300,
                    help="launch: stop (and retry once, eager) a run whose files have not changed for this long")
     p.add_argument("--root", default=None)
@@ -71,9 +75,10 @@ def main() -> None:
     if args.command == "run":
         if not args.strategy:
             p.error("run needs --strategy")
+        started = time.monotonic()  # the run's time limit counts its start-up, these imports included
         from benchmarks.convergence.run import run_one  # torch and Lightning: only the run command needs them
 
-        run_one(args)
+        run_one(args, started)
     elif args.command == "launch":
         launch(args)
     else:

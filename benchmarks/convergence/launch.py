@@ -22,9 +22,14 @@ def launch(args: argparse.Namespace) -> None:
     Jobs run seed-major (uniform s0, speed s0, uniform s1, ...), so the pairs that decide the
     speed-up finish first. Without ``--time-limit`` every run trains to its N. With it, the limit
     holds for this whole launch: a run starts only if at least ``--min-run-seconds`` remain, and
-    trains until the limit is reached (it then checkpoints; the next launch resumes it). Runs whose
-    result.json already reached N are skipped.
+    stops ``--stop-margin`` seconds before the launch's deadline (inside an FID evaluation: after its
+    current sampling batch), then saves its checkpoint and result.json; the next launch resumes it.
+    The margin is for that batch and the save: a run still going at the deadline is killed (its last
+    part is lost, not its earlier ones). Runs whose result.json already reached N are skipped.
     """
+    if args.time_limit and args.stop_margin >= args.min_run_seconds:
+        raise SystemExit(f"--stop-margin {args.stop_margin} leaves runs started with --min-run-seconds "
+                         f"{args.min_run_seconds} left no time to train: make --min-run-seconds the larger")
     deadline = time.monotonic() + args.time_limit if args.time_limit else math.inf
     jobs = [job for job in jobs_of(args) if not _finished(args, *job)]
     slots = [gpu for _ in range(args.per_gpu) for gpu in (args.gpus or [None])]  # round-robin over GPUs
@@ -33,9 +38,10 @@ def launch(args: argparse.Namespace) -> None:
     log_dir = Path(args.out) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(job: tuple[str, int, int], gpu: int | None, extra: list[str]) -> None:
+    def start(job: tuple[str, int, int], gpu: int | None) -> None:
         strategy, seed, steps = job
-        left = deadline - time.monotonic() - args.stop_margin  # inf without --time-limit
+        extra = ["--eager"] if job in retried else []
+        left = deadline - time.monotonic() - args.stop_margin  # the run counts it from its start; inf without a limit
         limit = [] if math.isinf(left) else ["--time-limit", str(max(int(left), 1))]
         left_text = f"{limit[1]} s left" if limit else "no time limit"
         cmd = [sys.executable, "-m", "benchmarks.convergence", "run", "--strategy", strategy, "--seed", str(seed),
@@ -52,26 +58,31 @@ def launch(args: argparse.Namespace) -> None:
         for item in running:
             free.remove(item[3])
         while pending and free and deadline - time.monotonic() >= args.min_run_seconds:
-            start(pending.pop(0), free.pop(0), [])
+            start(pending.pop(0), free.pop(0))
         if not running:
             break  # the rest does not fit in this launch's time limit
-        time.sleep(1 if args.smoke else 5)
+        time.sleep(max(0.1, min(1 if args.smoke else 5, deadline - time.monotonic())))  # wake at the deadline too
         for item in list(running):
             job, proc, log, gpu, started = item
+            late = time.monotonic() >= deadline
             if proc.poll() is None:
-                if not stalled(Path(args.out) / f"{job[0]}_s{job[1]}", Path(log.name), args.stall_seconds, started):
+                if late:  # its own stop came --stop-margin earlier: the batch in progress or the save took longer
+                    print(f"{job[0]} seed {job[1]}: still running at the launch's deadline, killing it (raise "
+                          f"--stop-margin)", flush=True)
+                elif stalled(Path(args.out) / f"{job[0]}_s{job[1]}", Path(log.name), args.stall_seconds, started):
+                    # A run can hang (once: in its first FID evaluation). Stop it so that it is retried.
+                    print(f"{job[0]} seed {job[1]}: no output for {args.stall_seconds} s, stopping it", flush=True)
+                else:
                     continue
-                # A run can hang (once: in its first FID evaluation). Stop it so that it is retried.
-                print(f"{job[0]} seed {job[1]}: no output for {args.stall_seconds} s, stopping it", flush=True)
                 proc.kill()
                 proc.wait()
             running.remove(item)
             log.close()
             print(f"finished {job[0]} seed {job[1]}: exit {proc.returncode}", flush=True)
-            if proc.returncode and not args.eager and not args.smoke and job not in retried:
-                # A compile or CUDA-graph failure must not cost the whole benchmark: retry eager.
+            if proc.returncode and not late and not args.eager and not args.smoke and job not in retried:
+                # A compile or CUDA-graph failure must not cost the whole benchmark: retry eager, time permitting.
                 retried.add(job)
-                start(job, gpu, ["--eager"])
+                pending.insert(0, job)
             elif proc.returncode:
                 failed.append(job)
     if pending:
@@ -106,8 +117,14 @@ def jobs_of(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 
 def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) -> bool:
+    """The run reached N with every FID point (none left to its next part) and the final FIDs asked for."""
     path = Path(args.out) / f"{strategy}_s{seed}" / "result.json"
-    return path.exists() and json.loads(path.read_text()).get("steps_done", 0) >= steps
+    if not path.exists():
+        return False
+    result = json.loads(path.read_text())
+    wants_final = args.final_samples and strategy in args.final_strategies
+    return (result.get("steps_done", 0) >= steps and result.get("fid_pending") is None
+            and (not wants_final or "final" in result))
 
 
 def _forward(args: argparse.Namespace) -> list[str]:

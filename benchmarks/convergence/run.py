@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -11,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from benchmarks.common import device_name, load_config, smoke_args, today, write_json
@@ -18,23 +23,31 @@ from benchmarks.convergence.runs import RUNS, config_args
 
 
 class PartTimer(Timer):
-    """A time limit for this part of a run only, which also keeps an FID evaluation inside it.
+    """A time limit for this part of a run only, counted from ``start`` (the process's start), that also holds
+    inside an FID evaluation.
 
     Lightning's Timer (``Trainer(max_time=...)``) restores the time spent before from the
     checkpoint, so a run resumed with a limit smaller than the time it had already used would stop at
-    once, without a step. Each part here has its own limit.
+    once, without a step. Each part here has its own limit, and it counts the start-up too: a
+    launcher's deadline does.
 
     The time limit is checked between steps, and an FID evaluation (a minute or more for a DiT with
-    IDDPM-250) runs inside a step's end. One begun with less than its duration left ends past the
-    launcher's deadline, which stops the process before it writes result.json. So the part stops
-    one step before an evaluation that the time left cannot hold, judged by the longest evaluation
-    seen so far (``fid_seconds``: earlier parts', then this process's, from ``fid.seconds``); the
-    next part makes that evaluation. Without an evaluation seen yet there is nothing to judge by.
+    IDDPM-250) runs inside a step's end. So the part stops one step before an evaluation that the
+    time left cannot hold, judged by the longest evaluation seen so far (``fid_seconds``: earlier
+    parts', then this process's, from ``fid.seconds``); the next part makes that evaluation. Without
+    an evaluation seen yet there is nothing to judge by: when the time is up, the timer sends this
+    process SIGTERM, the stop signal that FIDCallback honours after its current sampling batch (and
+    Lightning's loops after the current step). ``CheckpointOnSignal`` then saves the checkpoint, and
+    the next part makes the evaluation when it starts (``FIDCallback.on_train_start``).
     """
 
-    def __init__(self, *args: Any, fid: Any = None, fid_seconds: Sequence[float] = (), **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fid: Any = None, fid_seconds: Sequence[float] = (), start: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fid, self.fid_seconds = fid, list(fid_seconds)
+        self.fid, self.fid_seconds, self.start = fid, list(fid_seconds), start
+        self.expired = False  # the time ran out and the stop signal was sent
+        self._alarm: threading.Timer | None = None
+        self._lock = threading.Lock()  # the signal is never sent once the alarm is disarmed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # keep counting from zero
@@ -49,12 +62,47 @@ class PartTimer(Timer):
         return bool(seen) and remaining is not None and remaining < max(seen)
 
     @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.start is not None:
+            self._start_time[RunningStage.TRAINING] = self.start
+        remaining = self.time_remaining()
+        # Armed now, when Lightning's SIGTERM handler is in place (the default one would end the process).
+        if remaining is not None and callable(signal.getsignal(signal.SIGTERM)):
+            self._alarm = threading.Timer(max(remaining, 0.0), self._time_up)
+            self._alarm.daemon = True
+            self._alarm.start()
+
+    def _time_up(self) -> None:
+        with self._lock:
+            if self._alarm is None:
+                return
+            self.expired = True
+            print("this part's time limit is up: stopping after the current step or FID sampling batch", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _disarm(self) -> None:
+        with self._lock:
+            if self._alarm is not None:
+                self._alarm.cancel()
+                self._alarm = None
+
+    @override
     def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, *args, **kwargs)
         if not trainer.should_stop and self.stops_before_fid(trainer.global_step):
             print(f"stopping at step {trainer.global_step}: the FID evaluation at the next step would outlast this "
                   f"part's time limit", flush=True)
             trainer.should_stop = True  # one process per run: no rank to agree with
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._disarm()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._disarm()
 
 
 def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -99,35 +147,57 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     return out
 
 
-def run_one(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (or resume) one run/seed until ``args.steps`` or the time limit; write result.json."""
+def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str, Any]:
+    """Train (or resume) one run/seed until ``args.steps`` or the time limit; write result.json.
+
+    The time limit counts from ``started`` (``time.monotonic()`` at the process's start; None: now), so
+    start-up is included. When it runs out inside an FID evaluation, the evaluation stops after its
+    current batch; the part saves last.ckpt and result.json (``fid_pending``: the step of that
+    evaluation) and ends with status 0. Another stop signal (SIGTERM, Ctrl+C) saves them the same way
+    and ends with 128 + the signal.
+    """
+    started = time.monotonic() if started is None else started
     import torch
 
-    from lightning_speed.callbacks import FIDCallback, TimestepMonitor
+    from lightning_speed.callbacks import CheckpointOnSignal, FIDCallback, TimestepMonitor
     from lightning_speed.cli import main as cli_main
 
     run_dir = Path(args.out) / f"{args.strategy}_s{args.seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = run_dir / "last.ckpt"
+    ckpt, saving = run_dir / "last.ckpt", run_dir / "saving.ckpt"  # saved, then renamed: a kill keeps the last part
     protocol = overrides(args, run_dir)
     cli = cli_main([*config_args(args.base, args.strategy), *protocol], run=False)
     trainer = cli.trainer
     (fid_cb,) = (cb for cb in trainer.callbacks if isinstance(cb, FIDCallback))
     (monitor,) = (cb for cb in trainer.callbacks if isinstance(cb, TimestepMonitor))
+    (on_signal,) = (cb for cb in trainer.callbacks if isinstance(cb, CheckpointOnSignal))
+    on_signal.dirpath, on_signal.filename = str(run_dir), saving.stem
     if args.smoke:
         torch.set_num_threads(1)
     # The previous part's result.json is written right after its checkpoint, so it says where we resume.
     result_file = run_dir / "result.json"
     previous = json.loads(result_file.read_text()) if ckpt.exists() and result_file.exists() else {}
     limit = timedelta(seconds=args.time_limit) if args.time_limit else None  # None: train to N
-    trainer.callbacks.append(PartTimer(duration=limit, fid=fid_cb,
-                                       fid_seconds=[seconds for _, seconds in previous.get("fid_seconds", [])]))
-    first_step, parts, start = previous.get("steps_done", 0), previous.get("parts", []), time.perf_counter()
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
-    trainer.save_checkpoint(ckpt)
+    timer = PartTimer(duration=limit, fid=fid_cb, start=started,
+                      fid_seconds=[seconds for _, seconds in previous.get("fid_seconds", [])])
+    trainer.callbacks.insert(trainer.callbacks.index(fid_cb), timer)  # armed before a resumed evaluation starts
+    first_step, parts = previous.get("steps_done", 0), previous.get("parts", [])
+    stop = None
+    try:
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
+    except SIGTERMException as signal_stop:  # CheckpointOnSignal saved the checkpoint, unless it could not
+        if on_signal.checkpoint_path is None:
+            raise
+        stop = signal_stop
+    else:
+        if fid_cb.due_by_step(trainer):  # resumed at N, stopped inside that evaluation: no step left to make it in
+            cli.model.to(trainer.strategy.root_device)
+            fid_cb.evaluate(trainer, cli.model)
+        trainer.save_checkpoint(saving)
+    saving.replace(ckpt)
     # Wall time of this part (start-up, compilation and FID evaluations included): the cost of the protocol.
     parts.append({"from_step": first_step, "to_step": trainer.global_step,
-                  "seconds": round(time.perf_counter() - start, 1), "fid_evaluations": len(fid_cb.history)})
+                  "seconds": round(time.monotonic() - started, 1), "fid_evaluations": len(fid_cb.history)})
     result = {
         "strategy": args.strategy,
         "seed": args.seed,
@@ -140,6 +210,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "fid_solver": f"{fid_cb.solver}-{fid_cb.solver_steps}",
         "schedule": cli.model.hparams.schedule,
         "fid_history": fid_cb.history,
+        "fid_pending": trainer.global_step if fid_cb.due_by_step(trainer) else None,  # the next part evaluates it
         "fid_seconds": previous.get("fid_seconds", []) + [list(x) for x in fid_cb.seconds],  # every part
         "parts": parts,
         # Per-area loss, weight and share of sampled t (TimestepMonitor), every part appended.
@@ -147,9 +218,16 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "card": device_name(),
         "date": today(),
     }
-    if trainer.global_step >= args.steps and args.final_samples and args.strategy in args.final_strategies:
-        result["final"] = final_fids(trainer, cli.model, fid_cb, args)
     write_json(result_file, result)
+    if stop is not None:
+        print(f"{ckpt} holds step {trainer.global_step} (the checkpoint above, renamed): the same command resumes the "
+              f"run{'; stopped by its time limit: exit status 0' if timer.expired else ''}", flush=True)
+        if not timer.expired:
+            raise stop  # stopped from outside: its exit status (128 + the signal)
+        return result
+    if trainer.global_step >= args.steps and args.final_samples and args.strategy in args.final_strategies:
+        result["final"] = final_fids(trainer, cli.model, fid_cb, args)  # a launch without them does not count N as done
+        write_json(result_file, result)
     return result
 
 

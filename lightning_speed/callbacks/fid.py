@@ -50,7 +50,9 @@ from lightning_speed.metrics.reference import (
 from lightning_speed.callbacks.ema import SHARDED_STRATEGIES, averaged_weights, ema_swapped_in_during_validation
 from lightning_speed.metrics.sampling import generate_batches, local_share, sample_method
 from lightning_speed.data.base import SPLITS, UInt8ImageDataModule
-from lightning_speed.solvers import SOLVERS, Solver, check_solver
+from lightning_speed.flow import FLOW_SOLVERS
+from lightning_speed.module_checks import PROCESS_SOLVERS, AnySolver, check_process_solver
+from lightning_speed.solvers import SOLVERS, check_solver
 from lightning_speed.validation import check_choice, check_int, check_number
 
 ReferenceImages = Tensor | Callable[[], Tensor]
@@ -60,7 +62,7 @@ FAR_LONGER = 10.0  # warn when the evaluations need this many times the training
 
 def renamed_arguments(owner: str, sampler: str | None, sampling_steps: int | None) -> None:
     """Image generation is a *solver*: ``sampler``/``sampling_steps`` were renamed ``solver``/``solver_steps``."""
-    solvers = " or ".join(f'"{name}"' for name in SOLVERS)
+    solvers = " or ".join(f'"{name}"' for name in (*SOLVERS, *FLOW_SOLVERS))
     renamed = {"sampler": (sampler, f"solver ({solvers})"), "sampling_steps": (sampling_steps, "solver_steps")}
     given = {old: (value, new) for old, (value, new) in renamed.items() if value is not None}
     if given:
@@ -139,7 +141,7 @@ class SolverSettings:
 
     def _set_solver(
         self,
-        solver: Solver,
+        solver: AnySolver,
         solver_steps: int,
         eta: float | None,
         use_ema: bool,
@@ -150,20 +152,26 @@ class SolverSettings:
         """Check and store the generation settings (``sampler``/``sampling_steps`` are the old names: an error)."""
         owner = type(self).__name__
         renamed_arguments(owner, sampler, sampling_steps)
-        if solver not in SOLVERS:
-            choices = " or ".join(f'"{name}"' for name in SOLVERS)
-            raise ValueError(f"{owner}(solver={solver!r}): choose {choices}.")
+        if solver not in (*SOLVERS, *FLOW_SOLVERS):
+            choices = " or ".join(f'"{name}"' for name in (*SOLVERS, *FLOW_SOLVERS))
+            raise ValueError(f"{owner}(solver={solver!r}): choose {choices} (euler and heun for flow models).")
         solver_steps = check_int(solver_steps, "solver_steps", minimum=2, hint="at most the model's T")
         eta = None if eta is None else check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
-        check_solver(solver, solver_steps, eta, num_timesteps=None)  # the bound on T: in setup (_check_module)
+        if solver in FLOW_SOLVERS:
+            check_process_solver(solver, "flow", owner, eta)
+        else:
+            check_solver(solver, solver_steps, eta, num_timesteps=None)  # the bound on T: in setup (_check_module)
         self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
         self.use_ema, self.sample_kwargs = use_ema, check_sample_kwargs(owner, sample_kwargs)
 
     def _check_module(self, pl_module: "pl.LightningModule") -> None:
         """In ``setup``, before any training step: ``pl_module`` can sample with these settings."""
         owner, sample = type(self).__name__, sample_method(pl_module)
+        process = getattr(pl_module, "process", None)
+        if isinstance(process, str) and process in PROCESS_SOLVERS:  # a DiffusionModule: a solver of its process
+            check_process_solver(self.solver, process, owner)
         num_timesteps = getattr(pl_module, "num_timesteps", None)
-        if isinstance(num_timesteps, int):
+        if isinstance(num_timesteps, int) and self.solver in SOLVERS:
             try:
                 check_solver(self.solver, self.solver_steps, self.eta, num_timesteps)
             except ValueError as err:
@@ -269,7 +277,8 @@ class FIDCallback(SolverSettings, pl.Callback):
         on_train_end: evaluate once more when training ends (skipped if that step was just evaluated).
         num_samples: generated images per evaluation, over all ranks.
         solver / solver_steps / eta: how images are generated, passed to ``pl_module.sample``:
-            "ddim", "ddpm" or "dpmpp_2m", its number of steps, and eta (None: the solver's default).
+            "ddim", "ddpm" or "dpmpp_2m" (a flow model: "euler" or "heun"), its number of steps, and eta (None: the
+            solver's default; ddim only).
         batch_size: images per ``sample`` call and per feature-network batch; a stop signal is
             honoured between batches.
         feature_extractor: "inception" (standard; needs its weights file), "fashion_mnist" (offline),
@@ -300,7 +309,7 @@ class FIDCallback(SolverSettings, pl.Callback):
         on_validation: bool = False,
         on_train_end: bool = True,
         num_samples: int = 5000,
-        solver: Solver = "ddim",
+        solver: AnySolver = "ddim",
         solver_steps: int = 50,
         eta: float | None = None,
         batch_size: int = 500,
@@ -565,7 +574,8 @@ class FIDCallback(SolverSettings, pl.Callback):
         steps = max(1, int(total) - trainer.global_step) if math.isfinite(total) else None
         if not evaluations or steps is None:
             return None
-        eval_nfe = evaluations * self.num_samples * self.solver_steps * self._guidance_factor(pl_module)
+        per_step = 2 if self.solver == "heun" else 1  # Heun evaluates the network twice a step
+        eval_nfe = evaluations * self.num_samples * self.solver_steps * per_step * self._guidance_factor(pl_module)
         train_nfe = steps * batch_size * TRAIN_PASSES * trainer.world_size
         if eval_nfe < FAR_LONGER * train_nfe:
             return None
@@ -602,11 +612,21 @@ class FIDCallback(SolverSettings, pl.Callback):
         """Not yet evaluated at this step; never under ``fast_dev_run`` (a one-batch check, not a measurement)."""
         return not trainer.fast_dev_run and trainer.global_step != self._last_eval_step
 
+    def due_by_step(self, trainer: "pl.Trainer") -> bool:
+        """``trainer.global_step`` is one of the ``every_n_steps`` evaluation steps and has no evaluation yet."""
+        step = trainer.global_step
+        return bool(self.every_n_steps) and step > 0 and step % self.every_n_steps == 0 and self._due(trainer)
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Resumed from a checkpoint saved while this step's evaluation was stopped (a stop signal ends it after
+        # the current batch): make it now, before training moves the weights on.
+        if self.due_by_step(trainer):
+            self.evaluate(trainer, pl_module)
+
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._due(trainer):
+        if self.due_by_step(trainer):
             self.evaluate(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

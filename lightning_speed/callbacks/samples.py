@@ -23,7 +23,7 @@ from torchvision.io import write_png
 from torchvision.utils import make_grid
 
 from lightning_speed.callbacks.fid import SolverSettings
-from lightning_speed.solvers import Solver
+from lightning_speed.module_checks import AnySolver
 from lightning_speed.metrics.features import count_nonfinite, to_uint8
 from lightning_speed.callbacks.ema import averaged_weights
 from lightning_speed.validation import check_int
@@ -36,7 +36,8 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         every_n_steps: steps between grids (``trainer.global_step`` multiples).
         num_samples: images in the grid.
         solver / solver_steps / eta: how images are generated, passed to ``pl_module.sample``:
-            "ddim", "ddpm" or "dpmpp_2m", its number of steps, and eta (None: the solver's default).
+            "ddim", "ddpm" or "dpmpp_2m" (a flow model: "euler" or "heun"), its number of steps, and eta (None: the
+            solver's default; ddim only).
         seed: noise seed, the same for every grid.
         save_dir: write ``samples_step{N}.png`` here at every grid; None: only at train end, in the log dir.
         nrow: images per grid row (default: about the square root of ``num_samples``).
@@ -51,7 +52,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         self,
         every_n_steps: int = 1000,
         num_samples: int = 64,
-        solver: Solver = "ddim",
+        solver: AnySolver = "ddim",
         solver_steps: int = 50,
         eta: float | None = None,
         seed: int = 0,
