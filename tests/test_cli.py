@@ -260,14 +260,14 @@ def run_console(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest
 @pytest.mark.parametrize(
     "config, status, headline",
     [
-        ("fid:\n  class_path: lightning_speed.callbacks.FIDCallback\n  init_args: {sampling_steps: 20}\n", 1,
-         "error: TypeError: FIDCallback(sampling_steps=20): renamed arguments: write solver_steps instead of sampling_steps"),
-        ("fid:\n  class_path: lightning_speed.callbacks.FIDCallback\n  init_args: {solver: euler}\n", 2,
-         "error: fid: FIDCallback: solver: Expected a typing.Literal['ddim', 'ddpm', 'dpmpp_2m']. Got value: euler"),
+        ("fid:\n  class_path: lightning_speed.callbacks.FIDCallback\n  init_args: {sampling_steps: 20}\n", 2,
+         "error: fid: FIDCallback: Option 'sampling_steps' is not accepted"),
+        ("fid:\n  class_path: lightning_speed.callbacks.FIDCallback\n  init_args: {solver: rk4}\n", 2,
+         "error: fid: FIDCallback: solver: Expected a typing.Literal['ddim', 'ddpm', 'dpmpp_2m'] or typing.Literal['euler', 'heun']. Got value: rk4"),
         ("model:\n  optimizer:\n    class_path: torch.optim.AdamW\n    init_args: {lr: fast}\n", 2,
          "error: model.optimizer: lr: Expected a <class 'float'>"),
     ],
-    ids=["renamed-argument", "unknown-solver", "lr-not-a-number"],
+    ids=["unknown-argument", "unknown-solver", "lr-not-a-number"],
 )  # fmt: skip
 def test_config_errors_show_the_innermost_message_first(
     cli_env: Path, no_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

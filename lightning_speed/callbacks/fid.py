@@ -60,19 +60,6 @@ TRAIN_PASSES = 3  # network evaluations per training image: a forward and a back
 FAR_LONGER = 10.0  # warn when the evaluations need this many times the training's network evaluations
 
 
-def renamed_arguments(owner: str, sampler: str | None, sampling_steps: int | None) -> None:
-    """Image generation is a *solver*: ``sampler``/``sampling_steps`` were renamed ``solver``/``solver_steps``."""
-    solvers = " or ".join(f'"{name}"' for name in (*SOLVERS, *FLOW_SOLVERS))
-    renamed = {"sampler": (sampler, f"solver ({solvers})"), "sampling_steps": (sampling_steps, "solver_steps")}
-    given = {old: (value, new) for old, (value, new) in renamed.items() if value is not None}
-    if given:
-        raise TypeError(
-            f"{owner}({', '.join(f'{old}={value!r}' for old, (value, _) in given.items())}): renamed arguments: "
-            + "; ".join(f"write {new} instead of {old}" for old, (_, new) in given.items())
-            + ' ("sampler" now always means time-step sampling).'
-        )
-
-
 # Arguments the callbacks pass to ``pl_module.sample`` themselves, from their own settings: in
 # ``sample_kwargs`` they would silently replace those settings (the logged label, the state key and
 # the cost estimate would then describe a run that did not happen), so they are refused there.
@@ -119,25 +106,8 @@ def check_sample_kwargs(owner: str, sample_kwargs: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _renamed(old: str, new: str) -> property:
-    def fail(self: Any, *value: Any) -> Any:
-        raise AttributeError(
-            f"{type(self).__name__}.{old} was renamed {new} (image generation is a solver; \"sampler\" means "
-            "time-step sampling)."
-        )
-
-    return property(fail, fail)
-
-
 class SolverSettings:
-    """How FIDCallback and SampleGridCallback generate images: the checked settings and the one call.
-
-    Reading or setting the old attribute names ``sampler``/``sampling_steps`` fails with the new
-    name, rather than being ignored.
-    """
-
-    sampler = _renamed("sampler", "solver")
-    sampling_steps = _renamed("sampling_steps", "solver_steps")
+    """How FIDCallback and SampleGridCallback generate images: the checked settings and the one call."""
 
     def _set_solver(
         self,
@@ -146,12 +116,9 @@ class SolverSettings:
         eta: float | None,
         use_ema: bool,
         sample_kwargs: dict[str, Any] | None,
-        sampler: str | None,
-        sampling_steps: int | None,
     ) -> None:
-        """Check and store the generation settings (``sampler``/``sampling_steps`` are the old names: an error)."""
+        """Check and store the generation settings."""
         owner = type(self).__name__
-        renamed_arguments(owner, sampler, sampling_steps)
         if solver not in (*SOLVERS, *FLOW_SOLVERS):
             choices = " or ".join(f'"{name}"' for name in (*SOLVERS, *FLOW_SOLVERS))
             raise ValueError(f"{owner}(solver={solver!r}): choose {choices} (euler and heun for flow models).")
@@ -299,8 +266,6 @@ class FIDCallback(SolverSettings, pl.Callback):
         name: metric name; logs ``name``, ``name/seconds`` (and ``kid_mean``/``kid_std``, prefixed with
             ``name/`` unless name is "fid"). Lets two callbacks coexist, e.g. ``fid`` (DDIM-50 curve) and
             ``fid_ddpm250`` (final point).
-        sampler / sampling_steps: the old names of solver / solver_steps; giving them is an error
-            that names the new ones.
     """
 
     def __init__(
@@ -325,11 +290,9 @@ class FIDCallback(SolverSettings, pl.Callback):
         sample_kwargs: dict[str, Any] | None = None,
         download_timeout: float = 10.0,
         name: str = "fid",
-        sampler: str | None = None,
-        sampling_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self._set_solver(solver, solver_steps, eta, use_ema, sample_kwargs, sampler, sampling_steps)
+        self._set_solver(solver, solver_steps, eta, use_ema, sample_kwargs)
         if every_n_steps is not None:
             every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1, hint="null: no periodic evaluation")
         num_samples = check_int(num_samples, "num_samples", minimum=2, hint="FID needs at least 2 generated images")

@@ -44,8 +44,6 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         use_ema: sample with the EMA weights of a ``WeightAveraging`` callback when present.
         at_train_end: also make a grid when training ends.
         sample_kwargs: extra keyword arguments for ``pl_module.sample``.
-        sampler / sampling_steps: the old names of solver / solver_steps; giving them is an error
-            that names the new ones.
     """
 
     def __init__(
@@ -61,11 +59,9 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         use_ema: bool = True,
         at_train_end: bool = True,
         sample_kwargs: dict[str, Any] | None = None,
-        sampler: str | None = None,
-        sampling_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self._set_solver(solver, solver_steps, eta, use_ema, sample_kwargs, sampler, sampling_steps)
+        self._set_solver(solver, solver_steps, eta, use_ema, sample_kwargs)
         every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1, hint="steps between grids")
         num_samples = check_int(num_samples, "num_samples", minimum=1, hint="it is the number of images in the grid")
         seed = check_int(seed, "seed")
