@@ -396,6 +396,16 @@ def check_output_folders(trainer: Trainer) -> None:
                 raise ValueError(f"{where}, which cannot be created ({err.strerror}): give a writable folder.") from None
 
 
+def _warn_unused(why: str, changed: list[str]) -> None:
+    """One warning naming the configured values that resuming from a checkpoint replaces (``changed``: a line each)."""
+    if changed:
+        warnings.warn(
+            f"{why}, so these configured values are not used:\n" + "\n".join(changed)
+            + "\nTo train with the configured values, start a new run (no --ckpt_path) or load only the weights.",
+            UserWarning, stacklevel=3,
+        )
+
+
 class SpeedCLI(LightningCLI):
     """LightningCLI with TensorBoard logging by default and the data's shape linked into the model."""
 
@@ -477,13 +487,8 @@ class SpeedCLI(LightningCLI):
         after = _leaves(self.config[subcommand]["model"].as_dict(), "model")
         changed = [f"  {key}: configured {before[key]!r}, checkpoint {after[key]!r}"
                    for key in before if key in after and after[key] != before[key]]
-        if changed:
-            warnings.warn(
-                f"--ckpt_path {self.config[subcommand]['ckpt_path']} was trained with other model hyperparameters, and "
-                "LightningCLI restores the checkpoint's, so these configured values are not used:\n" + "\n".join(changed)
-                + "\nTo train with the configured values, start a new run (no --ckpt_path) or load only the weights.",
-                UserWarning, stacklevel=2,
-            )
+        _warn_unused(f"--ckpt_path {self.config[subcommand]['ckpt_path']} was trained with other model hyperparameters, "
+                     "and LightningCLI restores the checkpoint's", changed)
 
     def _check_ckpt_path(self) -> None:
         """A ``--ckpt_path`` that is not a checkpoint, or one of another model size: a short, clear error."""
@@ -501,13 +506,8 @@ class SpeedCLI(LightningCLI):
             return
         changed = [f"  model.{name.replace('.', '.init_args.', 1)}: configured {ours!r}, checkpoint {theirs!r}"
                    for name, theirs, ours in optimizer_changes(self.model, load_checkpoint(ckpt_path))]
-        if changed:
-            warnings.warn(
-                f"--ckpt_path {ckpt_path} holds the state of an optimizer configured otherwise, and resuming restores "
-                "it, so these configured values are not used:\n" + "\n".join(changed)
-                + "\nTo train with the configured values, start a new run (no --ckpt_path) or load only the weights.",
-                UserWarning, stacklevel=2,
-            )
+        _warn_unused(f"--ckpt_path {ckpt_path} holds the state of an optimizer configured otherwise, and resuming "
+                     "restores it", changed)
 
     def _check_evaluates_a_checkpoint(self) -> None:
         self._check_ckpt_path()
