@@ -777,6 +777,28 @@ def test_time_limit_inside_an_fid_evaluation_saves_and_the_next_part_makes_it(tm
                                 "uniform", 0, 2)  # the final FIDs asked for are missing
 
 
+@needs_fashion_mnist
+def test_a_screen_stops_at_its_step_on_the_schedule_of_n_and_resumes_to_n(tmp_path: Path, home: Path) -> None:
+    """--stop-at trains N's schedule (a curriculum reads N) but ends at the screen's step; the launcher counts
+    the run as done for that launch, and a launch without it trains the same run on to N."""
+    common = ["launch", "--smoke", "--jobs", "curriculum_speed:0:8", "--eval-every", "2", "--fid-samples", "16",
+              "--fid-steps", "2", "--out", str(tmp_path), "--no-plots"]
+    run_script("convergence", [*common, "--stop-at", "4"], home, 400)
+    path = tmp_path / "curriculum_speed_s0" / "result.json"
+    screen = json.loads(path.read_text())
+    assert screen["steps_done"] == 4 and screen["steps_target"] == 8 and screen["stop_at"] == 4
+    assert [step for step, _ in screen["fid_history"]] == [2, 4]  # the evaluation at the screen's step is made
+    args = Namespace(out=str(tmp_path), final_samples=0, final_strategies=[], stop_at=4)
+    assert launch._finished(args, "curriculum_speed", 0, 8)
+    assert not launch._finished(Namespace(**{**vars(args), "stop_at": None}), "curriculum_speed", 0, 8)
+    overrides = screen["overrides"]
+    assert overrides[overrides.index("--trainer.max_steps") + 1] == "8"  # N's schedule, not the screen's
+    run_script("convergence", common, home, 400)
+    resumed = json.loads(path.read_text())
+    assert resumed["steps_done"] == 8 and [(p["from_step"], p["to_step"]) for p in resumed["parts"]] == [(0, 4), (4, 8)]
+    assert [step for step, _ in resumed["fid_history"]] == [2, 4, 6, 8]
+
+
 def test_launch_kills_a_run_still_going_at_its_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """A run that outlasts its stop margin (a process that ignores its time limit here) is killed at the launch's
@@ -851,6 +873,9 @@ def test_report_refuses_mixed_fid_solvers(tmp_path: Path) -> None:
     # the DiT recipe's study has its own keys, so it never replaces the UNet headline
     assert stats.summary_keys("ddim-50", "fashion_mnist_dit.yaml") == ("speedup_dit", "speedup_dit_half")
     assert stats.summary_keys("ddpm-250", "other.yaml") == ("speedup_other_ddpm250", "speedup_other_half_ddpm250")
+    # the flow base's protocol samples with Euler-50: its headline key has no solver suffix, DDIM would
+    assert stats.summary_keys("euler-50", "fashion_mnist_sit.yaml") == ("speedup_flow", "speedup_flow_half")
+    assert stats.summary_keys("heun-125", "fashion_mnist_sit.yaml") == ("speedup_flow_heun125", "speedup_flow_half_heun125")
     # the base comes from the results; results from before the field count as the default base
     dit = [{"configs": ["fashion_mnist_dit.yaml", "strategies/uniform.yaml"]}, {"configs": ["fashion_mnist_dit.yaml"]}]
     assert report.base_config(dit, "fashion_mnist.yaml") == "fashion_mnist_dit.yaml"

@@ -26,9 +26,13 @@ def parser() -> argparse.ArgumentParser:
                    help="launch: explicit strategy:seed[:steps] list (steps default: --steps), run in this order")
     p.add_argument("--steps", type=int, default=20_000, help="N: the training budget")
     # FID curve settings: by default the base config's fid callback
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="a screen: train N's schedule (curricula and LR schedules read N) but stop every run at this "
+                        "step; a later launch without it resumes them to N")
     p.add_argument("--eval-every", type=int, default=None, help="FID and sample-grid interval (default: the config's)")
     p.add_argument("--fid-samples", type=int, default=None, help="samples per FID point (default: the config's)")
-    p.add_argument("--fid-solver", choices=["ddim", "ddpm"], default=None, help="solver of the FID curve (default: the config's)")
+    p.add_argument("--fid-solver", choices=["ddim", "ddpm", "dpmpp_2m", "euler", "heun"], default=None,
+                   help="solver of the FID curve (default: the config's)")
     p.add_argument("--fid-steps", type=int, default=None, help="solver steps of the FID curve (default: the config's)")
     p.add_argument("--monitor-every", type=int, default=500, help="TimestepMonitor's summary interval, in steps (at most --eval-every)")
     p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")

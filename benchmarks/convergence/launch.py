@@ -123,7 +123,7 @@ def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) ->
         return False
     result = json.loads(path.read_text())
     wants_final = args.final_samples and strategy in args.final_strategies
-    return (result.get("steps_done", 0) >= steps and result.get("fid_pending") is None
+    return (result.get("steps_done", 0) >= min(steps, args.stop_at or steps) and result.get("fid_pending") is None
             and (not wants_final or "final" in result))
 
 
@@ -138,6 +138,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
                         ("--final-batch-size", args.final_batch_size)):
         if value:
             out += [flag, str(value)]
+    if args.stop_at:
+        out += ["--stop-at", str(args.stop_at)]
     if args.smoke:
         out.append("--smoke")
     if not args.compile_sampling:

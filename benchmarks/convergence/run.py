@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -105,6 +105,18 @@ class PartTimer(Timer):
         self._disarm()
 
 
+class StopAt(Callback):
+    """Ends training at ``step`` of a longer schedule (a screen of the first steps); the checkpoint resumes it to N."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @override
+    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     """The protocol's command-line overrides of the composed config (recorded in result.json)."""
     out = [
@@ -181,6 +193,8 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
     timer = PartTimer(duration=limit, fid=fid_cb, start=started,
                       fid_seconds=[seconds for _, seconds in previous.get("fid_seconds", [])])
     trainer.callbacks.insert(trainer.callbacks.index(fid_cb), timer)  # armed before a resumed evaluation starts
+    if args.stop_at and args.stop_at < args.steps:
+        trainer.callbacks.append(StopAt(args.stop_at))
     first_step, parts = previous.get("steps_done", 0), previous.get("parts", [])
     stop = None
     try:
@@ -205,6 +219,7 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
         "overrides": protocol,
         "steps_target": args.steps,
         "steps_done": trainer.global_step,
+        "stop_at": args.stop_at,
         "batch_size": cli.datamodule.batch_size,
         "fid_samples": fid_cb.num_samples,
         "fid_solver": f"{fid_cb.solver}-{fid_cb.solver_steps}",

@@ -11,7 +11,9 @@ from benchmarks.common import REPO
 CONFIGS = REPO / "configs"
 BASE = "fashion_mnist.yaml"
 # summary.json's speed-up key of each base config's study (another base: "speedup_<its file name>")
-BASE_KEYS = {BASE: "speedup", "fashion_mnist_dit.yaml": "speedup_dit"}
+BASE_KEYS = {BASE: "speedup", "fashion_mnist_dit.yaml": "speedup_dit", "fashion_mnist_sit.yaml": "speedup_flow"}
+# The FID curve's solver of each base's protocol (the flow base samples with Euler; the others with DDIM)
+PROTOCOL_SOLVERS = {"fashion_mnist_sit.yaml": "euler-50"}
 
 # The shipped strategies, each compared with uniform t on the same schedule.
 STRATEGIES: dict[str, tuple[str, ...]] = {

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.convergence.runs import BASE, BASE_KEYS, BASELINES
+from benchmarks.convergence.runs import BASE, BASE_KEYS, BASELINES, PROTOCOL_SOLVERS
 
-PROTOCOL_SOLVER = "ddim-50"  # the FID curve's solver in BENCHMARKS.md; summary.json's "speedup" uses it
+PROTOCOL_SOLVER = "ddim-50"  # the FID curve's solver in BENCHMARKS.md (runs.PROTOCOL_SOLVERS: other bases')
 
 
 def first_step_reaching(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -128,6 +128,6 @@ def summary_keys(solver: str, base: str = BASE) -> tuple[str, str]:
     """summary.json keys of the speed-ups at N and N/2: the stable ones for the protocol's solver,
     suffixed ones (``speedup_ddpm250``) for another, so that a solver study never replaces the headline;
     a study on another base config gets its own prefix (``speedup_dit``: BASE_KEYS)."""
-    suffix = "" if solver == PROTOCOL_SOLVER else "_" + solver.replace("-", "")
+    suffix = "" if solver == PROTOCOL_SOLVERS.get(base, PROTOCOL_SOLVER) else "_" + solver.replace("-", "")
     prefix = BASE_KEYS.get(base, "speedup_" + Path(base).stem)
     return f"{prefix}{suffix}", f"{prefix}_half{suffix}"
