@@ -424,3 +424,22 @@ def check_sample_noise(noise: Any, expected: tuple[int, ...]) -> None:
         )
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise holds NaN or infinite values: every sample would come out NaN; give finite noise.")
+
+
+def check_lr_scheduler(scheduler: Any, trainer: Any) -> Any:
+    """``scheduler``, once a schedule with a fixed length (OneCycleLR's ``total_steps``) fits the run's
+    ``max_steps``: shorter fails when it runs out, after hours of training; longer never anneals."""
+    total, max_steps = getattr(scheduler, "total_steps", None), getattr(trainer, "max_steps", -1)
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and isinstance(max_steps, int) and max_steps > 0:
+        if total < max_steps:
+            raise ValueError(
+                f"OneCycleLR(total_steps={total}) ends before trainer.max_steps={max_steps} and would fail at step "
+                f"{total + 1}: set model.lr_scheduler.init_args.total_steps to {max_steps}."
+            )
+        if total > max_steps:
+            warnings.warn(
+                f"OneCycleLR(total_steps={total}) is longer than trainer.max_steps={max_steps}: the rate stops "
+                f"{max_steps / total:.0%} of the way through its cycle. Set total_steps to {max_steps} to anneal it.",
+                stacklevel=2,
+            )
+    return scheduler

@@ -248,7 +248,7 @@ def _fid(tmp_path, **kwargs) -> FIDCallback:
 
 
 @pytest.mark.parametrize(("process", "callback", "match"), [
-    ("flow", lambda tmp_path: SampleGridCallback(num_samples=4, solver_steps=2),
+    ("flow", lambda tmp_path: SampleGridCallback(num_samples=4, solver="ddim", solver_steps=2),
      r"SampleGridCallback: solver 'ddim' samples a ddpm model but this model is a flow model"),
     ("flow", lambda tmp_path: _fid(tmp_path, solver="ddpm"), r"FIDCallback: solver 'ddpm' samples a ddpm model"),
     ("ddpm", lambda tmp_path: SampleGridCallback(num_samples=4, solver="euler", solver_steps=2),
@@ -260,6 +260,27 @@ def test_sampling_callbacks_refuse_a_solver_of_the_other_process_before_training
     module = DiffusionModule(RecordingNet(), process=process, image_shape=SHAPE)
     fit = trainer(max_steps=2, callbacks=[callback(tmp_path)])
     with pytest.raises(ValueError, match=match):
+        fit.fit(module, loader(n=8, batch_size=4))
+    assert fit.global_step == 0
+
+
+@pytest.mark.parametrize(("process", "solver"), [("flow", "euler"), ("ddpm", "ddim")])
+def test_sampling_callbacks_without_a_solver_take_the_models_own(tmp_path, process, solver) -> None:
+    """solver=None (the default) is the process's first solver, chosen at setup: a flow model's callbacks work
+    without naming euler, a DDPM's sample with ddim as before; the FID is computed with it."""
+    module = DiffusionModule(RecordingNet(), process=process, image_shape=SHAPE)
+    grid, fid = SampleGridCallback(num_samples=4, solver_steps=2, every_n_steps=2, at_train_end=False), _fid(tmp_path)
+    assert grid.solver is None and fid.solver is None
+    fit = trainer(max_steps=2, callbacks=[grid, fid])
+    fit.fit(module, loader(n=8, batch_size=4))
+    assert (grid.solver, fid.solver) == (solver, solver) and fit.global_step == 2
+    assert len(fid.history) == 1 and math.isfinite(fid.history[0][1])
+
+
+def test_a_default_solver_given_eta_fails_at_setup_on_a_flow(tmp_path) -> None:
+    module = flow_module()
+    fit = trainer(max_steps=2, callbacks=[SampleGridCallback(num_samples=4, solver_steps=2, eta=0.0)])
+    with pytest.raises(ValueError, match=r"SampleGridCallback: .*eta applies to DDPM's ddim solver only; euler"):
         fit.fit(module, loader(n=8, batch_size=4))
     assert fit.global_step == 0
 

@@ -579,3 +579,28 @@ def test_train_loss_logged_only_when_written_and_logs_unchanged(tmp_path, monkey
         assert calls == ["train/loss"] * (len(steps_written) if name == "skip" else steps_run)
     assert [s for s, _ in written["skip"]] == steps_written
     assert written["skip"] == written["every"]
+
+
+def _one_cycle(total_steps):
+    from functools import partial
+
+    return partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-3, total_steps=total_steps)
+
+
+def test_a_one_cycle_schedule_shorter_than_the_run_fails_before_the_first_step():
+    """OneCycleLR raises when stepped past total_steps, hours into a run: refused when the optimizer is built."""
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8), lr_scheduler=_one_cycle(3))
+    fit = trainer(max_steps=4)
+    with pytest.raises(ValueError, match=r"OneCycleLR\(total_steps=3\) ends before trainer.max_steps=4 .*total_steps to 4"):
+        fit.fit(module, loader(n=8, batch_size=4))
+    assert fit.global_step == 0
+
+
+def test_a_one_cycle_schedule_longer_than_the_run_warns_and_one_that_fits_is_silent(recwarn):
+    fit = trainer(max_steps=4)
+    with pytest.warns(UserWarning, match=r"OneCycleLR\(total_steps=8\) is longer .*stops 50% of the way"):
+        fit.fit(DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8), lr_scheduler=_one_cycle(8)), loader(n=8, batch_size=4))
+    recwarn.clear()
+    fit = trainer(max_steps=4)
+    fit.fit(DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8), lr_scheduler=_one_cycle(4)), loader(n=8, batch_size=4))
+    assert fit.global_step == 4 and not [w for w in recwarn if "OneCycleLR" in str(w.message)]

@@ -111,7 +111,7 @@ class SolverSettings:
 
     def _set_solver(
         self,
-        solver: AnySolver,
+        solver: AnySolver | None,
         solver_steps: int,
         eta: float | None,
         use_ema: bool,
@@ -119,22 +119,34 @@ class SolverSettings:
     ) -> None:
         """Check and store the generation settings."""
         owner = type(self).__name__
-        if solver not in (*SOLVERS, *FLOW_SOLVERS):
+        if solver is not None and solver not in (*SOLVERS, *FLOW_SOLVERS):
             choices = " or ".join(f'"{name}"' for name in (*SOLVERS, *FLOW_SOLVERS))
-            raise ValueError(f"{owner}(solver={solver!r}): choose {choices} (euler and heun for flow models).")
+            raise ValueError(f"{owner}(solver={solver!r}): choose {choices} (euler and heun for flow models), "
+                             "or null for the model's own (ddim for a DDPM, euler for a flow).")
         solver_steps = check_int(solver_steps, "solver_steps", minimum=2, hint="at most the model's T")
         eta = None if eta is None else check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
-        if solver in FLOW_SOLVERS:
-            check_process_solver(solver, "flow", owner, eta)
-        else:
-            check_solver(solver, solver_steps, eta, num_timesteps=None)  # the bound on T: in setup (_check_module)
         self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
+        if solver is not None:
+            self._check_solver_alone(owner)
         self.use_ema, self.sample_kwargs = use_ema, check_sample_kwargs(owner, sample_kwargs)
+
+    def _check_solver_alone(self, owner: str) -> None:
+        """What can be checked without the model: eta and the step count against the solver."""
+        if self.solver in FLOW_SOLVERS:
+            check_process_solver(self.solver, "flow", owner, self.eta)
+        else:
+            check_solver(self.solver, self.solver_steps, self.eta, num_timesteps=None)  # T: in _check_module
 
     def _check_module(self, pl_module: "pl.LightningModule") -> None:
         """In ``setup``, before any training step: ``pl_module`` can sample with these settings."""
         owner, sample = type(self).__name__, sample_method(pl_module)
         process = getattr(pl_module, "process", None)
+        if self.solver is None:  # the process's own first solver; a module without one samples with ddim
+            self.solver = PROCESS_SOLVERS.get(process, SOLVERS)[0] if isinstance(process, str) else SOLVERS[0]
+            try:
+                self._check_solver_alone(owner)
+            except ValueError as err:
+                raise ValueError(f"{owner}: {err}") from None
         if isinstance(process, str) and process in PROCESS_SOLVERS:  # a DiffusionModule: a solver of its process
             check_process_solver(self.solver, process, owner)
         num_timesteps = getattr(pl_module, "num_timesteps", None)
@@ -244,8 +256,9 @@ class FIDCallback(SolverSettings, pl.Callback):
         on_train_end: evaluate once more when training ends (skipped if that step was just evaluated).
         num_samples: generated images per evaluation, over all ranks.
         solver / solver_steps / eta: how images are generated, passed to ``pl_module.sample``:
-            "ddim", "ddpm" or "dpmpp_2m" (a flow model: "euler" or "heun"), its number of steps, and eta (None: the
-            solver's default; ddim only).
+            "ddim", "ddpm" or "dpmpp_2m" (a flow model: "euler" or "heun"; None: the model's own, ddim for a
+            DDPM and euler for a flow, chosen at setup), its number of steps, and eta (None: the solver's
+            default; ddim only).
         batch_size: images per ``sample`` call and per feature-network batch; a stop signal is
             honoured between batches.
         feature_extractor: "inception" (standard; needs its weights file), "fashion_mnist" (offline),
@@ -274,7 +287,7 @@ class FIDCallback(SolverSettings, pl.Callback):
         on_validation: bool = False,
         on_train_end: bool = True,
         num_samples: int = 5000,
-        solver: AnySolver = "ddim",
+        solver: AnySolver | None = None,
         solver_steps: int = 50,
         eta: float | None = None,
         batch_size: int = 500,

@@ -36,8 +36,9 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         every_n_steps: steps between grids (``trainer.global_step`` multiples).
         num_samples: images in the grid.
         solver / solver_steps / eta: how images are generated, passed to ``pl_module.sample``:
-            "ddim", "ddpm" or "dpmpp_2m" (a flow model: "euler" or "heun"), its number of steps, and eta (None: the
-            solver's default; ddim only).
+            "ddim", "ddpm" or "dpmpp_2m" (a flow model: "euler" or "heun"; None: the model's own, ddim for a
+            DDPM and euler for a flow, chosen at setup), its number of steps, and eta (None: the solver's
+            default; ddim only).
         seed: noise seed, the same for every grid.
         save_dir: write ``samples_step{N}.png`` here at every grid; None: only at train end, in the log dir.
         nrow: images per grid row (default: about the square root of ``num_samples``).
@@ -50,7 +51,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         self,
         every_n_steps: int = 1000,
         num_samples: int = 64,
-        solver: AnySolver = "ddim",
+        solver: AnySolver | None = None,
         solver_steps: int = 50,
         eta: float | None = None,
         seed: int = 0,
