@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from benchmarks.convergence import launch, report, stats
+from benchmarks.convergence.runs import RUNS
 from benchmarks.convergence.run import PartTimer
 from benchmarks.step_profile import family
 
@@ -769,11 +770,11 @@ def test_time_limit_inside_an_fid_evaluation_saves_and_the_next_part_makes_it(tm
     assert second["steps_done"] == 3 and second["fid_pending"] is None
     assert [(p["from_step"], p["to_step"]) for p in second["parts"]] == [(0, 2), (2, 3)]
 
-    finished = Namespace(out=str(out_at_n), final_samples=0, final_strategies=[])
+    finished = Namespace(out=str(out_at_n), final_samples=0, final_strategies=[], stop_at=None)
     assert not launch._finished(finished, "uniform", 0, 2)  # N reached, its FID point not: the launcher resumes it
     run_main("convergence", command(out_at_n, 2, "--time-limit", "8"), home)
     assert result(out_at_n)["fid_history"] == [reference] and launch._finished(finished, "uniform", 0, 2)
-    assert not launch._finished(Namespace(out=str(out_at_n), final_samples=8, final_strategies=["uniform"]),
+    assert not launch._finished(Namespace(out=str(out_at_n), final_samples=8, final_strategies=["uniform"], stop_at=None),
                                 "uniform", 0, 2)  # the final FIDs asked for are missing
 
 
@@ -1178,3 +1179,31 @@ def test_latent_throughput_smoke_encodes_caches_and_trains_from_the_cache(tmp_pa
     assert preset["loader"] == "LatentBatchLoader" and preset["flops_per_image"] > 0
     assert len(preset["windows"]) == 2 and preset["min"] <= preset["images_per_s"] <= preset["max"]
     assert preset["encoder_calls"] == 2 * 2  # built once (16 images in 2 batches, image and mirror); fit read the cache
+
+
+def test_a_study_key_names_each_entrys_n_and_ema_decay(tmp_path: Path) -> None:
+    """report --summary-key speedup_study writes {strategy: {mean, min, max, seeds, steps, N, ema, ...}}: uniform
+    reaches FID 10 at 10k; the candidate at 6,667 (1.5x) and 5k (2x), its EMA decay read from the runs' overrides."""
+    out = tmp_path / "study"
+    curves = {("uniform", 0): [(5000, 20.0), (10000, 10.0)], ("uniform", 1): [(5000, 20.0), (10000, 10.0)],
+              ("loss_decrease", 0): [(5000, 12.0), (10000, 6.0)], ("loss_decrease", 1): [(5000, 8.0), (10000, 5.0)]}
+    for (strategy, seed), curve in curves.items():
+        folder = out / f"{strategy}_s{seed}"
+        folder.mkdir(parents=True)
+        folder.joinpath("result.json").write_text(json.dumps({
+            "strategy": strategy, "seed": seed, "steps_done": 10000, "fid_history": curve, "fid_solver": "ddim-50",
+            "configs": ["fashion_mnist_dit.yaml", *RUNS[strategy]], "card": "card",
+            "overrides": ["--seed_everything", str(seed), "--ema.init_args.decay", "0.999"]}))
+    summary = tmp_path / "summary.json"
+    args = Namespace(out=str(out), include=[], base="fashion_mnist_dit.yaml", plots=False, smoke=False, summary=True,
+                     summary_file=str(summary), summary_key="speedup_study")
+    report.report(args)
+    written = json.loads(summary.read_text())
+    assert set(written) == {"speedup_study", "speedup_study_half"}
+    entry = written["speedup_study"]["loss_decrease"]
+    assert {k: entry[k] for k in ("mean", "min", "max", "seeds", "steps", "N", "ema")} == {
+        "mean": pytest.approx(1.75), "min": pytest.approx(1.5), "max": 2.0,
+        "seeds": 2, "steps": 10000, "N": 10000, "ema": 0.999}
+    # without the override, the base config's decay
+    assert report.ema_decay([{"strategy": "uniform", "configs": ["fashion_mnist_dit.yaml"], "overrides": []}],
+                            "uniform") == 0.9999

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import update_summary, write_json
+from benchmarks.common import load_config, update_summary, write_json
 from benchmarks.convergence.plots import plot, plot_areas, plot_headline
 from benchmarks.convergence.runs import BASELINES
 from benchmarks.convergence.stats import curve_solver, speedups, summary_keys
@@ -59,13 +59,34 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             compared = (strategy, BASELINES.get(strategy, "uniform"))
             return ", ".join(sorted({r[field] for r in results if r["strategy"] in compared}))
 
+        keys = summary_keys(solver, base_config(results, args.base))
+        study = getattr(args, "summary_key", None)  # a study's own key: its entries also name N and the EMA decay
+        if study:
+            keys = (study, f"{study}_half")
         merge_speedups(Path(args.summary_file), {
-            key: {s: {**_headline(v), "card": sources(s, "card"), "results": sources(s, "folder")}
+            key: {s: {**_headline(v), **({"N": budgets[s][n], "ema": ema_decay(results, s)} if study else {}),
+                      "card": sources(s, "card"), "results": sources(s, "folder")}
                   for s, v in headline[n].items()}
-            for key, n in zip(summary_keys(solver, base_config(results, args.base)), ("N", "N_half"))
+            for key, n in zip(keys, ("N", "N_half"))
         })
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets")}, indent=1))
     return summary
+
+
+def ema_decay(results: list[dict[str, Any]], strategy: str) -> float | None:
+    """The EMA decay a strategy's runs used: their ``--ema.init_args.decay`` override, else their base config's
+    (None: no EMA, or runs that disagree)."""
+    decays = set()
+    for r in results:
+        if r["strategy"] != strategy:
+            continue
+        overrides = r.get("overrides", [])
+        if "--ema.init_args.decay" in overrides:
+            decays.add(float(overrides[overrides.index("--ema.init_args.decay") + 1]))
+        else:
+            ema = load_config(r["configs"][0]).get("ema") or {}
+            decays.add(ema.get("init_args", {}).get("decay"))
+    return decays.pop() if len(decays) == 1 else None
 
 
 def base_config(results: list[dict[str, Any]], default: str) -> str:

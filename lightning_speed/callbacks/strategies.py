@@ -46,7 +46,6 @@ from lightning_speed.schedules import prediction_of
 from lightning_speed.timesteps.base import (
     ConstantWeighting, StepRecord, Strategy, TimestepStrategy, UniformSampling, split_roles,
 )
-from lightning_speed.timesteps.baselines import LossAwareSampling
 from lightning_speed.validation import check_int
 
 TIMESTEP_LINES = (
@@ -265,7 +264,7 @@ class TimestepCallback(Callback):
             self._timesteps = strategy
         if self.sampling is not None:
             self.sampling.set_step(trainer.global_step, trainer.max_steps)  # a curriculum without max_steps fails here
-            if isinstance(self.sampling, LossAwareSampling):
+            if hasattr(self.sampling, "all_gather"):  # adaptive samplers see every rank's losses
                 self.sampling.all_gather = gather_from_ranks if trainer.world_size > 1 else None
         if self._pending_state is not None:
             self._apply_pending()

@@ -4,11 +4,12 @@ Each strategy holds its settings and builds its tables when bound to a schedule;
 both roles with one tau. ``base`` holds the protocol and ``TimestepStrategy`` (the one object a
 training step uses), ``speed`` SpeeD, ``baselines`` the methods SpeeD is compared with, ``log_snr``
 densities shaped in log-SNR (Laplace, EDM's log-normal) as tables over t, ``curriculum`` a shaped
-strategy annealed to uniform t. ``lightning_speed.callbacks.TimestepCallback`` installs them on a
-LightningModule's ``timesteps``. The same strategies bind to a flow (``flow.FlowSchedule``) where they have a
+strategy annealed to uniform t, ``adaptive`` sampling by each bin's recent loss decrease.
+``lightning_speed.callbacks.TimestepCallback`` installs them on a LightningModule's ``timesteps``. The same strategies bind to a flow (``flow.FlowSchedule``) where they have a
 flow form (``Strategy.processes``); ``ModeSampling`` and ``CosMapSampling`` exist on flows only.
 """
 
+from lightning_speed.timesteps.adaptive import LossDecreaseSampling
 from lightning_speed.timesteps.base import (
     ConstantWeighting,
     SamplingStrategy,
@@ -56,6 +57,7 @@ __all__ = [
     "LaplaceLogSNRSampling",
     "LogitNormalSampling",
     "LossAwareSampling",
+    "LossDecreaseSampling",
     "MinSNRWeighting",
     "ModeSampling",
     "P2Weighting",

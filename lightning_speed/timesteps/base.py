@@ -76,7 +76,8 @@ FLOW_EDGE = 2.0**-24
 SNR is infinite or 0, for mass 2^-24 that float32 rounding would otherwise put there."""
 
 FLOW_SAMPLING = (
-    "UniformSampling, LogitNormalSampling, ModeSampling, CosMapSampling, LossAwareSampling, CurriculumSampling"
+    "UniformSampling, LogitNormalSampling, ModeSampling, CosMapSampling, LossAwareSampling, LossDecreaseSampling, "
+    "CurriculumSampling"
 )
 FLOW_WEIGHTING = "ConstantWeighting, MinSNRWeighting, P2Weighting"
 
