@@ -39,7 +39,9 @@ from typing_extensions import override
 
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps.base import TableSampling, inverse_cdf_sample, probabilities_to_cdf
+from lightning_speed.timesteps.base import (
+    TableSampling, binned_flow_cdf, inverse_cdf_sample, probabilities_to_cdf, sample_binned_flow,
+)
 from lightning_speed.validation import check_bool, check_int, check_number
 
 PROGRESS_FLOOR = 1e-3
@@ -108,18 +110,12 @@ class LossDecreaseSampling(TableSampling):
     def sample(self, n: int) -> Tensor:
         if self.process != "flow":
             return inverse_cdf_sample(self.cdf, n, self.generator)
-        b = inverse_cdf_sample(self._bin_cdf, n, self.generator)
-        u = torch.rand(n, device=self.device, generator=self.generator)
-        return self.schedule.warp((b + u) / self.bins)
+        return sample_binned_flow(self.schedule, self._bin_cdf, n, self.generator)
 
     @override
     def cdf_at(self, t: Any) -> Tensor:
         """P(drawn t <= t) on a flow: piecewise linear in the unshifted time."""
-        probs = self.bin_probs.detach().double().cpu()
-        cumulative = torch.cat([probs.new_zeros(1), probs.cumsum(0)])
-        x = self.schedule.unwarp(torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)) * self.bins
-        j = x.floor().long().clamp(0, self.bins - 1)
-        return cumulative[j] + probs[j] * (x - j)
+        return binned_flow_cdf(self.schedule, self.bin_probs, t)
 
     @override
     def importance_weight(self, t: Tensor) -> Tensor | None:

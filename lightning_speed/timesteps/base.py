@@ -68,6 +68,25 @@ def inverse_cdf_sample(cdf: Tensor, n: int, generator: torch.Generator | None = 
     return t.clamp_(max=cdf.numel() - 1)
 
 
+def sample_binned_flow(schedule: FlowSchedule, bin_cdf: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """``n`` flow times from bins of equal width in the unshifted time: a bin by inverse CDF, a uniform point
+    inside it, then the schedule's shift (the adaptive samplers' flow form)."""
+    bins = bin_cdf.numel()
+    b = inverse_cdf_sample(bin_cdf, n, generator)
+    u = torch.rand(n, device=bin_cdf.device, generator=generator)
+    return schedule.warp((b + u) / bins)
+
+
+def binned_flow_cdf(schedule: FlowSchedule, bin_probs: Tensor, t: Any) -> Tensor:
+    """P(drawn t <= t) for ``sample_binned_flow``: piecewise linear in the unshifted time (float64, CPU)."""
+    probs = bin_probs.detach().double().cpu()
+    bins = probs.numel()
+    cumulative = torch.cat([probs.new_zeros(1), probs.cumsum(0)])
+    x = schedule.unwarp(torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)) * bins
+    j = x.floor().long().clamp(0, bins - 1)
+    return cumulative[j] + probs[j] * (x - j)
+
+
 PROBABILITY_BINS = 1000
 """Equal bins of [0, 1] in which ``probabilities()`` reports the distribution of flow times."""
 

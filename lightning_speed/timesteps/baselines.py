@@ -66,7 +66,8 @@ from lightning_speed import flow
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
 from lightning_speed.timesteps.base import (
-    SamplingStrategy, TableSampling, TableWeighting, inverse_cdf_sample, probabilities_to_cdf,
+    SamplingStrategy, TableSampling, TableWeighting, binned_flow_cdf, inverse_cdf_sample, probabilities_to_cdf,
+    sample_binned_flow,
 )
 from lightning_speed.validation import check_int, check_number
 
@@ -425,20 +426,14 @@ class LossAwareSampling(TableSampling):
 
     @override
     def sample(self, n: int) -> Tensor:
-        b = inverse_cdf_sample(self.cdf, n, self.generator)
         if self.process != "flow":
-            return b
-        u = torch.rand(n, device=self.device, generator=self.generator)
-        return self.schedule.warp((b + u) / self.bins)
+            return inverse_cdf_sample(self.cdf, n, self.generator)
+        return sample_binned_flow(self.schedule, self.cdf, n, self.generator)
 
     @override
     def cdf_at(self, t: Any) -> Tensor:
         """P(drawn t <= t) on a flow under the current bin probabilities (piecewise linear in the unshifted time)."""
-        probs = self.probs.detach().double().cpu()
-        cumulative = torch.cat([probs.new_zeros(1), probs.cumsum(0)])
-        x = self.schedule.unwarp(_float64(t)) * self.bins
-        j = x.floor().long().clamp(0, self.bins - 1)
-        return cumulative[j] + probs[j] * (x - j)
+        return binned_flow_cdf(self.schedule, self.probs, t)
 
     def start_history(self, num_timesteps: int) -> None:
         """An empty history for ``num_timesteps`` values of t (uniform p until it fills)."""
