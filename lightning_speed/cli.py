@@ -19,12 +19,13 @@ from typing import Any, NoReturn, Optional, Union
 import yaml
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lightning_speed.callbacks.ema import EMAWeightAveraging
 from lightning_speed.callbacks.fid import FIDCallback
 from lightning_speed.callbacks.monitor import TimestepMonitor
+from lightning_speed.callbacks.progress import StepProgressBar
 from lightning_speed.callbacks.samples import SampleGridCallback
 from lightning_speed.callbacks.guard import CheckpointOnSignal, DivergenceError, DivergenceGuard
 from lightning_speed.callbacks.strategies import TimestepCallback
@@ -447,7 +448,8 @@ class SpeedCLI(LightningCLI):
         return super()._instantiate_trainer(config, [*installs, *(c for c in callbacks if c is not None)])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The configured Trainer plus the two safety callbacks every run gets (unless configured already).
+        """The configured Trainer plus the two safety callbacks every run gets (unless configured already), with
+        ``StepProgressBar`` in place of Lightning's default bar.
 
         ``DivergenceGuard`` goes first, so at the end of training it checks before evaluation
         callbacks sample from the model; ``CheckpointOnSignal`` saves a checkpoint on SIGTERM/SIGINT.
@@ -456,6 +458,9 @@ class SpeedCLI(LightningCLI):
         check_trainer_values(trainer)
         missing = [cls() for cls in (DivergenceGuard, CheckpointOnSignal) if not any(isinstance(c, cls) for c in trainer.callbacks)]
         trainer.callbacks[:0] = missing
+        for i, callback in enumerate(trainer.callbacks):  # Lightning's default bar: one that counts steps instead
+            if type(callback) is TQDMProgressBar:
+                trainer.callbacks[i] = StepProgressBar(callback.refresh_rate, callback.process_position)
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
