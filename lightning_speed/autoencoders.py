@@ -69,7 +69,45 @@ def _check_folder(folder: Path, subfolder: str | None) -> Path:
         raise AutoencoderUnavailable(
             f"Autoencoder folder {str(where)!r} lacks {', '.join(missing)}. " + _folder_hint(f" ({where})")
         )
+    weights = where / WEIGHT_FILES[1]
+    damage = safetensors_damage(weights) if weights.is_file() else None
+    if damage is not None:
+        raise AutoencoderUnavailable(f"{weights} looks cut off or corrupt ({damage}): download or copy it again.")
     return where
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """Why the safetensors file at ``path`` cannot be read whole (cut off, a broken header), or None. The format:
+    an 8-byte little-endian header length, a JSON header whose tensors name their byte ranges, the bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"{size:,} bytes, shorter than its header"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "its header cannot be read"
+    expected = 8 + length + end
+    return None if size >= expected else f"it holds {size:,} of the {expected:,} bytes its header announces"
+
+
+def download_failure(error: BaseException) -> str:
+    """Why a hub download failed, in a few words: no connection when any exception in the chain says so (the hub
+    client reports a missing network as a file "not found" raised from the connection error), else the first line."""
+    chain, current = [], error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for cause in chain:
+        name = type(cause).__name__
+        if isinstance(cause, (ConnectionError, TimeoutError)) or any(
+                word in name for word in ("Connection", "Timeout", "NameResolution", "MaxRetry", "Offline")):
+            return f"no connection to the hub: {name}"
+    text = str(error).strip()
+    return f"download failed: {text.splitlines()[0] if text else type(error).__name__}"
 
 
 def _weights_hash(module: nn.Module) -> str:
@@ -146,7 +184,7 @@ class Autoencoder:
             try:
                 return diffusers.AutoencoderKL.from_pretrained(name, **kwargs)
             except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
-                reason = f"download failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+                reason = download_failure(err)
         files = " and ".join(f"{subfolder}/{f}" if subfolder else f for f in WEIGHT_FILES)
         raise AutoencoderUnavailable(
             f"Cannot load the autoencoder {name!r}: there is no folder of that name (relative to {os.getcwd()}), and "

@@ -69,6 +69,13 @@ def check_checkpoint_file(path: str | os.PathLike[str] | None) -> None:
         found = sorted(str(p) for p in file.rglob("*.ckpt"))[:5]
         hint = f" Checkpoints in it: {', '.join(found)}." if found else " It contains no .ckpt file."
         raise IsADirectoryError(f"--ckpt_path {path} is a folder; give a checkpoint file.{hint}")
+    with open(file, "rb") as f:
+        zip_start = f.read(4) == b"PK\x03\x04"
+    if zip_start and not zipfile.is_zipfile(file):  # torch.save's zip archive without its end (a cut-off copy or save)
+        raise ValueError(
+            f"--ckpt_path {path} looks cut off or corrupt: it starts as the zip archive torch.save writes but its "
+            f"{file.stat().st_size:,} bytes do not end as one. Copy it again, or resume from an earlier checkpoint."
+        )
     if not _torch_file(file):
         raise ValueError(
             f"--ckpt_path {path} is not a checkpoint: it is {describe_file(file)}. A checkpoint is a .ckpt file "

@@ -10,12 +10,14 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shutil
 import sys
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Union
 
+import torch
 import yaml
 
 from lightning.pytorch import Trainer
@@ -33,6 +35,7 @@ from lightning_speed.checkpoints import (
     check_checkpoint_file, check_checkpoint_matches, load_checkpoint, optimizer_changes,
 )
 from lightning_speed.module import DiffusionModule
+from lightning_speed.module_checks import check_backbone_accepts, check_data_module
 from lightning_speed.timesteps import Strategy
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -365,6 +368,26 @@ class RunConfigCallback(SaveConfigCallback):
         self.already_saved = bool(trainer.strategy.broadcast(True))
 
 
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder on ``folder``'s path that does not exist yet (None: it exists)."""
+    missing = None
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
+
+
+def check_devices(config: dict[str, Any]) -> None:
+    """``devices: -1`` (every GPU, as configs/multi_gpu/ asks) on a machine without one: Lightning falls back to the
+    CPU and refuses -1 with a message about CPUAccelerator, which says nothing of the missing GPU."""
+    if str(config.get("devices")) == "-1" and config.get("accelerator") in (None, "auto", "gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "trainer.devices: -1 asks for every GPU, but this machine has none (torch.cuda.is_available() is "
+                "False). Run it where there are GPUs, or try it on CPU processes: --trainer.accelerator cpu "
+                "--trainer.devices 2."
+            )
+
+
 def check_trainer_values(trainer: Trainer) -> None:
     """Trainer values Lightning accepts but cannot use: a negative clipping value turns clipping off without a
     word, and a validation interval of 0 fails with a ZeroDivisionError after the first step."""
@@ -443,8 +466,19 @@ class SpeedCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Install ``timesteps`` with a TimestepCallback, first; leave out the callback keys set to null (LightningCLI
         would pass their None to the Trainer)."""
+        check_devices(config)
         strategies = self._get(self.config_init, "timesteps")
         installs = [] if strategies is None else [TimestepCallback(strategies)]
+        configured = config.get("callbacks") or []
+        given = [c for c in (configured if isinstance(configured, list) else [configured]) if isinstance(c, TimestepCallback)]
+        if len(installs + given) > 1:
+            where = (["timesteps: " + ", ".join(map(repr, installs[0].strategies))] if installs else []) + [
+                f"trainer.callbacks: {c!r}" for c in given]
+            raise ValueError(
+                f"Time-step strategies are set {len(where)} times ({'; '.join(where)}), but one run trains with one: "
+                "keep the top-level timesteps: key (a list for a sampling and a weighting strategy) and remove the "
+                "others from trainer.callbacks."
+            )
         return super()._instantiate_trainer(config, [*installs, *(c for c in callbacks if c is not None)])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -532,6 +566,31 @@ class SpeedCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_ckpt_path()
 
+    def _check_model_takes_the_data(self) -> None:
+        """The model's setup check, made before ``prepare_data``: a latent data module encodes its whole image folder
+        there, which a backbone of the wrong shape would only refuse afterwards."""
+        model, data = self.model, self.datamodule
+        if isinstance(model, DiffusionModule) and data is not None:
+            shape = check_data_module(data, model.image_shape, model.num_classes)
+            if shape is not None:
+                check_backbone_accepts(model.backbone, model.diffusion, shape, model.num_classes)
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; a run that fails before its first step takes its new log folder with it when that holds
+        nothing but what every run writes at its start (TensorBoard's event file, config.yaml, hparams.yaml)."""
+        logs = {Path(d) for d in (getattr(log, "log_dir", None) for log in self.trainer.loggers) if d}
+        new = [f for f in map(_first_missing, logs) if f is not None]  # what this run creates on each log folder's path
+        try:
+            self.trainer.fit(**kwargs)
+        except BaseException:
+            if self.trainer.global_step == 0:
+                for folder in new:
+                    files = [f for f in folder.rglob("*") if f.is_file()]
+                    if all(f.name in ("config.yaml", "hparams.yaml") or f.name.startswith("events.out.tfevents")
+                           for f in files):
+                        shutil.rmtree(folder, ignore_errors=True)
+            raise
+
     def before_fit(self) -> None:
         """Check ``--ckpt_path``; under ``fast_dev_run`` write no checkpoint.
 
@@ -541,6 +600,7 @@ class SpeedCLI(LightningCLI):
         self._check_ckpt_path()
         self._name_optimizer_changes()
         check_output_folders(self.trainer)
+        self._check_model_takes_the_data()
         if self.trainer.fast_dev_run:
             for callback in self.trainer.checkpoint_callbacks:
                 if hasattr(callback, "save_last"):

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Collection
 from typing import Any, NoReturn
 
 import torch
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_number", "is_integer_tensor"]
+__all__ = ["check_bool", "check_choice", "check_folder", "check_int", "check_number", "is_integer_tensor"]
 
 
 def _fail(error: type[Exception], name: str, requirement: str, value: Any, hint: str) -> NoReturn:
@@ -92,3 +93,12 @@ def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
     return value
+
+
+def check_folder(path: Any, name: str) -> Any:
+    """``path`` unless it names an existing file where a folder (created if missing) is wanted."""
+    if isinstance(path, (str, os.PathLike)) and os.path.exists(os.path.expanduser(path)) and not os.path.isdir(
+        os.path.expanduser(path)
+    ):
+        raise ValueError(f"{name} is {path}, which is a file, not a folder: give a folder's path (it is created if missing).")
+    return path

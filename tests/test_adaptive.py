@@ -71,6 +71,38 @@ def test_probabilities_mix_the_progress_with_uniform_once_warm() -> None:
     assert sampler.cdf[-1].item() == 1.0
 
 
+def test_probabilities_are_proportional_to_the_progress_of_each_bin() -> None:
+    """Two bins falling at different rates, one flat, one rising: r_b from the float64 decayed means here and
+    p = (1 - e) r / sum(r) + e / B. Each float32 mean is K multiply-adds, each within 2^-24 relative, so r
+    (about 1 - m_fast / m_slow) is off by at most 4 x 2K x 2^-24 = atol_r; p_b then by (1 + B) atol_r / sum(r)
+    at most, far below the 0.4 by which p differs under sqrt(r), r^2 or all mass on the fastest bin."""
+    K, e = 100, 0.2
+    sampler = bound(fast=0.9, slow=0.99, uniform_prob=e)
+    curve = [[2.0 - 0.004 * k, 1.5 - 0.001 * k, 1.0, 0.5 + 0.001 * k] for k in range(K)]
+    feed(sampler, lambda k: curve[k], K)
+    r = np.zeros(4)
+    for b in range(4):
+        column = [row[b] for row in curve]
+        slow, fast = decayed_mean(column, 0.99), decayed_mean(column, 0.9)
+        r[b] = max((slow - fast) / slow - PROGRESS_FLOOR, 0.0)
+    assert r[0] > 3 * r[1] > 0 and r[2] == r[3] == 0
+    atol_r = 8 * K * 2.0**-24
+    np.testing.assert_allclose(sampler.progress.double().numpy(), r, rtol=0, atol=atol_r)
+    p = (1 - e) * r / r.sum() + e / 4
+    np.testing.assert_allclose(sampler.bin_probs.double().numpy(), p, rtol=0, atol=5 * atol_r / r.sum())
+
+
+def test_warm_once_every_bin_holds_exactly_min_count() -> None:
+    """One update of min_count samples per bin puts min_count, exactly, in every slow count: warm; one sample
+    fewer in one bin: not yet."""
+    sampler = bound(min_count=2.0)
+    feed(sampler, lambda k: [1.0, 1.0, 1.0, 1.0], steps=1, per_bin=2)
+    assert torch.equal(sampler.count_slow, torch.full((4,), 2.0)) and bool(sampler.warm)
+    short = bound(min_count=2.0)
+    short.update(torch.tensor([0, 7, 250, 257, 500, 507, 750]), torch.ones(7))
+    assert not bool(short.warm)
+
+
 def test_uniform_before_warm_and_without_progress() -> None:
     cold = bound(min_count=1e6)  # never warm within the test
     feed(cold, lambda k: [3.0 - 0.01 * k, 1.0, 1.0, 1.0], 50)

@@ -69,6 +69,32 @@ def test_cifar10_config_needs_inception_weights_offline(cli_env: Path, no_traini
     assert "feature_extractor: fashion_mnist" in message  # the offline alternative
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_log_folder(cli_env: Path, no_training: None) -> None:
+    """The FID callback's Inception is unavailable offline: setup fails after TensorBoard wrote its event file. The
+    run's new version folder goes with it; a folder that was there before, with a file of its own, stays."""
+    args = ["fit", "--config", str(QUICKSTART), "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--samples", "null", "--fid.init_args.feature_extractor", "inception",
+            "--trainer.logger.init_args.save_dir", str(cli_env / "runs")]
+    with pytest.raises(InceptionWeightsUnavailable):
+        main(args)
+    assert not (cli_env / "runs" / "quickstart").exists()
+    kept = cli_env / "runs" / "quickstart" / "version_0" / "notes.txt"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("mine")
+    with pytest.raises(InceptionWeightsUnavailable):
+        main(args)  # logs into version_1, created and removed
+    assert kept.read_text() == "mine" and sorted(p.name for p in kept.parent.parent.iterdir()) == ["version_0"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_the_multi_gpu_config_on_a_machine_without_gpus_says_so(cli_env: Path) -> None:
+    args = ["--config", str(QUICKSTART), "--config", str(REPO / "configs" / "multi_gpu" / "ddp.yaml"),
+            "--trainer.logger.init_args.save_dir", str(cli_env / "runs")]
+    with pytest.raises(ValueError, match=r"trainer.devices: -1 asks for every GPU, but this machine has none.*"
+                                         r"--trainer.accelerator cpu --trainer.devices 2"):
+        main(args, run=False)
+
+
 # ------------------------------------------------------------------------------ the entry points
 def test_module_help_exits_zero(cli_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m lightning_speed fit --help``: the package's ``__main__`` run in this process (runpy), not in a new one
@@ -292,6 +318,35 @@ def test_ckpt_path_to_a_text_file_says_what_the_file_is(cli_env: Path, no_traini
     message = str(err.value)
     assert f"--ckpt_path {notes} is not a checkpoint: it is a text file of 21 bytes starting with 'lr 0.002 looked best'" in message
     assert "runs/<name>/version_N/checkpoints/last.ckpt" in message  # what to give instead
+
+
+def test_a_cut_off_checkpoint_is_named_as_one(cli_env: Path, no_training: None) -> None:
+    """torch.save's zip archive cut in half (a copy or save that did not finish): refused as cut off, not as 'not a
+    checkpoint'; the whole file is accepted by the same check."""
+    whole = cli_env / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, whole)
+    half = cli_env / "half.ckpt"
+    half.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"--ckpt_path {half} looks cut off or corrupt: .*Copy it again"):
+        main(["fit", "--config", str(QUICKSTART), *FAST, "--ckpt_path", str(half)])
+    from lightning_speed.checkpoints import check_checkpoint_file
+
+    check_checkpoint_file(whole)
+
+
+def test_strategies_set_both_under_timesteps_and_in_trainer_callbacks_are_refused(cli_env: Path) -> None:
+    """SpeeD under timesteps: (the quickstart's) and again as a callback: one error naming both places, before
+    training, instead of Lightning's note on duplicate stateful callbacks."""
+    from lightning_speed.callbacks import TimestepCallback
+
+    twice = cli_env / "twice.yaml"
+    twice.write_text("trainer:\n  callbacks:\n    - class_path: lightning_speed.callbacks.SpeeD\n"
+                     "      init_args: {tau: 700, k: 5.0}\n")
+    with pytest.raises(ValueError, match=r"Time-step strategies are set 2 times \(timesteps: SpeeD\(tau=700.*; "
+                                         r"trainer.callbacks: TimestepCallback\(SpeeD.*remove the others"):
+        main(["--config", str(QUICKSTART), "--config", str(twice), *FAST], run=False)
+    alone = main(["--config", str(QUICKSTART), "--config", str(twice), "--timesteps", "null", *FAST], run=False)
+    assert sum(isinstance(c, TimestepCallback) for c in alone.trainer.callbacks) == 1
 
 
 def test_checkpoint_of_another_backbone_size_gets_a_short_summary(cli_env: Path, no_training: None) -> None:

@@ -364,3 +364,24 @@ def test_fsdp_file_builds_lightnings_fsdp_strategy_for_dit_xl(cli_env: Path) -> 
     assert cli.config.timesteps.class_path == "lightning_speed.timesteps.SpeeD"
     assert cli.config.ema.init_args.decay == 0.9999  # the base's EMA, averaged per shard (test_ema.py, test_fsdp.py)
     assert cli.config.fid is None and cli.config.samples is None and cli.config.final_fid is None  # no sampling
+
+
+def test_a_backbone_that_cannot_take_the_latents_fails_before_any_encoding(cli_env: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paper config's DiT given in_channels 1 for 4-channel latents: refused before the image folder is encoded
+    (LatentDataModule encodes it in prepare_data, which Lightning runs before the model's own setup check)."""
+    from lightning_speed.autoencoders import Autoencoder
+
+    def encode(self: Any, images: Any) -> None:
+        raise AssertionError("the image folder was encoded before the backbone was checked")
+
+    monkeypatch.setattr(Autoencoder, "encode", encode)
+    files = ("paper/ffhq.yaml", "strategies/uniform.yaml")
+    composed = {k: v for f in files for k, v in load(CONFIGS / f).items()}
+    args = ["fit", *(a for f in files for a in ("--config", str(CONFIGS / f))), "--trainer.fast_dev_run", "true",
+            "--trainer.logger.init_args.save_dir", str(cli_env / "runs"),
+            *smoke_args(composed["model"]["backbone"]["class_path"]), *data_args(composed, cli_env),
+            "--model.backbone.init_args.in_channels", "1"]
+    with pytest.raises(ValueError, match=r"The backbone DiT cannot process images of shape \(4, 32, 32\).*set in_channels"):
+        main(args)
+    assert not any((cli_env / "latents").glob("posterior-*.npy"))

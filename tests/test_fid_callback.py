@@ -320,7 +320,7 @@ def test_warns_up_front_when_evaluation_dwarfs_training(tmp_path) -> None:
     fid.evaluate = lambda *args, **kwargs: None  # the warning is the point, not the hour of sampling
     with pytest.warns(UserWarning) as caught:
         make_trainer(tmp_path, [fid], max_steps=3).fit(TinyGenerator(), datamodule=datamodule())
-    message = next(str(w.message) for w in caught if "FIDCallback" in str(w.message))
+    message = next(str(w.message) for w in caught if "network evaluations" in str(w.message))
     assert "5,000 images with DDIM-50 1 time(s): 250,000 network evaluations" in message
     assert "3,472x the training's 72 (3 steps x batch 8 x 3 for forward and backward)" in message
     assert "far longer than the training" in message
@@ -523,3 +523,14 @@ def test_reference_split_is_checked_against_the_datamodule(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"reference_split 'val'; choose one of 'train', 'test'"):
         trainer.fit(TinyGenerator(), datamodule=datamodule())
     assert trainer.global_step == 0
+
+
+def test_too_few_images_for_the_feature_dimension_warn_at_setup(tmp_path) -> None:
+    """32 generated and 200 real images in the 256-d Fashion-MNIST features: singular covariances, a warning
+    naming both counts before training; in 8-d features the same counts are quiet, and so are 300 of each in 256-d."""
+    fid = fid_callback(tmp_path, every_n_steps=None, on_train_end=False)
+    with pytest.warns(UserWarning, match=r"32 generated and 200 real images in 256-d features: .*not a meaningful"):
+        make_trainer(tmp_path, [fid], max_steps=1).fit(TinyGenerator(), datamodule=datamodule())
+    assert fid.sample_count_warning(8, 200) is None
+    assert "8 real" in fid.sample_count_warning(256, 8) and "generated" in fid.sample_count_warning(256, 8)
+    assert fid_callback(tmp_path, num_samples=300).sample_count_warning(256, 300) is None

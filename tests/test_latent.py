@@ -247,6 +247,50 @@ def test_a_failed_rebuild_leaves_the_existing_cache_intact(files: dict[str, Path
     assert latent_data(files, cache, image_size=16).cache_matches()
 
 
+@pytest.mark.parametrize("damaged", ["posterior", "labels"])
+def test_a_cut_off_cache_file_is_named_and_the_cache_rebuilt(files: dict[str, Path], tmp_path: Path,
+                                                            damaged: str) -> None:
+    """A cache file shorter than its .npy header announces (a copy or disk that did not finish) is not read: a warning
+    names it, the images are encoded again, and the damaged files are gone."""
+    cache = tmp_path / "cache"
+    latent_data(files, cache, image_size=16).setup("fit")
+    name = json.loads((cache / "meta.json").read_text())["files"][damaged]
+    whole = (cache / name).read_bytes()
+    (cache / name).write_bytes(whole[: len(whole) - 40])
+    again = latent_data(files, cache, image_size=16)
+    with pytest.warns(UserWarning, match=rf"the cached {cache / name} looks cut off or corrupt \(it holds [\d,]+ of the "
+                                         rf"[\d,]+ bytes its header announces\): encoding the images again"):
+        again.setup("fit")
+    assert again.encoder_calls > 0 and not (cache / name).exists()
+    rebuilt = json.loads((cache / "meta.json").read_text())["files"]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["meta.json", *rebuilt.values()])
+    assert latent_data(files, cache, image_size=16).cache_matches()
+
+
+def test_a_cut_off_autoencoder_weights_file_is_named(files: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "vae"
+    shutil.copytree(files["vae"], copy)
+    weights = copy / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(AutoencoderUnavailable, match=rf"{weights} looks cut off or corrupt \(it holds .* bytes its "
+                                                     r"header announces\): download or copy it again"):
+        Autoencoder.load(str(copy))
+    weights.write_bytes(b"\x10\x00")  # not even the header's length
+    with pytest.raises(AutoencoderUnavailable, match=r"looks cut off or corrupt \(2 bytes, shorter than its header\)"):
+        Autoencoder.load(str(copy))
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"LatentDataModule.cache_dir is {taken}, which is a file, not a folder"):
+        latent_data(files, taken, image_size=16)
+    with pytest.raises(ValueError, match=rf"FIDCallback.cache_dir is {taken}, which is a file, not a folder"):
+        FIDCallback(cache_dir=str(taken))
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_an_autoencoder_folder_that_does_not_exist_or_lacks_weights(tmp_path: Path) -> None:
     with pytest.raises(AutoencoderUnavailable, match="does not exist") as err:
@@ -295,3 +339,26 @@ def test_an_autoencoder_instance_and_a_pixel_model_decode() -> None:
     assert "autoencoder" not in dict(latent.named_children()) and latent.output_shape == (3, 32, 32)
     assert not any(k.startswith("autoencoder") for k in latent.state_dict())
     assert latent.decode(torch.randn(3, 4, 16, 16), batch_size=2).shape == (3, 3, 32, 32)
+
+
+def test_a_hub_download_without_network_is_named_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub client reports a missing network as a missing config.json raised from the connection error: the
+    message names the connection, not the file."""
+    import diffusers
+
+    def offline(name, **kwargs):
+        if kwargs.get("local_files_only"):
+            raise OSError("not in the local cache")
+        try:
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+        except ConnectionError as err:
+            raise OSError(f"{name} does not appear to have a file named config.json.") from err
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", offline)
+    with pytest.raises(AutoencoderUnavailable, match=r"not from the Hugging Face hub either \(no connection to the hub: "
+                                                     r"ConnectionError\)\. Either download it where there is network"):
+        Autoencoder.load("lightning-speed-tests/no-such-vae")
+    from lightning_speed.autoencoders import download_failure
+
+    assert download_failure(OSError("Repository Not Found\nmore")) == "download failed: Repository Not Found"

@@ -11,7 +11,9 @@ import pytest
 import torch
 from scipy import special, stats
 
+from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule
+from lightning_speed.timesteps import base as timesteps_base
 from lightning_speed.timesteps import (
     CLTSSampling,
     ConstantWeighting,
@@ -367,6 +369,84 @@ def test_loss_aware_state_round_trip():
         LossAwareSampling().bind(steps(30)).load_extra_state(state)
 
 
+def loss_aware_on(process: str, n_t: int, **kwargs) -> tuple[LossAwareSampling, torch.Tensor]:
+    """A loss-aware sampler with ``n_t`` histories and one t that lands in each (its bins' centres on a flow)."""
+    if process == "ddpm":
+        return LossAwareSampling(**kwargs).bind(steps(n_t)), torch.arange(n_t)
+    schedule = FlowSchedule(2.0)
+    centres = schedule.warp((torch.arange(n_t, dtype=torch.float64) + 0.5) / n_t).float()
+    sampler = LossAwareSampling(bins=n_t, **kwargs).bind(schedule)
+    assert sampler.slot_of(centres).tolist() == list(range(n_t))
+    return sampler, centres
+
+
+def second_moment_probs(losses: np.ndarray, uniform_prob: float) -> np.ndarray:
+    """p(t) = (1 - e) sqrt(E[L^2]) / sum + e / T over the rows of ``losses`` (one per t), in float64."""
+    rms = np.sqrt(np.mean(np.asarray(losses, dtype=np.float64) ** 2, axis=1))
+    return rms / rms.sum() * (1 - uniform_prob) + uniform_prob / rms.size
+
+
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_loss_aware_probabilities_are_the_second_moment_of_the_last_losses(process):
+    """Losses that vary per t, so that sqrt(E[L^2]) is proportional neither to E[L] nor to the last or the
+    largest loss; more rounds than the history, so only the last ``history`` count. The float32 path (squares,
+    a mean over H, a sqrt, a sum over T, a division, the mix) rounds about H + T + 5 times, each within
+    2^-24 relative: 64 x 2^-24 bounds the sum with room, far below the 1e-2 that the other moments differ by."""
+    n_t, history, uniform_prob = 6, 4, 0.2
+    sampler, t = loss_aware_on(process, n_t, history=history, uniform_prob=uniform_prob)
+    # Round k: t alternates between a low and a high loss whose ratio grows with t (float32-exact values).
+    rounds = np.array([[(1.0 + i) * (1.0 + (k % 2) * i) for k in range(history + 2)] for i in range(n_t)],
+                      dtype=np.float32)
+    rounds[:, -1] *= np.float32(0.5) ** np.arange(n_t)  # the last loss: not in the order of the others
+    for k in range(rounds.shape[1]):
+        sampler.update(t, torch.from_numpy(rounds[:, k]))
+    last = rounds[:, -history:]
+    expected = second_moment_probs(last, uniform_prob)
+    rtol = 64 * 2.0**-24
+    np.testing.assert_allclose(sampler.probs.double().numpy(), expected, rtol=rtol, atol=0)
+    np.testing.assert_allclose(sampler.cdf.double().numpy(), np.cumsum(expected), rtol=rtol, atol=0)
+    np.testing.assert_allclose(sampler.importance_weight(t).double().numpy(), 1 / (n_t * expected), rtol=rtol)
+    for other in (last.mean(axis=1), last[:, -1], last.max(axis=1), (last**2).mean(axis=1)):
+        wrong = other / other.sum() * (1 - uniform_prob) + uniform_prob / n_t
+        assert np.max(np.abs(wrong / expected - 1)) > 1e-2  # the test tells these apart
+
+
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_loss_aware_stays_uniform_until_every_history_is_full(process):
+    """history - 1 losses for every t: exactly uniform; one more each: the learned p. Then a second sampler
+    with every t full but one, which has history - 1: still exactly uniform."""
+    n_t, history = 5, 3
+    losses = torch.arange(1.0, n_t + 1.0)
+    sampler, t = loss_aware_on(process, n_t, history=history)
+    uniform = torch.full((n_t,), 1.0 / n_t)
+    for _ in range(history - 1):
+        sampler.update(t, losses)
+        assert not bool(sampler.warm)
+        assert torch.equal(sampler.probs, uniform)
+        assert torch.equal(sampler.cdf, timesteps_base.probabilities_to_cdf(uniform))
+    sampler.update(t, losses)
+    assert bool(sampler.warm)
+    learned = second_moment_probs(np.tile(losses.numpy()[:, None], history), 0.001)
+    np.testing.assert_allclose(sampler.probs.numpy(), learned, rtol=1e-6)
+    almost, t = loss_aware_on(process, n_t, history=history)
+    for _ in range(history - 1):
+        almost.update(t, losses)
+    almost.update(t[1:], losses[1:])  # every t but the first is full
+    assert not bool(almost.warm) and torch.equal(almost.probs, uniform)
+    almost.update(t[:1], losses[:1])
+    assert bool(almost.warm) and not torch.equal(almost.probs, uniform)
+
+
+def test_loss_aware_with_all_losses_zero_stays_uniform():
+    """Warm but no loss anywhere: no second moment to normalise, so p stays uniform (importance weights 1)."""
+    sampler = LossAwareSampling(history=2).bind(steps(4))
+    for _ in range(2):
+        sampler.update(torch.arange(4), torch.zeros(4))
+    assert bool(sampler.warm)
+    assert torch.equal(sampler.probs, torch.full((4,), 0.25))
+    assert torch.equal(sampler.importance_weight(torch.arange(4)), torch.ones(4))
+
+
 # ------------------------------------------------------------------ protocol, RNG, state
 def test_weighted_loss_multiplies_weight_and_importance():
     sampler = LossAwareSampling(history=1).bind(steps(4))
@@ -411,6 +491,33 @@ def test_table_sampler_never_draws_zero_probability():
     sampler.manual_seed(0)
     drawn = set(sampler.sample(20_000).tolist())
     assert drawn == {0, 4, 9}
+
+
+def uniform_draws_at(monkeypatch, u: list[float]) -> None:
+    """Make every torch.rand in the sampling code return ``u`` (its first n values), to reach exact boundaries."""
+    def rand(n, *, device=None, dtype=None, generator=None):
+        return torch.tensor(u[:n], dtype=dtype or torch.float32, device=device)
+
+    monkeypatch.setattr(timesteps_base.torch, "rand", rand)
+
+
+def test_inverse_cdf_sample_skips_zero_probability_at_the_boundaries(monkeypatch):
+    """u exactly on a CDF value goes to the next index with mass: p = (0, 0.5, 0, 0.5) draws 1 for u in [0, 0.5)
+    and 3 for u in [0.5, 1), never the empty 0 (u = 0) or 2 (u = 0.5)."""
+    cdf = torch.tensor([0.0, 0.5, 0.5, 1.0])
+    below = lambda x: float(np.nextafter(np.float32(x), np.float32(0)))  # noqa: E731
+    u = [0.0, 0.5, 0.25, below(0.5), below(1.0)]
+    uniform_draws_at(monkeypatch, u)
+    assert timesteps_base.inverse_cdf_sample(cdf, len(u)).tolist() == [1, 3, 1, 1, 3]
+
+
+def test_binned_flow_draws_skip_empty_bins_at_the_boundaries(monkeypatch):
+    """The flow form draws its bin the same way: u = 0 and u = 0.5 on bins of mass (0, 0.5, 0, 0.5) land at the
+    start of bins 1 and 3 (the same u places the point inside the bin), then the shift."""
+    schedule = FlowSchedule(2.0)
+    uniform_draws_at(monkeypatch, [0.0, 0.5])
+    t = timesteps_base.sample_binned_flow(schedule, torch.tensor([0.0, 0.5, 0.5, 1.0]), 2, None)
+    torch.testing.assert_close(t, schedule.warp(torch.tensor([0.25, 3.5 / 4])), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ TimestepStrategy

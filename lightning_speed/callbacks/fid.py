@@ -53,7 +53,7 @@ from lightning_speed.data.base import SPLITS, UInt8ImageDataModule
 from lightning_speed.flow import FLOW_SOLVERS
 from lightning_speed.module_checks import PROCESS_SOLVERS, AnySolver, check_process_solver
 from lightning_speed.solvers import SOLVERS, check_solver
-from lightning_speed.validation import check_choice, check_int, check_number
+from lightning_speed.validation import check_choice, check_folder, check_int, check_number
 
 ReferenceImages = Tensor | Callable[[], Tensor]
 TRAIN_PASSES = 3  # network evaluations per training image: a forward and a backward of about twice its cost
@@ -329,7 +329,8 @@ class FIDCallback(SolverSettings, pl.Callback):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         # the real side and the feature network
         self.reference_split, self.num_reference, self.reference_images = reference_split, num_reference, reference_images
-        self.feature_extractor, self.cache_dir, self.download_timeout = feature_extractor, cache_dir, download_timeout
+        self.feature_extractor, self.download_timeout = feature_extractor, download_timeout
+        self.cache_dir = check_folder(cache_dir, "FIDCallback.cache_dir")
         # what is reported
         self.compute_kid, self.kid_subset_size, self.name = compute_kid, kid_subset_size, name
 
@@ -447,6 +448,10 @@ class FIDCallback(SolverSettings, pl.Callback):
             self._kid = self._kid.to(device)
             rank, world = trainer.global_rank, trainer.world_size
             self._kid.real_features = [stats.features[rank::world].to(device)]
+        if trainer.is_global_zero and stats is not None:
+            warning = self.sample_count_warning(extractor.num_features, stats.num_samples)
+            if warning:
+                rank_zero_warn(warning)
         if trainer.is_global_zero:
             where = "cache" if self.reference_from_cache else "computed"
             rank_zero_info(
@@ -542,6 +547,18 @@ class FIDCallback(SolverSettings, pl.Callback):
         scale = self.sample_kwargs.get("guidance_scale", getattr(pl_module, "guidance_scale", 1.0))
         conditional = getattr(pl_module, "num_classes", None) is not None
         return 2 if conditional and scale not in (None, 0, 0.0, 1, 1.0) else 1
+
+    def sample_count_warning(self, num_features: int, num_real: int) -> str | None:
+        """A warning when the generated or real images are no more than the feature dimension: their covariance
+        is then singular (rank at most n - 1 < D), and the FID says nothing about the model."""
+        few = [f"{n:,} {kind}" for kind, n in (("generated", self.num_samples), ("real", num_real)) if n <= num_features]
+        if not few:
+            return None
+        return (
+            f"FIDCallback ({self.name}): {' and '.join(few)} images in {num_features}-d features: with no more "
+            f"images than features the covariance is singular and the FID is not a meaningful figure. Use well over "
+            f"{num_features:,} of each (num_samples, and num_reference or reference_images)."
+        )
 
     def cost_warning(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_size: int) -> str | None:
         """A warning when the planned evaluations need far more network evaluations than the training."""

@@ -40,13 +40,13 @@ from typing import Any, Literal, get_args
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lightning_speed.autoencoders import Autoencoder
-from lightning_speed.validation import check_bool, check_choice, check_int
+from lightning_speed.validation import check_bool, check_choice, check_folder, check_int
 
 from .base import DeviceBatchLoader, UInt8ImageDataModule, to_unit_range
 
@@ -128,15 +128,44 @@ class _DrawCollate:
 
 
 # ----------------------------------------------------------------------------- the cache on disk
-def read_meta(folder: Path) -> dict[str, Any] | None:
-    """The cache's ``meta.json``, or None when absent or unreadable (then it is rebuilt)."""
+def _raw_meta(folder: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    files = meta.get("files", {})
-    if not all(isinstance(files.get(k), str) and (folder / files[k]).is_file() for k in ("posterior", "labels")):
+    return meta if isinstance(meta, dict) else None
+
+
+def npy_damage(path: Path) -> str | None:
+    """Why the ``.npy`` file at ``path`` cannot be read whole (a cut-off copy or write, a broken header), or None."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                return None  # a newer format: left to numpy
+            shape, _, dtype = readers[version](f)
+            expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    except (OSError, ValueError) as err:
+        return f"its header cannot be read ({err})"
+    return None if size >= expected else f"it holds {size:,} of the {expected:,} bytes its header announces"
+
+
+def read_meta(folder: Path, warn: bool = False) -> dict[str, Any] | None:
+    """The cache's ``meta.json``, or None when absent, unreadable or naming files that are missing or cut off (then
+    it is rebuilt; ``warn``: say which file is damaged)."""
+    meta = _raw_meta(folder)
+    files = (meta or {}).get("files", {})
+    if meta is None or not all(isinstance(files.get(k), str) and (folder / files[k]).is_file() for k in ("posterior", "labels")):
         return None
+    for key in ("posterior", "labels"):
+        damage = npy_damage(folder / files[key])
+        if damage is not None:
+            if warn:
+                rank_zero_warn(f"LatentDataModule: the cached {folder / files[key]} looks cut off or corrupt ({damage}): "
+                               "encoding the images again.")
+            return None
     return meta
 
 
@@ -205,7 +234,7 @@ class LatentDataModule(L.LightningDataModule):
         self.image_shape = self.autoencoder.latent_shape(images.image_shape)
         self.decoded_shape = tuple(images.image_shape)
         self.name = f"{images.name}-latents"
-        self.cache_dir = cache_dir
+        self.cache_dir = check_folder(cache_dir, "LatentDataModule.cache_dir")
         self.batch_size, self.random_flip, self.seed = batch_size, check_bool(random_flip, "random_flip"), int(seed)
         self.cache_dtype, self.encode_precision = cache_dtype, encode_precision
         self.encode_batch_size, self.on_device, self.num_workers = encode_batch_size, on_device, int(num_workers)
@@ -242,7 +271,7 @@ class LatentDataModule(L.LightningDataModule):
         }
 
     def cache_matches(self) -> bool:
-        meta = read_meta(self.cache_folder())
+        meta = read_meta(self.cache_folder(), warn=True)
         return meta is not None and json.loads(json.dumps(meta.get("record"))) == json.loads(json.dumps(self.cache_record()))
 
     # ------------------------------------------------------------------ building
@@ -264,7 +293,7 @@ class LatentDataModule(L.LightningDataModule):
         partial = [folder / f"{posterior_name}.partial", folder / f"{labels_name}.partial", folder / f"meta-{build}.json.partial"]
         device = self._encode_device()
         self.autoencoder.to(device)
-        old = read_meta(folder)
+        old = _raw_meta(folder)  # its files go once the new cache is in place, damaged or not
         rank_zero_info(
             f"LatentDataModule: encoding {n:,} images{' and their mirror images' if variants == 2 else ''} with "
             f"{self.autoencoder.name} on {device} into {folder}"
@@ -306,9 +335,9 @@ class LatentDataModule(L.LightningDataModule):
         except BaseException:
             _unlink_quietly(*partial, folder / posterior_name, folder / labels_name)
             raise
-        if old is not None:  # the replaced cache's files
-            _unlink_quietly(*(folder / old["files"][k] for k in ("posterior", "labels") if old["files"][k] not in
-                              (posterior_name, labels_name)))
+        replaced = (old or {}).get("files", {})
+        _unlink_quietly(*(folder / Path(name).name for k in ("posterior", "labels")  # the replaced cache's files
+                          if isinstance(name := replaced.get(k), str) and name not in (posterior_name, labels_name)))
         return folder
 
     def prepare_data(self) -> None:
