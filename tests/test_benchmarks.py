@@ -1207,3 +1207,23 @@ def test_a_study_key_names_each_entrys_n_and_ema_decay(tmp_path: Path) -> None:
     # without the override, the base config's decay
     assert report.ema_decay([{"strategy": "uniform", "configs": ["fashion_mnist_dit.yaml"], "overrides": []}],
                             "uniform") == 0.9999
+
+
+def test_a_screen_says_which_strategy_reaches_uniforms_fid_at_twice_its_step() -> None:
+    """Uniform (2 seeds) has mean FID 10 at 10k; screened at 5k, one candidate is at 9 and 10 (both <= 10: 2x is
+    possible), another at 9 and 11 (one seed short: not 2x). Runs without --stop-at are no screen."""
+    def run(strategy: str, seed: int, curve: list, stop_at: int | None = None) -> dict:
+        return {"strategy": strategy, "seed": seed, "fid_history": curve, "stop_at": stop_at}
+
+    results = [run("uniform", 0, [(5000, 20.0), (10000, 11.0)]), run("uniform", 1, [(5000, 18.0), (10000, 9.0)]),
+               run("loss_decrease", 0, [(2500, 30.0), (5000, 9.0)], 5000),
+               run("loss_decrease", 1, [(2500, 31.0), (5000, 10.0)], 5000),
+               run("laplace_log_snr", 0, [(5000, 9.0)], 5000), run("laplace_log_snr", 1, [(5000, 11.0)], 5000),
+               run("speed", 0, [(5000, 9.0), (10000, 6.0)])]
+    screened = stats.screen(results)
+    assert set(screened) == {"loss_decrease", "laplace_log_snr"}
+    assert screened["loss_decrease"] == {"step": 5000, "fid_per_seed": [9.0, 10.0], "baseline_fid_at_double": 10.0,
+                                         "baseline_seeds": 2, "reaches_2x": True}
+    assert screened["laplace_log_snr"]["reaches_2x"] is False
+    # no uniform curve at twice the step: nothing to say
+    assert stats.screen([r for r in results if r["strategy"] != "uniform" or r["fid_history"][-1][0] < 10000]) == {}

@@ -11,7 +11,7 @@ from typing import Any
 from benchmarks.common import load_config, update_summary, write_json
 from benchmarks.convergence.plots import plot, plot_areas, plot_headline
 from benchmarks.convergence.runs import BASELINES
-from benchmarks.convergence.stats import curve_solver, speedups, summary_keys
+from benchmarks.convergence.stats import curve_solver, screen, speedups, summary_keys
 
 
 def _headline(entry: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +49,9 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     summary = {"N": headline["N"], "N_half": headline["N_half"], "budgets": budgets,
                "tables": {str(b): t for b, t in sorted(tables.items())},
                "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done", "folder")} for r in results]}
+    screened = screen(results)
+    if screened:  # runs launched with --stop-at: the 2x test at N = twice their step
+        summary["screen"] = screened
     write_json(out / "speedups.json", summary)
     if args.plots:
         plot(results, out / "fid_vs_step.png", solver)
@@ -69,7 +72,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                   for s, v in headline[n].items()}
             for key, n in zip(keys, ("N", "N_half"))
         })
-    print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets", "screen") if k in summary}, indent=1))
     return summary
 
 

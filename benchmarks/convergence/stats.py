@@ -100,6 +100,29 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
 
 
 
+def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """For runs stopped early (``--stop-at s``): does each strategy reach, by step s, the FID uniform has at 2s?
+
+    A strategy that is twice as fast as uniform at N = 2s must; one that does not is not. Per strategy whose runs
+    all stopped at one step s, with a uniform curve that reaches 2s: its FIDs at s, uniform's mean FID at 2s.
+    """
+    out: dict[str, Any] = {}
+    for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
+        runs = [r for r in results if r["strategy"] == strategy]
+        stops = {r.get("stop_at") for r in runs}
+        if len(stops) != 1 or None in stops:
+            continue
+        (step,) = stops
+        baseline, seeds = _mean_curve(results, BASELINES.get(strategy, "uniform"), 2 * step)
+        fids = [fid_at(r["fid_history"], step) for r in runs]
+        if not baseline or None in fids:
+            continue
+        target = baseline[-1][1]
+        out[strategy] = {"step": step, "fid_per_seed": fids, "baseline_fid_at_double": target,
+                         "baseline_seeds": seeds, "reaches_2x": all(f <= target for f in fids)}
+    return out
+
+
 def run_solver(result: dict[str, Any]) -> str:
     """The solver of a run's FID curve: "fid_solver" ("fid_sampler" in results written before the naming
     rule; neither in the first results, which all used the protocol's DDIM-50)."""
