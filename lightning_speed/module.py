@@ -77,9 +77,8 @@ class DiffusionModule(pl.LightningModule):
             [-1, 1] (warn on [0, 1]-looking data); false for data of another range on purpose. Latent data (an
             autoencoder, here or the data module's) is exempt from the range, not from the NaN check.
         clip_denoised: clamp each solver step's predicted x0 to [-1, 1] in ``sample``, so samples lie in [-1, 1].
-            None: from the data space: on for pixels, off for latents (an autoencoder, here or the data module's),
-            which have no such bound (improved DDPM clips pixels, DiT samples latents unclipped). ``sample`` takes
-            it per call too; the ``clip_denoised`` attribute is the resolved setting.
+            None: on for pixels, off for latents (an autoencoder, here or the data module's; a checkpoint keeps the
+            choice), as improved DDPM clips pixels and DiT samples latents unclipped. ``sample`` takes it per call.
     """
 
     def __init__(
@@ -149,8 +148,7 @@ class DiffusionModule(pl.LightningModule):
 
     @property
     def clip_denoised(self) -> bool:
-        """Whether ``sample`` clamps the predicted x0 to [-1, 1]: as set, or where unset (None) from the data
-        space: pixels yes, latents (an autoencoder, here or the data module's) no."""
+        """Whether ``sample`` clamps x0 to [-1, 1]: as set, else from the data space (pixels yes, latents no)."""
         if self._clip_denoised is not None:
             return self._clip_denoised
         return self._autoencoder() is None
@@ -209,12 +207,14 @@ class DiffusionModule(pl.LightningModule):
             ) from err
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The process and T beside the hyperparameters, which load_from_checkpoint overwrites with its keyword arguments
-        checkpoint["process"], checkpoint["num_timesteps"] = self.process, self.num_timesteps
+        # The process, T and the clipping of the data space beside the hyperparameters (load_from_checkpoint's keyword
+        # arguments overwrite those): a latent model loaded without its autoencoder still samples unclipped
+        checkpoint.update(process=self.process, num_timesteps=self.num_timesteps, clip_denoised=self.clip_denoised)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Before the weights load: the checkpoint must fit this process, backbone and T (short errors, no tensor list)."""
         check_checkpoint_process(checkpoint, self.process, self.num_timesteps)
+        self._clip_denoised = checkpoint.get("clip_denoised") if self._clip_denoised is None else self._clip_denoised
         if "state_dict" in checkpoint:  # sharded strategies (FSDP) load the weights themselves and drop it
             check_state_matches(self, checkpoint["state_dict"])
 

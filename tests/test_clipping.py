@@ -150,6 +150,22 @@ def test_a_latent_data_module_leaves_sampling_and_the_callbacks_unclipped(solver
     assert model.clip_denoised is False
 
 
+def test_a_latent_checkpoint_loaded_without_its_autoencoder_samples_unclipped(tmp_path: Path) -> None:
+    """The data space is decided in training (the data module's autoencoder); the checkpoint keeps the choice, so
+    the module loaded alone, which sees no autoencoder, still samples latents unclipped. A set value wins."""
+    data, model = LatentData(), module()
+    trainer = cpu_trainer(max_steps=1)
+    trainer.fit(model, datamodule=data)
+    path = tmp_path / "latent.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = DiffusionModule.load_from_checkpoint(path, backbone=GaussianEpsilon(), weights_only=False)
+    assert loaded.clip_denoised is False
+    assert_unclipped(sample(loaded, "ddim", None))
+    forced = DiffusionModule.load_from_checkpoint(path, backbone=GaussianEpsilon(), clip_denoised=True,
+                                                  weights_only=False)
+    assert forced.clip_denoised is True
+
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LATENT_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml")
                         if str((yaml.safe_load(p.read_text()).get("data") or {}).get("class_path", ""))
