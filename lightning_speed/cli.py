@@ -526,6 +526,12 @@ class SpeedCLI(LightningCLI):
         after = _leaves(self.config[subcommand]["model"].as_dict(), "model")
         changed = [f"  {key}: configured {before[key]!r}, checkpoint {after[key]!r}"
                    for key in before if key in after and after[key] != before[key]]
+        if before.get("model.process") != after.get("model.process") and "model.process" in after:
+            raise ValueError(
+                f"--ckpt_path {self.config[subcommand]['ckpt_path']} holds a {after['model.process']} model, but the "
+                f"configuration trains a {before.get('model.process')} model (model.process): resume it with its own "
+                "config.yaml (runs/<name>/version_N/config.yaml), or start a new run without --ckpt_path."
+            )
         _warn_unused(f"--ckpt_path {self.config[subcommand]['ckpt_path']} was trained with other model hyperparameters, "
                      "and LightningCLI restores the checkpoint's", changed)
 

@@ -591,6 +591,19 @@ def test_a_checkpoints_hyperparameters_that_override_configured_values_are_named
         main(evaluate)
 
 
+def test_resuming_a_checkpoint_of_the_other_process_is_refused(cli_env: Path) -> None:
+    """A DDPM checkpoint under the flow config: LightningCLI would restore process ddpm and train a DDPM."""
+    import lightning
+
+    model = main(["--config", str(QUICKSTART)], run=False).model
+    ckpt = cli_env / "ddpm.ckpt"
+    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": lightning.__version__,
+                "hyper_parameters": {"process": "ddpm"}}, ckpt)
+    with pytest.raises(ValueError, match=r"holds a ddpm model, but the configuration trains a flow model "
+                                         r"\(model.process\): resume it with its own config.yaml"):
+        main(["fit", "--config", str(QUICKSTART), *FAST, "--model.process", "flow", "--ckpt_path", str(ckpt)])
+
+
 def test_validate_without_a_checkpoint_says_it_evaluates_untrained_weights(cli_env: Path) -> None:
     with pytest.warns(UserWarning, match="validate without --ckpt_path evaluates the model's initial, untrained weights"):
         main(["validate", "--config", str(QUICKSTART), *FAST, "--trainer.logger", "false"])

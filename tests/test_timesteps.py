@@ -821,6 +821,21 @@ def test_install_binds_to_the_schedule_and_keeps_one_tau(linear):
     assert strategy.tau == 642
 
 
+def test_install_refuses_a_strategy_in_a_role_it_does_not_play(linear):
+    """A weighting given as the sampler (or the reverse) fails at install, not at the first sample or loss."""
+    strategy = TimestepStrategy(linear)
+    with pytest.raises(TypeError, match=r"install\(weighting=...\) takes a WeightingStrategy, but LogitNormalSampling "
+                                        r"does no weighting \(it plays sampling\)"):
+        strategy.install(weighting=LogitNormalSampling())
+    with pytest.raises(TypeError, match=r"install\(sampling=...\) takes a SamplingStrategy, but MinSNRWeighting does "
+                                        r"no sampling \(it plays weighting\)"):
+        strategy.install(sampling=MinSNRWeighting())
+    with pytest.raises(TypeError, match=r"but str does no sampling \(not a time-step strategy\)"):
+        strategy.install(sampling="speed")
+    assert isinstance(strategy.sampler, UniformSampling)  # nothing installed
+    strategy.install(SpeeD(), SpeeD())  # SpeeD plays both
+
+
 def test_a_strategy_names_what_it_lacks_before_it_is_bound(linear):
     with pytest.raises(AttributeError, match=r"SpeeD has no cdf before it is bound to a schedule: call SpeeD\(...\).bind"):
         SpeeD().sample(4)

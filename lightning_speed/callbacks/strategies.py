@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -46,6 +46,7 @@ from lightning_speed.schedules import prediction_of
 from lightning_speed.timesteps.base import (
     ConstantWeighting, StepRecord, Strategy, TimestepStrategy, UniformSampling, split_roles,
 )
+from lightning_speed.timesteps.speed import SpeeDTau
 from lightning_speed.validation import check_int
 
 TIMESTEP_LINES = (
@@ -337,13 +338,14 @@ class TimestepCallback(Callback):
         self._pending_state = None
 
 
-def SpeeD(*args: Any, seed: int | None = None, **kwargs: Any) -> TimestepCallback:  # noqa: N802 (named for the method)
-    """SpeeD as a callback, in one line: ``TimestepCallback(lightning_speed.timesteps.SpeeD(*args, **kwargs), seed)``.
+def SpeeD(tau: SpeeDTau = None, k: float = 5.0, dual: bool = True, lam: Optional[float] = 0.6,  # noqa: N802
+          seed: int | None = None) -> TimestepCallback:
+    """SpeeD as a callback, in one line: ``TimestepCallback(lightning_speed.timesteps.SpeeD(tau, k, dual, lam), seed)``.
 
-    ``pl.Trainer(callbacks=[SpeeD(tau=700, k=5, lam=0.6)])``; the arguments are the strategy's
-    (``tau``, ``k``, ``dual``, ``lam``), and ``seed`` the callback's.
+    ``pl.Trainer(callbacks=[SpeeD(tau=700, k=5, lam=0.6)])``; the arguments are the strategy's (tau None: 700 on a
+    DDPM schedule, "auto" on a flow), and ``seed`` the callback's.
     """
-    return TimestepCallback(timesteps.SpeeD(*args, **kwargs), seed=seed)
+    return TimestepCallback(timesteps.SpeeD(tau, k, dual, lam), seed=seed)
 
 
 def gather_from_ranks(tensor: torch.Tensor) -> torch.Tensor:
