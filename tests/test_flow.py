@@ -625,8 +625,10 @@ LINEAR = NoiseSchedule.from_name("linear", 1000)
         (lambda: on_flow(SpeeD(tau=1)), ValueError, r"tau must be a number in \(0, 1\)"),
         (lambda: SpeeD(tau=0.9).bind(LINEAR), TypeError, r"got 0.9 \(float\) \(a flow time"),
         (lambda: SpeeD(tau=0), ValueError, r"tau must be an integer of at least 1"),
-        (lambda: SpeeD(tau=0.0), TypeError, r"got 0.0 \(float\); a float tau is a flow time in \(0, 1\)"),
-        (lambda: SpeeD(tau=1.5), TypeError, r"a float tau is a flow time in \(0, 1\)"),
+        (lambda: SpeeD(tau=0.0), TypeError, r"or a flow time in \(0, 1\) \(on a flow; 'auto' is 0.921 there\), got 0.0 "
+                                            r"\(float\)"),
+        (lambda: SpeeD(tau=1.5), TypeError, r"tau must be 'auto', a time step \(a positive integer, on a DDPM schedule\) "
+                                            r"or a flow time in \(0, 1\)"),
         (lambda: SpeeD(tau="half"), ValueError, "'auto'"),
         (lambda: SpeeD(k=0), ValueError, "suppression intensity"),
         (lambda: SpeeD(lam=0.4), ValueError, r"lam must be a number in \[0.5, 1\]"),

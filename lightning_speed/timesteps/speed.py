@@ -87,8 +87,8 @@ def check_speed_tau(tau: Any) -> Any:
     if isinstance(tau, float) and 0 < tau < 1:
         return tau
     raise TypeError(
-        f"tau must be a positive integer or 'auto', got {tau!r} ({type(tau).__name__}); a float tau is a flow time "
-        "in (0, 1) (on a flow 'auto' is 0.921)."
+        f"tau must be 'auto', a time step (a positive integer, on a DDPM schedule) or a flow time in (0, 1) (on a flow; "
+        f"'auto' is 0.921 there), got {tau!r} ({type(tau).__name__})."
     )
 
 
