@@ -1227,3 +1227,15 @@ def test_a_screen_says_which_strategy_reaches_uniforms_fid_at_twice_its_step() -
     assert screened["laplace_log_snr"]["reaches_2x"] is False
     # no uniform curve at twice the step: nothing to say
     assert stats.screen([r for r in results if r["strategy"] != "uniform" or r["fid_history"][-1][0] < 10000]) == {}
+
+
+@pytest.mark.parametrize(("base", "solvers", "process"), [("fashion_mnist_sit.yaml", [], "flow"),
+                                                           ("fashion_mnist_dit.yaml", ["heun-125"], "ddpm")])
+def test_final_fids_of_the_other_process_are_refused_before_any_run(base, solvers, process, tmp_path: Path,
+                                                                    home: Path) -> None:
+    """The flow base with the default final solvers (ddim-50, ddpm-250), or a DDPM base with Heun, would fail only at N."""
+    extra = ["--final-solvers", *solvers] if solvers else []
+    proc = bench("convergence", ["launch", "--base", base, "--final-samples", "100", *extra, "--jobs", "uniform:0:10",
+                                 "--out", str(tmp_path)], home)
+    assert proc.returncode == 2 and f"do not all sample the {process} model of {base}" in proc.stderr
+    assert not (tmp_path / "uniform_s0").exists()

@@ -13,6 +13,9 @@ benchmark can also run in parts.
     python -m benchmarks.convergence launch --strategies uniform speed --seeds 0 1 --steps 20000 --gpus 0 1
     python -m benchmarks.convergence launch --jobs uniform:0:20000 speed_sampling_only:0:10000 ...
     python -m benchmarks.convergence launch --base fashion_mnist_dit.yaml --jobs uniform:0:30000 speed:0:30000 ...
+    python -m benchmarks.convergence launch --base fashion_mnist_dit.yaml --jobs uniform:0:10000 loss_decrease:0:10000 \
+        --stop-at 5000 --summary-key speedup_study ...   # a screen: N = 10k's schedule to 5k ("screen" in speedups.json)
+    python -m benchmarks.convergence launch --base fashion_mnist_sit.yaml --jobs uniform:0:10000 speed_auto:0:10000 ...
     python -m benchmarks.convergence report --out benchmarks/results/convergence
     python -m benchmarks.convergence launch --smoke ...   # tiny CPU run for the test suite
 

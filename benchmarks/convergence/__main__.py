@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, load_config
 from benchmarks.convergence import __doc__ as DOC
 from benchmarks.convergence.launch import launch
 from benchmarks.convergence.report import report
@@ -36,8 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-steps", type=int, default=None, help="solver steps of the FID curve (default: the config's)")
     p.add_argument("--monitor-every", type=int, default=500, help="TimestepMonitor's summary interval, in steps (at most --eval-every)")
     p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
-    p.add_argument("--final-solvers", nargs="+", default=["ddim-50", "ddpm-250"], choices=["ddim-50", "ddpm-250"],
-                   help="the solvers of the FIDs at N (ddpm-250 with learned sigma: IDDPM-250)")
+    p.add_argument("--final-solvers", nargs="+", default=["ddim-50", "ddpm-250"],
+                   choices=["ddim-50", "ddpm-250", "dpmpp_2m-20", "euler-50", "heun-125"],
+                   help="the solvers of the FIDs at N (ddpm-250 with learned sigma: IDDPM-250; a flow: euler-50, heun-125)")
     p.add_argument("--final-batch-size", type=int, default=None, help="sampling batch of the FIDs at N (default: the curve's)")
     p.add_argument("--final-strategies", nargs="+", default=["uniform", "speed"], choices=NAMES,
                    help="the runs that get the final FIDs")
@@ -79,6 +80,11 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     p = parser()
     args = p.parse_args()
+    process = (load_config(args.base).get("model") or {}).get("process", "ddpm")
+    flow_solver = {name.split("-")[0] in ("euler", "heun") for name in args.final_solvers}
+    if args.final_samples and flow_solver != {process == "flow"}:
+        p.error(f"--final-solvers {' '.join(args.final_solvers)} do not all sample the {process} model of {args.base}: "
+                f"use {'euler-50 / heun-125' if process == 'flow' else 'ddim-50 / ddpm-250 / dpmpp_2m-20'}")
     if args.command == "run":
         if not args.strategy:
             p.error("run needs --strategy")
