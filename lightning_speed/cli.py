@@ -37,6 +37,7 @@ from lightning_speed.checkpoints import (
 from lightning_speed.module import DiffusionModule
 from lightning_speed.module_checks import check_backbone_accepts, check_data_module
 from lightning_speed.timesteps import Strategy
+from lightning_speed.validation import check_folder
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -411,13 +412,13 @@ def check_output_folders(trainer: Trainer) -> None:
             folder = getattr(owner, attribute, None)
             if not isinstance(folder, (str, os.PathLike)):
                 continue
-            where = f"{type(owner).__name__}.{attribute} is {folder}"
-            if os.path.exists(folder) and not os.path.isdir(folder):
-                raise ValueError(f"{where}, which is a file, not a folder: give a folder's path (it is created if missing).")
+            name = f"{type(owner).__name__}.{attribute}"
+            check_folder(folder, name)
             try:
                 os.makedirs(folder, exist_ok=True)
             except OSError as err:
-                raise ValueError(f"{where}, which cannot be created ({err.strerror}): give a writable folder.") from None
+                raise ValueError(f"{name} is {folder}, which cannot be created ({err.strerror}): give a writable "
+                                 "folder.") from None
 
 
 def _warn_unused(why: str, changed: list[str]) -> None:

@@ -577,9 +577,11 @@ def test_draws_weights_updates_and_loss_on_cuda_never_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run_steps(samplers, weights, installed, f"cuda:{torch.cuda.current_device()}")
+        run_steps(samplers, weights, installed, f"cuda:{torch.cuda.current_device()}")  # asserts each step's devices
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert all(sampler.generator.device.type == "cuda" for sampler in samplers)  # the draws were the device's own
+    assert all(timesteps.last is not None and timesteps.last.t.is_cuda for timesteps in installed)
 
 
 # ------------------------------------------------------------------ bad input

@@ -141,13 +141,14 @@ class SolverSettings:
         """In ``setup``, before any training step: ``pl_module`` can sample with these settings."""
         owner, sample = type(self).__name__, sample_method(pl_module)
         process = getattr(pl_module, "process", None)
-        if self.solver is None:  # the process's own first solver; a module without one samples with ddim
-            self.solver = PROCESS_SOLVERS.get(process, SOLVERS)[0] if isinstance(process, str) else SOLVERS[0]
+        known = isinstance(process, str) and process in PROCESS_SOLVERS  # a DiffusionModule
+        if self.solver is None:  # the process's own first solver; a module of one's own samples as a DDPM (ddim)
+            self.solver = check_process_solver(None, process if known else "ddpm")
             try:
                 self._check_solver_alone(owner)
             except ValueError as err:
                 raise ValueError(f"{owner}: {err}") from None
-        if isinstance(process, str) and process in PROCESS_SOLVERS:  # a DiffusionModule: a solver of its process
+        if known:  # a solver of its process
             check_process_solver(self.solver, process, owner)
         num_timesteps = getattr(pl_module, "num_timesteps", None)
         if isinstance(num_timesteps, int) and self.solver in SOLVERS:
