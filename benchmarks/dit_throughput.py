@@ -1,5 +1,5 @@
 """Training throughput of DiT at realistic size: the Trainer with SpeeD and EMA against a plain loop and
-against the official DiT training step (BENCHMARKS.md, section 4).
+against the official DiT training step (BENCHMARKS.md, section 5).
 
 Per DiT preset, on one GPU, random 4x32x32 latents held on the GPU (gathered by random indices from a
 device-resident pool, as from a latent cache), batch 256, bf16, learned sigma (hybrid loss):

@@ -1062,6 +1062,8 @@ REPORTS = {
     "convergence_unet_batch64_lr1e-4": [],  # the same at the DiT's lr 1e-4, to 10k
     "convergence_unet_batch64_s1": ["convergence_unet_batch64"],  # seed 1 of each UNet pair, reported with seed 0
     "convergence_unet_batch64_lr1e-4_s1": ["convergence_unet_batch64_lr1e-4"],
+    "convergence_sit_flow": [],  # the flow base (SiT-S/2): its own summary keys, speedup_flow
+    "study_screen": ["convergence_dit_ema999"],  # study candidates stopped at N/2, against uniform's seed 0 at N
 }
 # summary.json keys that quote one committed report's speed-up at N (not written by the report: ablations)
 ABLATION_KEYS = {"speedup_dit_ablation_ema999": "convergence_dit_ema999_s1",
@@ -1071,8 +1073,10 @@ ABLATION_KEYS = {"speedup_dit_ablation_ema999": "convergence_dit_ema999_s1",
                  "speedup_unet_batch64_lr1e-4": "convergence_unet_batch64_lr1e-4_s1"}
 # The reports behind summary.json's speed-up keys, in the order BENCHMARKS.md runs them: a later
 # folder's entries replace an earlier one's.
-SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250", "convergence_dit_h200x2"]
-SPEEDUP_KEYS = ("speedup", "speedup_half", "speedup_ddpm250", "speedup_half_ddpm250", "speedup_dit", "speedup_dit_half")
+SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250", "convergence_dit_h200x2",
+                 "convergence_sit_flow"]
+SPEEDUP_KEYS = ("speedup", "speedup_half", "speedup_ddpm250", "speedup_half_ddpm250", "speedup_dit", "speedup_dit_half",
+                "speedup_flow", "speedup_flow_half")
 
 
 def copy_raw_results(folder: str, tmp_path: Path) -> Path:

@@ -333,7 +333,7 @@ def test_ddp_file_builds_the_sync_free_ddp_strategy_with_its_options(cli_env: Pa
     assert type(strategy) is SyncFreeDDPStrategy and strategy.sigterm_check_lag > 0
     options = load(CONFIGS / "multi_gpu" / "ddp.yaml")["trainer"]["strategy"]["init_args"]
     assert {k: strategy._ddp_kwargs[k] for k in options} == options
-    # The base config's compile mode stays: CUDA graphs measured fastest under DDP for the UNet (BENCHMARKS.md, section 5).
+    # The base config's compile mode stays: CUDA graphs measured fastest under DDP for the UNet (BENCHMARKS.md, section 6).
     assert "compile_mode" not in (load(CONFIGS / "multi_gpu" / "ddp.yaml").get("model") or {})
 
 
