@@ -247,6 +247,28 @@ def test_a_failed_rebuild_leaves_the_existing_cache_intact(files: dict[str, Path
     assert latent_data(files, cache, image_size=16).cache_matches()
 
 
+def test_a_new_build_removes_the_files_of_a_build_killed_on_this_host_and_only_those(files: dict[str, Path],
+                                                                                    tmp_path: Path) -> None:
+    """SIGKILL skips the cleanup of a build; the next build on the same host removes what the dead process left.
+    Files of a live process or of another host (a shared filesystem) stay."""
+    import socket
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    latent_data(files, cache, image_size=16).setup("fit")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = [cache / f"posterior-aaaa.npy.{dead.pid}@{host}.partial", cache / f"meta-aaaa.json.{dead.pid}@{host}.partial"]
+    kept = [cache / f"posterior-bbbb.npy.{os.getpid()}@{host}.partial", cache / f"posterior-cccc.npy.{dead.pid}@other-{host}.partial"]
+    for path in killed + kept:
+        path.write_bytes(b"x" * 10)
+    latent_data(files, cache, vae="other_vae", image_size=16).setup("fit")  # another autoencoder: a new build
+    assert [p.exists() for p in killed + kept] == [False, False, True, True]
+    assert not [p for p in cache.glob("*.partial") if p not in kept]  # the new build's own files are gone too
+
+
 @pytest.mark.parametrize("damaged", ["posterior", "labels"])
 def test_a_cut_off_cache_file_is_named_and_the_cache_rebuilt(files: dict[str, Path], tmp_path: Path,
                                                             damaged: str) -> None:

@@ -18,8 +18,12 @@ the module's own schedule, split at the tau of the installed strategies (``times
 or a curriculum's early SpeeD's), or at the schedule's pivot when none has one. On a flow schedule they
 come from ``lightning_speed.flow.flow_areas``, and the continuous t are counted in ``PROBABILITY_BINS``
 equal bins of [0, 1] (the bins of the samplers' ``probabilities``). Under
-DDP the sums are reduced over ranks before logging. The summaries are also kept in
-``monitor.history`` (a list of dicts) for notebooks.
+DDP the sums are reduced over ranks before logging.
+
+The summaries describe the batches just trained, so they go to the logger at the step Lightning writes those
+batches' ``self.log(..., on_step=True)`` values (such as ``train/loss``): one below the optimizer steps trained.
+They are also kept in ``monitor.history`` (a list of dicts) for notebooks, with ``step`` the optimizer steps
+trained, as in ``FIDCallback.history``.
 """
 
 from __future__ import annotations
@@ -170,13 +174,16 @@ class TimestepMonitor(Callback):
             for name, value in zip(AREA_NAMES, mass.tolist()):
                 metrics[f"timesteps/p/{name}"] = value
         self.history.append({"step": float(step), **metrics})
+        # The step Lightning logs this batch's self.log values at (the batches that stepped before it), read as its
+        # own LearningRateMonitor reads it: it follows Lightning's counting under accumulation and on resume.
+        log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=log_step)
             if self.histogram and isinstance(logger, TensorBoardLogger) and total > 0:
                 counts_per_t = t_counts.round().long().cpu()
                 values = torch.repeat_interleave(torch.arange(counts_per_t.numel()), counts_per_t)
                 if self._bins is not None:  # bin centres in flow time
                     values = (values.double() + 0.5) / self._bins
-                logger.experiment.add_histogram("timesteps/t", values.numpy(), global_step=step, bins="auto")
+                logger.experiment.add_histogram("timesteps/t", values.numpy(), global_step=log_step, bins="auto")
         self._t_counts.zero_()
         self._sums.zero_()

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +171,38 @@ def read_meta(folder: Path, warn: bool = False) -> dict[str, Any] | None:
     return meta
 
 
+# A build's temporary files end in ".<pid>@<host>.partial", so that a later build can tell a killed one's leftovers.
+_PARTIAL_OWNER = re.compile(r"\.(\d+)@(.+)\.partial$")
+
+
+def _partial_suffix() -> str:
+    return f".{os.getpid()}@{socket.gethostname()}.partial"
+
+
+def _remove_dead_builds(folder: Path) -> list[Path]:
+    """Remove the temporary files of builds that were killed on this host (SIGKILL skips every cleanup).
+
+    A file whose process is still alive, or that another host wrote (a shared filesystem), is left alone."""
+    removed = []
+    for path in folder.glob("*.partial"):
+        owner = _PARTIAL_OWNER.search(path.name)
+        if owner is None or owner[2] != socket.gethostname() or _alive(int(owner[1])):
+            continue
+        _unlink_quietly(path)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 def _unlink_quietly(*paths: Path) -> None:
     for path in paths:
         try:
@@ -290,7 +324,10 @@ class LatentDataModule(L.LightningDataModule):
         n, variants = self.images.split_size("train"), 2 if self.random_flip else 1
         build = uuid.uuid4().hex[:10]
         posterior_name, labels_name = f"posterior-{build}.npy", f"labels-{build}.npy"
-        partial = [folder / f"{posterior_name}.partial", folder / f"{labels_name}.partial", folder / f"meta-{build}.json.partial"]
+        suffix = _partial_suffix()
+        partial = [folder / f"{posterior_name}{suffix}", folder / f"{labels_name}{suffix}", folder / f"meta-{build}.json{suffix}"]
+        if removed := _remove_dead_builds(folder):
+            rank_zero_info(f"LatentDataModule: removed {len(removed)} file(s) of an encoding killed earlier in {folder}")
         device = self._encode_device()
         self.autoencoder.to(device)
         old = _raw_meta(folder)  # its files go once the new cache is in place, damaged or not

@@ -1,0 +1,67 @@
+"""TimestepMonitor writes its summaries at the logger step Lightning gives the same batches' ``train/loss``.
+
+A tiny module logs ``train/loss`` with ``self.log`` (on_step) and the Trainer's ``log_every_n_steps`` equals the
+monitor's, so both write after the same optimizer steps: their TensorBoard steps must be the same list, under
+gradient accumulation (an epoch of 8 micro-batches ends inside a window of 3, where Lightning steps early) and after
+a resume from a checkpoint saved mid-epoch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_speed.callbacks import TimestepCallback, TimestepMonitor
+from lightning_speed.timesteps import SpeeD
+
+from _fixtures import cpu_trainer
+from test_strategy_callbacks import TinyDiffusion, loader  # pytest puts tests/ on sys.path
+
+
+class LoggedDiffusion(TinyDiffusion):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss, on_step=True)
+        return loss
+
+
+def steps_of(logger: TensorBoardLogger) -> tuple[list[int], list[int], list[int]]:
+    """The TensorBoard steps of train/loss, of a monitor scalar and of the monitor's histogram."""
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    loss = [e.step for e in events.Scalars("train/loss")]
+    monitor = [e.step for e in events.Scalars("timesteps/share/convergence")]
+    return loss, monitor, [h.step for h in events.Histograms("timesteps/t")]
+
+
+def run(tmp_path, name: str, max_steps: int, every: int, accumulate: int, ckpt_path=None, checkpoint=None):
+    monitor = TimestepMonitor(log_every_n_steps=every, tau=700)
+    logger = TensorBoardLogger(tmp_path, name=name)
+    callbacks = [TimestepCallback(SpeeD(tau=700), seed=0), monitor, *([checkpoint] if checkpoint else [])]
+    trainer = cpu_trainer(max_steps=max_steps, callbacks=callbacks, logger=logger, log_every_n_steps=every,
+                          accumulate_grad_batches=accumulate, enable_checkpointing=checkpoint is not None)
+    trainer.fit(LoggedDiffusion(), loader(n=64, batch_size=8), ckpt_path=ckpt_path)
+    return monitor, logger
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_monitor_summaries_share_the_steps_of_train_loss(tmp_path, accumulate):
+    monitor, logger = run(tmp_path, "tb", max_steps=6, every=2, accumulate=accumulate)
+    loss_steps, monitor_steps, histogram_steps = steps_of(logger)
+    assert loss_steps == monitor_steps == histogram_steps == [1, 3, 5]
+    assert [h["step"] for h in monitor.history] == [2.0, 4.0, 6.0]  # optimizer steps trained
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_after_a_resume_the_summaries_still_share_the_steps_of_train_loss(tmp_path, accumulate):
+    checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)  # saved mid-epoch
+    run(tmp_path, "first", max_steps=3, every=2, accumulate=accumulate, checkpoint=checkpoint)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    monitor, logger = run(tmp_path, "second", max_steps=8, every=2, accumulate=accumulate, ckpt_path=path)
+    loss_steps, monitor_steps, histogram_steps = steps_of(logger)
+    assert loss_steps == monitor_steps == histogram_steps == [3, 5, 7]
+    assert [h["step"] for h in monitor.history] == [4.0, 6.0, 8.0]
