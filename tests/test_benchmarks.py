@@ -1243,3 +1243,57 @@ def test_final_fids_of_the_other_process_are_refused_before_any_run(base, solver
                                  "--out", str(tmp_path)], home)
     assert proc.returncode == 2 and f"do not all sample the {process} model of {base}" in proc.stderr
     assert not (tmp_path / "uniform_s0").exists()
+
+
+# ------------------------------------------------------------------------------ strategy_cost.py
+@pytest.fixture(scope="module")
+def strategy_cost(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Namespace:
+    """uniform, SpeeD and the adaptive loss_decrease sampler, each built as the convergence harness builds it from the
+    DiT base, 2 repeats of one window each."""
+    out = tmp_path_factory.mktemp("strategy_cost") / "cost.json"
+    proc = run_script("strategy_cost", ["--smoke", "--runs", "uniform", "speed", "loss_decrease", "--repeats", "2",
+                                        "--out", str(out)], home)
+    return Namespace(result=json.loads(out.read_text()), stdout=proc.stdout)
+
+
+@needs_fashion_mnist
+def test_strategy_cost_smoke_times_each_run_against_uniform(strategy_cost: Namespace) -> None:
+    result = strategy_cost.result
+    assert json.loads(strategy_cost.stdout[strategy_cost.stdout.rindex("\n{"):]) == result  # printed too
+    assert result["card"] == "cpu" and result["smoke"] and result["base"] == "fashion_mnist_dit.yaml"
+    assert result["batch_size"] == 64 and result["repeats"] == 2 and result["torch"] and result["lightning"]
+    assert result["command"].startswith("python -m benchmarks.strategy_cost --smoke --runs uniform speed")
+    # every run once per repeat, the order rotated by one
+    first, second = result["orders"]
+    assert sorted(first) == ["loss_decrease", "speed", "uniform"] and second == first[1:] + first[:1]
+    runs = result["runs"]
+    assert set(runs) == {"uniform", "speed", "loss_decrease"}
+    uniform = runs["uniform"]["steps_per_s"]
+    for name, run in runs.items():
+        assert run["configs"] == ["fashion_mnist_dit.yaml", *RUNS[name]]
+        windows = run["windows"]
+        assert len(windows) == 2 and all(w["steps"] > 0 and w["seconds"] > 0 for w in windows), name
+        rates = [w["steps_per_s"] for w in windows]
+        assert rates == [pytest.approx(w["steps"] / w["seconds"]) for w in windows], name
+        assert run["steps_per_s"] == statistics.median(rates) and [run["min"], run["max"]] == [min(rates), max(rates)]
+        assert run["ratio"] == pytest.approx(run["steps_per_s"] / uniform, rel=1e-12), name
+        per_repeat = [w["steps_per_s"] / u["steps_per_s"] for w, u in zip(windows, runs["uniform"]["windows"])]
+        assert run["ratios_per_repeat"] == pytest.approx(per_repeat, rel=1e-12), name
+        # the strategy's callback and EMA train; evaluations, sample grids, checkpoints and logging do not
+        assert "EMAWeightAveraging" in run["callbacks"], name
+        assert ("TimestepCallback" in run["callbacks"]) == (name != "uniform"), name
+        assert not {"FIDCallback", "SampleGridCallback", "ModelCheckpoint", "TimestepMonitor", "LearningRateMonitor",
+                    "CheckpointOnSignal"} & set(run["callbacks"]), name
+    assert runs["uniform"]["ratio"] == 1.0
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--runs", "uniform", "no_such_run"], "argument --runs: invalid choice: 'no_such_run'"),
+    (["--base", "no_such_base.yaml"], "--base no_such_base.yaml: no such file in"),
+])
+def test_strategy_cost_refuses_an_unknown_run_or_base_before_any_training(option: list[str], message: str,
+                                                                          tmp_path: Path, home: Path) -> None:
+    out = tmp_path / "cost.json"
+    proc = bench("strategy_cost", ["--smoke", *option, "--out", str(out)], home, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "steps/s" not in proc.stdout and not out.exists()
