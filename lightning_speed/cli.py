@@ -35,7 +35,6 @@ from lightning_speed.checkpoints import (
     check_checkpoint_file, check_checkpoint_matches, load_checkpoint, optimizer_changes,
 )
 from lightning_speed.module import DiffusionModule
-from lightning_speed.module_checks import check_backbone_accepts, check_data_module
 from lightning_speed.timesteps import Strategy
 from lightning_speed.validation import check_folder
 
@@ -431,6 +430,11 @@ def _warn_unused(why: str, changed: list[str]) -> None:
         )
 
 
+# Model arguments whose None the module resolves itself and records resolved (prediction: epsilon on a DDPM):
+# a checkpoint's value for them differs from a configured None without the configuration having chosen otherwise.
+_RESOLVED_WHEN_NONE = {"model.prediction"}
+
+
 class SpeedCLI(LightningCLI):
     """LightningCLI with TensorBoard logging by default and the data's shape linked into the model."""
 
@@ -526,7 +530,8 @@ class SpeedCLI(LightningCLI):
         super()._parse_ckpt_path()
         after = _leaves(self.config[subcommand]["model"].as_dict(), "model")
         changed = [f"  {key}: configured {before[key]!r}, checkpoint {after[key]!r}"
-                   for key in before if key in after and after[key] != before[key]]
+                   for key in before if key in after and after[key] != before[key]
+                   and not (key in _RESOLVED_WHEN_NONE and before[key] is None)]
         if before.get("model.process") != after.get("model.process") and "model.process" in after:
             raise ValueError(
                 f"--ckpt_path {self.config[subcommand]['ckpt_path']} holds a {after['model.process']} model, but the "
@@ -576,11 +581,8 @@ class SpeedCLI(LightningCLI):
     def _check_model_takes_the_data(self) -> None:
         """The model's setup check, made before ``prepare_data``: a latent data module encodes its whole image folder
         there, which a backbone of the wrong shape would only refuse afterwards."""
-        model, data = self.model, self.datamodule
-        if isinstance(model, DiffusionModule) and data is not None:
-            shape = check_data_module(data, model.image_shape, model.num_classes)
-            if shape is not None:
-                check_backbone_accepts(model.backbone, model.diffusion, shape, model.num_classes)
+        if isinstance(self.model, DiffusionModule) and self.datamodule is not None:
+            self.model.check_data(self.datamodule)
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; a run that fails before its first step takes its new log folder with it when that holds

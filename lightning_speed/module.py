@@ -53,8 +53,8 @@ class DiffusionModule(pl.LightningModule):
         shift: a flow's time shift (SD3): t' = shift t / (1 + (shift - 1) t) on its training times and solver grid.
         schedule: ``linear``, ``quadratic``, ``cosine``, ``constant`` or a list of betas.
         num_timesteps: T, the number of discrete diffusion steps (the length of a list of betas).
-        prediction: what the network predicts: ``epsilon``, ``v`` or ``x0`` (a zero-terminal-SNR
-            schedule needs ``v`` or ``x0``: epsilon carries no information about x0 where alpha_bar = 0).
+        prediction: a DDPM's ``epsilon`` (None), ``v`` or ``x0`` (zero terminal SNR needs ``v`` or ``x0``: epsilon says
+            nothing of x0 where alpha_bar = 0); a flow predicts the velocity, recorded as None (``epsilon`` too).
         learn_sigma: learn the reverse variance too (improved DDPM): hybrid loss, learned-variance sampling.
         lambda_vlb: weight of the variational bound in the hybrid loss (improved DDPM's 0.001).
         weight_vlb: let the time-step weights multiply the VLB term too; by default they multiply
@@ -88,7 +88,7 @@ class DiffusionModule(pl.LightningModule):
         shift: float = 1.0,
         schedule: str | list[float] = "linear",
         num_timesteps: int = 1000,
-        prediction: Prediction = "epsilon",
+        prediction: Prediction | None = None,
         learn_sigma: bool = False,
         lambda_vlb: float = 0.001,
         weight_vlb: bool = False,
@@ -106,18 +106,19 @@ class DiffusionModule(pl.LightningModule):
         clip_denoised: bool | None = None,
     ) -> None:
         super().__init__()
+        self.process, prediction = check_process(process, shift, prediction, schedule=schedule,
+                                                 num_timesteps=num_timesteps, learn_sigma=learn_sigma)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters({"prediction": prediction})  # resolved (a CLI run's hparams are its config's values)
         self.check_data_range = check_bool(check_data_range, "check_data_range")
         self.clip_denoised = clip_denoised
-        self.process = check_process(process, shift, schedule=schedule, num_timesteps=num_timesteps,
-                                     prediction=prediction, learn_sigma=learn_sigma)
         if self.process == "flow":
             self._schedule: NoiseSchedule | flow.FlowSchedule = flow.FlowSchedule(shift)
             self.diffusion = flow.RectifiedFlow()
         else:
             self._schedule = NoiseSchedule.create(schedule, num_timesteps)
             self.diffusion = GaussianDiffusion(self._schedule, prediction, learn_sigma, lambda_vlb)
-        self.timesteps = TimestepStrategy(self._schedule, None if self.process == "flow" else prediction)
+        self.timesteps = TimestepStrategy(self._schedule, prediction)
         self.weight_vlb = check_bool(weight_vlb, "weight_vlb")
         self.image_shape = None if image_shape is None else check_image_shape(image_shape)
         self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=1)
@@ -126,8 +127,7 @@ class DiffusionModule(pl.LightningModule):
         self.guidance_scale = check_guidance(guidance_scale, self.num_classes, "model.guidance_scale")
         self.backbone = check_backbone(backbone, self.num_timesteps, self.num_classes)
         self.solver_steps = check_steps(num_timesteps, self.num_timesteps, solver_steps)
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         modes = get_args(CompileMode)
         self.compile_mode = None if compile_mode is None else check_choice(compile_mode, "compile_mode", modes)
         self.compile_sampling: bool | str = (
@@ -136,13 +136,11 @@ class DiffusionModule(pl.LightningModule):
         self.channels_last = check_bool(channels_last, "channels_last")
         if channels_last:  # before any copy (EMA, DDP): .to(device), deepcopy and load_state_dict keep the layout
             self.backbone.to(memory_format=torch.channels_last)
-        # Compiled code is held as plain functions (torch.compile of bound methods), not submodules:
-        # parameters and state_dict keys stay the backbone's whether or not they exist.
+        # Compiled code is held as plain functions, not submodules: parameters and state_dict keys stay the backbone's.
         self._compiled_losses: Any = None  # set in configure_model when compile_mode is given
         self._sample_forward: Any = None  # created on the first sample() with compile_sampling
-        # Latent diffusion: what decode() turns samples into images with (lightning_speed.autoencoders.Autoencoder).
-        # A plain object, not a submodule: it stays out of checkpoints, the EMA copy and DDP. None: the
-        # data module's ``autoencoder`` (LatentDataModule), if any; set it to sample from a loaded checkpoint.
+        # Latent diffusion: decode()'s autoencoder, a plain object kept out of checkpoints, the EMA copy and DDP.
+        # None: the data module's ``autoencoder`` (LatentDataModule), if any; set it to sample from a checkpoint.
         self.autoencoder: Any = None
         self._values_checked: set[str] = set()  # stages whose first batch's values were read (_check_values)
 
@@ -177,7 +175,11 @@ class DiffusionModule(pl.LightningModule):
     # -- setup: catch misconfiguration before any step ---------------------------------------------
     def setup(self, stage: str) -> None:
         self._values_checked.clear()  # each run's first batches are read again (another run may bring other data)
-        datamodule = getattr(self._attached_trainer(), "datamodule", None)
+        self.check_data(getattr(self._attached_trainer(), "datamodule", None))
+
+    def check_data(self, datamodule: Any) -> None:
+        """Refuse data of another shape or class count than the model's and its backbone's: at setup, and earlier
+        where a data module asks before costly work (LatentDataModule, before it encodes its images)."""
         self.image_shape = check_data_module(datamodule, self.image_shape, self.num_classes)
         if self.image_shape is not None:
             check_backbone_accepts(self.backbone, self.diffusion, self.image_shape, self.num_classes)
@@ -201,10 +203,9 @@ class DiffusionModule(pl.LightningModule):
             if "backbone" in kwargs or "'backbone'" not in str(err):
                 raise
             raise TypeError(
-                "The checkpoint holds the backbone's weights, not the backbone: the module's hyperparameters leave "
-                "it out. Build it as in training and pass it: DiffusionModule.load_from_checkpoint(path, "
-                "backbone=UNet(...)) (a CLI run's config.yaml lists its arguments under model.backbone)."
-            ) from err
+                "The checkpoint holds the backbone's weights, not the backbone: build it as in training and pass it, "
+                "DiffusionModule.load_from_checkpoint(path, backbone=UNet(...)) (a CLI run's config.yaml lists "
+                "its arguments under model.backbone).") from err
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The process, T and the clipping of the data space beside the hyperparameters (load_from_checkpoint's keyword
@@ -291,9 +292,8 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            fused = self.device.type == "cuda"
-            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused)
+        if self.optimizer_factory is None:  # fused on CUDA
+            optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=self.device.type == "cuda")
         else:
             optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:

@@ -50,18 +50,20 @@ def check_guidance(scale: Any, num_classes: int | None, name: str = "guidance_sc
 
 
 # -- the process and its solvers -------------------------------------------------------------------
-# DDPM-only arguments: their defaults, and why a flow has no use for another value.
+# DDPM-only arguments: the values a flow takes (the default first), and why a flow has no use for another value.
 _DDPM_ONLY = {
-    "schedule": ("linear", "the flow's path is fixed, x_t = (1 - t) x0 + t eps; its shift moves time towards noise"),
-    "num_timesteps": (1000, "a flow's time is continuous, t in [0, 1]"),
-    "prediction": ("epsilon", "a flow's network predicts the velocity eps - x0"),
-    "learn_sigma": (False, "a flow's network predicts the velocity only: it has no variance to learn"),
+    "schedule": (("linear",), "the flow's path is fixed, x_t = (1 - t) x0 + t eps; its shift moves time towards noise"),
+    "num_timesteps": ((1000,), "a flow's time is continuous, t in [0, 1]"),
+    "prediction": ((None, "epsilon"), "a flow's network predicts the velocity eps - x0"),
+    "learn_sigma": ((False,), "a flow's network predicts the velocity only: it has no variance to learn"),
 }
 
 
-def check_process(process: Any, shift: Any, **ddpm_arguments: Any) -> str:
-    """The process, refusing arguments it would ignore: ``shift`` other than 1 on a DDPM, and on a flow the DDPM-only
-    arguments (``schedule``, ``num_timesteps``, ``prediction``, ``learn_sigma``) other than their defaults."""
+def check_process(process: Any, shift: Any, prediction: Any = None, **ddpm_arguments: Any) -> tuple[str, Any]:
+    """The process and the prediction its hyperparameters record: a DDPM's ``prediction`` (None: epsilon), None on a
+    flow, whose network predicts the velocity. Arguments the process would ignore are refused: ``shift`` other than 1
+    on a DDPM, and on a flow the DDPM-only ones (``prediction``, ``schedule``, ``num_timesteps``, ``learn_sigma``)
+    other than their defaults, but for ``prediction='epsilon'``, which flows' checkpoints may record."""
     process = check_choice(process, "process", PROCESS_SOLVERS)
     if process == "ddpm":
         if shift != 1.0:
@@ -69,15 +71,15 @@ def check_process(process: Any, shift: Any, **ddpm_arguments: Any) -> str:
                 f"shift={shift!r} applies to process='flow' only (it moves the flow's time towards noise); a DDPM's "
                 "noise levels come from its schedule: leave shift at 1, or set process: flow."
             )
-        return process
-    for name, value in ddpm_arguments.items():
-        default, why = _DDPM_ONLY[name]
-        if value != default:
+        return process, "epsilon" if prediction is None else prediction
+    for name, value in {"prediction": prediction, **ddpm_arguments}.items():
+        taken, why = _DDPM_ONLY[name]
+        if value not in taken:
             raise ValueError(
                 f"{name}={value!r} does not apply to process='flow': {why}. Leave {name} at its default "
-                f"({default!r}), or use process='ddpm'."
+                f"({taken[0]!r}), or use process='ddpm'."
             )
-    return process
+    return process, None
 
 
 def check_process_solver(solver: Any, process: str, owner: str = "", eta: float | None = None) -> str:

@@ -346,6 +346,17 @@ def test_images_the_autoencoder_cannot_take_fail_before_any_encoding(files: dict
     assert not (tmp_path / "cache").exists()
 
 
+def test_trainer_fit_refuses_a_backbone_that_cannot_take_the_latents_before_encoding(
+        files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the CLI too: LatentDataModule.prepare_data asks the model to check its data before the encoding."""
+    forbid_encoding(monkeypatch)
+    data = latent_data(files, tmp_path / "cache")  # 4x16x16 latents
+    pixels = DiT(in_channels=3, image_size=32, depth=1, hidden_size=32, num_heads=2, patch_size=4)
+    with pytest.raises(ValueError, match="(?i)channel"):
+        cpu_trainer(max_steps=1).fit(DiffusionModule(pixels), datamodule=data)
+    assert not list((tmp_path / "cache").rglob("*.npy*"))  # nothing encoded, no partial file
+
+
 def test_an_autoencoder_instance_and_a_pixel_model_decode() -> None:
     vae = tiny_autoencoder()
     autoencoder = Autoencoder.load(vae)

@@ -378,7 +378,11 @@ class LatentDataModule(L.LightningDataModule):
         return folder
 
     def prepare_data(self) -> None:
-        """Build the cache unless a matching one exists (on one process per node; the others wait)."""
+        """Build the cache unless a matching one exists (on one process per node; the others wait). A model that
+        checks its data (``DiffusionModule.check_data``) does so first: a wrong backbone fails before the encoding."""
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if callable(getattr(model, "check_data", None)):
+            model.check_data(self)
         if not self.cache_matches():
             self.build_cache()
 
