@@ -107,3 +107,18 @@ def write_image_folder(folder: Path, n: int = 20, size: int = 32) -> Path:
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
     return folder
+
+
+def one_conv() -> Any:
+    """The smallest backbone of 1-channel images: one 3x3 convolution that ignores t and labels."""
+    from torch import nn
+
+    class OneConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x: Any, t: Any, y: Any = None) -> Any:
+            return self.conv(x)
+
+    return OneConv()

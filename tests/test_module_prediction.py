@@ -10,24 +10,14 @@ import pytest
 import torch
 from lightning.pytorch.core.saving import load_hparams_from_yaml
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 
 from lightning_speed.cli import main
 from lightning_speed.module import DiffusionModule
 
-from _fixtures import blob_loader, cpu_trainer  # pytest puts tests/ on sys.path (no __init__.py there)
+from _fixtures import blob_loader, cpu_trainer, one_conv  # pytest puts tests/ on sys.path (no __init__.py there)
 
 SHAPE = (1, 8, 8)
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x, t, y=None):
-        return self.conv(x)
 
 
 @pytest.mark.parametrize(("kwargs", "recorded"), [
@@ -38,7 +28,7 @@ class Net(nn.Module):
     ({"prediction": "x0"}, "x0"),
 ])
 def test_the_hyperparameters_record_what_the_network_predicts(kwargs, recorded) -> None:
-    module = DiffusionModule(Net(), image_shape=SHAPE, **kwargs)
+    module = DiffusionModule(one_conv(), image_shape=SHAPE, **kwargs)
     assert module.hparams["prediction"] == recorded and module.hparams_initial["prediction"] == recorded
     if module.process == "ddpm":
         assert module.diffusion.prediction == module.timesteps.prediction == recorded
@@ -51,19 +41,19 @@ def test_a_flow_refuses_a_prediction_it_would_ignore(prediction) -> None:
     with pytest.raises(ValueError, match=rf"prediction='{prediction}' does not apply to process='flow': a flow's "
                                          r"network predicts the velocity eps - x0. Leave prediction at its default "
                                          r"\(None\), or use process='ddpm'"):
-        DiffusionModule(Net(), process="flow", prediction=prediction, image_shape=SHAPE)
+        DiffusionModule(one_conv(), process="flow", prediction=prediction, image_shape=SHAPE)
 
 
 def test_a_flow_fit_writes_no_prediction_to_hparams_yaml(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="flow", version=0)
-    module = DiffusionModule(Net(), process="flow", image_shape=SHAPE)
+    module = DiffusionModule(one_conv(), process="flow", image_shape=SHAPE)
     cpu_trainer(max_steps=1, logger=logger).fit(module, blob_loader(n=8, batch_size=8))
     hparams = load_hparams_from_yaml(tmp_path / "flow" / "version_0" / "hparams.yaml")
     assert hparams["process"] == "flow" and hparams["prediction"] is None
 
 
 def test_a_flow_checkpoint_that_records_epsilon_loads(tmp_path: Path) -> None:
-    trained = DiffusionModule(Net(), process="flow", image_shape=SHAPE)
+    trained = DiffusionModule(one_conv(), process="flow", image_shape=SHAPE)
     run = cpu_trainer(max_steps=1)
     run.fit(trained, blob_loader(n=8, batch_size=8))
     path = tmp_path / "flow.ckpt"
@@ -72,7 +62,7 @@ def test_a_flow_checkpoint_that_records_epsilon_loads(tmp_path: Path) -> None:
     checkpoint["hyper_parameters"]["prediction"] = "epsilon"
     torch.save(checkpoint, path)
 
-    loaded = DiffusionModule.load_from_checkpoint(path, backbone=Net())
+    loaded = DiffusionModule.load_from_checkpoint(path, backbone=one_conv())
     assert loaded.process == "flow" and loaded.hparams["prediction"] is None
     torch.testing.assert_close(loaded.state_dict(), trained.state_dict())
 

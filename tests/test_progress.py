@@ -3,24 +3,14 @@ after the epoch; Lightning's per-epoch bar when only max_epochs bounds the run; 
 
 from pathlib import Path
 
-from torch import nn
 
 from lightning_speed import DiffusionModule
 from lightning_speed.callbacks import StepProgressBar
 
 from _fixtures import blob_loader as loader  # pytest puts tests/ on sys.path
-from _fixtures import cpu_trainer
+from _fixtures import cpu_trainer, one_conv
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-    def forward(self, x, t, y=None):
-        return self.conv(x)
 
 
 class Shown(StepProgressBar):
@@ -39,7 +29,7 @@ class Shown(StepProgressBar):
 
 def fit(bar, ckpt_path=None, **trainer_args):
     trainer = cpu_trainer(enable_progress_bar=True, callbacks=[bar], **trainer_args)
-    trainer.fit(DiffusionModule(Net(), image_shape=(1, 8, 8)), loader(n=8, batch_size=4), ckpt_path=ckpt_path)
+    trainer.fit(DiffusionModule(one_conv(), image_shape=(1, 8, 8)), loader(n=8, batch_size=4), ckpt_path=ckpt_path)
     return trainer
 
 
