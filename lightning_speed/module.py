@@ -25,7 +25,7 @@ from lightning_speed.checkpoints import check_state_matches
 from lightning_speed.module_checks import (
     FLOW_TIME_SCALE, AnySolver, Process, check_backbone, check_backbone_accepts, check_batch_values,
     check_checkpoint_process, check_data_module, check_guidance, check_image_shape, check_process, check_process_solver,
-    check_lr_scheduler, check_steps, sample_inputs, split_batch,
+    build_lr_scheduler, check_steps, sample_inputs, split_batch,
 )
 from lightning_speed.process import DiffusionLosses, GaussianDiffusion
 from lightning_speed.schedules import NoiseSchedule, Prediction
@@ -298,7 +298,7 @@ class DiffusionModule(pl.LightningModule):
             optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = check_lr_scheduler(self.lr_scheduler_factory(optimizer), self._attached_trainer())
+        scheduler = build_lr_scheduler(self.lr_scheduler_factory, optimizer, self._attached_trainer())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- generation -------------------------------------------------------------------------

@@ -428,6 +428,23 @@ def check_sample_noise(noise: Any, expected: tuple[int, ...]) -> None:
         raise ValueError("noise holds NaN or infinite values: every sample would come out NaN; give finite noise.")
 
 
+def build_lr_scheduler(factory: Any, optimizer: Any, trainer: Any) -> Any:
+    """``factory(optimizer)``, checked by ``check_lr_scheduler``. A OneCycleLR given no length (neither ``total_steps``
+    nor ``epochs``) gets the run's, ``trainer.estimated_stepping_batches``, as Lightning's docs build one."""
+    keywords = getattr(factory, "keywords", None) or {}
+    target = next((a for a in (getattr(factory, "func", None), *getattr(factory, "args", ())) if isinstance(a, type)), None)
+    if not (target and issubclass(target, torch.optim.lr_scheduler.OneCycleLR)
+            and keywords.get("total_steps") is None and keywords.get("epochs") is None):
+        return check_lr_scheduler(factory(optimizer), trainer)
+    total = getattr(trainer, "estimated_stepping_batches", math.inf)
+    if not math.isfinite(total):
+        raise ValueError(
+            "OneCycleLR without total_steps runs over the whole training, but this run sets no length: set "
+            "trainer.max_steps (or max_epochs), or model.lr_scheduler.init_args.total_steps."
+        )
+    return check_lr_scheduler(factory(optimizer, total_steps=int(total)), trainer)
+
+
 def check_lr_scheduler(scheduler: Any, trainer: Any) -> Any:
     """``scheduler``, once a schedule with a fixed length (OneCycleLR's ``total_steps``) fits the run's
     ``max_steps``: shorter fails when it runs out, after hours of training; longer never anneals."""

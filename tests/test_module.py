@@ -596,6 +596,36 @@ def test_a_one_cycle_schedule_shorter_than_the_run_fails_before_the_first_step()
     assert fit.global_step == 0
 
 
+@pytest.mark.parametrize(("run", "total"), [({"max_steps": 4}, 4), ({"max_steps": -1, "max_epochs": 3}, 6)])
+def test_a_one_cycle_schedule_without_a_length_runs_over_the_whole_training(run, total, recwarn):
+    """No total_steps (a config that leaves it out): the run's length, so that it anneals exactly by the last step."""
+    from functools import partial
+
+    class Rates(pl.Callback):  # the rate each step trains with
+        def on_train_batch_start(self, trainer, *args):
+            used.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    used: list[float] = []
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8),
+                             lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-3))
+    fit = trainer(callbacks=[Rates()], **run)
+    fit.fit(module, loader(n=8, batch_size=4))  # 2 batches an epoch
+    assert fit.global_step == total and fit.lr_scheduler_configs[0].scheduler.total_steps == total
+    assert used[0] == pytest.approx(1e-3 / 25) and used[-1] == pytest.approx(1e-3 / 25 / 1e4)  # the cycle's ends
+    assert not [w for w in recwarn if "OneCycleLR" in str(w.message)]
+
+
+def test_a_one_cycle_schedule_without_a_length_in_a_run_without_one_is_refused():
+    from functools import partial
+
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8),
+                             lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-3))
+    fit = trainer(max_steps=-1, max_epochs=-1)
+    with pytest.raises(ValueError, match="OneCycleLR without total_steps .* set trainer.max_steps"):
+        fit.fit(module, loader(n=8, batch_size=4))
+    assert fit.global_step == 0
+
+
 def test_a_one_cycle_schedule_longer_than_the_run_warns_and_one_that_fits_is_silent(recwarn):
     fit = trainer(max_steps=4)
     with pytest.warns(UserWarning, match=r"OneCycleLR\(total_steps=8\) is longer .*stops 50% of the way"):

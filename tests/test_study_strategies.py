@@ -444,9 +444,7 @@ def test_every_study_run_trains_two_cli_steps_on_the_quickstart_base(run: str, c
         (config,) = trainer_.lr_scheduler_configs
         scheduler = config.scheduler
         assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and config.interval == "step"
-        assert scheduler.total_steps == 50_000 and scheduler.last_epoch == 2
-        lr = trainer_.optimizers[0].param_groups[0]["lr"]
-        assert 3e-4 / 25 < lr < 3e-4  # warming up from max_lr / 25
+        assert scheduler.total_steps == 2 and scheduler.last_epoch == 2  # the run's length: the cycle ends with it
     if run.endswith("_1336"):
         assert type(cli.datamodule).__name__ == "FashionMNISTDataModule" and cli.datamodule.train_subset == 1336
         assert cli.datamodule.split_size("train") == 1336 and cli.datamodule.split_size("test") == 10_000
