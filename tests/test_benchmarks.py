@@ -1093,7 +1093,8 @@ def test_every_committed_report_is_listed() -> None:
 
 
 def test_committed_reports_regenerate_byte_for_byte_from_raw_results(tmp_path: Path) -> None:
-    """speedups.json of every result folder, and summary.json's speed-up keys, from result.json files alone."""
+    """speedups.json and speedups.md of every result folder, and summary.json's speed-up keys, from result.json
+    files alone."""
     from benchmarks.convergence.__main__ import parser
 
     def regenerate(folder: str, *args: str) -> None:
@@ -1104,7 +1105,8 @@ def test_committed_reports_regenerate_byte_for_byte_from_raw_results(tmp_path: P
         copy_raw_results(folder, tmp_path)
     for folder in REPORTS:
         regenerate(folder, "--no-summary")
-        assert (tmp_path / folder / "speedups.json").read_bytes() == (RESULTS / folder / "speedups.json").read_bytes(), folder
+        for name in ("speedups.json", "speedups.md"):
+            assert (tmp_path / folder / name).read_bytes() == (RESULTS / folder / name).read_bytes(), (folder, name)
 
     committed = json.loads((RESULTS / "summary.json").read_text())
     summary = tmp_path / "summary.json"
@@ -1297,3 +1299,108 @@ def test_strategy_cost_refuses_an_unknown_run_or_base_before_any_training(option
     proc = bench("strategy_cost", ["--smoke", *option, "--out", str(out)], home, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "steps/s" not in proc.stdout and not out.exists()
+
+
+# ------------------------------------------------------------------------------ convergence/table.py
+def test_speedups_markdown_in_benchmarks_wording() -> None:
+    """Hand-made speedups.json and step costs: every cell below is computed by hand in the comments."""
+    from benchmarks.convergence.table import markdown
+
+    def entry(per_seed, reverse, fids, mean=None, low=None, high=None, steps=10000, baseline="uniform", fid=4.6):
+        return {"mean": mean, "min": low, "max": high, "per_seed": per_seed, "seeds": len(per_seed), "steps": steps,
+                "fid_at_steps": fids, "equivalent_per_seed": reverse, "baseline": baseline, "baseline_fid": fid}
+
+    speedups = {
+        "N": {  # per-seed lists follow "runs": fast's seed 1 comes first, the table lists seed 0 first
+            "fast": entry([1.5, 1.2], [None, None], [4.0, 4.5], mean=1.35, low=1.2, high=1.5),
+            "slow": entry([None], [0.74], [5.5]),  # never reached uniform's 4.6 by 10k: < 1, reverse 0.74
+            "mixed": entry([1.1, None], [None, 0.9], [4.5, 5.0], high=1.1),  # seed 1 never reached it
+        },
+        "N_half": {"fast": entry([1.0, 1.0], [None, None], [8.5, 8.0], mean=1.0, low=1.0, high=1.0, steps=5000,
+                                 baseline="uniform_cosine", fid=9.0)},
+        "runs": [{"strategy": s, "seed": seed} for s, seed in
+                 (("fast", 1), ("fast", 0), ("mixed", 0), ("mixed", 1), ("slow", 0), ("uniform", 0), ("scr", 3))],
+        "screen": {"fast": {"step": 5000, "fid_per_seed": [6.0, 5.0], "baseline_fid_at_double": 6.5, "reaches_2x": True},
+                   "scr": {"step": 500, "fid_per_seed": [9.0], "baseline_fid_at_double": 8.5, "reaches_2x": False}},
+    }
+    cost = {"card": "NVIDIA H100", "date": "2026-12-08", "batch_size": 64,
+            "runs": {"uniform": {"ratio": 1.0}, "fast": {"ratio": 0.8}, "slow": {"ratio": 0.5}}}  # no "mixed"
+    assert markdown(speedups, cost) == "\n".join([
+        "**Speed-up at N** (steps to the baseline's mean FID at the budget)",
+        "",
+        "| run | seeds | steps | baseline FID | FID per seed | speed-up | steps/s over uniform | wall-clock speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        # wall-clock: 1.35 x 0.8 = 1.08, 1.2 x 0.8 = 0.96, 1.5 x 0.8 = 1.20
+        "| fast | 0, 1 | 10k | 4.60 | 4.50 / 4.00 | 1.35 (1.20–1.50) | 0.80 | 1.08 (0.96–1.20) |",
+        "| mixed | 0, 1 | 10k | 4.60 | 4.50 / 5.00 | 1.10 / < 1 (0.90) | — | — |",  # not in the cost file
+        "| slow | 0 | 10k | 4.60 | 5.50 | < 1 (0.74) | 0.50 | < 0.50 (0.37) |",  # < 1 x 0.5; 0.74 x 0.5 = 0.37
+        "",
+        "**Speed-up at N/2** (steps to the baseline's mean FID at the budget)",
+        "",
+        "| run | seeds | steps | baseline FID | FID per seed | speed-up | steps/s over uniform | wall-clock speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| fast | 0, 1 | 5k | 9.00 (uniform_cosine) | 8.00 / 8.50 | 1.00 (1.00–1.00) | 0.80 | 0.80 (0.80–0.80) |",
+        "",
+        "Step cost: python -m benchmarks.strategy_cost on NVIDIA H100, 2026-12-08, batch 64: wall-clock speed-up = "
+        "speed-up × steps/s over uniform.",
+        "",
+        "**Screen** (FID at the stop step against the baseline's mean FID at twice it)",
+        "",
+        "| run | seeds | steps | baseline FID at 2× steps | FID per seed | reaches 2× |",
+        "|---|---:|---:|---:|---:|---|",
+        "| fast | 0, 1 | 5k | 6.50 | 5.00 / 6.00 | yes |",
+        "| scr | 3 | 500 | 8.50 | 9.00 | no |",
+        "",
+    ])
+    plain = markdown(speedups)  # no cost file: no cost columns
+    assert "| run | seeds | steps | baseline FID | FID per seed | speed-up |\n" in plain and "steps/s" not in plain
+    assert "| slow | 0 | 10k | 4.60 | 5.50 | < 1 (0.74) |\n" in plain
+    # one of three runs short of the budget: which seeds count is unknown, so their number, in the runs' order
+    short = {"N": {"fast": speedups["N"]["fast"]}, "runs": [*speedups["runs"], {"strategy": "fast", "seed": 2}]}
+    assert "| fast | 2 | 10k | 4.60 | 4.00 / 4.50 | 1.35 (1.20–1.50) |\n" in markdown(short)
+
+
+def _screen_folder(tmp_path: Path) -> list[str]:
+    """The committed study screen's raw results under tmp_path, and its report's arguments."""
+    for folder in ("study_screen", "convergence_dit_ema999"):
+        copy_raw_results(folder, tmp_path)
+    return ["report", "--no-plots", "--no-summary", "--out", str(tmp_path / "study_screen"),
+            "--include", str(tmp_path / "convergence_dit_ema999")]
+
+
+@pytest.mark.parametrize(("command", "content", "message"), [
+    ("report", None, "no such file"),
+    ("launch", None, "no such file"),
+    ("report", "{not json", "is not JSON"),
+    ("report", '{"runs": {"speed": {"ratio": "fast"}}}', 'has no "runs" with a numeric "ratio"'),
+])
+def test_convergence_refuses_a_missing_or_garbled_cost_file_before_any_work(command: str, content: str | None,
+                                                                            message: str, tmp_path: Path, home: Path) -> None:
+    cost = tmp_path / "cost.json"
+    if content is not None:
+        cost.write_text(content)
+    args = _screen_folder(tmp_path)
+    if command == "launch":
+        args = ["launch", "--smoke", "--jobs", "uniform:0:2", "--out", str(tmp_path / "study_screen")]
+    proc = bench("convergence", [*args, "--cost", str(cost)], home, timeout=60)
+    assert proc.returncode == 2 and f"--cost {cost}" in proc.stderr and message in proc.stderr, proc.stderr
+    assert not list((tmp_path / "study_screen").glob("speedups.*")) and not (tmp_path / "study_screen" / "logs").exists()
+
+
+def test_report_writes_speedups_md_with_the_costs_of_the_runs_the_cost_file_has(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.convergence.__main__ import parser
+
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"card": "cpu", "date": "2026-12-08", "batch_size": 64,
+                                "runs": {"uniform": {"ratio": 1.0}, "speed": {"ratio": 0.5}}}))  # no study candidate
+    report.report(parser().parse_args([*_screen_folder(tmp_path), "--cost", str(cost)]))
+    out = tmp_path / "study_screen"
+    assert (out / "speedups.json").read_bytes() == (RESULTS / "study_screen" / "speedups.json").read_bytes()
+    table = (out / "speedups.md").read_text()
+    assert table in capsys.readouterr().out  # printed too
+    # speed at 10k: 1.3042581741035766 x 0.5 = 0.652; the screened candidates have no cost
+    assert "| speed | 0 | 10k | 6.81 | 5.98 | 1.30 | 0.50 | 0.65 |\n" in table
+    assert "| curriculum_speed | 0 | 5k | 10.80 | 9.61 | 1.03 | — | — |\n" in table
+    assert "| laplace_log_snr | 0 | 5k | 10.80 | 14.32 | < 1 (0.93) | — | — |\n" in table
+    assert "| laplace_log_snr | 0 | 5k | 6.81 | 14.32 | no |\n" in table

@@ -11,6 +11,7 @@ from benchmarks.convergence import __doc__ as DOC
 from benchmarks.convergence.launch import launch
 from benchmarks.convergence.report import report
 from benchmarks.convergence.runs import BASE, NAMES
+from benchmarks.convergence.table import load_cost
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--include", nargs="+", default=[], metavar="FOLDER",
                    help="report: also read these result folders (same protocol, e.g. the uniform baseline of "
                         "another card); speedups.json and the plots still go to --out")
+    p.add_argument("--cost", default=None, metavar="FILE",
+                   help="report: the JSON of python -m benchmarks.strategy_cost (each run's steps/s over uniform's); "
+                        "speedups.md then gives each measured run's wall-clock speed-up beside its speed-up in steps")
     p.add_argument("--smoke", action="store_true", help="a tiny CPU model (the test suite)")
     p.add_argument("--no-summary", dest="summary", action="store_false", help="report: leave summary.json alone")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="report: write no figures")
@@ -85,6 +89,11 @@ def main() -> None:
     if args.final_samples and flow_solver != {process == "flow"}:
         p.error(f"--final-solvers {' '.join(args.final_solvers)} do not all sample the {process} model of {args.base}: "
                 f"use {'euler-50 / heun-125' if process == 'flow' else 'ddim-50 / ddpm-250 / dpmpp_2m-20'}")
+    if args.cost:  # launch reports at its end: a bad file is refused before training, not after
+        try:
+            load_cost(args.cost)
+        except (ValueError, FileNotFoundError) as error:
+            p.error(str(error))
     if args.command == "run":
         if not args.strategy:
             p.error("run needs --strategy")

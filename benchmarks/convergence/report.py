@@ -12,6 +12,7 @@ from benchmarks.common import load_config, update_summary, write_json
 from benchmarks.convergence.plots import plot, plot_areas, plot_headline
 from benchmarks.convergence.runs import BASELINES
 from benchmarks.convergence.stats import curve_solver, screen, speedups, summary_keys
+from benchmarks.convergence.table import load_cost, markdown
 
 
 def _headline(entry: dict[str, Any]) -> dict[str, Any]:
@@ -20,13 +21,15 @@ def _headline(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace) -> dict[str, Any]:
-    """Collect result.json files, compute speed-ups, plot the curves, update ``args.summary_file``.
+    """Collect result.json files, compute speed-ups, write speedups.json and speedups.md (its Markdown tables, with
+    wall-clock speed-ups from the step costs of ``args.cost``), plot the curves, update ``args.summary_file``.
 
     Each strategy is compared with the uniform baseline at its own N: the last evaluation step that
     all its runs and at least one uniform run reached (ablations may run shorter than the main
     pair), and at the evaluation step nearest below N/2.
     """
     out = Path(args.out)
+    cost = load_cost(args.cost) if getattr(args, "cost", None) else None  # refused here, before any work
     results = load_results([out, *map(Path, args.include)])
     solver = curve_solver(results, out)
     uniform_steps = sorted({s for r in results if r["strategy"] == "uniform" for s, _ in r["fid_history"]})
@@ -53,6 +56,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     if screened:  # runs launched with --stop-at: the 2x test at N = twice their step
         summary["screen"] = screened
     write_json(out / "speedups.json", summary)
+    table = markdown(summary, cost)  # the same numbers as tables for BENCHMARKS.md
+    (out / "speedups.md").write_text(table)
     if args.plots:
         plot(results, out / "fid_vs_step.png", solver)
         plot_headline(results, out / "fid_vs_step_headline.png", solver)
@@ -72,6 +77,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                   for s, v in headline[n].items()}
             for key, n in zip(keys, ("N", "N_half"))
         })
+    print(table)
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets", "screen") if k in summary}, indent=1))
     return summary
 
