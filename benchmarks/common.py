@@ -109,3 +109,14 @@ def smoke_args(backbone_class_path: str) -> list[str]:
             for item in (f"--model.backbone.init_args.{key}", json.dumps(value))]
     return [*args, "--model.compile_mode", "null", "--model.compile_sampling", "false",
             "--trainer.precision", "32-true", "--trainer.accelerator", "cpu"]
+
+
+def set_overrides(items: list[str]) -> list[str]:
+    """``--set KEY=VALUE ...`` (the convergence tools' config overrides) as the CLI's ``--KEY VALUE`` arguments."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. ema.init_args.decay=0.999")
+        out += [f"--{key}", value]
+    return out

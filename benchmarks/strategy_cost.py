@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, device_name, load_config, smoke_args, today, write_json
+from benchmarks.common import RESULTS, device_name, load_config, set_overrides, smoke_args, today, write_json
 from benchmarks.convergence.runs import CONFIGS, NAMES, RUNS, STUDY, config_args
 
 DEFAULT_RUNS = ["uniform", *STUDY]
@@ -54,7 +54,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
         out += ["--data.init_args.root", args.root]
     if args.smoke:
         out += [*smoke_args(load_config(args.base)["model"]["backbone"]["class_path"]), "--data.init_args.on_device", "false"]
-    return out
+    return out + set_overrides(args.set)
 
 
 def build(run: str, args: argparse.Namespace) -> Any:
@@ -143,7 +143,11 @@ def main() -> dict[str, Any]:
     p.add_argument("--root", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--out", default=str(RESULTS / "strategy_cost.json"))
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, a few steps (the test suite)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run, as the convergence harness takes them "
+                        "(model.compile_mode=reduce-overhead: the step with CUDA graphs)")
     args = p.parse_args()
+    set_overrides(args.set)  # a malformed item fails here, before any build
     if not (CONFIGS / args.base).is_file():
         p.error(f"--base {args.base}: no such file in {CONFIGS}; give a base config relative to configs/")
     if args.batch_size < 1 or args.repeats < 1 or args.window < 0 or (args.warmup_steps or 0) < 0:
@@ -164,7 +168,7 @@ def main() -> dict[str, Any]:
         "card": device_name() if cuda else "cpu", "date": today(), "torch": torch.__version__,
         "lightning": lightning.__version__, "command": shlex.join(["python", "-m", "benchmarks.strategy_cost", *sys.argv[1:]]),
         "base": args.base, "batch_size": args.batch_size, "window_s": args.window, "repeats": args.repeats,
-        "warmup_steps": args.warmup_steps, "smoke": args.smoke, "orders": [],
+        "warmup_steps": args.warmup_steps, "smoke": args.smoke, "set": args.set, "orders": [],
     }
     windows: dict[str, list[dict[str, Any]]] = {run: [] for run in runs}
     callbacks: dict[str, list[str]] = {}

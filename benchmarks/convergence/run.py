@@ -18,7 +18,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from benchmarks.common import device_name, load_config, smoke_args, today, write_json
+from benchmarks.common import device_name, load_config, set_overrides, smoke_args, today, write_json
 from benchmarks.convergence.runs import RUNS, config_args
 
 
@@ -151,12 +151,7 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
         out += ["--model.compile_mode", "null"]
     elif args.compile_sampling:
         out += ["--model.compile_sampling", "true"]
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. ema.init_args.decay=0.999")
-        out += [f"--{key}", value]
-    return out
+    return out + set_overrides(args.set)
 
 
 def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str, Any]:
