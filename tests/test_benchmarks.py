@@ -1394,7 +1394,7 @@ def test_report_writes_speedups_md_with_the_costs_of_the_runs_the_cost_file_has(
     from benchmarks.convergence.__main__ import parser
 
     cost = tmp_path / "cost.json"
-    cost.write_text(json.dumps({"card": "cpu", "date": "2026-12-08", "batch_size": 64,
+    cost.write_text(json.dumps({"card": "cpu", "date": "2026-12-08", "base": "fashion_mnist_dit.yaml", "batch_size": 64,
                                 "runs": {"uniform": {"ratio": 1.0}, "speed": {"ratio": 0.5}}}))  # no study candidate
     report.report(parser().parse_args([*_screen_folder(tmp_path), "--cost", str(cost)]))
     out = tmp_path / "study_screen"
@@ -1406,3 +1406,16 @@ def test_report_writes_speedups_md_with_the_costs_of_the_runs_the_cost_file_has(
     assert "| curriculum_speed | 0 | 5k | 10.80 | 9.61 | 1.03 | — | — |\n" in table
     assert "| laplace_log_snr | 0 | 5k | 10.80 | 14.32 | < 1 (0.93) | — | — |\n" in table
     assert "| laplace_log_snr | 0 | 5k | 6.81 | 14.32 | no |\n" in table
+
+
+@pytest.mark.parametrize(("base", "batch"), [("fashion_mnist.yaml", 64), ("fashion_mnist_dit.yaml", 256)])
+def test_report_refuses_a_cost_measured_on_another_base_or_batch(base: str, batch: int, tmp_path: Path) -> None:
+    from benchmarks.convergence.__main__ import parser
+
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"base": base, "batch_size": batch, "runs": {"uniform": {"ratio": 1.0}}}))
+    with pytest.raises(ValueError, match=rf"measured on {base} at batch {batch}, but the runs train "
+                                         r"fashion_mnist_dit.yaml at batch 64: .* --base fashion_mnist_dit.yaml --batch-size 64"):
+        report.report(parser().parse_args([*_screen_folder(tmp_path), "--cost", str(cost)]))
+    assert not (tmp_path / "study_screen" / "speedups.md").exists()
+

@@ -12,7 +12,7 @@ from benchmarks.common import load_config, update_summary, write_json
 from benchmarks.convergence.plots import plot, plot_areas, plot_headline
 from benchmarks.convergence.runs import BASELINES
 from benchmarks.convergence.stats import curve_solver, screen, speedups, summary_keys
-from benchmarks.convergence.table import load_cost, markdown
+from benchmarks.convergence.table import check_cost_matches, load_cost, markdown
 
 
 def _headline(entry: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +31,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     cost = load_cost(args.cost) if getattr(args, "cost", None) else None  # refused here, before any work
     results = load_results([out, *map(Path, args.include)])
+    if cost is not None:
+        check_cost_matches(cost, results, args.cost)
     solver = curve_solver(results, out)
     uniform_steps = sorted({s for r in results if r["strategy"] == "uniform" for s, _ in r["fid_history"]})
     if not results or not uniform_steps:

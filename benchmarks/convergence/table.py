@@ -36,6 +36,17 @@ def load_cost(path: str | Path) -> dict[str, Any]:
     return cost
 
 
+def check_cost_matches(cost: dict[str, Any], results: list[dict[str, Any]], path: str | Path) -> None:
+    """A step cost is a property of the base config and the batch: one measured on others does not apply."""
+    runs = {(r["configs"][0], r["batch_size"]) for r in results if r.get("configs") and "batch_size" in r}
+    measured = (cost.get("base"), cost.get("batch_size"))
+    if runs and runs != {measured}:
+        base, batch = sorted(runs, key=str)[0]
+        found = ", ".join(f"{b} at batch {n}" for b, n in sorted(runs, key=str))
+        raise ValueError(f"--cost {path} was measured on {measured[0]} at batch {measured[1]}, but the runs train "
+                         f"{found}: measure it with {COST_TOOL} --base {base} --batch-size {batch}")
+
+
 def _num(value: float) -> str:
     return f"{value:.2f}"
 
