@@ -54,6 +54,8 @@ STUDY: dict[str, tuple[str, ...]] = {
     "speed_sampling_min_snr": ("study/speed_sampling_min_snr.yaml",),
     "logit_normal_change_aware": ("study/logit_normal_change_aware.yaml",),
     "loss_decrease": ("study/loss_decrease.yaml",),  # adaptive: draws follow each bin's recent loss decrease
+    "stratified_uniform": ("study/stratified_uniform.yaml",),  # uniform t, one stratum of [0, T) per sample
+    "stratified_speed": ("study/stratified_speed.yaml",),  # SpeeD's sampling with stratified u, SpeeD's weights
     # uniform t with a OneCycle learning rate (its total_steps must be N: see the file)
     "uniform_onecycle": ("strategies/uniform.yaml", "study/onecycle_lr.yaml"),
     # the paper's small-data regime: 1,336 training images

@@ -4,7 +4,8 @@ Each strategy holds its settings and builds its tables when bound to a schedule;
 both roles with one tau. ``base`` holds the protocol and ``TimestepStrategy`` (the one object a
 training step uses), ``speed`` SpeeD, ``baselines`` the methods SpeeD is compared with, ``log_snr``
 densities shaped in log-SNR (Laplace, EDM's log-normal) as tables over t, ``curriculum`` a shaped
-strategy annealed to uniform t, ``adaptive`` sampling by each bin's recent loss decrease.
+strategy annealed to uniform t, ``stratified`` another strategy's marginal drawn with low-discrepancy
+(stratified) u, ``adaptive`` sampling by each bin's recent loss decrease.
 ``lightning_speed.callbacks.TimestepCallback`` installs them on a LightningModule's ``timesteps``. The same strategies bind to a flow (``flow.FlowSchedule``) where they have a
 flow form (``Strategy.processes``); ``ModeSampling`` and ``CosMapSampling`` exist on flows only.
 """
@@ -46,6 +47,7 @@ from lightning_speed.timesteps.log_snr import (
 from lightning_speed.timesteps.speed import (
     AsymmetricDensity, SpeeD, asymmetric_probabilities, change_aware_weights, dual_pairs,
 )
+from lightning_speed.timesteps.stratified import StratifiedSampling
 
 __all__ = [
     "AsymmetricDensity",
@@ -64,6 +66,7 @@ __all__ = [
     "SamplingStrategy",
     "SpeeD",
     "StepRecord",
+    "StratifiedSampling",
     "Strategy",
     "TableSampling",
     "TableWeighting",

@@ -96,7 +96,7 @@ SNR is infinite or 0, for mass 2^-24 that float32 rounding would otherwise put t
 
 FLOW_SAMPLING = (
     "UniformSampling, LogitNormalSampling, ModeSampling, CosMapSampling, LossAwareSampling, LossDecreaseSampling, "
-    "CurriculumSampling"
+    "CurriculumSampling, StratifiedSampling"
 )
 FLOW_WEIGHTING = "ConstantWeighting, MinSNRWeighting, P2Weighting"
 
