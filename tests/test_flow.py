@@ -35,6 +35,7 @@ from lightning_speed.timesteps import (
     ModeSampling,
     P2Weighting,
     SpeeD,
+    StratifiedSampling,
     TimestepStrategy,
     UniformSampling,
     asymmetric_probabilities,
@@ -513,7 +514,8 @@ def flow_samplers():
     curriculum = CurriculumSampling(SpeeD(lam=None))
     curriculum.set_step(10, 100)
     return [UniformSampling(), LogitNormalSampling(), ModeSampling(), CosMapSampling(),
-            LossAwareSampling(bins=4, history=1), SpeeD(), SpeeD(dual=False, tau=0.9), curriculum]
+            LossAwareSampling(bins=4, history=1), SpeeD(), SpeeD(dual=False, tau=0.9), curriculum,
+            StratifiedSampling(LogitNormalSampling())]
 
 
 def all_strategies(shift: float = 3.0):

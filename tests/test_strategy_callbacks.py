@@ -447,6 +447,8 @@ timesteps:
     init_args: {gamma: 5}
   - class_path: lightning_speed.timesteps.CurriculumSampling
     init_args: {early: {class_path: LogitNormalSampling}, switch: 0.5, shape: step}
+  - class_path: lightning_speed.timesteps.StratifiedSampling
+    init_args: {inner: {class_path: SpeeD, init_args: {lam: null}}}
 callbacks:
   - class_path: lightning_speed.callbacks.TimestepCallback
     init_args:
@@ -474,10 +476,11 @@ def test_strategies_and_their_callback_are_configurable_from_yaml():
     strategies, (callback, monitor) = config.timesteps, config.callbacks
     assert [type(s).__name__ for s in strategies] == [
         "SpeeD", "SpeeD", "CLTSSampling", "LossAwareSampling", "LogitNormalSampling", "P2Weighting", "MinSNRWeighting",
-        "CurriculumSampling",
+        "CurriculumSampling", "StratifiedSampling",
     ]
     assert strategies[0].tau == "auto" and strategies[0].roles == ("sampling",) and strategies[1].roles == ("weighting",)
     assert strategies[6].gamma == 5 and strategies[7].early.mean == 0.0 and strategies[7].shape == "step"
+    assert type(strategies[8].inner).__name__ == "SpeeD" and strategies[8].inner.roles == ("sampling",)
     assert isinstance(callback, TimestepCallback) and callback.seed == 3 and isinstance(monitor, TimestepMonitor)
     (speed,) = callback.strategies
     assert speed.tau == 650 and speed.dual is False and speed.lam == 0.6
