@@ -40,7 +40,7 @@ from typing_extensions import override
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule
 from lightning_speed.timesteps.base import (
-    TableSampling, binned_flow_cdf, inverse_cdf_sample, probabilities_to_cdf, sample_binned_flow,
+    TableSampling, binned_flow_cdf, flow_bin, inverse_cdf_sample, probabilities_to_cdf, sample_binned_flow,
 )
 from lightning_speed.validation import check_bool, check_int, check_number
 
@@ -102,7 +102,7 @@ class LossDecreaseSampling(TableSampling):
     def bin_of(self, t: Tensor) -> Tensor:
         """The bin of each t (long, on t's device)."""
         if self.process == "flow":
-            return (self.schedule.unwarp(t) * self.bins).long().clamp_(0, self.bins - 1)
+            return flow_bin(self.schedule, t, self.bins)
         return self._bin_of_step.to(t.device)[t]
 
     # -- drawing ------------------------------------------------------------------------

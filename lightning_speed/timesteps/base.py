@@ -63,9 +63,12 @@ def inverse_cdf_sample(cdf: Tensor, n: int, generator: torch.Generator | None = 
     ``cdf`` must be non-decreasing and end at 1. Entries with zero probability are never drawn
     (``right=True`` skips ties). Sync-free on every device, unlike ``torch.multinomial``.
     """
-    u = torch.rand(n, device=cdf.device, dtype=cdf.dtype, generator=generator)
-    t = torch.searchsorted(cdf, u, right=True)
-    return t.clamp_(max=cdf.numel() - 1)
+    return inverse_cdf(cdf, torch.rand(n, device=cdf.device, dtype=cdf.dtype, generator=generator))
+
+
+def inverse_cdf(cdf: Tensor, u: Tensor) -> Tensor:
+    """The index whose cumulative table ``cdf`` first exceeds each ``u`` in [0, 1) (``inverse_cdf_sample``'s lookup)."""
+    return torch.searchsorted(cdf, u.to(cdf.dtype), right=True).clamp_(max=cdf.numel() - 1)
 
 
 def sample_binned_flow(schedule: FlowSchedule, bin_cdf: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
@@ -75,6 +78,11 @@ def sample_binned_flow(schedule: FlowSchedule, bin_cdf: Tensor, n: int, generato
     b = inverse_cdf_sample(bin_cdf, n, generator)
     u = torch.rand(n, device=bin_cdf.device, generator=generator)
     return schedule.warp((b + u) / bins)
+
+
+def flow_bin(schedule: FlowSchedule, t: Tensor, bins: int) -> Tensor:
+    """The bin of each flow time among ``bins`` equal widths of the unshifted time (long, on t's device)."""
+    return (schedule.unwarp(t) * bins).long().clamp_(0, bins - 1)
 
 
 def binned_flow_cdf(schedule: FlowSchedule, bin_probs: Tensor, t: Any) -> Tensor:

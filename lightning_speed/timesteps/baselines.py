@@ -66,8 +66,8 @@ from lightning_speed import flow
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
 from lightning_speed.timesteps.base import (
-    SamplingStrategy, TableSampling, TableWeighting, binned_flow_cdf, inverse_cdf_sample, probabilities_to_cdf,
-    sample_binned_flow,
+    SamplingStrategy, TableSampling, TableWeighting, binned_flow_cdf, flow_bin, inverse_cdf_sample,
+    probabilities_to_cdf, sample_binned_flow,
 )
 from lightning_speed.validation import check_int, check_number
 
@@ -422,7 +422,7 @@ class LossAwareSampling(TableSampling):
         """The history slot of each t: t itself on a discrete schedule, its bin on a flow (long, on t's device)."""
         if self.process != "flow":
             return t
-        return (self.schedule.unwarp(t) * self.bins).long().clamp_(0, self.bins - 1)
+        return flow_bin(self.schedule, t, self.bins)
 
     @override
     def sample(self, n: int) -> Tensor:

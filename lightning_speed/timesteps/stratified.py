@@ -23,7 +23,7 @@ from typing_extensions import Self, override
 
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps.base import SamplingStrategy, UniformSampling, probabilities_to_cdf
+from lightning_speed.timesteps.base import SamplingStrategy, UniformSampling, inverse_cdf, probabilities_to_cdf
 
 
 def stratified_uniform(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
@@ -119,8 +119,7 @@ class StratifiedSampling(SamplingStrategy):
         u = stratified_uniform(n, self.device, self.generator)
         if self.process == "flow":
             return self.quantile(u)
-        cdf = probabilities_to_cdf(self.inner.probabilities())
-        return torch.searchsorted(cdf, u.to(cdf.dtype), right=True).clamp_(max=cdf.numel() - 1)
+        return inverse_cdf(probabilities_to_cdf(self.inner.probabilities()), u)
 
     @override
     def quantile(self, u: Tensor) -> Tensor:
