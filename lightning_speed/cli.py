@@ -578,12 +578,6 @@ class SpeedCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_ckpt_path()
 
-    def _check_model_takes_the_data(self) -> None:
-        """The model's setup check, made before ``prepare_data``: a latent data module encodes its whole image folder
-        there, which a backbone of the wrong shape would only refuse afterwards."""
-        if isinstance(self.model, DiffusionModule) and self.datamodule is not None:
-            self.model.check_data(self.datamodule)
-
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; a run that fails before its first step takes its new log folder with it when that holds
         nothing but what every run writes at its start (TensorBoard's event file, config.yaml, hparams.yaml)."""
@@ -609,7 +603,6 @@ class SpeedCLI(LightningCLI):
         self._check_ckpt_path()
         self._name_optimizer_changes()
         check_output_folders(self.trainer)
-        self._check_model_takes_the_data()
         if self.trainer.fast_dev_run:
             for callback in self.trainer.checkpoint_callbacks:
                 if hasattr(callback, "save_last"):

@@ -179,7 +179,7 @@ class DiffusionModule(pl.LightningModule):
 
     def check_data(self, datamodule: Any) -> None:
         """Refuse data of another shape or class count than the model's and its backbone's: at setup, and earlier
-        where a data module asks before costly work (LatentDataModule, before it encodes its images)."""
+        where a data module asks before costly work (ours in prepare_data, before a download or an encoding)."""
         self.image_shape = check_data_module(datamodule, self.image_shape, self.num_classes)
         if self.image_shape is not None:
             check_backbone_accepts(self.backbone, self.diffusion, self.image_shape, self.num_classes)

@@ -457,3 +457,21 @@ def test_more_reference_images_than_the_split_holds_warns_and_uses_them_all(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert dm.reference_images("test", max_images=6).shape[0] == 6  # as many as there are: nothing to say
+
+
+def test_a_model_that_cannot_take_the_images_fails_before_the_files_are_looked_for(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare_data (which may download) asks the attached model to check the data first, under a plain Trainer.fit."""
+    from lightning_speed import DiffusionModule
+    from lightning_speed.backbones import DiT
+
+    from _fixtures import cpu_trainer, write_image_folder
+
+    def locate(self, download):
+        raise AssertionError("the files were looked for before the model checked the data")
+
+    data = ImageFolderDataModule(str(write_image_folder(tmp_path / "images")), image_size=32, num_workers=0)
+    monkeypatch.setattr(ImageFolderDataModule, "_locate", locate)
+    grey = DiT(in_channels=1, image_size=32, depth=1, hidden_size=32, num_heads=2, patch_size=4)
+    with pytest.raises(ValueError, match="(?i)channel"):
+        cpu_trainer(max_steps=1).fit(DiffusionModule(grey), datamodule=data)

@@ -164,6 +164,15 @@ class DeviceBatchLoader:
             yield self._batch(shard[i * bs : (i + 1) * bs], generator)
 
 
+def check_attached_model(datamodule: L.LightningDataModule) -> None:
+    """Before a data module's costly preparation (a download, an encoding): the model it trains checks the data
+    first, if it can (``DiffusionModule.check_data``), so that a backbone of the wrong shape fails before that work,
+    not at the model's setup, which Lightning runs after ``prepare_data``."""
+    model = getattr(getattr(datamodule, "trainer", None), "lightning_module", None)
+    if callable(getattr(model, "check_data", None)):
+        model.check_data(datamodule)
+
+
 class UInt8ImageDataModule(L.LightningDataModule):
     """Base datamodule over in-memory uint8 image arrays; see the module docstring.
 
@@ -259,7 +268,9 @@ class UInt8ImageDataModule(L.LightningDataModule):
         return self.val_images
 
     def prepare_data(self) -> None:
-        """Find (or, with ``download=True``, fetch) the files; errors surface here, before training."""
+        """Find (or, with ``download=True``, fetch) the files; errors surface here, before training (after the
+        model's check of the data: ``check_attached_model``)."""
+        check_attached_model(self)
         self._locate(download=self.download)
 
     def setup(self, stage: str | None = None) -> None:

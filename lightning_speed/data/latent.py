@@ -50,7 +50,7 @@ from tqdm import tqdm
 from lightning_speed.autoencoders import Autoencoder
 from lightning_speed.validation import check_bool, check_choice, check_folder, check_int
 
-from .base import DeviceBatchLoader, UInt8ImageDataModule, to_unit_range
+from .base import DeviceBatchLoader, UInt8ImageDataModule, check_attached_model, to_unit_range
 
 CACHE_FORMAT = 1
 DEFAULT_CACHE_ROOT = Path("~/.cache/lightning_speed/latents")
@@ -378,11 +378,9 @@ class LatentDataModule(L.LightningDataModule):
         return folder
 
     def prepare_data(self) -> None:
-        """Build the cache unless a matching one exists (on one process per node; the others wait). A model that
-        checks its data (``DiffusionModule.check_data``) does so first: a wrong backbone fails before the encoding."""
-        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        if callable(getattr(model, "check_data", None)):
-            model.check_data(self)
+        """Build the cache unless a matching one exists (on one process per node; the others wait), once the model
+        has checked the data (``check_attached_model``): a wrong backbone fails before the encoding."""
+        check_attached_model(self)
         if not self.cache_matches():
             self.build_cache()
 
