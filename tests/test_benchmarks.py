@@ -613,10 +613,22 @@ def test_speedups_on_hand_made_curves() -> None:
     assert mixed["per_seed"] == [None, 2.0] and mixed["max"] == pytest.approx(2.0)
     assert mixed["min"] is None and mixed["mean"] is None and mixed["seeds"] == 2
 
-    # At half the budget the target is the baseline's FID at step 50 (20): speed reached it by step 50.
+    assert speed["at_least"] is False and speed["at_least_per_seed"] == [False, False]  # seed 0 is exactly at 10
+
+    # At half the budget the target is the baseline's FID at step 50 (20): speed was below it (10, 15) at its first
+    # evaluation, so it crossed at some unmeasured step before 50: the speed-up is at least 50 / 50 = 1, not 1.
     half = stats.speedups(results, 50)
     assert half["_baseline_fid"] == pytest.approx(20.0)
     assert half["speed"]["per_seed"] == pytest.approx([1.0, 1.0])
+    assert half["speed"]["at_least"] is True and half["speed"]["at_least_per_seed"] == [True, True]
+    # The reverse view reads the baseline's curve past the budget: it reaches 10 at 100 and 15 at 75 (20 at 50,
+    # 10 at 100): 100 / 50 = 2 and 75 / 50 = 1.5, exact (the baseline was above both at its first evaluation).
+    assert half["speed"]["equivalent_per_seed"] == pytest.approx([2.0, 1.5])
+    assert half["speed"]["equivalent_at_most_per_seed"] == [False, False]
+    # p2 (30 at 50) is behind: the baseline was below 30 already at its first evaluation (20 at 50), so the steps
+    # it needs are at most 50: the reverse view 1.0 is an upper bound.
+    assert half["p2"]["per_seed"] == [None] and half["p2"]["equivalent_per_seed"] == pytest.approx([1.0])
+    assert half["p2"]["equivalent_at_most_per_seed"] == [True] and half["p2"]["at_least"] is False
 
     # The baseline target is the mean over its seeds.
     two_seeds = [*results, _run("uniform", 1, [(50, 18.0), (100, 14.0)])]
@@ -1147,7 +1159,8 @@ def test_benchmarks_md_points_only_into_the_repository() -> None:
     assert links and not [link for link in links if "://" in link or link.startswith(("/", ".."))], links
     assert "../" not in text  # no file outside the repository, linked or not
     named = re.findall(r"benchmarks/results/[\w./*-]+", text)
-    missing = sorted({path for path in [*links, *named] if not list(REPO.glob(path.rstrip("./")))})
+    paths = [link.partition("#")[0] for link in links] + named  # a link's #section is not part of its file
+    missing = sorted({path for path in paths if not list(REPO.glob(path.rstrip("./")))})
     assert not missing, missing
 
 
@@ -1228,9 +1241,15 @@ def test_a_screen_says_which_strategy_reaches_uniforms_fid_at_twice_its_step() -
                run("speed", 0, [(5000, 9.0), (10000, 6.0)])]
     screened = stats.screen(results)
     assert set(screened) == {"loss_decrease", "laplace_log_snr"}
+    # how far: uniform's mean curve (19 at 5k, 10 at 10k) reaches 10 at 10k (2x) and never reaches 9 (None)
     assert screened["loss_decrease"] == {"step": 5000, "fid_per_seed": [9.0, 10.0], "baseline_fid_at_double": 10.0,
-                                         "baseline_seeds": 2, "reaches_2x": True}
+                                         "baseline_seeds": 2, "reaches_2x": True, "equivalent_per_seed": [None, 2.0],
+                                         "equivalent_at_most_per_seed": [False, False]}
     assert screened["laplace_log_snr"]["reaches_2x"] is False
+    # 11 is reached between 19 at 5k and 10 at 10k: 5000 + 8/9 * 5000 steps, over 5000
+    assert screened["laplace_log_snr"]["equivalent_per_seed"] == pytest.approx([None, 1 + 8 / 9])
+    behind = stats.screen([*results[:2], run("p2", 0, [(5000, 25.0)], 5000)])["p2"]  # uniform was at 19 at 5k
+    assert behind["equivalent_per_seed"] == [1.0] and behind["equivalent_at_most_per_seed"] == [True]
     # no uniform curve at twice the step: nothing to say
     assert stats.screen([r for r in results if r["strategy"] != "uniform" or r["fid_history"][-1][0] < 10000]) == {}
 
@@ -1308,9 +1327,12 @@ def test_speedups_markdown_in_benchmarks_wording() -> None:
     """Hand-made speedups.json and step costs: every cell below is computed by hand in the comments."""
     from benchmarks.convergence.table import markdown
 
-    def entry(per_seed, reverse, fids, mean=None, low=None, high=None, steps=10000, baseline="uniform", fid=4.6):
+    def entry(per_seed, reverse, fids, mean=None, low=None, high=None, steps=10000, baseline="uniform", fid=4.6,
+              at_least=None, at_most=None):
         return {"mean": mean, "min": low, "max": high, "per_seed": per_seed, "seeds": len(per_seed), "steps": steps,
-                "fid_at_steps": fids, "equivalent_per_seed": reverse, "baseline": baseline, "baseline_fid": fid}
+                "fid_at_steps": fids, "equivalent_per_seed": reverse, "baseline": baseline, "baseline_fid": fid,
+                "at_least": any(at_least or []), "at_least_per_seed": at_least or [False] * len(per_seed),
+                "equivalent_at_most_per_seed": at_most or [False] * len(per_seed)}
 
     speedups = {
         "N": {  # per-seed lists follow "runs": fast's seed 1 comes first, the table lists seed 0 first
@@ -1319,11 +1341,24 @@ def test_speedups_markdown_in_benchmarks_wording() -> None:
             "mixed": entry([1.1, None], [None, 0.9], [4.5, 5.0], high=1.1),  # seed 1 never reached it
         },
         "N_half": {"fast": entry([1.0, 1.0], [None, None], [8.5, 8.0], mean=1.0, low=1.0, high=1.0, steps=5000,
-                                 baseline="uniform_cosine", fid=9.0)},
+                                 baseline="uniform_cosine", fid=9.0),
+                   # below uniform's FID at its first evaluation (a lower bound); uniform needs 1.4x the steps to
+                   # reach its FID
+                   "early": entry([1.0], [1.4], [7.0], mean=1.0, low=1.0, high=1.0, steps=5000, at_least=[True]),
+                   # two seeds, one a bound; and a slow one that uniform beat already at its first evaluation
+                   "both": entry([1.2, 1.0], [None, None], [8.0, 7.0], mean=1.1, low=1.0, high=1.2, steps=5000,
+                                 at_least=[False, True]),
+                   "behind": entry([None], [1.0], [12.0], steps=5000, at_most=[True]),
+                   # both seeds bounds: the reverse views, in seed order, say how far ahead each is
+                   "ahead": entry([1.0, 1.0], [1.3, 1.5], [6.0, 5.0], mean=1.0, low=1.0, high=1.0, steps=5000,
+                                  at_least=[True, True])},
         "runs": [{"strategy": s, "seed": seed} for s, seed in
-                 (("fast", 1), ("fast", 0), ("mixed", 0), ("mixed", 1), ("slow", 0), ("uniform", 0), ("scr", 3))],
-        "screen": {"fast": {"step": 5000, "fid_per_seed": [6.0, 5.0], "baseline_fid_at_double": 6.5, "reaches_2x": True},
-                   "scr": {"step": 500, "fid_per_seed": [9.0], "baseline_fid_at_double": 8.5, "reaches_2x": False}},
+                 (("fast", 1), ("fast", 0), ("mixed", 0), ("mixed", 1), ("slow", 0), ("uniform", 0), ("scr", 3),
+                  ("early", 0), ("both", 0), ("both", 1), ("behind", 0), ("ahead", 1), ("ahead", 0))],
+        "screen": {"fast": {"step": 5000, "fid_per_seed": [6.0, 5.0], "baseline_fid_at_double": 6.5, "reaches_2x": True,
+                            "equivalent_per_seed": [2.2, None], "equivalent_at_most_per_seed": [False, False]},
+                   "scr": {"step": 500, "fid_per_seed": [9.0], "baseline_fid_at_double": 8.5, "reaches_2x": False,
+                           "equivalent_per_seed": [0.8], "equivalent_at_most_per_seed": [True]}},
     }
     cost = {"card": "NVIDIA H100", "date": "2026-12-08", "batch_size": 64,
             "runs": {"uniform": {"ratio": 1.0}, "fast": {"ratio": 0.8}, "slow": {"ratio": 0.5}}}  # no "mixed"
@@ -1341,17 +1376,22 @@ def test_speedups_markdown_in_benchmarks_wording() -> None:
         "",
         "| run | seeds | steps | baseline FID | FID per seed | speed-up | steps/s over uniform | wall-clock speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ahead | 0, 1 | 5k | 4.60 | 5.00 / 6.00 | ≥ 1.00 (1.50 / 1.30) | — | — |",
+        "| behind | 0 | 5k | 4.60 | 12.00 | < 1 (≤ 1.00) | — | — |",
+        "| both | 0, 1 | 5k | 4.60 | 8.00 / 7.00 | ≥ 1.10 (1.00–1.20) | — | — |",
+        "| early | 0 | 5k | 4.60 | 7.00 | ≥ 1.00 (1.40) | — | — |",
         "| fast | 0, 1 | 5k | 9.00 (uniform_cosine) | 8.00 / 8.50 | 1.00 (1.00–1.00) | 0.80 | 0.80 (0.80–0.80) |",
         "",
         "Step cost: python -m benchmarks.strategy_cost on NVIDIA H100, 2026-12-08, batch 64: wall-clock speed-up = "
         "speed-up × steps/s over uniform.",
         "",
-        "**Screen** (FID at the stop step against the baseline's mean FID at twice it)",
+        "**Screen** (FID at the stop step against the baseline's mean FID at twice it; how far each got: the "
+        "baseline's steps to that FID, over the stop step)",
         "",
-        "| run | seeds | steps | baseline FID at 2× steps | FID per seed | reaches 2× |",
-        "|---|---:|---:|---:|---:|---|",
-        "| fast | 0, 1 | 5k | 6.50 | 5.00 / 6.00 | yes |",
-        "| scr | 3 | 500 | 8.50 | 9.00 | no |",
+        "| run | seeds | steps | baseline FID at 2× steps | FID per seed | how far | reaches 2× |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        "| fast | 0, 1 | 5k | 6.50 | 5.00 / 6.00 | never / 2.20× | yes |",  # seed 0's 6.0 is reached at 2.2x
+        "| scr | 3 | 500 | 8.50 | 9.00 | ≤ 0.80× | no |",
         "",
     ])
     plain = markdown(speedups)  # no cost file: no cost columns
@@ -1405,7 +1445,7 @@ def test_report_writes_speedups_md_with_the_costs_of_the_runs_the_cost_file_has(
     assert "| speed | 0 | 10k | 6.81 | 5.98 | 1.30 | 0.50 | 0.65 |\n" in table
     assert "| curriculum_speed | 0 | 5k | 10.80 | 9.61 | 1.03 | — | — |\n" in table
     assert "| laplace_log_snr | 0 | 5k | 10.80 | 14.32 | < 1 (0.93) | — | — |\n" in table
-    assert "| laplace_log_snr | 0 | 5k | 6.81 | 14.32 | no |\n" in table
+    assert "| laplace_log_snr | 0 | 5k | 6.81 | 14.32 | 0.93× | no |\n" in table
 
 
 @pytest.mark.parametrize(("base", "batch"), [("fashion_mnist.yaml", 64), ("fashion_mnist_dit.yaml", 256)])

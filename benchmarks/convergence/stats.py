@@ -23,6 +23,12 @@ def first_step_reaching(curve: list[tuple[int, float]], target: float) -> float 
     return None
 
 
+def reached_before_first_evaluation(curve: list[tuple[int, float]], target: float) -> bool:
+    """Whether the curve is already below ``target`` at its first evaluation after step 0: it crossed at some
+    earlier, unmeasured step, so ``first_step_reaching`` gives only an upper bound on the crossing."""
+    return bool(curve) and curve[0][0] > 0 and curve[0][1] < target
+
+
 def fid_at(curve: list[tuple[int, float]], step: int) -> float | None:
     return next((f for s, f in curve if s == step), None)
 
@@ -41,15 +47,22 @@ def seed_band(results: list[dict[str, Any]], strategy: str) -> list[tuple[int, f
     return _band([dict(r["fid_history"]) for r in results if r["strategy"] == strategy and r["fid_history"]])
 
 
-def _mean_curve(results: list[dict[str, Any]], strategy: str, budget: int) -> tuple[list[tuple[int, float]], int]:
-    """The mean FID curve up to ``budget`` of a baseline's runs that evaluated ``budget``, and their number."""
+def _mean_curve(results: list[dict[str, Any]], strategy: str, budget: int,
+                last: int | None = None) -> tuple[list[tuple[int, float]], int]:
+    """The mean FID curve, up to ``last`` (default: ``budget``; None-like 0: all of it), of a baseline's runs
+    that evaluated ``budget``, and their number."""
     curves = [dict(r["fid_history"]) for r in results if r["strategy"] == strategy]
     curves = [curve for curve in curves if budget in curve]
-    return [(s, mean) for s, mean, _, _ in _band(curves) if s <= budget], len(curves)
+    end = budget if last is None else last
+    return [(s, mean) for s, mean, _, _ in _band(curves) if not end or s <= end], len(curves)
 
 
 def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     """Speed-up = budget / first step reaching the baseline's mean FID at ``budget``.
+
+    A run already below that FID at its first evaluation crossed it at an unmeasured earlier step: its speed-up is
+    at least the figure given (``at_least_per_seed``; "at_least" when any seed's is). The reverse view is bounded
+    the same way when the baseline is below the run's FID at its own first evaluation (``equivalent_at_most_per_seed``).
 
     The baseline is uniform sampling on the same schedule (BASELINES), or on the linear schedule when the
     folder has no such runs (each entry names its baseline). Only runs whose curve reaches ``budget`` count.
@@ -64,7 +77,8 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
         if not mean_curve:
             baseline, mean_curve, baseline_seeds = "uniform", uniform_curve, uniform_seeds
         target = mean_curve[-1][1]  # the baseline's mean FID at the budget
-        per_seed, fids, equivalent = [], [], []
+        whole_curve = _mean_curve(results, baseline, budget, last=0)[0]  # past the budget, for the reverse view
+        per_seed, fids, equivalent, at_least, at_most = [], [], [], [], []
         for r in results:
             if r["strategy"] != strategy:
                 continue
@@ -73,11 +87,13 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
                 continue
             reach = first_step_reaching(curve, target)
             per_seed.append(budget / reach if reach else None)
+            at_least.append(reach is not None and reached_before_first_evaluation(curve, target))
             fids.append(fid_at(curve, budget))
-            # The reverse view, defined when the strategy is slower: the steps the baseline needs to
-            # reach this run's FID at the budget, over the budget (None: the baseline never gets there).
-            baseline_reach = first_step_reaching(mean_curve, fids[-1])
+            # The reverse view: the steps the baseline needs to reach this run's FID at the budget, over the
+            # budget (None: its curve never gets there, past the budget included).
+            baseline_reach = first_step_reaching(whole_curve, fids[-1])
             equivalent.append(baseline_reach / budget if baseline_reach else None)
+            at_most.append(baseline_reach is not None and reached_before_first_evaluation(whole_curve, fids[-1]))
         if not per_seed:
             continue
         reached = [v for v in per_seed if v is not None]
@@ -87,10 +103,13 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
             "min": min(reached) if reached and len(reached) == len(per_seed) else None,
             "max": max(reached) if reached else None,
             "per_seed": per_seed,
+            "at_least": any(at_least),
+            "at_least_per_seed": at_least,
             "seeds": len(per_seed),
             "steps": budget,
             "fid_at_steps": fids,
             "equivalent_per_seed": equivalent,
+            "equivalent_at_most_per_seed": at_most,
             "note": None if len(reached) == len(per_seed) else "some seeds never reached the baseline FID (speed-up < 1)",
             "baseline": baseline,
             "baseline_fid": target,
@@ -104,7 +123,9 @@ def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
     """For runs stopped early (``--stop-at s``): does each strategy reach, by step s, the FID uniform has at 2s?
 
     A strategy that is twice as fast as uniform at N = 2s must; one that does not is not. Per strategy whose runs
-    all stopped at one step s, with a uniform curve that reaches 2s: its FIDs at s, uniform's mean FID at 2s.
+    all stopped at one step s, with a uniform curve that reaches 2s: its FIDs at s, uniform's mean FID at 2s, and how
+    far each seed got: the steps uniform's mean curve needs to reach its FID, over s (None: never; a bound, "at most",
+    when uniform is below it already at its first evaluation).
     """
     out: dict[str, Any] = {}
     for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
@@ -118,8 +139,13 @@ def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
         if not baseline or None in fids:
             continue
         target = baseline[-1][1]
+        whole = _mean_curve(results, BASELINES.get(strategy, "uniform"), 2 * step, last=0)[0]
+        reach = [first_step_reaching(whole, f) for f in fids]  # how far each got: the baseline's steps to its FID
         out[strategy] = {"step": step, "fid_per_seed": fids, "baseline_fid_at_double": target,
-                         "baseline_seeds": seeds, "reaches_2x": all(f <= target for f in fids)}
+                         "baseline_seeds": seeds, "reaches_2x": all(f <= target for f in fids),
+                         "equivalent_per_seed": [r / step if r else None for r in reach],
+                         "equivalent_at_most_per_seed": [r is not None and reached_before_first_evaluation(whole, f)
+                                                         for r, f in zip(reach, fids)]}
     return out
 
 

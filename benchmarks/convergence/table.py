@@ -57,17 +57,30 @@ def _steps(steps: int) -> str:
 
 
 def _speedup(entry: dict[str, Any], order: list[int], factor: float = 1.0) -> str:
-    """The speed-up cell of one strategy's entry, every figure times ``factor`` (the step-cost ratio: wall-clock)."""
+    """The speed-up cell of one strategy's entry, every figure times ``factor`` (the step-cost ratio: wall-clock).
+
+    A run that never reached the baseline's FID reads "< 1" with the reverse view (the baseline's steps to the run's
+    FID, over the budget) in brackets; one below it already at its first evaluation reads "≥ x", with the reverse
+    views in brackets when every seed's figure is such a bound. Bounded reverse views read "≤ y".
+    """
     per_seed, reverse = entry["per_seed"], entry["equivalent_per_seed"]
+
+    def reverse_of(i: int) -> str:
+        return ("≤ " if entry["equivalent_at_most_per_seed"][i] else "") + _num(reverse[i] * factor)
+
     if entry["mean"] is not None:
+        at_least = "≥ " if entry["at_least"] else ""
         if len(per_seed) == 1:
-            return _num(entry["mean"] * factor)
-        return f"{_num(entry['mean'] * factor)} ({_num(entry['min'] * factor)}–{_num(entry['max'] * factor)})"
+            known = at_least and reverse[0] is not None
+            return f"{at_least}{_num(entry['mean'] * factor)}" + (f" ({reverse_of(0)})" if known else "")
+        if all(entry["at_least_per_seed"]) and None not in reverse:  # every figure a bound: the reverse views
+            return f"{at_least}{_num(entry['mean'] * factor)} ({' / '.join(reverse_of(i) for i in order)})"
+        return f"{at_least}{_num(entry['mean'] * factor)} ({_num(entry['min'] * factor)}–{_num(entry['max'] * factor)})"
     below = f"< {_num(factor)}" if factor != 1.0 else "< 1"
     if all(per_seed[i] is None for i in order) and all(reverse[i] is not None for i in order):
-        return f"{below} ({' / '.join(_num(reverse[i] * factor) for i in order)})"
-    return " / ".join(_num(per_seed[i] * factor) if per_seed[i] is not None
-                      else below + (f" ({_num(reverse[i] * factor)})" if reverse[i] is not None else "")
+        return f"{below} ({' / '.join(reverse_of(i) for i in order)})"
+    return " / ".join(("≥ " if entry["at_least_per_seed"][i] else "") + _num(per_seed[i] * factor)
+                      if per_seed[i] is not None else below + (f" ({reverse_of(i)})" if reverse[i] is not None else "")
                       for i in order)
 
 
@@ -120,8 +133,14 @@ def markdown(speedups: dict[str, Any], cost: dict[str, Any] | None = None) -> st
         rows = []
         for strategy, entry in sorted(screened.items()):
             seeds, order = _seeds(speedups, strategy, len(entry["fid_per_seed"]))
+            reached = " / ".join("never" if entry["equivalent_per_seed"][i] is None else
+                                 ("≤ " if entry["equivalent_at_most_per_seed"][i] else "")
+                                 + _num(entry["equivalent_per_seed"][i]) + "×" for i in order)
             rows.append([strategy, seeds, _steps(entry["step"]), _num(entry["baseline_fid_at_double"]),
-                         " / ".join(_num(entry["fid_per_seed"][i]) for i in order), "yes" if entry["reaches_2x"] else "no"])
-        lines += ["**Screen** (FID at the stop step against the baseline's mean FID at twice it)", "",
-                  *_table(["run", "seeds", "steps", "baseline FID at 2× steps", "FID per seed", "reaches 2×"], rows), ""]
+                         " / ".join(_num(entry["fid_per_seed"][i]) for i in order), reached,
+                         "yes" if entry["reaches_2x"] else "no"])
+        lines += ["**Screen** (FID at the stop step against the baseline's mean FID at twice it; how far each got: the "
+                  "baseline's steps to that FID, over the stop step)", "",
+                  *_table(["run", "seeds", "steps", "baseline FID at 2× steps", "FID per seed", "how far",
+                           "reaches 2×"], rows), ""]
     return "\n".join(lines) if lines else "no candidate reached a budget\n"
