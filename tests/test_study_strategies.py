@@ -440,7 +440,7 @@ def test_every_study_run_trains_two_cli_steps_on_the_quickstart_base(run: str, c
         assert model.timesteps.sampler.anneal_steps == 1 and model.timesteps.sampler.step == 1
     if run == "official_code_clts":
         assert float(model.timesteps.sampler.target_probs[300]) == 1.0
-    if run == "uniform_onecycle":
+    if run.endswith("_onecycle"):  # the tuned rate, alone or under a strategy
         (config,) = trainer_.lr_scheduler_configs
         scheduler = config.scheduler
         assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and config.interval == "step"

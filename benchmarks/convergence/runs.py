@@ -56,16 +56,20 @@ STUDY: dict[str, tuple[str, ...]] = {
     "loss_decrease": ("study/loss_decrease.yaml",),  # adaptive: draws follow each bin's recent loss decrease
     "stratified_uniform": ("study/stratified_uniform.yaml",),  # uniform t, one stratum of [0, T) per sample
     "stratified_speed": ("study/stratified_speed.yaml",),  # SpeeD's sampling with stratified u, SpeeD's weights
-    # uniform t with a OneCycle learning rate (its total_steps must be N: see the file)
+    # uniform t with a OneCycle learning rate over the run's N steps: the tuned baseline
     "uniform_onecycle": ("strategies/uniform.yaml", "study/onecycle_lr.yaml"),
+    # the screen's furthest strategies on that rate, compared with it: does a strategy add to a tuned rate?
+    "speed_onecycle": ("strategies/speed.yaml", "study/onecycle_lr.yaml"),
+    "speed_sampling_min_snr_onecycle": ("study/speed_sampling_min_snr.yaml", "study/onecycle_lr.yaml"),
     # the paper's small-data regime: 1,336 training images
     "uniform_1336": ("strategies/uniform.yaml", "study/fashion_mnist_1336.yaml"),
     "speed_1336": ("strategies/speed.yaml", "study/fashion_mnist_1336.yaml"),
 }
 RUNS: dict[str, tuple[str, ...]] = {**STRATEGIES, **ABLATIONS, **STUDY}
 NAMES = sorted(RUNS)
-# A strategy on another noise schedule or data set is compared with uniform sampling there (the default: "uniform").
-BASELINES = {"speed_cosine": "uniform_cosine", "speed_1336": "uniform_1336"}
+# A strategy on another noise schedule, data set or learning rate is compared with uniform sampling there (the default: "uniform").
+BASELINES = {"speed_cosine": "uniform_cosine", "speed_1336": "uniform_1336", "speed_onecycle": "uniform_onecycle",
+             "speed_sampling_min_snr_onecycle": "uniform_onecycle"}
 
 
 def config_args(base: str, run: str) -> list[str]:
