@@ -65,3 +65,31 @@ def test_after_a_resume_the_summaries_still_share_the_steps_of_train_loss(tmp_pa
     loss_steps, monitor_steps, histogram_steps = steps_of(logger)
     assert loss_steps == monitor_steps == histogram_steps == [3, 5, 7]
     assert [h["step"] for h in monitor.history] == [4.0, 6.0, 8.0]
+
+
+def test_a_resume_continues_the_window_in_progress(tmp_path):
+    """Steps 1-3, a checkpoint, step 4 after the resume: the summary at 4 covers all four steps, as an uninterrupted
+    run's does. Its share and weight per area depend only on the sampled t, whose generator the checkpoint restores;
+    without the monitor's state they would describe step 4's 8 samples alone."""
+    straight, _ = run(tmp_path, "straight", max_steps=4, every=4, accumulate=1)
+    checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    first, _ = run(tmp_path, "first", max_steps=3, every=4, accumulate=1, checkpoint=checkpoint)
+    assert first.history == []  # no summary before step 4
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert torch.load(path, weights_only=False)["callbacks"]["TimestepMonitor"]["sums"][0].sum() == 3 * 8
+    resumed, _ = run(tmp_path, "second", max_steps=4, every=4, accumulate=1, ckpt_path=path)
+    (expected,), (got,) = straight.history, resumed.history
+    keys = [k for k in expected if k.startswith(("timesteps/share/", "timesteps/weight/"))]
+    assert set(got) == set(expected) and len(keys) >= 4  # an area SpeeD rarely draws may have no weight
+    assert {k: got[k] for k in keys} == pytest.approx({k: expected[k] for k in keys}, abs=1e-6)
+
+
+def test_a_window_split_at_other_areas_is_not_continued(tmp_path):
+    """A checkpoint's window summed at other area bounds (another tau) would mix areas: it starts afresh."""
+    monitor = TimestepMonitor(log_every_n_steps=4, tau=700)
+    monitor.load_state_dict({"area_of_t": torch.zeros(1000, dtype=torch.long), "sums": torch.ones(3, 3),
+                             "t_counts": torch.ones(1000)})
+    trainer = cpu_trainer(max_steps=1, callbacks=[TimestepCallback(SpeeD(tau=700), seed=0), monitor], logger=False,
+                          enable_checkpointing=False)
+    trainer.fit(LoggedDiffusion(), loader(n=64, batch_size=8))
+    assert monitor._sums[0].sum() == 8  # only this fit's step: the restored window was refused

@@ -24,6 +24,10 @@ The summaries describe the batches just trained, so they go to the logger at the
 batches' ``self.log(..., on_step=True)`` values (such as ``train/loss``): one below the optimizer steps trained.
 They are also kept in ``monitor.history`` (a list of dicts) for notebooks, with ``step`` the optimizer steps
 trained, as in ``FIDCallback.history``.
+
+A checkpoint keeps the window in progress (``state_dict``), so the first summary after a resume covers the whole window,
+not only the steps since the resume. Under DDP the checkpoint holds rank 0's part of it: the resumed window's means
+then come from fewer samples, but from the same distribution.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class TimestepMonitor(Callback):
         self._last_logged_step = -1
         self._strategy: TimestepStrategy | None = None
         self._seen: StepRecord | None = None
+        self._restored: dict[str, Tensor] | None = None  # a checkpoint's window, applied once the areas are known
 
     # -- lifecycle -------------------------------------------------------------------------
     @override
@@ -91,6 +96,22 @@ class TimestepMonitor(Callback):
         self._t_counts = torch.zeros(self._area_of_t.numel(), device=device)
         # rows: count, loss sum, weight sum; columns: the three areas
         self._sums = torch.zeros(3, len(AREA_NAMES), device=device)
+        restored, self._restored = self._restored, None
+        # a window summed at other area bounds (another tau) is not continued; under DDP rank 0 holds the saved part
+        same_areas = restored is not None and torch.equal(restored["area_of_t"], self._area_of_t.cpu())
+        if same_areas and trainer.global_rank == 0:
+            self._sums.copy_(restored["sums"])
+            self._t_counts.copy_(restored["t_counts"])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.areas is None:  # not fitted yet: no window
+            return {}
+        return {"area_of_t": self._area_of_t.cpu(), "sums": self._sums.cpu(), "t_counts": self._t_counts.cpu()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict) if state_dict else None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
