@@ -1254,6 +1254,19 @@ def test_a_screen_says_which_strategy_reaches_uniforms_fid_at_twice_its_step() -
     assert stats.screen([r for r in results if r["strategy"] != "uniform" or r["fid_history"][-1][0] < 10000]) == {}
 
 
+
+def test_the_screen_figure_is_drawn_only_for_a_screen(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from benchmarks.convergence.plots import plot_screen
+
+    results = [{"strategy": "uniform", "seed": 0, "fid_history": [(5000, 20.0), (10000, 10.0)]},
+               {"strategy": "loss_decrease", "seed": 0, "fid_history": [(2500, 30.0), (5000, 12.0)], "stop_at": 5000},
+               {"strategy": "speed", "seed": 0, "fid_history": [(5000, 15.0), (10000, 8.0)]}]
+    plot_screen(results, stats.screen(results), tmp_path / "screen.png")
+    assert (tmp_path / "screen.png").stat().st_size > 0
+    plot_screen(results[:1] + results[2:], stats.screen(results[:1] + results[2:]), tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()  # no screened run: no figure
+
 @pytest.mark.parametrize(("base", "solvers", "process"), [("fashion_mnist_sit.yaml", [], "flow"),
                                                            ("fashion_mnist_dit.yaml", ["heun-125"], "ddpm")])
 def test_final_fids_of_the_other_process_are_refused_before_any_run(base, solvers, process, tmp_path: Path,

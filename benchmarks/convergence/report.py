@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import load_config, update_summary, write_json
-from benchmarks.convergence.plots import plot, plot_areas, plot_headline
+from benchmarks.convergence.plots import plot, plot_areas, plot_headline, plot_screen
 from benchmarks.convergence.runs import BASELINES
 from benchmarks.convergence.stats import curve_solver, screen, speedups, summary_keys
 from benchmarks.convergence.table import check_cost_matches, load_cost, markdown
@@ -64,6 +64,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         plot(results, out / "fid_vs_step.png", solver)
         plot_headline(results, out / "fid_vs_step_headline.png", solver)
         plot_areas(results, out / "area_loss.png")
+        plot_screen(results, screened, out / "screen.png", solver)
     if not args.smoke and args.summary and headline["N"]:
         def sources(strategy: str, field: str) -> str:  # the cards (folders) of its runs and its baseline's
             compared = (strategy, BASELINES.get(strategy, "uniform"))
