@@ -48,13 +48,12 @@ def seed_band(results: list[dict[str, Any]], strategy: str) -> list[tuple[int, f
 
 
 def _mean_curve(results: list[dict[str, Any]], strategy: str, budget: int,
-                last: int | None = None) -> tuple[list[tuple[int, float]], int]:
-    """The mean FID curve, up to ``last`` (default: ``budget``; None-like 0: all of it), of a baseline's runs
-    that evaluated ``budget``, and their number."""
+                whole: bool = False) -> tuple[list[tuple[int, float]], int]:
+    """The mean FID curve of a baseline's runs that evaluated ``budget``, up to ``budget`` (``whole``: all of it, for
+    views past the budget), and their number."""
     curves = [dict(r["fid_history"]) for r in results if r["strategy"] == strategy]
     curves = [curve for curve in curves if budget in curve]
-    end = budget if last is None else last
-    return [(s, mean) for s, mean, _, _ in _band(curves) if not end or s <= end], len(curves)
+    return [(s, mean) for s, mean, _, _ in _band(curves) if whole or s <= budget], len(curves)
 
 
 def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
@@ -77,7 +76,7 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
         if not mean_curve:
             baseline, mean_curve, baseline_seeds = "uniform", uniform_curve, uniform_seeds
         target = mean_curve[-1][1]  # the baseline's mean FID at the budget
-        whole_curve = _mean_curve(results, baseline, budget, last=0)[0]  # past the budget, for the reverse view
+        whole_curve = _mean_curve(results, baseline, budget, whole=True)[0]  # past the budget, for the reverse view
         per_seed, fids, equivalent, at_least, at_most = [], [], [], [], []
         for r in results:
             if r["strategy"] != strategy:
@@ -139,7 +138,7 @@ def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
         if not baseline or None in fids:
             continue
         target = baseline[-1][1]
-        whole = _mean_curve(results, BASELINES.get(strategy, "uniform"), 2 * step, last=0)[0]
+        whole = _mean_curve(results, BASELINES.get(strategy, "uniform"), 2 * step, whole=True)[0]
         reach = [first_step_reaching(whole, f) for f in fids]  # how far each got: the baseline's steps to its FID
         out[strategy] = {"step": step, "fid_per_seed": fids, "baseline_fid_at_double": target,
                          "baseline_seeds": seeds, "reaches_2x": all(f <= target for f in fids),
