@@ -494,6 +494,9 @@ def test_convergence_launch_skips_finished_runs_and_resumes_the_others(convergen
     # The per-area summaries of both parts are kept (TimestepMonitor, every eval step here).
     assert [row["step"] for row in result["timestep_areas"]] == [2, 4, 6]
     assert convergence.second_stdout.count("started ") == 3  # speed and the two ablations
+    # The launch's own throughput line: steps trained by this launch only (speed 4 -> 6, two ablations to 2)
+    assert convergence.first_stdout.count("trained 8 steps in ") == 1
+    assert convergence.second_stdout.count("trained 6 steps in ") == 1
     # The FID at N with more samples, by the chosen solver only, for the chosen strategies only.
     assert set(result["final"]) == {"ddpm-250", "ddpm-250_seconds"} and math.isfinite(result["final"]["ddpm-250"])
     assert "final" not in convergence.second["speed_sampling_only_s0"]

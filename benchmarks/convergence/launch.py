@@ -30,8 +30,10 @@ def launch(args: argparse.Namespace) -> None:
     if args.time_limit and args.stop_margin >= args.min_run_seconds:
         raise SystemExit(f"--stop-margin {args.stop_margin} leaves runs started with --min-run-seconds "
                          f"{args.min_run_seconds} left no time to train: make --min-run-seconds the larger")
-    deadline = time.monotonic() + args.time_limit if args.time_limit else math.inf
+    began = time.monotonic()
+    deadline = began + args.time_limit if args.time_limit else math.inf
     jobs = [job for job in jobs_of(args) if not _finished(args, *job)]
+    steps_before = {job: _steps_done(args, *job[:2]) for job in jobs}
     slots = [gpu for _ in range(args.per_gpu) for gpu in (args.gpus or [None])]  # round-robin over GPUs
     pending, running, failed = list(jobs), [], []
     retried: set[tuple[str, int, int]] = set()
@@ -87,6 +89,11 @@ def launch(args: argparse.Namespace) -> None:
                 failed.append(job)
     if pending:
         print(f"not started (no time left in this launch): {pending}", flush=True)
+    trained = sum(_steps_done(args, *job[:2]) - before for job, before in steps_before.items())
+    seconds = time.monotonic() - began
+    print(f"trained {trained} steps in {seconds:.0f} s: {trained / max(seconds, 1e-9):.1f} steps/s in all, on "
+          f"{len(args.gpus or [None])} GPU(s) with up to {args.per_gpu} runs each (compilation and FID included)",
+          flush=True)
     report(args)
     if failed:
         raise SystemExit(f"runs failed: {failed}; see {log_dir}")
@@ -125,6 +132,12 @@ def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) ->
     wants_final = args.final_samples and strategy in args.final_strategies
     return (result.get("steps_done", 0) >= min(steps, args.stop_at or steps) and result.get("fid_pending") is None
             and (not wants_final or "final" in result))
+
+
+def _steps_done(args: argparse.Namespace, strategy: str, seed: int) -> int:
+    """The steps a run's result.json says it trained (0 before its first part)."""
+    path = Path(args.out) / f"{strategy}_s{seed}" / "result.json"
+    return int(json.loads(path.read_text()).get("steps_done", 0)) if path.exists() else 0
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
