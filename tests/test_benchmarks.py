@@ -1089,9 +1089,10 @@ ABLATION_KEYS = {"speedup_dit_ablation_ema999": "convergence_dit_ema999_s1",
 # The reports behind summary.json's speed-up keys, in the order BENCHMARKS.md runs them: a later
 # folder's entries replace an earlier one's.
 SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250", "convergence_dit_h200x2",
-                 "convergence_sit_flow"]
+                 "convergence_sit_flow", "study_screen"]
+SUMMARY_ARGS = {"study_screen": ["--summary-key", "speedup_study"]}  # the study's own keys
 SPEEDUP_KEYS = ("speedup", "speedup_half", "speedup_ddpm250", "speedup_half_ddpm250", "speedup_dit", "speedup_dit_half",
-                "speedup_flow", "speedup_flow_half")
+                "speedup_flow", "speedup_flow_half", "speedup_study", "speedup_study_half", "speedup_study_screen")
 
 
 def copy_raw_results(folder: str, tmp_path: Path) -> Path:
@@ -1127,7 +1128,7 @@ def test_committed_reports_regenerate_byte_for_byte_from_raw_results(tmp_path: P
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({k: v for k, v in committed.items() if k not in SPEEDUP_KEYS}))
     for folder in SUMMARY_ORDER:
-        regenerate(folder, "--summary-file", str(summary))
+        regenerate(folder, "--summary-file", str(summary), *SUMMARY_ARGS.get(folder, []))
     assert summary.read_bytes() == (RESULTS / "summary.json").read_bytes()
 
 
@@ -1226,6 +1227,24 @@ def test_a_study_key_names_each_entrys_n_and_ema_decay(tmp_path: Path) -> None:
     assert {k: entry[k] for k in ("mean", "min", "max", "seeds", "steps", "N", "ema")} == {
         "mean": pytest.approx(1.75), "min": pytest.approx(1.5), "max": 2.0,
         "seeds": 2, "steps": 10000, "N": 10000, "ema": 0.999}
+    # A screened candidate (stopped at 5k on N = 10k's schedule) goes to speedup_study_screen, not to the N keys:
+    # uniform's mean curve (20 at 5k, 10 at 10k) reaches its 12 at 9k: 1.8x of the way.
+    folder = out / "curriculum_speed_s0"
+    folder.mkdir()
+    folder.joinpath("result.json").write_text(json.dumps({
+        "strategy": "curriculum_speed", "seed": 0, "steps_done": 5000, "stop_at": 5000,
+        "fid_history": [(2500, 30.0), (5000, 12.0)], "fid_solver": "ddim-50", "card": "card",
+        "configs": ["fashion_mnist_dit.yaml", *RUNS["curriculum_speed"]],
+        "overrides": ["--seed_everything", "0", "--ema.init_args.decay", "0.999"]}))
+    summary.unlink()
+    report.report(args)
+    written = json.loads(summary.read_text())
+    assert set(written) == {"speedup_study", "speedup_study_half", "speedup_study_screen"}
+    assert "curriculum_speed" not in written["speedup_study"] and "curriculum_speed" not in written["speedup_study_half"]
+    screened = written["speedup_study_screen"]["curriculum_speed"]
+    assert {k: screened[k] for k in ("steps", "N", "seeds", "reaches_2x", "ema", "fid_per_seed")} == {
+        "steps": 5000, "N": 10000, "seeds": 1, "reaches_2x": False, "ema": 0.999, "fid_per_seed": [12.0]}
+    assert screened["how_far"] == pytest.approx(1.8) and screened["how_far_per_seed"] == pytest.approx([1.8])
     # without the override, the base config's decay
     assert report.ema_decay([{"strategy": "uniform", "configs": ["fashion_mnist_dit.yaml"], "overrides": []}],
                             "uniform") == 0.9999

@@ -20,6 +20,15 @@ def _headline(entry: dict[str, Any]) -> dict[str, Any]:
     return {**{f: entry[f] for f in ("mean", "min", "max", "seeds", "steps")}, **({"at_least": True} if entry["at_least"] else {})}
 
 
+def _screen_headline(entry: dict[str, Any]) -> dict[str, Any]:
+    """The summary.json fields of one screened strategy: its step s, N = 2s, whether it reaches 2x, and how far it
+    got (the baseline's steps to its FID, over s: the mean over seeds, None when a seed's baseline never gets there)."""
+    how_far = entry["equivalent_per_seed"]
+    return {"steps": entry["step"], "N": 2 * entry["step"], "seeds": len(how_far), "reaches_2x": entry["reaches_2x"],
+            "how_far": None if None in how_far else sum(how_far) / len(how_far), "how_far_per_seed": how_far,
+            "fid_per_seed": entry["fid_per_seed"]}
+
+
 def report(args: argparse.Namespace) -> dict[str, Any]:
     """Collect result.json files, compute speed-ups, write speedups.json and speedups.md (its Markdown tables, with
     wall-clock speed-ups from the step costs of ``args.cost``), plot the curves, update ``args.summary_file``.
@@ -74,12 +83,17 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         study = getattr(args, "summary_key", None)  # a study's own key: its entries also name N and the EMA decay
         if study:
             keys = (study, f"{study}_half")
-        merge_speedups(Path(args.summary_file), {
+        updates = {
             key: {s: {**_headline(v), **({"N": budgets[s][n], "ema": ema_decay(results, s)} if study else {}),
                       "card": sources(s, "card"), "results": sources(s, "folder")}
-                  for s, v in headline[n].items()}
+                  for s, v in headline[n].items() if not (study and s in screened)}  # a screen's step is no N
             for key, n in zip(keys, ("N", "N_half"))
-        })
+        }
+        if study and screened:
+            updates[f"{study}_screen"] = {s: {**_screen_headline(e), "ema": ema_decay(results, s),
+                                              "card": sources(s, "card"), "results": sources(s, "folder")}
+                                          for s, e in screened.items()}
+        merge_speedups(Path(args.summary_file), updates)
     print(table)
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets", "screen") if k in summary}, indent=1))
     return summary
