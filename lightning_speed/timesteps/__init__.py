@@ -21,6 +21,7 @@ from lightning_speed.timesteps.base import (
     TimestepStrategy,
     UniformSampling,
     WeightingStrategy,
+    WrappedSampling,
     split_roles,
     weighted_loss,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "TimestepStrategy",
     "UniformSampling",
     "WeightingStrategy",
+    "WrappedSampling",
     "asymmetric_probabilities",
     "change_aware_weights",
     "clts_gaussian",

@@ -417,6 +417,50 @@ class TableWeighting(WeightingStrategy):
         return self.flow_weight(t) if self.process == "flow" else self.table[t]
 
 
+
+class WrappedSampling(SamplingStrategy):
+    """Base of the sampling strategies that draw through another one, ``self.inner`` (a curriculum's early
+    strategy, a stratified sampler's marginal): its tau is the inner's, binding binds the inner (which refuses a
+    process it has no form for), ``to`` moves both, and the inner's state is saved in ``extra_state`` under
+    ``inner_state_key``."""
+
+    processes = ("ddpm", "flow")
+    inner_state_key: ClassVar[str] = "inner"
+
+    def __init__(self, inner: SamplingStrategy) -> None:
+        self.inner = inner
+
+    @property
+    @override
+    def tau(self) -> Any:
+        return self.inner.tau
+
+    @override
+    def tau_setting(self, process: str) -> Any:
+        return self.inner.tau_setting(process)
+
+    @override
+    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
+        self.inner.bind(schedule, prediction)
+
+    @override
+    def build_flow(self, schedule: FlowSchedule) -> None:
+        self.inner.bind(schedule)
+
+    @override
+    def to(self, device: torch.device | str) -> Self:
+        self.inner.to(device)
+        return super().to(device)
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), self.inner_state_key: self.inner.extra_state()}
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        self.inner.load_extra_state(state.get(self.inner_state_key, {}))
+
 class UniformSampling(SamplingStrategy):
     """t ~ U{0 .. T-1}: the DDPM default and the baseline everything is compared with.
 

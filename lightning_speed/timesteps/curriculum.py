@@ -25,11 +25,9 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from typing_extensions import Self, override
+from typing_extensions import override
 
-from lightning_speed.flow import FlowSchedule
-from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps.base import SamplingStrategy
+from lightning_speed.timesteps.base import SamplingStrategy, WrappedSampling
 from lightning_speed.validation import check_choice, check_number
 
 Shape = Literal["linear", "step"]
@@ -58,7 +56,7 @@ def check_early(early: Any) -> SamplingStrategy:
     return early
 
 
-class CurriculumSampling(SamplingStrategy):
+class CurriculumSampling(WrappedSampling):
     """``early``'s time steps at first, moving to uniform t by ``switch`` x ``max_steps`` (see the module docstring).
 
     Args:
@@ -72,10 +70,10 @@ class CurriculumSampling(SamplingStrategy):
     s + 1; both generators and the step are in ``extra_state``.
     """
 
-    processes = ("ddpm", "flow")  # binding ``early`` refuses a process it has no form for
+    inner_state_key = "early"
 
     def __init__(self, early: SamplingStrategy, switch: float = 0.5, shape: Shape = "linear") -> None:
-        self.early = check_early(early)
+        super().__init__(check_early(early))
         self.switch = check_number(switch, "switch", above=0, at_most=1,
                                    hint="the fraction of max_steps at which t is uniform, e.g. 0.5")
         self.shape = check_choice(shape, "curriculum shape", SHAPES)
@@ -83,21 +81,9 @@ class CurriculumSampling(SamplingStrategy):
         self.step = 0
 
     @property
-    @override
-    def tau(self) -> Any:
-        return self.early.tau
-
-    @override
-    def tau_setting(self, process: str) -> Any:
-        return self.early.tau_setting(process)
-
-    @override
-    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
-        self.early.bind(schedule, prediction)
-
-    @override
-    def build_flow(self, schedule: FlowSchedule) -> None:
-        self.early.bind(schedule)
+    def early(self) -> SamplingStrategy:
+        """The strategy that draws early t."""
+        return self.inner
 
     @property
     def share(self) -> float:
@@ -116,11 +102,6 @@ class CurriculumSampling(SamplingStrategy):
             )
         self.anneal_steps = max(1, round(self.switch * max_steps))
         self.step = int(step)
-
-    @override
-    def to(self, device: torch.device | str) -> Self:
-        self.early.to(device)
-        return super().to(device)
 
     @override
     def manual_seed(self, seed: int) -> None:
@@ -158,10 +139,9 @@ class CurriculumSampling(SamplingStrategy):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "step": self.step, "early": self.early.extra_state()}
+        return {**super().extra_state(), "step": self.step}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
-        self.early.load_extra_state(state.get("early", {}))
         self.step = int(state.get("step", 0))

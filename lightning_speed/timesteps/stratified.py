@@ -19,11 +19,12 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from typing_extensions import Self, override
+from typing_extensions import override
 
 from lightning_speed.flow import FlowSchedule
-from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps.base import SamplingStrategy, UniformSampling, inverse_cdf, probabilities_to_cdf
+from lightning_speed.timesteps.base import (
+    SamplingStrategy, UniformSampling, WrappedSampling, inverse_cdf, probabilities_to_cdf,
+)
 
 
 def stratified_uniform(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
@@ -67,7 +68,7 @@ def check_flow_quantile(inner: SamplingStrategy) -> None:
         )
 
 
-class StratifiedSampling(SamplingStrategy):
+class StratifiedSampling(WrappedSampling):
     """``inner``'s marginal drawn with low-discrepancy u (see the module docstring).
 
     Args:
@@ -86,33 +87,13 @@ class StratifiedSampling(SamplingStrategy):
     ``manual_seed(s)`` seeds u0's generator; it and the inner's state are in ``extra_state``.
     """
 
-    processes = ("ddpm", "flow")  # binding ``inner`` refuses a process it has no form for
-
     def __init__(self, inner: Optional[SamplingStrategy] = None) -> None:
-        self.inner = check_inner(inner)
-
-    @property
-    @override
-    def tau(self) -> Any:
-        return self.inner.tau
-
-    @override
-    def tau_setting(self, process: str) -> Any:
-        return self.inner.tau_setting(process)
-
-    @override
-    def build(self, schedule: NoiseSchedule, prediction: str) -> None:
-        self.inner.bind(schedule, prediction)
+        super().__init__(check_inner(inner))
 
     @override
     def build_flow(self, schedule: FlowSchedule) -> None:
-        self.inner.bind(schedule)
+        super().build_flow(schedule)
         check_flow_quantile(self.inner)
-
-    @override
-    def to(self, device: torch.device | str) -> Self:
-        self.inner.to(device)
-        return super().to(device)
 
     @override
     def sample(self, n: int) -> Tensor:
@@ -161,11 +142,3 @@ class StratifiedSampling(SamplingStrategy):
         if hasattr(self.inner, "all_gather"):
             self.inner.all_gather = gather
 
-    @override
-    def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "inner": self.inner.extra_state()}
-
-    @override
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_state(state)
-        self.inner.load_extra_state(state.get("inner", {}))
