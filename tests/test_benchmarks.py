@@ -478,6 +478,26 @@ def test_convergence_smoke_launch(convergence: Namespace) -> None:
     assert set(speedups["tables"]) == {"2", "4"}
 
 
+
+@needs_fashion_mnist
+def test_a_screen_runs_on_a_base_of_ones_own_outside_configs(tmp_path: Path, home: Path) -> None:
+    """docs/benchmarking.md's recipe for screening strategies on one's own model: --base takes a config's path; its
+    runs, report and summary keys (named after the file) follow."""
+    base = tmp_path / "my_base.yaml"
+    shutil.copyfile(REPO / "configs" / "fashion_mnist.yaml", base)
+    out, summary = tmp_path / "mine", tmp_path / "summary.json"
+    common = ["--smoke", "--base", str(base), "--eval-every", "2", "--fid-samples", "16", "--fid-steps", "4",
+              "--per-gpu", "2", "--out", str(out)]
+    run_script("convergence", ["launch", "--jobs", "uniform:0:4", *common], home, 400)
+    run_script("convergence", ["launch", "--jobs", "speed:0:4", "--stop-at", "2", *common], home, 400)
+    result = json.loads((out / "speed_s0" / "result.json").read_text())
+    assert result["configs"] == [str(base), "strategies/speed.yaml"] and result["steps_done"] == 2
+    screened = json.loads((out / "speedups.json").read_text())["screen"]["speed"]
+    assert screened["step"] == 2 and len(screened["equivalent_per_seed"]) == 1
+    run_script("convergence", ["report", "--no-plots", "--out", str(out), "--summary-file", str(summary)], home)
+    # keys named after the file (and the smoke's DDIM-4 curve, not the protocol's DDIM-50)
+    assert set(json.loads(summary.read_text())) == {"speedup_my_base_ddim4", "speedup_my_base_half_ddim4"}
+
 @needs_fashion_mnist
 def test_convergence_launch_skips_finished_runs_and_resumes_the_others(convergence: Namespace) -> None:
     # uniform already reached its 4 steps: not started again, its result untouched.
