@@ -125,19 +125,23 @@ def jobs_of(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) -> bool:
     """The run reached N with every FID point (none left to its next part) and the final FIDs asked for."""
-    path = Path(args.out) / f"{strategy}_s{seed}" / "result.json"
-    if not path.exists():
+    result = _result(args, strategy, seed)
+    if result is None:
         return False
-    result = json.loads(path.read_text())
     wants_final = args.final_samples and strategy in args.final_strategies
     return (result.get("steps_done", 0) >= min(steps, args.stop_at or steps) and result.get("fid_pending") is None
             and (not wants_final or "final" in result))
 
 
+def _result(args: argparse.Namespace, strategy: str, seed: int) -> dict | None:
+    """The run's result.json (None before its first part)."""
+    path = Path(args.out) / f"{strategy}_s{seed}" / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _steps_done(args: argparse.Namespace, strategy: str, seed: int) -> int:
     """The steps a run's result.json says it trained (0 before its first part)."""
-    path = Path(args.out) / f"{strategy}_s{seed}" / "result.json"
-    return int(json.loads(path.read_text()).get("steps_done", 0)) if path.exists() else 0
+    return int((_result(args, strategy, seed) or {}).get("steps_done", 0))
 
 
 def _forward(args: argparse.Namespace) -> list[str]:

@@ -114,8 +114,7 @@ def plot_screen(results: list[dict[str, Any]], screened: dict[str, Any], path: P
             steps, mean, _, _ = zip(*band)
             ax.plot(steps, mean, color=_color(strategy), marker="o", ms=3, lw=2.5 if strategy in baselines else 1.2,
                     ls="--" if strategy in others else "-", label=strategy)
-    for entry in {(e["step"], e["baseline_fid_at_double"]) for e in screened.values()}:
-        step, target = entry
+    for step, target in {(e["step"], e["baseline_fid_at_double"]) for e in screened.values()}:
         ax.axhline(target, color="black", ls=":", lw=1)
         ax.axvline(step, color="black", ls=":", lw=1)
         ax.annotate(f"2x: FID {target:.2f} by step {step}", (step, target), textcoords="offset points", xytext=(4, 4),

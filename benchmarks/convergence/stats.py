@@ -47,13 +47,12 @@ def seed_band(results: list[dict[str, Any]], strategy: str) -> list[tuple[int, f
     return _band([dict(r["fid_history"]) for r in results if r["strategy"] == strategy and r["fid_history"]])
 
 
-def _mean_curve(results: list[dict[str, Any]], strategy: str, budget: int,
-                whole: bool = False) -> tuple[list[tuple[int, float]], int]:
-    """The mean FID curve of a baseline's runs that evaluated ``budget``, up to ``budget`` (``whole``: all of it, for
-    views past the budget), and their number."""
+def _mean_curve(results: list[dict[str, Any]], strategy: str, budget: int) -> tuple[list[tuple[int, float]], int]:
+    """The mean FID curve of a baseline's runs that evaluated ``budget`` (all of it: the reverse views read past the
+    budget), and their number."""
     curves = [dict(r["fid_history"]) for r in results if r["strategy"] == strategy]
     curves = [curve for curve in curves if budget in curve]
-    return [(s, mean) for s, mean, _, _ in _band(curves) if whole or s <= budget], len(curves)
+    return [(s, mean) for s, mean, _, _ in _band(curves)], len(curves)
 
 
 def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
@@ -69,14 +68,13 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     uniform_curve, uniform_seeds = _mean_curve(results, "uniform", budget)
     if not uniform_curve:
         return {}
-    out: dict[str, Any] = {"_baseline_fid": uniform_curve[-1][1], "_baseline_seeds": uniform_seeds}
+    out: dict[str, Any] = {"_baseline_fid": fid_at(uniform_curve, budget), "_baseline_seeds": uniform_seeds}
     for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
         baseline = BASELINES.get(strategy, "uniform")
         mean_curve, baseline_seeds = _mean_curve(results, baseline, budget)
         if not mean_curve:
             baseline, mean_curve, baseline_seeds = "uniform", uniform_curve, uniform_seeds
-        target = mean_curve[-1][1]  # the baseline's mean FID at the budget
-        whole_curve = _mean_curve(results, baseline, budget, whole=True)[0]  # past the budget, for the reverse view
+        target = fid_at(mean_curve, budget)  # the baseline's mean FID at the budget
         per_seed, fids, equivalent, at_least, at_most = [], [], [], [], []
         for r in results:
             if r["strategy"] != strategy:
@@ -90,9 +88,9 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
             fids.append(fid_at(curve, budget))
             # The reverse view: the steps the baseline needs to reach this run's FID at the budget, over the
             # budget (None: its curve never gets there, past the budget included).
-            baseline_reach = first_step_reaching(whole_curve, fids[-1])
+            baseline_reach = first_step_reaching(mean_curve, fids[-1])
             equivalent.append(baseline_reach / budget if baseline_reach else None)
-            at_most.append(baseline_reach is not None and reached_before_first_evaluation(whole_curve, fids[-1]))
+            at_most.append(baseline_reach is not None and reached_before_first_evaluation(mean_curve, fids[-1]))
         if not per_seed:
             continue
         reached = [v for v in per_seed if v is not None]
@@ -137,13 +135,12 @@ def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
         fids = [fid_at(r["fid_history"], step) for r in runs]
         if not baseline or None in fids:
             continue
-        target = baseline[-1][1]
-        whole = _mean_curve(results, BASELINES.get(strategy, "uniform"), 2 * step, whole=True)[0]
-        reach = [first_step_reaching(whole, f) for f in fids]  # how far each got: the baseline's steps to its FID
+        target = fid_at(baseline, 2 * step)
+        reach = [first_step_reaching(baseline, f) for f in fids]  # how far each got: the baseline's steps to its FID
         out[strategy] = {"step": step, "fid_per_seed": fids, "baseline_fid_at_double": target,
                          "baseline_seeds": seeds, "reaches_2x": all(f <= target for f in fids),
                          "equivalent_per_seed": [r / step if r else None for r in reach],
-                         "equivalent_at_most_per_seed": [r is not None and reached_before_first_evaluation(whole, f)
+                         "equivalent_at_most_per_seed": [r is not None and reached_before_first_evaluation(baseline, f)
                                                          for r, f in zip(reach, fids)]}
     return out
 

@@ -417,7 +417,6 @@ class TableWeighting(WeightingStrategy):
         return self.flow_weight(t) if self.process == "flow" else self.table[t]
 
 
-
 class WrappedSampling(SamplingStrategy):
     """Base of the sampling strategies that draw through another one, ``self.inner`` (a curriculum's early
     strategy, a stratified sampler's marginal): its tau is the inner's, binding binds the inner (which refuses a
