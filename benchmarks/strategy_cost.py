@@ -104,7 +104,7 @@ def measure(run: str, args: argparse.Namespace, cuda: bool) -> tuple[dict[str, A
             window["peak_memory_gib"] = row.peak_memory_gib()
         return window, [type(cb).__name__ for cb in cli.trainer.callbacks[:-1]]
     finally:
-        del cli
+        cli = None  # the model and trainer go before the next build
         torch._dynamo.reset()  # the next build compiles afresh, under the same conditions as this one
         gc.collect()
         if cuda:

@@ -19,7 +19,7 @@ import yaml
 
 import lightning_speed.timesteps as timesteps_module
 from benchmarks.common import smoke_args
-from benchmarks.convergence.runs import STUDY as STUDY_RUNS
+from benchmarks.convergence.runs import FLOW_STUDY, STUDY as STUDY_RUNS
 from conftest import have_fashion_mnist  # pytest puts tests/ on sys.path (no __init__.py there)
 from lightning_speed.callbacks import TimestepCallback
 from lightning_speed.cli import SpeedCLI, main
@@ -186,6 +186,7 @@ def combinations() -> list[tuple[str, ...]]:
     runs += [(name(base), "strategies/speed.yaml", name(m)) for base in BASES for m in MULTI_GPU if m != FSDP
              if base.stem in ("fashion_mnist", "fashion_mnist_dit")]
     runs += [("fashion_mnist_dit.yaml", *files) for files in STUDY_RUNS.values()]  # the base the study runs on
+    runs += [(name(base), *STUDY_RUNS[run]) for base in FLOW_BASES for run in FLOW_STUDY]
     return [(name(QUICKSTART),), *runs]
 
 
@@ -293,6 +294,8 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
     pytest.param(("fashion_mnist_sit.yaml", "strategies/speed.yaml"), r"tau .*700 looks like a discrete time step.*'auto'",
                  id="flow+speed"),
     pytest.param(("fashion_mnist_dit.yaml", "flow/mode.yaml"), r"ModeSampling.*flow", id="ddpm+mode"),
+    *(pytest.param(("fashion_mnist_sit.yaml", *files), r"700 looks like a discrete time step|CLTSSampling has no flow form",
+                   id=f"flow+{run}") for run, files in STUDY_RUNS.items() if run not in FLOW_STUDY),
 ])
 def test_a_strategy_file_of_the_other_process_fails_before_the_first_step(files: tuple[str, ...], match: str,
                                                                          cli_env: Path,

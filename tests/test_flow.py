@@ -100,6 +100,16 @@ def cosmap_cdf(s=1.0):
     return lambda x: 2 / np.pi * np.arctan2(unshift(x, s), 1 - unshift(x, s))
 
 
+def laplace_log_snr_cdf(mu=0.0, b=0.5, s=1.0):
+    # t <= x exactly when the unshifted log-SNR -2 logit(t) is at least that of x
+    return lambda x: stats.laplace.sf(-2 * special.logit(unshift(x, s)), loc=mu, scale=b)
+
+
+def edm_cdf(p_mean=-1.2, p_std=1.2, s=1.0):
+    # sigma = sqrt(1 / SNR) = t / (1 - t) of the unshifted time is log-normal, and increases with t
+    return lambda x: stats.lognorm.cdf(unshift(x, s) / (1 - unshift(x, s)), p_std, scale=math.exp(p_mean))
+
+
 def asymmetric_cdf(base_cdf, tau, k):
     a = float(base_cdf(np.array(tau)))
     z = k * a + 1 - a
@@ -379,6 +389,12 @@ SAMPLER_CASES = [
     ("speed shift 3", lambda: on_flow(SpeeD(tau=0.9, k=3, dual=False), 3.0), asymmetric_cdf(uniform_cdf(3.0), 0.9, 3),
      uniform_cdf(3.0)),
     ("loss-aware, cold, shift 2", lambda: on_flow(LossAwareSampling(bins=7), 2.0), uniform_cdf(2.0), uniform_cdf()),
+    ("laplace log-SNR", lambda: on_flow(LaplaceLogSNRSampling()), laplace_log_snr_cdf(), logit_normal_cdf()),
+    ("laplace log-SNR 1 0.8 shift 3", lambda: on_flow(LaplaceLogSNRSampling(1.0, 0.8), 3.0),
+     laplace_log_snr_cdf(1.0, 0.8, 3.0), laplace_log_snr_cdf(1.0, 0.8)),
+    ("edm log-normal", lambda: on_flow(EDMLogNormalSampling()), edm_cdf(), logit_normal_cdf()),
+    ("edm log-normal 0.4 0.6 shift 2", lambda: on_flow(EDMLogNormalSampling(0.4, 0.6), 2.0), edm_cdf(0.4, 0.6, 2.0),
+     edm_cdf(0.4, 0.6)),
 ]
 
 
@@ -424,6 +440,29 @@ def test_curriculum_on_a_flow_mixes_its_early_strategy_with_the_shifted_uniform(
     assert ks_distance(t, uniform_cdf(2.0)) > ks_critical(t.size)
     np.testing.assert_allclose(curriculum.cdf_at(np.linspace(0, 1, 101)).numpy(), reference(np.linspace(0, 1, 101)),
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_edm_log_normal_on_a_flow_is_logit_normal(shift):
+    """On a rectified flow ln sigma = logit(t): EDM's N(p_mean, p_std^2) in ln sigma is the logit-normal density."""
+    edm, logit_normal = on_flow(EDMLogNormalSampling(-0.7, 0.9), shift), on_flow(LogitNormalSampling(-0.7, 0.9), shift)
+    x = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(edm.cdf_at(x).numpy(), logit_normal.cdf_at(x).numpy(), atol=1e-15)
+    assert np.array_equal(draws(edm, 1000), draws(logit_normal, 1000))
+
+
+def test_laplace_on_a_flow_puts_its_log_snr_where_the_table_puts_it(linear):
+    """The flow form and the discrete table are the same density in log-SNR: the mass between two log-SNRs."""
+    mu, b = 0.5, 0.7
+    table = LaplaceLogSNRSampling(mu, b).bind(linear)
+    lam = torch.log(linear.snr).double()
+    a, c = 200, 600  # the table's steps a..c cover the log-SNRs between the midpoints around them
+    upper, lower = float(lam[a - 1] + lam[a]) / 2, float(lam[c] + lam[c + 1]) / 2
+    on_table = float(table.probs.double()[a:c + 1].sum())
+    sampler = on_flow(LaplaceLogSNRSampling(mu, b))
+    t_at = lambda value: flow.time_from_snr(math.exp(value))  # noqa: E731  (SNR falls as t grows)
+    on_flow_mass = float(sampler.cdf_at(t_at(lower)) - sampler.cdf_at(t_at(upper)))
+    assert on_flow_mass == pytest.approx(on_table, rel=2.0**-24)  # each float32 table entry within 2^-24 of its value
 
 
 def test_cosmap_and_mode_match_sd3s_densities():
@@ -515,7 +554,7 @@ def flow_samplers():
     curriculum.set_step(10, 100)
     return [UniformSampling(), LogitNormalSampling(), ModeSampling(), CosMapSampling(),
             LossAwareSampling(bins=4, history=1), SpeeD(), SpeeD(dual=False, tau=0.9), curriculum,
-            StratifiedSampling(LogitNormalSampling())]
+            StratifiedSampling(LogitNormalSampling()), LaplaceLogSNRSampling(), EDMLogNormalSampling()]
 
 
 def all_strategies(shift: float = 3.0):
@@ -524,7 +563,7 @@ def all_strategies(shift: float = 3.0):
     samplers = [on_flow(s, shift) for s in flow_samplers()]
     weights = [on_flow(w, shift) for w in (MinSNRWeighting(), P2Weighting(), SpeeD(), ConstantWeighting())]
     installed = []
-    for sampler, weighting in zip(flow_samplers(), [MinSNRWeighting(), P2Weighting(), ConstantWeighting()] * 3):
+    for sampler, weighting in zip(flow_samplers(), [MinSNRWeighting(), P2Weighting(), ConstantWeighting()] * 4):
         timesteps = TimestepStrategy(FlowSchedule(shift))
         timesteps.install(sampler, weighting)
         sampler.manual_seed(0)
@@ -638,10 +677,8 @@ LINEAR = NoiseSchedule.from_name("linear", 1000)
         (lambda: SpeeD(lam=0.4), ValueError, r"lam must be a number in \[0.5, 1\]"),
         # strategies without a form for the process
         (lambda: on_flow(CLTSSampling()), ValueError, "CLTSSampling has no flow form.*On a flow use UniformSampling"),
-        (lambda: on_flow(LaplaceLogSNRSampling()), ValueError, "LaplaceLogSNRSampling has no flow form"),
-        (lambda: on_flow(EDMLogNormalSampling()), ValueError, "EDMLogNormalSampling has no flow form"),
         (lambda: TimestepStrategy(FlowSchedule()).install(CLTSSampling()), ValueError, "has no flow form"),
-        (lambda: on_flow(CurriculumSampling(LaplaceLogSNRSampling())), ValueError, "LaplaceLogSNRSampling has no flow"),
+        (lambda: on_flow(CurriculumSampling(SpeeD(tau=700, lam=None))), ValueError, "700 looks like a discrete time step"),
         (lambda: ModeSampling().bind(LINEAR), ValueError, "ModeSampling is a density of flow time.*FlowSchedule"),
         (lambda: CosMapSampling().bind(LINEAR), ValueError, "CosMapSampling is a density of flow time"),
         (lambda: TimestepStrategy(LINEAR).install(ModeSampling()), ValueError, "has no form on the discrete linear"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_speed import DiffusionModule, flow
+from lightning_speed import DiffusionModule
 from lightning_speed.backbones import DiT, UNet
 from lightning_speed.backbones.embeddings import sinusoidal_embedding
 from lightning_speed.callbacks import EMAWeightAveraging, FIDCallback, SampleGridCallback, TimestepCallback

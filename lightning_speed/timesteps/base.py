@@ -71,6 +71,11 @@ def inverse_cdf(cdf: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, u.to(cdf.dtype), right=True).clamp_(max=cdf.numel() - 1)
 
 
+def as_flow_times(t: Any) -> Tensor:
+    """Flow times given to a ``cdf_at`` as a float64 CPU tensor, clamped to [0, 1] (where every CDF is 0 or 1)."""
+    return torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)
+
+
 def sample_binned_flow(schedule: FlowSchedule, bin_cdf: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
     """``n`` flow times from bins of equal width in the unshifted time: a bin by inverse CDF, a uniform point
     inside it, then the schedule's shift (the adaptive samplers' flow form)."""
@@ -90,7 +95,7 @@ def binned_flow_cdf(schedule: FlowSchedule, bin_probs: Tensor, t: Any) -> Tensor
     probs = bin_probs.detach().double().cpu()
     bins = probs.numel()
     cumulative = torch.cat([probs.new_zeros(1), probs.cumsum(0)])
-    x = schedule.unwarp(torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)) * bins
+    x = schedule.unwarp(as_flow_times(t)) * bins
     j = x.floor().long().clamp(0, bins - 1)
     return cumulative[j] + probs[j] * (x - j)
 
@@ -104,7 +109,7 @@ SNR is infinite or 0, for mass 2^-24 that float32 rounding would otherwise put t
 
 FLOW_SAMPLING = (
     "UniformSampling, LogitNormalSampling, ModeSampling, CosMapSampling, LossAwareSampling, LossDecreaseSampling, "
-    "CurriculumSampling, StratifiedSampling"
+    "LaplaceLogSNRSampling, EDMLogNormalSampling, CurriculumSampling, StratifiedSampling"
 )
 FLOW_WEIGHTING = "ConstantWeighting, MinSNRWeighting, P2Weighting"
 
@@ -486,7 +491,7 @@ class UniformSampling(SamplingStrategy):
 
     @override
     def cdf_at(self, t: Any) -> Tensor:
-        return self.schedule.unwarp(torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0))
+        return self.schedule.unwarp(as_flow_times(t))
 
 
 class ConstantWeighting(WeightingStrategy):

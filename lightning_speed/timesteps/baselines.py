@@ -66,7 +66,7 @@ from lightning_speed import flow
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
 from lightning_speed.timesteps.base import (
-    SamplingStrategy, TableSampling, TableWeighting, binned_flow_cdf, flow_bin, inverse_cdf_sample,
+    SamplingStrategy, TableSampling, TableWeighting, as_flow_times, binned_flow_cdf, flow_bin, inverse_cdf_sample,
     probabilities_to_cdf, sample_binned_flow,
 )
 from lightning_speed.validation import check_int, check_number
@@ -74,10 +74,6 @@ from lightning_speed.validation import check_int, check_number
 
 MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 """The scales for which SD3's mode map is a monotone bijection of [0, 1]."""
-
-
-def _float64(t: Any) -> Tensor:
-    return torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)
 
 
 def check_min_snr(gamma: float) -> float:
@@ -238,7 +234,7 @@ class LogitNormalSampling(TableSampling):
 
     @override
     def cdf_at(self, t: Any) -> Tensor:
-        return torch.special.ndtr((torch.logit(self.schedule.unwarp(_float64(t))) - self.mean) / self.std)
+        return torch.special.ndtr((torch.logit(self.schedule.unwarp(as_flow_times(t))) - self.mean) / self.std)
 
 
 class FlowSampling(SamplingStrategy):
@@ -267,7 +263,7 @@ class FlowSampling(SamplingStrategy):
 
     @override
     def cdf_at(self, t: Any) -> Tensor:
-        return self._cdf(self.schedule.unwarp(_float64(t)))
+        return self._cdf(self.schedule.unwarp(as_flow_times(t)))
 
 
 class ModeSampling(FlowSampling):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speed.timesteps.base import SamplingStrategy, WrappedSampling
+from lightning_speed.timesteps.base import SamplingStrategy, WrappedSampling, as_flow_times
 from lightning_speed.validation import check_choice, check_number
 
 Shape = Literal["linear", "step"]
@@ -127,7 +127,7 @@ class CurriculumSampling(WrappedSampling):
 
     @override
     def cdf_at(self, t: Any) -> Tensor:
-        a, t = self.share, torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)
+        a, t = self.share, as_flow_times(t)
         return a * self.early.cdf_at(t) + (1.0 - a) * self.schedule.unwarp(t)
 
     @override

@@ -1,4 +1,4 @@
-"""Time-step densities shaped in log-SNR, mapped onto a discrete schedule as tables over t.
+"""Time-step densities shaped in log-SNR: tables over a discrete schedule's steps, closed forms on a flow.
 
 Continuous-time recipes draw the log-SNR lambda = log(alpha_bar / (1 - alpha_bar)) from a density
 p(lambda). On a discrete schedule, step t stands for the lambdas nearer to lambda_t than to its
@@ -16,19 +16,26 @@ lookups of the table (``TableSampling``), sync-free.
 
 Both densities are symmetric about a centre c; a step's mass right of c is computed from the upper
 tail, F(2c - lower) - F(2c - upper), so the tiny probabilities of the steps far out keep their digits.
+
+On a rectified flow x_t = (1 - t) x_0 + t eps, lambda = -2 logit(t) and sigma = t / (1 - t), so both
+densities are densities of logit(t) in closed form, drawn by inverse CDF like the other flow samplers
+(the schedule's shift applied after, which lowers every lambda by 2 log shift):
+
+* Laplace(mu, b) in lambda is logit(t) ~ Laplace(-mu / 2, b / 2);
+* EDM's ln sigma ~ N(p_mean, p_std^2) is logit(t) ~ N(p_mean, p_std^2): ``LogitNormalSampling(p_mean, p_std)``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_speed.schedules import NoiseSchedule
-from lightning_speed.timesteps.base import TableSampling
+from lightning_speed.timesteps.base import TableSampling, as_flow_times
 from lightning_speed.validation import check_number
 
 
@@ -61,33 +68,44 @@ def symmetric_log_snr_probabilities(schedule: NoiseSchedule, cdf: Callable[[Tens
     return torch.where(lower >= centre, right, cdf(upper) - cdf(lower))
 
 
+def laplace_cdf(x: Tensor, centre: float, scale: float) -> Tensor:
+    """The CDF of Laplace(centre, scale) at ``x``."""
+    return torch.where(x < centre, 0.5 * torch.exp((x - centre) / scale), 1.0 - 0.5 * torch.exp((centre - x) / scale))
+
+
+def laplace_quantile(u: Tensor, centre: float, scale: float) -> Tensor:
+    """The inverse of ``laplace_cdf``: -inf at u = 0."""
+    return centre - scale * torch.sign(u - 0.5) * torch.log1p(-2.0 * (u - 0.5).abs())
+
+
+def normal_cdf(x: Tensor, mean: float, std: float) -> Tensor:
+    # erfc rather than torch.special.ndtr, which loses the far lower tail (relative error 2e-2 at z = -8)
+    return 0.5 * torch.special.erfc((mean - x) / (std * math.sqrt(2.0)))
+
+
 def laplace_log_snr_probabilities(schedule: NoiseSchedule, mu: float = 0.0, b: float = 0.5) -> Tensor:
     """P(t) of a Laplace(mu, b) density in log-SNR on ``schedule``, float64 (T,)."""
     mu, b = check_laplace(mu, b)
-
-    def cdf(x: Tensor) -> Tensor:
-        return torch.where(x < mu, 0.5 * torch.exp((x - mu) / b), 1.0 - 0.5 * torch.exp((mu - x) / b))
-
-    return symmetric_log_snr_probabilities(schedule, cdf, mu)
+    return symmetric_log_snr_probabilities(schedule, lambda x: laplace_cdf(x, mu, b), mu)
 
 
 def edm_log_normal_probabilities(schedule: NoiseSchedule, p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
     """P(t) of EDM's ln sigma ~ N(p_mean, p_std^2) on ``schedule`` (sigma^2 = 1 / SNR), float64 (T,)."""
     p_mean, p_std = check_edm(p_mean, p_std)
     centre, scale = -2.0 * p_mean, 2.0 * p_std  # lambda = -2 ln sigma
-    # erfc rather than torch.special.ndtr, which loses the far lower tail (relative error 2e-2 at z = -8)
-    return symmetric_log_snr_probabilities(
-        schedule, lambda x: 0.5 * torch.special.erfc((centre - x) / (scale * math.sqrt(2.0))), centre
-    )
+    return symmetric_log_snr_probabilities(schedule, lambda x: normal_cdf(x, centre, scale), centre)
 
 
 class LaplaceLogSNRSampling(TableSampling):
-    """t drawn so that its log-SNR follows Laplace(mu, b) (Hang et al. 2024); see the module docstring.
+    """t drawn so that its log-SNR follows Laplace(mu, b) (Hang et al. 2024); on a flow, logit(t) ~ Laplace(-mu / 2,
+    b / 2) before the shift. See the module docstring.
 
     Args:
         mu: the centre in log-SNR (0: SNR 1).
         b: the scale in log-SNR (0.5).
     """
+
+    processes = ("ddpm", "flow")
 
     def __init__(self, mu: float = 0.0, b: float = 0.5) -> None:
         self.mu, self.b = check_laplace(mu, b)
@@ -96,14 +114,25 @@ class LaplaceLogSNRSampling(TableSampling):
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
         self.set_probabilities(laplace_log_snr_probabilities(schedule, self.mu, self.b))
 
+    @override
+    def quantile(self, u: Tensor) -> Tensor:
+        return self.schedule.warp(torch.sigmoid(laplace_quantile(u, -self.mu / 2, self.b / 2)))
+
+    @override
+    def cdf_at(self, t: Any) -> Tensor:
+        return laplace_cdf(torch.logit(self.schedule.unwarp(as_flow_times(t))), -self.mu / 2, self.b / 2)
+
 
 class EDMLogNormalSampling(TableSampling):
-    """t drawn so that ln sigma = -log-SNR / 2 follows N(p_mean, p_std^2) (EDM); see the module docstring.
+    """t drawn so that ln sigma = -log-SNR / 2 follows N(p_mean, p_std^2) (EDM); on a flow, where ln sigma = logit(t),
+    the logit-normal density with mean p_mean and std p_std, before the shift. See the module docstring.
 
     Args:
         p_mean: mean of ln sigma (-1.2).
         p_std: standard deviation of ln sigma (1.2).
     """
+
+    processes = ("ddpm", "flow")
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2) -> None:
         self.p_mean, self.p_std = check_edm(p_mean, p_std)
@@ -111,3 +140,11 @@ class EDMLogNormalSampling(TableSampling):
     @override
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
         self.set_probabilities(edm_log_normal_probabilities(schedule, self.p_mean, self.p_std))
+
+    @override
+    def quantile(self, u: Tensor) -> Tensor:
+        return self.schedule.warp(torch.sigmoid(self.p_mean + self.p_std * torch.special.ndtri(u)))
+
+    @override
+    def cdf_at(self, t: Any) -> Tensor:
+        return normal_cdf(torch.logit(self.schedule.unwarp(as_flow_times(t))), self.p_mean, self.p_std)

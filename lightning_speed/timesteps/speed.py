@@ -39,7 +39,7 @@ from typing_extensions import override
 from lightning_speed import flow
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule, auto_tau, check_tau
-from lightning_speed.timesteps.base import TableSampling, TableWeighting
+from lightning_speed.timesteps.base import TableSampling, TableWeighting, as_flow_times
 from lightning_speed.validation import check_bool, check_number
 
 SpeeDTau = Optional[Union[int, float, Literal["auto"]]]
@@ -127,7 +127,7 @@ class AsymmetricDensity:
     def cdf(self, t: Tensor) -> Tensor:
         """float64 on the CPU."""
         a, below = self.a, self.below
-        t = torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)
+        t = as_flow_times(t)
         base = self.base_cdf(t)
         above = below + (base - a) * ((1 - below) / (1 - a) if a < 1 else 0.0)
         return torch.where(t < self.tau, base * (below / a if a > 0 else 0.0), above)
@@ -212,7 +212,7 @@ class SpeeD(TableSampling, TableWeighting):
         primary = self.density.cdf
         if not self.dual:
             return primary(t)
-        t = torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)
+        t = as_flow_times(t)
         return 0.5 * (primary(t) + primary(self.pivot + t) - primary(self.pivot - t))
 
     @override
