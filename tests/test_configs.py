@@ -220,6 +220,13 @@ def decoded_idx() -> dict[Path, Any]:
     return {}
 
 
+def merged(earlier: Any, later: Any) -> Any:
+    """A later config file's values over an earlier one's, mappings merged key by key (as the CLI composes them)."""
+    if isinstance(earlier, dict) and isinstance(later, dict):
+        return {**earlier, **{key: merged(earlier.get(key), value) for key, value in later.items()}}
+    return later
+
+
 @pytest.mark.parametrize("files", combinations(), ids="+".join)
 def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], cli_env: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
@@ -244,8 +251,7 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
     monkeypatch.setattr(DiffusionModule, "sample", no_sampling)
     composed: dict[str, Any] = {}
     for file in files:
-        for key, value in load(CONFIGS / file).items():
-            composed[key] = value if key != "model" else {**composed.get("model", {}), **value}
+        composed = merged(composed, load(CONFIGS / file))
     if composed["data"]["class_path"].endswith(".LatentDataModule"):  # the encoding streams the image folder
 
         def whole_split(self: ImageFolderDataModule, split: str) -> None:
@@ -285,6 +291,10 @@ def test_every_shipped_combination_trains_one_cpu_step(files: tuple[str, ...], c
         classes = [type(cb).__name__ for cb in trainer.callbacks]
         if spec:
             assert spec["class_path"].rsplit(".", 1)[-1] in classes, key
+    if composed.get("ema"):  # the EMA's settings, a study file's included, reach the callback
+        (ema,) = (cb for cb in trainer.callbacks if type(cb).__name__ == "EMAWeightAveraging")
+        for name, value in composed["ema"].get("init_args", {}).items():
+            assert getattr(ema, name) == value, name
     assert "fid" not in trainer.callback_metrics  # fast_dev_run: no FID, no grids, no checkpoints
     written = [p for p in cli_env.rglob("*") if p.suffix in (".ckpt", ".png") and cli_env / INPUTS not in p.parents]
     assert written == [], f"fast_dev_run wrote {written}"

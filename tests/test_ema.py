@@ -105,10 +105,12 @@ def test_closed_form_three_updates():
     torch.testing.assert_close(callback._average_model.module.weight, torch.full((1, 2), expected))
 
 
+@pytest.mark.parametrize("warmup", [False, True], ids=["constant", "warmup"])
 @pytest.mark.parametrize("shards", [False, True], ids=["full_copy", "shards"])
-def test_update_reads_nothing_back_from_the_device(monkeypatch, shards):
-    """After the first update, no tensor is converted to a Python value (a host sync on CUDA)."""
-    callback = EMAWeightAveraging(decay=0.9)
+def test_update_reads_nothing_back_from_the_device(monkeypatch, shards, warmup):
+    """After the first update, no tensor is converted to a Python value (a host sync on CUDA); the warm-up's
+    decay comes from a count kept on the host."""
+    callback = EMAWeightAveraging(decay=0.9, warmup=warmup)
     model = Regressor()
     if shards:
         callback._shards = ShardAverage(0.9)
@@ -520,3 +522,67 @@ def test_an_average_never_updated_stands_for_the_training_weights(tmp_path, make
     _assert_same(list(saved["state_dict"].values()), _weights(model))
     _assert_same(list(saved["current_model_state"].values()), _weights(model))
     assert int(saved["averaging_state"]["n_averaged"]) == 0
+
+
+# ------------------------------------------------------------------------------------------ warm-up
+class _TrainingWeightsAfterEachStep(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append([p.detach().clone() for p in pl_module.parameters()])
+
+
+@BOTH
+def test_warmup_with_power_one_is_the_running_mean_of_the_weights(make):
+    """decay_n = 1 - 1 / (1 + n) = n / (n + 1): the (n + 1)-th weights count 1 / (n + 1), so the average is the plain
+    mean of the weights after every step (the cap, 0.9999, is not reached in 7 updates)."""
+    ema, record = make(decay=0.9999, warmup=True, inv_gamma=1.0, power=1.0), _TrainingWeightsAfterEachStep()
+    torch.manual_seed(0)
+    model = Regressor()
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    pl.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[ema, record]).fit(model, DataLoader(data, batch_size=8))
+    assert len(record.seen) == 7
+    means = [torch.stack(step).mean(0) for step in zip(*record.seen)]
+    averaged = _averaged(ema)[:len(means)]  # parameters first, then buffers
+    for a, m in zip(averaged, means, strict=True):
+        torch.testing.assert_close(a, m)
+    assert not torch.allclose(averaged[0], record.seen[-1][0])  # not simply the last weights
+
+
+def test_warmup_decay_follows_diffusers_formula_and_its_milestones():
+    ema = EMAWeightAveraging(decay=0.999, warmup=True, inv_gamma=1.0, power=0.75)
+    assert [ema.decay_at(n) for n in (1, 9, 99)] == [pytest.approx(1 - (1 + n) ** -0.75, rel=1e-15) for n in (1, 9, 99)]
+    # (1 + n)^(-3/4) = 1e-3 at 1 + n = 1e4: the cap 0.999 is reached after 9,999 updates and kept after
+    assert ema.decay_at(9_998) < 0.999 and ema.decay_at(9_999) == pytest.approx(0.999, abs=1e-15)
+    assert ema.decay_at(10**6) == 0.999
+    slow = EMAWeightAveraging(decay=0.9999, warmup=True, power=2 / 3)  # 1 + n = 10^4.5 for 0.999
+    assert slow.decay_at(31_621) < 0.999 < slow.decay_at(31_622)
+    assert EMAWeightAveraging(decay=0.9, inv_gamma=5.0, power=1.0).decay_at(1) == 0.9  # warm-up off: the constant
+    assert EMAWeightAveraging(decay=0.99, warmup=True, inv_gamma=10.0, power=1.0).decay_at(10) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("first", "then"), [(EMAWeightAveraging, EMAWeightAveraging), (ShardEMA, EMAWeightAveraging)],
+                         ids=["full_copy", "shards_to_full_copy"])
+def test_warmup_resumes_where_it_stopped(tmp_path, first, then):
+    """The decay depends on the number of updates, restored from the checkpoint: 4 + 3 steps equal 7 in one go."""
+    kwargs = {"decay": 0.99, "warmup": True, "power": 1.0}
+    straight = EMAWeightAveraging(**kwargs)
+    _fit(straight, steps=7, tmp_path=tmp_path, batch_size=32)
+    trainer, _ = _fit(first(**kwargs), steps=4, tmp_path=tmp_path, batch_size=32)
+    trainer.save_checkpoint(tmp_path / "part.ckpt")
+    resumed = then(**kwargs)
+    _fit(resumed, steps=7, ckpt_path=str(tmp_path / "part.ckpt"), tmp_path=tmp_path, batch_size=32)
+    assert resumed.n_averaged == 7
+    _assert_same(_averaged(resumed), _averaged(straight))
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"warmup": "yes"}, TypeError, "warmup must be"),
+    ({"inv_gamma": 0.0}, ValueError, "inv_gamma must be a positive number"),
+    ({"power": -0.5}, ValueError, "power must be a positive number"),
+])
+def test_bad_warmup_settings_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EMAWeightAveraging(**kwargs)

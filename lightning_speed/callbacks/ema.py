@@ -35,6 +35,11 @@ dtypes differ, evaluation puts the average into the module (rounded) and the tra
 copy, so evaluating never rounds the average itself. Under FSDP the checkpoint's average is gathered through
 the module and so holds the module's dtype.
 
+With ``warmup=True`` the decay grows with the number of updates n already averaged, as in diffusers' ``EMAModel``
+(``use_ema_warmup``): ``decay_n = min(decay, 1 - (1 + n / inv_gamma) ** -power)``. Early on the average then
+follows the weights instead of keeping a share ``decay ** n`` of the first ones; ``power=1, inv_gamma=1`` is the
+running mean of all the weights seen. ``power`` 3/4 reaches 0.999 after 10k updates, 2/3 after 31.6k.
+
 Until its first update the average is the training weights, not the weights it was created from: validation,
 ``averaged_weights`` and checkpoints use the training weights (with a warning once training has started), and
 training ends with them. Lightning's callback evaluates, saves and ends with the initial weights there, e.g.
@@ -59,7 +64,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
-from lightning_speed.validation import check_int, check_number
+from lightning_speed.validation import check_bool, check_int, check_number
 
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -85,7 +90,9 @@ class ShardAverage:
         self._other: list[int] = []
         self._stash: list[Tensor] | None = None  # the training values of widened tensors while the average is in
 
-    def update(self, current: list[Tensor]) -> None:
+    def update(self, current: list[Tensor], decay: float | None = None) -> None:
+        """Average ``current`` in with ``decay`` (None: this average's own)."""
+        decay = self.decay if decay is None else decay
         if self.tensors is None:
             self.load(current, n_averaged=0)
         tensors = self._paired(current)
@@ -95,10 +102,10 @@ class ShardAverage:
             torch._foreach_copy_(tensors, current)
         else:
             if floating:
-                torch._foreach_lerp_(floating, [current[i] for i in self._floating], 1.0 - self.decay)
+                torch._foreach_lerp_(floating, [current[i] for i in self._floating], 1.0 - decay)
             if widened:  # lerp needs one dtype; decay * ema + (1 - decay) * w takes the narrower w as it is
-                torch._foreach_mul_(widened, self.decay)
-                torch._foreach_add_(widened, [current[i] for i in self._widened], alpha=1.0 - self.decay)
+                torch._foreach_mul_(widened, decay)
+                torch._foreach_add_(widened, [current[i] for i in self._widened], alpha=1.0 - decay)
         for i in self._other:
             tensors[i].copy_(current[i])
         self.n_averaged += 1
@@ -148,6 +155,8 @@ class EMAWeightAveraging(_LightningEMA):
     (see the module docstring); and the average's copy of the module copies only its weights, sharing its
     other attributes (a LightningCLI optimizer factory, which cannot be copied under DDP, stays the module's).
 
+    ``warmup``, ``inv_gamma`` and ``power``: diffusers' EMA warm-up (see the module docstring); off by default.
+
     ``update_every_n_steps`` must be at least 1, or 0 together with ``update_starting_at_epoch`` (updates
     after epochs only, as in Lightning). A schedule whose first update would come at or after
     ``trainer.max_steps`` (or ``max_epochs``) is refused at setup: such a run would end with no average.
@@ -157,6 +166,9 @@ class EMAWeightAveraging(_LightningEMA):
         self,
         *args: Any,
         decay: float = 0.999,
+        warmup: bool = False,
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
         update_every_n_steps: int = 1,
         update_starting_at_step: int | None = None,
         update_starting_at_epoch: int | None = None,
@@ -165,6 +177,9 @@ class EMAWeightAveraging(_LightningEMA):
         # 1 would freeze the average at the weights after the first update; 0 makes it the latest weights.
         decay = check_number(decay, "decay", at_least=0.0, below=1.0,
                              hint="0.999 or 0.9999 are common (1 never moves the average)")
+        self.warmup = check_bool(warmup, "warmup")
+        self.inv_gamma = check_number(inv_gamma, "inv_gamma", above=0.0, hint="diffusers uses 1")
+        self.power = check_number(power, "power", above=0.0, hint="3/4 for runs up to ~100k steps, 2/3 for longer")
         if update_starting_at_epoch is not None:
             update_starting_at_epoch = check_int(update_starting_at_epoch, "update_starting_at_epoch", minimum=0)
         if update_starting_at_step is not None:
@@ -180,13 +195,19 @@ class EMAWeightAveraging(_LightningEMA):
                          update_starting_at_step=update_starting_at_step,
                          update_starting_at_epoch=update_starting_at_epoch, **kwargs)
         self.decay = decay
-        self._started: bool | None = None  # host copy of "n_averaged > 0", read once per fit
+        self._updates: int | None = None  # host copy of n_averaged: read once per fit, then counted here
         self._stash: list[Tensor] | None = None  # a full copy's counterpart of ShardAverage._stash
         self._warned_not_updated = False  # once per fit
         self._pairs: tuple[list[Tensor], ...] | None = None  # see _update_lists
         self._training_state: dict[str, Tensor] | None = None  # the module's own weights once training has ended
         self._shards: ShardAverage | None = None  # the average when each rank averages what it holds (FSDP)
         self._training_shards: list[Tensor] | None = None  # the rank's own weights once training has ended
+
+    def decay_at(self, n: int) -> float:
+        """The decay of the update that averages in new weights after ``n >= 1`` updates."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + n / self.inv_gamma) ** -self.power)
 
     def averages_shards(self, strategy: Strategy) -> bool:
         """Whether each rank averages the shard it holds (FSDP) instead of a full copy of the module."""
@@ -279,9 +300,9 @@ class EMAWeightAveraging(_LightningEMA):
             return self._shards.n_averaged > 0
         if self._average_model is None:
             return False
-        if self._started is None:
-            self._started = bool(self._average_model.n_averaged > 0)
-        return self._started
+        if self._updates is None:
+            self._updates = int(self._average_model.n_averaged)
+        return self._updates > 0
 
     def _warn_not_updated(self, trainer: "pl.Trainer") -> None:
         """Say (once per fit) that the training weights stand in for an average that has no update yet; not
@@ -297,7 +318,7 @@ class EMAWeightAveraging(_LightningEMA):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_fit_start(trainer, pl_module)
-        self._started = None  # a restored checkpoint may have changed n_averaged
+        self._updates = None  # a restored checkpoint may have changed n_averaged
         self._pairs = None
         self._training_state = None
         self._training_shards = None
@@ -397,34 +418,35 @@ class EMAWeightAveraging(_LightningEMA):
     def update(self, pl_module: "pl.LightningModule") -> None:
         """One EMA step of the average towards ``pl_module``'s current weights."""
         if self._shards is not None:
-            self._shards.update(self._held(pl_module))
+            self._shards.update(self._held(pl_module), self.decay_at(self._shards.n_averaged))
             return
         average = self._average_model
         assert average is not None, "update() before setup()"
-        if self._started is None:
-            self._started = bool(average.n_averaged > 0)  # one read per fit, not per step
+        if self._updates is None:
+            self._updates = int(average.n_averaged)  # one read per fit, not per step
         if self._pairs is None:  # built once per fit: rebuilding costs more host time than the update
             self._pairs = _update_lists(average.module, pl_module, average.use_buffers)
         avg_float, cur_float, avg_converted, cur_converted, avg_copied, cur_copied = self._pairs
-        if not self._started:
+        if self._updates == 0:
             if avg_float:
                 torch._foreach_copy_(avg_float, cur_float)
             if avg_converted:  # copy_ converts dtype and device
                 torch._foreach_copy_(avg_converted, cur_converted)
-            self._started = True
         else:
+            decay = self.decay_at(self._updates)
             if avg_float:
-                torch._foreach_lerp_(avg_float, cur_float, 1.0 - self.decay)
+                torch._foreach_lerp_(avg_float, cur_float, 1.0 - decay)
             if avg_converted:
                 # lerp needs one dtype and device; decay * ema + (1 - decay) * w takes bf16 weights of an fp32
                 # average as they are (no fp32 copy of the model per step); only an average on another device
                 # (EMAWeightAveraging(device=...)) needs the weights moved
                 ends = [c if c.device == a.device else c.to(a.device) for a, c in zip(avg_converted, cur_converted)]
-                torch._foreach_mul_(avg_converted, self.decay)
-                torch._foreach_add_(avg_converted, ends, alpha=1.0 - self.decay)
+                torch._foreach_mul_(avg_converted, decay)
+                torch._foreach_add_(avg_converted, ends, alpha=1.0 - decay)
         for a, c in zip(avg_copied, cur_copied):
             a.copy_(c.to(a.device))
         average.n_averaged += 1
+        self._updates += 1
 
     @override
     def _swap_models(self, pl_module: "pl.LightningModule") -> None:
