@@ -556,6 +556,21 @@ def test_convergence_jobs_parse_and_reject_bad_ones() -> None:
     for bad in ("speed:x", "nope:0", "speed:0:1k", "speed:0:1:2"):
         with pytest.raises(SystemExit, match="strategy:seed"):
             launch.jobs_of(Namespace(jobs=[bad], steps=10, seeds=[0], strategies=["uniform"]))
+    # one run listed twice would train as two processes in its one folder
+    with pytest.raises(SystemExit, match=r"runs \['speed:0'\] are listed more than once"):
+        launch.jobs_of(Namespace(jobs=["speed:0:4", "uniform:0", "speed:0:6"], steps=10, seeds=[0], strategies=[]))
+    with pytest.raises(SystemExit, match=r"runs \['uniform:1'\] are listed more than once"):
+        launch.jobs_of(Namespace(jobs=None, steps=10, seeds=[1, 1], strategies=["uniform"]))
+
+
+def test_launch_runs_train_eager_when_it_is_asked_to(tmp_path: Path) -> None:
+    """launch --eager reaches each run process: its config then compiles nothing."""
+    from benchmarks.convergence.__main__ import parser
+    from benchmarks.convergence.run import overrides
+
+    forwarded = launch._forward(parser().parse_args(["launch", "--eager", "--jobs", "uniform:0:4"]))
+    protocol = overrides(parser().parse_args(["run", "--strategy", "uniform", *forwarded]), tmp_path)
+    assert protocol[protocol.index("--model.compile_mode") + 1] == "null"
 
 
 def test_convergence_set_overrides_reach_the_composed_config(tmp_path: Path) -> None:
@@ -672,6 +687,9 @@ def test_speed_cosine_is_compared_with_uniform_on_the_cosine_schedule() -> None:
     assert table["speed_cosine"]["per_seed"] == pytest.approx([2.0])
     assert table["_baseline_fid"] == pytest.approx(10.0)  # the linear baseline of every other strategy is unchanged
     assert table["uniform_cosine"]["baseline"] == "uniform" and table["uniform_cosine"]["per_seed"] == [None]
+    # Cosine-uniform runs that stopped short of the budget: no entry, rather than the linear baseline's 2x (10 at 100)
+    short = _run("uniform_cosine", 0, [(50, 24.0)])
+    assert "speed_cosine" not in stats.speedups([linear, _run("speed_cosine", 0, [(50, 10.0), (100, 8.0)]), short], 100)
 
 
 # --------------------------------------------------------------- time-limited parts resume
@@ -833,6 +851,34 @@ def test_a_screen_stops_at_its_step_on_the_schedule_of_n_and_resumes_to_n(tmp_pa
     resumed = json.loads(path.read_text())
     assert resumed["steps_done"] == 8 and [(p["from_step"], p["to_step"]) for p in resumed["parts"]] == [(0, 4), (4, 8)]
     assert [step for step, _ in resumed["fid_history"]] == [2, 4, 6, 8]
+
+
+def test_a_screen_with_final_fids_asked_for_is_finished_at_its_stop_step(tmp_path: Path) -> None:
+    """The final FIDs are made at N only: a screen stopped at its step is done for a launch with --stop-at (not trained
+    again at every launch), and not for one to N."""
+    (tmp_path / "speed_s0").mkdir()
+    (tmp_path / "speed_s0" / "result.json").write_text(json.dumps({"steps_done": 4, "stop_at": 4, "fid_pending": None}))
+    args = Namespace(out=str(tmp_path), final_samples=8, final_strategies=["speed"], stop_at=4)
+    assert launch._finished(args, "speed", 0, 8)
+    assert not launch._finished(Namespace(**{**vars(args), "stop_at": None}), "speed", 0, 8)
+    assert not launch._finished(args, "speed", 0, 4)  # N is the stop step: its final FIDs are due
+
+
+def test_a_screen_resumed_at_its_stop_step_trains_no_step_more(tmp_path: Path) -> None:
+    """A screen stopped at its step with an evaluation pending resumes (for that evaluation) and ends there."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from benchmarks.convergence.run import StopAt
+
+    def fit(ckpt: Path | None = None) -> pl.Trainer:
+        trainer = pl.Trainer(max_steps=8, callbacks=[StopAt(3)], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(BoringModel(), ckpt_path=ckpt)
+        return trainer
+
+    fit().save_checkpoint(tmp_path / "last.ckpt")
+    assert fit(tmp_path / "last.ckpt").global_step == 3
 
 
 def test_launch_kills_a_run_still_going_at_its_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -1292,6 +1338,9 @@ def test_a_screen_says_which_strategy_reaches_uniforms_fid_at_twice_its_step() -
     assert screened["laplace_log_snr"]["equivalent_per_seed"] == pytest.approx([None, 1 + 8 / 9])
     behind = stats.screen([*results[:2], run("p2", 0, [(5000, 25.0)], 5000)])["p2"]  # uniform was at 19 at 5k
     assert behind["equivalent_per_seed"] == [1.0] and behind["equivalent_at_most_per_seed"] == [True]
+    # summary.json says that its how far is a bound, as speedups.md does ("≤ 1.00×"); an exact one says nothing
+    assert report._screen_headline(behind)["how_far_at_most"] is True
+    assert "how_far_at_most" not in report._screen_headline(screened["loss_decrease"])
     # no uniform curve at twice the step: nothing to say
     assert stats.screen([r for r in results if r["strategy"] != "uniform" or r["fid_history"][-1][0] < 10000]) == {}
 

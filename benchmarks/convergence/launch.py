@@ -111,25 +111,35 @@ def stalled(run_dir: Path, log: Path, seconds: float, started: float) -> bool:
 
 
 def jobs_of(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    """``--jobs run:seed[:steps] ...`` in the given order, else every run of ``--strategies`` for each seed in turn."""
+    """``--jobs run:seed[:steps] ...`` in the given order, else every run of ``--strategies`` for each seed in turn.
+
+    A run listed twice is refused: both processes would train in its one folder at the same time."""
     if not args.jobs:
-        return [(s, seed, args.steps) for seed in args.seeds for s in args.strategies]
-    jobs = []
-    for job in args.jobs:
-        strategy, seed, *steps = job.split(":")
-        if strategy not in NAMES or not seed.isdigit() or len(steps) > 1 or (steps and not steps[0].isdigit()):
-            raise SystemExit(f"--jobs takes strategy:seed or strategy:seed:steps with a strategy in {NAMES}, got {job!r}")
-        jobs.append((strategy, int(seed), int(steps[0]) if steps else args.steps))
+        jobs = [(s, seed, args.steps) for seed in args.seeds for s in args.strategies]
+    else:
+        jobs = []
+        for job in args.jobs:
+            strategy, seed, *steps = job.split(":")
+            if strategy not in NAMES or not seed.isdigit() or len(steps) > 1 or (steps and not steps[0].isdigit()):
+                raise SystemExit(f"--jobs takes strategy:seed or strategy:seed:steps with a strategy in {NAMES}, "
+                                 f"got {job!r}")
+            jobs.append((strategy, int(seed), int(steps[0]) if steps else args.steps))
+    runs = [f"{strategy}:{seed}" for strategy, seed, _ in jobs]
+    if twice := sorted({run for run in runs if runs.count(run) > 1}):
+        raise SystemExit(f"runs {twice} are listed more than once: give each strategy and seed once, with the steps "
+                         "to train it to")
     return jobs
 
 
 def _finished(args: argparse.Namespace, strategy: str, seed: int, steps: int) -> bool:
-    """The run reached N with every FID point (none left to its next part) and the final FIDs asked for."""
+    """The run reached N (a screen: its stop step) with every FID point (none left to its next part) and the final
+    FIDs asked for (made at N only)."""
     result = _result(args, strategy, seed)
     if result is None:
         return False
-    wants_final = args.final_samples and strategy in args.final_strategies
-    return (result.get("steps_done", 0) >= min(steps, args.stop_at or steps) and result.get("fid_pending") is None
+    stop = min(steps, args.stop_at or steps)
+    wants_final = args.final_samples and strategy in args.final_strategies and stop == steps
+    return (result.get("steps_done", 0) >= stop and result.get("fid_pending") is None
             and (not wants_final or "final" in result))
 
 
@@ -159,6 +169,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
         out += ["--stop-at", str(args.stop_at)]
     if args.smoke:
         out.append("--smoke")
+    if args.eager:
+        out.append("--eager")
     if not args.compile_sampling:
         out.append("--no-compile-sampling")
     if args.set:

@@ -23,11 +23,14 @@ def _headline(entry: dict[str, Any]) -> dict[str, Any]:
 
 def _screen_headline(entry: dict[str, Any]) -> dict[str, Any]:
     """The summary.json fields of one screened strategy: its step s, N = 2s, whether it reaches 2x, and how far it
-    got (the baseline's steps to its FID, over s: the mean over seeds, None when a seed's baseline never gets there)."""
+    got (the baseline's steps to its FID, over s: the mean over seeds, None when a seed's baseline never gets there);
+    "how_far_at_most" (true) where a seed's figure is an upper bound (the baseline below its FID already at its first
+    evaluation)."""
     how_far = entry["equivalent_per_seed"]
-    return {"steps": entry["step"], "N": 2 * entry["step"], "seeds": len(how_far), "reaches_2x": entry["reaches_2x"],
-            "how_far": None if None in how_far else sum(how_far) / len(how_far), "how_far_per_seed": how_far,
-            "fid_per_seed": entry["fid_per_seed"]}
+    fields = {"steps": entry["step"], "N": 2 * entry["step"], "seeds": len(how_far), "reaches_2x": entry["reaches_2x"],
+              "how_far": None if None in how_far else sum(how_far) / len(how_far), "how_far_per_seed": how_far,
+              "fid_per_seed": entry["fid_per_seed"]}
+    return {**fields, "how_far_at_most": True} if any(entry["equivalent_at_most_per_seed"]) else fields
 
 
 def report(args: argparse.Namespace) -> dict[str, Any]:

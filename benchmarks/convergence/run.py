@@ -112,6 +112,11 @@ class StopAt(Callback):
         self.step = step
 
     @override
+    def on_train_start(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step >= self.step:  # resumed at the step (to make a pending evaluation): no step more
+            trainer.should_stop = True
+
+    @override
     def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True

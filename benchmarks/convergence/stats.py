@@ -63,7 +63,8 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     the same way when the baseline is below the run's FID at its own first evaluation (``equivalent_at_most_per_seed``).
 
     The baseline is uniform sampling on the same schedule (BASELINES), or on the linear schedule when the
-    folder has no such runs (each entry names its baseline). Only runs whose curve reaches ``budget`` count.
+    folder has no such runs (each entry names its baseline); a strategy whose baseline has runs, none of which
+    evaluated ``budget``, gets no entry. Only runs whose curve reaches ``budget`` count.
     """
     uniform_curve, uniform_seeds = _mean_curve(results, "uniform", budget)
     if not uniform_curve:
@@ -73,6 +74,8 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
         baseline = BASELINES.get(strategy, "uniform")
         mean_curve, baseline_seeds = _mean_curve(results, baseline, budget)
         if not mean_curve:
+            if any(r["strategy"] == baseline for r in results):
+                continue  # its own baseline has not evaluated the budget: no other baseline stands in for it
             baseline, mean_curve, baseline_seeds = "uniform", uniform_curve, uniform_seeds
         target = fid_at(mean_curve, budget)  # the baseline's mean FID at the budget
         per_seed, fids, equivalent, at_least, at_most = [], [], [], [], []
