@@ -138,6 +138,24 @@ def test_non_finite_losses_are_left_out_of_the_averages() -> None:
         torch.testing.assert_close(getattr(dirty, name), getattr(clean, name), rtol=0, atol=0)
 
 
+def test_unequal_bins_start_from_uniform_t_and_mix_it_in() -> None:
+    """T = 10 in bins of 3, 4 and 3 steps: p(t) = 1 / T before warm (not 1 / 3 per bin, which gives each step of
+    the wide bin 1 / 12), and the uniform share mixes in uniform t: p_b = (1 - e) r_b / sum(r) + e width_b / T.
+    Float32 quotients of these small numbers are within 2 ulps."""
+    sampler = LossDecreaseSampling(bins=3, min_count=1.0, uniform_prob=0.4, reweight=True).bind(
+        NoiseSchedule.from_name("cosine", 10))
+    assert sampler._width.tolist() == [3.0, 4.0, 3.0]
+    torch.testing.assert_close(sampler.probabilities(), torch.full((10,), 0.1), rtol=2**-22, atol=0)
+    torch.testing.assert_close(sampler.importance_weight(torch.arange(10)), torch.ones(10), rtol=2**-22, atol=0)
+    for k in range(20):  # bin 1 alone progresses
+        sampler.update(torch.tensor([0, 4, 8]), torch.tensor([1.0, 3.0 - 0.1 * k, 1.0]))
+    torch.testing.assert_close(sampler.bin_probs, torch.tensor([0.4 * 0.3, 0.6 + 0.4 * 0.4, 0.4 * 0.3]),
+                               rtol=2**-21, atol=0)
+    loss_of_t = torch.linspace(0.5, 2.0, 10)
+    imp = sampler.importance_weight(torch.arange(10))
+    assert (sampler.probabilities() * imp * loss_of_t).sum().item() == pytest.approx(loss_of_t.mean().item(), rel=1e-6)
+
+
 # -------------------------------------------------------------------------- draws
 def test_draws_follow_the_table_over_time_steps() -> None:
     """Chi-square of 200k draws against p(t) over the bins, and uniformity inside the favoured bin."""

@@ -25,6 +25,7 @@ from lightning_speed.schedules import NoiseSchedule
 from lightning_speed.timesteps import (
     CLTSSampling,
     ConstantWeighting,
+    CurriculumSampling,
     LogitNormalSampling,
     LossAwareSampling,
     MinSNRWeighting,
@@ -399,10 +400,37 @@ def test_state_dict_round_trip_before_setup():
 
     fresh = install(LossAwareSampling(history=2))
     fresh.load_state_dict(state)  # before setup: kept until the strategy is bound
-    assert fresh.state_dict() == {"sampling": state["sampling"]}
+    assert fresh.state_dict() == state and state["rank"] == 0
     other = TinyDiffusion(num_timesteps=20, schedule="cosine")
     fresh.setup(_FakeTrainer(), other, "fit")
     assert torch.equal(other.timesteps.sampler.sample(16), expected)
+
+
+@pytest.mark.parametrize("strategy", [lambda: LossAwareSampling(history=2),
+                                      lambda: CurriculumSampling(LogitNormalSampling(), switch=1.0, shape="step")])
+def test_every_rank_resuming_from_rank_0s_state_draws_its_own_time_steps(strategy):
+    """Lightning writes the callback state of rank 0 only and every rank loads it. Rank 0 continues its stream;
+    rank 1 keeps rank 0's statistics but not its stream (or both ranks would draw the same t from the resume on),
+    and draws the same t again when resumed again from the same state (a curriculum at a = 1 draws with its early
+    strategy's generator alone)."""
+    module = TinyDiffusion(num_timesteps=20, schedule="cosine")
+    saved = install(strategy(), seed=4)
+    fit(module, [saved], steps=3)
+    state = saved.state_dict()
+    expected = module.timesteps.sampler.sample(64)
+    draws = []
+    for rank in (0, 1, 1, 2):
+        resumed, fake = TinyDiffusion(num_timesteps=20, schedule="cosine"), _FakeTrainer()
+        fake.global_rank = rank
+        callback = install(strategy())
+        callback.setup(fake, resumed, "fit")
+        callback.load_state_dict(state)
+        draws.append(resumed.timesteps.sample(64))
+        if isinstance(callback.sampling, LossAwareSampling):
+            assert torch.equal(callback.sampling.loss_history, saved.sampling.loss_history)
+    assert torch.equal(draws[0], expected) and torch.equal(draws[1], draws[2])
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[3], draws[0])
+    assert not torch.equal(draws[3], draws[1]) and state["rank"] == 0
 
 
 class _FakeTrainer:

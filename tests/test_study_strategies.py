@@ -279,6 +279,19 @@ def test_bad_study_arguments_fail_at_construction(build: Any, error: type, match
         build()
 
 
+def test_curricula_refuse_a_step_that_is_no_optimizer_step() -> None:
+    """A step below 0 gave the curriculum a share above 1 (a negative uniform mass in its probabilities) and moved
+    CLTS's tables past uniform (a negative probability at t = 300 for the official spike); a tensor step would be
+    read on the host, a sync on the GPU."""
+    for sampler in (curriculum(LogitNormalSampling()), CLTSSampling(sigma=0.001).bind(LINEAR)):
+        with pytest.raises(ValueError, match=r"step must be an integer of at least 0, got -1; the optimizer step"):
+            sampler.set_step(-1, 10)
+        with pytest.raises(TypeError, match="step must be an integer, got tensor"):
+            sampler.set_step(torch.tensor(3), 10)
+        sampler.set_step(np.int64(3), 10)
+        assert sampler.step == 3 and type(sampler.step) is int
+
+
 def test_curriculum_anneals_over_a_fraction_of_max_steps() -> None:
     module = TinyDiffusion()
     early = LogitNormalSampling()
@@ -390,7 +403,7 @@ def test_a_sampling_and_a_weighting_strategy_draw_like_the_sampling_one_alone() 
     for a, b, w in zip(rec.t, alone.t, rec.weight):
         assert torch.equal(a, b)
         torch.testing.assert_close(w, (5 / snr).clamp(max=1).float()[a])
-    assert set(callback.state_dict()) == {"sampling"}
+    assert set(callback.state_dict()) == {"sampling", "rank"}
 
 
 def test_a_curriculum_next_to_a_weighting_follows_the_step() -> None:

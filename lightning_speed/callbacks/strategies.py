@@ -19,7 +19,9 @@ Checkpointing: ``state_dict`` holds the sampling strategy's seed, RNG state and 
 curriculum step). Lightning restores callbacks after ``setup`` and before the first training step, so
 ``load_state_dict`` applies the state to the installed strategy at once; a state loaded before ``setup`` is
 kept and applied when the strategy is bound. The RNG state is applied when the generator is (re)built on the
-device, so a CUDA generator's state restores on CUDA.
+device, so a CUDA generator's state restores on CUDA. Lightning writes the state of rank 0 only, and every rank
+resumes from it: the rank that wrote it continues its stream exactly, the others keep its statistics and step but
+reseed from its generator state and their rank, so that ranks go on drawing different time steps.
 
 Seeding: ``seed=None`` derives the sampler's seed from ``torch.initial_seed()`` at setup, so
 ``seed_everything`` makes runs reproducible; the global rank is mixed in so DDP ranks draw
@@ -48,6 +50,9 @@ from lightning_speed.timesteps.base import (
 )
 from lightning_speed.timesteps.speed import SpeeDTau
 from lightning_speed.validation import check_int
+
+RANK_STRIDE = 1_000_003
+"""Seed distance between the samplers of consecutive global ranks."""
 
 TIMESTEP_LINES = (
     "    self.timesteps = TimestepStrategy(schedule)     # in __init__ (from lightning_speed.timesteps); schedule: "
@@ -227,7 +232,8 @@ class TimestepCallback(Callback):
         self.seed = None if seed is None else check_int(seed, "seed", hint="or null to derive it from the global seed")
         self.name = " + ".join(type(s).__name__ for s in self.strategies)
         self._timesteps: TimestepStrategy | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self._pending_state: dict[str, Any] | None = None  # the callback's state, loaded before the strategy was bound
+        self._rank = 0  # the global rank, set at setup
         self._seen: StepRecord | None = None  # timesteps.last at the end of the previous step
 
     def __repr__(self) -> str:
@@ -251,6 +257,7 @@ class TimestepCallback(Callback):
                 f"trainer.callbacks has {len(others) + 1} TimestepCallbacks ({names}): each would replace what the "
                 "other installed. Install every strategy with one: TimestepCallback([sampling, weighting])."
             )
+        self._rank = trainer.global_rank
         strategy = find_strategy(pl_module, self.name)
         _check_schedule(pl_module, strategy, self.name, any(s.uses_prediction for s in self.strategies))
         if self._timesteps is not strategy:  # first fit, or a new module (a repeated fit keeps the objects)
@@ -274,7 +281,7 @@ class TimestepCallback(Callback):
         """The seed the sampling strategy gets on this rank."""
         key = type(self.sampling).__name__
         base = self.seed if self.seed is not None else torch.initial_seed() + zlib.crc32(key.encode())
-        return (base + 1_000_003 * trainer.global_rank) % (2**63)
+        return (base + RANK_STRIDE * trainer.global_rank) % (2**63)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -323,19 +330,35 @@ class TimestepCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._timesteps is None or self.sampling is None:
-            return {"sampling": self._pending_state} if self._pending_state is not None else {}
-        return {"sampling": self.sampling.extra_state()}
+            return dict(self._pending_state) if self._pending_state is not None else {}
+        return {"sampling": self.sampling.extra_state(), "rank": self._rank}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = state_dict.get("sampling")
+        self._pending_state = dict(state_dict) if state_dict.get("sampling") is not None else None
         if self._timesteps is not None:
             self._apply_pending()
 
     def _apply_pending(self) -> None:
-        if self.sampling is not None and self._pending_state is not None:
-            self.sampling.load_extra_state(self._pending_state)
-        self._pending_state = None
+        state, self._pending_state = self._pending_state, None
+        if self.sampling is None or state is None:
+            return
+        self.sampling.load_extra_state(state["sampling"])
+        saved_by = state.get("rank", 0)  # Lightning writes rank 0's state
+        if saved_by != self._rank and self.sampling.seed is not None:  # not this rank's stream: one of its own
+            offset = RANK_STRIDE * (self._rank - saved_by) + (_generator_checksum(state["sampling"]) << 32)
+            self.sampling.manual_seed((self.sampling.seed + offset) % 2**63)
+
+
+def _generator_checksum(state: Any, crc: int = 0) -> int:
+    """CRC-32 of every generator state in a sampler's saved state, nested samplers' included: it moves with each draw."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key == "rng" and value is not None:
+                crc = zlib.crc32(torch.as_tensor(value["state"]).cpu().numpy().tobytes(), crc)
+            else:
+                crc = _generator_checksum(value, crc)
+    return crc
 
 
 def SpeeD(tau: SpeeDTau = None, k: float = 5.0, dual: bool = True, lam: Optional[float] = 0.6,  # noqa: N802

@@ -15,9 +15,10 @@ losses differ by orders of magnitude (low t against high t). ``floor`` (1e-3) is
 from the rounding of float32 averages over a thousand steps (about 1e-4): without it, flat losses would send
 all draws to whichever bin rounded down. The sampling distribution over bins is
 
-    p_b = (1 - uniform_prob) r_b / sum(r) + uniform_prob / B,
+    p_b = (1 - uniform_prob) r_b / sum(r) + uniform_prob base(b),
 
-uniform until every bin's slow count reaches ``min_count`` and some bin makes progress. Within a bin t is
+base(b) being the bin's mass under uniform t (its share of the T time steps; 1 / B on a flow), and p = base
+(uniform t) until every bin's slow count reaches ``min_count`` and some bin makes progress. Within a bin t is
 uniform (on a flow: uniform in the unshifted time, then the schedule's shift). With ``reweight`` the loss
 of each sample is multiplied by base(b) / p_b (1 / (B p_b) on equal bins), which keeps the objective of
 uniform t and only lowers the gradient's variance where progress is; without it (the default, like SpeeD's
@@ -87,17 +88,18 @@ class LossDecreaseSampling(TableSampling):
         edges = torch.linspace(0, T, self.bins + 1).round().long()
         self._bin_of_step = torch.repeat_interleave(torch.arange(self.bins), torch.diff(edges))
         self._width = torch.diff(edges).float()  # time steps per bin
+        self._base = self._width / T  # each bin's mass under uniform t
         self._start_statistics()
 
     @override
     def build_flow(self, schedule: FlowSchedule) -> None:
+        self._base = torch.full((self.bins,), 1.0 / self.bins)
         self._start_statistics()
 
     def _start_statistics(self) -> None:
         for name in self._STATE:
             setattr(self, name, torch.zeros(self.bins))
-        self.bin_probs = torch.full((self.bins,), 1.0 / self.bins)
-        self._apply(self.bin_probs)
+        self._apply(self._base.clone())
 
     def bin_of(self, t: Tensor) -> Tensor:
         """The bin of each t (long, on t's device)."""
@@ -121,10 +123,8 @@ class LossDecreaseSampling(TableSampling):
     def importance_weight(self, t: Tensor) -> Tensor | None:
         if not self.reweight:
             return None
-        b = self.bin_of(t)  # base(b) / p_b, base(b) being the bin's mass under uniform t
-        if self.process == "flow":
-            return 1.0 / (self.bins * self.bin_probs[b])
-        return self._width[b] / (self.num_timesteps * self.bin_probs[b])
+        b = self.bin_of(t)
+        return self._base[b] / self.bin_probs[b]
 
     # -- statistics -----------------------------------------------------------------------
     @property
@@ -162,9 +162,9 @@ class LossDecreaseSampling(TableSampling):
         """p over bins from the progress; uniform until warm or while no bin progresses (torch.where, no sync)."""
         r = self.progress
         total = r.sum()
-        learned = (1.0 - self.uniform_prob) * r / total.clamp_min(torch.finfo(r.dtype).tiny) + self.uniform_prob / self.bins
-        uniform = torch.full_like(r, 1.0 / self.bins)
-        self._apply(torch.where(self.warm & (total > 0), learned, uniform))
+        base = self._base.to(r.device)
+        learned = (1.0 - self.uniform_prob) * r / total.clamp_min(torch.finfo(r.dtype).tiny) + self.uniform_prob * base
+        self._apply(torch.where(self.warm & (total > 0), learned, base))
 
     def _apply(self, bin_probs: Tensor) -> None:
         self.bin_probs = bin_probs

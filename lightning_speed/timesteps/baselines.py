@@ -361,7 +361,7 @@ class CLTSSampling(TableSampling):
     @override
     def set_step(self, step: int, max_steps: int | None = None) -> None:
         """Move the curriculum to optimizer step ``step`` (a Python int: no sync)."""
-        self.step = int(step)
+        self.step = check_int(step, "step", minimum=0, hint="the optimizer step, trainer.global_step")
         a = self.progress
         self.cdf = torch.lerp(self.uniform_cdf, self.target_cdf, a)
         self.probs = torch.lerp(self.uniform_probs, self.target_probs, a)

@@ -28,7 +28,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speed.timesteps.base import SamplingStrategy, WrappedSampling, as_flow_times
-from lightning_speed.validation import check_choice, check_number
+from lightning_speed.validation import check_choice, check_int, check_number
 
 Shape = Literal["linear", "step"]
 SHAPES = ("linear", "step")
@@ -100,8 +100,8 @@ class CurriculumSampling(WrappedSampling):
                 f"CurriculumSampling anneals to uniform t by switch x trainer.max_steps, but max_steps is {max_steps}: "
                 "set trainer.max_steps (e.g. --trainer.max_steps 50000)."
             )
+        self.step = check_int(step, "step", minimum=0, hint="the optimizer step, trainer.global_step")
         self.anneal_steps = max(1, round(self.switch * max_steps))
-        self.step = int(step)
 
     @override
     def manual_seed(self, seed: int) -> None:
