@@ -763,6 +763,43 @@ def test_convergence_run_resumes_after_its_time_limit(tmp_path: Path, home: Path
     assert [p["from_step"] for p in result["parts"]] == [0, first]
 
 
+def test_a_run_resumes_only_with_the_settings_of_its_earlier_parts(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts of one run with other overrides would mix two settings in one curve: refused before the CLI is built.
+    A larger N, a time limit, the folder's spelling and launch's --eager retry of a compiled run are parts of one
+    run."""
+    import lightning_speed.cli
+    from benchmarks.convergence.__main__ import parser
+    from benchmarks.convergence.run import check_resumable, overrides, run_one
+
+    def settings(*argv: str, out: Path = tmp_path) -> tuple[list[str], list[str]]:
+        args = parser().parse_args(["run", "--strategy", "uniform", "--out", str(out), "--eval-every", "2", *argv])
+        return [args.base, *RUNS["uniform"]], overrides(args, out / "uniform_s0")
+
+    configs, protocol = settings("--set", "ema.init_args.decay=0.999")
+    previous = {"configs": configs, "overrides": protocol}
+    run_dir = tmp_path / "uniform_s0"
+    relative = Path(os.path.relpath(tmp_path))
+    for same in (["--steps", "9"], ["--time-limit", "60"], ["--eager"], ["--no-compile-sampling"]):
+        check_resumable(previous, *settings("--set", "ema.init_args.decay=0.999", *same), run_dir)
+    check_resumable(previous, *settings("--set", "ema.init_args.decay=0.999", out=relative), run_dir)
+    check_resumable({}, *settings(), run_dir)  # no earlier part
+    for other, named in ((["--set", "ema.init_args.decay=0.99"], "--ema.init_args.decay 0.99"),
+                         (["--batch-size", "64"], "--data.init_args.batch_size 64"),
+                         (["--fid-samples", "8"], "--fid.init_args.num_samples 8"),
+                         (["--base", "fashion_mnist_dit.yaml"], "configs fashion_mnist_dit.yaml")):
+        with pytest.raises(SystemExit, match=rf"trained with .*this part asks for \[.*'{re.escape(named)}.*another --out"):
+            check_resumable(previous, *settings(*other), run_dir)
+
+    run_dir.mkdir()
+    (run_dir / "last.ckpt").write_bytes(b"")
+    (run_dir / "result.json").write_text(json.dumps(previous))
+    monkeypatch.setattr(lightning_speed.cli, "main", lambda *a, **k: pytest.fail("the CLI was built"))
+    with pytest.raises(SystemExit, match=r"--fid.init_args.every_n_steps 2.*--fid.init_args.every_n_steps 4"):
+        run_one(parser().parse_args(["run", "--strategy", "uniform", "--out", str(tmp_path), "--eval-every", "4",
+                                     "--set", "ema.init_args.decay=0.999"]))
+
+
 def test_part_timer_counts_from_the_parts_start() -> None:
     """A launcher's deadline counts the run's start-up: the part's clock starts at ``start``, not at the first step."""
     from datetime import timedelta
@@ -986,6 +1023,31 @@ def test_report_includes_another_folders_baseline(tmp_path: Path, home: Path) ->
     (new / "uniform_s0" / "result.json").write_bytes((baseline / "uniform_s0" / "result.json").read_bytes())
     proc = bench("convergence", ["report", "--smoke", "--out", str(new), "--include", str(baseline)], home)
     assert proc.returncode != 0 and "uniform_s0 is in both" in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["report"], ["launch", "--jobs", "uniform:0:4", "speed:0:4", "--final-samples", "0"]],
+                         ids=["report", "launch"])
+def test_report_refuses_a_run_with_a_fid_that_is_not_finite(command: list[str], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A diverged run's NaN (or inf) FID would be published as a NaN speed-up: the report names the run, the step and
+    the fix, exits 2 and writes nothing; so does the report at the end of a launch (here of runs already finished)."""
+    from benchmarks.convergence.__main__ import main
+
+    for fid in ("NaN", "Infinity"):
+        out = tmp_path / fid
+        for strategy, curve in (("uniform", "[[2, 20.0], [4, 10.0]]"), ("speed", f"[[2, 12.0], [4, {fid}]]")):
+            (out / f"{strategy}_s0").mkdir(parents=True)
+            (out / f"{strategy}_s0" / "result.json").write_text(
+                f'{{"strategy": "{strategy}", "seed": 0, "steps_done": 4, "fid_history": {curve}}}')
+        monkeypatch.setattr(sys, "argv", ["python -m benchmarks.convergence", *command, "--smoke", "--out", str(out)])
+        with pytest.raises(SystemExit) as exit_status:
+            main()
+        assert exit_status.value.code == 2
+        assert re.search(rf"{re.escape(str(out / 'speed_s0'))} has FID (nan|inf) at step 4 \(a diverged run\?\): "
+                         r"remove or rerun that run", capsys.readouterr().err)
+        written = {"logs"} if command[0] == "launch" else set()  # the launch's (empty) log folder
+        assert sorted(p.name for p in out.iterdir()) == sorted({"speed_s0", "uniform_s0", *written})  # no report
 
 
 # ------------------------------------------------------------------------------ ddp_scaling.py

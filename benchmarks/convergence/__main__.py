@@ -101,13 +101,14 @@ def main() -> None:
         from benchmarks.convergence.run import run_one  # torch and Lightning: only the run command needs them
 
         run_one(args, started)
-    elif args.command == "launch":
-        launch(args)
     else:
-        try:
-            report(args)
-        except (ValueError, FileNotFoundError) as error:  # mixed solvers, a run in two folders, a missing folder
-            p.exit(2, f"python -m benchmarks.convergence report: {error}\n")
+        try:  # launch reports at its end too (its runs' files are saved by then)
+            if args.command == "launch":
+                launch(args)
+            else:
+                report(args)
+        except (ValueError, FileNotFoundError) as error:  # mixed solvers, a run in two folders, a NaN FID
+            p.exit(2, f"python -m benchmarks.convergence {args.command}: {error}\n")
 
 
 if __name__ == "__main__":

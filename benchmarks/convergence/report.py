@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,8 @@ def load_results(folders: list[Path]) -> list[dict[str, Any]]:
     """Every ``<folder>/<run>/result.json``, each marked with its folder's name under ``"folder"``.
 
     Several folders report together when they follow one protocol (say, new strategies run on another
-    card against a folder's uniform baseline). A run found in two folders is ambiguous and refused.
+    card against a folder's uniform baseline). A run found in two folders is ambiguous and refused, and so is
+    a run with a FID that is not finite (a diverged run).
     """
     results, seen = [], {}
     for folder in folders:
@@ -141,6 +143,10 @@ def load_results(folders: list[Path]) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"no result folder {folder}: pass folders written by 'python -m benchmarks.convergence launch'")
         for path in sorted(folder.glob("*/result.json")):
             result = {**json.loads(path.read_text()), "folder": folder.name}
+            for step, fid in result["fid_history"]:  # a NaN would compare False everywhere: a NaN speed-up
+                if not math.isfinite(fid):
+                    raise ValueError(f"{path.parent} has FID {fid} at step {step} (a diverged run?): remove or rerun "
+                                     "that run")
             run = f"{result['strategy']}_s{result['seed']}"
             if run in seen:
                 raise ValueError(f"{run} is in both {seen[run]} and {folder}: report each folder with only one of them")

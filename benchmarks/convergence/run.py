@@ -159,6 +159,30 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     return out + set_overrides(args.set)
 
 
+# Overrides that may change from one part of a run to the next without changing what it trains: N (a run is
+# resumed to a larger N), paths (the same folders seen from another working directory or machine), and
+# compilation (launch retries a failed part with --eager, which drops the compiled sampling too).
+PER_PART = {"--trainer.max_steps", "--trainer.logger.init_args.save_dir", "--data.init_args.root",
+            "--model.compile_mode", "--model.compile_sampling"}
+
+
+def check_resumable(previous: dict[str, Any], configs: list[str], protocol: list[str], run_dir: Path) -> None:
+    """Refuse to resume a run whose earlier parts were trained with other configs or overrides (less PER_PART):
+    its curve would mix two settings. Results from before these fields are not checked."""
+    def settings(configs: list[str], overrides: list[str]) -> list[tuple[str, str]]:
+        return [("configs", " ".join(configs))] + [(k, v) for k, v in zip(overrides[::2], overrides[1::2])
+                                                    if k not in PER_PART]
+
+    if "overrides" not in previous:
+        return
+    before, now = settings(previous["configs"], previous["overrides"]), settings(configs, protocol)
+    if before != now:
+        was = [f"{k} {v}" for k, v in before if (k, v) not in now]
+        asked = [f"{k} {v}" for k, v in now if (k, v) not in before]
+        raise SystemExit(f"{run_dir} holds a run trained with {was or 'the defaults'}, and this part asks for {asked}: "
+                         "resume it with the same settings, or give these settings another --out")
+
+
 def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str, Any]:
     """Train (or resume) one run/seed until ``args.steps`` or the time limit; write result.json.
 
@@ -178,6 +202,11 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, saving = run_dir / "last.ckpt", run_dir / "saving.ckpt"  # saved, then renamed: a kill keeps the last part
     protocol = overrides(args, run_dir)
+    # The previous part's result.json is written right after its checkpoint, so it says where we resume.
+    result_file = run_dir / "result.json"
+    previous = json.loads(result_file.read_text()) if ckpt.exists() and result_file.exists() else {}
+    configs = [args.base, *RUNS[args.strategy]]
+    check_resumable(previous, configs, protocol, run_dir)
     cli = cli_main([*config_args(args.base, args.strategy), *protocol], run=False)
     trainer = cli.trainer
     (fid_cb,) = (cb for cb in trainer.callbacks if isinstance(cb, FIDCallback))
@@ -186,9 +215,6 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
     on_signal.dirpath, on_signal.filename = str(run_dir), saving.stem
     if args.smoke:
         torch.set_num_threads(1)
-    # The previous part's result.json is written right after its checkpoint, so it says where we resume.
-    result_file = run_dir / "result.json"
-    previous = json.loads(result_file.read_text()) if ckpt.exists() and result_file.exists() else {}
     limit = timedelta(seconds=args.time_limit) if args.time_limit else None  # None: train to N
     timer = PartTimer(duration=limit, fid=fid_cb, start=started,
                       fid_seconds=[seconds for _, seconds in previous.get("fid_seconds", [])])
@@ -215,7 +241,7 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
     result = {
         "strategy": args.strategy,
         "seed": args.seed,
-        "configs": [args.base, *RUNS[args.strategy]],
+        "configs": configs,
         "overrides": protocol,
         "steps_target": args.steps,
         "steps_done": trainer.global_step,
