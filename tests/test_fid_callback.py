@@ -534,3 +534,82 @@ def test_too_few_images_for_the_feature_dimension_warn_at_setup(tmp_path) -> Non
     assert fid.sample_count_warning(8, 200) is None
     assert "8 real" in fid.sample_count_warning(256, 8) and "generated" in fid.sample_count_warning(256, 8)
     assert fid_callback(tmp_path, num_samples=300).sample_count_warning(256, 300) is None
+
+
+# ------------------------------------------------------------------ evaluations independent of each other and of training
+def test_an_interrupted_evaluation_leaves_nothing_in_the_next(tmp_path) -> None:
+    """A failure mid-way (out of memory, a stop in a notebook) must not leave its first batches in the next FID."""
+    fid = fid_callback(tmp_path, compute_kid=True, kid_subset_size=16, on_train_end=False)
+    model = TinyGenerator()
+    trainer = make_trainer(tmp_path, [fid], max_steps=1)
+    trainer.fit(model, datamodule=datamodule())
+    clean = fid.evaluate(trainer, model)
+    calls = []
+
+    def second_batch_fails(num_samples, **kwargs):
+        calls.append(num_samples)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return TinyGenerator.sample(model, num_samples, **kwargs)
+
+    model.sample = second_batch_fails
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fid.evaluate(trainer, model)
+    assert fid.evaluate(trainer, model) == pytest.approx(clean)
+    assert fid.kid_history[-1][1:] == pytest.approx(fid.kid_history[0][1:])
+
+
+def test_kid_is_reproducible_and_leaves_the_training_random_stream_alone(tmp_path) -> None:
+    """KID's random subsets come from the callback's seed: the same weights give the same KID (on every rank), and an
+    evaluation does not change the random numbers training draws next."""
+    fid = fid_callback(tmp_path, compute_kid=True, kid_subset_size=16, on_train_end=False)
+    model = TinyGenerator()
+    trainer = make_trainer(tmp_path, [fid], max_steps=1)
+    trainer.fit(model, datamodule=datamodule())
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    fid.evaluate(trainer, model)
+    assert torch.equal(torch.get_rng_state(), state)
+    fid.evaluate(trainer, model)
+    assert fid.kid_history[0][1:] == fid.kid_history[1][1:]
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_fewer_samples_than_ranks_fail_at_setup_on_every_rank(tmp_path, rank) -> None:
+    """Ranks without a sample would skip the cross-rank sum the others wait in: every rank stops at setup."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(strategy=object(), world_size=4, global_rank=rank)
+    with pytest.raises(ValueError, match=r"num_samples=3 .* 4 ranks"):
+        fid_callback(tmp_path, num_samples=3).setup(trainer, TinyGenerator(), "fit")
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_fid_at_validation_without_ema_uses_training_weights_in_either_callback_order(tmp_path, ema_first) -> None:
+    ema = EMAWeightAveraging(decay=0.5)
+    fid = fid_callback(tmp_path, on_validation=True, on_train_end=False, num_samples=8, batch_size=8, use_ema=False)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):  # before EMA's swap
+            seen[trainer.global_step] = (float(pl_module.scale), float(ema._average_model.module.scale))
+
+    callbacks = [Probe(), ema, fid] if ema_first else [Probe(), fid, ema]
+    model = TinyGenerator()
+    trainer = make_trainer(tmp_path, callbacks, max_steps=4, limit_val_batches=1, val_check_interval=2)
+    trainer.fit(model, datamodule=datamodule())
+    used = dict(model.sampled_with)
+    assert set(used) == set(seen) == {2, 4}
+    for step, (raw, averaged) in seen.items():
+        assert used[step] == pytest.approx(raw) and abs(raw - averaged) > 1e-3
+
+
+def test_streamed_reference_batches_of_another_shape_fail_in_setup(tmp_path) -> None:
+    """The datamodule's reference_batches (32x32) against a model generating 16x16 images: stopped before training."""
+    model = TinyGenerator()
+    model.image_shape = (1, 16, 16)
+    fid = fid_callback(tmp_path, on_train_end=False)
+    trainer = make_trainer(tmp_path, [fid], max_steps=2)
+    with pytest.raises(ValueError, match=r"reference images are 1x32x32 .* generates 1x16x16"):
+        trainer.fit(model, datamodule=datamodule())
+    assert trainer.global_step == 0

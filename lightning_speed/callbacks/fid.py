@@ -271,7 +271,7 @@ class FIDCallback(SolverSettings, pl.Callback):
         reference_images: real images (uint8 (N, C, H, W)) or a no-argument callable returning them,
             for training without our datamodules; overrides the datamodule.
         cache_dir: where real statistics are cached (default ``~/.cache/lightning_speed/fid``).
-        seed: noise seed; rank r uses ``seed + r``, so every evaluation draws the same noise.
+        seed: noise seed; rank r uses ``seed + r``, so every evaluation draws the same noise (and KID the same subsets).
         compute_kid: also log ``kid_mean`` / ``kid_std`` (keeps all real features in memory).
         kid_subset_size: KID subset size (capped at the sample and reference counts).
         use_ema: sample with the EMA weights of a ``WeightAveraging`` callback when one is present.
@@ -353,11 +353,11 @@ class FIDCallback(SolverSettings, pl.Callback):
         """(cache key of the real images, a callable giving them: a tensor, or batches from a datamodule's
         ``reference_batches``, so a large image folder is streamed through the feature network).
 
-        Real images held whole must have ``image_shape``, the generated images' (C, H, W), when it is known.
+        Real images, whole or streamed, must have ``image_shape``, the generated images' (C, H, W), when it is known.
         """
 
-        def checked(images: Tensor) -> Tensor:
-            images = check_reference_images(images)
+        def checked(images: Tensor, min_count: int = 2) -> Tensor:
+            images = check_reference_images(images, min_count)
             if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
                 c, h, w = images.shape[1:]
                 raise ValueError(
@@ -384,7 +384,7 @@ class FIDCallback(SolverSettings, pl.Callback):
         if callable(getattr(datamodule, "reference_key", None)):
             key = str(datamodule.reference_key(split, n))
             if callable(getattr(datamodule, "reference_batches", None)):
-                return key, lambda: datamodule.reference_batches(split, n, self.batch_size)
+                return key, lambda: (checked(b, 1) for b in datamodule.reference_batches(split, n, self.batch_size))
             return key, lambda: checked(datamodule.reference_images(split, n))
         images = checked(datamodule.reference_images(split, n))
         return f"{type(datamodule).__name__}-{split}-{images_fingerprint(images)}", lambda: images
@@ -398,6 +398,11 @@ class FIDCallback(SolverSettings, pl.Callback):
         if stage not in ("fit", "validate") or self._fid is not None:
             return
         self._check_strategy(trainer)
+        if self.num_samples < trainer.world_size:  # on every rank: one without samples would skip the sum at compute
+            raise ValueError(
+                f"FIDCallback ({self.name}): num_samples={self.num_samples} is fewer than the {trainer.world_size} "
+                "ranks, and each rank generates a share: raise num_samples (well over the feature dimension)."
+            )
         self._check_module(pl_module)
         start = time.perf_counter()
         device = trainer.strategy.root_device
@@ -472,11 +477,14 @@ class FIDCallback(SolverSettings, pl.Callback):
         start = time.perf_counter()
         rank, world = trainer.global_rank, trainer.world_size
         count = local_share(self.num_samples, world, rank)
-        if count == 0:
-            raise ValueError(f"num_samples={self.num_samples} is smaller than the world size {world}.")
+        self._fid.reset()  # a previous evaluation stopped mid-way may have left its first batches
+        if self._kid is not None:
+            self._kid.reset()
         nonfinite = torch.zeros((), dtype=torch.long, device=pl_module.device)
         label = f"{self.name}: {self.solver.upper()}-{self.solver_steps}"
-        with averaged_weights(trainer, pl_module, enabled=self.use_ema, already_in=ema_in):
+        # EMA weights swapped in by validation are swapped out again (the swap is symmetric) without use_ema.
+        swap = self.use_ema or ema_in
+        with averaged_weights(trainer, pl_module, enabled=swap, already_in=ema_in and self.use_ema):
             batches = self._generate(pl_module, count, batch_size=self.batch_size, seed=self.seed + rank)
             for images in self._until_stopped(trainer, batches, _Progress(trainer, count, label)):
                 nonfinite += count_nonfinite(images).to(nonfinite.device)
@@ -496,7 +504,9 @@ class FIDCallback(SolverSettings, pl.Callback):
             )
         metrics = {self.name: fid}
         if self._kid is not None:
-            kid_mean, kid_std = (math.nan, math.nan) if bad else map(float, self._kid.compute())
+            with torch.random.fork_rng(devices=[]):  # KID's random subsets: seeded, the training's stream untouched
+                torch.default_generator.manual_seed(self.seed)  # randperm draws on the CPU
+                kid_mean, kid_std = (math.nan, math.nan) if bad else map(float, self._kid.compute())
             self._kid.reset()
             prefix = "" if self.name == "fid" else f"{self.name}/"
             metrics[f"{prefix}kid_mean"], metrics[f"{prefix}kid_std"] = kid_mean, kid_std
