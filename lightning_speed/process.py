@@ -79,12 +79,30 @@ class GaussianDiffusion(nn.Module):
         self.lambda_vlb = check_number(lambda_vlb, "lambda_vlb", at_least=0.0)
         self.num_timesteps = schedule.num_timesteps
         # Non-persistent: derived from the schedule, so checkpoints stay small and portable.
-        self.register_buffer("alpha_bar", ab.float(), persistent=False)
-        self.register_buffer("sqrt_alpha_bar", ab.sqrt().float(), persistent=False)
-        self.register_buffer("sqrt_one_minus_alpha_bar", (1 - ab).sqrt().float(), persistent=False)
-        if self.learn_sigma:  # improved DDPM's posterior and learned-variance range, as buffers that follow .to()
-            for field, table in variance.posterior_tables(schedule)._asdict().items():
-                self.register_buffer(f"posterior_{field}", table.float(), persistent=False)
+        for name, table in self._tables(torch.float32).items():
+            self.register_buffer(name, table, persistent=False)
+
+    def _tables(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The schedule's tables by buffer name, in ``dtype``; with learned sigma also improved DDPM's posterior and
+        learned-variance range."""
+        ab = self.schedule.alpha_bar
+        tables = {"alpha_bar": ab, "sqrt_alpha_bar": ab.sqrt(), "sqrt_one_minus_alpha_bar": (1 - ab).sqrt()}
+        if self.learn_sigma:
+            posterior = variance.posterior_tables(self.schedule)._asdict()
+            tables.update((f"posterior_{field}", table) for field, table in posterior.items())
+        return {name: table.to(dtype) for name, table in tables.items()}
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GaussianDiffusion:
+        """The tables follow device moves, but a cast of the whole model (precision="bf16-true" casts every buffer)
+        rebuilds them from the schedule, never narrower than float32: in bf16, sqrt(alpha_bar_t) rounds to 1 for
+        t < 15 and DDIM-250 changes its samples' spread by up to 2 %."""
+        super()._apply(fn, recurse)
+        dtype = self.alpha_bar.dtype
+        if dtype != torch.float32:
+            device = self.alpha_bar.device
+            for name, table in self._tables(torch.promote_types(dtype, torch.float32)).items():
+                setattr(self, name, table.to(device))
+        return self
 
     # -- forward process and targets ------------------------------------------------------------
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
