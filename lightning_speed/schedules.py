@@ -89,6 +89,12 @@ def prediction_of(source: Any) -> str | None:
 
 def linear_betas(num_timesteps: int) -> Tensor:
     """DDPM's linear schedule, 1e-4 to 0.02 at T = 1000; both ends scale by 1000 / T."""
+    if num_timesteps <= 20:  # the last beta, 0.02 * 1000 / T, reaches 1 (alpha_bar 0) at T = 20
+        raise ValueError(
+            f"The linear schedule scales its betas by 1000 / T, so at T = {num_timesteps} its last beta is "
+            f"{20 / num_timesteps:g} (1 or more: x_t is pure noise before the last step): use more than 20 steps, or "
+            "the cosine schedule."
+        )
     scale = 1000.0 / num_timesteps
     return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
 

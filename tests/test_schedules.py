@@ -31,6 +31,13 @@ def test_linear_scales_with_T():
     assert s.betas[-1].item() == pytest.approx(0.08)
 
 
+@pytest.mark.parametrize("T", [2, 10, 20])
+def test_linear_refuses_a_T_whose_scaled_betas_reach_one(T):
+    with pytest.raises(ValueError, match=rf"at T = {T} its last beta is {20 / T:g} .*more than 20 steps, or the cosine"):
+        NoiseSchedule.from_name("linear", T)
+    assert NoiseSchedule.from_name("linear", 21).alpha_bar[-1] > 0  # the smallest T it takes keeps a positive SNR
+
+
 def test_quadratic_closed_form():
     s = NoiseSchedule.from_name("quadratic", 100)
     np.testing.assert_allclose(s.betas.sqrt().numpy(), np.linspace(0.01, math.sqrt(0.02), 100), rtol=float64_rtol(operations=4))
