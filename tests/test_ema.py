@@ -283,6 +283,36 @@ def test_averaged_weights_swaps_the_average_in_and_back(make):
     assert not torch.equal(probe.inside[0], probe.before[0])
 
 
+class _EvaluateTraining(pl.Callback):
+    """Records the module's weights before, inside and after ``training_weights`` at train end."""
+
+    def on_train_end(self, trainer, pl_module):
+        from lightning_speed.callbacks.ema import training_weights
+
+        self.before = _all(pl_module)
+        with training_weights(trainer, pl_module):
+            self.inside = _all(pl_module)
+        self.after = _all(pl_module)
+
+
+@BOTH
+@pytest.mark.parametrize("ema_first", [True, False], ids=["after_the_copy", "before_the_copy"])
+def test_training_weights_at_train_end_in_either_callback_order(make, ema_first):
+    ema, first, probe = make(decay=0.5), _EvaluateTraining(), _EvaluateTraining()
+    torch.manual_seed(0)
+    model = Regressor()
+    data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    callbacks = [first, ema, probe] if ema_first else [first, probe, ema]  # first: before the EMA's copy
+    pl.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=callbacks).fit(model, DataLoader(data, batch_size=8))
+    _assert_same(first.inside, first.before)  # nothing copied yet: the module is left alone
+    _assert_same(probe.inside, first.before)  # the training weights, exactly
+    _assert_same(probe.after, probe.before)  # and what the module held comes back
+    assert torch.equal(probe.before[0], _averaged(ema)[0]) == ema_first
+    _assert_same(_all(model), _averaged(ema))  # the module ends with the average
+    assert not torch.equal(probe.inside[0], _averaged(ema)[0])
+
+
 def test_averaged_weights_without_ema_or_disabled_leaves_the_module_alone():
     for callbacks, kwargs in (([], {}), ([EMAWeightAveraging(decay=0.5)], {"enabled": False})):
         probe = _Evaluate(**kwargs)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.io import decode_png, read_file
 
+from lightning_speed.callbacks import EMAWeightAveraging as OurEMA
 from lightning_speed.callbacks.fid import FIDCallback
 from lightning_speed.callbacks.samples import SampleGridCallback
 from lightning_speed.data.embedded import EmbeddedFashionMNISTDataModule
@@ -279,6 +280,24 @@ def test_fid_under_ddp_splits_samples_and_syncs_the_metric(tmp_path, ddp_run) ->
     make_trainer(tmp_path, [single], max_steps=2).fit(replay, datamodule=datamodule())
     assert single.reference_from_cache is True  # the statistics rank 0 cached
     assert single.history[0][1] == pytest.approx(ddp_fid, rel=1e-4)
+
+
+@pytest.mark.parametrize("case, stopped, batches", [("even", True, [1, 1]), ("uneven", True, [2, 1]),
+                                                   ("uneven_no_signal", False, [2, 1])])
+def test_a_stop_flag_on_one_ddp_rank_stops_every_rank_during_an_evaluation(ddp_run, case, stopped, batches) -> None:
+    """ddp_fid_script.py's STOPS, each a real 2-process DDP fit (CPU, gloo) whose evaluation one rank's stop flag
+    interrupts: both ranks raise SIGTERMException after the same sampling batch, instead of one rank leaving the
+    other waiting at the metric's sync (which the script's watchdog would end after STOP_TIMEOUT seconds). Under
+    uneven shares rank 1, out of batches, still joins rank 0's reductions, with or without a signal."""
+    from ddp_fid_script import STOP_TIMEOUT  # pytest puts tests/ on sys.path
+
+    out = ddp_run / "fid" / "stop" / case
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["batches"] for r in ranks] == batches
+    assert all(r["seconds"] < STOP_TIMEOUT for r in ranks)
+    assert [r["stopped"] for r in ranks] == [stopped, stopped]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert [s for s, _ in ranks[0]["history"]] == ([] if stopped else [1])
 
 
 # ------------------------------------------------------------------ what users are told
@@ -602,6 +621,37 @@ def test_fid_at_validation_without_ema_uses_training_weights_in_either_callback_
     assert set(used) == set(seen) == {2, 4}
     for step, (raw, averaged) in seen.items():
         assert used[step] == pytest.approx(raw) and abs(raw - averaged) > 1e-3
+
+
+@pytest.mark.parametrize("order", ["ema_first", "fid_first", "lightning_ema_last"])
+def test_fid_at_train_end_without_ema_uses_training_weights_in_either_callback_order(tmp_path, order) -> None:
+    """At train end the EMA callback copies its average into the module; ours keeps the training weights, which an
+    evaluation with use_ema=False puts back in for itself. Lightning's, listed after FIDCallback, copies later."""
+    ema = EMAWeightAveraging(decay=0.5) if order == "lightning_ema_last" else OurEMA(decay=0.5)
+    fid = fid_callback(tmp_path, num_samples=8, batch_size=8, use_ema=False)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_end(self, trainer, pl_module):  # first: before any copy
+            seen["raw"] = float(pl_module.scale.detach())
+            seen["averaged"] = float(ema._average_model.module.scale.detach())
+
+    callbacks = [Probe(), ema, fid] if order == "ema_first" else [Probe(), fid, ema]
+    model = TinyGenerator()
+    make_trainer(tmp_path, callbacks, max_steps=4).fit(model, datamodule=datamodule())
+    assert abs(seen["raw"] - seen["averaged"]) > 1e-3
+    assert model.sampled_with == [(4, pytest.approx(seen["raw"]))] and [s for s, _ in fid.history] == [4]
+    assert float(model.scale.detach()) == pytest.approx(seen["averaged"])  # the module ends with the average
+
+
+def test_fid_at_train_end_without_ema_after_lightnings_ema_is_refused_at_setup(tmp_path) -> None:
+    """Lightning's EMA callback keeps no copy of the training weights when it copies its average in at train end."""
+    fid = fid_callback(tmp_path, use_ema=False)
+    trainer = make_trainer(tmp_path, [EMAWeightAveraging(decay=0.5), fid])
+    with pytest.raises(ValueError, match=r"FIDCallback\(use_ema=False\) .* EMAWeightAveraging comes before it .* "
+                                         r"lightning_speed.callbacks.EMAWeightAveraging .* on_train_end=False"):
+        trainer.fit(TinyGenerator(), datamodule=datamodule())
+    assert trainer.global_step == 0
 
 
 def test_streamed_reference_batches_of_another_shape_fail_in_setup(tmp_path) -> None:

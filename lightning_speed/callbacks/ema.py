@@ -25,7 +25,9 @@ restart from the EMA weights with the optimizer state of the real ones.
 ``averaged_weights`` evaluates with the average at any time (every N training steps, train end),
 for ``FIDCallback`` and ``SampleGridCallback``: it swaps the average in and back out with the
 callback's own swap, the one Lightning uses around validation epochs, so parameters and buffers
-pair exactly as there. It works with Lightning's ``EMAWeightAveraging`` too.
+pair exactly as there. It works with Lightning's ``EMAWeightAveraging`` too. ``training_weights`` is its
+counterpart for ``use_ema=False``: after the copy at train end it puts the kept training weights back in for the
+evaluation (Lightning's callback keeps none, so an evaluation after it is refused at setup).
 
 The average is held in float32 or the module's dtype, whichever is wider: under ``precision="bf16-true"``
 (or ``16-true``) an fp32 average of the bf16 weights, as Lightning's keeps (its copy is made before the
@@ -649,6 +651,54 @@ def averaged_weights(
         yield True
     finally:
         averaging._swap_models(pl_module)
+
+
+@contextmanager
+def training_weights(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Iterator[None]:
+    """Run the body with the training weights in ``pl_module``; put back what it held after.
+
+    A no-op except once ``EMAWeightAveraging.on_train_end`` has copied the average into the module: then the
+    training weights it kept for checkpoints go in for the body (an exchange of values, lossless both ways).
+    Lightning's own callback keeps no copy of them: see ``check_training_weights_kept``.
+    """
+    averaging = find_weight_averaging(trainer)
+    kept: list[Tensor] | None = None
+    if isinstance(averaging, EMAWeightAveraging) and averaging._updated():  # no update: no copy was made
+        if averaging._training_shards is not None:
+            kept, current = averaging._training_shards, averaging._held(pl_module)
+        elif averaging._training_state is not None:
+            state = pl_module.state_dict()  # tensors sharing the module's storage
+            kept = list(averaging._training_state.values())
+            current = [state[name] for name in averaging._training_state]
+    if kept is None:
+        yield
+        return
+    with torch.no_grad():
+        _swap_in_or_out(kept, current, None)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            _swap_in_or_out(kept, current, None)
+
+
+def check_training_weights_kept(trainer: "pl.Trainer", caller: "pl.Callback") -> None:
+    """Refuse, at setup, ``caller`` measuring the training weights at train end after Lightning's own EMA callback.
+
+    That callback copies its average into the module in its ``on_train_end`` and keeps no copy of the training
+    weights; callbacks run in ``trainer.callbacks`` order, so one listed before ``caller`` would have replaced them.
+    """
+    callbacks = list(trainer.callbacks)
+    for callback in callbacks[: callbacks.index(caller)] if caller in callbacks else []:
+        if isinstance(callback, WeightAveraging) and not isinstance(callback, EMAWeightAveraging):
+            name = type(caller).__name__
+            raise ValueError(
+                f"{name}(use_ema=False) evaluates the training weights at train end, but {type(callback).__name__} "
+                f"comes before it in the trainer's callbacks: it copies its average into the module when training "
+                f"ends and keeps no copy of the training weights, so {name} would measure the average. Use "
+                f"lightning_speed.callbacks.EMAWeightAveraging (it keeps them), list {name} before "
+                f"{type(callback).__name__}, or set on_train_end=False."
+            )
 
 
 def _check_pairing(averaging: WeightAveraging, pl_module: "pl.LightningModule") -> None:

@@ -9,8 +9,9 @@ together with ``fid/seconds`` (wall time of the whole evaluation, since we bench
 Long evaluations say so: a progress bar with the time left (a line per minute without a progress
 bar), a warning when training starts if the configured evaluations need far more network
 evaluations than the training itself (e.g. 5,000 DDIM-50 samples after a few CPU steps), and a
-stop signal (SIGTERM / Ctrl+C) ends the evaluation after the current sampling batch. Generated
-images with NaN or inf values (a diverged model) give FID NaN with a warning, never a number.
+stop signal (SIGTERM / Ctrl+C) ends the evaluation after the current sampling batch, on every
+rank under DDP. Generated images with NaN or inf values (a diverged model) give FID NaN with a
+warning, never a number.
 
 Real-image statistics are computed once in ``setup`` (before training, where a missing
 Inception file also surfaces), cached on disk (see ``lightning_speed.metrics.reference``) and
@@ -47,7 +48,13 @@ from lightning_speed.metrics.reference import (
     load_or_compute_reference_stats,
     load_reference_stats,
 )
-from lightning_speed.callbacks.ema import SHARDED_STRATEGIES, averaged_weights, ema_swapped_in_during_validation
+from lightning_speed.callbacks.ema import (
+    SHARDED_STRATEGIES,
+    averaged_weights,
+    check_training_weights_kept,
+    ema_swapped_in_during_validation,
+    training_weights,
+)
 from lightning_speed.metrics.sampling import generate_batches, local_share, sample_method
 from lightning_speed.data.base import SPLITS, UInt8ImageDataModule
 from lightning_speed.flow import FLOW_SOLVERS
@@ -220,6 +227,16 @@ class SolverSettings:
             seed=seed,
             sample_kwargs=self.sample_kwargs,
         )
+
+
+def _stop_if_signalled(trainer: "pl.Trainer") -> None:
+    """Raise ``SIGTERMException`` if this rank or, under DDP, any rank received a stop signal."""
+    signalled = bool(trainer.received_sigterm)
+    if trainer.world_size > 1:
+        # One small all-reduce and a host sync per sampling batch: this is evaluation, not the training step.
+        signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+    if signalled:
+        raise SIGTERMException
 
 
 class _Progress:
@@ -404,6 +421,8 @@ class FIDCallback(SolverSettings, pl.Callback):
                 "ranks, and each rank generates a share: raise num_samples (well over the feature dimension)."
             )
         self._check_module(pl_module)
+        if not self.use_ema and self.eval_on_train_end:
+            check_training_weights_kept(trainer, self)
         start = time.perf_counter()
         device = trainer.strategy.root_device
         image_shape = getattr(pl_module, "output_shape", getattr(pl_module, "image_shape", None))  # what FID sees
@@ -482,11 +501,16 @@ class FIDCallback(SolverSettings, pl.Callback):
             self._kid.reset()
         nonfinite = torch.zeros((), dtype=torch.long, device=pl_module.device)
         label = f"{self.name}: {self.solver.upper()}-{self.solver_steps}"
-        # EMA weights swapped in by validation are swapped out again (the swap is symmetric) without use_ema.
-        swap = self.use_ema or ema_in
-        with averaged_weights(trainer, pl_module, enabled=swap, already_in=ema_in and self.use_ema):
+        # EMA weights swapped in by validation are swapped out again (the swap is symmetric) without use_ema;
+        # without it at train end, the training weights go back in if the EMA has already copied its average in.
+        if self.use_ema or ema_in:
+            weights = averaged_weights(trainer, pl_module, already_in=ema_in and self.use_ema)
+        else:
+            weights = training_weights(trainer, pl_module)
+        rounds = math.ceil(local_share(self.num_samples, world, 0) / self.batch_size)  # rank 0 has the most batches
+        with weights:
             batches = self._generate(pl_module, count, batch_size=self.batch_size, seed=self.seed + rank)
-            for images in self._until_stopped(trainer, batches, _Progress(trainer, count, label)):
+            for images in self._until_stopped(trainer, batches, _Progress(trainer, count, label), rounds):
                 nonfinite += count_nonfinite(images).to(nonfinite.device)
                 fake = to_uint8(images)
                 self._fid.update(fake, real=False)
@@ -519,18 +543,26 @@ class FIDCallback(SolverSettings, pl.Callback):
         return fid
 
     @staticmethod
-    def _until_stopped(trainer: "pl.Trainer", batches: Iterable[Tensor], progress: _Progress) -> Iterator[Tensor]:
+    def _until_stopped(
+        trainer: "pl.Trainer", batches: Iterable[Tensor], progress: _Progress, rounds: int
+    ) -> Iterator[Tensor]:
         """Yield the batches with progress; after each, honour a stop signal (Lightning's SIGTERM flag).
 
         Raising Lightning's ``SIGTERMException`` takes the same path as a stop between training
-        steps: ``CheckpointOnSignal`` saves a checkpoint and sets the exit status.
+        steps: ``CheckpointOnSignal`` saves a checkpoint and sets the exit status. Under DDP the signal
+        may reach one rank only, and a rank that stopped alone would leave the others waiting at the
+        metric's sync: every rank stops if any rank's flag is set. Each rank takes part in ``rounds``
+        reductions, the most sampling batches of any rank, also after its own batches have run out.
         """
+        done = 0
         try:
             for images in batches:
                 progress.update(images.shape[0])
                 yield images
-                if trainer.received_sigterm:
-                    raise SIGTERMException
+                done += 1
+                _stop_if_signalled(trainer)
+            for _ in range(done, rounds):  # this rank's batches have run out: it joins the others' reductions
+                _stop_if_signalled(trainer)
         finally:
             progress.close()
 
