@@ -644,6 +644,26 @@ def test_fid_at_train_end_without_ema_uses_training_weights_in_either_callback_o
     assert float(model.scale.detach()) == pytest.approx(seen["averaged"])  # the module ends with the average
 
 
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_sample_grid_at_train_end_without_ema_uses_training_weights_in_either_callback_order(tmp_path, ema_first):
+    ema, grids = OurEMA(decay=0.5), SampleGridCallback(every_n_steps=100, num_samples=4, solver_steps=2, use_ema=False)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_end(self, trainer, pl_module):  # first: before any copy
+            seen["raw"] = float(pl_module.scale.detach())
+            seen["averaged"] = float(ema._average_model.module.scale.detach())
+
+    model = TinyGenerator()
+    callbacks = [Probe(), ema, grids] if ema_first else [Probe(), grids, ema]
+    make_trainer(tmp_path, callbacks, max_steps=4).fit(model, datamodule=datamodule())
+    assert abs(seen["raw"] - seen["averaged"]) > 1e-3
+    assert model.sampled_with == [(4, pytest.approx(seen["raw"]))]
+    with pytest.raises(ValueError, match=r"SampleGridCallback\(use_ema=False\) .* EMAWeightAveraging comes before it"):
+        lightnings = SampleGridCallback(every_n_steps=100, num_samples=4, solver_steps=2, use_ema=False)
+        make_trainer(tmp_path, [EMAWeightAveraging(decay=0.5), lightnings]).fit(TinyGenerator(), datamodule=datamodule())
+
+
 def test_fid_at_train_end_without_ema_after_lightnings_ema_is_refused_at_setup(tmp_path) -> None:
     """Lightning's EMA callback keeps no copy of the training weights when it copies its average in at train end."""
     fid = fid_callback(tmp_path, use_ema=False)

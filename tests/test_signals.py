@@ -201,3 +201,29 @@ def test_sigterm_during_fid_stops_after_one_sampling_batch(tmp_path: Path, capsy
     assert fid.history == []  # no FID from a partial evaluation
     assert torch.load(tmp_path / "ckpt" / "interrupted.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
     assert "Stopped by SIGTERM at step 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dirpath", [None, "given"])
+def test_every_rank_reads_the_log_dir_as_often_as_rank_0(tmp_path: Path, dirpath: str | None) -> None:
+    """Under DDP ``trainer.log_dir`` is a broadcast: a rank that skipped a read rank 0 makes would leave rank 0
+    waiting at the end of a stopped run."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    reads = {}
+    for rank in (0, 1):
+        class Trainer(SimpleNamespace):
+            @property
+            def log_dir(self) -> str:
+                reads[self.global_rank] = reads.get(self.global_rank, 0) + 1
+                return str(tmp_path)
+
+        trainer = Trainer(global_rank=rank, is_global_zero=rank == 0, default_root_dir=str(tmp_path), global_step=3,
+                          callbacks=[], checkpoint_callback=None, state=SimpleNamespace(stage=RunningStage.TRAINING),
+                          save_checkpoint=lambda path: None)
+        guard = CheckpointOnSignal(dirpath=str(tmp_path / dirpath) if dirpath else None)
+        guard.on_exception(trainer, None, SIGTERMException())
+        assert guard.checkpoint_path is not None
+    assert reads[0] == reads[1] >= 1

@@ -460,9 +460,10 @@ class CheckpointOnSignal(Callback):
                 print(f"Stopped by {name}; no checkpoint saved: {err}", file=sys.stderr, flush=True)
             return
         self.checkpoint_path = path
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it, or rank 0 would wait alone
         if not trainer.is_global_zero:
             return
-        config = Path(trainer.log_dir or trainer.default_root_dir) / "config.yaml"
+        config = Path(log_dir or trainer.default_root_dir) / "config.yaml"
         resume = (
             f"lightning-speed fit --config {config} --ckpt_path {path}"
             if config.is_file()

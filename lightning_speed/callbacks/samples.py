@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 from lightning_speed.callbacks.fid import SolverSettings
 from lightning_speed.module_checks import AnySolver
 from lightning_speed.metrics.features import count_nonfinite, to_uint8
-from lightning_speed.callbacks.ema import averaged_weights
+from lightning_speed.callbacks.ema import averaged_weights, check_training_weights_kept, training_weights
 from lightning_speed.validation import check_int
 
 
@@ -84,10 +84,13 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         if stage == "fit":
             self._check_strategy(trainer)
             self._check_module(pl_module)
+            if not self.use_ema and self.at_train_end:
+                check_training_weights_kept(trainer, self)
 
     def make_grid(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
         """Sample with the fixed seed (EMA weights if present) and return the grid as uint8 (3, H, W) on the CPU."""
-        with averaged_weights(trainer, pl_module, enabled=self.use_ema):
+        # without use_ema at train end, the training weights go back in if the EMA has already copied its average in
+        with averaged_weights(trainer, pl_module) if self.use_ema else training_weights(trainer, pl_module):
             batches = self._generate(pl_module, self.num_samples, batch_size=self.num_samples, seed=self.seed)
             images = torch.cat(list(batches))
         bad = int(count_nonfinite(images))  # one sync per grid
