@@ -185,6 +185,16 @@ def test_uncompressed_files_work(tmp_path: Path) -> None:
     assert y.tolist() == [0, 1, 2, 3]
 
 
+def test_a_training_subset_has_its_own_reference_key(tmp_path: Path) -> None:
+    """FID's real statistics are cached by key: the subset's images are not the first images of the full split."""
+    write_fake_fashion(tmp_path, n_train=40, n_test=6)
+    full = FashionMNISTDataModule(root=str(tmp_path), val_images=6)
+    subset = FashionMNISTDataModule(root=str(tmp_path), val_images=6, train_subset=7)
+    assert not torch.equal(full.reference_images("train", 7), subset.reference_images("train"))
+    assert full.reference_key("train", 7) != subset.reference_key("train")
+    assert full.reference_key("test") == subset.reference_key("test")  # the same test images, the same statistics
+
+
 def test_bad_arguments_raise_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pad_to"):
         FashionMNISTDataModule(pad_to=20)
@@ -438,6 +448,17 @@ def test_image_folder_unlabelled_grey(tmp_path: Path) -> None:
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 1, 8, 8) and torch.all(y == 0)
     assert dm.val_dataloader() == []
+
+
+def test_image_folder_scales_16_bit_grey_images_to_8_bits(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from lightning_speed.data.image_folder import load_image
+
+    Image.fromarray(np.array([[0, 257 * 100, 65535, 257 * 3]] * 4, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    for channels in (1, 3):
+        image = load_image(tmp_path / "grey16.png", 4, channels)
+        assert image.shape == (channels, 4, 4) and (image == np.array([0, 100, 255, 3], dtype=np.uint8)).all()
 
 
 def test_image_folder_missing_or_empty(tmp_path: Path) -> None:

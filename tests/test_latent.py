@@ -304,6 +304,44 @@ def test_a_cut_off_autoencoder_weights_file_is_named(files: dict[str, Path], tmp
         Autoencoder.load(str(copy))
 
 
+def test_images_to_download_are_downloaded_before_the_cache_counts_them(files: dict[str, Path], tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    from _fixtures import write_fake_cifar
+    from lightning_speed.data import CIFAR10DataModule
+
+    class FakeCIFAR10:  # stands in for the network: writes the files where torchvision would
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            write_fake_cifar(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    for step in ("prepare_data", "setup"):  # under a Trainer, and outside one
+        images = CIFAR10DataModule(root=str(tmp_path / step), download=True, num_workers=0)
+        data = LatentDataModule(images, str(files["vae"]), cache_dir=str(tmp_path / f"cache_{step}"), batch_size=4)
+        getattr(data, step)()
+        assert data.encoder_calls > 0 and data.cache_matches()
+
+
+def test_on_device_auto_is_one_decision_for_every_rank(files: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free memory differs between GPUs; a rank that alone chose the device loader would draw other shards."""
+    from types import SimpleNamespace
+
+    class Strategy:
+        def __init__(self, others: bool) -> None:
+            self.others = others
+
+        def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+            return decision and self.others if all else decision or self.others
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**9, 10**9))  # room on this GPU
+    data = latent_data(files, tmp_path / "cache", image_size=16)
+    for others, expected in ((True, True), (False, False)):
+        data.trainer = SimpleNamespace(strategy=Strategy(others))
+        assert data._keep_on_device(torch.device("cuda", 0), 10**6) is expected
+
+
 def test_a_cache_dir_that_is_a_file_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
     taken = tmp_path / "notes.txt"
     taken.write_text("not a folder")

@@ -196,6 +196,11 @@ class FashionMNISTDataModule(FashionMNISTBase):
         self._files = found
         return found
 
+    def reference_key(self, split: str = "test", max_images: int | None = None) -> str:
+        """The base's key; a training subset's also says so (it holds other images than the first ones)."""
+        key = super().reference_key(split, max_images)
+        return f"{key}-subset{SUBSET_SEED}" if split == "train" and self.train_subset is not None else key
+
     @property
     def files(self) -> dict[str, Path]:
         """The IDX files in use (stem -> path); resolves them without downloading."""

@@ -72,6 +72,8 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I;16"):  # 16-bit grey: scaled to 8 bits, as convert would clip all above 255
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
             img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "RGBA") else img
             img = img.convert("L" if channels == 1 else "RGB")
             w, h = img.size

@@ -381,13 +381,16 @@ class LatentDataModule(L.LightningDataModule):
         """Build the cache unless a matching one exists (on one process per node; the others wait), once the model
         has checked the data (``check_attached_model``): a wrong backbone fails before the encoding."""
         check_attached_model(self)
+        self.images.prepare_data()  # the files first (downloaded if allowed): the cache's record counts the images
         if not self.cache_matches():
             self.build_cache()
 
     def setup(self, stage: str | None = None) -> None:
         if stage not in (None, "fit"):
             return
-        if not self.cache_matches():  # outside a Trainer nobody called prepare_data
+        if self.trainer is None:  # outside a Trainer nobody called prepare_data
+            self.images.prepare_data()
+        if not self.cache_matches():
             self.build_cache()
         folder = self.cache_folder()
         meta = read_meta(folder)
@@ -408,7 +411,9 @@ class LatentDataModule(L.LightningDataModule):
         if device.type != "cuda":
             return False
         free, _ = torch.cuda.mem_get_info(device)
-        return nbytes <= DEVICE_SHARE * free
+        keep = nbytes <= DEVICE_SHARE * free
+        # One decision for all ranks: a rank on the device loader and another on a DataLoader would shard differently.
+        return keep if self.trainer is None else self.trainer.strategy.reduce_boolean_decision(keep, all=True)
 
     def train_dataloader(self) -> DataLoader | LatentBatchLoader:
         if self._posterior is None:
