@@ -182,6 +182,8 @@ class DiffusionModule(pl.LightningModule):
         where a data module asks before costly work (ours in prepare_data, before a download or an encoding)."""
         self.image_shape = check_data_module(datamodule, self.image_shape, self.num_classes)
         if self.image_shape is not None:
+            if self.hparams.get("image_shape") is None:  # the data's shape: a checkpoint's module samples without it
+                self.hparams["image_shape"] = self.image_shape
             check_backbone_accepts(self.backbone, self.diffusion, self.image_shape, self.num_classes)
 
     def configure_model(self) -> None:

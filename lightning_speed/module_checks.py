@@ -446,19 +446,23 @@ def build_lr_scheduler(factory: Any, optimizer: Any, trainer: Any) -> Any:
 
 
 def check_lr_scheduler(scheduler: Any, trainer: Any) -> Any:
-    """``scheduler``, once a schedule with a fixed length (OneCycleLR's ``total_steps``) fits the run's
-    ``max_steps``: shorter fails when it runs out, after hours of training; longer never anneals."""
-    total, max_steps = getattr(scheduler, "total_steps", None), getattr(trainer, "max_steps", -1)
-    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and isinstance(max_steps, int) and max_steps > 0:
-        if total < max_steps:
+    """``scheduler``, once a schedule with a fixed length (OneCycleLR's ``total_steps``) fits the run's optimizer
+    steps (``trainer.estimated_stepping_batches``: max_steps, or max_epochs of batches): shorter fails when it runs
+    out, after hours of training; longer never anneals."""
+    total, run = getattr(scheduler, "total_steps", None), getattr(trainer, "estimated_stepping_batches", math.inf)
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and math.isfinite(run):
+        run = int(run)
+        length = (f"trainer.max_steps={run}" if getattr(trainer, "max_steps", -1) == run
+                  else f"the run's {run} optimizer steps (trainer.max_epochs={trainer.max_epochs})")
+        if total < run:
             raise ValueError(
-                f"OneCycleLR(total_steps={total}) ends before trainer.max_steps={max_steps} and would fail at step "
-                f"{total + 1}: set model.lr_scheduler.init_args.total_steps to {max_steps}."
+                f"OneCycleLR(total_steps={total}) ends before {length} and would fail at step "
+                f"{total + 1}: set model.lr_scheduler.init_args.total_steps to {run}."
             )
-        if total > max_steps:
+        if total > run:
             warnings.warn(
-                f"OneCycleLR(total_steps={total}) is longer than trainer.max_steps={max_steps}: the rate stops "
-                f"{max_steps / total:.0%} of the way through its cycle. Set total_steps to {max_steps} to anneal it.",
+                f"OneCycleLR(total_steps={total}) is longer than {length}: the rate stops "
+                f"{run / total:.0%} of the way through its cycle. Set total_steps to {run} to anneal it.",
                 stacklevel=2,
             )
     return scheduler

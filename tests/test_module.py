@@ -426,6 +426,22 @@ def test_checkpoint_loading_names_the_backbone_its_sizes_and_its_T(tmp_path):
         DiffusionModule.load_from_checkpoint(path, backbone=TinyBackbone(embedded_timesteps=1000), num_timesteps=1000)
 
 
+def test_a_checkpoint_keeps_the_image_shape_its_data_module_gave(tmp_path):
+    """A module built without image_shape takes its data module's at setup; the checkpoint records it, so the loaded
+    module samples as the trained one does."""
+    class DM(pl.LightningDataModule):
+        image_shape = (1, 8, 8)
+
+        def train_dataloader(self):
+            return loader(n=8, batch_size=8)
+
+    fit = trainer(max_steps=1)
+    fit.fit(DiffusionModule(TinyBackbone()), datamodule=DM())
+    fit.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt", backbone=TinyBackbone())
+    assert loaded.image_shape == (1, 8, 8) and loaded.sample(2, solver_steps=2).shape == (2, 1, 8, 8)
+
+
 # -- state, compilation, memory format -------------------------------------------------------
 def test_checkpoint_keys_do_not_depend_on_strategies():
     module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8))
@@ -587,11 +603,15 @@ def _one_cycle(total_steps):
     return partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-3, total_steps=total_steps)
 
 
-def test_a_one_cycle_schedule_shorter_than_the_run_fails_before_the_first_step():
+@pytest.mark.parametrize(("run", "length"), [
+    ({"max_steps": 4}, "trainer.max_steps=4"),
+    ({"max_steps": -1, "max_epochs": 2}, r"the run's 4 optimizer steps \(trainer.max_epochs=2\)"),  # 2 batches an epoch
+])
+def test_a_one_cycle_schedule_shorter_than_the_run_fails_before_the_first_step(run, length):
     """OneCycleLR raises when stepped past total_steps, hours into a run: refused when the optimizer is built."""
     module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8), lr_scheduler=_one_cycle(3))
-    fit = trainer(max_steps=4)
-    with pytest.raises(ValueError, match=r"OneCycleLR\(total_steps=3\) ends before trainer.max_steps=4 .*total_steps to 4"):
+    fit = trainer(**run)
+    with pytest.raises(ValueError, match=rf"OneCycleLR\(total_steps=3\) ends before {length} .*total_steps to 4"):
         fit.fit(module, loader(n=8, batch_size=4))
     assert fit.global_step == 0
 
