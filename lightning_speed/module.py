@@ -33,6 +33,9 @@ from lightning_speed.solvers import guided, sample_loop
 from lightning_speed.timesteps import TimestepStrategy
 from lightning_speed.validation import check_bool, check_choice, check_int, check_number
 
+RANK_SEED_STRIDE = 1_000_003
+"""Seed distance between the global generators of consecutive DDP ranks (a prime, as the samplers' rank stride)."""
+
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -185,6 +188,14 @@ class DiffusionModule(pl.LightningModule):
             if self.hparams.get("image_shape") is None:  # the data's shape: a checkpoint's module samples without it
                 self.hparams["image_shape"] = self.image_shape
             check_backbone_accepts(self.backbone, self.diffusion, self.image_shape, self.num_classes)
+
+    def on_fit_start(self) -> None:
+        """Under DDP every rank starts from the same global seed (``seed_everything``, or torch's default), so each
+        would draw the same training noise for its own images: rank r moves its global generators' seed by r (rank 0,
+        and a run on one device, keep theirs)."""
+        rank = self.trainer.global_rank
+        if self.trainer.world_size > 1 and rank > 0:
+            torch.manual_seed((torch.initial_seed() + RANK_SEED_STRIDE * rank) % 2**63)
 
     def configure_model(self) -> None:
         """Compile the training forward once (``torch.compile`` compiles lazily, on the first step).

@@ -48,12 +48,18 @@ def main(out_dir: str) -> None:
     drawn: list[torch.Tensor] = []
     draw = model.timesteps.sample
     model.timesteps.sample = lambda n, device=None: drawn.append(draw(n, device)) or drawn[-1]  # type: ignore[method-assign]
-    trainer.fit(model, datamodule=EmbeddedFashionMNISTDataModule(batch_size=BATCH, val_images=16))
+    noise: list[torch.Tensor] = []  # the training steps' noise (torch.randn_like of each batch)
+    randn_like = torch.randn_like
+    torch.randn_like = lambda x, *a, **k: noise.append(randn_like(x, *a, **k)) or noise[-1]  # type: ignore[assignment]
+    try:
+        trainer.fit(model, datamodule=EmbeddedFashionMNISTDataModule(batch_size=BATCH, val_images=16))
+    finally:
+        torch.randn_like = randn_like
     torch.save({
         "rank": trainer.global_rank, "world_size": trainer.world_size,
         "ema": [p.detach().clone() for p in ema._average_model.module.parameters()],
         "history": sampler.loss_history.clone(), "counts": sampler.counts.clone(), "probs": sampler.probs.clone(),
-        "drawn": torch.cat(drawn), "fid": fid.history,
+        "drawn": torch.cat(drawn), "fid": fid.history, "noise": [n for n in noise if n.shape == (BATCH, 1, 32, 32)],
     }, out / f"rank{trainer.global_rank}.pt")
 
 

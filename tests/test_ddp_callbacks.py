@@ -16,8 +16,10 @@ def test_callbacks_keep_ranks_in_step_under_ddp(ddp_run: Path) -> None:
     out = ddp_run / "callbacks"
     r0, r1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert (r0["world_size"], r1["world_size"]) == (2, 2)
-    # each rank draws its own t (own generator) ...
+    # each rank draws its own t (own generator) and its own noise (its global seed moved by its rank) ...
     assert r0["drawn"].shape == (STEPS * BATCH,) and not torch.equal(r0["drawn"], r1["drawn"])
+    assert len(r0["noise"]) == len(r1["noise"]) == STEPS
+    assert not any(torch.equal(a, b) for a, b in zip(r0["noise"], r1["noise"]))
     # ... from one distribution: the loss-aware history holds the losses of both ranks, the same on each
     assert int(r0["counts"].sum()) == 2 * STEPS * BATCH
     assert torch.equal(r0["counts"], torch.bincount(torch.cat([r0["drawn"], r1["drawn"]]), minlength=T))
