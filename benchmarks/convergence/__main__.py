@@ -18,7 +18,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.convergence", description=DOC,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["launch", "run", "report"])
-    p.add_argument("--base", default=BASE, help="the base config, relative to configs/ (fashion_mnist_dit.yaml: the paper's recipe)")
+    p.add_argument("--base", default=BASE, help=f"the base config: a file of configs/ or a path (default {BASE}; "
+                   "fashion_mnist_dit.yaml is the paper's recipe, fashion_mnist_sit.yaml its flow)")
     p.add_argument("--strategies", nargs="+", default=["uniform", "speed"], choices=NAMES)
     p.add_argument("--strategy", choices=NAMES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
