@@ -16,8 +16,8 @@ A variant is a compile mode and DDP settings, written MODE[:static][:view][:nobu
   bucket=MB   DDPStrategy(bucket_cap_mb=MB)
   hook=H      DDPStrategy(ddp_comm_hook=...): H is bf16 or fp16, PyTorch's bf16_compress_hook / fp16_compress_hook
               (gradients all-reduced in half precision, half the bytes; CUDA only)
-  lag=N       lightning_speed.distributed.SyncFreeDDPStrategy(sigterm_check_lag=N): rank 0's SIGTERM flag is read
-              N steps after its broadcast instead of at once (0: Lightning's per-step wait for the GPU)
+  lag=N       lightning_speed.distributed.SyncFreeDDPStrategy(sigterm_check_lag=N): the ranks' SIGTERM flags are read
+              N steps after they are combined instead of at once (0: Lightning's per-step wait for the GPU)
   stream=S    SyncFreeDDPStrategy(init_stream=S): DDP built on the "current" stream or on a "side" one (Lightning's)
               Without lag= and stream= the run uses Lightning's DDPStrategy, which behaves as lag=0:stream=side.
   shipped     the settings of configs/multi_gpu/ddp.yaml (what users compose) with the compile mode of the

@@ -6,10 +6,15 @@ arguments of its own, each able to restore Lightning's behaviour:
 - ``sigterm_check_lag``: Lightning 2.6 broadcasts rank 0's SIGTERM flag at the start of every training step and reads
   it back with ``.item()`` (Lightning-AI/pytorch-lightning#21487). That read waits for the GPU to finish everything
   queued, so the host cannot run ahead, and its per-step Python work (the loop, callbacks, logging, kernel launches)
-  is added to every step instead of overlapping the GPU's work. Here each step still broadcasts the flag, copies it
-  to pinned host memory without waiting and records a CUDA event; the decision at step s reads the flag broadcast at
-  step s - lag, whose event has long completed. Every rank decides at the same step, so all ranks stop together,
-  ``lag`` steps later than with Lightning's check (0 restores Lightning's check and its wait).
+  is added to every step instead of overlapping the GPU's work. Here each step still combines the ranks' flags,
+  copies the result to pinned host memory without waiting and records a CUDA event; the decision at step s reads the
+  flags of step s - lag, whose event has long completed. Every rank decides at the same step, so all ranks stop
+  together, ``lag`` steps later than with Lightning's check (0 decides at the step of the signal, with Lightning's
+  wait). During a fit the strategy also handles SIGTERM itself: Lightning's handler runs a broadcast inside the
+  signal handler, which pairs with whatever collective the other ranks are in (e.g. DDP's gradient all-reduce) and
+  hangs the run, and it sets a flag on which Lightning's loops stop the signalled rank alone. This strategy's handler
+  only records the signal (after Lightning's forwarding of it to the processes Lightning started); the per-step check
+  above then stops every rank.
 - ``init_stream``: Lightning builds ``DistributedDataParallel`` inside a new CUDA stream, which puts DDP's gradient
   accumulators on that side stream while forward and backward run on the current stream (PyTorch then warns that
   "The AccumulateGrad node's stream does not match..." and synchronises the two streams per parameter;
@@ -31,12 +36,14 @@ from __future__ import annotations
 
 from collections import deque
 from contextlib import nullcontext
+from types import FrameType
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -47,11 +54,17 @@ from lightning_speed.validation import check_choice, check_int
 InitStream = Literal["current", "side"]
 
 
+def received_stop_signal(trainer: pl.Trainer) -> bool:
+    """Whether this rank received a stop signal: Lightning's flag, or one ``SyncFreeDDPStrategy`` has recorded and its
+    per-step check has not yet acted on."""
+    return bool(getattr(trainer, "received_sigterm", False) or getattr(trainer.strategy, "received_signal", False))
+
+
 class LaggedSigtermCheck:
-    """Every rank learns rank 0's SIGTERM flag ``lag`` steps after it was broadcast, without waiting for the GPU.
+    """Every rank learns whether any rank received SIGTERM ``lag`` steps later, without waiting for the GPU.
 
     Called once per training step on every rank (in place of Lightning's per-step check); raises
-    ``SIGTERMException`` on every rank at the same step once rank 0's flag of ``lag`` steps ago was set.
+    ``SIGTERMException`` on every rank at the same step once some rank's flag of ``lag`` steps ago was set.
     """
 
     def __init__(self, trainer: pl.Trainer, lag: int) -> None:
@@ -61,16 +74,15 @@ class LaggedSigtermCheck:
     def __call__(self) -> None:
         device = self.trainer.strategy.root_device
         # torch.full launches a fill kernel: no host-to-device copy (torch.tensor([...], device=...) would wait)
-        flag = torch.full((1,), int(bool(getattr(self.trainer, "received_sigterm", False))), dtype=torch.int32,
-                          device=device)
-        dist.broadcast(flag, src=0)  # NCCL: queued on the GPU; the host does not wait
+        flag = torch.full((1,), int(received_stop_signal(self.trainer)), dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # NCCL: queued on the GPU; the host does not wait
         if device.type == "cuda":
             host = torch.empty(1, dtype=torch.int32, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self.pending.append((host, event))
-        else:  # gloo on the CPU: the broadcast has already finished
+        else:  # gloo on the CPU: the all-reduce has already finished
             self.pending.append((flag, None))
         if len(self.pending) <= self.lag:
             return
@@ -78,6 +90,9 @@ class LaggedSigtermCheck:
         if event is not None:
             event.synchronize()  # recorded lag steps ago: done unless the host is lag steps ahead of the GPU
         if int(host[0]) == 1:
+            connector = getattr(self.trainer, "_signal_connector", None)
+            if connector is not None:
+                connector.received_sigterm = True  # trainer.received_sigterm, now on every rank
             dist.barrier()  # every rank reaches this at the same step; leave together
             raise SIGTERMException()
 
@@ -99,15 +114,38 @@ class SyncFreeDDPStrategy(DDPStrategy):
         super().__init__(*args, **kwargs)
         self.sigterm_check_lag = lag
         self.init_stream = check_choice(init_stream, "init_stream", get_args(InitStream))
+        self.received_signal = False  # a stop signal this rank received, for the per-step check to act on
+        self._signal_connector: Any = None
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         loop = trainer.fit_loop.epoch_loop
-        # Lightning's per-step check is a private method of the training loop; a Lightning without it has no wait
-        # to remove
-        if self.sigterm_check_lag > 0 and hasattr(type(loop), "_broadcast_sigterm_tensor"):
+        # Lightning's per-step check is a private method of the training loop, called under DDP only; a Lightning
+        # without it has no wait to remove. The trainer registers the connector's handler after this setup.
+        if (trainer.state.fn == TrainerFn.FITTING and trainer.world_size > 1
+                and hasattr(type(loop), "_broadcast_sigterm_tensor")):
             loop._broadcast_sigterm_tensor = LaggedSigtermCheck(trainer, self.sigterm_check_lag)
+            self.received_signal = False
+            self._signal_connector = trainer._signal_connector
+            self._signal_connector._sigterm_notifier_fn = self._record_signal
+
+    def _record_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM handler in place of Lightning's: forward the signal as Lightning does, then only record it.
+
+        No collective here (it would pair with another rank's gradient all-reduce) and no Lightning flag (its loops
+        would stop this rank alone): ``LaggedSigtermCheck`` stops every rank at the same step.
+        """
+        if not self.received_signal and self.launcher is not None:
+            self.launcher.kill(signum)  # the ranks Lightning's launcher started get the signal too
+        self.received_signal = True
+
+    @override
+    def teardown(self) -> None:
+        if self._signal_connector is not None:
+            del self._signal_connector._sigterm_notifier_fn  # Lightning's handler again
+            self._signal_connector, self.received_signal = None, False
+        super().teardown()
 
     @override
     def _setup_model(self, model: torch.nn.Module) -> DistributedDataParallel:

@@ -2,18 +2,65 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddp_sigterm_script import LAG, SIGNAL_AT  # pytest puts tests/ on sys.path
 from lightning_speed.distributed import SyncFreeDDPStrategy
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_rank_stops_at_the_same_step_lag_steps_after_rank_0s_sigterm(ddp_run: Path) -> None:
     """ddp_sigterm_script.py on the two gloo ranks of the ddp_run fixture (conftest.py)."""
     stopped = [(ddp_run / "sigterm" / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert stopped == [f"{SIGNAL_AT + LAG} {SIGNAL_AT}"] * 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+@pytest.mark.parametrize(("lag", "signal_at", "stop"), [
+    (2, "3,-", 5),  # rank 0 only, in the middle of step 3: stop lag steps later
+    (2, "-,3", 5),  # rank 1 only
+    (2, "5,3", 5),  # both, rank 0 two steps later
+    (0, "3,5", 3),  # both, rank 1 two steps later; lag 0 stops at the step of the first signal
+])  # fmt: skip
+def test_a_real_sigterm_to_some_ranks_stops_every_rank_at_one_step_with_a_checkpoint_and_status_143(
+    tmp_path: Path, lag: int, signal_at: str, stop: int
+) -> None:
+    """ddp_signal_script.py on two gloo ranks started as torchrun does, each sending itself SIGTERM in the middle of a
+    step. Lightning's handler, in place, runs a broadcast inside the handler that pairs with the other rank's gradient
+    all-reduce: both ranks hang, which this test reports after its timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    logs = [tmp_path / f"log{r}.txt" for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_signal_script.py"), str(tmp_path), str(lag),
+                               signal_at], env={**env, "LOCAL_RANK": str(r), "RANK": str(r)}, cwd=tmp_path,
+                              stdout=logs[r].open("w"), stderr=subprocess.STDOUT)
+             for r in (0, 1)]  # fmt: skip
+    try:
+        for proc in procs:
+            proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks hang after SIGTERM:\n" + "\n".join(log.read_text()[-1500:] for log in logs))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [128 + signal.SIGTERM] * 2, logs[0].read_text()[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [str(stop)] * 2
+    checkpoint = torch.load(tmp_path / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == stop
 
 
 def test_options_are_checked_and_ddp_kwargs_pass_through() -> None:

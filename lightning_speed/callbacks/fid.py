@@ -55,6 +55,7 @@ from lightning_speed.callbacks.ema import (
     ema_swapped_in_during_validation,
     training_weights,
 )
+from lightning_speed.distributed import received_stop_signal
 from lightning_speed.metrics.sampling import generate_batches, local_share, sample_method
 from lightning_speed.data.base import SPLITS, UInt8ImageDataModule
 from lightning_speed.flow import FLOW_SOLVERS
@@ -231,7 +232,7 @@ class SolverSettings:
 
 def _stop_if_signalled(trainer: "pl.Trainer") -> None:
     """Raise ``SIGTERMException`` if this rank or, under DDP, any rank received a stop signal."""
-    signalled = bool(trainer.received_sigterm)
+    signalled = received_stop_signal(trainer)
     if trainer.world_size > 1:
         # One small all-reduce and a host sync per sampling batch: this is evaluation, not the training step.
         signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from lightning_speed.callbacks.ema import find_weight_averaging
 from lightning_speed.checkpoints import load_checkpoint
+from lightning_speed.distributed import received_stop_signal
 
 
 class DivergenceError(RuntimeError):
@@ -417,7 +418,7 @@ class CheckpointOnSignal(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.received is not None and not trainer.received_sigterm:
+        if self.received is not None and not received_stop_signal(trainer):
             raise SIGTERMException  # Lightning's handler was not reached (e.g. replaced by the user's)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
