@@ -43,6 +43,12 @@ def check_early(early: Any) -> SamplingStrategy:
             f"{type(early).__name__}."
         )
     kind = type(early)
+    if isinstance(early, WrappedSampling):
+        raise ValueError(
+            f"early must draw each t on its own, got {kind.__name__}, which draws through another strategy (a "
+            "stratified batch, or a curriculum: the curriculum's mixing would break it): give that inner strategy "
+            f"as early, e.g. CurriculumSampling({type(early.inner).__name__}(...))."
+        )
     if early.acts_in_loss or kind.set_step is not SamplingStrategy.set_step:
         raise ValueError(
             f"early must draw from a fixed distribution, got {kind.__name__}, which changes with the losses or the "
