@@ -463,6 +463,27 @@ def test_weighted_loss_multiplies_weight_and_importance():
     assert int(sampler.counts[0]) == 2  # the sampler observed the losses
 
 
+
+def test_weighted_loss_refuses_strategies_bound_to_other_schedules():
+    """A weight table of another T would be read at the wrong steps (or out of range on a device)."""
+    sampler = UniformSampling().bind(steps(4))
+    t, losses = torch.tensor([0, 3]), torch.ones(2)
+    for weighting, bound in ((Weights(torch.arange(8.0)).bind(steps(8)), "bound to NoiseSchedule"),
+                             (ConstantWeighting().bind(FlowSchedule(1.0)), r"bound to FlowSchedule\(shift=1\)"),
+                             (Weights(torch.ones(4)), "not bound")):
+        with pytest.raises(ValueError, match=f"UniformSampling is bound to .* but {type(weighting).__name__} is {bound}"):
+            weighted_loss(sampler, weighting, t, losses)
+
+
+@pytest.mark.filterwarnings("ignore:TimestepStrategy.loss got time steps")
+def test_strategy_loss_refuses_uint8_time_steps():
+    """Indexing with uint8 selects by mask: t = (1, 1, 1, 1) would read the weights of steps 0 .. 3."""
+    strategy = TimestepStrategy(steps(4))
+    strategy.install(weighting=Weights(torch.tensor([0.5, 1.0, 1.5, 2.0])))
+    with pytest.raises(ValueError, match="1-D integer tensor.*got torch.uint8.*as a mask"):
+        strategy.loss(torch.ones(4, dtype=torch.uint8), torch.ones(4))
+    assert strategy.last is None
+
 def test_seeded_sampler_replays_and_resumes():
     a, b = UniformSampling().bind(steps(T)), UniformSampling().bind(steps(T))
     a.manual_seed(9)

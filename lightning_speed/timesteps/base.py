@@ -548,10 +548,10 @@ def _check_timesteps(t: Any, num_timesteps: int) -> None:
             f"t must be a 1-D integer tensor of time steps (B,), got {type(t).__name__}: "
             "pass what TimestepStrategy.sample returned."
         )
-    if t.ndim != 1 or not is_integer_tensor(t):
+    if t.ndim != 1 or not is_integer_tensor(t) or t.dtype == torch.uint8:  # uint8 indexes as a mask
         raise ValueError(
             f"t must be a 1-D integer tensor of time steps (B,), got {t.dtype} of shape {tuple(t.shape)}: "
-            "pass what TimestepStrategy.sample returned."
+            "pass what TimestepStrategy.sample returned (torch.long; uint8 would index the tables as a mask)."
         )
     if t.device.type == "cpu" and t.numel() > 0:
         low, high = (int(v) for v in torch.aminmax(t))
@@ -578,6 +578,16 @@ def _check_per_sample(t: Tensor, losses: Any, name: str) -> None:
         )
 
 
+def _binding(strategy: Strategy) -> tuple[str | None, int | None]:
+    """The process and T of the schedule a strategy is bound to (T from the schedule: a flow sampler's own
+    ``num_timesteps`` may count bins)."""
+    return strategy.process, getattr(strategy.schedule, "num_timesteps", None)
+
+
+def _bound(strategy: Strategy) -> str:
+    return "not bound" if strategy.process is None else f"bound to {strategy.schedule!r}"
+
+
 def weighted_loss(
     sampler: SamplingStrategy,
     weights: WeightingStrategy,
@@ -592,6 +602,12 @@ def weighted_loss(
     the sampler's importance factor ``imp`` (if any) multiplies both, keeping the objective
     unbiased. Adaptive samplers observe the detached total per-sample loss.
     """
+    if _binding(weights) != _binding(sampler):
+        raise ValueError(
+            f"{type(sampler).__name__} is {_bound(sampler)} but {type(weights).__name__} is {_bound(weights)}: the "
+            "weights of t would be read from another schedule's table. Bind both to the same schedule, e.g. "
+            "TimestepStrategy(schedule).install(sampling, weighting)."
+        )
     if sampler.process == "flow":
         flow.check_times(t)
     else:
