@@ -664,6 +664,31 @@ def test_sample_grid_at_train_end_without_ema_uses_training_weights_in_either_ca
         make_trainer(tmp_path, [EMAWeightAveraging(decay=0.5), lightnings]).fit(TinyGenerator(), datamodule=datamodule())
 
 
+@pytest.mark.parametrize("make", [FIDCallback, SampleGridCallback])
+def test_a_module_of_ones_own_with_a_flow_strategy_samples_as_a_flow(tmp_path, make) -> None:
+    """No ``process`` attribute, but a TimestepStrategy of a flow: euler by default, a DDPM solver refused at setup."""
+    from lightning_speed.flow import FlowSchedule
+    from lightning_speed.timesteps import TimestepStrategy
+
+    class OwnFlow(TinyGenerator):
+        def __init__(self) -> None:
+            super().__init__()
+            self.timesteps = TimestepStrategy(FlowSchedule(3.0))
+
+    real = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    settings = dict(solver_steps=3) if make is SampleGridCallback else dict(
+        num_samples=8, batch_size=8, solver_steps=3, feature_extractor="fashion_mnist", reference_images=real,
+        cache_dir=str(tmp_path))
+    callback = make(**settings)
+    callback.setup(make_trainer(tmp_path, [callback]), OwnFlow(), "fit")
+    assert callback.solver == "euler"
+    with pytest.raises(ValueError, match=r"solver 'ddim' samples a ddpm model but this model is a flow model"):
+        make(**settings, solver="ddim").setup(make_trainer(tmp_path, []), OwnFlow(), "fit")
+    plain = make(**settings)
+    plain.setup(make_trainer(tmp_path, [plain]), TinyGenerator(), "fit")
+    assert plain.solver == "ddim"  # a module that names no process samples as a DDPM
+
+
 def test_fid_at_train_end_without_ema_after_lightnings_ema_is_refused_at_setup(tmp_path) -> None:
     """Lightning's EMA callback keeps no copy of the training weights when it copies its average in at train end."""
     fid = fid_callback(tmp_path, use_ema=False)

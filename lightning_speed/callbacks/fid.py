@@ -148,9 +148,11 @@ class SolverSettings:
     def _check_module(self, pl_module: "pl.LightningModule") -> None:
         """In ``setup``, before any training step: ``pl_module`` can sample with these settings."""
         owner, sample = type(self).__name__, sample_method(pl_module)
-        process = getattr(pl_module, "process", None)
-        known = isinstance(process, str) and process in PROCESS_SOLVERS  # a DiffusionModule
-        if self.solver is None:  # the process's own first solver; a module of one's own samples as a DDPM (ddim)
+        process = getattr(pl_module, "process", None)  # a DiffusionModule's
+        if not (isinstance(process, str) and process in PROCESS_SOLVERS):  # a module of one's own: its strategy's
+            process = getattr(getattr(pl_module, "timesteps", None), "process", None)
+        known = isinstance(process, str) and process in PROCESS_SOLVERS
+        if self.solver is None:  # the process's own first solver; a module that says neither samples as a DDPM
             self.solver = check_process_solver(None, process if known else "ddpm")
             try:
                 self._check_solver_alone(owner)
