@@ -53,6 +53,14 @@ from lightning_speed.validation import check_choice, check_int
 
 InitStream = Literal["current", "side"]
 
+RANK_SEED_STRIDE = 1_000_003
+"""Seed distance between consecutive global ranks (a prime), for generators that must differ from rank to rank."""
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """``seed`` moved by ``rank`` strides, as a valid torch seed."""
+    return (seed + RANK_SEED_STRIDE * rank) % 2**63
+
 
 def received_stop_signal(trainer: pl.Trainer) -> bool:
     """Whether this rank received a stop signal: Lightning's flag, or one ``SyncFreeDDPStrategy`` has recorded and its

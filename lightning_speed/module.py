@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_speed import flow
 from lightning_speed.checkpoints import check_state_matches
+from lightning_speed.distributed import rank_seed
 from lightning_speed.module_checks import (
     FLOW_TIME_SCALE, AnySolver, Process, check_backbone, check_backbone_accepts, check_batch_values,
     check_checkpoint_process, check_data_module, check_guidance, check_image_shape, check_process, check_process_solver,
@@ -32,9 +33,6 @@ from lightning_speed.schedules import NoiseSchedule, Prediction
 from lightning_speed.solvers import guided, sample_loop
 from lightning_speed.timesteps import TimestepStrategy
 from lightning_speed.validation import check_bool, check_choice, check_int, check_number
-
-RANK_SEED_STRIDE = 1_000_003
-"""Seed distance between the global generators of consecutive DDP ranks (a prime, as the samplers' rank stride)."""
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -195,7 +193,7 @@ class DiffusionModule(pl.LightningModule):
         and a run on one device, keep theirs)."""
         rank = self.trainer.global_rank
         if self.trainer.world_size > 1 and rank > 0:
-            torch.manual_seed((torch.initial_seed() + RANK_SEED_STRIDE * rank) % 2**63)
+            torch.manual_seed(rank_seed(torch.initial_seed(), rank))
 
     def configure_model(self) -> None:
         """Compile the training forward once (``torch.compile`` compiles lazily, on the first step).

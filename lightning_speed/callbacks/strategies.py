@@ -43,6 +43,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_speed import timesteps
+from lightning_speed.distributed import rank_seed
 from lightning_speed.flow import FlowSchedule, is_flow_scheduler
 from lightning_speed.schedules import prediction_of
 from lightning_speed.timesteps.base import (
@@ -50,9 +51,6 @@ from lightning_speed.timesteps.base import (
 )
 from lightning_speed.timesteps.speed import SpeeDTau
 from lightning_speed.validation import check_int
-
-RANK_STRIDE = 1_000_003
-"""Seed distance between the samplers of consecutive global ranks."""
 
 TIMESTEP_LINES = (
     "    self.timesteps = TimestepStrategy(schedule)     # in __init__ (from lightning_speed.timesteps); schedule: "
@@ -281,7 +279,7 @@ class TimestepCallback(Callback):
         """The seed the sampling strategy gets on this rank."""
         key = type(self.sampling).__name__
         base = self.seed if self.seed is not None else torch.initial_seed() + zlib.crc32(key.encode())
-        return (base + RANK_STRIDE * trainer.global_rank) % (2**63)
+        return rank_seed(base, trainer.global_rank)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -346,8 +344,8 @@ class TimestepCallback(Callback):
         self.sampling.load_extra_state(state["sampling"])
         saved_by = state.get("rank", 0)  # Lightning writes rank 0's state
         if saved_by != self._rank and self.sampling.seed is not None:  # not this rank's stream: one of its own
-            offset = RANK_STRIDE * (self._rank - saved_by) + (_generator_checksum(state["sampling"]) << 32)
-            self.sampling.manual_seed((self.sampling.seed + offset) % 2**63)
+            moved = self.sampling.seed + (_generator_checksum(state["sampling"]) << 32)
+            self.sampling.manual_seed(rank_seed(moved, self._rank - saved_by))
 
 
 def _generator_checksum(state: Any, crc: int = 0) -> int:

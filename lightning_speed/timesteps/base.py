@@ -465,6 +465,7 @@ class WrappedSampling(SamplingStrategy):
         super().load_extra_state(state)
         self.inner.load_extra_state(state.get(self.inner_state_key, {}))
 
+
 class UniformSampling(SamplingStrategy):
     """t ~ U{0 .. T-1}: the DDPM default and the baseline everything is compared with.
 

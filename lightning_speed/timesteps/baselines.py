@@ -76,6 +76,16 @@ MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 """The scales for which SD3's mode map is a monotone bijection of [0, 1]."""
 
 
+def logit_normal_quantile(u: Tensor, mean: float, std: float) -> Tensor:
+    """The unshifted flow time sigmoid(mean + std ndtri(u)) of a logit-normal density."""
+    return torch.sigmoid(mean + std * torch.special.ndtri(u))
+
+
+def logit_normal_cdf(t: Tensor, mean: float, std: float) -> Tensor:
+    """The CDF of a logit-normal density at unshifted flow times ``t`` (float64)."""
+    return torch.special.ndtr((torch.logit(t) - mean) / std)
+
+
 def check_min_snr(gamma: float) -> float:
     return check_number(gamma, "gamma", above=0, hint="the paper uses 5")
 
@@ -230,11 +240,11 @@ class LogitNormalSampling(TableSampling):
 
     @override
     def quantile(self, u: Tensor) -> Tensor:
-        return self.schedule.warp(torch.sigmoid(self.mean + self.std * torch.special.ndtri(u)))
+        return self.schedule.warp(logit_normal_quantile(u, self.mean, self.std))
 
     @override
     def cdf_at(self, t: Any) -> Tensor:
-        return torch.special.ndtr((torch.logit(self.schedule.unwarp(as_flow_times(t))) - self.mean) / self.std)
+        return logit_normal_cdf(self.schedule.unwarp(as_flow_times(t)), self.mean, self.std)
 
 
 class FlowSampling(SamplingStrategy):

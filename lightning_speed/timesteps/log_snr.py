@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lightning_speed.schedules import NoiseSchedule
 from lightning_speed.timesteps.base import TableSampling, as_flow_times
+from lightning_speed.timesteps.baselines import logit_normal_cdf, logit_normal_quantile
 from lightning_speed.validation import check_number
 
 
@@ -143,8 +144,8 @@ class EDMLogNormalSampling(TableSampling):
 
     @override
     def quantile(self, u: Tensor) -> Tensor:
-        return self.schedule.warp(torch.sigmoid(self.p_mean + self.p_std * torch.special.ndtri(u)))
+        return self.schedule.warp(logit_normal_quantile(u, self.p_mean, self.p_std))
 
     @override
     def cdf_at(self, t: Any) -> Tensor:
-        return normal_cdf(torch.logit(self.schedule.unwarp(as_flow_times(t))), self.p_mean, self.p_std)
+        return logit_normal_cdf(self.schedule.unwarp(as_flow_times(t)), self.p_mean, self.p_std)

@@ -141,4 +141,3 @@ class StratifiedSampling(WrappedSampling):
     def all_gather(self, gather: Callable[[Tensor], Tensor] | None) -> None:
         if hasattr(self.inner, "all_gather"):
             self.inner.all_gather = gather
-
