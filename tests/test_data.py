@@ -307,6 +307,52 @@ def test_on_device_datamodule_without_trainer_uses_cpu_and_covers_the_epoch() ->
         DeviceBatchLoader(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10), batch_size=20)
 
 
+def test_on_device_loader_follows_a_changed_batch_size_without_a_new_copy() -> None:
+    dm = ToyDataModule(n=640, on_device=True, batch_size=64)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    images = loader.images
+    dm.batch_size = 128
+    again = dm.train_dataloader()
+    assert again is loader and again.images is images and len(again) == 5
+    batches = list(again)
+    assert all(x.shape[0] == 128 for x, _ in batches)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(640))
+    dm.batch_size = 641
+    with pytest.raises(ValueError, match="batch_size=641 does not fit the 640 training images"):
+        dm.train_dataloader()
+
+
+def test_batch_size_finder_batches_the_on_device_loader_at_the_size_it_found(tmp_path: Path) -> None:
+    """BatchSizeFinder sets the data module's batch_size and asks for the train loader again, trial by trial and
+    for the fit after them: every step sees the batch size in force (4 and 8 tried, 8 found). The first trial
+    runs on the loader made before ``init_val`` is set, so ``init_val`` is the data module's batch size here."""
+    import lightning as L
+    from lightning.pytorch.callbacks import BatchSizeFinder
+
+    from _fixtures import cpu_trainer
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(64, 1)
+            self.sizes: list[int] = []
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, _ = batch
+            self.sizes.append(x.shape[0])
+            return self.layer(x.flatten(1)).pow(2).mean()
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    dm, model = ToyDataModule(n=256, on_device=True, batch_size=4), Recorder()
+    finder = BatchSizeFinder(mode="power", init_val=4, max_trials=2, steps_per_trial=1)
+    cpu_trainer(max_steps=3, callbacks=[finder], default_root_dir=tmp_path).fit(model, dm)
+    assert finder.optimal_batch_size == dm.batch_size == 8
+    assert model.sizes == [4, 8, 8, 8, 8]
+
+
 def test_host_loader_every_image_once_per_epoch() -> None:
     dm = ToyDataModule(n=640, on_device=False, batch_size=64)
     dm.setup("fit")
@@ -459,6 +505,91 @@ def test_image_folder_scales_16_bit_grey_images_to_8_bits(tmp_path: Path) -> Non
     for channels in (1, 3):
         image = load_image(tmp_path / "grey16.png", 4, channels)
         assert image.shape == (channels, 4, 4) and (image == np.array([0, 100, 255, 3], dtype=np.uint8)).all()
+
+
+def k_of_255(top: float, dtype: type) -> np.ndarray:
+    """Grey levels 0, 100, 255, 3 of 255 at the scale ``top`` (rounded for integers), as a 4x4 image."""
+    levels = [k * top / 255 for k in (0, 100, 255, 3)]
+    return np.array([levels if np.issubdtype(dtype, np.floating) else [round(v) for v in levels]] * 4, dtype=dtype)
+
+
+def assert_loads_as_0_100_255_3(path: Path) -> None:
+    from lightning_speed.data.image_folder import load_image
+
+    for channels in (1, 3):
+        image = load_image(path, 4, channels)
+        assert image.shape == (channels, 4, 4) and (image == np.array([0, 100, 255, 3], dtype=np.uint8)).all()
+
+
+def test_image_folder_scales_32_bit_integer_tiffs_by_the_range_they_declare(tmp_path: Path) -> None:
+    from PIL import Image
+
+    signed = tmp_path / "signed32.tif"  # Pillow writes mode "I" as signed 32-bit samples: [0, 2**31 - 1]
+    Image.fromarray(k_of_255(2**31 - 1, np.int32)).save(signed)
+    assert Image.open(signed).mode == "I"
+    assert_loads_as_0_100_255_3(signed)
+    # The same file with its SampleFormat tag (339, SHORT, 1 value) set to unsigned: [0, 2**32 - 1], where
+    # Pillow's int32 holds the values above 2**31 - 1 as negative numbers.
+    unsigned = tmp_path / "unsigned32.tif"
+    Image.fromarray(k_of_255(2**32 - 1, np.uint32).view(np.int32)).save(unsigned)
+    tag = struct.pack("<HHI", 339, 3, 1)
+    data = unsigned.read_bytes()
+    assert data.count(tag + struct.pack("<H", 2)) == 1
+    unsigned.write_bytes(data.replace(tag + struct.pack("<H", 2), tag + struct.pack("<H", 1)))
+    assert Image.open(unsigned).mode == "I" and Image.open(unsigned).tag_v2[339] == (1,)
+    assert_loads_as_0_100_255_3(unsigned)
+    negative = tmp_path / "negative.tif"
+    Image.fromarray(np.array([[-5, 0], [1, 2]], dtype=np.int32)).save(negative)
+    with pytest.raises(ValueError, match=r"negative.tif: a mode I image with values in \[-5, 2\], outside its range"):
+        assert_loads_as_0_100_255_3(negative)
+
+
+def test_image_folder_scales_a_16_bit_png_opened_as_mode_i(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older Pillow opens 16-bit grey PNGs as mode "I" (not "I;16"): still [0, 65535]."""
+    from PIL import Image, PngImagePlugin
+
+    Image.fromarray(k_of_255(65535, np.uint16)).save(tmp_path / "grey16.png")
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+    assert Image.open(tmp_path / "grey16.png").mode == "I"
+    assert_loads_as_0_100_255_3(tmp_path / "grey16.png")
+
+
+def test_image_folder_takes_float_images_in_0_1_and_refuses_others(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(k_of_255(1.0, np.float32)).save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    assert_loads_as_0_100_255_3(tmp_path / "unit.tif")
+    for name, bad in (("above.tif", 1.5), ("nan.tif", np.nan)):
+        Image.fromarray(np.array([[0.0, bad]], dtype=np.float32)).save(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{name}: a mode F image .* outside its range \[0, 1.0\]. Save it"):
+            assert_loads_as_0_100_255_3(tmp_path / name)
+
+
+def test_image_folder_split_seed_fixes_the_hold_out_apart_from_the_shuffle(tmp_path: Path) -> None:
+    write_pngs(tmp_path, {"": [(8, 8, (i * 12, 0, 0)) for i in range(20)]})
+
+    def folder(**kwargs: int | None) -> ImageFolderDataModule:
+        return ImageFolderDataModule(str(tmp_path), image_size=8, batch_size=5, num_workers=0, val_fraction=0.25,
+                                     **kwargs)  # 15 training images: 3 whole batches
+
+    def splits(dm: ImageFolderDataModule) -> list[list[int]]:
+        return [index.tolist() for index in dm.split_indices()]
+
+    def keys(dm: ImageFolderDataModule) -> list[str]:
+        return [dm.reference_key("test"), dm.reference_key("train")]
+
+    by_seed, same = folder(seed=3), folder(seed=3, split_seed=3)
+    assert splits(by_seed) == splits(same) and keys(by_seed) == keys(same)  # null: the seed's split and keys
+    a, b = folder(seed=3, split_seed=7), folder(seed=4, split_seed=7)
+    assert splits(a) == splits(b) and keys(a) == keys(b)
+    assert splits(a) != splits(by_seed) and set(keys(a)).isdisjoint(keys(by_seed))
+    for dm in (a, b):
+        dm.setup("fit")
+    reds = [torch.cat([x[:, 0, 0, 0] for x, _ in dm.train_dataloader()]) for dm in (a, b)]  # red = image number
+    assert not torch.equal(*reds) and torch.equal(reds[0].sort().values, reds[1].sort().values)  # shuffled by seed
+    with pytest.raises(ValueError, match="split_seed"):
+        folder(split_seed=-1)
 
 
 def test_image_folder_missing_or_empty(tmp_path: Path) -> None:

@@ -108,6 +108,18 @@ def test_encode_cache_train_speed_sample_decode_grid_and_fid(files: dict[str, Pa
     assert again.encoder_calls == 0 and cache_state(tmp_path / "cache") == before
 
 
+def test_the_on_device_loader_follows_a_changed_batch_size_without_a_new_copy(files: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    data = latent_data(files, tmp_path / "cache", on_device=True)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    posterior = loader.images
+    data.batch_size = 8  # as BatchSizeFinder sets it before it asks for the loader again
+    again = data.train_dataloader()
+    assert again is loader and again.images is posterior
+    assert [x.shape[0] for x, _ in again] == [8, 8]  # 20 latents, drop_last
+
+
 def test_draws_are_mean_plus_std_noise_times_the_scale_and_pick_a_mirror_half_the_time() -> None:
     posterior = torch.zeros(4000, 2, 2, 1, 1, 1)
     posterior[:, 0, 0], posterior[:, 1, 0] = 1.0, -1.0  # means of the image and of its mirror

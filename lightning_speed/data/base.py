@@ -109,15 +109,10 @@ class DeviceBatchLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}.")
         self.images, self.labels = images, labels.to(images.device)
-        self.batch_size = int(batch_size)
         self.random_flip = random_flip
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.per_rank = images.shape[0] // self.world_size
-        if self.per_rank < self.batch_size:
-            raise ValueError(
-                f"{self.per_rank} training images per rank is fewer than batch_size={self.batch_size}; "
-                "lower batch_size (batches are drop_last)."
-            )
+        self.batch_size = batch_size
         self.epoch = 0
         self._epoch_set = False
 
@@ -131,6 +126,20 @@ class DeviceBatchLoader:
         if self.random_flip:
             x = random_hflip(x, generator)
         return x, self.labels[index]
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, batch_size: int) -> None:
+        """Settable between epochs: the same data on the device, batched anew (the next ``iter`` uses it)."""
+        if not 1 <= int(batch_size) <= self.per_rank:
+            raise ValueError(
+                f"batch_size={batch_size} does not fit the {self.per_rank} training images per rank; "
+                f"use 1 <= batch_size <= {self.per_rank} (batches are drop_last)."
+            )
+        self._batch_size = int(batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -335,6 +344,8 @@ class UInt8ImageDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world,
             )
+        else:  # batch_size may have changed since (BatchSizeFinder sets it and asks again): the same copy, rebatched
+            cached.batch_size = self.batch_size
         return self._device_train
 
     def val_dataloader(self) -> DataLoader | list:

@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,7 +25,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_speed.validation import check_int
 from .base import SPLITS, UInt8ImageDataModule
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DECODE_BATCH = 64  # files per decoding batch when a whole split is loaded
@@ -66,14 +71,47 @@ def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndar
     return paths, labels, class_names
 
 
+def grey_to_8_bits(img: Image.Image, path: Path) -> Image.Image:
+    """A grey image of more than 8 bits (Pillow modes "I;16*", "I", "F") scaled from its sample range to 8-bit "L",
+    where Pillow's ``convert`` would clip every value above 255; other modes pass through. The ranges:
+
+    * "I;16*": 16-bit unsigned, [0, 65535];
+    * "I" (Pillow's int32): what the file declares: a TIFF's bits per sample and sign, [0, 2**bits - 1] unsigned or
+      [0, 2**(bits - 1) - 1] signed; another file's "I" is a 16-bit grey PNG (as older Pillow opens those), [0, 65535];
+    * "F": floats in [0, 1].
+
+    Values outside the range (negative ones included) have no defined grey level and are refused."""
+    from PIL import Image
+
+    if img.mode != "F" and not img.mode.startswith("I"):
+        return img
+    values = np.asarray(img)
+    if img.mode == "F":
+        top = 1.0
+    else:
+        bits, signed, tags = 16, False, getattr(img, "tag_v2", None)
+        if img.mode == "I" and tags is not None:
+            bits, signed = int(tags.get(258, (32,))[0]), tags.get(339, (1,))[0] == 2  # BitsPerSample, SampleFormat
+            if bits == 32 and not signed:
+                values = values.view(np.uint32)  # Pillow keeps unsigned 32-bit samples in int32
+        top = 2 ** (bits - signed) - 1
+    low, high = values.min(), values.max()
+    if not (low >= 0 and high <= top):  # also refuses NaN
+        raise ValueError(
+            f"{path}: a mode {img.mode} image with values in [{low}, {high}], outside its range [0, {top}]. Save it "
+            "as 8- or 16-bit unsigned integers, or as floats in [0, 1]."
+        )
+    return Image.fromarray(np.round(values.astype(np.float64) * (255 / top)).astype(np.uint8))
+
+
 def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """Decode, convert, resize the short side to ``image_size`` and centre-crop: uint8 (C, S, S)."""
+    """Decode, convert (more than 8 bits of grey scaled to 8: ``grey_to_8_bits``), resize the short side to
+    ``image_size`` and centre-crop: uint8 (C, S, S)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            if img.mode.startswith("I;16"):  # 16-bit grey: scaled to 8 bits, as convert would clip all above 255
-                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
+            img = grey_to_8_bits(img, path)
             img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "RGBA") else img
             img = img.convert("L" if channels == 1 else "RGB")
             w, h = img.size
@@ -114,7 +152,9 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         random_flip: random left-right flips of training images.
         val_fraction: share of images held out (seeded) as the test / validation split.
         on_device: keep the train set on the GPU and batch there.
-        seed: seeds the hold-out choice and the shuffling order.
+        seed: seeds the shuffling order, and the hold-out choice unless ``split_seed`` is set.
+        split_seed: seeds the hold-out choice alone, so that runs with other ``seed`` values hold out (and measure
+            FID on) the same images; None uses ``seed``.
     """
 
     name = "image_folder"
@@ -131,6 +171,7 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         val_fraction: float = 0.05,
         on_device: bool = False,
         seed: int = 0,
+        split_seed: int | None = None,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}.")
@@ -138,6 +179,8 @@ class ImageFolderDataModule(UInt8ImageDataModule):
             raise ValueError(f"image_size must be >= 1, got {image_size}.")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if split_seed is not None:
+            split_seed = check_int(split_seed, "split_seed", minimum=0, hint="or null to use seed")
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
@@ -152,6 +195,7 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         self.channels = channels
         self.image_size = image_size
         self.val_fraction = val_fraction
+        self.split_seed = split_seed
         self.image_shape = (channels, image_size, image_size)
         self._scan: tuple[list[Path], np.ndarray, tuple[str, ...]] | None = None
         self._fingerprint: str | None = None
@@ -170,13 +214,16 @@ class ImageFolderDataModule(UInt8ImageDataModule):
     def class_names(self) -> tuple[str, ...]:
         return self._scanned()[2]
 
+    def _hold_out_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
+
     def split_indices(self) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted (train, held-out) indices into the scanned file list, fixed by ``seed``."""
+        """Sorted (train, held-out) indices into the scanned file list, fixed by ``split_seed`` (or ``seed``)."""
         n = len(self._scanned()[0])
         n_val = int(round(n * self.val_fraction))
         if self.val_fraction > 0:
             n_val = min(max(n_val, 1), n - 1)
-        perm = np.random.default_rng(self.seed).permutation(n)
+        perm = np.random.default_rng(self._hold_out_seed()).permutation(n)
         return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
     def split_size(self, split: str) -> int:
@@ -227,7 +274,7 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         if self._fingerprint is None:
             paths, _, _ = self._scanned()
             root = Path(self.root).expanduser()
-            h = hashlib.blake2b(f"{self.val_fraction}|{self.seed}".encode(), digest_size=16)
+            h = hashlib.blake2b(f"{self.val_fraction}|{self._hold_out_seed()}".encode(), digest_size=16)
             batches = [paths[i : i + FINGERPRINT_BATCH] for i in range(0, len(paths), FINGERPRINT_BATCH)]
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # reads overlap; hashlib releases the GIL
                 for batch, digests in zip(batches, pool.map(_file_digests, batches)):

@@ -430,6 +430,8 @@ class LatentDataModule(L.LightningDataModule):
                     self._to_device(path, device), torch.from_numpy(labels).to(device), self.batch_size, self.autoencoder.scaling_factor,
                     self.random_flip, self.seed, rank, world,
                 )
+            else:  # batch_size may have changed since (BatchSizeFinder sets it and asks again): the same copy, rebatched
+                cached.batch_size = self.batch_size
             return self._device_train
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
