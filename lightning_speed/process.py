@@ -160,8 +160,19 @@ class GaussianDiffusion(nn.Module):
         )
 
     # -- the loss ------------------------------------------------------------------------------
+    def check_device(self, x0: Tensor, t: Tensor) -> None:
+        """``x0`` and ``t`` on the device of the schedule's tables, which they index and scale (host metadata only)."""
+        tables = self.alpha_bar.device
+        if x0.device != tables or t.device != tables:
+            raise RuntimeError(
+                f"The diffusion's schedule tables are on {tables} but the images are on {x0.device} and the time steps "
+                f"on {t.device}: move the module to the data's device, module.to({str(x0.device)!r}) (the Trainer "
+                "does), and draw t on it, e.g. timesteps.sample(len(x0), x0.device)."
+            )
+
     def training_losses(self, model: Denoiser, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> DiffusionLosses:
         """Per-sample losses of ``model`` at time steps ``t`` (B,), in float32 whatever the autocast."""
+        self.check_device(x0, t)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)

@@ -689,6 +689,29 @@ def test_a_module_of_ones_own_with_a_flow_strategy_samples_as_a_flow(tmp_path, m
     assert plain.solver == "ddim"  # a module that names no process samples as a DDPM
 
 
+@pytest.mark.parametrize("make", [FIDCallback, SampleGridCallback])
+def test_a_flow_solver_for_a_module_that_names_no_process_is_refused_at_setup(tmp_path, make) -> None:
+    """Such a module samples as a DDPM: euler would fail at the first evaluation, after the training steps before it.
+    A module that states ``process = 'flow'`` takes it; a DiffusionModule always names its process."""
+    real = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    settings = dict(solver="euler", solver_steps=3) if make is SampleGridCallback else dict(
+        solver="euler", num_samples=8, batch_size=8, solver_steps=3, feature_extractor="fashion_mnist",
+        reference_images=real, cache_dir=str(tmp_path))
+    model, trainer = TinyGenerator(), make_trainer(tmp_path, [make(**settings)])
+    with pytest.raises(ValueError, match=rf"{make.__name__}\(solver='euler'\): euler integrates a flow, but "
+                                         r"TinyGenerator names no process .* samples as a DDPM: use 'ddim' or "
+                                         r"'ddpm' or 'dpmpp_2m', or .* self.process = 'flow'"):
+        trainer.fit(model, datamodule=datamodule())
+    assert trainer.global_step == 0 and model.steps_run == 0
+
+    class NamedFlow(TinyGenerator):
+        process = "flow"
+
+    make(**settings).setup(make_trainer(tmp_path, []), NamedFlow(), "fit")
+    with pytest.raises(ValueError, match=r"solver 'euler' samples a flow model but this model is a ddpm model"):
+        make(**{**settings, "solver_steps": 2}).setup(make_trainer(tmp_path, []), tiny_diffusion(), "fit")
+
+
 def test_fid_at_train_end_without_ema_after_lightnings_ema_is_refused_at_setup(tmp_path) -> None:
     """Lightning's EMA callback keeps no copy of the training weights when it copies its average in at train end."""
     fid = fid_callback(tmp_path, use_ema=False)

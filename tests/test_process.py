@@ -214,6 +214,20 @@ def test_vlb_trains_only_the_variance():
     assert grad[:, :1].abs().max() == 0 and grad[:, 1:].abs().min() > 0
 
 
+@pytest.mark.parametrize("tables_on", ["meta", "cpu"])
+def test_data_on_another_device_than_the_tables_names_the_fix(tables_on):
+    """The meta device stands in for an accelerator: tables on one device, the batch and t on another."""
+    d = make(T=50).to(tables_on)
+    data_on = "cpu" if tables_on == "meta" else "meta"
+    x0, t = torch.zeros(2, 1, 2, 2, device=data_on), torch.zeros(2, dtype=torch.long, device=data_on)
+    with pytest.raises(RuntimeError, match=rf"schedule tables are on {tables_on} but the images are on {data_on} "
+                                           rf"and the time steps on {data_on}: move the module .* "
+                                           rf"module.to\('{data_on}'\)"):
+        d.training_losses(lambda x, tt: x, x0, t)
+    with pytest.raises(RuntimeError, match=rf"time steps on {data_on}"):  # t alone elsewhere
+        d.training_losses(lambda x, tt: x, torch.zeros(2, 1, 2, 2, device=tables_on), t)
+
+
 # -- zero terminal SNR ------------------------------------------------------------------------
 def test_epsilon_prediction_on_zero_terminal_snr_is_refused():
     with pytest.raises(ValueError, match="zero terminal SNR.*prediction 'v'"):

@@ -162,6 +162,16 @@ def test_clts_follows_the_global_step():
     assert clts.progress == pytest.approx(0.5)
 
 
+def test_clts_without_total_steps_anneals_over_the_trainers_max_steps():
+    clts = CLTSSampling()
+    fit(TinyDiffusion(), [install(clts, seed=0)], steps=4)
+    assert clts.anneal_steps == 4 and clts.progress == pytest.approx(0.75)  # the fourth step of four
+    rec = Recorder()
+    with pytest.raises(ValueError, match=r"CLTSSampling anneals over trainer.max_steps .* set trainer.max_steps"):
+        cpu_trainer(max_steps=-1, max_epochs=1, callbacks=[install(CLTSSampling()), rec]).fit(TinyDiffusion(), loader())
+    assert rec.t == []
+
+
 def test_min_snr_reads_the_strategy_prediction():
     module = TinyDiffusion(prediction="v")
     rec = fit(module, [install(MinSNRWeighting())], steps=1)

@@ -6,6 +6,8 @@ Chi-square tests use fixed seeds and bins of 20 time steps (expected counts in t
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -263,6 +265,31 @@ def test_clts_frequencies_follow_the_curriculum():
         assert chi_square_p(t, clts_reference(step)) > 1e-3
     assert sampler.progress == 1.0  # capped
     assert chi_square_p(t, clts_reference(0)) < 1e-12
+
+
+def test_clts_anneals_over_max_steps_unless_total_steps_is_set():
+    """total_steps null follows the run's length (the paper's 50000 with no max_steps given); a set total_steps stays,
+    with one warning when the run ends before the curriculum does."""
+    run = CLTSSampling().bind(steps(T))
+    for step in (0, 2_500, 10_000, 12_000):
+        run.set_step(step, 10_000)
+        assert run.progress == min(step / 10_000, 1.0)
+        expected = clts_reference(step, total=10_000)
+        np.testing.assert_allclose(run.probabilities().numpy(), expected, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match=r"total_steps is null, but max_steps is -1: set trainer.max_steps .* or "
+                                         r"total_steps \(the paper's 50000\)"):
+        run.set_step(0, -1)  # a Trainer of no set length
+    fixed = CLTSSampling(total_steps=50_000).bind(steps(T))
+    with pytest.warns(UserWarning, match=r"total_steps=50000\) anneals past trainer.max_steps=10000: the run ends "
+                                         r"with the curriculum at a = 0.20.*null"):
+        fixed.set_step(0, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in (5_000, 10_000):  # once per run length
+            fixed.set_step(step, 10_000)
+            assert fixed.progress == step / 50_000
+        CLTSSampling(total_steps=10).bind(steps(T)).set_step(3, 10)
+        CLTSSampling(total_steps=10).bind(steps(T)).set_step(3, -1)  # no length to compare with
 
 
 def test_clts_scales_with_T():

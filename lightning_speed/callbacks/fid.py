@@ -160,6 +160,13 @@ class SolverSettings:
                 raise ValueError(f"{owner}: {err}") from None
         if known:  # a solver of its process
             check_process_solver(self.solver, process, owner)
+        elif self.solver in FLOW_SOLVERS:
+            raise ValueError(
+                f"{owner}(solver={self.solver!r}): {self.solver} integrates a flow, but {type(pl_module).__name__} "
+                "names no process (no `process` attribute, no `timesteps` TimestepStrategy), so it samples as a DDPM: "
+                f"use {' or '.join(map(repr, SOLVERS))}, or state the flow in the module's __init__: "
+                "self.process = 'flow' (or self.timesteps = TimestepStrategy(FlowSchedule(shift)))."
+            )
         num_timesteps = getattr(pl_module, "num_timesteps", None)
         if isinstance(num_timesteps, int) and self.solver in SOLVERS:
             try:

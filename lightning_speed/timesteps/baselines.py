@@ -29,7 +29,8 @@ training applies it):
 * ``ModeSampling`` (SD3's mode sampling, flows only): t = f(1 - u), f(u) = 1 - u - scale (cos^2(pi u / 2) - 1 + u);
   f is a decreasing bijection of [0, 1] exactly for scale in [-1, 2 / (pi - 2)] (SD3: 1.29).
 * ``CosMapSampling`` (SD3's CosMap, flows only): t = 1 - 1 / (tan(pi u / 2) + 1), density 2 / (pi (1 - 2t + 2t^2)).
-* ``CLTSSampling``: curriculum p(t) = (1 - a) U(t) + a N(t; mu, sigma) with a = min(step / total_steps, 1).
+* ``CLTSSampling``: curriculum p(t) = (1 - a) U(t) + a N(t; mu, sigma) with a = min(step / total_steps, 1),
+  total_steps by default the run's length (trainer.max_steps), so that the curriculum completes in any run.
   mu = 300 (official) and sigma = 200 are given in steps of a T = 1000 process and scale by
   T / 1000. Our choice of sigma = 200: the Gaussian's +-1.5 sigma band [0, 600] covers the
   acceleration and deceleration areas of the linear schedule (peak 219, pivot 642) while its
@@ -56,6 +57,7 @@ training applies it):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -74,6 +76,8 @@ from lightning_speed.validation import check_int, check_number
 
 MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 """The scales for which SD3's mode map is a monotone bijection of [0, 1]."""
+PAPER_CLTS_STEPS = 50_000
+"""The paper's CLTS length: a = step / 50000."""
 
 
 def logit_normal_quantile(u: Tensor, mean: float, std: float) -> Tensor:
@@ -343,15 +347,20 @@ class CLTSSampling(TableSampling):
     Args:
         mu: centre of the target Gaussian in steps of a T = 1000 process (official 300; scales with T).
         sigma: its width, same units (our choice 200: see the module docstring).
-        total_steps: optimizer steps until the curriculum reaches the Gaussian (50000).
+        total_steps: optimizer steps until the curriculum reaches the Gaussian; None: the run's, ``trainer.max_steps``
+            (the paper's 50000 where ``set_step`` is given no max_steps, outside a Trainer).
 
-    ``set_step(step)`` moves it (``TimestepCallback`` calls it at every batch from ``trainer.global_step``);
-    the tables stay on the device and nothing syncs.
+    ``set_step(step, max_steps)`` moves it (``TimestepCallback`` calls it at every batch from ``trainer.global_step``
+    and ``trainer.max_steps``); the tables stay on the device and nothing syncs. A ``total_steps`` beyond max_steps
+    warns: the run ends with the curriculum at a = max_steps / total_steps.
     """
 
-    def __init__(self, mu: float = 300.0, sigma: float = 200.0, total_steps: int = 50_000) -> None:
+    def __init__(self, mu: float = 300.0, sigma: float = 200.0, total_steps: int | None = None) -> None:
         self.mu, self.sigma = _check_clts_gaussian(mu, sigma)
-        self.total_steps = check_int(total_steps, "total_steps", minimum=1, hint="the paper uses 50000")
+        self.total_steps = None if total_steps is None else check_int(
+            total_steps, "total_steps", minimum=1, hint="the paper uses 50000; null: trainer.max_steps")
+        self.anneal_steps = PAPER_CLTS_STEPS if total_steps is None else self.total_steps
+        self._warned_max_steps: int | None = None
 
     @override
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
@@ -365,16 +374,38 @@ class CLTSSampling(TableSampling):
 
     @property
     def progress(self) -> float:
-        """The mixing weight a = min(step / total_steps, 1)."""
-        return min(self.step / self.total_steps, 1.0)
+        """The mixing weight a = min(step / anneal_steps, 1)."""
+        return min(self.step / self.anneal_steps, 1.0)
 
     @override
     def set_step(self, step: int, max_steps: int | None = None) -> None:
-        """Move the curriculum to optimizer step ``step`` (a Python int: no sync)."""
+        """Move the curriculum to optimizer step ``step`` of a run of ``max_steps`` (Python ints: no sync)."""
         self.step = check_int(step, "step", minimum=0, hint="the optimizer step, trainer.global_step")
+        if max_steps is not None:
+            self._follow_run(max_steps)
         a = self.progress
         self.cdf = torch.lerp(self.uniform_cdf, self.target_cdf, a)
         self.probs = torch.lerp(self.uniform_probs, self.target_probs, a)
+
+    def _follow_run(self, max_steps: int) -> None:
+        """Anneal over ``max_steps`` without a ``total_steps``; warn once when a ``total_steps`` outlasts it."""
+        if self.total_steps is None:
+            if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+                raise ValueError(
+                    f"CLTSSampling anneals over trainer.max_steps when total_steps is null, but max_steps is "
+                    f"{max_steps}: set trainer.max_steps (e.g. --trainer.max_steps 50000), or total_steps (the "
+                    "paper's 50000)."
+                )
+            self.anneal_steps = max_steps
+        elif 0 < max_steps < self.total_steps and max_steps != self._warned_max_steps:
+            self._warned_max_steps = max_steps
+            warnings.warn(
+                f"CLTSSampling(total_steps={self.total_steps}) anneals past trainer.max_steps={max_steps}: the run "
+                f"ends with the curriculum at a = {max_steps / self.total_steps:.2f}, not at its Gaussian. Set "
+                "total_steps to null (the run's length) or to max_steps; keep it for the paper's a = step / 50000 "
+                "in a shorter run.",
+                UserWarning, stacklevel=3,
+            )
 
     @override
     def extra_state(self) -> dict[str, Any]:
