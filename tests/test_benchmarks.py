@@ -1207,6 +1207,7 @@ REPORTS = {
     "convergence_unet_batch64_lr1e-4_s1": ["convergence_unet_batch64_lr1e-4"],
     "convergence_sit_flow": [],  # the flow base (SiT-S/2): its own summary keys, speedup_flow
     "study_screen": ["convergence_dit_ema999"],  # study candidates stopped at N/2, against uniform's seed 0 at N
+    "study_ema_warmup": ["convergence_dit_h200x2"],  # EMA 0.9999 with a warm-up, against the recipe's uniform
 }
 # summary.json keys that quote one committed report's speed-up at N (not written by the report: ablations)
 ABLATION_KEYS = {"speedup_dit_ablation_ema999": "convergence_dit_ema999_s1",
@@ -1217,10 +1218,12 @@ ABLATION_KEYS = {"speedup_dit_ablation_ema999": "convergence_dit_ema999_s1",
 # The reports behind summary.json's speed-up keys, in the order BENCHMARKS.md runs them: a later
 # folder's entries replace an earlier one's.
 SUMMARY_ORDER = ["convergence", "convergence_h100", "convergence_h200x4", "convergence_ddpm250", "convergence_dit_h200x2",
-                 "convergence_sit_flow", "study_screen"]
-SUMMARY_ARGS = {"study_screen": ["--summary-key", "speedup_study"]}  # the study's own keys
+                 "convergence_sit_flow", "study_screen", "study_ema_warmup"]
+SUMMARY_ARGS = {"study_screen": ["--summary-key", "speedup_study"],  # the study's own keys
+                "study_ema_warmup": ["--summary-key", "speedup_study_ema_warmup"]}
 SPEEDUP_KEYS = ("speedup", "speedup_half", "speedup_ddpm250", "speedup_half_ddpm250", "speedup_dit", "speedup_dit_half",
-                "speedup_flow", "speedup_flow_half", "speedup_study", "speedup_study_half", "speedup_study_screen")
+                "speedup_flow", "speedup_flow_half", "speedup_study", "speedup_study_half", "speedup_study_screen",
+                "speedup_study_ema_warmup", "speedup_study_ema_warmup_half")
 
 
 def copy_raw_results(folder: str, tmp_path: Path) -> Path:
@@ -1376,6 +1379,21 @@ def test_a_study_key_names_each_entrys_n_and_ema_decay(tmp_path: Path) -> None:
     # without the override, the base config's decay
     assert report.ema_decay([{"strategy": "uniform", "configs": ["fashion_mnist_dit.yaml"], "overrides": []}],
                             "uniform") == 0.9999
+
+
+def test_a_study_entry_names_the_ema_warm_up_its_runs_composed() -> None:
+    """The warm-up's power from the composed configs (ema_warmup.yaml: 0.75) or an override; no field without one."""
+    def run(strategy: str, *overrides: str) -> dict:
+        return {"strategy": strategy, "configs": ["fashion_mnist_dit.yaml", *RUNS[strategy]], "overrides": list(overrides)}
+
+    assert report.ema_fields([run("uniform_ema_warmup")], "uniform_ema_warmup") == {"ema": 0.9999, "ema_warmup_power": 0.75}
+    assert report.ema_fields([run("uniform")], "uniform") == {"ema": 0.9999}
+    on = run("uniform", "--ema.init_args.warmup", "true", "--ema.init_args.decay", "0.999")
+    assert report.ema_fields([on], "uniform") == {"ema": 0.999, "ema_warmup_power": pytest.approx(2 / 3)}
+    off = run("uniform_ema_warmup", "--ema.init_args.warmup", "false")
+    assert report.ema_fields([off], "uniform_ema_warmup") == {"ema": 0.9999}
+    # runs that disagree name no warm-up
+    assert report.ema_warmup_power([run("uniform_ema_warmup"), off], "uniform_ema_warmup") is None
 
 
 def test_a_screen_says_which_strategy_reaches_uniforms_fid_at_twice_its_step() -> None:

@@ -4,10 +4,13 @@ and the figures."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from benchmarks.common import load_config, update_summary, write_json
 from benchmarks.convergence.plots import plot, plot_areas, plot_headline, plot_screen
@@ -89,19 +92,45 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         if study:
             keys = (study, f"{study}_half")
         updates = {
-            key: {s: {**_headline(v), **({"N": budgets[s][n], "ema": ema_decay(results, s)} if study else {}),
+            key: {s: {**_headline(v), **({"N": budgets[s][n], **ema_fields(results, s)} if study else {}),
                       "card": sources(s, "card"), "results": sources(s, "folder")}
                   for s, v in headline[n].items() if not (study and s in screened)}  # a screen's step is no N
             for key, n in zip(keys, ("N", "N_half"))
         }
         if study and screened:
-            updates[f"{study}_screen"] = {s: {**_screen_headline(e), "ema": ema_decay(results, s),
+            updates[f"{study}_screen"] = {s: {**_screen_headline(e), **ema_fields(results, s),
                                               "card": sources(s, "card"), "results": sources(s, "folder")}
                                           for s, e in screened.items()}
         merge_speedups(Path(args.summary_file), updates)
     print(table)
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets", "screen") if k in summary}, indent=1))
     return summary
+
+
+def ema_fields(results: list[dict[str, Any]], strategy: str) -> dict[str, Any]:
+    """A study entry's averaging: ``ema`` (the decay) and, for runs composed with a warm-up config, the warm-up's
+    ``ema_warmup_power`` (the decay then grows towards ``ema`` over the run)."""
+    power = ema_warmup_power(results, strategy)
+    return {"ema": ema_decay(results, strategy), **({} if power is None else {"ema_warmup_power": power})}
+
+
+def ema_warmup_power(results: list[dict[str, Any]], strategy: str) -> float | None:
+    """The power of the EMA warm-up a strategy's runs turned on (``ema.init_args.warmup`` true in a config after the
+    base or in an override); None without one, or for runs that disagree."""
+    from lightning_speed.callbacks.ema import EMAWeightAveraging
+
+    powers = set()
+    for r in results:
+        if r["strategy"] == strategy:
+            args = {"power": inspect.signature(EMAWeightAveraging).parameters["power"].default}
+            for config in r["configs"][1:]:
+                args.update((load_config(config).get("ema") or {}).get("init_args", {}))
+            overrides = r.get("overrides", [])
+            for name in ("warmup", "power"):
+                if f"--ema.init_args.{name}" in overrides:
+                    args[name] = yaml.safe_load(overrides[overrides.index(f"--ema.init_args.{name}") + 1])
+            powers.add(float(args["power"]) if args.get("warmup") else None)
+    return powers.pop() if len(powers) == 1 else None
 
 
 def ema_decay(results: list[dict[str, Any]], strategy: str) -> float | None:
