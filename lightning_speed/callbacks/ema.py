@@ -68,6 +68,8 @@ from typing_extensions import override
 
 from lightning_speed.validation import check_bool, check_int, check_number
 
+SLOW_START_SHARE = 0.01
+"""The share of the first weights left in an average at the run's end above which setup warns (no warm-up)."""
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 """Strategies that shard the parameters across ranks (the EMA averages FSDP's shards, not the others')."""
@@ -278,6 +280,8 @@ class EMAWeightAveraging(_LightningEMA):
         epoch = self.update_starting_at_epoch
         by_epochs = epoch is not None and (max_epochs is None or max_epochs < 0 or epoch < max_epochs)
         if by_steps or by_epochs:
+            if by_steps and max_steps is not None and max_steps > 0:
+                self._warn_slow_start(1 + (max_steps - 1 - first_step) // every)
             return
         first = [f"after optimizer step {first_step + 1}"] if first_step is not None else []
         first += [f"after epoch {epoch + 1}"] if epoch is not None else []
@@ -287,6 +291,19 @@ class EMAWeightAveraging(_LightningEMA):
             f"{' or '.join(first)}, but the run stops at {limit} before that, so the checkpoint, samples and FID "
             "would be of the training weights, not an average. Start the updates earlier (update_starting_at_step "
             "below max_steps: it counts steps from 0), raise the trainer's limit, or drop the EMA (ema: null)."
+        )
+
+    def _warn_slow_start(self, updates: int) -> None:
+        """Without a warm-up the average keeps a share decay**n of the first weights after n updates: warn when more
+        than 1 % is left at the run's end (0.9999 over 30k steps keeps 5 %, and the FID of that average lags the
+        training weights' by far more than its share; BENCHMARKS.md, the strategy study)."""
+        share = self.decay**updates
+        if self.warmup or share <= SLOW_START_SHARE:
+            return
+        rank_zero_warn(
+            f"EMAWeightAveraging(decay={self.decay}) without warm-up, over {updates} updates, still holds "
+            f"{share:.1%} of the first (untrained) weights at the end of the run, and more before: samples, FID and "
+            "checkpoints judge that average. Set warmup: true (configs/study/ema_warmup.yaml), or lower the decay."
         )
 
     def _schedule(self) -> str:
