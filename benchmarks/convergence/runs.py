@@ -64,6 +64,9 @@ STUDY: dict[str, tuple[str, ...]] = {
     # the EMA with a warm-up (every strategy's average lags its weights early): the lever itself, then SpeeD on it
     "uniform_ema_warmup": ("strategies/uniform.yaml", "study/ema_warmup.yaml"),
     "speed_ema_warmup": ("strategies/speed.yaml", "study/ema_warmup.yaml"),
+    # both levers together, the tuned rate and the warm-up: the recipe, then SpeeD on it
+    "uniform_onecycle_ema_warmup": ("strategies/uniform.yaml", "study/onecycle_lr.yaml", "study/ema_warmup.yaml"),
+    "speed_onecycle_ema_warmup": ("strategies/speed.yaml", "study/onecycle_lr.yaml", "study/ema_warmup.yaml"),
     # the paper's small-data regime: 1,336 training images
     "uniform_1336": ("strategies/uniform.yaml", "study/fashion_mnist_1336.yaml"),
     "speed_1336": ("strategies/speed.yaml", "study/fashion_mnist_1336.yaml"),
@@ -71,12 +74,14 @@ STUDY: dict[str, tuple[str, ...]] = {
 # The study runs that a flow base takes (configs/fashion_mnist_sit.yaml): the others hold SpeeD's discrete tau (700)
 # or CLTS, which have no flow form, and fail at setup there.
 FLOW_STUDY = ("curriculum_logit_normal", "laplace_log_snr", "edm_log_normal", "official_code_min_snr", "loss_decrease",
-              "stratified_uniform", "uniform_onecycle", "uniform_ema_warmup", "uniform_1336")
+              "stratified_uniform", "uniform_onecycle", "uniform_ema_warmup", "uniform_onecycle_ema_warmup",
+              "uniform_1336")
 RUNS: dict[str, tuple[str, ...]] = {**STRATEGIES, **ABLATIONS, **STUDY}
 NAMES = sorted(RUNS)
 # A strategy on another noise schedule, data set or learning rate is compared with uniform sampling there (the default: "uniform").
 BASELINES = {"speed_cosine": "uniform_cosine", "speed_1336": "uniform_1336", "speed_onecycle": "uniform_onecycle",
-             "speed_sampling_min_snr_onecycle": "uniform_onecycle", "speed_ema_warmup": "uniform_ema_warmup"}
+             "speed_sampling_min_snr_onecycle": "uniform_onecycle", "speed_ema_warmup": "uniform_ema_warmup",
+             "speed_onecycle_ema_warmup": "uniform_onecycle_ema_warmup"}
 
 
 def config_args(base: str, run: str) -> list[str]:
