@@ -493,20 +493,30 @@ def test_schedule_that_cannot_update_before_max_steps_is_refused_at_setup(kwargs
 
 
 @pytest.mark.parametrize("decay, kwargs, max_steps, share", [
-    (0.9, {}, 40, 0.9**40),  # 1.5 % left: warned
-    (0.9, {"update_every_n_steps": 2}, 40, 0.9**20),  # 20 updates at steps 0, 2, ..., 38
-    (0.9, {"update_starting_at_step": 3}, 40, 0.9**37),
-    (0.9, {}, 44, None),  # 0.9**44 = 0.97 %: quiet
+    (0.9, {}, 40, 0.9**39),  # 1.6 % left: warned
+    (0.9, {"update_every_n_steps": 2}, 40, 0.9**19),  # 20 updates at steps 0, 2, ..., 38
+    (0.9, {"update_starting_at_step": 3}, 40, 0.9**36),
+    (0.9, {"update_every_n_steps": 2, "update_starting_at_step": 3}, 40, 0.9**17),  # 18 updates at 4, 6, ..., 38
+    (0.9, {}, 44, 0.9**43),  # 1.08 %: warned
+    (0.9, {}, 45, None),  # 0.9**44 = 0.97 %: quiet
     (0.9, {"warmup": True}, 40, None),  # the warm-up's average follows the weights
 ])
 def test_an_average_left_holding_the_first_weights_is_warned_at_setup(decay, kwargs, max_steps, share):
-    """Without warm-up the average keeps decay**n of the first weights after n updates (the recipe's 0.9999 over 30k
-    steps: 5 %): setup warns above 1 %, with the share and the fix, before any step."""
+    """Without warm-up the average keeps decay**(n - 1) of the first weights after n updates, the first of which
+    copies them (the recipe's 0.9999 over 30k steps: 5 %): setup warns above 1 %, with the share and the fix, before
+    any step. n counts the steps at which Lightning's ``should_update`` updates."""
     import warnings
 
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     callback = EMAWeightAveraging(decay=decay, **kwargs)
+    updates = sum(callback.should_update(step_idx=step) for step in range(max_steps))
+    average = ShardAverage(decay)
+    for i in range(updates):  # the first weights 1, every later one 0: the average is their share
+        average.update([torch.tensor([1.0 if i == 0 else 0.0])])
+    assert average.tensors[0].item() == pytest.approx(decay ** (updates - 1), rel=1e-5)
+    if share is not None:
+        assert share == pytest.approx(decay ** (updates - 1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         callback._check_schedule(trainer)
