@@ -1392,6 +1392,9 @@ def test_a_study_entry_names_the_ema_warm_up_its_runs_composed() -> None:
     assert report.ema_fields([on], "uniform") == {"ema": 0.999, "ema_warmup_power": pytest.approx(2 / 3)}
     off = run("uniform_ema_warmup", "--ema.init_args.warmup", "false")
     assert report.ema_fields([off], "uniform_ema_warmup") == {"ema": 0.9999}
+    # a base that warms up (the quickstart: decay 0.99, the default power 2/3)
+    base = {"strategy": "uniform", "configs": ["quickstart.yaml", "strategies/uniform.yaml"], "overrides": []}
+    assert report.ema_fields([base], "uniform") == {"ema": 0.99, "ema_warmup_power": pytest.approx(2 / 3)}
     # runs that disagree name no warm-up
     assert report.ema_warmup_power([run("uniform_ema_warmup"), off], "uniform_ema_warmup") is None
 

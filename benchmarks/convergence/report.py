@@ -115,15 +115,15 @@ def ema_fields(results: list[dict[str, Any]], strategy: str) -> dict[str, Any]:
 
 
 def ema_warmup_power(results: list[dict[str, Any]], strategy: str) -> float | None:
-    """The power of the EMA warm-up a strategy's runs turned on (``ema.init_args.warmup`` true in a config after the
-    base or in an override); None without one, or for runs that disagree."""
+    """The power of the EMA warm-up a strategy's runs turned on (``ema.init_args.warmup`` true in one of their configs
+    or in an override); None without one, or for runs that disagree."""
     from lightning_speed.callbacks.ema import EMAWeightAveraging
 
     powers = set()
     for r in results:
         if r["strategy"] == strategy:
             args = {"power": inspect.signature(EMAWeightAveraging).parameters["power"].default}
-            for config in r["configs"][1:]:
+            for config in r["configs"]:
                 args.update((load_config(config).get("ema") or {}).get("init_args", {}))
             overrides = r.get("overrides", [])
             for name in ("warmup", "power"):
