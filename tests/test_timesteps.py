@@ -292,6 +292,29 @@ def test_clts_anneals_over_max_steps_unless_total_steps_is_set():
         CLTSSampling(total_steps=10).bind(steps(T)).set_step(3, -1)  # no length to compare with
 
 
+def test_clts_resumed_with_another_max_steps_says_how_its_curriculum_moves():
+    """total_steps null: a checkpoint keeps the length annealed over; a resume with another max_steps warns with both
+    mixing weights (2500 / 10000 = 0.25 -> 2500 / 20000 = 0.12) and the fix; the same length resumes quietly."""
+    first = CLTSSampling().bind(steps(T))
+    first.set_step(2_500, 10_000)
+    state = first.extra_state()
+    same = CLTSSampling().bind(steps(T))
+    same.load_extra_state(state)
+    assert same.progress == 0.25  # the checkpoint's curriculum before the run's length is known
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.set_step(2_500, 10_000)
+    longer = CLTSSampling().bind(steps(T))
+    longer.load_extra_state(state)
+    with pytest.warns(UserWarning, match=r"resumed at step 2500 with trainer.max_steps=20000, but it was annealing "
+                                         r"over 10000 steps.*from a = 0.25 to 0.12.*total_steps: 10000"):
+        longer.set_step(2_500, 20_000)
+    assert longer.progress == 2_500 / 20_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        longer.set_step(2_501, 20_000)  # once
+
+
 def test_clts_scales_with_T():
     sampler = CLTSSampling(mu=300, sigma=200).bind(steps(100))
     sampler.set_step(50_000)

@@ -361,6 +361,7 @@ class CLTSSampling(TableSampling):
             total_steps, "total_steps", minimum=1, hint="the paper uses 50000; null: trainer.max_steps")
         self.anneal_steps = PAPER_CLTS_STEPS if total_steps is None else self.total_steps
         self._warned_max_steps: int | None = None
+        self._resumed_anneal_steps: int | None = None  # a checkpoint's annealing length, until the run's is known
 
     @override
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
@@ -396,6 +397,15 @@ class CLTSSampling(TableSampling):
                     f"{max_steps}: set trainer.max_steps (e.g. --trainer.max_steps 50000), or total_steps (the "
                     "paper's 50000)."
                 )
+            resumed, self._resumed_anneal_steps = self._resumed_anneal_steps, None
+            if resumed is not None and resumed != max_steps and self.step > 0:
+                warnings.warn(
+                    f"CLTSSampling resumed at step {self.step} with trainer.max_steps={max_steps}, but it was "
+                    f"annealing over {resumed} steps (total_steps null: the run's length): its mixing weight moves "
+                    f"from a = {min(self.step / resumed, 1):.2f} to {min(self.step / max_steps, 1):.2f}. Set "
+                    f"total_steps: {resumed} to keep the curriculum.",
+                    UserWarning, stacklevel=3,
+                )
             self.anneal_steps = max_steps
         elif 0 < max_steps < self.total_steps and max_steps != self._warned_max_steps:
             self._warned_max_steps = max_steps
@@ -409,11 +419,13 @@ class CLTSSampling(TableSampling):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "step": self.step}
+        return {**super().extra_state(), "step": self.step, "anneal_steps": self.anneal_steps}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
+        if self.total_steps is None and "anneal_steps" in state:  # compared with the resumed run's max_steps
+            self.anneal_steps = self._resumed_anneal_steps = int(state["anneal_steps"])
         self.set_step(int(state.get("step", 0)))
 
 
