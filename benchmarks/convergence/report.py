@@ -114,38 +114,39 @@ def ema_fields(results: list[dict[str, Any]], strategy: str) -> dict[str, Any]:
     return {"ema": ema_decay(results, strategy), **({} if power is None else {"ema_warmup_power": power})}
 
 
+def ema_args(run: dict[str, Any]) -> dict[str, Any]:
+    """The ``ema.init_args`` a run trained with: its configs' in order, then its ``--ema.init_args.*`` overrides."""
+    args: dict[str, Any] = {}
+    for config in run["configs"]:
+        args.update((load_config(config).get("ema") or {}).get("init_args", {}))
+    overrides = run.get("overrides", [])
+    for flag, value in zip(overrides, overrides[1:]):
+        if flag.startswith("--ema.init_args."):
+            args[flag.removeprefix("--ema.init_args.")] = yaml.safe_load(value)
+    return args
+
+
 def ema_warmup_power(results: list[dict[str, Any]], strategy: str) -> float | None:
     """The power of the EMA warm-up a strategy's runs turned on (``ema.init_args.warmup`` true in one of their configs
     or in an override); None without one, or for runs that disagree."""
     from lightning_speed.callbacks.ema import EMAWeightAveraging
 
+    default = inspect.signature(EMAWeightAveraging).parameters["power"].default
     powers = set()
     for r in results:
         if r["strategy"] == strategy:
-            args = {"power": inspect.signature(EMAWeightAveraging).parameters["power"].default}
-            for config in r["configs"]:
-                args.update((load_config(config).get("ema") or {}).get("init_args", {}))
-            overrides = r.get("overrides", [])
-            for name in ("warmup", "power"):
-                if f"--ema.init_args.{name}" in overrides:
-                    args[name] = yaml.safe_load(overrides[overrides.index(f"--ema.init_args.{name}") + 1])
-            powers.add(float(args["power"]) if args.get("warmup") else None)
+            args = ema_args(r)
+            powers.add(float(args.get("power", default)) if args.get("warmup") else None)
     return powers.pop() if len(powers) == 1 else None
 
 
 def ema_decay(results: list[dict[str, Any]], strategy: str) -> float | None:
-    """The EMA decay a strategy's runs used: their ``--ema.init_args.decay`` override, else their base config's
-    (None: no EMA, or runs that disagree)."""
+    """The EMA decay a strategy's runs used (``ema_args``; None: no EMA, or runs that disagree)."""
     decays = set()
     for r in results:
-        if r["strategy"] != strategy:
-            continue
-        overrides = r.get("overrides", [])
-        if "--ema.init_args.decay" in overrides:
-            decays.add(float(overrides[overrides.index("--ema.init_args.decay") + 1]))
-        else:
-            ema = load_config(r["configs"][0]).get("ema") or {}
-            decays.add(ema.get("init_args", {}).get("decay"))
+        if r["strategy"] == strategy:
+            decay = ema_args(r).get("decay")
+            decays.add(None if decay is None else float(decay))
     return decays.pop() if len(decays) == 1 else None
 
 

@@ -441,8 +441,7 @@ class EMAWeightAveraging(_LightningEMA):
             return
         average = self._average_model
         assert average is not None, "update() before setup()"
-        if self._updates is None:
-            self._updates = int(average.n_averaged)  # one read per fit, not per step
+        self._updated()  # reads n_averaged into _updates once per fit, not per step
         if self._pairs is None:  # built once per fit: rebuilding costs more host time than the update
             self._pairs = _update_lists(average.module, pl_module, average.use_buffers)
         avg_float, cur_float, avg_converted, cur_converted, avg_copied, cur_copied = self._pairs

@@ -76,6 +76,16 @@ def as_flow_times(t: Any) -> Tensor:
     return torch.as_tensor(t, dtype=torch.float64).cpu().clamp(0.0, 1.0)
 
 
+def check_run_length(max_steps: Any, anneals: str, alternative: str = "") -> int:
+    """``max_steps`` of the run a curriculum anneals over (``anneals`` says how); a run of no set length is refused."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(
+            f"{anneals}, but max_steps is {max_steps}: set trainer.max_steps (e.g. --trainer.max_steps 50000)"
+            f"{alternative}."
+        )
+    return max_steps
+
+
 def sample_binned_flow(schedule: FlowSchedule, bin_cdf: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
     """``n`` flow times from bins of equal width in the unshifted time: a bin by inverse CDF, a uniform point
     inside it, then the schedule's shift (the adaptive samplers' flow form)."""

@@ -68,8 +68,8 @@ from lightning_speed import flow
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
 from lightning_speed.timesteps.base import (
-    SamplingStrategy, TableSampling, TableWeighting, as_flow_times, binned_flow_cdf, flow_bin, inverse_cdf_sample,
-    probabilities_to_cdf, sample_binned_flow,
+    SamplingStrategy, TableSampling, TableWeighting, as_flow_times, binned_flow_cdf, check_run_length, flow_bin,
+    inverse_cdf_sample, probabilities_to_cdf, sample_binned_flow,
 )
 from lightning_speed.validation import check_int, check_number
 
@@ -391,12 +391,8 @@ class CLTSSampling(TableSampling):
     def _follow_run(self, max_steps: int) -> None:
         """Anneal over ``max_steps`` without a ``total_steps``; warn once when a ``total_steps`` outlasts it."""
         if self.total_steps is None:
-            if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-                raise ValueError(
-                    f"CLTSSampling anneals over trainer.max_steps when total_steps is null, but max_steps is "
-                    f"{max_steps}: set trainer.max_steps (e.g. --trainer.max_steps 50000), or total_steps (the "
-                    "paper's 50000)."
-                )
+            check_run_length(max_steps, "CLTSSampling anneals over trainer.max_steps when total_steps is null",
+                             ", or total_steps (the paper's 50000)")
             resumed, self._resumed_anneal_steps = self._resumed_anneal_steps, None
             if resumed is not None and resumed != max_steps and self.step > 0:
                 warnings.warn(

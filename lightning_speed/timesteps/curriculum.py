@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speed.timesteps.base import SamplingStrategy, WrappedSampling, as_flow_times
+from lightning_speed.timesteps.base import SamplingStrategy, WrappedSampling, as_flow_times, check_run_length
 from lightning_speed.validation import check_choice, check_int, check_number
 
 Shape = Literal["linear", "step"]
@@ -101,11 +101,7 @@ class CurriculumSampling(WrappedSampling):
     @override
     def set_step(self, step: int, max_steps: int | None = None) -> None:
         """Move the curriculum to optimizer step ``step`` of ``max_steps`` (Python ints: no sync)."""
-        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-            raise ValueError(
-                f"CurriculumSampling anneals to uniform t by switch x trainer.max_steps, but max_steps is {max_steps}: "
-                "set trainer.max_steps (e.g. --trainer.max_steps 50000)."
-            )
+        max_steps = check_run_length(max_steps, "CurriculumSampling anneals to uniform t by switch x trainer.max_steps")
         self.step = check_int(step, "step", minimum=0, hint="the optimizer step, trainer.global_step")
         self.anneal_steps = max(1, round(self.switch * max_steps))
 
