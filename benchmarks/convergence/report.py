@@ -120,7 +120,7 @@ def ema_args(run: dict[str, Any]) -> dict[str, Any]:
     for config in run["configs"]:
         args.update((load_config(config).get("ema") or {}).get("init_args", {}))
     overrides = run.get("overrides", [])
-    for flag, value in zip(overrides, overrides[1:]):
+    for flag, value in zip(overrides[::2], overrides[1::2]):  # flag, value pairs, as run.py records them
         if flag.startswith("--ema.init_args."):
             args[flag.removeprefix("--ema.init_args.")] = yaml.safe_load(value)
     return args
