@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -170,6 +171,25 @@ def test_clts_without_total_steps_anneals_over_the_trainers_max_steps():
     with pytest.raises(ValueError, match=r"CLTSSampling anneals over trainer.max_steps .* set trainer.max_steps"):
         cpu_trainer(max_steps=-1, max_epochs=1, callbacks=[install(CLTSSampling()), rec]).fit(TinyDiffusion(), loader())
     assert rec.t == []
+
+
+def test_a_curriculum_warns_about_the_run_length_on_rank_0_only():
+    """Every rank follows the same run, so a CLTS that outlasts max_steps (or a resume with another length) warns once,
+    on rank 0; another rank stays quiet yet moves the curriculum the same way, and errors still reach every rank."""
+    for rank in (0, 1):
+        fake, callback = _FakeTrainer(), install(CLTSSampling(total_steps=50))
+        fake.global_rank = rank
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            callback.setup(fake, TinyDiffusion(), "fit")
+            fake.global_step = 5
+            callback.on_train_batch_start(fake, None, None, 0)
+        said = [w for w in caught if "anneals past trainer.max_steps=10" in str(w.message)]
+        assert len(said) == (1 if rank == 0 else 0) and callback.sampling.progress == 5 / 50
+    fake = _FakeTrainer()
+    fake.global_rank, fake.max_steps = 1, -1
+    with pytest.raises(ValueError, match="set trainer.max_steps"):
+        install(CLTSSampling()).setup(fake, TinyDiffusion(), "fit")
 
 
 def test_min_snr_reads_the_strategy_prediction():

@@ -31,6 +31,7 @@ different time steps.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -269,11 +270,21 @@ class TimestepCallback(Callback):
                 self.sampling.manual_seed(self.sampler_seed(trainer))
             self._timesteps = strategy
         if self.sampling is not None:
-            self.sampling.set_step(trainer.global_step, trainer.max_steps)  # a curriculum without max_steps fails here
+            self._follow(trainer)  # a curriculum without max_steps fails here
             if hasattr(self.sampling, "all_gather"):  # adaptive samplers see every rank's losses
                 self.sampling.all_gather = gather_from_ranks if trainer.world_size > 1 else None
         if self._pending_state is not None:
             self._apply_pending()
+
+    def _follow(self, trainer: pl.Trainer) -> None:
+        # trainer.global_step is a Python int (restored on resume): moving a curriculum never syncs. Its warnings
+        # (a run shorter than the curriculum, a resume with another length) are the same on every rank: rank 0's.
+        if trainer.global_rank == 0:
+            self.sampling.set_step(trainer.global_step, trainer.max_steps)
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.sampling.set_step(trainer.global_step, trainer.max_steps)
 
     def sampler_seed(self, trainer: pl.Trainer) -> int:
         """The seed the sampling strategy gets on this rank."""
@@ -298,9 +309,8 @@ class TimestepCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        # trainer.global_step is a Python int (restored on resume): moving a curriculum never syncs.
         if self.sampling is not None:
-            self.sampling.set_step(trainer.global_step, trainer.max_steps)
+            self._follow(trainer)
 
     @override
     def on_train_batch_end(
