@@ -280,8 +280,11 @@ class EMAWeightAveraging(_LightningEMA):
         epoch = self.update_starting_at_epoch
         by_epochs = epoch is not None and (max_epochs is None or max_epochs < 0 or epoch < max_epochs)
         if by_steps or by_epochs:
-            if by_steps and max_steps is not None and max_steps > 0:
-                self._warn_slow_start(1 + (max_steps - 1 - first_step) // every)
+            # the most updates the limits allow; unknown (no warning) while one kind of update has no limit
+            steps_set, epochs_set = (limit is not None and limit > 0 for limit in (max_steps, max_epochs))
+            if (steps_set or not by_steps) and (epochs_set or not by_epochs):
+                step_updates = 1 + (max_steps - 1 - first_step) // every if by_steps else 0
+                self._warn_slow_start(step_updates + (max_epochs - epoch if by_epochs else 0))
             return
         first = [f"after optimizer step {first_step + 1}"] if first_step is not None else []
         first += [f"after epoch {epoch + 1}"] if epoch is not None else []
