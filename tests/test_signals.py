@@ -227,3 +227,54 @@ def test_every_rank_reads_the_log_dir_as_often_as_rank_0(tmp_path: Path, dirpath
         guard.on_exception(trainer, None, SIGTERMException())
         assert guard.checkpoint_path is not None
     assert reads[0] == reads[1] >= 1
+
+
+class ValidatedSampler(FakeSampler):
+    """FakeSampler with a validation epoch; remembers the training weights and the weights it samples with."""
+
+    def train_dataloader(self) -> Any:  # two steps an epoch, then a validation epoch
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+
+    val_dataloader = train_dataloader
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)  # large steps: the average and the weights differ
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.trained = self.net.weight.detach().clone()
+
+    def sample(self, n: int, **kwargs: Any) -> torch.Tensor:
+        if self.batches == 0:
+            self.sampled_with = self.net.weight.detach().clone()
+        return super().sample(n, **kwargs)
+
+
+@pytest.mark.parametrize("ema_first", [True, False], ids=["ema-before-fid", "ema-after-fid"])
+@pytest.mark.parametrize("lightning_ema", [False, True], ids=["ours", "lightning"])
+def test_sigterm_during_validation_fid_saves_the_training_weights_as_such(
+    tmp_path: Path, ema_first: bool, lightning_ema: bool
+) -> None:
+    """A stop in the FID of a validation epoch: the checkpoint holds the average in ``state_dict`` and the training
+    weights in ``current_model_state``, whether the EMA callback swapped its average out before the FID ran or not."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging as LightningEMA
+
+    from lightning_speed.callbacks import EMAWeightAveraging
+
+    ema = (LightningEMA if lightning_ema else EMAWeightAveraging)(decay=0.5)
+    fid = FIDCallback(
+        on_validation=True, on_train_end=False, num_samples=8, batch_size=4, solver_steps=2,
+        feature_extractor="fashion_mnist", reference_images=torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8),
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    model = ValidatedSampler()
+    evaluation = [ema, fid] if ema_first else [fid, ema]
+    trainer = tiny_trainer(tmp_path, CheckpointOnSignal(dirpath=str(tmp_path / "ckpt")), *evaluation, max_steps=10)
+    with pytest.raises(SystemExit):
+        trainer.fit(model)
+    saved = torch.load(tmp_path / "ckpt" / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert not torch.equal(model.trained, model.sampled_with)  # the FID sampled with the average
+    torch.testing.assert_close(saved["current_model_state"]["net.weight"], model.trained, rtol=0, atol=0)
+    torch.testing.assert_close(saved["state_dict"]["net.weight"], model.sampled_with, rtol=0, atol=0)

@@ -677,7 +677,14 @@ class FIDCallback(SolverSettings, pl.Callback):
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.eval_on_validation and not trainer.sanity_checking and self._due(trainer):
-            self.evaluate(trainer, pl_module, ema_in=ema_swapped_in_during_validation(trainer, self))
+            ema_in = ema_swapped_in_during_validation(trainer, self)
+            try:
+                self.evaluate(trainer, pl_module, ema_in=ema_in)
+            except SIGTERMException as stop:
+                # The evaluation put back what it found; an EMA callback listed before this one has already swapped
+                # its average out, so CheckpointOnSignal must not swap it in again before saving.
+                stop.averaged_weights_in = ema_in
+                raise
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.eval_on_train_end and self._due(trainer):

@@ -434,13 +434,17 @@ class CheckpointOnSignal(Callback):
         return os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
 
     @staticmethod
-    def _undo_validation_swap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _undo_validation_swap(trainer: pl.Trainer, pl_module: pl.LightningModule, stop: SIGTERMException) -> None:
         """Stopped inside a validation epoch: put the training weights back before saving them.
 
         ``WeightAveraging`` swaps the averaged weights in at validation-epoch start and out at its
-        end, which the stop skipped.
+        end, which a stop between validation batches skipped. A stop raised in a later callback's
+        ``on_validation_epoch_end`` (``FIDCallback``) says whether the average is still in: after the
+        averaging callback's own epoch end, swapping again would save the average as the training weights.
         """
         if trainer.state.stage not in (RunningStage.VALIDATING, RunningStage.SANITY_CHECKING):
+            return
+        if not getattr(stop, "averaged_weights_in", True):
             return
         averaging = find_weight_averaging(trainer)
         if averaging is not None:
@@ -452,7 +456,7 @@ class CheckpointOnSignal(Callback):
         signum = self.received or int(signal.SIGTERM)
         name = signal.Signals(signum).name
         exception.code = 128 + signum  # Lightning's own status is 0: "finished" to a scheduler
-        self._undo_validation_swap(trainer, pl_module)
+        self._undo_validation_swap(trainer, pl_module, exception)
         path = os.path.join(self._checkpoint_dir(trainer), f"{self.filename}.ckpt")
         try:
             trainer.save_checkpoint(path)
