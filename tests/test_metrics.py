@@ -140,6 +140,34 @@ def test_fingerprint_follows_weights() -> None:
 
 
 # ----------------------------------------------------------------------------- Inception, offline
+def test_inception_features_resize_as_torch_fidelity_does(tmp_path, monkeypatch) -> None:
+    """Published FIDs resize to 299 px as torch-fidelity does (TensorFlow 1's bilinear, no antialiasing): with the same
+    (random) weights, InceptionFeatures gives torch-fidelity's own extractor's 2048-d features, and the cache
+    fingerprint names that resize. torchmetrics' antialiased default gives other features (checked below, so the
+    comparison can fail)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    from lightning_speed.metrics import InceptionFeatures
+
+    path = tmp_path / "random-inception.pth"
+    torch.save({}, path)
+    with monkeypatch.context() as patch:  # a network of the real architecture with random weights, saved once
+        patch.setattr(nn.Module, "load_state_dict", lambda self, state, strict=True: None)
+        torch.manual_seed(0)
+        torch.save(FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(path)).state_dict(), path)
+    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(path)).eval()
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    ours = InceptionFeatures(path)
+    with torch.no_grad():
+        expected = reference(images.expand(-1, 3, -1, -1))[0]
+        antialiased = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(path))(images.expand(-1, 3, -1, -1))
+        got = ours(images)
+    assert torch.equal(got, expected)  # the same float32 operations in the same order: the same bits
+    assert (antialiased - expected).abs().max() > 1e-3 * expected.abs().max()  # random weights: small features
+    assert ours.fingerprint.endswith("-tf1resize")
+
+
 def test_missing_inception_weights_give_clear_error_without_network(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     attempts = []

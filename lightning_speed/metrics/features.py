@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -122,11 +123,15 @@ class InceptionFeatures(_FrozenExtractor):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
+        # Published FIDs resize to 299 px as TensorFlow 1 did (torch-fidelity's bilinear, no antialiasing); torchmetrics
+        # antialiases by default since it gained the option, which shifts every FID: ask for the published resize.
+        resize = {"antialias": False} if "antialias" in inspect.signature(NoTrainInceptionV3).parameters else {}
         self.net = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights_path)
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights_path),
+            **resize,
         )
         self.num_features = 2048
-        self.fingerprint = f"inception-v3-compat-2048-{INCEPTION_FILENAME.rsplit('-', 1)[-1].split('.')[0]}"
+        self.fingerprint = f"inception-v3-compat-2048-{INCEPTION_FILENAME.rsplit('-', 1)[-1].split('.')[0]}-tf1resize"
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
