@@ -120,9 +120,16 @@ def _as_times(t: float | Tensor, name: str) -> float | Tensor:
 
 
 # ---------------------------------------------------------------------------------- the process
+def _time_like(t: Tensor, like: Tensor) -> Tensor:
+    """t shaped to broadcast over ``like`` in at least float32: half precision would round it (bf16 by up to 2^-9 in
+    [0.5, 1)), so x_t would not be the one at the t the network is told; bf16 data gives float32 results (as the DDPM's
+    float32 tables do)."""
+    return expand(t.to(torch.promote_types(like.dtype, torch.float32)), like)
+
+
 def q_sample(x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     """x_t = (1 - t) x0 + t eps, t (B,) broadcast over each sample."""
-    t = expand(t.to(x0.dtype), x0)
+    t = _time_like(t, x0)
     return (1 - t) * x0 + t * noise
 
 
@@ -152,7 +159,7 @@ def time_from_snr(value: Tensor | float) -> Tensor:
 
 def split_prediction(v: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """(x0_hat, eps_hat) implied by a velocity prediction at x_t: x0 = x_t - t v, eps = x_t + (1 - t) v."""
-    t = expand(t.to(x_t.dtype), x_t)
+    t = _time_like(t, x_t)
     return x_t - t * v, x_t + (1 - t) * v
 
 
@@ -335,6 +342,12 @@ def _grid_values(grid: Tensor | Sequence[float]) -> list[float]:
     return times.tolist()
 
 
+def _state(x: Tensor) -> Tensor:
+    """The solver's state in at least float32: a step's increment (s - t) v falls below half precision's spacing
+    (bf16 noise would hardly move)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _at(x: Tensor, t: float) -> Tensor:
     """The time t as the model's (B,) float tensor: float32 (float64 for float64 x; half precision would merge
     nearby grid times)."""
@@ -345,7 +358,7 @@ def _at(x: Tensor, t: float) -> Tensor:
 @torch.no_grad()
 def euler(model: Velocity, x: Tensor, grid: Tensor | Sequence[float]) -> Tensor:
     """Integrate dx/dt = model(x, t) along ``grid`` (decreasing flow times) with Euler steps."""
-    times = _grid_values(grid)
+    times, x = _grid_values(grid), _state(x)
     for t, s in zip(times[:-1], times[1:]):
         x = x + (s - t) * model(x, _at(x, t))
     return x
@@ -358,7 +371,7 @@ def heun(model: Velocity, x: Tensor, grid: Tensor | Sequence[float]) -> Tensor:
     A step into t = 0 is an Euler step, as in k-diffusion: it saves the evaluation at t = 0, where training
     draws (logit-normal) put almost no mass; the global error stays second order.
     """
-    times = _grid_values(grid)
+    times, x = _grid_values(grid), _state(x)
     for t, s in zip(times[:-1], times[1:]):
         v = model(x, _at(x, t))
         x_next = x + (s - t) * v

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_speed import variance
 from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
-from lightning_speed.validation import check_bool, check_number
+from lightning_speed.validation import check_bool, check_number, is_integer_tensor
 
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -170,8 +170,28 @@ class GaussianDiffusion(nn.Module):
                 "does), and draw t on it, e.g. timesteps.sample(len(x0), x0.device)."
             )
 
+    def check_steps(self, t: Any, batch: int) -> None:
+        """``t`` an integer tensor (B,) of steps in [0, T - 1], which index the tables (a negative one would wrap to
+        the end); values read on the CPU only (free there, a sync on an accelerator), as the flow's times are."""
+        if not is_integer_tensor(t):
+            what = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"A DDPM trains on integer time steps in [0, {self.num_timesteps - 1}], got {what}: draw them with "
+                "TimestepStrategy(schedule).sample (float times in [0, 1] are flow times: process='flow')."
+            )
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"The time steps must be shaped ({batch},), one per image, got {tuple(t.shape)}.")
+        if t.device.type == "cpu" and t.numel() > 0:
+            low, high = (int(v) for v in torch.aminmax(t))
+            if low < 0 or high >= self.num_timesteps:
+                raise ValueError(
+                    f"A DDPM of T = {self.num_timesteps} steps trains on time steps in [0, {self.num_timesteps - 1}], "
+                    f"got values from {low} to {high}: draw them with TimestepStrategy(schedule).sample."
+                )
+
     def training_losses(self, model: Denoiser, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> DiffusionLosses:
         """Per-sample losses of ``model`` at time steps ``t`` (B,), in float32 whatever the autocast."""
+        self.check_steps(t, x0.shape[0])
         self.check_device(x0, t)
         if noise is None:
             noise = torch.randn_like(x0)

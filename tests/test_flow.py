@@ -135,6 +135,23 @@ def test_q_sample_is_the_straight_path_and_the_target_its_velocity():
     assert flow.RectifiedFlow().target(x0, noise, t).equal(noise - x0)
 
 
+def test_half_precision_data_keeps_the_flow_time_exact():
+    """bf16 data (precision="bf16-true") with float32 times: x_t and the estimates use t itself, not t rounded to bf16
+    (2^-8 apart in [0.5, 1): at t = 0.99 the signal's coefficient 1 - t would be off by 22 %). Computed in float32,
+    each value is within a few float32 roundings of the float64 closed form: 8 eps32 of its terms' size."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn(3, 2, 4, 4, generator=g).bfloat16() for _ in range(2))
+    t = torch.tensor([0.3, 0.9, 0.99])
+    t64, size = t.double().view(-1, 1, 1, 1), float((x0.double().abs() + noise.double().abs()).max())
+    tol = 8 * torch.finfo(torch.float32).eps * size
+    x_t = flow.q_sample(x0, t, noise)
+    torch.testing.assert_close(x_t.double(), (1 - t64) * x0.double() + t64 * noise.double(), rtol=0, atol=tol)
+    v = flow.velocity(x0, noise)
+    x0_hat, eps_hat = flow.split_prediction(v, x0, t)  # x_t = x0 in bf16 stands in for a state kept in bf16
+    torch.testing.assert_close(x0_hat.double(), x0.double() - t64 * v.double(), rtol=0, atol=tol)
+    torch.testing.assert_close(eps_hat.double(), x0.double() + (1 - t64) * v.double(), rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
 def test_q_sample_moments_given_x0(t):
     n = 400_000
@@ -209,6 +226,20 @@ def test_solvers_are_exact_on_the_straight_field_of_one_point(solver):
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-12)
     partial = solver(field, z, grid[:4])
     torch.testing.assert_close(partial, (1 - grid[3]) * x0 + grid[3] * z, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [flow.euler, flow.heun])
+def test_solvers_integrate_half_precision_noise_in_float32(solver):
+    """A constant field v = c moves x(1) to x(0) = x(1) - c. Steps of c / 50 are below bf16's spacing near |x| = 2
+    (2^-7), so a state kept in the noise's bf16 would stay where it started. In float32 the error is that of the bf16
+    increments h c (the network's dtype: relative 2^-9 each, c 2^-9 in all, twice for Heun's average) plus a few
+    float32 roundings of |x| + |c| per step: 100 eps32 of it bounds those."""
+    c = 0.375  # exact in bf16
+    noise = (torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 2).bfloat16()
+    out = solver(lambda x, t: torch.full_like(x, c, dtype=torch.bfloat16), noise, flow.time_grid(50))
+    assert out.dtype == torch.float32
+    tol = c * 2**-8 + 100 * torch.finfo(torch.float32).eps * (float(noise.float().abs().max()) + c)
+    torch.testing.assert_close(out.double(), noise.double() - c, rtol=0, atol=tol)
 
 
 def test_heun_is_second_order_and_euler_first_order():

@@ -121,6 +121,52 @@ def test_validation_loss_draws_the_same_uniform_times_per_batch() -> None:
     torch.testing.assert_close(t, expected)
 
 
+def test_validation_times_stay_float32_under_half_precision_defaults() -> None:
+    """precision="bf16-true" makes bf16 the default dtype inside each step, where torch.rand would draw 2^8 distinct
+    times per octave (t = 0 included); the validation times are the float32 draws of the seeded generator."""
+    module = flow_module()
+    batch = torch.rand(6, *SHAPE) * 2 - 1
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        module.validation_step(batch, 1)
+    finally:
+        torch.set_default_dtype(previous)
+    expected = torch.rand(6, generator=torch.Generator().manual_seed(1)) * 1000
+    torch.testing.assert_close(module.backbone.seen[-1], expected, rtol=0, atol=0)
+
+
+class HalfNet(nn.Module):
+    """A bf16 backbone (as precision="bf16-true" casts it) that records its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.bfloat16))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x, t, y=None):
+        self.seen.append((x.detach().clone(), t.detach().clone()))
+        return x.to(self.scale.dtype) * self.scale
+
+
+@pytest.mark.parametrize("time_dtype", [torch.bfloat16, torch.float32])
+def test_half_precision_training_tells_the_backbone_the_time_that_noised_x_t(time_dtype) -> None:
+    """bf16 data and backbone: x_t = (1 - t) x0 + t eps is formed at the drawn t, not at t rounded to bf16, and the
+    backbone gets t * 1000 in float32, not rounded to bf16 (4 apart in [512, 1024): 0.7695 would arrive as 768).
+    Both to float32 rounding: x_t within 8 eps32 of its terms' size, t * 1000 within one eps32 relative."""
+    module = flow_module(HalfNet())
+    g = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn(3, *SHAPE, generator=g).bfloat16() for _ in range(2))
+    t = torch.tensor([0.76953125, 0.9, 0.99]).to(time_dtype)
+    module._losses(x0, t, noise, None)
+    x_t, t_seen = module.backbone.seen[-1]
+    assert t_seen.dtype == torch.float32
+    torch.testing.assert_close(t_seen.double(), t.double() * 1000, rtol=torch.finfo(torch.float32).eps, atol=0)
+    t64 = t.double().view(-1, 1, 1, 1)
+    tol = 8 * torch.finfo(torch.float32).eps * float((x0.double().abs() + noise.double().abs()).max())
+    torch.testing.assert_close(x_t.double(), (1 - t64) * x0.double() + t64 * noise.double(), rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("make", [
     lambda: DiT(image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2),
     lambda: UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1], num_res_blocks=1,

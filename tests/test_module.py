@@ -122,6 +122,22 @@ def test_class_conditional_with_guidance():
     assert (dropped == 3).float().mean().item() == pytest.approx(0.5, abs=0.03)
 
 
+
+def test_label_dropout_draws_in_float32_under_half_precision_defaults():
+    """precision="bf16-true" makes bf16 the default dtype inside each step; a bf16 uniform would drop labels at
+    about 0.102 for label_dropout 0.1. The mask is the float32 draw's: u < label_dropout."""
+    module = DiffusionModule(TinyBackbone(num_classes=3), image_shape=(1, 8, 8), num_classes=3, label_dropout=0.1)
+    labels = torch.zeros(100_000, dtype=torch.long)
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        dropped = module._drop_labels(labels)
+    finally:
+        torch.set_default_dtype(previous)
+    torch.manual_seed(0)
+    assert torch.equal(dropped == 3, torch.rand(labels.shape) < 0.1)
+
 # -- misconfiguration fails before the first step, naming the fix ---------------------------------
 @pytest.mark.parametrize("backbone,kwargs,match", [
     (TinyBackbone(channels=1), {"image_shape": (3, 8, 8)}, "cannot process images of shape"),

@@ -228,6 +228,21 @@ def test_data_on_another_device_than_the_tables_names_the_fix(tables_on):
         d.training_losses(lambda x, tt: x, torch.zeros(2, 1, 2, 2, device=tables_on), t)
 
 
+
+@pytest.mark.parametrize(("t", "match"), [
+    (torch.tensor([0, -1]), r"time steps in \[0, 49\].*from -1 to 0"),  # indexing would wrap to T - 1
+    (torch.tensor([0, 50]), r"time steps in \[0, 49\].*from 0 to 50"),
+    (torch.tensor([0.0, 0.5]), r"integer time steps.*torch.float32.*flow times"),
+    (torch.tensor([[0], [1]]), r"shaped \(2,\), one per image"),
+    (torch.tensor([0, 1, 2]), r"shaped \(2,\), one per image"),
+])
+def test_time_steps_outside_the_schedule_are_refused(t, match):
+    """t indexes the tables: a negative step would silently read alpha_bar_(T-1), one of T or more fails deep in the
+    gather (a device assert on an accelerator). Values are read on the CPU only, as the flow's times are."""
+    d = make(T=50)
+    with pytest.raises(ValueError, match=match):
+        d.training_losses(lambda x, tt: x, torch.zeros(2, 1, 2, 2), t)
+
 # -- zero terminal SNR ------------------------------------------------------------------------
 def test_epsilon_prediction_on_zero_terminal_snr_is_refused():
     with pytest.raises(ValueError, match="zero terminal SNR.*prediction 'v'"):
