@@ -17,7 +17,10 @@ from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_speed import flow
@@ -229,6 +232,22 @@ class DiffusionModule(pl.LightningModule):
         self._clip_denoised = checkpoint.get("clip_denoised") if self._clip_denoised is None else self._clip_denoised
         if "state_dict" in checkpoint:  # sharded strategies (FSDP) load the weights themselves and drop it
             check_state_matches(self, checkpoint["state_dict"])
+            self._resume_without_average(checkpoint)
+
+    def _resume_without_average(self, checkpoint: dict[str, Any]) -> None:
+        """A run with weight averaging saves the average as ``state_dict`` and the training weights beside it; its
+        averaging callback puts them back on resume. A fit resumed without one would train on from the average:
+        it continues from the training weights instead, and says the average is left behind."""
+        trainer = self._trainer
+        if (trainer is None or trainer.state.fn != TrainerFn.FITTING or "current_model_state" not in checkpoint
+                or any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks)):
+            return
+        checkpoint["state_dict"] = checkpoint["current_model_state"]
+        rank_zero_warn(
+            "The checkpoint was saved with an EMA (its state_dict is the average) but this run has no averaging "
+            "callback: training resumes from the training weights, and the average is not kept. Resume with the "
+            "EMA callback (the run's `ema:` settings) to keep averaging."
+        )
 
     # -- training ---------------------------------------------------------------------------
     def _check_values(self, x: Tensor, y: Tensor | None, stage: str) -> None:

@@ -1,6 +1,7 @@
 """DiffusionModule end to end on the CPU: it learns, it samples, it rejects bad setups early."""
 
 import copy
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -456,6 +457,39 @@ def test_a_checkpoint_keeps_the_image_shape_its_data_module_gave(tmp_path):
     fit.save_checkpoint(tmp_path / "m.ckpt")
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt", backbone=TinyBackbone())
     assert loaded.image_shape == (1, 8, 8) and loaded.sample(2, solver_steps=2).shape == (2, 1, 8, 8)
+
+
+class StartWeights(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_a_fit_resumed_without_the_ema_continues_from_the_training_weights(tmp_path):
+    """An EMA run's checkpoint holds the average as state_dict and the training weights as current_model_state. A fit
+    resumed without an averaging callback starts from the training weights and says the average is left behind;
+    with the EMA callback nothing is said; loading for sampling still gives the average."""
+    from lightning_speed.callbacks import EMAWeightAveraging
+
+    torch.manual_seed(0)
+    first = trainer(max_steps=3, callbacks=[EMAWeightAveraging(decay=0.5)])
+    first.fit(DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8)), loader(n=16, batch_size=8))
+    path = tmp_path / "ema.ckpt"
+    first.save_checkpoint(path)
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    name = "backbone.inp.weight"
+    assert not torch.equal(saved["state_dict"][name], saved["current_model_state"][name])  # average, training weights
+    for averaging in (False, True):
+        start = StartWeights()
+        callbacks = [start, EMAWeightAveraging(decay=0.5)] if averaging else [start]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_steps=4, callbacks=callbacks).fit(
+                DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8)), loader(n=16, batch_size=8), ckpt_path=path)
+        said = [w for w in caught if "saved with an EMA" in str(w.message)]
+        assert len(said) == (0 if averaging else 1)
+        assert torch.equal(start.weights[name], saved["current_model_state"][name])
+    loaded = DiffusionModule.load_from_checkpoint(path, backbone=TinyBackbone())
+    assert torch.equal(loaded.state_dict()[name], saved["state_dict"][name])
 
 
 # -- state, compilation, memory format -------------------------------------------------------
