@@ -95,7 +95,7 @@ def check_process_solver(solver: Any, process: str, owner: str = "", eta: float 
             )
     solver = check_choice(solver, f"{where}solver", PROCESS_SOLVERS[process])
     if eta is not None:
-        check_number(eta, "eta", at_least=0.0, hint="0: deterministic DDIM")
+        check_number(eta, "eta", at_least=0.0, at_most=1.0, hint="0: deterministic DDIM, 1: DDPM's variance")
     if process == "flow" and eta is not None:
         raise ValueError(f"{where}eta applies to DDPM's ddim solver only; {solver} integrates the flow's ODE "
                          "deterministically: leave eta unset.")

@@ -114,8 +114,8 @@ def check_solver(solver: str, steps: int, eta: float | None, num_timesteps: int 
             "steps with the posterior variance, or the learned one with learn_sigma, and dpmpp_2m is deterministic: "
             "leave eta unset."
         )
-    if eta is not None and not eta >= 0:
-        raise ValueError(f"eta must be a number >= 0 (0: deterministic DDIM), got {eta!r}.")
+    if eta is not None and not 0 <= eta <= 1:  # past 1, sigma^2 can exceed 1 - alpha_bar_s: no DDIM step exists
+        raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {eta!r}.")
 
 
 @torch.no_grad()

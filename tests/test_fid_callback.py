@@ -374,7 +374,8 @@ def test_sampling_callbacks_refuse_a_sharded_strategy_before_any_work(make) -> N
 
 @pytest.mark.parametrize("callback", [FIDCallback, SampleGridCallback])
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"eta": -1.0}, r"eta must be a non-negative number, got -1.0"),
+    ({"eta": -1.0}, r"eta must be a number in \[0, 1\], got -1.0"),
+    ({"eta": 1.5}, r"eta must be a number in \[0, 1\], got 1.5"),
     ({"solver": "ddpm", "eta": 1.0}, "eta applies to the ddim solver only"),
     ({"solver_steps": 1}, r"solver_steps must be an integer of at least 2, got 1"),
 ])

@@ -209,6 +209,7 @@ def test_bad_arguments(kwargs, error, match):
      r"noise must be a floating-point tensor .* shaped \(2, 1, 8, 8\), got torch.int64"),
     ({"noise": [[0.0]]}, TypeError, r"noise must be a floating-point tensor .*got list: e.g. torch.randn\(2, 1, 8, 8\)"),
     ({"eta": "0.5"}, TypeError, r"eta must be a number, got '0.5' \(str\); 0: deterministic DDIM"),
+    ({"eta": 1.5}, ValueError, r"eta must be a number in \[0, 1\], got 1.5; 0: deterministic DDIM, 1: DDPM's variance"),
 ])
 def test_bad_sample_arguments(kwargs, error, match):
     module = DiffusionModule(TinyBackbone(num_classes=3), image_shape=(1, 8, 8), num_classes=3)

@@ -395,7 +395,8 @@ def test_guidance_mixes_the_prediction_and_keeps_the_conditional_variance():
     ({"steps": 1}, "solver_steps must be an integer from 2 to T = 100"),
     ({"steps": 101}, "solver_steps must be an integer from 2 to T = 100"),
     ({"solver": "ddpm", "eta": 0.5}, "eta applies to the ddim solver only"),
-    ({"eta": -1.0}, "eta must be a number >= 0"),
+    ({"eta": -1.0}, r"eta must be a number in \[0, 1\]"),
+    ({"eta": 1.5}, r"eta must be a number in \[0, 1\] \(0: deterministic DDIM, 1: DDPM's variance\), got 1.5"),
 ])
 def test_bad_solver_arguments(kwargs, match):
     d = make(T=100)
