@@ -132,7 +132,8 @@ class SolverSettings:
             raise ValueError(f"{owner}(solver={solver!r}): choose {choices} (euler and heun for flow models), "
                              "or null for the model's own (ddim for a DDPM, euler for a flow).")
         solver_steps = check_int(solver_steps, "solver_steps", minimum=2, hint="at most the model's T")
-        eta = None if eta is None else check_number(eta, "eta", at_least=0.0, at_most=1.0, hint="0: deterministic DDIM, 1: DDPM's variance")
+        if eta is not None:
+            eta = check_number(eta, "eta", at_least=0.0, at_most=1.0, hint="0: deterministic DDIM, 1: DDPM's variance")
         self.solver, self.solver_steps, self.eta = solver, solver_steps, eta
         if solver is not None:
             self._check_solver_alone(owner)
