@@ -93,3 +93,29 @@ def test_a_window_split_at_other_areas_is_not_continued(tmp_path):
                           enable_checkpointing=False)
     trainer.fit(LoggedDiffusion(), loader(n=64, batch_size=8))
     assert monitor._sums[0].sum() == 8  # only this fit's step: the restored window was refused
+
+
+class SkippingDiffusion(TinyDiffusion):
+    """Skips every second micro-batch (training_step returns None) before drawing its time steps."""
+
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+
+def test_a_skipped_batch_is_not_counted_and_does_not_stop_training():
+    """Lightning passes {} for a batch whose training_step returned None; with accumulation 2 the optimizer steps on
+    each skipped micro-batch, so every window of 2 steps holds exactly 2 trained batches of 8."""
+
+    class CountingMonitor(TimestepMonitor):
+        counted: list[float] = []
+
+        def _flush(self, trainer, pl_module, step):
+            self.counted.append(float(self._sums[0].sum()))
+            super()._flush(trainer, pl_module, step)
+
+    monitor = CountingMonitor(log_every_n_steps=2, tau=700)
+    trainer = cpu_trainer(max_steps=4, callbacks=[TimestepCallback(SpeeD(tau=700), seed=0), monitor], logger=False,
+                          accumulate_grad_batches=2)
+    trainer.fit(SkippingDiffusion(), loader(n=64, batch_size=8))
+    assert [h["step"] for h in monitor.history] == [2.0, 4.0]
+    assert monitor.counted == [16.0, 16.0]

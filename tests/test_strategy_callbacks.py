@@ -247,6 +247,7 @@ def test_the_one_line_speed_is_the_callback_of_the_speed_strategy_and_draws_like
         (lambda: TimestepCallback(P2Weighting), TypeError, "come from lightning_speed.timesteps.*got the class P2Weighting"),
         (lambda: TimestepMonitor(log_every_n_steps=0), ValueError, "log_every_n_steps must be an integer of at least 1"),
         (lambda: TimestepMonitor(tau="x"), ValueError, "'auto'"),
+        (lambda: TimestepMonitor(tau=700.0), TypeError, r"a time step \(a positive integer, on a DDPM schedule\)"),
         (lambda: TimestepMonitor(histogram="no"), TypeError, "histogram must be true or false"),
     ],
 )

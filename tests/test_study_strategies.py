@@ -271,6 +271,7 @@ def test_curriculum_state_round_trip() -> None:
         (lambda: CurriculumSampling(StratifiedSampling(SpeeD(lam=None))), ValueError,
          r"draw each t on its own, got StratifiedSampling.*a stratified batch.*CurriculumSampling\(SpeeD\(\.\.\.\)\)"),
         (lambda: CurriculumSampling(SpeeD()), ValueError, r"early=SpeeD\(.*lam=0.6\) also weights the loss.*SpeeD\(lam=None\)"),
+        (lambda: CurriculumSampling(SpeeD(k=1, dual=False, lam=None)), ValueError, r"early=SpeeD\(.*\) draws uniform t"),
         (lambda: CurriculumSampling(LogitNormalSampling(), shape="cosine"), ValueError, "Unknown curriculum shape 'cosine'"),
         (lambda: CurriculumSampling(LogitNormalSampling(), switch=0), ValueError, r"switch must be a number in \(0, 1\]"),
         (lambda: CurriculumSampling(LogitNormalSampling(), switch=1.5), ValueError, r"switch must be a number in \(0, 1\]"),

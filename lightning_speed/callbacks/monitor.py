@@ -43,8 +43,9 @@ from typing_extensions import override
 
 from lightning_speed import flow
 from lightning_speed.callbacks.strategies import TIMESTEP_LINES, find_strategy
-from lightning_speed.schedules import AREA_NAMES, TimestepAreas, check_tau, resolve_tau, timestep_areas
+from lightning_speed.schedules import AREA_NAMES, TimestepAreas, resolve_tau, timestep_areas
 from lightning_speed.timesteps.base import PROBABILITY_BINS, StepRecord, TimestepStrategy
+from lightning_speed.timesteps.speed import check_speed_tau
 from lightning_speed.validation import check_bool, check_int
 
 
@@ -63,10 +64,7 @@ class TimestepMonitor(Callback):
         self, log_every_n_steps: int = 100, tau: Union[int, float, Literal["auto"], None] = None, histogram: bool = True
     ) -> None:
         self.log_every_n_steps = check_int(log_every_n_steps, "log_every_n_steps", minimum=1)
-        if tau is None:
-            self.tau = None
-        else:  # a float is a flow time, anything else a DDPM time step or "auto"
-            self.tau = flow.check_tau(tau) if isinstance(tau, float) else check_tau(tau)
+        self.tau = check_speed_tau(tau)  # a time step, a flow time, "auto" or None; checked against the schedule later
         self.histogram = check_bool(histogram, "histogram")
         self.areas: TimestepAreas | flow.FlowAreas | None = None
         self._bins: int | None = None  # on a flow: t counted in this many equal bins of [0, 1]
@@ -147,14 +145,17 @@ class TimestepMonitor(Callback):
         if self._strategy is None:
             return
         record = self._strategy.last
-        if record is None or record is self._seen:
-            raise ValueError(
-                f"TimestepMonitor reads each step's time steps, losses and weights from "
-                f"{type(pl_module).__name__}.timesteps.last, which TimestepStrategy.loss records, but this "
-                "training_step did not call it. Compute the loss with:\n" + TIMESTEP_LINES
-            )
+        # outputs is None or {} when training_step returned None: a skipped batch, not trained on, is not counted
+        # (under gradient accumulation the optimizer may still step on it, so the window can end here).
+        if outputs is not None and not (isinstance(outputs, dict) and not outputs):
+            if record is None or record is self._seen:
+                raise ValueError(
+                    f"TimestepMonitor reads each step's time steps, losses and weights from "
+                    f"{type(pl_module).__name__}.timesteps.last, which TimestepStrategy.loss records, but this "
+                    "training_step did not call it. Compute the loss with:\n" + TIMESTEP_LINES
+                )
+            self._accumulate(record.t, record.loss.float(), record.weight.float())
         self._seen = record
-        self._accumulate(record.t, record.loss.float(), record.weight.float())
         step = trainer.global_step
         if step % self.log_every_n_steps == 0 and step != self._last_logged_step:
             self._last_logged_step = step

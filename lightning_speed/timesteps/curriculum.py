@@ -54,6 +54,11 @@ def check_early(early: Any) -> SamplingStrategy:
             f"early must draw from a fixed distribution, got {kind.__name__}, which changes with the losses or the "
             "step: use e.g. SpeeD(lam=None), LogitNormalSampling() or another table strategy."
         )
+    if "sampling" not in early.roles:
+        raise ValueError(
+            f"early={early!r} draws uniform t, so the curriculum would be uniform from the start: give a strategy "
+            "that shapes t, e.g. SpeeD(lam=None) (k != 1 or dual) or LogitNormalSampling()."
+        )
     if early.roles != ("sampling",):
         raise ValueError(
             f"early={early!r} also weights the loss, which the curriculum would drop: give a strategy that only "
