@@ -31,6 +31,7 @@ from lightning_speed.timesteps import (
     LaplaceLogSNRSampling,
     LogitNormalSampling,
     LossAwareSampling,
+    LossDecreaseSampling,
     MinSNRWeighting,
     ModeSampling,
     P2Weighting,
@@ -442,6 +443,28 @@ def test_sampler_density_kolmogorov_smirnov(build, reference, wrong):
         np.testing.assert_allclose(sampler.cdf_at(x).numpy(), reference(x), atol=1e-6)
     probs = sampler.probabilities()
     assert probs.shape == (PROBABILITY_BINS,) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("build", [c[1] for c in SAMPLER_CASES] + [
+    lambda: on_flow(CurriculumSampling(LogitNormalSampling(), switch=0.5)),
+    lambda: on_flow(StratifiedSampling(UniformSampling()), 3.0),
+    lambda: on_flow(LossDecreaseSampling(bins=8)),
+], ids=[c[0] for c in SAMPLER_CASES] + ["curriculum", "stratified", "loss-decrease"])
+def test_flow_times_are_drawn_in_float32_under_a_half_precision_default(build):
+    """Under bf16-true Lightning makes bfloat16 the default dtype inside each step: the draws stay float32, not
+    bfloat16's 128 values per octave (4096 float32 draws from 2^24 values collide in about 0.5 pairs; in bfloat16 in
+    hundreds)."""
+    sampler = build()
+    sampler.manual_seed(0)
+    if isinstance(sampler, CurriculumSampling):
+        sampler.set_step(1, 4)  # mixing the early strategy with the uniform
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        t = sampler.sample(4096)
+    finally:
+        torch.set_default_dtype(previous)
+    assert t.dtype == torch.float32 and torch.unique(t).numel() >= 4096 - 10
 
 
 def test_timestep_strategy_draws_the_shifted_uniform_default_in_the_open_interval():

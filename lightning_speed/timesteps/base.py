@@ -91,7 +91,7 @@ def sample_binned_flow(schedule: FlowSchedule, bin_cdf: Tensor, n: int, generato
     inside it, then the schedule's shift (the adaptive samplers' flow form)."""
     bins = bin_cdf.numel()
     b = inverse_cdf_sample(bin_cdf, n, generator)
-    u = torch.rand(n, device=bin_cdf.device, generator=generator)
+    u = torch.rand(n, device=bin_cdf.device, generator=generator, dtype=torch.float32)
     return schedule.warp((b + u) / bins)
 
 
@@ -325,7 +325,7 @@ class SamplingStrategy(Strategy):
 
     def sample_flow(self, n: int) -> Tensor:
         """``n`` flow times by inverse CDF, float32 on ``self.device``."""
-        return self.quantile(torch.rand(n, device=self.device, generator=self.generator))
+        return self.quantile(torch.rand(n, device=self.device, generator=self.generator, dtype=torch.float32))
 
     def flow_probabilities(self) -> Tensor:
         """The mass of each of ``PROBABILITY_BINS`` equal bins of [0, 1] under ``cdf_at`` (float32, on the device)."""

@@ -239,7 +239,7 @@ class LogitNormalSampling(TableSampling):
     def sample(self, n: int) -> Tensor:
         if self.process == "flow":
             return self.sample_flow(n)
-        u = torch.randn(n, device=self.device, generator=self.generator) * self.std + self.mean
+        u = torch.randn(n, device=self.device, generator=self.generator, dtype=torch.float32) * self.std + self.mean
         return torch.round(torch.sigmoid(u) * (self.num_timesteps - 1)).long()
 
     @override

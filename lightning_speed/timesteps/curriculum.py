@@ -117,7 +117,7 @@ class CurriculumSampling(WrappedSampling):
 
     def _uniform(self, n: int) -> Tensor:
         if self.process == "flow":
-            return self.schedule.warp(torch.rand(n, device=self.device, generator=self.generator))
+            return self.schedule.warp(torch.rand(n, device=self.device, generator=self.generator, dtype=torch.float32))
         return torch.randint(0, self.num_timesteps, (n,), device=self.device, generator=self.generator)
 
     @override
@@ -129,7 +129,7 @@ class CurriculumSampling(WrappedSampling):
         if a >= 1.0:
             return early
         uniform = self._uniform(n)
-        keep = torch.rand(n, device=self.device, generator=self.generator) < a
+        keep = torch.rand(n, device=self.device, generator=self.generator, dtype=torch.float32) < a
         return torch.where(keep, early, uniform)
 
     @override

@@ -29,8 +29,8 @@ from lightning_speed.timesteps.base import (
 
 def stratified_uniform(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """``(u0 + i / n) mod 1`` for i = 0 .. n - 1 with one u0 ~ U[0, 1): one u in each stratum [i / n, (i + 1) / n)."""
-    u0 = torch.rand(1, device=device, generator=generator)
-    return (u0 + torch.arange(n, device=device) / n) % 1.0
+    u0 = torch.rand(1, device=device, generator=generator, dtype=torch.float32)
+    return (u0 + torch.arange(n, device=device, dtype=torch.float32) / n) % 1.0
 
 
 def check_inner(inner: Any) -> SamplingStrategy:
