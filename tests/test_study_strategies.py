@@ -261,6 +261,39 @@ def test_curriculum_state_round_trip() -> None:
     assert torch.equal(fresh.sample(64), expected)
 
 
+def test_a_curriculum_resumed_with_another_max_steps_says_how_its_share_moves() -> None:
+    """The checkpoint keeps the length annealed over (switch 0.5 of 10000: 5000); a resume with max_steps 20000 warns
+    with the shares before and after (1 - 2500 / 5000 = 0.50 -> 1 - 2500 / 10000 = 0.75) and the switch that keeps the
+    curriculum (5000 / 20000 = 0.25); the same length resumes quietly, and once."""
+    import warnings
+
+    schedule = NoiseSchedule.from_name("linear", 100)
+    make = lambda: CurriculumSampling(LogitNormalSampling()).bind(schedule)  # noqa: E731
+    first = make()
+    first.set_step(2_500, 10_000)
+    state = first.extra_state()
+    assert state["anneal_steps"] == 5_000
+    same = make()
+    same.load_extra_state(state)
+    assert same.share == 0.5  # the checkpoint's curriculum before the run's length is known
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.set_step(2_500, 10_000)
+    longer = make()
+    longer.load_extra_state(state)
+    with pytest.warns(UserWarning, match=r"resumed at step 2500 with trainer.max_steps=20000, but it was annealing to "
+                                         r"uniform t over 5000 steps.*from a = 0.50 to 0.75. Set switch: 0.25 to keep"):
+        longer.set_step(2_500, 20_000)
+    assert longer.share == 0.75 and longer.anneal_steps == 10_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        longer.set_step(2_501, 20_000)
+    shorter = make()
+    shorter.load_extra_state(state)
+    with pytest.warns(UserWarning, match=r"from a = 0.50 to 0.00. The run now ends before the old switch step"):
+        shorter.set_step(2_500, 4_000)
+
+
 @pytest.mark.parametrize(
     ("build", "error", "match"),
     [

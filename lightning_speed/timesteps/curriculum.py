@@ -21,6 +21,7 @@ schedule's shift.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -90,6 +91,7 @@ class CurriculumSampling(WrappedSampling):
         self.shape = check_choice(shape, "curriculum shape", SHAPES)
         self.anneal_steps = 1
         self.step = 0
+        self._resumed_anneal_steps: int | None = None  # a checkpoint's annealing length, until the run's is known
 
     @property
     def early(self) -> SamplingStrategy:
@@ -108,7 +110,20 @@ class CurriculumSampling(WrappedSampling):
         """Move the curriculum to optimizer step ``step`` of ``max_steps`` (Python ints: no sync)."""
         max_steps = check_run_length(max_steps, "CurriculumSampling anneals to uniform t by switch x trainer.max_steps")
         self.step = check_int(step, "step", minimum=0, hint="the optimizer step, trainer.global_step")
-        self.anneal_steps = max(1, round(self.switch * max_steps))
+        length = max(1, round(self.switch * max_steps))
+        resumed, self._resumed_anneal_steps = self._resumed_anneal_steps, None
+        if resumed is not None and resumed != length and self.step > 0:
+            before = self.share  # still the checkpoint's length
+            self.anneal_steps = length
+            keep = (f"Set switch: {resumed / max_steps:.6g} to keep the curriculum." if resumed <= max_steps else
+                    "The run now ends before the old switch step, so no switch keeps the curriculum.")
+            warnings.warn(
+                f"CurriculumSampling resumed at step {self.step} with trainer.max_steps={max_steps}, but it was "
+                f"annealing to uniform t over {resumed} steps (switch {self.switch:g} of the run's length): the share "
+                f"of early draws moves from a = {before:.2f} to {self.share:.2f}. {keep}",
+                UserWarning, stacklevel=3,
+            )
+        self.anneal_steps = length
 
     @override
     def manual_seed(self, seed: int) -> None:
@@ -146,9 +161,11 @@ class CurriculumSampling(WrappedSampling):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "step": self.step}
+        return {**super().extra_state(), "step": self.step, "anneal_steps": self.anneal_steps}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         self.step = int(state.get("step", 0))
+        if "anneal_steps" in state:  # the checkpoint's curriculum, compared with the resumed run's at set_step
+            self.anneal_steps = self._resumed_anneal_steps = int(state["anneal_steps"])
