@@ -145,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> TimestepAnalysis:
     parser.add_argument("--tau", type=_parse_tau, default="auto", help="an integer or 'auto' (default)")
     parser.add_argument("--out", default=None, help="write the figure to this PNG file")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    result = analyse(args.schedule, args.num_timesteps, args.tau)
+    try:
+        result = analyse(args.schedule, args.num_timesteps, args.tau)
+    except ValueError as err:  # a value out of range: its message, not a traceback
+        parser.error(str(err))
     a = result.areas
     print(f"schedule={result.schedule} T={a.num_timesteps} peak(dPsi/dt)={a.peak} tau={a.tau} (auto pivot {auto_tau(NoiseSchedule.from_name(args.schedule, args.num_timesteps), warn=False)})")
     for name, span in a.ranges().items():

@@ -182,13 +182,33 @@ def _strategy_class(value: Any) -> str | None:
     return "" if value is None else str(value).rsplit(".", 1)[-1]
 
 
+class ConfigFileError(ValueError):
+    """A ``--config`` file that is not a YAML mapping: a usage error, reported before parsing."""
+
+
 def _load_config(value: str) -> tuple[str, Any]:
-    """(name to show, parsed content) of one ``--config`` value: a file, or inline YAML."""
+    """(name to show, parsed content) of one ``--config`` value: a file, or inline YAML.
+
+    A file that is not YAML, or holds no mapping (empty, a list), raises ``ConfigFileError`` naming the file and
+    the line: jsonargparse's own report names neither ("Unexpected config:")."""
     if os.path.isfile(value):
         try:
-            return value, yaml.safe_load(Path(value).read_text())
-        except (OSError, yaml.YAMLError):
+            text = Path(value).read_text()
+        except OSError:
             return value, None  # jsonargparse reports an unreadable config itself
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigFileError(f"Config file {value} is not valid YAML{where}: {problem}. Fix the file there "
+                                  "(YAML indents with spaces, never tabs).") from None
+        if not isinstance(config, dict):
+            holds = "nothing" if config is None else f"a {type(config).__name__}"
+            raise ConfigFileError(f"Config file {value} holds {holds}, not a mapping of settings (keys such as "
+                                  "trainer:, model:, data:, timesteps:). Give a config file, or leave this one out.")
+        return value, config
     try:
         return f"--config {value!r}", yaml.safe_load(value)
     except yaml.YAMLError:
@@ -510,9 +530,14 @@ class SpeedCLI(LightningCLI):
         must reach the parser."""
         if isinstance(args, dict) or hasattr(args, "as_dict"):
             return super().parse_arguments(parser, args)
+        given = list(sys.argv[1:] if args is None else args)
+        try:
+            checked = timesteps_args(given)
+        except ConfigFileError as err:
+            parser.error(str(err))
         if args is not None and len(sys.argv) > 1:
-            return super().parse_arguments(parser, timesteps_args(list(args)))  # LightningCLI's warning
-        self.config = parser.parse_args(timesteps_args(list(sys.argv[1:] if args is None else args)))
+            return super().parse_arguments(parser, checked)  # LightningCLI's warning
+        self.config = parser.parse_args(checked)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first: LightningCLI reads the checkpoint's hyperparameters here, right

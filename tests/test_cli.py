@@ -177,6 +177,16 @@ def test_an_abbreviated_option_is_refused_not_expanded(
     assert "max_steps: 2\n" in capsys.readouterr().out
 
 
+def test_the_analysis_command_reports_a_value_out_of_range_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/timestep_analysis.md's command: a tau beyond T is a usage error naming the range and the fix."""
+    from lightning_speed.analysis import main as analysis
+
+    with pytest.raises(SystemExit) as exit_info:
+        analysis(["--schedule", "cosine", "--tau", "2000"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("use a value in [1, 999], or 'auto' for 959).")
+
+
 # ---------------------------------------------------------------------------------- the quickstart
 def test_quickstart_trains_and_writes_logs_checkpoint_samples_and_fid(cli_env: Path) -> None:
     """configs/quickstart.yaml through the CLI, with its output folder moved, 60 of its 400 steps (the loss logged
@@ -308,6 +318,28 @@ def test_config_errors_show_the_innermost_message_first(
     assert first_error.startswith(headline), err[-3000:]
     details = [err.find(marker) for marker in ("Traceback", "usage:", "Does not validate") if marker in err]
     assert details and err.index(first_error) < min(details)  # the message before the details, which are kept
+
+
+@pytest.mark.parametrize(
+    "text, headline",
+    [
+        ("trainer:\n  max_steps: 3\n   bad: [\n", "is not valid YAML, line 3, column 7: mapping values are not allowed here"),
+        ("trainer:\n\tmax_steps: 3\n", "is not valid YAML, line 2, column 1: found character '\\t'"),
+        ("", "holds nothing, not a mapping of settings"),
+        ("- trainer\n", "holds a list, not a mapping of settings"),
+    ],
+    ids=["syntax", "tab", "empty", "list"],
+)  # fmt: skip
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named_with_its_line(
+    cli_env: Path, no_training: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    text: str, headline: str,
+) -> None:  # fmt: skip
+    """jsonargparse's headline names no file, and for an empty one says only "Unexpected config:"."""
+    bad = cli_env / "bad.yaml"
+    bad.write_text(text)
+    code, err = run_console(["fit", "--config", str(QUICKSTART), "--config", str(bad), *FAST], monkeypatch, capsys)
+    assert code == 2
+    assert err.splitlines()[0].startswith(f"error: Config file {bad} {headline}"), err[:500]
 
 
 def test_ckpt_path_to_a_text_file_says_what_the_file_is(cli_env: Path, no_training: None) -> None:

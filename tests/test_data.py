@@ -428,6 +428,18 @@ def test_embedded_asset_is_small() -> None:
     assert asset.is_file() and len(asset.read_bytes()) < 4_000_000
 
 
+def test_rebuilding_the_subset_from_a_folder_without_the_files_is_a_short_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_speed.data.make_embedded_subset import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--root", str(tmp_path), "--output", str(tmp_path / "subset.npz")])
+    assert exit_info.value.code == 2 and not (tmp_path / "subset.npz").exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "apt-get install -y dataset-fashion-mnist" in err.splitlines()[-1]
+
+
 # -------------------------------------------------------------------------------- CIFAR-10
 def test_cifar10_reads_pickle_batches(tmp_path: Path) -> None:
     folder = write_fake_cifar(tmp_path)

@@ -62,14 +62,19 @@ def build_subset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_speed.data.make_embedded_subset", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist", help="folder with the IDX files")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
     parser.add_argument("--train-per-class", type=int, default=400)
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = build_subset(args.root, args.output, args.train_per_class, args.test_per_class, args.seed)
+    try:
+        out = build_subset(args.root, args.output, args.train_per_class, args.test_per_class, args.seed)
+    except (FileNotFoundError, ValueError) as err:  # missing files, too many images per class: the message alone
+        parser.error(str(err))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
