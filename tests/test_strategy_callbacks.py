@@ -200,15 +200,16 @@ def test_min_snr_reads_the_strategy_prediction():
     torch.testing.assert_close(rec.weight[0], expected[rec.t[0]])
 
 
-def test_min_snr_refuses_predictions_that_disagree():
+@pytest.mark.parametrize("weighting", [MinSNRWeighting, P2Weighting])
+def test_weights_of_the_prediction_refuse_predictions_that_disagree(weighting):
     rec = Recorder()
     module = _with_attribute(TinyDiffusion(), "prediction", "v")
-    with pytest.raises(ValueError, match=r"MinSNRWeighting: its weights depend on what the network predicts.*"
+    with pytest.raises(ValueError, match=rf"{weighting.__name__}: its weights depend on what the network predicts.*"
                                          r"pl_module.timesteps.prediction = 'epsilon', TinyDiffusion.prediction = 'v'.*"
                                          r"TimestepStrategy\(schedule, prediction=...\)"):
-        trainer(1, [install(MinSNRWeighting()), rec]).fit(module, loader())
+        trainer(1, [install(weighting()), rec]).fit(module, loader())
     assert rec.t == []
-    fit(_with_attribute(TinyDiffusion(), "prediction", "v"), [install(P2Weighting())], steps=1)  # P2 does not depend on it
+    fit(_with_attribute(TinyDiffusion(), "prediction", "v"), [install(change_aware())], steps=1)  # not depending on it
 
 
 def _with_attribute(obj, name, value):

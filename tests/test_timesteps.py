@@ -214,6 +214,28 @@ def test_p2_weights_at_chosen_t(linear):
     np.testing.assert_allclose(got, 1.0 / (0.5 + snr[CHOSEN_T]) ** 2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_p2_weights_another_prediction_by_the_same_epsilon_objective(linear, prediction):
+    """P2 is defined on the epsilon loss: on v (eps - eps_hat = alpha (v - v_hat)) its weight is P2 times
+    SNR / (1 + SNR), on x0 (eps - eps_hat = -(alpha / sigma) (x0 - x0_hat)) P2 times SNR, so that w_pred ||pred error||^2
+    equals P2 ||eps error||^2 for any prediction (float64 here; the table is float32: rtol 1e-6)."""
+    ab = linear_alpha_bar()
+    snr = ab / (1 - ab)
+    p2 = 1.0 / (1.0 + snr)
+    got = P2Weighting().bind(linear, prediction).weight(torch.tensor(CHOSEN_T)).numpy()
+    np.testing.assert_allclose(got, (p2 * (snr / (1 + snr) if prediction == "v" else snr))[CHOSEN_T], rtol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps, guess = (torch.randn(len(CHOSEN_T), 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    a = torch.tensor(ab[CHOSEN_T]).sqrt()[:, None]
+    sigma = (1 - a**2).sqrt()
+    x_t = a * x0 + sigma * eps
+    target = a * eps - sigma * x0 if prediction == "v" else x0
+    eps_hat = a * guess + sigma * x_t if prediction == "v" else (x_t - a * guess) / sigma
+    on_prediction = torch.tensor(got, dtype=torch.float64) * (guess - target).pow(2).sum(1)
+    on_epsilon = torch.tensor(p2[CHOSEN_T]) * (eps_hat - eps).pow(2).sum(1)
+    torch.testing.assert_close(on_prediction, on_epsilon, rtol=2e-6, atol=0)
+
+
 @pytest.mark.parametrize(
     ("prediction", "formula"),
     [

@@ -2,7 +2,9 @@
 
 Weighting strategies (tables over t, gathered per step):
 
-* ``P2Weighting``: w(t) = scale / (k + SNR(t))^gamma (Choi et al. 2022; official k = 1, gamma = 1, scale 1).
+* ``P2Weighting``: w(t) = scale / (k + SNR(t))^gamma (Choi et al. 2022; official k = 1, gamma = 1, scale 1), on
+  the epsilon loss it was defined on; a v- or x0-prediction's loss is weighted by the same objective,
+  w(t) SNR / (1 + SNR) or w(t) SNR (``epsilon_loss_scale``).
   With scale 5 it is what the SpeeD code's ``min_snr`` weighting evaluates to, 5 / (1 + SNR(t)): that
   code stacks (SNR, 5), takes a minimum and keeps element [0], the constant 5, so its Min-SNR-5 is
   five times P2 (4.61 at t = 500 and 5.0 at t = 999 on the linear schedule, where Min-SNR-5 gives 1).
@@ -123,6 +125,16 @@ def p2_weights(schedule: NoiseSchedule, k: float = 1.0, gamma: float = 1.0, scal
     return scale / (k + snr) ** gamma
 
 
+def epsilon_loss_scale(schedule: NoiseSchedule, prediction: Prediction) -> Tensor:
+    """||eps_hat - eps||^2 over the squared error of ``prediction`` at each t, float64 (T,): 1 for epsilon, since
+    eps = alpha v + sigma x_t gives alpha^2 = SNR / (1 + SNR) for v, and x0 = (x_t - sigma eps) / alpha gives SNR
+    for x0. A weighting defined on the epsilon loss times this is the same objective on the other losses."""
+    snr, prediction = schedule.snr, check_prediction(prediction)
+    if prediction == "epsilon":
+        return torch.ones_like(snr)
+    return snr / (snr + 1.0) if prediction == "v" else snr
+
+
 def flow_p2_weight(t: Tensor, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> Tensor:
     """P2 on a flow's velocity loss: scale (1 - t)^2 / (k + SNR(t))^gamma (0 at t = 0, where SNR is inf)."""
     return scale * (1 - t) ** 2 / (k + flow.snr(t)) ** gamma
@@ -134,8 +146,9 @@ def flow_min_snr_weight(t: Tensor, gamma: float = 5.0) -> Tensor:
 
 
 class P2Weighting(TableWeighting):
-    """Perception-prioritised weighting (Choi et al. 2022): w(t) = scale / (k + SNR(t))^gamma; on a flow's
-    velocity loss scale (1 - t)^2 / (k + SNR(t))^gamma (see the module docstring).
+    """Perception-prioritised weighting (Choi et al. 2022): w(t) = scale / (k + SNR(t))^gamma on the epsilon loss;
+    on a v- or x0-prediction's loss times SNR / (1 + SNR) or SNR, on a flow's velocity loss times (1 - t)^2, the same
+    objective (see the module docstring).
 
     Args:
         k: the offset (official 1; 0 needs a schedule whose SNR stays above 0, so never on a flow).
@@ -145,6 +158,7 @@ class P2Weighting(TableWeighting):
     """
 
     processes = ("ddpm", "flow")
+    uses_prediction = True
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0, scale: float = 1.0) -> None:
         self.k = check_number(k, "P2's k", at_least=0, hint="the official value is 1")
@@ -154,7 +168,7 @@ class P2Weighting(TableWeighting):
 
     @override
     def build(self, schedule: NoiseSchedule, prediction: str) -> None:
-        self.set_weights(p2_weights(schedule, self.k, self.gamma, self.scale))
+        self.set_weights(p2_weights(schedule, self.k, self.gamma, self.scale) * epsilon_loss_scale(schedule, prediction))
 
     @override
     def build_flow(self, schedule: FlowSchedule) -> None:
