@@ -1,3 +1,3 @@
 from lightning_speed.cli import console
 
-console()
+console(prog="python -m lightning_speed")

@@ -134,7 +134,12 @@ def plot_analysis(
 
 # --------------------------------------------------------------------------------------- CLI
 def _parse_tau(value: str) -> int | str:
-    return value if value.strip().lower() == "auto" else int(value)
+    if value.strip().lower() == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tau must be an integer time step or 'auto', got {value!r}.") from None
 
 
 def main(argv: Sequence[str] | None = None) -> TimestepAnalysis:

@@ -48,6 +48,13 @@ _SEARCH_NOISE = re.compile(
 )
 _CONTEXT = re.compile(r"Parser key \"([^\"]+)\"|Problem with given class_path '([^']+)'")
 
+# jsonargparse's report of a key no option takes: set in a config file (a typo on the command line is
+# "unrecognized arguments"). ``group`` is the group or subcommand it names, which prefixes the key only for a group.
+_UNKNOWN_KEY = re.compile(
+    r"(?:Group '(?P<group>[^']+)'|Subcommand '[^']+') does not accept option '(?P<key>[^']+)'"
+    r"|Option '(?P<top>[^']+)' is not accepted$"
+)
+
 
 def _indent(raw: str) -> int:
     return len(raw) - len(raw.lstrip(" -"))
@@ -147,6 +154,9 @@ class SpeedArgumentParser(LightningArgumentParser):
                 )
             if message.startswith("unrecognized arguments:"):
                 headline += self._close_options(message.split())
+            unknown = _UNKNOWN_KEY.match(message)
+            if unknown:
+                headline = self._unknown_key(unknown, getattr(ex, "subcommand_parser", None) or self)
             sys.stderr.write(f"error: {headline}\n(the usage and jsonargparse's full report follow)\n\n")
         super().error(message, ex)
 
@@ -155,6 +165,39 @@ class SpeedArgumentParser(LightningArgumentParser):
         known = [o for o in self._option_string_actions if o.startswith("--")]
         near = [m for t in tokens if t.startswith("--") for m in difflib.get_close_matches(t.split("=")[0], known, n=1)]
         return f". Options take their full names: did you mean {', '.join(near)}?" if near else ""
+
+    def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        self._given = list(sys.argv[1:] if args is None else args)  # for ``_unknown_key`` to find the config file
+        return super().parse_args(args, *rest, **kwargs)
+
+    def _unknown_key(self, match: re.Match, parser: LightningArgumentParser) -> str:
+        """The config file that sets an unknown key, and the nearest key the parser takes (jsonargparse names
+        neither)."""
+        key = match["top"] or ".".join(k for k in match.group("group", "key") if k)
+        parent = key.rpartition(".")[0]
+        known = [a.dest for a in parser._actions if a.dest and a.dest != "help"]
+        siblings = [k for k in known if k.rpartition(".")[0] == parent]
+        near = difflib.get_close_matches(key, siblings, n=1) or difflib.get_close_matches(key, known, n=1)
+        command = parser.prog.replace(" [options]", "")
+        hint = f": did you mean {near[0]}?" if near else f"; {command} --help lists the options."
+        for value in _config_values(getattr(self, "_given", [])):
+            try:
+                where, config = _load_config(value)
+            except ConfigFileError:
+                continue
+            if any(f"{k}.".startswith(f".{key}.") for k in _leaves(config, "")):  # keys ".trainer.max_steps", ...
+                return f"Config file {where} sets {key}, which is not an option{hint}"
+        return f"{key} is not an option{hint}"
+
+
+def _config_values(args: list[str]) -> list[str]:
+    """The values of the ``--config`` / ``-c`` options in ``args``."""
+    values = []
+    for i, token in enumerate(args):
+        name, equals, value = token.partition("=")
+        if name in ("--config", "-c"):
+            values += [value] if equals else args[i + 1:i + 2]
+    return values
 
 
 def _is_strategy_file(config: dict[str, Any]) -> bool:
@@ -634,16 +677,18 @@ class SpeedCLI(LightningCLI):
                     callback.save_last = False
 
 
-def main(args: list[str] | None = None, run: bool = True) -> SpeedCLI:
+def main(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> SpeedCLI:
     """Build (and by default run) the CLI; returns it, so scripts can read its trainer and model.
 
     ``run=False`` parses and instantiates without running (``args`` then has no subcommand),
-    for scripts that adjust the trainer before calling ``fit`` themselves.
+    for scripts that adjust the trainer before calling ``fit`` themselves. ``prog``: the command that
+    usage and help name (None: the program's file name, as argparse does).
     """
     return SpeedCLI(
         DiffusionModule,
         subclass_mode_data=True,
         parser_class=SpeedArgumentParser,
+        parser_kwargs={"prog": prog} if prog else None,
         save_config_callback=RunConfigCallback,
         args=args,  # None: LightningCLI reads sys.argv itself (passing it too makes it warn)
         auto_configure_optimizers=False,
@@ -672,8 +717,9 @@ def library_error(error: BaseException) -> BaseException:
     return next((e for e in chain if _raised_here(e)), chain[-1])
 
 
-def console() -> None:
-    """The ``lightning-speed`` command and ``python -m lightning_speed``.
+def console(prog: str | None = None) -> None:
+    """The ``lightning-speed`` command and ``python -m lightning_speed`` (which passes that as ``prog``: argparse
+    would name the file, ``__main__.py``).
 
     Errors: the message of the library's own error first (``error: ...``), then the traceback.
     A diverged run prints its message alone. Exit status: 0 when the run finished, 1 on an error
@@ -684,7 +730,7 @@ def console() -> None:
     object would make every successful run exit with status 1.
     """
     try:
-        main()
+        main(prog=prog)
     except DivergenceError as err:
         sys.stderr.write(f"error: {err}\n")
         sys.exit(1)

@@ -59,6 +59,15 @@ def test_cli_prints_the_areas(capsys):
     assert "convergence   t in [700, 1000)" in out
 
 
+@pytest.mark.parametrize("tau", ["abc", "2.5"])
+def test_cli_says_what_tau_may_be(capsys, tau):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tau", tau])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(f"argument --tau: tau must be an integer time step or 'auto', got '{tau}'."), last
+
+
 def test_cli_module_writes_a_png(tmp_path, monkeypatch, capsys):
     """``python -m lightning_speed.analysis ... --out``, its ``__main__`` run in this process (runpy): a new process
     would spend seconds importing torch again."""

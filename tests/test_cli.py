@@ -108,6 +108,22 @@ def test_module_help_exits_zero(cli_env: Path, monkeypatch: pytest.MonkeyPatch, 
         assert option in out
 
 
+@pytest.mark.parametrize("entry", ["python -m lightning_speed", "lightning-speed"])
+def test_help_names_the_command_a_user_types(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], entry: str
+) -> None:
+    """argparse names the program by its file: ``python -m`` runs ``lightning_speed/__main__.py``, the console script
+    ``bin/lightning-speed``."""
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/lightning-speed", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        if entry == "lightning-speed":
+            console()
+        else:  # runpy sets argv[0] to the module's file, as python -m does
+            runpy.run_module("lightning_speed", run_name="__main__", alter_sys=True)
+    assert exit_info.value.code in (0, None)
+    assert capsys.readouterr().out.startswith(f"usage: {entry} [-c CONFIG] {{fit,validate,test,predict}}")
+
+
 def test_console_script_is_declared() -> None:
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
@@ -340,6 +356,31 @@ def test_a_config_file_that_is_not_a_yaml_mapping_is_named_with_its_line(
     code, err = run_console(["fit", "--config", str(QUICKSTART), "--config", str(bad), *FAST], monkeypatch, capsys)
     assert code == 2
     assert err.splitlines()[0].startswith(f"error: Config file {bad} {headline}"), err[:500]
+
+
+@pytest.mark.parametrize(
+    "subcommand, text, key, near",
+    [
+        (["fit"], "trainer: {max_stepz: 5}\n", "trainer.max_stepz", "trainer.max_steps"),
+        ([], "trainer: {max_stepz: 5}\n", "trainer.max_stepz", "trainer.max_steps"),  # main(run=False): no subcommand
+        (["fit"], "model:\n  schedul: cosine\n", "model.schedul", "model.schedule"),
+        (["fit"], "traner:\n  max_steps: 5\n", "traner.max_steps", "trainer.max_steps"),
+    ],
+    ids=["fit", "no-subcommand", "model-key", "top-level-key"],
+)  # fmt: skip
+def test_a_mistyped_key_in_a_config_file_names_the_file_and_the_nearest_key(
+    cli_env: Path, no_training: None, capsys: pytest.CaptureFixture[str],
+    subcommand: list[str], text: str, key: str, near: str,
+) -> None:  # fmt: skip
+    """jsonargparse says "Subcommand 'fit' does not accept option 'trainer.max_stepz'" (without a subcommand: "Group
+    'trainer' does not accept option 'max_stepz'"), naming neither the file nor the key meant."""
+    bad = cli_env / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*subcommand, "--config", str(QUICKSTART), "--config", str(bad), *FAST], run=bool(subcommand))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"error: Config file {bad} sets {key}, which is not an option: did you mean {near}?", err[:500]
 
 
 def test_ckpt_path_to_a_text_file_says_what_the_file_is(cli_env: Path, no_training: None) -> None:
