@@ -1025,6 +1025,51 @@ def test_report_includes_another_folders_baseline(tmp_path: Path, home: Path) ->
     assert proc.returncode != 0 and "uniform_s0 is in both" in proc.stderr
 
 
+
+def _protocol_run(strategy: str, base: str = "fashion_mnist_dit.yaml", batch: int = 64, samples: int = 5000,
+                  *overrides: str) -> dict:
+    """A result.json as run.py writes it, with its curve: uniform 20 -> 10, the candidate 10 -> 5 (2x)."""
+    curve = [[2500, 20.0], [5000, 10.0]] if strategy == "uniform" else [[2500, 10.0], [5000, 5.0]]
+    return {"strategy": strategy, "seed": 0, "steps_done": 5000, "fid_history": curve, "fid_solver": "ddim-50",
+            "configs": [base, *RUNS[strategy]], "batch_size": batch, "fid_samples": samples, "card": "card",
+            "overrides": ["--seed_everything", "0", "--trainer.max_steps", "5000", *overrides]}
+
+
+@pytest.mark.parametrize(("candidate", "message"), [
+    (_protocol_run("speed", "fashion_mnist.yaml"), r"different base configs"),
+    (_protocol_run("speed", "fashion_mnist_dit.yaml", 128),
+     r"batch 64: \['uniform_s0 \(baseline\)'\]; batch 128: \['speed_s0 \(new\)'\]"),
+    (_protocol_run("speed", "fashion_mnist_dit.yaml", 64, 10000), r"FID samples 5000: .*; FID samples 10000: "),
+    (_protocol_run("speed", "fashion_mnist_dit.yaml", 64, 5000, "--ema.init_args.decay", "0.999"),
+     r"--ema.init_args.decay 0.999"),
+], ids=["base", "batch", "fid_samples", "ema_override"])
+def test_a_report_refuses_runs_trained_or_measured_with_other_settings(candidate: dict, message: str,
+                                                                       tmp_path: Path) -> None:
+    """A candidate and the baseline it is compared with must differ only in the run's config files: another base,
+    batch, FID sample count or --set override (an EMA decay) makes the speed-up a comparison of two protocols. Refused
+    before anything is written, with or without summary.json; per-part and cadence settings may differ."""
+    def write(folder: Path, result: dict) -> None:
+        (folder / f"{result['strategy']}_s0").mkdir(parents=True)
+        (folder / f"{result['strategy']}_s0" / "result.json").write_text(json.dumps(result))
+
+    baseline, new = tmp_path / "baseline", tmp_path / "new"
+    write(baseline, _protocol_run("uniform"))
+    write(new, candidate)
+    for summary in (False, True):
+        args = Namespace(out=str(new), include=[str(baseline)], base="fashion_mnist_dit.yaml", plots=False,
+                         smoke=False, summary=summary, summary_file=str(tmp_path / "summary.json"), summary_key=None)
+        with pytest.raises(ValueError, match=message):
+            report.report(args)
+        assert not (new / "speedups.json").exists() and not (tmp_path / "summary.json").exists()
+    # The evaluation cadence, the compile mode and N (a run resumed further) are no part of the comparison.
+    same = _protocol_run("speed", "fashion_mnist_dit.yaml", 64, 5000, "--fid.init_args.every_n_steps", "2500",
+                         "--model.compile_mode", "reduce-overhead")
+    same["overrides"][3] = "10000"
+    (new / "speed_s0" / "result.json").write_text(json.dumps(same))
+    args.summary = False
+    assert report.report(args)["N"]["speed"]["per_seed"] == [2.0]
+
+
 @pytest.mark.parametrize("command", [["report"], ["launch", "--jobs", "uniform:0:4", "speed:0:4", "--final-samples", "0"]],
                          ids=["report", "launch"])
 def test_report_refuses_a_run_with_a_fid_that_is_not_finite(command: list[str], tmp_path: Path,
@@ -1426,6 +1471,12 @@ def test_a_screen_says_which_strategy_reaches_uniforms_fid_at_twice_its_step() -
     assert "how_far_at_most" not in report._screen_headline(screened["loss_decrease"])
     # no uniform curve at twice the step: nothing to say
     assert stats.screen([r for r in results if r["strategy"] != "uniform" or r["fid_history"][-1][0] < 10000]) == {}
+    # A run stopped at 5k of N = 20k's schedule (a curriculum at a quarter of its way) says nothing about 2x at
+    # N = 10k: no entry, rather than one that names N = 10k. N = 10k's runs (or results without N) are screened.
+    quarter = [{**r, "steps_target": 20000} for r in results if r["strategy"] == "loss_decrease"]
+    assert "loss_decrease" not in stats.screen([*results[:2], *quarter])
+    half = [{**r, "steps_target": 10000} for r in results if r["strategy"] == "loss_decrease"]
+    assert stats.screen([*results[:2], *half])["loss_decrease"] == screened["loss_decrease"]
 
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from benchmarks.common import load_config, update_summary, write_json
 from benchmarks.convergence.plots import plot, plot_areas, plot_headline, plot_screen
-from benchmarks.convergence.runs import BASELINES
+from benchmarks.convergence.runs import BASELINES, PER_PART, PER_RUN
 from benchmarks.convergence.stats import curve_solver, screen, speedups, summary_keys
 from benchmarks.convergence.table import check_cost_matches, load_cost, markdown
 
@@ -51,6 +51,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     if cost is not None:
         check_cost_matches(cost, results, args.cost)
     solver = curve_solver(results, out)
+    base = base_config(results, args.base)
+    check_same_protocol(results)
     uniform_steps = sorted({s for r in results if r["strategy"] == "uniform" for s, _ in r["fid_history"]})
     if not results or not uniform_steps:
         print("no uniform baseline results yet")
@@ -87,7 +89,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             compared = (strategy, BASELINES.get(strategy, "uniform"))
             return ", ".join(sorted({r[field] for r in results if r["strategy"] in compared}))
 
-        keys = summary_keys(solver, base_config(results, args.base))
+        keys = summary_keys(solver, base)
         study = getattr(args, "summary_key", None)  # a study's own key: its entries also name N and the EMA decay
         if study:
             keys = (study, f"{study}_half")
@@ -158,6 +160,32 @@ def base_config(results: list[dict[str, Any]], default: str) -> str:
         raise ValueError(f"the runs reported together were trained on different base configs {sorted(bases)}: "
                          "report each base's runs into their own --out folder")
     return bases.pop()
+
+
+def check_same_protocol(results: list[dict[str, Any]]) -> None:
+    """Runs reported together are compared with each other, so they may differ only in their run's config files, seed
+    and per-part settings (runs.PER_PART, runs.PER_RUN): another batch, FID sample count or override (``--set``: an
+    EMA decay, a learning rate) is another experiment. Refused, naming each setting's runs; a field that a result
+    does not record (results from before it) is not checked."""
+    def overrides(r: dict[str, Any]) -> frozenset[str] | None:
+        pairs = zip(r["overrides"][::2], r["overrides"][1::2]) if "overrides" in r else ()
+        return frozenset(f"{k} {v}" for k, v in pairs if k not in PER_PART | PER_RUN) if "overrides" in r else None
+
+    for name, of in (("batch", lambda r: r.get("batch_size")), ("FID samples", lambda r: r.get("fid_samples")),
+                     ("overrides", overrides)):
+        runs: dict[Any, list[str]] = {}
+        for r in results:
+            if (value := of(r)) is not None:
+                runs.setdefault(value, []).append(f"{r['strategy']}_s{r['seed']} ({r['folder']})")
+        if len(runs) < 2:
+            continue
+        if name == "overrides":  # each set of runs by the overrides that not all runs share
+            shared = frozenset.intersection(*runs)
+            found = [f"{' '.join(sorted(v - shared)) or 'no other override'}: {rs}" for v, rs in runs.items()]
+        else:
+            found = [f"{name} {v}: {rs}" for v, rs in sorted(runs.items())]
+        raise ValueError(f"the runs reported together differ in their {name} ({'; '.join(found)}): their FIDs answer "
+                         "different questions. Report each setting's runs into their own --out folder")
 
 
 def load_results(folders: list[Path]) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from benchmarks.common import device_name, load_config, set_overrides, smoke_args, today, write_json
-from benchmarks.convergence.runs import RUNS, config_args
+from benchmarks.convergence.runs import PER_PART, RUNS, config_args
 
 
 class PartTimer(Timer):
@@ -157,13 +157,6 @@ def overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     elif args.compile_sampling:
         out += ["--model.compile_sampling", "true"]
     return out + set_overrides(args.set)
-
-
-# Overrides that may change from one part of a run to the next without changing what it trains: N (a run is
-# resumed to a larger N), paths (the same folders seen from another working directory or machine), and
-# compilation (launch retries a failed part with --eager, which drops the compiled sampling too).
-PER_PART = {"--trainer.max_steps", "--trainer.logger.init_args.save_dir", "--data.init_args.root",
-            "--model.compile_mode", "--model.compile_sampling"}
 
 
 def check_resumable(previous: dict[str, Any], configs: list[str], protocol: list[str], run_dir: Path) -> None:

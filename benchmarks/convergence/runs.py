@@ -83,6 +83,16 @@ BASELINES = {"speed_cosine": "uniform_cosine", "speed_1336": "uniform_1336", "sp
              "speed_sampling_min_snr_onecycle": "uniform_onecycle", "speed_ema_warmup": "uniform_ema_warmup",
              "speed_onecycle_ema_warmup": "uniform_onecycle_ema_warmup"}
 
+# Overrides that may change from one part of a run to the next without changing what it trains: N (a run is
+# resumed to a larger N), paths (the same folders seen from another working directory or machine), and
+# compilation (launch retries a failed part with --eager, which drops the compiled sampling too).
+PER_PART = {"--trainer.max_steps", "--trainer.logger.init_args.save_dir", "--data.init_args.root",
+            "--model.compile_mode", "--model.compile_sampling"}
+# Overrides that differ between runs compared with each other without changing what they train or how their FID is
+# measured: the seed, and how often a run evaluates and logs.
+PER_RUN = {"--seed_everything", "--fid.init_args.every_n_steps", "--samples.init_args.every_n_steps",
+           "--monitor.init_args.log_every_n_steps"}
+
 
 def config_args(base: str, run: str) -> list[str]:
     """``--config`` arguments composing ``base`` with the config files of ``run``."""

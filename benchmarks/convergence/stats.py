@@ -123,7 +123,8 @@ def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
     """For runs stopped early (``--stop-at s``): does each strategy reach, by step s, the FID uniform has at 2s?
 
     A strategy that is twice as fast as uniform at N = 2s must; one that does not is not. Per strategy whose runs
-    all stopped at one step s, with a uniform curve that reaches 2s: its FIDs at s, uniform's mean FID at 2s, and how
+    all stopped at one step s of N = 2s's schedule (a schedule of another N, such as a curriculum's, trains another
+    run), with a uniform curve that reaches 2s: its FIDs at s, uniform's mean FID at 2s, and how
     far each seed got: the steps uniform's mean curve needs to reach its FID, over s (None: never; a bound, "at most",
     when uniform is below it already at its first evaluation).
     """
@@ -134,6 +135,8 @@ def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
         if len(stops) != 1 or None in stops:
             continue
         (step,) = stops
+        if any(r.get("steps_target", 2 * step) != 2 * step for r in runs):  # results without N: before the field
+            continue
         baseline, seeds = _mean_curve(results, BASELINES.get(strategy, "uniform"), 2 * step)
         fids = [fid_at(r["fid_history"], step) for r in runs]
         if not baseline or None in fids:
