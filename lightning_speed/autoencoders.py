@@ -5,11 +5,12 @@ frozen, plain object (not an ``nn.Module``, so a module holding it keeps it out 
 its EMA copy and DDP). It speaks the diffusion side's units:
 
 * ``encode(images in [-1, 1]) -> (mean, std)``: the posterior N(mean, std^2) of the unscaled latent;
-  a training latent is ``(mean + std * eps) * scaling_factor``.
-* ``decode(latents)``: scaled latents -> images in [-1, 1] (divides by ``scaling_factor``, clamps).
+  a training latent is ``(mean + std * eps - shift_factor) * scaling_factor``.
+* ``decode(latents)``: scaled latents -> images in [-1, 1] (undoes that scale and shift, clamps).
 
-``scaling_factor`` comes from the autoencoder's config (0.18215 for sd-vae-ft-ema), and
-``fingerprint`` names its config and weights, so a latent cache can tell whether it was built by it.
+``scaling_factor`` and ``shift_factor`` come from the autoencoder's config (0.18215 and 0 for sd-vae-ft-ema;
+SD3's and FLUX's autoencoders also shift), as diffusers' pipelines apply them, and ``fingerprint`` names its
+config and weights, so a latent cache can tell whether it was built by it.
 
 diffusers is an optional dependency (``pip install -e ".[latent]"``), imported only when needed.
 """
@@ -126,7 +127,8 @@ class Autoencoder:
     Args:
         vae: the autoencoder, e.g. ``diffusers.AutoencoderKL``; kept in eval mode without gradients.
         scaling_factor: multiplies the latents so they have about unit variance (None: the
-            autoencoder config's ``scaling_factor``, 0.18215 for sd-vae-ft-ema).
+            autoencoder config's ``scaling_factor``, 0.18215 for sd-vae-ft-ema). The config's
+            ``shift_factor`` (if any) is subtracted before the scaling, as diffusers does.
         name: where it came from (a folder or hub name), for messages.
     """
 
@@ -140,6 +142,15 @@ class Autoencoder:
         factor = scaling_factor if scaling_factor is not None else getattr(config, "scaling_factor", None)
         factor = check_number(factor, "the autoencoder's scaling_factor", above=0.0,
                               hint="pass scaling_factor (0.18215 for sd-vae-ft-ema)")
+        per_channel = [k for k in ("latents_mean", "latents_std") if getattr(config, k, None) is not None]
+        if per_channel:
+            raise ValueError(
+                f"The autoencoder's config sets {' and '.join(per_channel)} (per-channel latent statistics), which "
+                "Autoencoder does not apply, so its latents would be off-centre and off-scale: use an autoencoder "
+                "without them (e.g. stabilityai/sd-vae-ft-ema)."
+            )
+        shift = getattr(config, "shift_factor", None)
+        self.shift_factor = check_number(0.0 if shift is None else shift, "the autoencoder's shift_factor")
         self.vae = vae.eval().requires_grad_(False)
         self.scaling_factor = factor
         self.name = name or type(vae).__name__
@@ -250,9 +261,11 @@ class Autoencoder:
         dtype = next(self.vae.parameters()).dtype
         parts = []
         for chunk in latents.split(batch_size):
-            z = chunk.to(self.device, dtype) / self.scaling_factor
+            z = chunk.to(self.device, dtype) / self.scaling_factor + self.shift_factor
             parts.append(self.vae.decode(z).sample.float().clamp_(-1.0, 1.0))
         return torch.cat(parts) if parts else latents.new_zeros((0, *self.image_shape(latents.shape[1:])))
 
     def __repr__(self) -> str:
-        return f"Autoencoder({self.name!r}, scaling_factor={self.scaling_factor}, downsample={self.downsample_factor})"
+        shift = f", shift_factor={self.shift_factor}" if self.shift_factor else ""
+        return (f"Autoencoder({self.name!r}, scaling_factor={self.scaling_factor}{shift}, "
+                f"downsample={self.downsample_factor})")

@@ -6,6 +6,7 @@ import gzip
 import pickle
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from lightning_speed.data import (
     EmbeddedFashionMNISTDataModule,
     FashionMNISTDataModule,
     ImageFolderDataModule,
+    LatentDataModule,
     UInt8ImageDataModule,
     read_idx,
 )
@@ -202,6 +204,19 @@ def test_bad_arguments_raise_clear_errors(tmp_path: Path) -> None:
     dm = FashionMNISTDataModule(root=str(tmp_path), val_images=50)
     with pytest.raises(ValueError, match="val_images=50"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("make", [
+    lambda root: FashionMNISTDataModule(root=str(root), seed=-1),
+    lambda root: CIFAR10DataModule(root=str(root), seed=-1),
+    lambda root: EmbeddedFashionMNISTDataModule(seed=-1),
+    lambda root: ImageFolderDataModule(str(root), image_size=8, seed=-1),  # numpy's split refused it only at setup
+    lambda root: LatentDataModule(FashionMNISTDataModule(root=str(root)), str(root / "no-vae"), seed=-1),
+], ids=["fashion_mnist", "cifar10", "embedded", "image_folder", "latent"])  # fmt: skip
+def test_a_negative_seed_is_refused_when_the_module_is_built(tmp_path: Path, make: Callable[[Path], object]) -> None:
+    """Before anything is read or loaded (the latent module's autoencoder file does not exist)."""
+    with pytest.raises(ValueError, match=r"^seed must be an integer of at least 0, got -1; give 0 or a positive integer"):
+        make(tmp_path)
 
 
 # -------------------------------------------------------------- Fashion-MNIST: real data

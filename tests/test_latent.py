@@ -424,6 +424,70 @@ def test_an_autoencoder_instance_and_a_pixel_model_decode() -> None:
     assert latent.decode(torch.randn(3, 4, 16, 16), batch_size=2).shape == (3, 3, 32, 32)
 
 
+def configured_autoencoder(**config: object) -> torch.nn.Module:
+    """The tiny autoencoder's weights under a config with ``config``'s entries as well."""
+    from diffusers import AutoencoderKL
+
+    vae = tiny_autoencoder()
+    keys = ("block_out_channels", "down_block_types", "up_block_types", "norm_num_groups", "latent_channels",
+            "sample_size", "layers_per_block")
+    other = AutoencoderKL(**{k: vae.config[k] for k in keys}, **config)
+    other.load_state_dict(vae.state_dict())
+    return other.eval()
+
+
+def shifted_autoencoder() -> torch.nn.Module:
+    """An SD3-style config: latents are (z - shift_factor) * scaling_factor."""
+    return configured_autoencoder(scaling_factor=1.5, shift_factor=0.5)
+
+
+def test_a_shift_factor_is_subtracted_before_the_scale_and_added_back_when_decoding() -> None:
+    """As diffusers' pipelines use such an autoencoder: latents (z - shift) * scale, decoded from
+    latents / scale + shift."""
+    vae = shifted_autoencoder()
+    autoencoder = Autoencoder(vae)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, std = autoencoder.encode(x)
+    posterior = torch.stack([mean, std], dim=1)[:, None]  # one variant: (B, 1, 2, C, h, w)
+    ours = draw_latents(posterior, autoencoder.scaling_factor, torch.Generator().manual_seed(0), False,
+                        autoencoder.shift_factor)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0))  # the same eps
+        expected = (z - 0.5) * 1.5
+        decoded = vae.decode(expected / 1.5 + 0.5).sample.clamp(-1, 1)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(autoencoder.decode(expected), decoded)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_both_training_loaders_shift_the_latents(tmp_path: Path, on_device: bool) -> None:
+    """Four copies of one image, so every row of the cache is the same posterior N(mean, std^2) whatever the order:
+    (latent / scale + shift - mean) / std is then standard normal. Its average over the 4 * 4 * 16 * 16 = 4096
+    values of a batch has standard deviation 1 / 64; 5 of those (0.078) is far below the 0.5 / std a missing shift
+    would add to every value (std < 2 here)."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for i in range(4):
+        Image.fromarray(image).save(tmp_path / "images" / f"{i}.png")
+    images = ImageFolderDataModule(str(tmp_path / "images"), image_size=32, num_workers=0, val_fraction=0.0)
+    data = LatentDataModule(images, shifted_autoencoder(), cache_dir=str(tmp_path / "cache"), batch_size=4,
+                            random_flip=False, on_device=on_device)
+    data.setup("fit")
+    latents, _ = next(iter(data.train_dataloader()))
+    mean, std = data.autoencoder.encode(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    assert std.max() < 2
+    scores = (latents / 1.5 + 0.5 - mean) / std
+    assert abs(scores.mean().item()) < 5 / 64 and abs(scores.std().item() - 1) < 0.1
+
+
+def test_per_channel_latent_statistics_are_refused() -> None:
+    vae = configured_autoencoder(latents_mean=(0.1,) * 4, latents_std=(2.0,) * 4)
+    with pytest.raises(ValueError, match="sets latents_mean and latents_std .* use an autoencoder without them"):
+        Autoencoder(vae)
+
+
 def test_a_hub_download_without_network_is_named_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
     """The hub client reports a missing network as a missing config.json raised from the connection error: the
     message names the connection, not the file."""

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_speed.validation import check_int
+
 SPLITS = ("train", "test")
 
 
@@ -173,6 +175,12 @@ class DeviceBatchLoader:
             yield self._batch(shard[i * bs : (i + 1) * bs], generator)
 
 
+def check_seed(seed: int) -> int:
+    """A data module's ``seed``: numpy's generators (an image folder's hold-out split) refuse a negative one, and
+    torch's would take -1 as 2**64 - 1; Lightning's ``seed_everything`` refuses it too."""
+    return check_int(seed, "seed", minimum=0, hint="give 0 or a positive integer")
+
+
 def check_attached_model(datamodule: L.LightningDataModule) -> None:
     """Before a data module's costly preparation (a download, an encoding): the model it trains checks the data
     first, if it can (``DiffusionModule.check_data``), so that a backbone of the wrong shape fails before that work,
@@ -220,7 +228,7 @@ class UInt8ImageDataModule(L.LightningDataModule):
         self.pad_to = pad_to
         self.val_images = val_images
         self.on_device = on_device
-        self.seed = seed
+        self.seed = check_seed(seed)
         self._data: dict[str, tuple[Tensor, Tensor]] = {}
         self._device_train: DeviceBatchLoader | None = None
 

@@ -6,9 +6,9 @@ caches the autoencoder's posterior, mean and standard deviation, as a memory-map
 by default). The images stream through the image module's ``iter_split``: an image folder is decoded
 ``encode_batch_size`` images at a time and never held whole in host memory.
 
-Each training step draws ``z = (mean + std * eps) * scaling_factor`` with fresh ``eps``: the same draw
-as the official SpeeD/DiT code's ``vae.encode(x).latent_dist.sample().mul_(0.18215)``, which encodes
-every batch again at every step.
+Each training step draws ``z = (mean + std * eps - shift_factor) * scaling_factor`` with fresh ``eps``: the
+same draw as the official SpeeD/DiT code's ``vae.encode(x).latent_dist.sample().mul_(0.18215)`` (whose
+autoencoder has no shift), which encodes every batch again at every step.
 
 Horizontal flips survive the cache: with ``random_flip`` each image is encoded twice, as it is and
 flipped (twice the encoding time and twice the disk), and every draw picks one of the two at random.
@@ -50,7 +50,7 @@ from tqdm import tqdm
 from lightning_speed.autoencoders import Autoencoder
 from lightning_speed.validation import check_bool, check_choice, check_folder, check_int
 
-from .base import DeviceBatchLoader, UInt8ImageDataModule, check_attached_model, to_unit_range
+from .base import DeviceBatchLoader, UInt8ImageDataModule, check_attached_model, check_seed, to_unit_range
 
 CACHE_FORMAT = 1
 DEFAULT_CACHE_ROOT = Path("~/.cache/lightning_speed/latents")
@@ -60,11 +60,13 @@ DEVICE_SHARE = 0.5  # "auto" keeps the cache on the GPU when it takes at most th
 
 
 # ----------------------------------------------------------------------------- drawing latents
-def draw_latents(posterior: Tensor, scaling_factor: float, generator: torch.Generator | None, flip: bool) -> Tensor:
+def draw_latents(posterior: Tensor, scaling_factor: float, generator: torch.Generator | None, flip: bool,
+                 shift_factor: float = 0.0) -> Tensor:
     """``(B, F, 2, C, h, w)`` cached (mean, std) of F variants -> scaled latents (B, C, h, w) float32.
 
     With ``flip`` (and F = 2) each sample takes the flipped image's posterior with probability 1/2;
-    then ``(mean + std * eps) * scaling_factor`` as ``latent_dist.sample()`` would. No host sync.
+    then ``(mean + std * eps - shift_factor) * scaling_factor``: a ``latent_dist.sample()`` shifted and scaled
+    as diffusers does. No host sync.
     """
     if flip and posterior.shape[1] > 1:
         pick = torch.randint(0, posterior.shape[1], (posterior.shape[0],), device=posterior.device, generator=generator)
@@ -73,15 +75,15 @@ def draw_latents(posterior: Tensor, scaling_factor: float, generator: torch.Gene
         chosen = posterior[:, 0]
     mean, std = chosen.float().unbind(1)
     eps = torch.randn(mean.shape, device=mean.device, generator=generator)
-    return (mean + std * eps).mul_(scaling_factor)
+    return (mean + std * eps).sub_(shift_factor).mul_(scaling_factor)
 
 
 class LatentBatchLoader(DeviceBatchLoader):
     """``DeviceBatchLoader`` over the cached posterior on the device: each batch draws fresh latents."""
 
     def __init__(self, posterior: Tensor, labels: Tensor, batch_size: int, scaling_factor: float, random_flip: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.scaling_factor = float(scaling_factor)
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shift_factor: float = 0.0) -> None:
+        self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor)
         super().__init__(posterior, labels, batch_size, random_flip, seed, rank, world_size)
 
     def _check_data(self, images: Tensor) -> None:
@@ -90,7 +92,8 @@ class LatentBatchLoader(DeviceBatchLoader):
                              f"{tuple(images.shape)}.")
 
     def _batch(self, index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return draw_latents(self.images[index], self.scaling_factor, generator, self.random_flip), self.labels[index]
+        latents = draw_latents(self.images[index], self.scaling_factor, generator, self.random_flip, self.shift_factor)
+        return latents, self.labels[index]
 
 
 class _MemmapPosterior(Dataset):
@@ -118,15 +121,15 @@ class _MemmapPosterior(Dataset):
 
 
 class _DrawCollate:
-    def __init__(self, scaling_factor: float, random_flip: bool) -> None:
-        self.scaling_factor, self.random_flip = scaling_factor, random_flip
+    def __init__(self, scaling_factor: float, random_flip: bool, shift_factor: float = 0.0) -> None:
+        self.scaling_factor, self.random_flip, self.shift_factor = scaling_factor, random_flip, shift_factor
 
     def __call__(self, batch: Any) -> tuple[Tensor, Tensor]:
         if isinstance(batch, list):  # per-sample fetch
             posterior, labels = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
         else:
             posterior, labels = batch
-        return draw_latents(posterior, self.scaling_factor, None, self.random_flip), labels.long()
+        return draw_latents(posterior, self.scaling_factor, None, self.random_flip, self.shift_factor), labels.long()
 
 
 # ----------------------------------------------------------------------------- the cache on disk
@@ -259,6 +262,7 @@ class LatentDataModule(L.LightningDataModule):
         encode_batch_size = check_int(encode_batch_size, "encode_batch_size", minimum=1)
         cache_dtype = check_choice(cache_dtype, "cache_dtype", get_args(CacheDtype))
         encode_precision = check_choice(encode_precision, "encode_precision", get_args(EncodePrecision))
+        seed = check_seed(seed)
         if on_device not in (True, False, "auto"):
             raise ValueError(f"on_device must be true, false or 'auto', got {on_device!r}.")
         self.images = images
@@ -269,7 +273,7 @@ class LatentDataModule(L.LightningDataModule):
         self.decoded_shape = tuple(images.image_shape)
         self.name = f"{images.name}-latents"
         self.cache_dir = check_folder(cache_dir, "LatentDataModule.cache_dir")
-        self.batch_size, self.random_flip, self.seed = batch_size, check_bool(random_flip, "random_flip"), int(seed)
+        self.batch_size, self.random_flip, self.seed = batch_size, check_bool(random_flip, "random_flip"), seed
         self.cache_dtype, self.encode_precision = cache_dtype, encode_precision
         self.encode_batch_size, self.on_device, self.num_workers = encode_batch_size, on_device, int(num_workers)
         self.encoder_calls = 0  # batches encoded by this object (a cache hit leaves it at 0)
@@ -428,7 +432,7 @@ class LatentDataModule(L.LightningDataModule):
             if cached is None or cached.device != device or (cached.rank, cached.world_size) != (rank, world):
                 self._device_train = LatentBatchLoader(
                     self._to_device(path, device), torch.from_numpy(labels).to(device), self.batch_size, self.autoencoder.scaling_factor,
-                    self.random_flip, self.seed, rank, world,
+                    self.random_flip, self.seed, rank, world, self.autoencoder.shift_factor,
                 )
             else:  # batch_size may have changed since (BatchSizeFinder sets it and asks again): the same copy, rebatched
                 cached.batch_size = self.batch_size
@@ -437,7 +441,7 @@ class LatentDataModule(L.LightningDataModule):
         return DataLoader(
             _MemmapPosterior(path, labels), batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=device.type == "cuda",
-            collate_fn=_DrawCollate(self.autoencoder.scaling_factor, self.random_flip),
+            collate_fn=_DrawCollate(self.autoencoder.scaling_factor, self.random_flip, self.autoencoder.shift_factor),
         )
 
     @staticmethod
