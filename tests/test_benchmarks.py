@@ -1403,6 +1403,8 @@ def test_a_study_key_names_each_entrys_n_and_ema_decay(tmp_path: Path) -> None:
     assert {k: entry[k] for k in ("mean", "min", "max", "seeds", "steps", "N", "ema")} == {
         "mean": pytest.approx(1.75), "min": pytest.approx(1.5), "max": 2.0,
         "seeds": 2, "steps": 10000, "N": 10000, "ema": 0.999}
+    half = written["speedup_study_half"]["loss_decrease"]
+    assert (half["steps"], half["N"]) == (5000, 10000)  # measured at N / 2 of the same N's schedule
     # A screened candidate (stopped at 5k on N = 10k's schedule) goes to speedup_study_screen, not to the N keys:
     # uniform's mean curve (20 at 5k, 10 at 10k) reaches its 12 at 9k: 1.8x of the way.
     folder = out / "curriculum_speed_s0"

@@ -94,7 +94,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         if study:
             keys = (study, f"{study}_half")
         updates = {
-            key: {s: {**_headline(v), **({"N": budgets[s][n], **ema_fields(results, s)} if study else {}),
+            key: {s: {**_headline(v), **({"N": schedule_length(results, s, budgets[s]["N"]), **ema_fields(results, s)}
+                                        if study else {}),
                       "card": sources(s, "card"), "results": sources(s, "folder")}
                   for s, v in headline[n].items() if not (study and s in screened)}  # a screen's step is no N
             for key, n in zip(keys, ("N", "N_half"))
@@ -107,6 +108,14 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     print(table)
     print(json.dumps({k: summary[k] for k in ("N", "N_half", "budgets", "screen") if k in summary}, indent=1))
     return summary
+
+
+def schedule_length(results: list[dict[str, Any]], strategy: str, measured: int | None) -> int | None:
+    """N, the steps the strategy's runs were scheduled for (``steps_target``; a run may stop before): a study entry
+    measured at N / 2, or at a launch's stop, still names the N whose schedule it trained. ``measured`` (the budget at
+    N) for results that predate the field; None when the runs disagree."""
+    lengths = {r.get("steps_target", measured) for r in results if r["strategy"] == strategy}
+    return lengths.pop() if len(lengths) == 1 else None
 
 
 def ema_fields(results: list[dict[str, Any]], strategy: str) -> dict[str, Any]:
