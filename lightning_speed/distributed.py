@@ -13,8 +13,8 @@ arguments of its own, each able to restore Lightning's behaviour:
   wait). During a fit the strategy also handles SIGTERM itself: Lightning's handler runs a broadcast inside the
   signal handler, which pairs with whatever collective the other ranks are in (e.g. DDP's gradient all-reduce) and
   hangs the run, and it sets a flag on which Lightning's loops stop the signalled rank alone. This strategy's handler
-  only records the signal (after Lightning's forwarding of it to the processes Lightning started); the per-step check
-  above then stops every rank.
+  only records the signal (after forwarding SIGTERM, as Lightning does, to the processes Lightning started); the
+  per-step check above then stops every rank.
 - ``init_stream``: Lightning builds ``DistributedDataParallel`` inside a new CUDA stream, which puts DDP's gradient
   accumulators on that side stream while forward and backward run on the current stream (PyTorch then warns that
   "The AccumulateGrad node's stream does not match..." and synchronises the two streams per parameter;
@@ -34,6 +34,7 @@ BENCHMARKS.md, under multi-GPU scaling, has the measurements.
 
 from __future__ import annotations
 
+import signal
 from collections import deque
 from contextlib import nullcontext
 from types import FrameType
@@ -139,12 +140,15 @@ class SyncFreeDDPStrategy(DDPStrategy):
             self._signal_connector._sigterm_notifier_fn = self._record_signal
 
     def _record_signal(self, signum: int, frame: FrameType | None) -> None:
-        """SIGTERM handler in place of Lightning's: forward the signal as Lightning does, then only record it.
+        """SIGTERM handler in place of Lightning's (``CheckpointOnSignal`` routes SIGINT here too): forward SIGTERM as
+        Lightning does, then only record the signal.
 
         No collective here (it would pair with another rank's gradient all-reduce) and no Lightning flag (its loops
-        would stop this rank alone): ``LaggedSigtermCheck`` stops every rank at the same step.
+        would stop this rank alone): ``LaggedSigtermCheck`` stops every rank at the same step. SIGINT is not
+        forwarded: a terminal's Ctrl+C reaches every process of its foreground group, the ranks Lightning started
+        included, and a second copy would be taken there for a second Ctrl+C, which stops that rank at once.
         """
-        if not self.received_signal and self.launcher is not None:
+        if not self.received_signal and self.launcher is not None and signum != signal.SIGINT:
             self.launcher.kill(signum)  # the ranks Lightning's launcher started get the signal too
         self.received_signal = True
 

@@ -1,4 +1,4 @@
-"""Several processes through the CLI: the README's DDP commands (Lightning's launcher and torchrun) on 2 CPU
+"""Several processes through the CLI: the README's DDP commands (Lightning's launcher, torchrun, srun) on 2 CPU
 processes (gloo), with EMA, the time-step monitor, sample grids and FID on, and the EMA copy they depend on."""
 
 from __future__ import annotations
@@ -75,20 +75,25 @@ def _env(home: Path) -> dict[str, str]:
             "OMP_NUM_THREADS": "1"}
 
 
-def _run(command: list[str], cwd: Path) -> str:
-    """Run ``command`` and its ranks in their own process group; its output, after checking it succeeded."""
-    proc = subprocess.Popen(command, cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only the launcher
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(command[:4])} ... still ran after {TIMEOUT} s (ranks waiting on each other):\n"
-                    f"{out[-4000:]}")
-    assert proc.returncode == 0, out[-4000:]
-    assert "Starting with 2 processes" in out
-    return out
+def _run(command: list[str], cwd: Path, tasks: tuple[dict[str, str], ...] = ({},)) -> str:
+    """Run ``command`` once per task (its extra environment; rank 0's first), each with its ranks in a process group
+    of its own; rank 0's output, after checking that every task succeeded."""
+    procs = [subprocess.Popen(command, cwd=cwd, env={**_env(cwd), **task}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for task in tasks]
+    outs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for each in procs:
+                os.killpg(each.pid, signal.SIGKILL)  # the ranks too, not only the launcher
+            out, _ = proc.communicate()
+            pytest.fail(f"{' '.join(command[:4])} ... still ran after {TIMEOUT} s (ranks waiting on each other):\n"
+                        f"{out[-4000:]}")
+        assert proc.returncode == 0, out[-4000:]
+        outs.append(out)
+    assert "Starting with 2 processes" in outs[0]
+    return outs[0]
 
 
 def _config_args() -> list[str]:
@@ -122,22 +127,39 @@ def _check_run(cwd: Path) -> None:
     assert any(not torch.equal(average[k], training[k]) for k in average)  # an average, not the weights
 
 
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("lightning-speed")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lightning_speed"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_readme_ddp_command_on_two_cpu_processes(tmp_path: Path) -> None:
     """``lightning-speed fit --config BASE --config STRATEGY --config configs/multi_gpu/ddp.yaml --trainer.devices N``:
     Lightning starts the second process itself."""
-    script = Path(sys.executable).with_name("lightning-speed")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "lightning_speed"]
-    _run([*command, "fit", *_config_args(), *SMALL], tmp_path)
+    _run([*_command(), "fit", *_config_args(), *SMALL], tmp_path)
+    _check_run(tmp_path)
+
+
+def test_docs_srun_command_on_one_node_of_two_cpu_processes(tmp_path: Path) -> None:
+    """docs/multi_gpu.md's SLURM command with one node: srun starts one process per task with SLURM's variables, from
+    which Lightning takes the ranks (its SLURMEnvironment); here the test sets them."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_NAME": "speed", "SLURM_JOB_ID": "1", "SLURM_NODELIST": "127.0.0.1",
+             "MASTER_PORT": str(_free_port())}
+    _run([*_command(), "fit", *_config_args(), *SMALL, "--trainer.num_nodes", "1"], tmp_path,
+         tasks=tuple({**slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in (0, 1)))
     _check_run(tmp_path)
 
 
 def test_readme_torchrun_command_on_one_node_of_two_cpu_processes(tmp_path: Path) -> None:
     """The README's multi-node command with one node: torchrun starts both processes and sets their ranks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     torchrun = [sys.executable, "-m", "torch.distributed.run"]  # the ``torchrun`` command
     _run([*torchrun, "--nnodes", "1", "--nproc_per_node", "2", "--node_rank", "0", "--master_addr", "127.0.0.1",
-          "--master_port", str(port), "-m", "lightning_speed", "fit", *_config_args(), *SMALL,
+          "--master_port", str(_free_port()), "-m", "lightning_speed", "fit", *_config_args(), *SMALL,
           "--trainer.num_nodes", "1"], tmp_path)
     _check_run(tmp_path)

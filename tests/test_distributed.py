@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DISTRIBUTED_ENV
 from ddp_sigterm_script import LAG, SIGNAL_AT  # pytest puts tests/ on sys.path
 from lightning_speed.distributed import SyncFreeDDPStrategy
 
@@ -61,6 +62,32 @@ def test_a_real_sigterm_to_some_ranks_stops_every_rank_at_one_step_with_a_checkp
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [str(stop)] * 2
     checkpoint = torch.load(tmp_path / "interrupted.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == stop
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_ctrl_c_under_lightnings_launcher_stops_every_rank_at_one_step_with_a_checkpoint_and_status_130(
+    tmp_path: Path,
+) -> None:
+    """docs/multi_gpu.md's one-node command, stopped with Ctrl+C: the terminal sends SIGINT to every process of its
+    foreground group, the rank Lightning's launcher started included. Forwarded by rank 0 as well, that rank would get
+    it twice and take the second for a second Ctrl+C: it stops at once, without a checkpoint, and rank 0 fails at its
+    next collective."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}  # Lightning's launcher sets the ranks
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    log = tmp_path / "log.txt"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_signal_script.py"), str(tmp_path), "2", "3,-",
+                             "ctrl-c"], env=env, cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # a process group of its own, as a terminal's foreground job
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail("the ranks hang after Ctrl+C:\n" + log.read_text()[-3000:])
+    assert proc.returncode == 128 + signal.SIGINT, log.read_text()[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["5"] * 2  # step 3 + lag 2, on both ranks
+    checkpoint = torch.load(tmp_path / "interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 5
 
 
 def test_options_are_checked_and_ddp_kwargs_pass_through() -> None:
