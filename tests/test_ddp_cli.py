@@ -21,7 +21,7 @@ from lightning_speed.backbones import UNet
 from lightning_speed.callbacks import EMAWeightAveraging
 
 from _fixtures import blob_loader, cpu_trainer  # pytest puts tests/ on sys.path
-from conftest import DISTRIBUTED_ENV
+from conftest import DISTRIBUTED_ENV, have_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/quickstart.yaml", "configs/strategies/speed.yaml", "configs/multi_gpu/ddp.yaml"]
@@ -96,17 +96,17 @@ def _run(command: list[str], cwd: Path, tasks: tuple[dict[str, str], ...] = ({},
     return outs[0]
 
 
-def _config_args() -> list[str]:
-    return [arg for path in CONFIGS for arg in ("--config", str(REPO / path))]
+def _config_args(base: str = CONFIGS[0]) -> list[str]:
+    return [arg for path in (base, *CONFIGS[1:]) for arg in ("--config", str(REPO / path))]
 
 
-def _check_run(cwd: Path) -> None:
+def _check_run(cwd: Path, runs: str = "runs/speed") -> None:
     """One run folder, by rank 0, with the TensorBoard scalars of the loss, the monitor and the FID, the last grid,
     and a checkpoint holding the EMA average next to the training weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert [p.name for p in (cwd / "runs" / "speed").iterdir()] == ["version_0"]
-    run = cwd / "runs" / "speed" / "version_0"
+    assert [p.name for p in (cwd / runs).iterdir()] == ["version_0"]
+    run = cwd / runs / "version_0"
     strategy = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning_speed.distributed.SyncFreeDDPStrategy"
 
@@ -143,6 +143,17 @@ def test_readme_ddp_command_on_two_cpu_processes(tmp_path: Path) -> None:
     Lightning starts the second process itself."""
     _run([*_command(), "fit", *_config_args(), *SMALL], tmp_path)
     _check_run(tmp_path)
+
+
+@pytest.mark.skipif(not have_fashion_mnist(), reason="needs the Fashion-MNIST files (apt-get install dataset-fashion-mnist)")
+def test_docs_ddp_command_on_the_full_fashion_mnist_with_its_on_device_loader(tmp_path: Path) -> None:
+    """docs/multi_gpu.md's one-node command as written, on fashion_mnist.yaml: every rank holds the images and
+    trains on its own shard through the on-device loader (CUDA graphs off: compiling on a CPU takes minutes)."""
+    _run([*_command(), "fit", *_config_args("configs/fashion_mnist.yaml"), *SMALL, "--model.compile_mode", "null"],
+         tmp_path)
+    _check_run(tmp_path, "runs/fashion_mnist/speed")
+    config = yaml.safe_load((tmp_path / "runs/fashion_mnist/speed/version_0/config.yaml").read_text())
+    assert config["data"]["class_path"].endswith("FashionMNISTDataModule") and config["data"]["init_args"]["on_device"]
 
 
 def test_docs_srun_command_on_one_node_of_two_cpu_processes(tmp_path: Path) -> None:
