@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import signal
 import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -407,6 +410,132 @@ def test_on_device_loader_in_a_lightning_fit() -> None:
     for labels in per_epoch:
         assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 400))
     assert not torch.equal(per_epoch[0], per_epoch[1])
+
+
+# ------------------------------------------------------------------ resuming the on-device loader
+class BatchRecorder(L.LightningModule):
+    """Keeps every training batch; sends this process SIGTERM in step ``stop_at`` (CheckpointOnSignal stops then)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(64, 1)
+        self.stop_at = stop_at
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if self.global_step + 1 == self.stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        x, y = batch
+        self.seen.append((x.clone(), y.clone()))
+        return self.layer(x.flatten(1)).pow(2).mean()
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit_recording(folder: Path, ckpt_path: Path | None = None, batch_size: int = 8, stop_at: int | None = None,
+                  every_n_train_steps: int | None = None, on_device: bool = True,
+                  **trainer_options) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a fit of ``ToyDataModule(n=60)`` on the device (7 batches of 8 an epoch, 3 epochs), stopped
+    by SIGTERM in step ``stop_at`` (``interrupted.ckpt`` in ``folder``) and/or checkpointed every
+    ``every_n_train_steps`` steps (``step=<k>.ckpt``), from ``ckpt_path`` if given."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from _fixtures import cpu_trainer
+    from lightning_speed.callbacks import CheckpointOnSignal
+
+    callbacks: list = [CheckpointOnSignal(dirpath=str(folder))]
+    if every_n_train_steps:
+        callbacks.append(ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=every_n_train_steps,
+                                         save_top_k=-1))
+    options = {"max_steps": -1, "max_epochs": 3, **trainer_options}
+    trainer = cpu_trainer(default_root_dir=folder, callbacks=callbacks, enable_checkpointing=True, **options)
+    model = BatchRecorder(stop_at)
+    try:
+        trainer.fit(model, ToyDataModule(n=60, on_device=on_device, batch_size=batch_size), ckpt_path=ckpt_path)
+    except SystemExit as stop:  # CheckpointOnSignal's exit
+        assert stop.code == 143
+    return model.seen
+
+
+def assert_same_batches(got: list, expected: list) -> None:
+    assert len(got) == len(expected)
+    for i, ((x, y), (x_ref, y_ref)) in enumerate(zip(got, expected)):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref), f"batch {i} differs"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """A fit never interrupted, with its batches and a checkpoint after every step."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    return folder, fit_recording(folder, every_n_train_steps=1)
+
+
+@pytest.mark.parametrize("limit", ["max_epochs", "max_steps"])
+@pytest.mark.parametrize("step", [4, 10, 7, 14])  # in epoch 0, in epoch 1, and at the ends of epochs 0 and 1
+def test_a_fit_resumed_from_a_step_checkpoint_trains_on_the_batches_of_an_uninterrupted_one(
+        uninterrupted: tuple[Path, list], tmp_path: Path, step: int, limit: str) -> None:
+    """With ``max_steps`` Lightning hands the loader its state even at an epoch's end, to be ignored there."""
+    folder, reference = uninterrupted
+    assert len(reference) == 21
+    options = {"max_steps": 21, "max_epochs": -1} if limit == "max_steps" else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(not resumable|Resuming epoch)")
+        resumed = fit_recording(tmp_path, ckpt_path=folder / f"step={step}.ckpt", **options)
+    assert_same_batches(resumed, reference[step:])
+
+
+def test_a_fit_stopped_by_sigterm_mid_epoch_and_resumed_trains_on_the_batches_of_an_uninterrupted_one(
+        uninterrupted: tuple[Path, list], tmp_path: Path) -> None:
+    stopped = fit_recording(tmp_path, stop_at=10)
+    assert len(stopped) == 10
+    resumed = fit_recording(tmp_path / "resumed", ckpt_path=tmp_path / "interrupted.ckpt")
+    assert_same_batches(stopped + resumed, uninterrupted[1])
+
+
+def test_a_fit_resumed_mid_epoch_with_another_batch_size_warns_and_continues_at_the_same_batch(
+        uninterrupted: tuple[Path, list], tmp_path: Path) -> None:
+    """4 of epoch 0's batches of 8 were trained (its images 0..31 in the epoch's order); batched by 4 it continues at
+    batch 4 (images 16..59): 16 images twice, none left out. Later epochs are those of a run with batches of 4."""
+    folder, reference = uninterrupted
+    with pytest.warns(UserWarning, match=r"after 4 batches of 8 on 1 device\(s\) with batches of 4 on 1: training "
+                                         r"continues at batch 4.*Resume with batch_size=8"):
+        resumed = fit_recording(tmp_path / "resumed", ckpt_path=folder / "step=4.ckpt", batch_size=4)
+    assert_same_batches(resumed, fit_recording(tmp_path / "straight", batch_size=4)[4:])
+    epoch_0 = torch.cat([y for _, y in reference[:4] + resumed[:11]])
+    assert sorted(epoch_0.unique().tolist()) == list(range(60)) and epoch_0.numel() == 60 + 16
+
+
+def test_a_fit_resumes_across_a_change_of_on_device_in_either_direction(
+        uninterrupted: tuple[Path, list], tmp_path: Path) -> None:
+    """An on-device run's mid-epoch checkpoint resumed from host memory (on_device changed; a latent module's ``auto``
+    may choose otherwise) trains on, starting that epoch afresh with a warning, instead of stopping in Lightning's
+    restore; a host run's checkpoint resumes on the device (the host state is empty: the epoch restarts)."""
+    folder, _ = uninterrupted
+    with pytest.warns(UserWarning, match=r"epoch 0 was trained from the on-device loader, 4 batches in.*starts afresh"):
+        on_host = fit_recording(tmp_path / "host", ckpt_path=folder / "step=4.ckpt", on_device=False)
+    assert len(on_host) == 21 - 4  # the run's 21 steps: Lightning counts the 4 already trained
+    host_run = tmp_path / "host_run"
+    fit_recording(host_run, every_n_train_steps=4, on_device=False, max_epochs=1)
+    on_device = fit_recording(tmp_path / "device", ckpt_path=host_run / "step=4.ckpt")
+    assert len(on_device) == 21 - 4
+
+
+def test_the_device_loader_resumes_from_its_state_outside_lightning() -> None:
+    """Without ``set_epoch`` (the epoch counts up on every ``iter``) a loaded state continues its epoch too."""
+    def loader() -> DeviceBatchLoader:
+        return DeviceBatchLoader(torch.zeros(50, 1, 2, 2, dtype=torch.uint8), torch.arange(50), batch_size=10, seed=2)
+
+    straight, first = loader(), loader()
+    reference = [b for _ in range(2) for b in straight]
+    batches = iter(first)
+    seen = [next(batches) for _ in range(2)]
+    state = first.state_dict()
+    assert state == {"epoch": 0, "batches": 2, "batch_size": 10, "world_size": 1}
+    again = loader()
+    again.load_state_dict(state)
+    seen += list(again) + list(again)
+    assert_same_batches(seen, reference)
 
 
 # ------------------------------------------------------------------------------ embedded

@@ -120,6 +120,42 @@ def test_the_on_device_loader_follows_a_changed_batch_size_without_a_new_copy(fi
     assert [x.shape[0] for x, _ in again] == [8, 8]  # 20 latents, drop_last
 
 
+def test_a_fit_resumed_mid_epoch_draws_the_latents_of_an_uninterrupted_one(files: dict[str, Path], tmp_path: Path) -> None:
+    """20 latents in batches of 4: 5 steps an epoch, 2 epochs. Resumed after steps 3 (epoch 0) and 7 (epoch 1), the
+    loader continues in the epoch's order with the same mirror picks and noise as the uninterrupted run."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            self.seen.append((batch[0].clone(), batch[1].clone()))
+            return (self.scale * batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def fit(folder: Path, ckpt_path: Path | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        checkpoints = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        model = Recorder()
+        cpu_trainer(max_steps=-1, max_epochs=2, enable_checkpointing=True, callbacks=[checkpoints],
+                    default_root_dir=folder).fit(model, latent_data(files, tmp_path / "cache", on_device=True),
+                                                 ckpt_path=ckpt_path)
+        return model.seen
+
+    reference = fit(tmp_path / "straight")
+    assert len(reference) == 10
+    for step in (3, 7):
+        resumed = fit(tmp_path / f"from-{step}", tmp_path / "straight" / f"step={step}.ckpt")
+        assert len(resumed) == 10 - step
+        for (z, y), (z_ref, y_ref) in zip(resumed, reference[step:]):
+            assert torch.equal(y, y_ref) and torch.equal(z, z_ref)
+
+
 def test_draws_are_mean_plus_std_noise_times_the_scale_and_pick_a_mirror_half_the_time() -> None:
     posterior = torch.zeros(4000, 2, 2, 1, 1, 1)
     posterior[:, 0, 0], posterior[:, 1, 0] = 1.0, -1.0  # means of the image and of its mirror

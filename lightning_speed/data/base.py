@@ -93,6 +93,17 @@ class DeviceBatchLoader:
     ``set_epoch`` (through ``.sampler``) before each epoch; without it the epoch counts up
     on every ``iter``. What a batch is (``_check_data``, ``_batch``) is for subclasses to change
     (``lightning_speed.data.latent.LatentBatchLoader`` draws latents from a cached posterior).
+
+    Resuming: Lightning saves ``state_dict()`` (the epoch and how many of its batches were handed out)
+    in every checkpoint and, on a resume in the middle of an epoch, passes it to ``load_state_dict``
+    before that epoch's ``iter``, which then continues after those batches in the same order and with
+    the same random flips (latent draws) as a run never interrupted: it draws the skipped batches
+    again on the device, so every rank, which loads rank 0's state, advances its own generator. A state
+    of another epoch (a checkpoint written at an epoch's end) is ignored. Resumed with another
+    ``batch_size`` (or number of devices) the loader warns and, as Lightning counts the batches already
+    trained, continues at the same batch index of the epoch batched anew: that epoch's images between
+    ``done * old`` and ``done * new`` in its order are seen twice (smaller batches) or not at all
+    (larger ones); later epochs are as in a run with the new size.
     """
 
     def __init__(
@@ -117,6 +128,8 @@ class DeviceBatchLoader:
         self.batch_size = batch_size
         self.epoch = 0
         self._epoch_set = False
+        self._progress = {"epoch": 0, "batches": 0, "batch_size": self.batch_size, "world_size": self.world_size}
+        self._resume: dict[str, int] | None = None  # a loaded state, for the next ``iter``
 
     def _check_data(self, images: Tensor) -> None:
         if images.dtype != torch.uint8:
@@ -163,16 +176,70 @@ class DeviceBatchLoader:
         g.manual_seed((self.seed * 1_000_003 + self.epoch * 7_919 + salt) % (2**63 - 1))
         return g
 
+    def state_dict(self) -> dict[str, int]:
+        """The epoch being served and how many of its batches were handed out (Lightning saves it in checkpoints)."""
+        return dict(self._progress)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue ``state``'s epoch after its batches on the next ``iter`` (if that ``iter`` serves this epoch); the
+        empty state of a host loader (``HostTrainLoader``: the run trained from host memory before) restarts it."""
+        if not state:
+            return
+        self._resume = {k: int(state[k]) for k in ("epoch", "batches", "batch_size", "world_size")}
+        self.epoch, self._epoch_set = self._resume["epoch"], False
+
+    def _batches_done(self, epoch: int) -> int:
+        """Batches of ``epoch`` already trained on, from a loaded state (0 without one); warns if they were batched
+        otherwise."""
+        resume, self._resume = self._resume, None
+        if resume is None or resume["epoch"] != epoch or resume["batches"] == 0:
+            return 0
+        done = resume["batches"]
+        if (resume["batch_size"], resume["world_size"]) != (self.batch_size, self.world_size):
+            warnings.warn(
+                f"Resuming epoch {epoch} after {done} batches of {resume['batch_size']} on {resume['world_size']} "
+                f"device(s) with batches of {self.batch_size} on {self.world_size}: training continues at batch {done} "
+                "of the epoch batched anew, so some of its images are seen twice or not at all (later epochs are "
+                f"exact). Resume with batch_size={resume['batch_size']} on {resume['world_size']} device(s) to "
+                "continue exactly.",
+                UserWarning, stacklevel=3,
+            )
+        return done
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch = self.epoch
         perm = torch.randperm(self.images.shape[0], generator=self._generator(0), device=self.device)
         shard = perm[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
         generator = self._generator(1 + self.rank)
         if not self._epoch_set:
             self.epoch += 1
         self._epoch_set = False
-        bs = self.batch_size
+        bs, done = self.batch_size, self._batches_done(epoch)
+        self._progress = {"epoch": epoch, "batches": 0, "batch_size": bs, "world_size": self.world_size}
         for i in range(len(self)):
-            yield self._batch(shard[i * bs : (i + 1) * bs], generator)
+            batch = self._batch(shard[i * bs : (i + 1) * bs], generator)  # skipped ones too: their draws advance it
+            if i >= done:
+                self._progress["batches"] = i + 1  # before the yield: a checkpoint written meanwhile counts this one
+                yield batch
+
+
+class HostTrainLoader(DataLoader):
+    """The training ``DataLoader`` from host memory, which a run may resume into from an on-device run's checkpoint
+    (``on_device`` changed, or ``auto`` chose otherwise): Lightning hands a saved loader state back on resume and
+    stops if the loader cannot take it. This one takes it and starts the epoch afresh (its shuffle is not the
+    on-device order), saying so; its own state is empty (its epochs restart on resume, as a DataLoader's do)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            warnings.warn(
+                f"The checkpoint's epoch {state.get('epoch')} was trained from the on-device loader, {state.get('batches')} "
+                "batches in; this run loads the images from host memory, whose shuffle is another order, so that "
+                "epoch starts afresh. Resume with on_device as before to continue it exactly.",
+                UserWarning, stacklevel=2,
+            )
 
 
 def check_seed(seed: int) -> int:
@@ -320,7 +387,7 @@ class UInt8ImageDataModule(L.LightningDataModule):
 
     def _loader(self, images: Tensor, labels: Tensor, *, train: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(
+        return (HostTrainLoader if train else DataLoader)(
             BatchTensorDataset(images, labels),
             batch_size=self.batch_size,
             shuffle=train,

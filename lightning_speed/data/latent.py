@@ -50,7 +50,9 @@ from tqdm import tqdm
 from lightning_speed.autoencoders import Autoencoder
 from lightning_speed.validation import check_bool, check_choice, check_folder, check_int
 
-from .base import DeviceBatchLoader, UInt8ImageDataModule, check_attached_model, check_seed, to_unit_range
+from .base import (
+    DeviceBatchLoader, HostTrainLoader, UInt8ImageDataModule, check_attached_model, check_seed, to_unit_range,
+)
 
 CACHE_FORMAT = 1
 DEFAULT_CACHE_ROOT = Path("~/.cache/lightning_speed/latents")
@@ -438,7 +440,7 @@ class LatentDataModule(L.LightningDataModule):
                 cached.batch_size = self.batch_size
             return self._device_train
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        return HostTrainLoader(
             _MemmapPosterior(path, labels), batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=device.type == "cuda",
             collate_fn=_DrawCollate(self.autoencoder.scaling_factor, self.random_flip, self.autoencoder.shift_factor),
