@@ -510,6 +510,7 @@ def test_convergence_launch_skips_finished_runs_and_resumes_the_others(convergen
     assert result["fid_history"][:2] == convergence.first["speed_s0"]["fid_history"]  # restored, not duplicated
     assert [step for step, _ in result["fid_history"]] == [2, 4, 6]
     assert [(part["from_step"], part["to_step"]) for part in result["parts"]] == [(0, 4), (4, 6)]
+    assert [part["fid_evaluations"] for part in result["parts"]] == [2, 1]  # each part's own
     assert convergence.logs["speed_s0"].count("Restoring states from the checkpoint") == 1  # the second launch only
     # The per-area summaries of both parts are kept (TimestepMonitor, every eval step here).
     assert [row["step"] for row in result["timestep_areas"]] == [2, 4, 6]
@@ -761,6 +762,52 @@ def test_convergence_run_resumes_after_its_time_limit(tmp_path: Path, home: Path
     assert 0 < first < 100000
     assert result["steps_done"] > first + 1  # Lightning's restored Timer would allow exactly one step
     assert [p["from_step"] for p in result["parts"]] == [0, first]
+
+
+@needs_fashion_mnist
+def test_a_part_killed_between_its_checkpoint_and_its_record_is_stated_by_the_next(tmp_path: Path, home: Path) -> None:
+    """A part killed after renaming its checkpoint into place, while writing result.json (simulated: the write stops
+    half-way), leaves the previous record whole and behind the checkpoint. The next part starts at the checkpoint's
+    step, states the steps in between as a part not recorded, and reads their FID timings and per-area rows from
+    the killed part's logs; each part counts its own FID evaluations. Parts run in this process."""
+    import torch
+
+    from benchmarks.convergence import run
+
+    def command(steps: int) -> list[str]:
+        return ["run", "--smoke", "--strategy", "uniform", "--seed", "0", "--steps", str(steps), "--eval-every", "2",
+                "--fid-samples", "16", "--fid-steps", "2", "--out", str(tmp_path)]
+
+    lost: list[dict] = []  # what the killed part would have recorded
+
+    def killed(path: Path, result: dict) -> None:
+        lost.append(result)
+        path.write_text(json.dumps(result)[:100])
+        raise KeyboardInterrupt
+
+    record = tmp_path / "uniform_s0" / "result.json"
+    run_main("convergence", command(2), home)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(run, "write_json", killed)
+        run_main("convergence", command(6), home)
+    assert json.loads(record.read_text())["steps_done"] == 2  # the first part's record, whole
+    assert torch.load(tmp_path / "uniform_s0" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
+    run_main("convergence", command(6), home)
+    result = json.loads(record.read_text())
+    assert [(p["from_step"], p["to_step"], p.get("recorded", True)) for p in result["parts"]] == [
+        (0, 2, True), (2, 6, False), (6, 6, True)]
+    assert [p["fid_evaluations"] for p in result["parts"]] == [1, 2, 0]  # each part's own
+    assert [step for step, _ in result["fid_history"]] == [2, 4, 6]
+    # Steps 4 and 6 from the killed part's logs: its own values, to float32's precision.
+    (killed_record,) = lost
+    assert [step for step, _ in result["fid_seconds"]] == [2, 4, 6]
+    assert dict(result["fid_seconds"]) == pytest.approx(dict(killed_record["fid_seconds"]), rel=1e-6)
+    assert [row["step"] for row in result["timestep_areas"]] == [2, 4, 6]
+    assert result["timestep_areas"] == [pytest.approx(row, rel=1e-6) for row in killed_record["timestep_areas"]]
+    # A checkpoint behind its record: refused before training.
+    record.write_text(json.dumps({**result, "steps_done": 8}))
+    with pytest.raises(SystemExit, match=r"holds step 6 but .*records 8 steps"):
+        run_main("convergence", command(10), home)
 
 
 def test_a_run_resumes_only_with_the_settings_of_its_earlier_parts(tmp_path: Path,

@@ -176,6 +176,69 @@ def check_resumable(previous: dict[str, Any], configs: list[str], protocol: list
                          "resume it with the same settings, or give these settings another --out")
 
 
+def checkpoint_steps(ckpt: Path, fid_key: str) -> tuple[int, list[int]]:
+    """The step ``ckpt`` resumes from and the steps of the FID evaluations it holds (the callback's ``fid_key``)."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)  # the weights are not read
+    history = state.get("callbacks", {}).get(fid_key, {}).get("history", [])
+    return int(state["global_step"]), [int(step) for step, _ in history]
+
+
+def logged_rows(log_dir: Path, steps: range, prefix: str) -> dict[int, dict[str, float]]:
+    """{step: {tag: value}} of the TensorBoard scalars under ``log_dir`` (a folder per part) whose tag starts with
+    ``prefix``, at ``steps``. A step logged by several parts (one killed before its checkpoint, then its retry) is
+    read from the last."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows: dict[int, dict[str, float]] = {}
+    for version in sorted(log_dir.glob("version_*"), key=lambda path: int(path.name.rpartition("_")[2])):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+        events.Reload()
+        found: dict[int, dict[str, float]] = {}
+        for tag in (tag for tag in events.Tags()["scalars"] if tag.startswith(prefix)):
+            for event in events.Scalars(tag):
+                if event.step in steps:
+                    found.setdefault(event.step, {})[tag] = event.value
+        rows.update(found)
+    return rows
+
+
+def unrecorded(run_dir: Path, previous: dict[str, Any], resumed: int, fid_steps: list[int], fid_name: str
+               ) -> tuple[dict[str, Any], list[list[float]], list[dict[str, float]]] | None:
+    """What the record ``previous`` lacks when the checkpoint (step ``resumed``, FID evaluations at ``fid_steps``) is
+    ahead of it (a part was killed between saving its checkpoint and writing result.json): a part entry for its steps
+    marked ``"recorded": false`` (its wall time is unknown), and the timings of its FID evaluations and its per-area
+    rows as far as its TensorBoard logs hold them (float32 there; what the logs lack, such as events not yet flushed
+    at the kill, stays missing). None without a gap. A checkpoint behind its record is refused: the record would
+    describe training that the run repeats."""
+    recorded = previous.get("steps_done", 0)
+    if resumed < recorded:
+        raise SystemExit(f"{run_dir / 'last.ckpt'} holds step {resumed} but {run_dir / 'result.json'} records "
+                         f"{recorded} steps: put back the checkpoint of step {recorded}, or train the run again under "
+                         "another --out")
+    if resumed == recorded:
+        return None
+    print(f"{run_dir}: the checkpoint holds step {resumed}, the record ends at step {recorded} (its part was stopped "
+          f"before writing result.json): steps {recorded} to {resumed} are recorded as a part of unknown wall time, "
+          "their FID timings and per-area losses read from the logs", flush=True)
+    evaluated = [step for step in fid_steps if step not in {step for step, _ in previous.get("fid_history", [])}]
+    log_dir, tag = run_dir / "tb", f"{fid_name}/seconds"
+    seconds = logged_rows(log_dir, range(recorded, resumed + 1), tag)
+    # TimestepMonitor logs the row of step s at s - 1 (where Lightning logs those batches' own values)
+    areas = logged_rows(log_dir, range(recorded, resumed), "timesteps/")
+    return ({"from_step": recorded, "to_step": resumed, "recorded": False, "fid_evaluations": len(evaluated)},
+            [[step, seconds[step][tag]] for step in evaluated if step in seconds],
+            [{"step": float(step + 1), **areas[step]} for step in sorted(areas)])
+
+
+def write_record(path: Path, result: dict[str, Any]) -> None:
+    """result.json, replaced whole: a part killed while writing it leaves the previous record, not a truncated one."""
+    saving = path.with_name(f"saving.{path.name}")
+    write_json(saving, result)
+    saving.replace(path)
+
+
 def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str, Any]:
     """Train (or resume) one run/seed until ``args.steps`` or the time limit; write result.json.
 
@@ -195,7 +258,7 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, saving = run_dir / "last.ckpt", run_dir / "saving.ckpt"  # saved, then renamed: a kill keeps the last part
     protocol = overrides(args, run_dir)
-    # The previous part's result.json is written right after its checkpoint, so it says where we resume.
+    # The previous part's record; the checkpoint, renamed into place just before it, says where we resume.
     result_file = run_dir / "result.json"
     previous = json.loads(result_file.read_text()) if ckpt.exists() and result_file.exists() else {}
     configs = [args.base, *RUNS[args.strategy]]
@@ -208,13 +271,19 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
     on_signal.dirpath, on_signal.filename = str(run_dir), saving.stem
     if args.smoke:
         torch.set_num_threads(1)
+    first_step, parts = 0, previous.get("parts", [])
+    fid_seconds, areas = previous.get("fid_seconds", []), previous.get("timestep_areas", [])
+    if ckpt.exists():
+        first_step, fid_steps = checkpoint_steps(ckpt, fid_cb.state_key)
+        gap = unrecorded(run_dir, previous, first_step, fid_steps, fid_cb.name)
+        if gap is not None:
+            part, logged_seconds, logged_areas = gap
+            parts, fid_seconds, areas = [*parts, part], fid_seconds + logged_seconds, areas + logged_areas
     limit = timedelta(seconds=args.time_limit) if args.time_limit else None  # None: train to N
-    timer = PartTimer(duration=limit, fid=fid_cb, start=started,
-                      fid_seconds=[seconds for _, seconds in previous.get("fid_seconds", [])])
+    timer = PartTimer(duration=limit, fid=fid_cb, start=started, fid_seconds=[seconds for _, seconds in fid_seconds])
     trainer.callbacks.insert(trainer.callbacks.index(fid_cb), timer)  # armed before a resumed evaluation starts
     if args.stop_at and args.stop_at < args.steps:
         trainer.callbacks.append(StopAt(args.stop_at))
-    first_step, parts = previous.get("steps_done", 0), previous.get("parts", [])
     stop = None
     try:
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt.exists() else None)
@@ -230,7 +299,7 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
     saving.replace(ckpt)
     # Wall time of this part (start-up, compilation and FID evaluations included): the cost of the protocol.
     parts.append({"from_step": first_step, "to_step": trainer.global_step,
-                  "seconds": round(time.monotonic() - started, 1), "fid_evaluations": len(fid_cb.history)})
+                  "seconds": round(time.monotonic() - started, 1), "fid_evaluations": len(fid_cb.seconds)})
     result = {
         "strategy": args.strategy,
         "seed": args.seed,
@@ -245,14 +314,14 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
         "schedule": cli.model.hparams.schedule,
         "fid_history": fid_cb.history,
         "fid_pending": trainer.global_step if fid_cb.due_by_step(trainer) else None,  # the next part evaluates it
-        "fid_seconds": previous.get("fid_seconds", []) + [list(x) for x in fid_cb.seconds],  # every part
+        "fid_seconds": fid_seconds + [list(x) for x in fid_cb.seconds],  # every part
         "parts": parts,
         # Per-area loss, weight and share of sampled t (TimestepMonitor), every part appended.
-        "timestep_areas": previous.get("timestep_areas", []) + list(monitor.history),
+        "timestep_areas": areas + list(monitor.history),
         "card": device_name(),
         "date": today(),
     }
-    write_json(result_file, result)
+    write_record(result_file, result)
     if stop is not None:
         print(f"{ckpt} holds step {trainer.global_step} (the checkpoint above, renamed): the same command resumes the "
               f"run{'; stopped by its time limit: exit status 0' if timer.expired else ''}", flush=True)
@@ -261,7 +330,7 @@ def run_one(args: argparse.Namespace, started: float | None = None) -> dict[str,
         return result
     if trainer.global_step >= args.steps and args.final_samples and args.strategy in args.final_strategies:
         result["final"] = final_fids(trainer, cli.model, fid_cb, args)  # a launch without them does not count N as done
-        write_json(result_file, result)
+        write_record(result_file, result)
     return result
 
 
