@@ -652,6 +652,54 @@ def test_image_folder_unlabelled_grey(tmp_path: Path) -> None:
     assert dm.val_dataloader() == []
 
 
+def write_turned_jpeg(path: Path, orientation: int) -> None:
+    """A 32x16 JPEG, dark left half and bright right half, whose EXIF orientation says how to turn it for display."""
+    from PIL import Image
+
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, 16:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+def test_image_folder_turns_photos_upright_by_their_exif_orientation(tmp_path: Path) -> None:
+    """Orientation 6 (a phone held upright) shows the stored left half on top, 8 at the bottom, 3 on the right: the
+    displayed image is 16 wide and 32 tall for 6 and 8, and its centre crop is half dark and half bright."""
+    from lightning_speed.data.image_folder import load_image
+
+    dark_half = {1: (slice(None), slice(0, 8)), 3: (slice(None), slice(8, 16)),
+                 6: (slice(0, 8), slice(None)), 8: (slice(8, 16), slice(None))}  # (rows, columns) of the 16x16 crop
+    for orientation in dark_half:
+        write_turned_jpeg(tmp_path / f"o{orientation}.jpg", orientation)
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, num_workers=0, val_fraction=0.0)
+    images = torch.cat([x for x, _ in dm.iter_split("train", 3)])  # the streamed decoding (latent encoding, FID)
+    assert torch.equal(images, dm.reference_images("train"))  # the same as the in-memory split
+    for image, (orientation, (rows, cols)) in zip(images.numpy(), dark_half.items()):
+        dark = np.zeros((16, 16), dtype=bool)
+        dark[rows, cols] = True
+        assert image.shape == (3, 16, 16)
+        assert image[:, dark].max() < 32 and image[:, ~dark].min() > 223, orientation
+    grey = load_image(tmp_path / "o6.jpg", 16, channels=1)[0]
+    assert grey[:8].max() < 32 and grey[8:].min() > 223
+
+
+def test_image_folder_keys_follow_the_decoding_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FID statistics and latent caches are keyed by ``reference_key``: images decoded by other rules get another key
+    (pinned here: a folder's key under decoding rules 1, which ignored the EXIF orientation)."""
+    from lightning_speed.data import image_folder
+
+    (tmp_path / "a.png").write_bytes(b"not decoded")  # the key hashes names and bytes only
+
+    def key() -> str:
+        return ImageFolderDataModule(str(tmp_path), image_size=8, val_fraction=0.0).reference_key("train")
+
+    assert key() != "image_folder-train-n1-3x8x8-f134d633efb8"  # that folder's key under decoding rules 1
+    current = key()
+    monkeypatch.setattr(image_folder, "DECODING", image_folder.DECODING + 1)
+    assert key() != current
+
+
 def test_image_folder_scales_16_bit_grey_images_to_8_bits(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -273,6 +273,45 @@ def test_cache_is_rebuilt_when_an_image_changes_at_the_same_name_and_size(files:
     assert not np.array_equal(after[0], before[0]) and np.array_equal(after[1:], before[1:])  # the new pixels' latents
 
 
+def test_a_cache_of_images_decoded_by_other_rules_is_rebuilt(files: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same files decoded otherwise (e.g. with or without their EXIF orientation) are other images."""
+    from lightning_speed.data import image_folder
+
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(image_folder, "DECODING", image_folder.DECODING - 1)
+        latent_data(files, cache, image_size=16).setup("fit")
+    again = latent_data(files, cache, image_size=16)
+    assert not again.cache_matches()
+    again.setup("fit")
+    assert again.encoder_calls > 0 and latent_data(files, cache, image_size=16).cache_matches()
+
+
+def test_the_default_cache_folder_is_one_per_record_so_alternating_runs_keep_their_caches(
+        files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_speed.data import latent
+
+    monkeypatch.setattr(latent, "DEFAULT_CACHE_ROOT", tmp_path / "latents")
+
+    def default_cache(vae: str, **kwargs) -> LatentDataModule:
+        images = ImageFolderDataModule(str(files["images"]), image_size=16, num_workers=0, val_fraction=0.0)
+        return LatentDataModule(images, str(files[vae]), batch_size=4, **kwargs)
+
+    first, other = default_cache("vae"), default_cache("other_vae")
+    for data in (first, other):
+        data.setup("fit")
+        assert data.encoder_calls > 0
+    folders = {first.cache_folder(), other.cache_folder(), default_cache("vae", random_flip=False).cache_folder(),
+               default_cache("vae", cache_dtype="float32").cache_folder()}
+    assert len(folders) == 4 and {f.parent for f in folders} == {tmp_path / "latents" / first._dataset_key()}
+    forbid_encoding(monkeypatch)
+    for vae in ("vae", "other_vae", "vae"):  # each run finds its own cache, whichever ran last
+        data = default_cache(vae)
+        data.setup("fit")
+        assert data.encoder_calls == 0
+
+
 def test_a_failed_rebuild_leaves_the_existing_cache_intact(files: dict[str, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"

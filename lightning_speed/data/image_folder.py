@@ -1,9 +1,10 @@
 """Your own images: any folder of png/jpg/... files (searched recursively), as a datamodule.
 
-Images are converted to ``channels`` (1 = grey, 3 = RGB), resized so the short side is
-``image_size`` and centre-cropped to a square. If every image sits in a top-level subfolder, those
-subfolders are the classes (sorted by name); otherwise every label is 0. A seeded ``val_fraction``
-of the images is held out as the "test" split, which is also validation.
+Images are turned upright by their EXIF orientation (phone photos taken in portrait), converted to
+``channels`` (1 = grey, 3 = RGB), resized so the short side is ``image_size`` and centre-cropped to a
+square. If every image sits in a top-level subfolder, those subfolders are the classes (sorted by
+name); otherwise every label is 0. A seeded ``val_fraction`` of the images is held out as the "test"
+split, which is also validation.
 
 Training on pixels keeps a split in memory as uint8 (decoded once at setup, in parallel with
 ``num_workers``). A single pass over a split (``iter_split``, ``reference_batches``: latent encoding,
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DECODE_BATCH = 64  # files per decoding batch when a whole split is loaded
 FINGERPRINT_BATCH = 64  # files hashed per thread-pool task
+# The version of the decoding rules (2: EXIF orientation applied), part of the folder fingerprint: FID statistics and
+# latent caches of images decoded by other rules get other keys and are rebuilt.
+DECODING = 2
 
 
 def _file_digests(paths: list[Path]) -> list[str]:
@@ -105,12 +109,13 @@ def grey_to_8_bits(img: Image.Image, path: Path) -> Image.Image:
 
 
 def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """Decode, convert (more than 8 bits of grey scaled to 8: ``grey_to_8_bits``), resize the short side to
-    ``image_size`` and centre-crop: uint8 (C, S, S)."""
-    from PIL import Image
+    """Decode, turn upright by the EXIF orientation, convert (more than 8 bits of grey scaled to 8:
+    ``grey_to_8_bits``), resize the short side to ``image_size`` and centre-crop: uint8 (C, S, S)."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
+            ImageOps.exif_transpose(img, in_place=True)  # in place: keeps the TIFF tags grey_to_8_bits reads
             img = grey_to_8_bits(img, path)
             img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "RGBA") else img
             img = img.convert("L" if channels == 1 else "RGB")
@@ -268,13 +273,14 @@ class ImageFolderDataModule(UInt8ImageDataModule):
         return images, labels
 
     def _key_extra(self) -> str:
-        """Fingerprint of the folder's contents (file names and bytes) and split, so that a changed folder gets new
-        FID and latent cache keys, also where an image changed at the same file size. Read once per data module,
-        as the file list is scanned once."""
+        """Fingerprint of the folder's contents (file names and bytes), split and decoding rules (``DECODING``), so
+        that a changed folder gets new FID and latent cache keys, also where an image changed at the same file size.
+        Read once per data module, as the file list is scanned once."""
         if self._fingerprint is None:
             paths, _, _ = self._scanned()
             root = Path(self.root).expanduser()
-            h = hashlib.blake2b(f"{self.val_fraction}|{self._hold_out_seed()}".encode(), digest_size=16)
+            settings = f"{self.val_fraction}|{self._hold_out_seed()}|decoding {DECODING}"
+            h = hashlib.blake2b(settings.encode(), digest_size=16)
             batches = [paths[i : i + FINGERPRINT_BATCH] for i in range(0, len(paths), FINGERPRINT_BATCH)]
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # reads overlap; hashlib releases the GIL
                 for batch, digests in zip(batches, pool.map(_file_digests, batches)):

@@ -15,12 +15,15 @@ flipped (twice the encoding time and twice the disk), and every draw picks one o
 
 The cache folder holds ``meta.json`` and the files it names. ``meta.json`` records what the latents
 depend on: the autoencoder (its config and a hash of its weights), the data set (its name, image
-shape, count and, for an image folder, a hash of its files' names and bytes, so that an image
-replaced by another of the same name and size counts as a change), the flip, the dtype and the
-encoding precision. A cache whose record differs is rebuilt, never mixed: the new files are written
-under new names and ``meta.json`` is replaced atomically (``os.replace``) only after the encoding
-finished, so an encoding that fails midway leaves the existing cache as it was. A second run with the
-same settings reads the cache and never calls the encoder.
+shape, count and, for an image folder, a hash of its files' names and bytes and of the decoding rules,
+so that an image replaced by another of the same name and size counts as a change), the flip, the
+dtype and the encoding precision. Without ``cache_dir`` the folder is
+``~/.cache/lightning_speed/latents/<data set>/<hash of the record>``: one per record, so that runs with
+another autoencoder, flip or dtype keep their own caches. A cache whose record differs is rebuilt,
+never mixed: the new files are written under new names and ``meta.json`` is replaced atomically
+(``os.replace``) only after the encoding finished, so an encoding that fails midway leaves the
+existing cache as it was. A second run with the same settings reads the cache and never calls the
+encoder.
 
 Training batches are ``(latents (B, C, h, w) float32, labels)``: on the GPU when the cache fits
 (``LatentBatchLoader``, no per-batch host work), else a ``DataLoader`` over the memory map.
@@ -30,6 +33,7 @@ and the ``autoencoder`` attribute is what ``DiffusionModule.decode`` turns sampl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -227,7 +231,8 @@ class LatentDataModule(L.LightningDataModule):
             Hugging Face hub name (``stabilityai/sd-vae-ft-ema``), or an ``Autoencoder`` / ``AutoencoderKL``.
         subfolder: the autoencoder's subfolder inside the folder or hub repository (e.g. ``vae``).
         scaling_factor: latent scale (None: the autoencoder config's, 0.18215 for sd-vae-ft-ema).
-        cache_dir: the cache folder (None: ``~/.cache/lightning_speed/latents/<data set>``).
+        cache_dir: the cache folder (None: ``~/.cache/lightning_speed/latents/<data set>/<hash of the record>``, one per
+            ``cache_record``).
         batch_size: latents per training batch (per device under DDP).
         random_flip: encode each image and its mirror image and train on either at random.
         cache_dtype: storage of the cached mean and std (float16 halves the disk and memory).
@@ -291,10 +296,13 @@ class LatentDataModule(L.LightningDataModule):
         return str(self.images.reference_key("train"))
 
     def cache_folder(self) -> Path:
+        """``cache_dir``, else a folder of the data set's with a subfolder per ``cache_record``: settings that need
+        other latents get another folder, so that alternating runs reuse their caches instead of rebuilding them."""
         if self.cache_dir is not None:
             return Path(self.cache_dir).expanduser()
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in self._dataset_key())
-        return DEFAULT_CACHE_ROOT.expanduser() / safe
+        record = json.dumps(self.cache_record(), sort_keys=True, default=str)
+        return DEFAULT_CACHE_ROOT.expanduser() / safe / hashlib.blake2b(record.encode(), digest_size=6).hexdigest()
 
     def cache_record(self) -> dict[str, Any]:
         """Everything the cached latents depend on; a cache with another record is rebuilt."""
