@@ -84,6 +84,22 @@ def test_a_resume_continues_the_window_in_progress(tmp_path):
     assert {k: got[k] for k in keys} == pytest.approx({k: expected[k] for k in keys}, abs=1e-6)
 
 
+def test_under_ddp_a_checkpoint_holds_the_window_summed_over_the_ranks(tmp_path):
+    """Every rank saves; rank 0 alone restores the window, so what it saves is the sum over the ranks (here a strategy
+    whose reduce stands for two ranks with the same sums), while one process keeps its own sums as they are."""
+    from types import SimpleNamespace
+
+    monitor, _ = run(tmp_path, "tb", max_steps=3, every=4, accumulate=1)
+    local = monitor.state_dict()
+    assert local["sums"][0].sum() == 3 * 8
+    two_ranks = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=lambda x, reduce_op: 2 * x))
+    for trainer, factor in ((two_ranks, 2), (SimpleNamespace(world_size=1), 1)):
+        checkpoint = {"callbacks": {monitor.state_key: monitor.state_dict()}}
+        monitor.on_save_checkpoint(trainer, None, checkpoint)
+        saved = checkpoint["callbacks"][monitor.state_key]
+        assert torch.equal(saved["sums"], factor * local["sums"]) and torch.equal(saved["t_counts"], factor * local["t_counts"])
+
+
 def test_a_window_split_at_other_areas_is_not_continued(tmp_path):
     """A checkpoint's window summed at other area bounds (another tau) would mix areas: it starts afresh."""
     monitor = TimestepMonitor(log_every_n_steps=4, tau=700)

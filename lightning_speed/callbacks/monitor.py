@@ -26,8 +26,7 @@ They are also kept in ``monitor.history`` (a list of dicts) for notebooks, with 
 trained, as in ``FIDCallback.history``.
 
 A checkpoint keeps the window in progress (``state_dict``), so the first summary after a resume covers the whole window,
-not only the steps since the resume. Under DDP the checkpoint holds rank 0's part of it: the resumed window's means
-then come from fewer samples, but from the same distribution.
+not only the steps since the resume; under DDP it holds the window summed over the ranks, which rank 0 restores.
 """
 
 from __future__ import annotations
@@ -110,6 +109,15 @@ class TimestepMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict) if state_dict else None
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Every rank saves (Lightning writes rank 0's file); under DDP the window in progress is the sum over the
+        # ranks, which rank 0 restores alone: it saves that sum (one synchronisation per checkpoint), not its share.
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state and trainer.world_size > 1:
+            state["sums"] = trainer.strategy.reduce(self._sums.clone(), reduce_op="sum").cpu()
+            state["t_counts"] = trainer.strategy.reduce(self._t_counts.clone(), reduce_op="sum").cpu()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
