@@ -77,8 +77,22 @@ def check_shift(shift: Any) -> float:
 
 
 def is_flow_scheduler(source: Any) -> bool:
-    """Whether ``source`` is a diffusers flow-matching scheduler: a ``config.shift`` and no ``alphas_cumprod``."""
-    return getattr(getattr(source, "config", None), "shift", None) is not None and not hasattr(source, "alphas_cumprod")
+    """Whether ``source`` is a diffusers flow-matching scheduler: a ``config.shift`` and no ``alphas_cumprod``
+    (``FlowMatchEulerDiscreteScheduler``), or a solver with ``config.use_flow_sigmas`` (Wan's UniPC), whose
+    ``alphas_cumprod`` is not the process it samples."""
+    config = getattr(source, "config", None)
+    if getattr(config, "use_flow_sigmas", False):
+        return True
+    return getattr(config, "shift", None) is not None and not hasattr(source, "alphas_cumprod")
+
+
+def configured_shift(scheduler: Any) -> float | None:
+    """A flow scheduler's fixed shift (``config.shift``, or ``config.flow_shift`` with flow sigmas); None with
+    dynamic shifting, where its pipelines choose the shift per resolution."""
+    config = scheduler.config
+    if getattr(config, "use_dynamic_shifting", False):
+        return None
+    return float(config.flow_shift if getattr(config, "use_flow_sigmas", False) else config.shift)
 
 
 def _check_range(t: Tensor, name: str) -> None:
@@ -300,19 +314,38 @@ class FlowSchedule:
         return t if self.shift == 1.0 else remove_shift(t, self.shift)
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any) -> FlowSchedule:
-        """The schedule of a diffusers flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``): its
-        ``config.shift``. A scheduler with dynamic shifting has no fixed shift (its pipelines choose one per
-        resolution) and is refused: the shift to train with must then be stated."""
-        config = scheduler.config
-        if getattr(config, "use_dynamic_shifting", False):
+    def from_scheduler(cls, scheduler: Any, num_tokens: int | None = None) -> FlowSchedule:
+        """The schedule of a diffusers flow-matching scheduler: its fixed shift (``configured_shift``), or with
+        dynamic shifting the shift it applies to images of ``num_tokens`` tokens, as its pipelines compute it:
+        mu linear in the token count between the config's (base_image_seq_len, base_shift) and
+        (max_image_seq_len, max_shift), then shift exp(mu) (``time_shift_type`` "exponential") or mu ("linear")."""
+        name, config = type(scheduler).__name__, scheduler.config
+        prediction = getattr(config, "prediction_type", None)
+        if getattr(config, "use_flow_sigmas", False) and prediction != "flow_prediction":
             raise ValueError(
-                f"{type(scheduler).__name__} uses dynamic shifting (use_dynamic_shifting=True): its pipelines choose "
-                "the shift per image resolution, so config.shift is not the shift of its training times. State the "
-                "shift to train with: TimestepStrategy(FlowSchedule(shift=flow.resolution_shift(num_tokens))) for the "
-                "shift of your resolution, or FlowSchedule(1.0) for the scheduler's unshifted training sigmas."
+                f"{name} has flow sigmas but prediction_type {prediction!r}: a flow's network here predicts the "
+                "velocity v = eps - x0, diffusers' 'flow_prediction'. Configure the scheduler with it."
             )
-        return cls(config.shift)
+        shift = configured_shift(scheduler)
+        if num_tokens is not None:
+            if shift is not None:
+                raise ValueError(f"{name} has the fixed shift {shift:g}, not one per resolution: leave num_tokens out.")
+            ends = [getattr(config, key, None) for key in
+                    ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")]
+            if None in ends:
+                raise ValueError(f"{name}'s config does not say how its shift follows the token count: state the "
+                                 "shift to train with, TimestepStrategy(FlowSchedule(shift)).")
+            shift = resolution_shift(num_tokens, *ends)
+            return cls(math.log(shift) if getattr(config, "time_shift_type", "exponential") == "linear" else shift)
+        if shift is None:
+            raise ValueError(
+                f"{name} uses dynamic shifting (use_dynamic_shifting=True): its pipelines choose the shift per image "
+                "resolution, so config.shift is not the shift of its training times. State the shift to train with: "
+                "TimestepStrategy(FlowSchedule.from_scheduler(self.scheduler, num_tokens=...)) for the shift it "
+                "applies to images of num_tokens tokens ((H / p) (W / p) for latents H x W and patch size p), or "
+                "FlowSchedule(1.0) for its unshifted training sigmas."
+            )
+        return cls(shift)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FlowSchedule) and other.shift == self.shift

@@ -145,7 +145,7 @@ def test_setup_refuses_a_scheduler_whose_shift_the_strategy_does_not_use():
 
 def test_dynamic_shifting_needs_the_shift_stated():
     dynamic = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    with pytest.raises(ValueError, match=r"dynamic shifting.*FlowSchedule\(shift=flow.resolution_shift"):
+    with pytest.raises(ValueError, match=r"dynamic shifting.*FlowSchedule.from_scheduler\(self.scheduler, num_tokens="):
         TimestepStrategy(dynamic)
     # stated: the held scheduler's shift is chosen per resolution, so it is not compared
     module = TinySD3(timesteps=FlowSchedule(flow.resolution_shift(16)))
@@ -171,3 +171,42 @@ def test_setup_refuses_a_strategy_of_the_other_process():
     ):
         with pytest.raises(ValueError, match=match):
             cpu_trainer(max_steps=1, callbacks=[callbacks.SpeeD()]).fit(module, loader())
+
+
+@pytest.mark.parametrize("config", [
+    {},  # Flux's: mu from 0.5 at 256 tokens to 1.15 at 4096, shift exp(mu)
+    {"base_shift": 0.95, "max_shift": 2.05, "base_image_seq_len": 1024, "max_image_seq_len": 4096},  # LTX-Video's
+    {"time_shift_type": "linear"},  # shift mu itself
+])
+def test_a_dynamic_scheduler_gives_the_shift_it_applies_at_a_token_count(config):
+    """The shift equals the one the scheduler applies for that token count: mu as its pipelines compute it from its
+    config (linear in the token count), then the scheduler's own time_shift, whose shift is t'(1 - t) / (t (1 - t'))."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **config)
+    c, tokens = scheduler.config, 1024
+    slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+    mu = c.base_shift + slope * (tokens - c.base_image_seq_len)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    shifted = scheduler.time_shift(mu, 1.0, t)
+    applied = shifted * (1 - t) / (t * (1 - shifted))
+    schedule = FlowSchedule.from_scheduler(scheduler, num_tokens=tokens)
+    torch.testing.assert_close(torch.full_like(t, schedule.shift), applied)
+    torch.testing.assert_close(schedule.warp(t), shifted)
+    with pytest.raises(ValueError, match="fixed shift 3.*leave num_tokens out"):
+        FlowSchedule.from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), num_tokens=tokens)
+
+
+def test_a_solver_with_flow_sigmas_is_a_flow_scheduler():
+    """A multistep solver with flow sigmas (Wan's UniPC) noises as a flow with its flow_shift: its alphas_cumprod is
+    not its schedule. Held next to the strategy, its shift is compared, and it is not taken for a DDPM schedule."""
+    unipc = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    assert TimestepStrategy(unipc).schedule == FlowSchedule(3.0)
+    module = TinySD3()
+    module.sampling_scheduler = unipc
+    cpu_trainer(max_steps=1, callbacks=[callbacks.SpeeD()]).fit(module, loader())
+    other = TinySD3(timesteps=FlowSchedule(1.0))
+    other.scheduler = unipc
+    with pytest.raises(ValueError, match=r"with shift 1, but TinySD3.scheduler has shift 3"):
+        cpu_trainer(max_steps=1, callbacks=[callbacks.SpeeD()]).fit(other, loader())
+    epsilon = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="epsilon", flow_shift=3.0)
+    with pytest.raises(ValueError, match=r"prediction_type 'epsilon'.*velocity.*flow_prediction"):
+        TimestepStrategy(epsilon)

@@ -45,7 +45,7 @@ from typing_extensions import override
 
 from lightning_speed import timesteps
 from lightning_speed.distributed import rank_seed
-from lightning_speed.flow import FlowSchedule, is_flow_scheduler
+from lightning_speed.flow import FlowSchedule, configured_shift, is_flow_scheduler
 from lightning_speed.schedules import prediction_of
 from lightning_speed.timesteps.base import (
     ConstantWeighting, StepRecord, Strategy, TimestepStrategy, UniformSampling, split_roles,
@@ -94,6 +94,8 @@ def _module_schedules(pl_module: pl.LightningModule) -> dict[str, tuple[Any, str
     for attr, value in vars(pl_module).items():
         if attr.startswith("_") or attr == "timesteps" or isinstance(value, (torch.Tensor, torch.nn.Module)):
             continue
+        if is_flow_scheduler(value):  # a solver with flow sigmas keeps an alphas_cumprod it does not sample with
+            continue
         found[f"{name}.{attr}.alphas_cumprod"] = (getattr(value, "alphas_cumprod", None), f"self.{attr}", value)
     return {
         where: found[where] for where, (ab, _, _) in found.items()
@@ -112,8 +114,7 @@ def _module_flows(pl_module: pl.LightningModule) -> dict[str, float | None]:
         if isinstance(value, FlowSchedule):
             found[f"{name}.{attr}"] = value.shift
         elif is_flow_scheduler(value):
-            dynamic = getattr(value.config, "use_dynamic_shifting", False)
-            found[f"{name}.{attr}"] = None if dynamic else float(value.config.shift)
+            found[f"{name}.{attr}"] = configured_shift(value)
     return found
 
 
