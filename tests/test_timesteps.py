@@ -786,6 +786,9 @@ def test_bases_are_abstract():
         (lambda s: LossAwareSampling(uniform_prob=0), r"uniform_prob must be a number in \(0, 1\], got 0.0; the paper mixes in 0.001"),
         (lambda s: P2Weighting(k=float("inf")), "P2's k must be a non-negative number, got inf; the official value is 1"),
         (lambda s: LogitNormalSampling(mean=float("nan")), "mean must be a finite number"),
+        (lambda s: SpeeD().bind(steps(100)), r"SpeeD: tau=700 must be smaller .* T=100 .* tau was not given, so it is "
+                                            r"the default 700, chosen for T = 1000 steps: give tau \('auto'"),
+        (lambda s: SpeeD(tau=700).bind(steps(100)), r"^tau=700 must be smaller .* or 'auto' for \d+\)\.$"),
     ],
 )
 def test_bad_arguments_raise(linear, build, match):

@@ -202,7 +202,13 @@ class Strategy(ABC):
             self.schedule, self.process, self.num_timesteps, self.resolved_tau = schedule, process, None, resolved
             self.build_flow(schedule)
         else:
-            resolved = None if setting is None else resolve_tau(setting, schedule)
+            try:
+                resolved = None if setting is None else resolve_tau(setting, schedule)
+            except ValueError as err:
+                if getattr(self, "tau", setting) is not None:
+                    raise
+                raise ValueError(f"{type(self).__name__}: {err} tau was not given, so it is the default {setting}, "
+                                 "chosen for T = 1000 steps: give tau ('auto' follows the schedule).") from None
             self.schedule, self.process, self.num_timesteps = schedule, process, schedule.num_timesteps
             self.resolved_tau = resolved
             self.build(schedule, check_prediction(prediction or "epsilon"))
