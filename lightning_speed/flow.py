@@ -375,23 +375,21 @@ def _grid_values(grid: Tensor | Sequence[float]) -> list[float]:
     return times.tolist()
 
 
-def _state(x: Tensor) -> Tensor:
-    """The solver's state in at least float32: a step's increment (s - t) v falls below half precision's spacing
-    (bf16 noise would hardly move)."""
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is in half precision (float32 and float64 stay): flow times, and solver states whose
+    increments (s - t) v fall below half precision's spacing (bf16 noise would hardly move)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _at(x: Tensor, t: float) -> Tensor:
-    """The time t as the model's (B,) float tensor: float32 (float64 for float64 x; half precision would merge
-    nearby grid times)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
+    """The time t as the model's (B,) float tensor, in the dtype of the state ``x`` (float32 or float64)."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
 
 
 @torch.no_grad()
 def euler(model: Velocity, x: Tensor, grid: Tensor | Sequence[float]) -> Tensor:
     """Integrate dx/dt = model(x, t) along ``grid`` (decreasing flow times) with Euler steps."""
-    times, x = _grid_values(grid), _state(x)
+    times, x = _grid_values(grid), at_least_float32(x)
     for t, s in zip(times[:-1], times[1:]):
         x = x + (s - t) * model(x, _at(x, t))
     return x
@@ -404,7 +402,7 @@ def heun(model: Velocity, x: Tensor, grid: Tensor | Sequence[float]) -> Tensor:
     A step into t = 0 is an Euler step, as in k-diffusion: it saves the evaluation at t = 0, where training
     draws (logit-normal) put almost no mass; the global error stays second order.
     """
-    times, x = _grid_values(grid), _state(x)
+    times, x = _grid_values(grid), at_least_float32(x)
     for t, s in zip(times[:-1], times[1:]):
         v = model(x, _at(x, t))
         x_next = x + (s - t) * v

@@ -269,7 +269,7 @@ class DiffusionModule(pl.LightningModule):
         to 4 apart in [512, 1024), another time than the one x_t was noised at."""
         if self.process != "flow":
             return t
-        return t.to(torch.promote_types(t.dtype, torch.float32)) * FLOW_TIME_SCALE
+        return flow.at_least_float32(t) * FLOW_TIME_SCALE
 
     def _losses(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None) -> DiffusionLosses:
         """The process's per-sample losses of the backbone (what configure_model compiles)."""
