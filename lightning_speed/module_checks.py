@@ -433,16 +433,34 @@ def build_lr_scheduler(factory: Any, optimizer: Any, trainer: Any) -> Any:
     nor ``epochs``) gets the run's, ``trainer.estimated_stepping_batches``, as Lightning's docs build one."""
     keywords = getattr(factory, "keywords", None) or {}
     target = next((a for a in (getattr(factory, "func", None), *getattr(factory, "args", ())) if isinstance(a, type)), None)
-    if not (target and issubclass(target, torch.optim.lr_scheduler.OneCycleLR)
-            and keywords.get("total_steps") is None and keywords.get("epochs") is None):
-        return check_lr_scheduler(factory(optimizer), trainer)
+    one_cycle = bool(target and issubclass(target, torch.optim.lr_scheduler.OneCycleLR))
+    if not (one_cycle and keywords.get("total_steps") is None and keywords.get("epochs") is None):
+        return check_lr_scheduler(_build(factory, optimizer, keywords), trainer)
     total = getattr(trainer, "estimated_stepping_batches", math.inf)
     if not math.isfinite(total):
         raise ValueError(
             "OneCycleLR without total_steps runs over the whole training, but this run sets no length: set "
             "trainer.max_steps (or max_epochs), or model.lr_scheduler.init_args.total_steps."
         )
-    return check_lr_scheduler(factory(optimizer, total_steps=int(total)), trainer)
+    return check_lr_scheduler(_build(factory, optimizer, keywords, total_steps=int(total)), trainer)
+
+
+def _build(factory: Any, optimizer: Any, keywords: dict[str, Any], **extra: Any) -> Any:
+    """``factory(optimizer, **extra)``. OneCycleLR divides by its warm-up's length, pct_start x total_steps - 1
+    steps, in its constructor: a one-step warm-up fails there with a bare ZeroDivisionError, named here instead."""
+    try:
+        return factory(optimizer, **extra)
+    except ZeroDivisionError:
+        scheduler = getattr(factory, "func", None)
+        if not (isinstance(scheduler, type) and issubclass(scheduler, torch.optim.lr_scheduler.OneCycleLR)):
+            raise
+        total, pct = extra.get("total_steps", keywords.get("total_steps")), keywords.get("pct_start", 0.3)
+        raise ValueError(
+            f"OneCycleLR(total_steps={total}, pct_start={pct}) has a warm-up of pct_start x total_steps = "
+            f"{pct * total:g} step, which torch's OneCycleLR cannot build (it divides by the warm-up's steps - 1): "
+            "raise pct_start or the run's length (trainer.max_steps) for a warm-up of two steps or more, or set "
+            "pct_start to 0."
+        ) from None
 
 
 def check_lr_scheduler(scheduler: Any, trainer: Any) -> Any:

@@ -706,3 +706,18 @@ def test_a_one_cycle_schedule_longer_than_the_run_warns_and_one_that_fits_is_sil
     fit = trainer(max_steps=4)
     fit.fit(DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8), lr_scheduler=_one_cycle(4)), loader(n=8, batch_size=4))
     assert fit.global_step == 4 and not [w for w in recwarn if "OneCycleLR" in str(w.message)]
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_one_cycle_schedule_with_a_one_step_warm_up_is_refused_with_the_fix(given):
+    """pct_start x total_steps = 1: torch's OneCycleLR divides by zero in its constructor; named before any step."""
+    from functools import partial
+
+    keywords = {"max_lr": 1e-3, "pct_start": 0.05, **({"total_steps": 20} if given else {})}
+    module = DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8),
+                             lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, **keywords))
+    fit = trainer(max_steps=20)
+    with pytest.raises(ValueError, match=r"OneCycleLR\(total_steps=20, pct_start=0.05\) has a warm-up of .* = 1 step"
+                                         r".*raise pct_start or the run's length"):
+        fit.fit(module, loader(n=8, batch_size=4))
+    assert fit.global_step == 0
