@@ -1746,3 +1746,12 @@ def test_report_refuses_a_cost_measured_on_another_base_or_batch(base: str, batc
         report.report(parser().parse_args([*_screen_folder(tmp_path), "--cost", str(cost)]))
     assert not (tmp_path / "study_screen" / "speedups.md").exists()
 
+
+
+def test_report_of_a_folder_without_results_says_so(tmp_path: Path, capsys) -> None:
+    """A launch whose runs all failed or never started ends in its report: a line, not a KeyError."""
+    from benchmarks.convergence.__main__ import parser
+
+    args = parser().parse_args(["report", "--no-plots", "--no-summary", "--out", str(tmp_path)])  # a launch made the folder
+    assert report.report(args) == {}
+    assert "no results to report yet" in capsys.readouterr().out

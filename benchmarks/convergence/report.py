@@ -48,13 +48,16 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     cost = load_cost(args.cost) if getattr(args, "cost", None) else None  # refused here, before any work
     results = load_results([out, *map(Path, args.include)])
+    if not results:  # a launch whose runs all failed or never started
+        print(f"no results to report yet in {out}")
+        return {}
     if cost is not None:
         check_cost_matches(cost, results, args.cost)
     solver = curve_solver(results, out)
     base = base_config(results, args.base)
     check_same_protocol(results)
     uniform_steps = sorted({s for r in results if r["strategy"] == "uniform" for s, _ in r["fid_history"]})
-    if not results or not uniform_steps:
+    if not uniform_steps:
         print("no uniform baseline results yet")
         return {}
     tables: dict[int, dict[str, Any]] = {}
