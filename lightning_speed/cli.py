@@ -743,4 +743,4 @@ def console(prog: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    console()
+    console(prog="python -m lightning_speed.cli")
