@@ -1648,6 +1648,7 @@ def test_speedups_markdown_in_benchmarks_wording() -> None:
                            "equivalent_per_seed": [0.8], "equivalent_at_most_per_seed": [True]}},
     }
     cost = {"card": "NVIDIA H100", "date": "2026-12-08", "batch_size": 64,
+            "set": ["ema.init_args.decay=0.999", "model.compile_mode=reduce-overhead"],
             "runs": {"uniform": {"ratio": 1.0}, "fast": {"ratio": 0.8}, "slow": {"ratio": 0.5}}}  # no "mixed"
     assert markdown(speedups, cost) == "\n".join([
         "**Speed-up at N** (steps to the baseline's mean FID at the budget)",
@@ -1669,8 +1670,8 @@ def test_speedups_markdown_in_benchmarks_wording() -> None:
         "| early | 0 | 5k | 4.60 | 7.00 | ≥ 1.00 (1.40) | — | — |",
         "| fast | 0, 1 | 5k | 9.00 (uniform_cosine) | 8.00 / 8.50 | 1.00 (1.00–1.00) | 0.80 | 0.80 (0.80–0.80) |",
         "",
-        "Step cost: python -m benchmarks.strategy_cost on NVIDIA H100, 2026-12-08, batch 64: wall-clock speed-up = "
-        "speed-up × steps/s over uniform.",
+        "Step cost: python -m benchmarks.strategy_cost on NVIDIA H100, 2026-12-08, batch 64, compile mode "
+        "reduce-overhead: wall-clock speed-up = speed-up × steps/s over uniform.",
         "",
         "**Screen** (FID at the stop step against the baseline's mean FID at twice it; how far each got: the "
         "baseline's steps to that FID, over the stop step)",
@@ -1733,6 +1734,7 @@ def test_report_writes_speedups_md_with_the_costs_of_the_runs_the_cost_file_has(
     assert "| curriculum_speed | 0 | 5k | 10.80 | 9.61 | 1.03 | — | — |\n" in table
     assert "| laplace_log_snr | 0 | 5k | 10.80 | 14.32 | < 1 (0.93) | — | — |\n" in table
     assert "| laplace_log_snr | 0 | 5k | 6.81 | 14.32 | 0.93× | no |\n" in table
+    assert "on cpu, 2026-12-08, batch 64, the base's compile mode: wall-clock" in table  # the cost file sets none
 
 
 @pytest.mark.parametrize(("base", "batch"), [("fashion_mnist.yaml", 64), ("fashion_mnist_dit.yaml", 256)])

@@ -47,6 +47,13 @@ def check_cost_matches(cost: dict[str, Any], results: list[dict[str, Any]], path
                          f"{found}: measure it with {COST_TOOL} --base {base} --batch-size {batch}")
 
 
+def _compile_mode(cost: dict[str, Any]) -> str:
+    """The compile mode the step costs were measured at (``--set model.compile_mode=...``; else the base's): CUDA
+    graphs change a small model's step cost more than a strategy does, so the wall-clock figures hold at that mode."""
+    modes = [item.split("=", 1)[1] for item in cost.get("set") or [] if item.startswith("model.compile_mode=")]
+    return f"compile mode {modes[-1]}" if modes else "the base's compile mode"
+
+
 def _num(value: float) -> str:
     return f"{value:.2f}"
 
@@ -126,8 +133,8 @@ def markdown(speedups: dict[str, Any], cost: dict[str, Any] | None = None) -> st
             rows.append(row)
         lines += [f"**Speed-up at {title}** (steps to the baseline's mean FID at the budget)", "", *_table(header, rows), ""]
     if cost is not None and lines:
-        lines += [f"Step cost: {COST_TOOL} on {cost.get('card')}, {cost.get('date')}, batch {cost.get('batch_size')}: "
-                  "wall-clock speed-up = speed-up × steps/s over uniform.", ""]
+        lines += [f"Step cost: {COST_TOOL} on {cost.get('card')}, {cost.get('date')}, batch {cost.get('batch_size')}, "
+                  f"{_compile_mode(cost)}: wall-clock speed-up = speed-up × steps/s over uniform.", ""]
     screened = speedups.get("screen") or {}
     if screened:
         rows = []
