@@ -1529,6 +1529,40 @@ def test_a_screen_says_which_strategy_reaches_uniforms_fid_at_twice_its_step() -
 
 
 
+def test_a_run_trained_to_the_end_of_half_uniforms_schedule_takes_the_screens_test_against_plain_uniform() -> None:
+    """The budget form: a run with a 5k schedule (its rate annealed by 5k) beside uniform to 10k. Its own baseline
+    (uniform_onecycle, also 5k steps) cannot say what uniform reaches at 10k: plain uniform does."""
+    def run(strategy: str, seed: int, curve: list, steps_target: int | None, done: int | None = None) -> dict:
+        return {"strategy": strategy, "seed": seed, "fid_history": curve, "stop_at": None, "steps_target": steps_target,
+                "steps_done": done if done is not None else curve[-1][0]}
+
+    results = [run("uniform", 0, [(5000, 20.0), (10000, 11.0)], 10000), run("uniform", 1, [(5000, 18.0), (10000, 9.0)], 10000),
+               run("uniform_onecycle", 0, [(2500, 25.0), (5000, 12.0)], 5000),
+               run("speed_onecycle", 0, [(2500, 20.0), (5000, 9.5)], 5000),
+               run("speed_onecycle", 1, [(2500, 21.0), (5000, 10.0)], 5000),
+               run("speed", 0, [(5000, 9.0), (10000, 6.0)], 10000)]  # trained to 10k: no uniform at 20k, no entry
+    assert stats.screen(results) == {}  # opt-in: report --budget
+    screened = stats.screen(results, budget=True)
+    assert set(screened) == {"uniform_onecycle", "speed_onecycle"}
+    assert screened["speed_onecycle"] == {
+        "step": 5000, "fid_per_seed": [9.5, 10.0], "baseline_fid_at_double": 10.0, "baseline_seeds": 2,
+        "reaches_2x": True, "equivalent_per_seed": [None, 2.0], "equivalent_at_most_per_seed": [False, False],
+        "budget": True, "baseline": "uniform"}
+    # 12 is reached between 19 at 5k and 10 at 10k: 5000 + 7/9 * 5000 steps, over 5000
+    assert screened["uniform_onecycle"]["reaches_2x"] is False
+    assert screened["uniform_onecycle"]["equivalent_per_seed"] == pytest.approx([1 + 7 / 9])
+    assert report._screen_headline(screened["speed_onecycle"])["budget"] is True
+    # a run cut short of its schedule (killed, not yet resumed) is no budget run
+    cut = [*results[:2], run("speed_onecycle", 0, [(2500, 20.0)], 5000, done=2600)]
+    assert stats.screen(cut, budget=True) == {}
+    from benchmarks.convergence.table import markdown
+
+    table = markdown({"N": {}, "N_half": {}, "runs": [{"strategy": "speed_onecycle", "seed": s} for s in (0, 1)],
+                      "screen": {"speed_onecycle": screened["speed_onecycle"]}})
+    assert "| speed_onecycle | 0, 1 | 5k (its N) | 10.00 | 9.50 / 10.00 | never / 2.00× | yes |" in table
+    assert '"its N": a run trained to the end of a schedule of that many steps, against plain uniform' in table
+
+
 def test_the_screen_figure_is_drawn_only_for_a_screen(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from benchmarks.convergence.plots import plot_screen
@@ -1757,3 +1791,16 @@ def test_report_of_a_folder_without_results_says_so(tmp_path: Path, capsys) -> N
     args = parser().parse_args(["report", "--no-plots", "--no-summary", "--out", str(tmp_path)])  # a launch made the folder
     assert report.report(args) == {}
     assert "no results to report yet" in capsys.readouterr().out
+
+
+def test_report_screens_runs_trained_to_half_of_uniforms_schedule_only_when_asked(tmp_path: Path) -> None:
+    """The UNet folder holds strategies trained to N = 10k beside uniform to 20k: report --budget reads them against
+    uniform's FID at 20k; a plain report leaves its committed tables as they are."""
+    from benchmarks.convergence.__main__ import parser
+
+    copy_raw_results("convergence", tmp_path)
+    args = ["report", "--no-plots", "--no-summary", "--out", str(tmp_path / "convergence")]
+    assert "screen" not in report.report(parser().parse_args(args))
+    screened = report.report(parser().parse_args([*args, "--budget"]))["screen"]
+    assert screened["min_snr"]["budget"] is True and screened["min_snr"]["step"] == 10000
+    assert screened["min_snr"]["baseline"] == "uniform" and screened["min_snr"]["baseline_fid_at_double"] > 0

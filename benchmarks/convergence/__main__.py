@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a tiny CPU model (the test suite)")
     p.add_argument("--no-summary", dest="summary", action="store_false", help="report: leave summary.json alone")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="report: write no figures")
+    p.add_argument("--budget", action="store_true",
+                   help="report: also screen runs trained to the end of a schedule half as long as uniform's (a rate "
+                        "annealed by then), against plain uniform's FID at twice their N")
     p.add_argument("--summary-key", default=None,
                    help="report: write the speed-ups under this summary.json key (and KEY_half), each entry with its N "
                         "and EMA decay (the strategy study: speedup_study), instead of the base config's key")

@@ -105,7 +105,7 @@ def plot_screen(results: list[dict[str, Any]], screened: dict[str, Any], path: P
     if plt is None or not screened:
         return
     fig, ax = plt.subplots(figsize=(10, 5))
-    baselines = {BASELINES.get(s, "uniform") for s in screened}
+    baselines = {e.get("baseline", BASELINES.get(s, "uniform")) for s, e in screened.items()}
     order = sorted(screened, key=lambda s: sum(screened[s]["fid_per_seed"]) / len(screened[s]["fid_per_seed"]))
     others = sorted({r["strategy"] for r in results} - baselines - set(screened))  # reported alongside: dashed
     for strategy in [*sorted(baselines), *order, *others]:

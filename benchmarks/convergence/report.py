@@ -33,7 +33,7 @@ def _screen_headline(entry: dict[str, Any]) -> dict[str, Any]:
     how_far = entry["equivalent_per_seed"]
     fields = {"steps": entry["step"], "N": 2 * entry["step"], "seeds": len(how_far), "reaches_2x": entry["reaches_2x"],
               "how_far": None if None in how_far else sum(how_far) / len(how_far), "how_far_per_seed": how_far,
-              "fid_per_seed": entry["fid_per_seed"]}
+              "fid_per_seed": entry["fid_per_seed"], **({"budget": True} if entry.get("budget") else {})}
     return {**fields, "how_far_at_most": True} if any(entry["equivalent_at_most_per_seed"]) else fields
 
 
@@ -76,7 +76,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     summary = {"N": headline["N"], "N_half": headline["N_half"], "budgets": budgets,
                "tables": {str(b): t for b, t in sorted(tables.items())},
                "runs": [{k: r[k] for k in ("strategy", "seed", "steps_done", "folder")} for r in results]}
-    screened = screen(results)
+    screened = screen(results, budget=getattr(args, "budget", False))
     if screened:  # runs launched with --stop-at: the 2x test at N = twice their step
         summary["screen"] = screened
     write_json(out / "speedups.json", summary)

@@ -119,7 +119,7 @@ def speedups(results: list[dict[str, Any]], budget: int) -> dict[str, Any]:
 
 
 
-def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
+def screen(results: list[dict[str, Any]], budget: bool = False) -> dict[str, Any]:
     """For runs stopped early (``--stop-at s``): does each strategy reach, by step s, the FID uniform has at 2s?
 
     A strategy that is twice as fast as uniform at N = 2s must; one that does not is not. Per strategy whose runs
@@ -127,17 +127,29 @@ def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
     run), with a uniform curve that reaches 2s: its FIDs at s, uniform's mean FID at 2s, and how
     far each seed got: the steps uniform's mean curve needs to reach its FID, over s (None: never; a bound, "at most",
     when uniform is below it already at its first evaluation).
+
+    With ``budget``, a strategy whose runs all trained their whole schedule of s steps (no stop) takes the same test
+    when uniform runs reach 2s: "trained for half of uniform's steps, with a schedule made for that budget (a
+    learning rate annealed by s), is it as good?". Its entry says ``budget``; its baseline is plain uniform (its own
+    baseline trained the same s steps). Opt-in: at a constant rate it only repeats what the speed-ups say, and where
+    uniform's curve is flat between N and 2N (the UNet) it reads a plateau as 2x.
     """
     out: dict[str, Any] = {}
     for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
         runs = [r for r in results if r["strategy"] == strategy]
         stops = {r.get("stop_at") for r in runs}
-        if len(stops) != 1 or None in stops:
+        if stops == {None} and budget:  # trained to the end of its schedule: a budget run if uniform reaches twice it
+            lengths = {r.get("steps_target") for r in runs}
+            if len(lengths) != 1 or None in lengths or any(r["steps_done"] < r["steps_target"] for r in runs):
+                continue
+            (step,), baseline_name, budget = lengths, "uniform", True
+        elif len(stops) != 1 or None in stops:
             continue
-        (step,) = stops
-        if any(r.get("steps_target", 2 * step) != 2 * step for r in runs):  # results without N: before the field
-            continue
-        baseline, seeds = _mean_curve(results, BASELINES.get(strategy, "uniform"), 2 * step)
+        else:
+            (step,), baseline_name, budget = stops, BASELINES.get(strategy, "uniform"), False
+            if any(r.get("steps_target", 2 * step) != 2 * step for r in runs):  # results without N: before the field
+                continue
+        baseline, seeds = _mean_curve(results, baseline_name, 2 * step)
         fids = [fid_at(r["fid_history"], step) for r in runs]
         if not baseline or None in fids:
             continue
@@ -147,7 +159,8 @@ def screen(results: list[dict[str, Any]]) -> dict[str, Any]:
                          "baseline_seeds": seeds, "reaches_2x": all(f <= target for f in fids),
                          "equivalent_per_seed": [r / step if r else None for r in reach],
                          "equivalent_at_most_per_seed": [r is not None and reached_before_first_evaluation(baseline, f)
-                                                         for r, f in zip(reach, fids)]}
+                                                         for r, f in zip(reach, fids)],
+                         **({"budget": True, "baseline": baseline_name} if budget else {})}
     return out
 
 

@@ -143,11 +143,14 @@ def markdown(speedups: dict[str, Any], cost: dict[str, Any] | None = None) -> st
             reached = " / ".join("never" if entry["equivalent_per_seed"][i] is None else
                                  ("≤ " if entry["equivalent_at_most_per_seed"][i] else "")
                                  + _num(entry["equivalent_per_seed"][i]) + "×" for i in order)
-            rows.append([strategy, seeds, _steps(entry["step"]), _num(entry["baseline_fid_at_double"]),
+            steps = _steps(entry["step"]) + (" (its N)" if entry.get("budget") else "")  # trained to the end
+            rows.append([strategy, seeds, steps, _num(entry["baseline_fid_at_double"]),
                          " / ".join(_num(entry["fid_per_seed"][i]) for i in order), reached,
                          "yes" if entry["reaches_2x"] else "no"])
         lines += ["**Screen** (FID at the stop step against the baseline's mean FID at twice it; how far each got: the "
-                  "baseline's steps to that FID, over the stop step)", "",
+                  "baseline's steps to that FID, over the stop step" + ("; \"its N\": a run trained to the end of a "
+                  "schedule of that many steps, against plain uniform" if any(e.get("budget") for e in screened.values())
+                  else "") + ")", "",
                   *_table(["run", "seeds", "steps", "baseline FID at 2× steps", "FID per seed", "how far",
                            "reaches 2×"], rows), ""]
     return "\n".join(lines) if lines else "no candidate reached a budget\n"
