@@ -497,6 +497,12 @@ def test_a_screen_runs_on_a_base_of_ones_own_outside_configs(tmp_path: Path, hom
     run_script("convergence", ["report", "--no-plots", "--out", str(out), "--summary-file", str(summary)], home)
     # keys named after the file (and the smoke's DDIM-4 curve, not the protocol's DDIM-50)
     assert set(json.loads(summary.read_text())) == {"speedup_my_base_ddim4", "speedup_my_base_half_ddim4"}
+    # its budget form: a run trained to the end of a schedule of half uniform's steps, in a folder of its own
+    budget = ["--out", str(tmp_path / "mine_budget"), "--no-summary", "--no-plots"]
+    run_script("convergence", ["launch", "--jobs", "speed_onecycle:0:2", *common[:-2], *budget], home, 400)
+    run_script("convergence", ["report", "--base", str(base), "--include", str(out), "--budget", *budget], home)
+    screened = json.loads((tmp_path / "mine_budget" / "speedups.json").read_text())["screen"]["speed_onecycle"]
+    assert screened["budget"] is True and screened["step"] == 2 and screened["baseline"] == "uniform"
 
 @needs_fashion_mnist
 def test_convergence_launch_skips_finished_runs_and_resumes_the_others(convergence: Namespace) -> None:
@@ -1540,10 +1546,11 @@ def test_a_run_trained_to_the_end_of_half_uniforms_schedule_takes_the_screens_te
                run("uniform_onecycle", 0, [(2500, 25.0), (5000, 12.0)], 5000),
                run("speed_onecycle", 0, [(2500, 20.0), (5000, 9.5)], 5000),
                run("speed_onecycle", 1, [(2500, 21.0), (5000, 10.0)], 5000),
-               run("speed", 0, [(5000, 9.0), (10000, 6.0)], 10000)]  # trained to 10k: no uniform at 20k, no entry
-    assert stats.screen(results) == {}  # opt-in: report --budget
+               run("speed", 0, [(5000, 9.0), (10000, 6.0)], 10000),  # trained to 10k: no uniform at 20k, no entry
+               {**run("p2", 0, [(5000, 12.0)], 10000), "stop_at": 5000}]  # a screen beside them, read first
+    assert set(stats.screen(results)) == {"p2"}  # opt-in: report --budget
     screened = stats.screen(results, budget=True)
-    assert set(screened) == {"uniform_onecycle", "speed_onecycle"}
+    assert set(screened) == {"uniform_onecycle", "speed_onecycle", "p2"} and "budget" not in screened["p2"]
     assert screened["speed_onecycle"] == {
         "step": 5000, "fid_per_seed": [9.5, 10.0], "baseline_fid_at_double": 10.0, "baseline_seeds": 2,
         "reaches_2x": True, "equivalent_per_seed": [None, 2.0], "equivalent_at_most_per_seed": [False, False],

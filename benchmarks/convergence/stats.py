@@ -142,11 +142,11 @@ def screen(results: list[dict[str, Any]], budget: bool = False) -> dict[str, Any
             lengths = {r.get("steps_target") for r in runs}
             if len(lengths) != 1 or None in lengths or any(r["steps_done"] < r["steps_target"] for r in runs):
                 continue
-            (step,), baseline_name, budget = lengths, "uniform", True
+            (step,), baseline_name, whole = lengths, "uniform", True
         elif len(stops) != 1 or None in stops:
             continue
         else:
-            (step,), baseline_name, budget = stops, BASELINES.get(strategy, "uniform"), False
+            (step,), baseline_name, whole = stops, BASELINES.get(strategy, "uniform"), False
             if any(r.get("steps_target", 2 * step) != 2 * step for r in runs):  # results without N: before the field
                 continue
         baseline, seeds = _mean_curve(results, baseline_name, 2 * step)
@@ -160,7 +160,7 @@ def screen(results: list[dict[str, Any]], budget: bool = False) -> dict[str, Any
                          "equivalent_per_seed": [r / step if r else None for r in reach],
                          "equivalent_at_most_per_seed": [r is not None and reached_before_first_evaluation(baseline, f)
                                                          for r, f in zip(reach, fids)],
-                         **({"budget": True, "baseline": baseline_name} if budget else {})}
+                         **({"budget": True, "baseline": baseline_name} if whole else {})}
     return out
 
 
