@@ -13,6 +13,7 @@ the module's inputs (backbone, data, batches, ``sample``'s arguments) in ``light
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -233,6 +234,24 @@ class DiffusionModule(pl.LightningModule):
         if "state_dict" in checkpoint:  # sharded strategies (FSDP) load the weights themselves and drop it
             check_state_matches(self, checkpoint["state_dict"])
             self._resume_without_average(checkpoint)
+        self._check_resumed_cycle(checkpoint)
+
+    def _check_resumed_cycle(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming restores a OneCycleLR's saved length over the configured one; torch's OneCycleLR fails when stepped
+        past it. A run longer than the saved cycle is refused here, not hours later at the cycle's end."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        run = trainer.estimated_stepping_batches
+        for state in checkpoint.get("lr_schedulers") or []:
+            total = state.get("total_steps") if "_schedule_phases" in state else None  # a OneCycleLR's state
+            if total is not None and math.isfinite(run) and total < run:
+                raise ValueError(
+                    f"The checkpoint's OneCycleLR anneals over total_steps={total}, but this run trains "
+                    f"{int(run)} optimizer steps: torch would fail at step {total + 1}, when the cycle has ended. "
+                    f"Resume with trainer.max_steps={total}, or train the longer schedule as a new run (a cycle "
+                    "cannot be stretched once it has begun)."
+                )
 
     def _resume_without_average(self, checkpoint: dict[str, Any]) -> None:
         """A run with weight averaging saves the average as ``state_dict`` and the training weights beside it; its

@@ -721,3 +721,26 @@ def test_a_one_cycle_schedule_with_a_one_step_warm_up_is_refused_with_the_fix(gi
                                          r".*raise pct_start or the run's length"):
         fit.fit(module, loader(n=8, batch_size=4))
     assert fit.global_step == 0
+
+
+def test_resuming_a_one_cycle_run_to_more_steps_than_its_cycle_is_refused_before_a_step(tmp_path):
+    """The saved OneCycleLR length replaces the configured one on resume; torch fails once stepped past it. A run to
+    8 steps from a 4-step cycle is refused when the checkpoint loads; resuming to its own length trains on."""
+    from functools import partial
+
+    def module():
+        return DiffusionModule(TinyBackbone(), image_shape=(1, 8, 8),
+                               lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=1e-3, pct_start=0.1))
+
+    first = trainer(max_steps=2)
+    first.fit(module(), loader(n=8, batch_size=4))  # a cycle of 2 steps, saved at its end
+    ckpt = tmp_path / "two.ckpt"
+    first.save_checkpoint(ckpt)
+    longer = trainer(max_steps=4)
+    with pytest.raises(ValueError, match=r"OneCycleLR anneals over total_steps=2, but this run trains 4 optimizer "
+                                         r"steps: torch would fail at step 3.*trainer.max_steps=2"):
+        longer.fit(module(), loader(n=8, batch_size=4), ckpt_path=ckpt)
+    assert longer.global_step == 0  # refused while the checkpoint loads, before its progress is restored
+    same = trainer(max_steps=2)
+    same.fit(module(), loader(n=8, batch_size=4), ckpt_path=ckpt)  # nothing left to train, nothing refused
+    assert same.global_step == 2
