@@ -239,3 +239,21 @@ def test_input_check_makes_no_host_read(tmp_path: Path) -> None:
         guard._grad_ok = torch.empty((), dtype=torch.bool, device="meta")
         guard.on_train_batch_end(fake_trainer, SimpleNamespace(), {"loss": torch.empty((), device="meta")}, batch, step)
     assert guard._state["data_nonfinite"].device.type == "meta"
+
+
+def test_nonfinite_weights_on_another_process_stop_this_one_too(tmp_path: Path) -> None:
+    """Under FSDP only rank 0 holds the gathered weights: the ranks decide together, so that none waits alone at the
+    checkpoint's barrier. Here the other process's verdict is simulated by the strategy's reduction."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class OtherRankDiverged(SingleDeviceStrategy):
+        def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+            return False
+
+    fit = pl.Trainer(max_steps=2, accelerator="cpu", strategy=OtherRankDiverged(device=torch.device("cpu")),
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                     callbacks=[DivergenceGuard(), every_step(tmp_path)])
+    with pytest.raises(DivergenceError, match=r"non-finite values at step 1 \(on another process\); the checkpoint was "
+                                              "not written"):
+        fit.fit(Regression())
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())

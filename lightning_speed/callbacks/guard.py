@@ -263,9 +263,13 @@ class DivergenceGuard(Callback):
             if isinstance(value, Tensor) and value.is_floating_point()
         }
         finite = torch.stack([torch.isfinite(v).all() for v in weights.values()]) if weights else None
-        if finite is not None and not bool(finite.all()):  # one synchronisation per checkpoint
-            bad = [name for name, ok in zip(weights, finite.tolist()) if not ok]
-            listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        here = finite is None or bool(finite.all())  # one synchronisation per checkpoint
+        # Every process decides together: under FSDP only rank 0 holds the gathered weights, and a rank that raised
+        # alone would leave the others waiting at the checkpoint's barrier.
+        if not trainer.strategy.reduce_boolean_decision(here, all=True):
+            bad = [name for name, ok in zip(weights, finite.tolist()) if not ok] if not here else []
+            listed = (", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")) if bad else \
+                "on another process"
             raise DivergenceError(
                 f"Training diverged: the weights contain non-finite values at step {trainer.global_step} "
                 f"({listed}); the checkpoint was not written.\n{self._advice(trainer)}"
