@@ -65,6 +65,12 @@ class GaussianDiffusion(nn.Module):
         lambda_vlb: float = 0.001,
     ) -> None:
         super().__init__()
+        if not isinstance(schedule, NoiseSchedule):
+            hint = " (a FlowSchedule is rectified flow's: use flow.RectifiedFlow)" if hasattr(schedule, "shift") else ""
+            raise TypeError(
+                f"GaussianDiffusion needs a NoiseSchedule, got {type(schedule).__name__}{hint}: build one with "
+                "NoiseSchedule.create('linear', 1000) (a name or a list of betas) or schedules.as_schedule(...)."
+            )
         check_prediction(prediction)
         ab = schedule.alpha_bar
         if prediction == "epsilon" and ab[-1] == 0:

@@ -134,6 +134,11 @@ def sample_loop(
     ``clip_denoised`` clamps each step's predicted x0 to [-1, 1], the range of pixel data (improved DDPM); the last
     step returns that x0, so the samples lie in [-1, 1]. Latents have no such bound and are sampled unclipped (DiT).
     """
+    if not isinstance(process, GaussianDiffusion):
+        raise TypeError(
+            f"solvers.sample_loop samples a GaussianDiffusion (DDPM), got {type(process).__name__}: a rectified flow "
+            "samples with flow.sample_loop(model, noise, 'euler' or 'heun', steps, shift)."
+        )
     check_solver(solver, steps, eta, process.num_timesteps)
     chain = variance.respace(process.schedule, steps)
     tables = variance.posterior_tables(chain.schedule).to(noise.device, torch.float32)
