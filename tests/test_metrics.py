@@ -110,7 +110,11 @@ def test_resolve_module_import_path_and_file(tmp_path) -> None:
     assert custom(torch.zeros(3, 1, 32, 32, dtype=torch.uint8)).shape == (3, 7)
 
     by_path = resolve_feature_extractor("lightning_speed.metrics.fashion_net.FashionMNISTFeatureNet", (1, 32, 32))
-    assert by_path.num_features == 10  # measured on a dummy batch: its forward returns 10 logits
+    assert by_path.num_features == 256  # the net's features, not the 10 logits of its forward
+
+    misdeclared = NoNumFeatures()
+    misdeclared.num_features = 99  # describes another layer: the size is measured on a dummy batch
+    assert resolve_feature_extractor(misdeclared, (1, 32, 32)).num_features == 7
 
     file = tmp_path / "net.pt"
     torch.save(NoNumFeatures(), file)

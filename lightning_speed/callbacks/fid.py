@@ -370,6 +370,7 @@ class FIDCallback(SolverSettings, pl.Callback):
         self.reference_key: str | None = None
         self._fid: FrechetInceptionDistance | None = None
         self._kid: KernelInceptionDistance | None = None
+        self._extractor: nn.Module | None = None  # resolved once, at the first setup
         self._last_eval_step = -1
         self._cost_checked = False
 
@@ -422,8 +423,10 @@ class FIDCallback(SolverSettings, pl.Callback):
 
         Under ``trainer.fast_dev_run`` only the checks run (feature network, real-image source):
         no statistics are computed and no FID is evaluated, as Lightning's own callbacks skip work.
+        A later ``fit`` or ``validate`` with other real images (another datamodule) loads their statistics;
+        with the same ones the loaded statistics are kept.
         """
-        if stage not in ("fit", "validate") or self._fid is not None:
+        if stage not in ("fit", "validate"):
             return
         self._check_strategy(trainer)
         if self.num_samples < trainer.world_size:  # on every rank: one without samples would skip the sum at compute
@@ -441,12 +444,16 @@ class FIDCallback(SolverSettings, pl.Callback):
         if image_shape is None and not isinstance(self.feature_extractor, str):
             real = load_images()
             image_shape = tuple((real if isinstance(real, Tensor) else next(iter(real))).shape[1:])
-        extractor = resolve_feature_extractor(
+        extractor = self._extractor if self._extractor is not None else resolve_feature_extractor(
             self.feature_extractor,
             tuple(image_shape) if image_shape is not None else None,
             download_timeout=self.download_timeout,
-        ).to(device)
+        )
+        self._extractor = extractor = extractor.to(device)
         key = f"{ref_key}|{extractor.fingerprint}"
+        if self._fid is not None and key == self.reference_key:
+            return  # the statistics of these real images are loaded already
+        self._fid = self._kid = None
         self.reference_key = key
         if trainer.fast_dev_run:  # like Lightning's own callbacks: configuration checked above, no work
             rank_zero_info(f"FIDCallback ({self.name}): fast_dev_run, so no real statistics and no FID evaluations.")

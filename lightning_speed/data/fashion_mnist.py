@@ -197,9 +197,12 @@ class FashionMNISTDataModule(FashionMNISTBase):
         return found
 
     def reference_key(self, split: str = "test", max_images: int | None = None) -> str:
-        """The base's key; a training subset's also says so (it holds other images than the first ones)."""
+        """The base's key; a training subset's also names its size and seed: it holds other images than the first
+        ones, and the first ``max_images`` of two subsets of other sizes are other images too."""
         key = super().reference_key(split, max_images)
-        return f"{key}-subset{SUBSET_SEED}" if split == "train" and self.train_subset is not None else key
+        if split != "train" or self.train_subset is None:
+            return key
+        return f"{key}-subset{self.train_subset}-seed{SUBSET_SEED}"
 
     @property
     def files(self) -> dict[str, Path]:

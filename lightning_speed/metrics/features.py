@@ -272,6 +272,14 @@ def _load_from_import_path(spec: str) -> nn.Module:
     return built
 
 
+def _wrap_module(module: nn.Module, name: str | None = None) -> _FrozenExtractor:
+    """A user's module as an extractor. A ``FashionMNISTFeatureNet`` gives its penultimate features, as the
+    ``"fashion_mnist"`` choice does: its ``forward`` returns the 10 class logits, not features."""
+    if isinstance(module, FashionMNISTFeatureNet):
+        return FashionMNISTFeatures(module)
+    return CustomFeatures(module, name=name)
+
+
 def resolve_feature_extractor(
     spec: str | nn.Module = "inception",
     image_shape: tuple[int, int, int] | None = None,
@@ -285,7 +293,7 @@ def resolve_feature_extractor(
     if isinstance(spec, _FrozenExtractor):
         extractor = spec
     elif isinstance(spec, nn.Module):
-        extractor = CustomFeatures(spec)
+        extractor = _wrap_module(spec)
     elif not isinstance(spec, str):
         raise TypeError(f"feature_extractor must be a str or nn.Module, got {type(spec).__name__}.")
     elif spec == "inception":
@@ -299,9 +307,9 @@ def resolve_feature_extractor(
                 f"feature_extractor file {spec} holds a {type(loaded).__name__}; it must be a module saved with "
                 "torch.save(module) (a state_dict alone does not say which network to build)."
             )
-        extractor = CustomFeatures(loaded, name=f"file:{Path(spec).name}")
+        extractor = _wrap_module(loaded, name=f"file:{Path(spec).name}")
     elif "." in spec and not spec.endswith((".pt", ".pth", ".ckpt")):
-        extractor = CustomFeatures(_load_from_import_path(spec), name=spec)
+        extractor = _wrap_module(_load_from_import_path(spec), name=spec)
     else:
         raise ValueError(
             f"Unknown feature_extractor {spec!r}: choose 'inception' (standard, needs its weights), "
