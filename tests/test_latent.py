@@ -334,6 +334,23 @@ def test_a_failed_rebuild_leaves_the_existing_cache_intact(files: dict[str, Path
     assert latent_data(files, cache, image_size=16).cache_matches()
 
 
+def test_an_image_module_that_yields_fewer_images_than_it_counts_leaves_no_cache(files: dict[str, Path], tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The posterior file is allocated for split_size images: rows never written would be cached as latents."""
+    cache = tmp_path / "cache"
+    data = latent_data(files, cache, image_size=16)
+    real_iter = ImageFolderDataModule.iter_split
+
+    def one_short(self, split, batch_size):
+        yield from list(real_iter(self, split, batch_size))[:-1]  # the last batch goes missing
+
+    monkeypatch.setattr(ImageFolderDataModule, "iter_split", one_short)
+    with pytest.raises(RuntimeError, match=r"iter_split\('train'\) yielded \d+ images but its split_size\('train'\) is "
+                                           r"20: make the two agree; no cache was written"):
+        data.setup("fit")
+    assert not cache.exists() or not [p for p in cache.rglob("meta.json")]
+
+
 def test_a_new_build_removes_the_files_of_a_build_killed_on_this_host_and_only_those(files: dict[str, Path],
                                                                                     tmp_path: Path) -> None:
     """SIGKILL skips the cleanup of a build; the next build on the same host removes what the dead process left.

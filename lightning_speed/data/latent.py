@@ -374,6 +374,11 @@ class LatentDataModule(L.LightningDataModule):
                     bar.update(x.shape[0])
                 start += x.shape[0]
             bar.close()
+            if start != n:  # the rows past `start` would be saved as whatever the new file held
+                raise RuntimeError(
+                    f"{type(self.images).__name__}.iter_split('train') yielded {start} images but its "
+                    f"split_size('train') is {n}: make the two agree; no cache was written."
+                )
             array.flush()
             del array
             with open(partial[1], "wb") as f:
