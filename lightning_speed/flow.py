@@ -342,7 +342,8 @@ class FlowSchedule:
         if shift is None:
             raise ValueError(
                 f"{name} uses dynamic shifting (use_dynamic_shifting=True): its pipelines choose the shift per image "
-                "resolution, so config.shift is not the shift of its training times. State the shift to train with: "
+                f"resolution, so config.{'flow_shift' if getattr(config, 'use_flow_sigmas', False) else 'shift'} is "
+                "not the shift of its training times. State the shift to train with: "
                 "TimestepStrategy(FlowSchedule.from_scheduler(self.scheduler, num_tokens=...)) for the shift it "
                 "applies to images of num_tokens tokens ((H / p) (W / p) for latents H x W and patch size p), or "
                 "FlowSchedule(1.0) for its unshifted training sigmas."

@@ -145,8 +145,13 @@ def test_setup_refuses_a_scheduler_whose_shift_the_strategy_does_not_use():
 
 def test_dynamic_shifting_needs_the_shift_stated():
     dynamic = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    with pytest.raises(ValueError, match=r"dynamic shifting.*FlowSchedule.from_scheduler\(self.scheduler, num_tokens="):
+    with pytest.raises(ValueError, match=r"dynamic shifting.*config.shift is not.*FlowSchedule.from_scheduler\(self.scheduler, "
+                                         "num_tokens="):
         TimestepStrategy(dynamic)
+    unipc = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                              use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match=r"dynamic shifting.*config.flow_shift is not the shift"):  # the key it reads
+        TimestepStrategy(unipc)
     # stated: the held scheduler's shift is chosen per resolution, so it is not compared
     module = TinySD3(timesteps=FlowSchedule(flow.resolution_shift(16)))
     module.scheduler = dynamic
