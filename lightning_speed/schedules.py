@@ -259,6 +259,11 @@ def as_schedule(source: Any) -> NoiseSchedule | FlowSchedule:
         return NoiseSchedule.from_alphas_cumprod(source)
     alphas_cumprod = getattr(source, "alphas_cumprod", None)
     if isinstance(alphas_cumprod, (Tensor, np.ndarray)):
+        if getattr(getattr(source, "config", None), "rescale_betas_zero_snr", False) and 0 < alphas_cumprod[-1] <= 2**-24:
+            # diffusers' sigma-based solvers (Euler, DPM-Solver, UniPC) store zero terminal SNR's last alpha_bar as
+            # 2^-24 so that their first sigma is finite; the schedule they rescaled to ends at 0, as DDPM's does
+            alphas_cumprod = torch.as_tensor(alphas_cumprod).clone()
+            alphas_cumprod[-1] = 0
         return NoiseSchedule.from_alphas_cumprod(alphas_cumprod, name=type(source).__name__)
     raise TypeError(
         f"Cannot read a noise schedule from {type(source).__name__}: pass a lightning_speed.schedules.NoiseSchedule "

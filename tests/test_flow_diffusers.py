@@ -215,3 +215,18 @@ def test_a_solver_with_flow_sigmas_is_a_flow_scheduler():
     epsilon = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="epsilon", flow_shift=3.0)
     with pytest.raises(ValueError, match=r"prediction_type 'epsilon'.*velocity.*flow_prediction"):
         TimestepStrategy(epsilon)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_a_zero_snr_solver_schedule_is_read_as_ending_at_zero(name):
+    """Sigma-based solvers store zero terminal SNR's last alpha_bar as 2^-24 (a finite first sigma), above the
+    entry before it: read as the rescaled schedule it is, the one DDPMScheduler holds, not refused as rising."""
+    from lightning_speed.schedules import as_schedule
+
+    solver = getattr(diffusers, name)(rescale_betas_zero_snr=True)
+    assert solver.alphas_cumprod[-1].item() == 2**-24 > solver.alphas_cumprod[-2].item()
+    schedule = as_schedule(solver)
+    reference = as_schedule(diffusers.DDPMScheduler(rescale_betas_zero_snr=True))
+    assert schedule.alpha_bar[-1].item() == 0.0
+    assert torch.equal(schedule.alpha_bar, reference.alpha_bar)  # the same float32 products, converted alike
+    assert as_schedule(getattr(diffusers, name)()).alpha_bar[-1].item() > 0  # without the rescaling: as stored
