@@ -90,9 +90,10 @@ class TimestepMonitor(Callback):
             self.areas = timestep_areas(strategy.schedule, self._tau(strategy))
             self._bins = None
             self._area_of_t = self.areas.labels().to(device)
-        self._t_counts = torch.zeros(self._area_of_t.numel(), device=device)
+        # float32 whatever the default dtype: bf16 counts stop at 256, and index_add_ needs the float32 records' dtype
+        self._t_counts = torch.zeros(self._area_of_t.numel(), device=device, dtype=torch.float32)
         # rows: count, loss sum, weight sum; columns: the three areas
-        self._sums = torch.zeros(3, len(AREA_NAMES), device=device)
+        self._sums = torch.zeros(3, len(AREA_NAMES), device=device, dtype=torch.float32)
         restored, self._restored = self._restored, None
         # a window summed at other area bounds (another tau) is not continued; under DDP rank 0 holds the saved part
         same_areas = restored is not None and torch.equal(restored["area_of_t"], self._area_of_t.cpu())
@@ -184,7 +185,7 @@ class TimestepMonitor(Callback):
         probs = self._strategy.sampler.probabilities() if self._strategy is not None else None
         if probs is None or probs.numel() != self._area_of_t.numel():
             return None
-        mass = torch.zeros(len(AREA_NAMES), device=self._area_of_t.device)
+        mass = torch.zeros(len(AREA_NAMES), device=self._area_of_t.device, dtype=torch.float32)
         return mass.index_add_(0, self._area_of_t, probs.to(mass.device, torch.float32))
 
     def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:

@@ -85,7 +85,7 @@ class LossDecreaseSampling(TableSampling):
         T = schedule.num_timesteps
         if self.bins > T:
             raise ValueError(f"bins={self.bins} is more than the schedule's T = {T} time steps: use at most {T}.")
-        edges = torch.linspace(0, T, self.bins + 1).round().long()
+        edges = torch.linspace(0, T, self.bins + 1, dtype=torch.float32).round().long()
         self._bin_of_step = torch.repeat_interleave(torch.arange(self.bins), torch.diff(edges))
         self._width = torch.diff(edges).float()  # time steps per bin
         self._base = self._width / T  # each bin's mass under uniform t
@@ -93,12 +93,13 @@ class LossDecreaseSampling(TableSampling):
 
     @override
     def build_flow(self, schedule: FlowSchedule) -> None:
-        self._base = torch.full((self.bins,), 1.0 / self.bins)
+        self._base = torch.full((self.bins,), 1.0 / self.bins, dtype=torch.float32)
         self._start_statistics()
 
     def _start_statistics(self) -> None:
+        # float32 whatever the default dtype: bf16 sums could not tell a decrease of PROGRESS_FLOOR from rounding
         for name in self._STATE:
-            setattr(self, name, torch.zeros(self.bins))
+            setattr(self, name, torch.zeros(self.bins, dtype=torch.float32))
         self._apply(self._base.clone())
 
     def bin_of(self, t: Tensor) -> Tensor:

@@ -500,7 +500,8 @@ class UniformSampling(SamplingStrategy):
     def probabilities(self) -> Tensor:
         if self.process == "flow":
             return self.flow_probabilities()
-        return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=self.device)
+        # float32 whatever the default dtype (bf16 inside a bf16-true step): a stratified draw inverts its CDF
+        return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=self.device, dtype=torch.float32)
 
     @override
     def quantile(self, u: Tensor) -> Tensor:

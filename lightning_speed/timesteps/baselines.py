@@ -499,9 +499,10 @@ class LossAwareSampling(TableSampling):
         T = self.num_timesteps = num_timesteps
         # Row T is a scratch row: writes that must not land (non-finite losses, occurrences beyond
         # the last `history` of a t in one batch) go there, so every real write is unique.
-        self._buffer = torch.zeros(T + 1, self.history)
+        # float32 whatever the default dtype: bound under bf16 (e.g. in Trainer.init_module) its history would round
+        self._buffer = torch.zeros(T + 1, self.history, dtype=torch.float32)
         self._counts = torch.zeros(T + 1, dtype=torch.long)
-        self._uniform = torch.full((T,), 1.0 / T)
+        self._uniform = torch.full((T,), 1.0 / T, dtype=torch.float32)
         self.probs = self._uniform.clone()
         self.cdf = probabilities_to_cdf(self._uniform.double()).float()
 
