@@ -929,6 +929,10 @@ def test_install_refuses_a_strategy_in_a_role_it_does_not_play(linear):
         strategy.install(sampling=MinSNRWeighting())
     with pytest.raises(TypeError, match=r"but str does no sampling \(not a time-step strategy\)"):
         strategy.install(sampling="speed")
+    # a SpeeD that draws uniform t (k 1, no dual pairs) plays weighting only: as the sampler its weights were lost
+    with pytest.raises(TypeError, match=r"install\(sampling=...\) takes a SamplingStrategy, but SpeeD\(.*k=1.*dual=False"
+                                        r".*\) does no sampling \(it plays weighting\)"):
+        strategy.install(SpeeD(k=1, dual=False))
     assert isinstance(strategy.sampler, UniformSampling)  # nothing installed
     strategy.install(SpeeD(), SpeeD())  # SpeeD plays both
 

@@ -715,11 +715,15 @@ class TimestepStrategy:
         """Bind ``sampling`` and ``weighting`` to this schedule and prediction and use them; a role given None
         keeps what it holds. The two must agree on tau: one convergence threshold holds for both."""
         for given, role, base in ((sampling, "sampling", SamplingStrategy), (weighting, "weighting", WeightingStrategy)):
-            if given is None or isinstance(given, base):
+            if given is None or isinstance(given, base) and role in given.roles:
                 continue
-            plays = f"it plays {' and '.join(given.roles)}" if isinstance(given, Strategy) else "not a time-step strategy"
-            raise TypeError(f"install({role}=...) takes a {base.__name__}, but {type(given).__name__} does no {role} "
-                            f"({plays}): pass it in the role it plays.")
+            # A SpeeD(k=1, dual=False) is a SamplingStrategy that samples uniform t: installed as the sampler, its
+            # weights would be silently left out. Its settings (repr) say why it does not play the role.
+            name = repr(given) if isinstance(given, base) else type(given).__name__
+            plays = (("it plays " + " and ".join(given.roles) if given.roles else "it neither samples nor weights")
+                     if isinstance(given, Strategy) else "not a time-step strategy")
+            raise TypeError(f"install({role}=...) takes a {base.__name__}, but {name} does no {role} ({plays}): "
+                            "pass it in the role it plays.")
         sampler = self.sampler if sampling is None else sampling
         weights = self.weights if weighting is None else weighting
         for strategy in dict.fromkeys(s for s in (sampling, weighting) if s is not None):
