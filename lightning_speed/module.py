@@ -14,6 +14,7 @@ the module's inputs (backbone, data, batches, ``sample``'s arguments) in ``light
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -70,7 +71,8 @@ class DiffusionModule(pl.LightningModule):
         num_classes: number of classes for class-conditional training (None: unconditional); a backbone that
             states its ``num_classes`` (UNet, DiT) must have the same, and batch labels must lie in [0, num_classes).
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
-        guidance_scale: default guidance scale in ``sample`` (1 = no guidance; other values need ``num_classes``).
+        guidance_scale: default guidance scale in ``sample`` (1 = no guidance; other values need ``num_classes``
+            and a ``label_dropout`` above 0, which trains the null label).
         solver_steps: default number of solver steps in ``sample`` (the DDPM's respaced steps, or the flow's ODE steps).
         compile_mode: compile the training forward with ``torch.compile`` in this mode (None: eager).
             CUDA-graph modes (``reduce-overhead``, ``max-autotune``) have each step marked.
@@ -129,7 +131,8 @@ class DiffusionModule(pl.LightningModule):
         self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", minimum=1)
         self.label_dropout = check_number(label_dropout, "label_dropout", at_least=0.0, below=1.0,
                                           hint="1 would never show a label")
-        self.guidance_scale = check_guidance(guidance_scale, self.num_classes, "model.guidance_scale")
+        self.guidance_scale = check_guidance(guidance_scale, self.num_classes, "model.guidance_scale",
+                                             self.label_dropout)
         self.backbone = check_backbone(backbone, self.num_timesteps, self.num_classes)
         self.solver_steps = check_steps(num_timesteps, self.num_timesteps, solver_steps)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -143,7 +146,7 @@ class DiffusionModule(pl.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
         # Compiled code is held as plain functions, not submodules: parameters and state_dict keys stay the backbone's.
         self._compiled_losses: Any = None  # set in configure_model when compile_mode is given
-        self._sample_forward: Any = None  # created on the first sample() with compile_sampling
+        self._sample_forward: Any = None  # (backbone, compiled forward), made on the first compiled sample()
         # Latent diffusion: decode()'s autoencoder, a plain object kept out of checkpoints, the EMA copy and DDP.
         # None: the data module's ``autoencoder`` (LatentDataModule), if any; set it to sample from a checkpoint.
         self.autoencoder: Any = None
@@ -359,10 +362,13 @@ class DiffusionModule(pl.LightningModule):
     def _sampling_forward(self) -> Any:
         if not self.compile_sampling:
             return self.backbone
-        if self._sample_forward is None:
+        # The compiled function calls the backbone it was made from: a deep copy of this module shares the function,
+        # and a backbone may be replaced, so it is remade whenever its (weakly held) backbone is not this one.
+        if self._sample_forward is None or self._sample_forward[0]() is not self.backbone:
             mode = "default" if self.compile_sampling is True else self.compile_sampling
-            self._sample_forward = torch.compile(self.backbone.forward, dynamic=False, mode=mode)
-        return self._sample_forward
+            compiled = torch.compile(self.backbone.forward, dynamic=False, mode=mode)
+            self._sample_forward = (weakref.ref(self.backbone), compiled)
+        return self._sample_forward[1]
 
     def _sampling_autocast(self) -> Any:
         """Sample in bf16 when the Trainer trains in bf16 (the network runs in bf16, the update in fp32)."""
@@ -429,7 +435,8 @@ class DiffusionModule(pl.LightningModule):
         steps = self.solver_steps if solver_steps is None else solver_steps
         solver = check_process_solver(solver, self.process, eta=eta)
         clip = self.clip_denoised if clip_denoised is None else check_bool(clip_denoised, "clip_denoised")
-        scale = self.guidance_scale if guidance_scale is None else check_guidance(guidance_scale, self.num_classes)
+        scale = self.guidance_scale if guidance_scale is None else check_guidance(
+            guidance_scale, self.num_classes, label_dropout=self.label_dropout)
         labels, noise = sample_inputs(num_samples, labels, noise, self.image_shape, self.num_classes, self.device,
                                       generator)
         forward = self._sampling_forward()

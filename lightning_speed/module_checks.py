@@ -36,8 +36,10 @@ def check_image_shape(shape: Any) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def check_guidance(scale: Any, num_classes: int | None, name: str = "guidance_scale") -> float:
-    """A finite guidance scale; other than 1 only for a class-conditional model (``guided`` would ignore it)."""
+def check_guidance(scale: Any, num_classes: int | None, name: str = "guidance_scale",
+                   label_dropout: float | None = None) -> float:
+    """A finite guidance scale; other than 1 only for a class-conditional model (``guided`` would ignore it) that
+    trains its null label (``label_dropout`` above 0: otherwise the unconditional branch is the untrained null row)."""
     scale = check_number(scale, name)
     if num_classes is None and scale != 1.0:
         raise ValueError(
@@ -45,6 +47,12 @@ def check_guidance(scale: Any, num_classes: int | None, name: str = "guidance_sc
             "is null): classifier-free guidance mixes class-conditional and unconditional predictions. Set "
             "model.num_classes (and the backbone's num_classes) to the data's number of classes, or leave "
             "guidance_scale at 1."
+        )
+    if num_classes is not None and label_dropout == 0 and scale != 1.0:
+        raise ValueError(
+            f"{name}={scale:g} mixes in the unconditional prediction (the null label), which this model never "
+            "trains: model.label_dropout is 0, so no label is ever dropped. Set model.label_dropout above 0 "
+            "(DiT uses 0.1) for classifier-free guidance, or leave guidance_scale at 1."
         )
     return scale
 

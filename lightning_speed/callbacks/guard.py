@@ -55,7 +55,10 @@ def _batch_timesteps(pl_module: pl.LightningModule, outputs: Any) -> Tensor | No
     t = getattr(record, "t", None)
     if t is None and isinstance(outputs, Mapping):
         t = outputs.get("t")
-    return t.detach().reshape(-1).long() if isinstance(t, Tensor) else None
+    if not isinstance(t, Tensor):
+        return None
+    # a DDPM's steps as integers; a flow's times in [0, 1] as floats (an integer cast would make them all 0)
+    return t.detach().reshape(-1).float() if t.is_floating_point() else t.detach().reshape(-1).long()
 
 
 def _nonfinite_inputs(batch: Any, device: torch.device) -> Tensor | None:
@@ -184,7 +187,7 @@ class DivergenceGuard(Callback):
             if t is not None:
                 t = t.to(state["bad"].device)
                 if "t" not in state:  # sized by the first batch; later batches are cut or padded with -1
-                    state["t"] = torch.full((t.numel(),), -1, dtype=torch.long, device=t.device)
+                    state["t"] = torch.full((t.numel(),), -1, dtype=t.dtype, device=t.device)
                 size = state["t"].numel()
                 t = torch.nn.functional.pad(t[:size], (0, size - min(size, t.numel())), value=-1)
                 state["t"] = torch.where(newly, t, state["t"])
@@ -344,10 +347,13 @@ class DivergenceGuard(Callback):
             what = "a non-finite loss or gradient appeared on another rank"
         timesteps = ""
         if "t" in state:
-            t = [int(v) for v in state["t"] if v >= 0]
-            shown = ", ".join(map(str, t[:_SHOWN_TIMESTEPS])) + (", ..." if len(t) > _SHOWN_TIMESTEPS else "")
+            times = state["t"].is_floating_point()  # a flow's times in [0, 1], else a DDPM's steps
+            t = [v for v in state["t"].tolist() if v >= 0]
+            text = (lambda v: f"{v:.4f}") if times else str
+            shown = ", ".join(map(text, t[:_SHOWN_TIMESTEPS])) + (", ..." if len(t) > _SHOWN_TIMESTEPS else "")
             if t:
-                timesteps = f"\nTime steps of that batch ({len(t)}): [{shown}], min {min(t)}, max {max(t)}."
+                name = "Flow times" if times else "Time steps"
+                timesteps = f"\n{name} of that batch ({len(t)}): [{shown}], min {text(min(t))}, max {text(max(t))}."
         if all_inputs > 0:
             rank = getattr(trainer, "global_rank", 0)
             if local_inputs > 0:
