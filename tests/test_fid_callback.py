@@ -407,6 +407,15 @@ def tiny_diffusion():
     return DiffusionModule(unet, num_timesteps=100, image_shape=(1, 8, 8))
 
 
+def tiny_conditional_without_dropout():
+    from lightning_speed.backbones import UNet
+    from lightning_speed.module import DiffusionModule
+
+    unet = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+                attention_resolutions=(), num_heads=1, num_timesteps=100, num_classes=3)
+    return DiffusionModule(unet, num_timesteps=100, image_shape=(1, 8, 8), num_classes=3, label_dropout=0.0)
+
+
 @pytest.mark.parametrize("callback", [
     lambda tmp_path, **kw: fid_callback(tmp_path, reference_images=torch.zeros(4, 1, 8, 8, dtype=torch.uint8), **kw),
     lambda tmp_path, **kw: SampleGridCallback(**kw),
@@ -416,6 +425,8 @@ def tiny_diffusion():
     (tiny_diffusion, {"sample_kwargs": {"guidance": 2.0}}, TypeError,
      r"sample\(\) has no argument guidance; use its names: .*guidance_scale"),
     (NoSample, {}, TypeError, "NoSample has no sample"),
+    (tiny_conditional_without_dropout, {"sample_kwargs": {"guidance_scale": 4.0}}, ValueError,
+     r"guidance_scale=4 mixes in .* never trains \(label_dropout is 0\)"),
 ])
 def test_sampling_callbacks_check_the_module_before_training(tmp_path, callback, make, kwargs, error, match) -> None:
     trainer = make_trainer(tmp_path, [callback(tmp_path, **kwargs)], max_steps=2)

@@ -181,6 +181,12 @@ class SolverSettings:
                 f"{type(pl_module).__name__} is unconditional (num_classes is null): drop guidance_scale from "
                 "sample_kwargs, or set it to 1."
             )
+        if scale is not None and scale != 1 and getattr(pl_module, "label_dropout", None) == 0:
+            raise ValueError(
+                f"{owner}: sample_kwargs.guidance_scale={scale:g} mixes in the unconditional prediction (the null "
+                f"label), which {type(pl_module).__name__} never trains (label_dropout is 0): set model.label_dropout "
+                "above 0 (DiT uses 0.1), or drop guidance_scale from sample_kwargs."
+            )
         try:
             signature = inspect.signature(sample)
         except (TypeError, ValueError):  # a builtin or C callable without a readable signature: checked when called
