@@ -156,9 +156,19 @@ class SpeedArgumentParser(LightningArgumentParser):
                 headline += self._close_options(message.split())
             unknown = _UNKNOWN_KEY.match(message)
             if unknown:
-                headline = self._unknown_key(unknown, getattr(ex, "subcommand_parser", None) or self)
+                headline = self._unknown_key(unknown, self._subcommand_parser(ex))
+            headline += _near_class(headline)
             sys.stderr.write(f"error: {headline}\n(the usage and jsonargparse's full report follow)\n\n")
         super().error(message, ex)
+
+    def _subcommand_parser(self, ex: Exception | None) -> LightningArgumentParser:
+        """The parser of the subcommand given (``fit``, ...), which holds the options: with ``--print_config``
+        jsonargparse reports an unknown key from the top-level parser, which holds only the subcommands."""
+        found = getattr(ex, "subcommand_parser", None)
+        if found is None and self._subcommands_action is not None:
+            parsers = self._subcommands_action._name_parser_map
+            found = next((parsers[t] for t in getattr(self, "_given", []) if t in parsers), None)
+        return found or self
 
     def _close_options(self, tokens: list[str]) -> str:
         """A hint naming the options nearest to the unknown ones (options are taken by their full names only)."""
@@ -188,6 +198,32 @@ class SpeedArgumentParser(LightningArgumentParser):
             if any(f"{k}.".startswith(f".{key}.") for k in _leaves(config, "")):  # keys ".trainer.max_steps", ...
                 return f"Config file {where} sets {key}, which is not an option{hint}"
         return f"{key} is not an option{hint}"
+
+
+_NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
+_NOT_A_PATH = re.compile(r"^timesteps: Expected a dot import path string: (\w+)")
+
+
+def _near_class(headline: str) -> str:
+    """A hint naming the class or module nearest to a mistyped one in a class path (jsonargparse names only the
+    missing attribute), e.g. ``lightning_speed.timesteps.Speed`` or ``--timesteps Sped`` for SpeeD."""
+    missing = _NO_ATTRIBUTE.search(headline)
+    short = _NOT_A_PATH.match(headline)
+    if missing:
+        module_name, name = missing.groups()
+    elif short:
+        module_name, name = "lightning_speed.timesteps", short.group(1)
+    else:
+        return ""
+    module = sys.modules.get(module_name)
+    names = [n for n in dir(module) if not n.startswith("_")] if module is not None else []
+    classes = [n for n in names if isinstance(getattr(module, n), type)]
+    for candidates in (classes, names):  # a class first: lightning_speed.timesteps also has a module named speed
+        lower = {n.lower(): n for n in candidates}
+        near = difflib.get_close_matches(name.lower(), list(lower), n=1)
+        if near:
+            return f"; did you mean {module_name}.{lower[near[0]]}?"
+    return ""
 
 
 def _config_values(args: list[str]) -> list[str]:
@@ -225,8 +261,13 @@ def _strategy_class(value: Any) -> str | None:
     return "" if value is None else str(value).rsplit(".", 1)[-1]
 
 
-class ConfigFileError(ValueError):
-    """A ``--config`` file that is not a YAML mapping: a usage error, reported before parsing."""
+class UsageError(ValueError):
+    """A mistake in the command line or its config files that parsing would report unclearly: reported as a usage
+    error (exit status 2) before parsing."""
+
+
+class ConfigFileError(UsageError):
+    """A ``--config`` file that is not a YAML mapping."""
 
 
 def _load_config(value: str) -> tuple[str, Any]:
@@ -325,6 +366,11 @@ def timesteps_args(args: list[str]) -> list[str]:
             i += width
             continue
         if token.startswith("--timesteps."):
+            if current is None and name != "--timesteps.help":
+                raise UsageError(
+                    f"No time-step strategy class is set for {name} (timesteps is null: uniform t, as a base config "
+                    f"alone trains): give a strategy file or the class before it, e.g. --timesteps SpeeD {name} {'VALUE' if value is None else value}."
+                )
             pending.append(token if "=" in token else f"{token} {value}")
         out.append(token)
         i += 1
@@ -334,15 +380,26 @@ def timesteps_args(args: list[str]) -> list[str]:
 def _check_config_strategy(where: str, config: dict[str, Any], current: _StrategySet | None) -> _StrategySet | None:
     """The strategy after config file ``where`` (see ``timesteps_args``); raises for a file that replaces it."""
     new = _strategy_class(config["timesteps"])
+    if new is None and current is None:
+        raise UsageError(
+            f"Config file {where} sets arguments of the time-step strategy (timesteps: without class_path), but no "
+            "strategy class is set before it (a base config's timesteps: null is uniform t): give the class_path "
+            "there, or compose the file after a strategy file."
+        )
     if new is None or current is None:  # init_args only (merge), or nothing set before
         return current if new is None or new == "" else (where, new, _is_strategy_file(config))
     strategy_file = _is_strategy_file(config)
     if new and new != current[1]:
+        if current[2] or not os.path.isfile(current[0]):  # a strategy file or an option set it
+            fix = ("Give one strategy file per run, after the base config; change its arguments with "
+                   "--timesteps.init_args.<name> VALUE.")
+        else:  # a config that trains its own strategy (quickstart.yaml)
+            fix = (f"To train {new} with {current[0]} instead, put configs/strategies/uniform.yaml before {where} "
+                   f"(it clears {current[1]}), or give the class on the command line: --timesteps {new}.")
         raise ValueError(
             f"{where} sets timesteps {new}, but {current[0]} already set {current[1]}: one run trains with one "
             "time-step strategy, and the later one would silently replace the earlier one, keeping any argument "
-            "the two share (such as tau). Give one strategy file per run, after the base config; change its "
-            "arguments with --timesteps.init_args.<name> VALUE."
+            f"the two share (such as tau). {fix}"
         )
     if strategy_file or not _is_base(config):  # an override file given last on purpose, like a strategy file
         return None if new == "" else current  # null: the uniform baseline; the same class: its arguments merge
@@ -576,7 +633,7 @@ class SpeedCLI(LightningCLI):
         given = list(sys.argv[1:] if args is None else args)
         try:
             checked = timesteps_args(given)
-        except ConfigFileError as err:
+        except UsageError as err:
             parser.error(str(err))
         if args is not None and len(sys.argv) > 1:
             return super().parse_arguments(parser, checked)  # LightningCLI's warning
