@@ -76,7 +76,7 @@ from benchmarks.profiling import TrainerProfile
 from benchmarks.throughput import seeded_backbone
 from benchmarks.windows import sync
 from lightning_speed import DiffusionModule
-from lightning_speed.backbones import DiT
+from lightning_speed.backbones import DIT_PRESETS, DiT
 from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
 from lightning_speed.data import FashionMNISTDataModule
 from lightning_speed.distributed import SyncFreeDDPStrategy
@@ -506,7 +506,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", choices=["unet", "dit"], default=["unet", "dit"])
     p.add_argument("--unet-batches", type=int, nargs="+", default=None, help="per GPU (default 128 512; smoke 8)")
     p.add_argument("--dit-batches", type=int, nargs="+", default=None, help="per GPU (default 256; smoke 4)")
-    p.add_argument("--dit-preset", default="DiT-B/2")
+    p.add_argument("--dit-preset", default="DiT-B/2", choices=list(DIT_PRESETS))
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2], help="device counts to compare")
     p.add_argument("--variants", nargs="+", default=["shipped"], help="MODE[:static][:view][:nobuffers][:bucket=MB][:hook=H][:lag=N][:stream=S] or shipped")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 15; smoke 1)")
@@ -537,6 +537,9 @@ def main() -> None:
     args.window_steps = args.window_steps or (2 if smoke else 60)
     if args.windows < 1 or args.window_steps < 1:
         raise SystemExit("--windows and --window-steps must be at least 1.")
+    batches = [*args.unet_batches, *args.dit_batches]
+    if args.warmup < 1 or min(batches) < 1 or min(args.devices) < 1 or (args.profile and args.profile_steps < 1):
+        raise SystemExit("--warmup, --unet-batches, --dit-batches, --devices and --profile-steps must be at least 1.")
     os.environ.setdefault("PYTHONPATH", str(REPO))
     orchestrate(args)
 

@@ -45,7 +45,7 @@ from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops,
 from benchmarks.profiling import profile_closure
 from benchmarks.windows import sync
 from lightning_speed.backbones import DiT
-from lightning_speed.backbones.dit import dit_size
+from lightning_speed.backbones.dit import DIT_PRESETS, dit_size
 from lightning_speed.module import CompileMode
 
 SMOKE = {"depth": 1, "hidden_size": 32, "num_heads": 2}
@@ -153,7 +153,7 @@ def timed(fn: Callable[[], Any], device: torch.device, iters: int, repeats: int)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="DiT-S/2")
+    p.add_argument("--preset", default="DiT-S/2", choices=list(DIT_PRESETS))
     p.add_argument("--batch-size", type=int, default=2500, help="images per backbone call (the FID batch)")
     p.add_argument("--samples", type=int, default=10_000, help="images per FID")
     p.add_argument("--solver-steps", type=int, default=250, help="backbone calls per image")

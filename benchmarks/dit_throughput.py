@@ -53,7 +53,7 @@ from benchmarks.common import RESULTS, device_name, measured_bf16_matmul_tflops,
 from benchmarks.throughput import flops_per_image
 from benchmarks.windows import Row, Step, TrainerWindows, settled, timed_window, warm, windowed_trainer
 from lightning_speed import DiffusionModule
-from lightning_speed.backbones import DiT
+from lightning_speed.backbones import DIT_PRESETS, DiT
 from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
 from lightning_speed.module import uses_cuda_graphs
 from lightning_speed.process import GaussianDiffusion
@@ -228,7 +228,8 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
 
 def main() -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", dest="presets", nargs="+", default=None, help="DiT presets (default: DiT-B/2 DiT-XL/2)")
+    p.add_argument("--preset", dest="presets", nargs="+", default=None, choices=list(DIT_PRESETS),
+                   help="DiT presets (default: DiT-B/2 DiT-XL/2)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default 256; 4 with --smoke)")
     p.add_argument("--window", type=float, default=10.0, help="seconds per timed window (at least)")
     p.add_argument("--repeats", type=int, default=None, help="windows per row, rows interleaved (default 3; 1 with --smoke)")
@@ -240,6 +241,8 @@ def main() -> dict[str, Any]:
     p.add_argument("--merge", action="store_true", help="keep the presets already in --out (same card, batch, mode)")
     p.add_argument("--smoke", action="store_true", help="tiny DiT on 4x8x8, CPU, 1 repeat, short windows (tests)")
     args = p.parse_args()
+    if min(n for n in (args.batch, args.repeats, args.warmup) if n is not None) < 1 or args.window < 0:
+        p.error("--batch, --repeats and --warmup must be at least 1, --window at least 0")
     # before the first CUDA allocation: the three rows share the memory (other scripts importing this keep theirs)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.smoke:

@@ -17,6 +17,7 @@ The networks are untrained: the timings are what they measure, not the FID value
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -44,23 +45,27 @@ def main() -> None:
                    help="compiled-MODE: compile_sampling in that torch.compile mode")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
+    if min(args.counts) < 1 or args.batch_size < 1 or args.steps < 1:
+        p.error("--counts, --batch-size and --steps must be at least 1")
     if args.smoke:
         torch.set_num_threads(1)  # one thread: the tiny smoke steps are fastest so, and do not thrash a busy two-core CI machine
-    results = {variant: time_variant(args, variant) for variant in args.variants}
+    command = " ".join(["python -m benchmarks.fid_speed", *sys.argv[1:]])
+    results = {variant: {**time_variant(args, variant), "command": command} for variant in args.variants}
     write_json(Path(args.out), results)
     if torch.cuda.is_available() and not args.smoke and args.model == "dit":
         first = next(iter(results.values()))
         update_summary(RESULTS / "summary.json", {"fid_seconds_dit": {
-            "card": first["card"], "date": first["date"], "sampling": f"DiT-S/2 bf16, {first['solver'].upper()}, "
+            "card": first["card"], "date": first["date"], "command": command, "sampling": f"DiT-S/2 bf16, {first['solver'].upper()}, "
             f"batch {first['batch_size']}", **{v: _by_thousands(r["seconds"]) for v, r in results.items()}}})
     elif torch.cuda.is_available() and not args.smoke and "eager" in results:
         eager = results["eager"]
         updates = {"fid_seconds": {
-            **_by_thousands(eager["seconds"]), "card": eager["card"],
+            **_by_thousands(eager["seconds"]), "card": eager["card"], "date": eager["date"], "command": command,
             "sampling": f"eager bf16, {eager['solver'].upper()}, batch {eager['batch_size']}",
         }}
         if "compiled" in results:
-            updates["fid_seconds_compiled"] = {**_by_thousands(results["compiled"]["seconds"]), "card": eager["card"]}
+            updates["fid_seconds_compiled"] = {**_by_thousands(results["compiled"]["seconds"]), "card": eager["card"],
+                                               "date": eager["date"], "command": command}
         update_summary(RESULTS / "summary.json", updates)
 
 
@@ -72,6 +77,12 @@ VARIANTS = {"eager": False, "compiled": True, "compiled-reduce-overhead": "reduc
 def _by_thousands(seconds: dict[str, float]) -> dict[str, float]:
     """{"5000": s, "10000": s} -> {"5k": s, "10k": s}, the keys of summary.json."""
     return {f"{int(n) // 1000}k": s for n, s in seconds.items()}
+
+
+def warmup_sizes(counts: list[int], batch_size: int) -> list[int]:
+    """The batch sizes an evaluation of each of ``counts`` samples uses, ``batch_size`` at a time: the full batch
+    and each count's last, smaller batch."""
+    return sorted({min(n, batch_size) for n in counts} | {n % batch_size for n in counts if n % batch_size})
 
 
 def time_variant(args: argparse.Namespace, variant: str) -> dict:
@@ -93,10 +104,11 @@ def time_variant(args: argparse.Namespace, variant: str) -> dict:
                          enable_model_summary=False, limit_val_batches=0, callbacks=[fid])
     trainer.fit(module, datamodule=FashionMNISTDataModule(root=args.root, batch_size=64, val_images=0))
     module.to(trainer.strategy.root_device)  # fit's teardown moved the module back to the CPU
-    # Warm-up (kernels, allocator, feature network, real statistics) on one batch of the timed size: compiled
-    # sampling is compiled per batch shape, so a smaller warm-up batch would leave a compilation in the timing.
-    fid.num_samples = min(args.counts[0], args.batch_size)
-    fid.evaluate(trainer, module)
+    # Warm-up (kernels, allocator, feature network, real statistics) on every batch size the timed evaluations
+    # sample: compiled sampling is compiled per batch shape, so a size left out would put a compilation in the timing.
+    for size in warmup_sizes(args.counts, args.batch_size):
+        fid.num_samples = size
+        fid.evaluate(trainer, module)
     result = {"card": device_name(), "date": today(), "model": args.model, "solver": f"{args.solver}-{args.steps}",
               "batch_size": args.batch_size, "variant": variant,
               "note": f"untrained {args.model}: timing only, the FID value is meaningless", "seconds": {}}

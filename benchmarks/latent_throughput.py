@@ -47,7 +47,7 @@ from benchmarks.throughput import flops_per_image
 from benchmarks.windows import Row, TrainerWindows, allocated, sync, windowed_trainer
 from lightning_speed import DiffusionModule
 from lightning_speed.autoencoders import Autoencoder, import_diffusers
-from lightning_speed.backbones import DiT
+from lightning_speed.backbones import DIT_PRESETS, DiT
 from lightning_speed.callbacks import EMAWeightAveraging, SpeeD
 from lightning_speed.data import LatentDataModule, UInt8ImageDataModule
 
@@ -174,7 +174,8 @@ def measure_preset(preset: str, data: LatentDataModule, args: argparse.Namespace
 
 def main() -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=None, help="DiT presets (default: DiT-B/2 DiT-XL/2)")
+    p.add_argument("--presets", nargs="+", default=None, choices=list(DIT_PRESETS),
+                   help="DiT presets (default: DiT-B/2 DiT-XL/2)")
     p.add_argument("--batch", type=int, default=None, help="latents per training step (default 256; 4 with --smoke)")
     p.add_argument("--images", type=int, default=None, help="random images encoded into the cache (default 8192)")
     p.add_argument("--encode-images", type=int, default=None, help="images per encoding measurement (default 2048)")
@@ -189,6 +190,10 @@ def main() -> dict[str, Any]:
     p.add_argument("--summary", type=Path, default=RESULTS / "summary.json", help="summary.json to update (GPU runs)")
     p.add_argument("--smoke", action="store_true", help="tiny autoencoder and DiT, 32 px, on the CPU (tests)")
     args = p.parse_args()
+    counts = (args.batch, args.images, args.encode_images, args.encode_batch, args.repeats, args.warmup)
+    if min(n for n in counts if n is not None) < 1 or args.window < 0:
+        p.error("--batch, --images, --encode-images, --encode-batch, --repeats and --warmup must be at least 1, "
+                "--window at least 0")
     if args.smoke:
         args.presets, args.window, args.warmup = args.presets or ["DiT-S/2"], min(args.window, 0.05), min(args.warmup, 1)
         args.size, args.encode_batch = 32, min(args.encode_batch, 8)

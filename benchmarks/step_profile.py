@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -105,6 +106,8 @@ def main() -> dict[str, Any]:
     p.add_argument("--out", default=str(RESULTS / "step_profile.json"))
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, a few steps (for the test suite)")
     args = p.parse_args()
+    if min(args.batch_sizes) < 1 or args.steps < 1 or args.warmup < 1 or args.profile_steps < 1:
+        p.error("--batch-sizes, --steps, --warmup and --profile-steps must be at least 1")
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -113,7 +116,8 @@ def main() -> dict[str, Any]:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     data = synthetic_images(60_000 if cuda else 256, device)
-    result: dict[str, Any] = {"card": device_name(), "date": today(), "torch": torch.__version__,
+    result: dict[str, Any] = {"card": device_name() if cuda else "cpu", "date": today(), "torch": torch.__version__,
+                              "command": " ".join(["python -m benchmarks.step_profile", *sys.argv[1:]]),
                               "images_per_s": {}, "breakdown": {}}
     for batch in args.batch_sizes:
         speeds: dict[str, float] = {}

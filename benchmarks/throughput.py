@@ -285,11 +285,17 @@ def interleaved_rows(
 def flops_per_image(
     backbone: torch.nn.Module, device: torch.device, batch: int = 16, image_shape: tuple[int, int, int] = (1, 32, 32),
 ) -> float:
-    """Forward + backward FLOPs of one training image of ``image_shape`` (matmuls, convolutions, attention)."""
+    """Forward + backward FLOPs of one training image of ``image_shape`` (matmuls, convolutions, attention).
+
+    The attention runs as PyTorch's math kernel here, so that it is counted as the model's products (backward twice
+    the forward) whatever the device: the counter does not see the CPU's fused kernel at all, and counts the GPU's
+    fused kernels with their backward's recomputation of the scores."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     x = torch.randn(batch, *image_shape, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, sdpa_kernel(SDPBackend.MATH):
         backbone(x, t).square().mean().backward()
     backbone.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
