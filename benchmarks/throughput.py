@@ -195,7 +195,7 @@ def lightning_loop(
     elif ema == "lightning":
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.999))
     timer = _StepTimer(warmup)
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not smoke  # a smoke run is all on the CPU, as the other rows
     module = DiffusionModule(backbone, compile_mode=None if smoke else compile_mode if cuda else "default",
                              channels_last=channels_last)
     data = FashionMNISTDataModule(root=root, batch_size=batch, on_device=cuda, val_images=0)

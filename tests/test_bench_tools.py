@@ -103,3 +103,23 @@ def test_ddp_scaling_refuses_a_warm_up_of_no_steps(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(ddp_scaling, "orchestrate", lambda args: pytest.fail("measured despite --warmup 0"))
     with pytest.raises(SystemExit, match="--warmup, --unet-batches, --dit-batches, --devices and --profile-steps"):
         run_cli(ddp_scaling, ["--smoke", "--warmup", "0"], monkeypatch)
+
+
+def test_a_smoke_run_of_the_trainer_rows_stays_on_the_cpu_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--smoke runs every row on the CPU; the Trainer rows chose the GPU whenever one was there (their ratio to the
+    CPU rows then meant nothing). On a machine that says it has a GPU, the Trainer a smoke run builds is a CPU one."""
+    from benchmarks import throughput
+
+    class Built(Exception):
+        pass
+
+    def trainer(**kwargs):
+        raise Built(kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(throughput.pl, "Trainer", trainer)
+    backbone = throughput.seeded_backbone(True, torch.device("cpu"))
+    with pytest.raises(Built) as built:
+        throughput.lightning_loop(backbone, None, batch=4, warmup=1, steps=2, speed=False, smoke=True)
+    settings = built.value.args[0]
+    assert settings["accelerator"] == "cpu" and settings["precision"] == "32-true"
