@@ -150,8 +150,11 @@ def main() -> dict[str, Any]:
     set_overrides(args.set)  # a malformed item fails here, before any build
     if not (CONFIGS / args.base).is_file():
         p.error(f"--base {args.base}: no such file in {CONFIGS}; give a base config relative to configs/")
-    if args.batch_size < 1 or args.repeats < 1 or args.window < 0 or (args.warmup_steps or 0) < 0:
-        p.error("--batch-size and --repeats must be at least 1, --window and --warmup-steps at least 0")
+    if args.batch_size < 1 or args.repeats < 1 or args.window < 0:
+        p.error("--batch-size and --repeats must be at least 1, --window at least 0")
+    if args.warmup_steps is not None and args.warmup_steps < 1:
+        p.error("--warmup-steps must be at least 1: the first steps compile, and a window that holds them times the "
+                "compilation")
     runs = list(dict.fromkeys(["uniform", *args.runs]))
     if args.warmup_steps is None:
         args.warmup_steps = 2 if args.smoke else 30

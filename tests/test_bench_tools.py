@@ -84,6 +84,7 @@ def test_step_profile_results_name_the_command_and_card(tmp_path: Path, monkeypa
     ("latent_throughput", ["--repeats", "0"], "--repeats and --warmup must be at least 1"),
     ("dit_roofline", ["--preset", "DiT-Q/2"], "invalid choice: 'DiT-Q/2'"),
     ("ddp_scaling", ["--dit-preset", "DiT-Q/2"], "invalid choice: 'DiT-Q/2'"),
+    ("strategy_cost", ["--warmup-steps", "0"], "--warmup-steps must be at least 1"),
 ])
 def test_bad_arguments_are_refused_before_any_work(module: str, argv: list[str], message: str,
                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
