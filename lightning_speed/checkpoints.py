@@ -112,17 +112,20 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | None) -> None:
-    """Raise :class:`CheckpointMismatchError` (a short summary) when tensor shapes differ from ``model``'s.
-
-    Missing or extra keys alone are left to the module's own loading (it may accept them).
-    """
+    """Raise :class:`CheckpointMismatchError` (a short summary) when tensor shapes differ from ``model``'s, or, for
+    a model loaded strictly (``strict_loading``, Lightning's default), when tensors are missing on either side."""
     if path is None or not _is_local(str(path)):
         return
-    check_state_matches(model, load_checkpoint(path)["state_dict"], path)
+    check_state_matches(model, load_checkpoint(path)["state_dict"], path, strict=getattr(model, "strict_loading", True))
 
 
-def check_state_matches(model: nn.Module, state: dict[str, Any], path: str | os.PathLike[str] | None = None) -> None:
-    """:func:`check_checkpoint_matches` on a checkpoint's loaded ``state_dict`` (``path``: where it came from, if known)."""
+def check_state_matches(model: nn.Module, state: dict[str, Any], path: str | os.PathLike[str] | None = None,
+                        strict: bool = False) -> None:
+    """:func:`check_checkpoint_matches` on a checkpoint's loaded ``state_dict`` (``path``: where it came from, if known).
+
+    ``strict``: the state will be loaded strictly (a Trainer's fit or validate with ``strict_loading``), so tensors
+    missing on either side are refused too, with the same short summary: a DiT of another depth has no tensor of
+    another shape, and PyTorch would list every block's keys."""
 
     def shapes(items: Any) -> dict[str, tuple[int, ...]]:
         return {
@@ -131,18 +134,19 @@ def check_state_matches(model: nn.Module, state: dict[str, Any], path: str | os.
 
     theirs, ours = shapes(state.items()), shapes(model.state_dict().items())
     mismatched = [(k, theirs[k], ours[k]) for k in ours if k in theirs and theirs[k] != ours[k]]
-    if not mismatched:
-        return
     missing = [k for k in ours if k not in theirs]
     unexpected = [k for k in theirs if k not in ours]
+    if not mismatched and not (strict and (missing or unexpected)):
+        return
     source = "The checkpoint" if path is None else f"The checkpoint {path}"
-    lines = [
-        f"{source} was trained with another model configuration: {len(mismatched)} of {len(ours)} tensors have other shapes"
-        + (f", {len(missing)} of the model's are missing from it" if missing else "")
-        + (f", {len(unexpected)} of its are not in the model" if unexpected else "")
-        + ". For example:"
-    ]
+    counts = [f"{len(mismatched)} of {len(ours)} tensors have other shapes"] if mismatched else []
+    counts += [f"{len(missing)} of the model's {len(ours)} tensors are missing from it"] if missing else []
+    counts += [f"{len(unexpected)} of its are not in the model"] if unexpected else []
+    lines = [f"{source} was trained with another model configuration: {', '.join(counts)}. For example:"]
     lines += [f"  {k}: checkpoint {_shape(a)}, model {_shape(b)}" for k, a, b in mismatched[:_SHOWN]]
+    shown = max(_SHOWN - len(mismatched), 0)
+    lines += [f"  {k}: missing from the checkpoint" for k in missing[:shown]]
+    lines += [f"  {k}: not in the model" for k in unexpected[:max(shown - len(missing), 0)]]
     config = None if path is None else _config_near(Path(path))
     if config is not None:
         lines.append(f"Use the configuration it was trained with: lightning-speed fit --config {config} --ckpt_path {path}")

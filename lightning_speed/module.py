@@ -235,7 +235,9 @@ class DiffusionModule(pl.LightningModule):
         check_checkpoint_process(checkpoint, self.process, self.num_timesteps)
         self._clip_denoised = checkpoint.get("clip_denoised") if self._clip_denoised is None else self._clip_denoised
         if "state_dict" in checkpoint:  # sharded strategies (FSDP) load the weights themselves and drop it
-            check_state_matches(self, checkpoint["state_dict"])
+            # a Trainer loads the weights strictly unless strict_loading is off; load_from_checkpoint(strict=False)
+            # may accept missing tensors, so outside a Trainer only other shapes are refused
+            check_state_matches(self, checkpoint["state_dict"], strict=self._trainer is not None and self.strict_loading)
             self._resume_without_average(checkpoint)
         self._check_resumed_cycle(checkpoint)
 

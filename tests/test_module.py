@@ -744,3 +744,28 @@ def test_resuming_a_one_cycle_run_to_more_steps_than_its_cycle_is_refused_before
     same = trainer(max_steps=2)
     same.fit(module(), loader(n=8, batch_size=4), ckpt_path=ckpt)  # nothing left to train, nothing refused
     assert same.global_step == 2
+
+
+def test_a_checkpoint_of_another_depth_is_named_in_short_when_a_trainer_loads_it(tmp_path):
+    """DiT blocks have one shape at every depth: nothing differs in shape, and PyTorch would list every missing key.
+    A Trainer loads strictly, so the summary names the counts and a few keys; load_from_checkpoint(strict=False)
+    still loads what matches."""
+    from lightning_speed.backbones import DiT
+    from lightning_speed.checkpoints import CheckpointMismatchError
+
+    def module(depth):
+        return DiffusionModule(DiT(image_size=8, in_channels=1, patch_size=4, hidden_size=16, depth=depth, num_heads=2),
+                               image_shape=(1, 8, 8))
+
+    first = trainer(max_steps=1)
+    first.fit(module(1), loader(n=8, batch_size=8))
+    path = tmp_path / "depth1.ckpt"
+    first.save_checkpoint(path)
+    deeper = trainer(max_steps=2)
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)another model configuration: (\d+) of the model's \d+ "
+                                                      r"tensors are missing from it\. For example:\n  backbone.blocks.1\."):
+        deeper.fit(module(2), loader(n=8, batch_size=8), ckpt_path=path)
+    partial = DiffusionModule.load_from_checkpoint(path, backbone=module(2).backbone, strict=False)
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    first_block = [k for k in saved if k.startswith("backbone.blocks.0.")]
+    assert first_block and all(torch.equal(partial.state_dict()[k], saved[k]) for k in first_block)  # what matched
