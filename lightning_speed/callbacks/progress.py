@@ -37,6 +37,8 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar.total != trainer.max_steps:  # the first epoch of this fit: one bar for all of them
             bar.reset(total=trainer.max_steps)
+            # tqdm's rate and time left count from `initial`: a resumed run's earlier steps took no time here
+            bar.initial = trainer.global_step
             self._show(trainer.global_step)
         bar.set_description(f"Epoch {trainer.current_epoch}")
 
