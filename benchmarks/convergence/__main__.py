@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 from benchmarks.common import RESULTS, load_config
 from benchmarks.convergence import __doc__ as DOC
@@ -12,6 +13,20 @@ from benchmarks.convergence.launch import launch
 from benchmarks.convergence.report import report
 from benchmarks.convergence.runs import BASE, NAMES
 from benchmarks.convergence.table import load_cost
+
+
+def _count(least: int) -> Any:
+    """An argparse type: a whole number of at least ``least`` (steps, seconds, samples, a GPU index, a seed)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"takes a whole number of at least {least}, got {text!r}")
+        return value
+
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,39 +37,39 @@ def parser() -> argparse.ArgumentParser:
                    "fashion_mnist_dit.yaml is the paper's recipe, fashion_mnist_sit.yaml its flow)")
     p.add_argument("--strategies", nargs="+", default=["uniform", "speed"], choices=NAMES)
     p.add_argument("--strategy", choices=NAMES)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=_count(0), nargs="+", default=[0, 1])
+    p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--jobs", nargs="+", default=None,
                    help="launch: explicit strategy:seed[:steps] list (steps default: --steps), run in this order")
-    p.add_argument("--steps", type=int, default=20_000, help="N: the training budget")
+    p.add_argument("--steps", type=_count(1), default=20_000, help="N: the training budget")
     # FID curve settings: by default the base config's fid callback
-    p.add_argument("--stop-at", type=int, default=None,
+    p.add_argument("--stop-at", type=_count(1), default=None,
                    help="a screen: train N's schedule (curricula and LR schedules read N) but stop every run at this "
                         "step; a later launch without it resumes them to N")
-    p.add_argument("--eval-every", type=int, default=None, help="FID and sample-grid interval (default: the config's)")
-    p.add_argument("--fid-samples", type=int, default=None, help="samples per FID point (default: the config's)")
+    p.add_argument("--eval-every", type=_count(1), default=None, help="FID and sample-grid interval (default: the config's)")
+    p.add_argument("--fid-samples", type=_count(1), default=None, help="samples per FID point (default: the config's)")
     p.add_argument("--fid-solver", choices=["ddim", "ddpm", "dpmpp_2m", "euler", "heun"], default=None,
                    help="solver of the FID curve (default: the config's)")
-    p.add_argument("--fid-steps", type=int, default=None, help="solver steps of the FID curve (default: the config's)")
-    p.add_argument("--monitor-every", type=int, default=500, help="TimestepMonitor's summary interval, in steps (at most --eval-every)")
-    p.add_argument("--final-samples", type=int, default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
+    p.add_argument("--fid-steps", type=_count(1), default=None, help="solver steps of the FID curve (default: the config's)")
+    p.add_argument("--monitor-every", type=_count(1), default=500, help="TimestepMonitor's summary interval, in steps (at most --eval-every)")
+    p.add_argument("--final-samples", type=_count(0), default=0, help="if > 0: FID with this many samples at N (DDIM-50, DDPM-250)")
     p.add_argument("--final-solvers", nargs="+", default=["ddim-50", "ddpm-250"],
                    choices=["ddim-50", "ddpm-250", "dpmpp_2m-20", "euler-50", "heun-125"],
                    help="the solvers of the FIDs at N (ddpm-250 with learned sigma: IDDPM-250; a flow: euler-50, heun-125)")
-    p.add_argument("--final-batch-size", type=int, default=None, help="sampling batch of the FIDs at N (default: the curve's)")
+    p.add_argument("--final-batch-size", type=_count(1), default=None, help="sampling batch of the FIDs at N (default: the curve's)")
     p.add_argument("--final-strategies", nargs="+", default=["uniform", "speed"], choices=NAMES,
                    help="the runs that get the final FIDs")
     p.add_argument("--no-compile-sampling", dest="compile_sampling", action="store_false",
                    help="sample eagerly for FID (default: compiled sampling network, on the GPU)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU indices to spread runs over (default: the visible one)")
-    p.add_argument("--per-gpu", type=int, default=1, help="concurrent runs per GPU")
-    p.add_argument("--time-limit", type=int, default=None,
+    p.add_argument("--batch-size", type=_count(1), default=None)
+    p.add_argument("--gpus", type=_count(0), nargs="+", default=None, help="GPU indices to spread runs over (default: the visible one)")
+    p.add_argument("--per-gpu", type=_count(1), default=1, help="concurrent runs per GPU")
+    p.add_argument("--time-limit", type=_count(1), default=None,
                    help="launch: seconds for the whole launch; run: seconds from the process's start (default: none, "
                         "train to N). Runs stopped by it (inside an FID evaluation: after its current batch) "
                         "checkpoint, and the same command resumes them")
-    p.add_argument("--min-run-seconds", type=int, default=120, help="launch: start no run with less time than this left")
-    p.add_argument("--stop-margin", type=int, default=40,
+    p.add_argument("--min-run-seconds", type=_count(1), default=120, help="launch: start no run with less time than this left")
+    p.add_argument("--stop-margin", type=_count(0), default=40,
                    help="launch: a run stops this long before the launch's deadline, for the step or FID sampling "
                         "batch in progress and its checkpoint; one still running at the deadline is killed")
     p.add_argument("--stall-seconds", type=float, default=300,

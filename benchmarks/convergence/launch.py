@@ -30,6 +30,12 @@ def launch(args: argparse.Namespace) -> None:
     if args.time_limit and args.stop_margin >= args.min_run_seconds:
         raise SystemExit(f"--stop-margin {args.stop_margin} leaves runs started with --min-run-seconds "
                          f"{args.min_run_seconds} left no time to train: make --min-run-seconds the larger")
+    if args.time_limit and args.time_limit < args.min_run_seconds:
+        raise SystemExit(f"--time-limit {args.time_limit} is shorter than --min-run-seconds {args.min_run_seconds}: no "
+                         "run would start; give the launch more time or lower --min-run-seconds")
+    if args.gpus and len(set(args.gpus)) < len(args.gpus):
+        raise SystemExit(f"--gpus {' '.join(map(str, args.gpus))} names a GPU more than once: name each once, and set "
+                         "the runs per GPU with --per-gpu")
     began = time.monotonic()
     deadline = began + args.time_limit if args.time_limit else math.inf
     jobs = [job for job in jobs_of(args) if not _finished(args, *job)]
@@ -120,9 +126,10 @@ def jobs_of(args: argparse.Namespace) -> list[tuple[str, int, int]]:
         jobs = []
         for job in args.jobs:
             strategy, seed, *steps = job.split(":")
-            if strategy not in NAMES or not seed.isdigit() or len(steps) > 1 or (steps and not steps[0].isdigit()):
-                raise SystemExit(f"--jobs takes strategy:seed or strategy:seed:steps with a strategy in {NAMES}, "
-                                 f"got {job!r}")
+            if (strategy not in NAMES or not seed.isdigit() or len(steps) > 1
+                    or (steps and not (steps[0].isdigit() and int(steps[0]) > 0))):
+                raise SystemExit(f"--jobs takes strategy:seed or strategy:seed:steps (steps at least 1) with a "
+                                 f"strategy in {NAMES}, got {job!r}")
             jobs.append((strategy, int(seed), int(steps[0]) if steps else args.steps))
     runs = [f"{strategy}:{seed}" for strategy, seed, _ in jobs]
     if twice := sorted({run for run in runs if runs.count(run) > 1}):

@@ -26,12 +26,13 @@ def _headline(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _screen_headline(entry: dict[str, Any]) -> dict[str, Any]:
-    """The summary.json fields of one screened strategy: its step s, N = 2s, whether it reaches 2x, and how far it
+    """The summary.json fields of one screened strategy: its step s, N (the steps its schedule was made for: 2s for a
+    run stopped at s, s for a ``budget`` run trained to its end), whether it reaches 2x, and how far it
     got (the baseline's steps to its FID, over s: the mean over seeds, None when a seed's baseline never gets there);
     "how_far_at_most" (true) where a seed's figure is an upper bound (the baseline below its FID already at its first
     evaluation)."""
-    how_far = entry["equivalent_per_seed"]
-    fields = {"steps": entry["step"], "N": 2 * entry["step"], "seeds": len(how_far), "reaches_2x": entry["reaches_2x"],
+    how_far, n = entry["equivalent_per_seed"], entry["step"] if entry.get("budget") else 2 * entry["step"]
+    fields = {"steps": entry["step"], "N": n, "seeds": len(how_far), "reaches_2x": entry["reaches_2x"],
               "how_far": None if None in how_far else sum(how_far) / len(how_far), "how_far_per_seed": how_far,
               "fid_per_seed": entry["fid_per_seed"], **({"budget": True} if entry.get("budget") else {})}
     return {**fields, "how_far_at_most": True} if any(entry["equivalent_at_most_per_seed"]) else fields
@@ -41,9 +42,9 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     """Collect result.json files, compute speed-ups, write speedups.json and speedups.md (its Markdown tables, with
     wall-clock speed-ups from the step costs of ``args.cost``), plot the curves, update ``args.summary_file``.
 
-    Each strategy is compared with the uniform baseline at its own N: the last evaluation step that
-    all its runs and at least one uniform run reached (ablations may run shorter than the main
-    pair), and at the evaluation step nearest below N/2.
+    Each strategy is compared with the uniform baseline at its own N: the last step that all its runs and at least
+    one uniform run evaluated (ablations may run shorter than the main pair, or evaluate at other steps), and at the
+    last such step at or below N/2.
     """
     out = Path(args.out)
     cost = load_cost(args.cost) if getattr(args, "cost", None) else None  # refused here, before any work
@@ -64,9 +65,10 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     budgets: dict[str, dict[str, int | None]] = {}
     for strategy in sorted({r["strategy"] for r in results} - {"uniform"}):
         runs = [r for r in results if r["strategy"] == strategy]
-        last = min((r["fid_history"][-1][0] if r["fid_history"] else 0) for r in runs)
-        n = max((s for s in uniform_steps if s <= last), default=None)
-        half = max((s for s in uniform_steps if n and s <= n // 2), default=None)
+        # the steps that all its runs and a uniform run evaluated (runs may evaluate at other intervals)
+        steps = set(uniform_steps).intersection(*({s for s, _ in r["fid_history"]} for r in runs))
+        n = max(steps, default=None)
+        half = max((s for s in steps if n and s <= n // 2), default=None)
         budgets[strategy] = {"N": n, "N_half": half}
         for b in (n, half):
             if b and b not in tables:
@@ -88,8 +90,10 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         plot_areas(results, out / "area_loss.png")
         plot_screen(results, screened, out / "screen.png", solver)
     if not args.smoke and args.summary and headline["N"]:
-        def sources(strategy: str, field: str) -> str:  # the cards (folders) of its runs and its baseline's
-            compared = (strategy, BASELINES.get(strategy, "uniform"))
+        # The cards (folders) of its runs and of the baseline its entry was compared with (uniform where its own
+        # baseline has no runs, or for a budget screen)
+        def sources(strategy: str, field: str, entry: dict[str, Any]) -> str:
+            compared = (strategy, entry.get("baseline", BASELINES.get(strategy, "uniform")))
             return ", ".join(sorted({r[field] for r in results if r["strategy"] in compared}))
 
         keys = summary_keys(solver, base)
@@ -99,13 +103,13 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         updates = {
             key: {s: {**_headline(v), **({"N": schedule_length(results, s, budgets[s]["N"]), **ema_fields(results, s)}
                                         if study else {}),
-                      "card": sources(s, "card"), "results": sources(s, "folder")}
+                      "card": sources(s, "card", v), "results": sources(s, "folder", v)}
                   for s, v in headline[n].items() if not (study and s in screened)}  # a screen's step is no N
             for key, n in zip(keys, ("N", "N_half"))
         }
         if study and screened:
             updates[f"{study}_screen"] = {s: {**_screen_headline(e), **ema_fields(results, s),
-                                              "card": sources(s, "card"), "results": sources(s, "folder")}
+                                              "card": sources(s, "card", e), "results": sources(s, "folder", e)}
                                           for s, e in screened.items()}
         merge_speedups(Path(args.summary_file), updates)
     print(table)
