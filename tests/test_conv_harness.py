@@ -87,6 +87,9 @@ def test_bad_counts_are_refused_by_the_parser_naming_the_argument(argv: list[str
     (["--gpus", "0", "0"], r"--gpus 0 0 names a GPU more than once: .* --per-gpu"),
     (["--time-limit", "60"], r"--time-limit 60 is shorter than --min-run-seconds 120: no run would start"),
     (["--jobs", "speed:0:0"], r"strategy:seed:steps \(steps at least 1\).*got 'speed:0:0'"),
+    # a screen's stop must be a step the FID evaluates: given, or the base's (fashion_mnist_dit.yaml: every 5000)
+    (["--eval-every", "2500", "--stop-at", "3000"], r"--stop-at 3000 is no step the FID evaluates \(every 2500 steps\)"),
+    (["--base", "fashion_mnist_dit.yaml", "--stop-at", "2500"], r"--stop-at 2500 is no step .*every 5000 steps"),
 ])
 def test_launch_refuses_arguments_that_start_no_run_or_share_a_gpu(argv: list[str], message: str, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:

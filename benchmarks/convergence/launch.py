@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from benchmarks.common import REPO
 from benchmarks.convergence.report import report
-from benchmarks.convergence.runs import NAMES
+from benchmarks.convergence.runs import CONFIGS, NAMES
 
 
 def launch(args: argparse.Namespace) -> None:
@@ -33,6 +35,11 @@ def launch(args: argparse.Namespace) -> None:
     if args.time_limit and args.time_limit < args.min_run_seconds:
         raise SystemExit(f"--time-limit {args.time_limit} is shorter than --min-run-seconds {args.min_run_seconds}: no "
                          "run would start; give the launch more time or lower --min-run-seconds")
+    interval = _eval_interval(args)
+    if args.stop_at and interval and args.stop_at % interval:
+        raise SystemExit(f"--stop-at {args.stop_at} is no step the FID evaluates (every {interval} steps): the screen "
+                         f"would have no FID at its stop; give a multiple of {interval}, or an --eval-every that "
+                         "divides it")
     if args.gpus and len(set(args.gpus)) < len(args.gpus):
         raise SystemExit(f"--gpus {' '.join(map(str, args.gpus))} names a GPU more than once: name each once, and set "
                          "the runs per GPU with --per-gpu")
@@ -103,6 +110,19 @@ def launch(args: argparse.Namespace) -> None:
     report(args)
     if failed:
         raise SystemExit(f"runs failed: {failed}; see {log_dir}")
+
+
+def _eval_interval(args: argparse.Namespace) -> int | None:
+    """The FID's interval in steps: ``--eval-every``, else the base config's ``fid`` (None when it names none)."""
+    if args.eval_every:
+        return args.eval_every
+    try:
+        config = yaml.safe_load((CONFIGS / args.base).read_text()) or {}
+    except (OSError, yaml.YAMLError):  # the run reports a base it cannot read
+        return None
+    fid = config.get("fid") if isinstance(config, dict) else None
+    every = (fid.get("init_args") or {}).get("every_n_steps") if isinstance(fid, dict) else None
+    return every if isinstance(every, int) and every > 0 else None
 
 
 def stalled(run_dir: Path, log: Path, seconds: float, started: float) -> bool:
