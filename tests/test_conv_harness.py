@@ -98,3 +98,15 @@ def test_launch_refuses_arguments_that_start_no_run_or_share_a_gpu(argv: list[st
     with pytest.raises(SystemExit, match=message):
         launch.launch(parser().parse_args(["launch", "--smoke", "--out", str(tmp_path / "out"), *argv]))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_trained_without_an_ema_names_no_decay() -> None:
+    """--set ema=null trains without an average: its study entries must not name the base's decay."""
+    from benchmarks.convergence.report import ema_args, ema_decay
+
+    run = {"strategy": "speed", "configs": ["fashion_mnist_dit.yaml", "strategies/speed.yaml"], "overrides": []}
+    assert ema_args(run)["decay"] == 0.9999
+    without = {**run, "overrides": ["--ema", "null"]}
+    assert ema_args(without) == {} and ema_decay([without], "speed") is None
+    again = {**run, "overrides": ["--ema", "null", "--ema.init_args.decay", "0.999"]}  # a later argument counts
+    assert ema_args(again) == {"decay": 0.999}

@@ -133,13 +133,18 @@ def ema_fields(results: list[dict[str, Any]], strategy: str) -> dict[str, Any]:
 
 
 def ema_args(run: dict[str, Any]) -> dict[str, Any]:
-    """The ``ema.init_args`` a run trained with: its configs' in order, then its ``--ema.init_args.*`` overrides."""
+    """The ``ema.init_args`` a run trained with: its configs' in order, then its ``--ema`` / ``--ema.init_args.*``
+    overrides (``--ema null``, as ``--set ema=null`` gives it, trains without an average: no arguments)."""
     args: dict[str, Any] = {}
     for config in run["configs"]:
-        args.update((load_config(config).get("ema") or {}).get("init_args", {}))
+        ema = load_config(config).get("ema", {})
+        args = {} if ema is None else {**args, **((ema or {}).get("init_args") or {})}
     overrides = run.get("overrides", [])
     for flag, value in zip(overrides[::2], overrides[1::2]):  # flag, value pairs, as run.py records them
-        if flag.startswith("--ema.init_args."):
+        if flag == "--ema":  # a whole new callback (or none): the earlier arguments go
+            given = yaml.safe_load(value)
+            args = dict(given.get("init_args") or {}) if isinstance(given, dict) else {}
+        elif flag.startswith("--ema.init_args."):
             args[flag.removeprefix("--ema.init_args.")] = yaml.safe_load(value)
     return args
 
