@@ -84,8 +84,8 @@ def check_speed_tau(tau: Any) -> Any:
     Which of them fits the schedule is checked when the strategy is bound."""
     if tau is None or isinstance(tau, str) or (isinstance(tau, numbers.Integral) and not isinstance(tau, bool)):
         return tau if tau is None else check_tau(tau)
-    if isinstance(tau, float) and 0 < tau < 1:
-        return tau
+    if isinstance(tau, numbers.Real) and not isinstance(tau, bool) and 0 < tau < 1:  # numpy and torch floats too
+        return float(tau)
     raise TypeError(
         f"tau must be 'auto', a time step (a positive integer, on a DDPM schedule) or a flow time in (0, 1) (on a flow; "
         f"'auto' is 0.921 there), got {tau!r} ({type(tau).__name__})."
