@@ -29,6 +29,22 @@ from lightning_speed.callbacks.ema import averaged_weights, check_training_weigh
 from lightning_speed.validation import check_int
 
 
+def check_images(images: Any, pl_module: "pl.LightningModule") -> Tensor:
+    """``images`` if it is a float (N, C, H, W) tensor, as ``sample`` must return; else an error saying so."""
+    method = f"{type(pl_module).__name__}.sample"
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        what = f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else (
+            f"a {type(images).__name__}")
+        raise TypeError(f"SampleGridCallback: {method} returned {what}; it must return a float tensor "
+                        "(num_samples, C, H, W) in [-1, 1].")
+    if images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
+        raise ValueError(
+            f"SampleGridCallback: {method} returned images of shape {tuple(images.shape)}, which look channels-last "
+            "(N, H, W, C); it must return (num_samples, C, H, W): permute them with images.permute(0, 3, 1, 2)."
+        )
+    return images
+
+
 class SampleGridCallback(SolverSettings, pl.Callback):
     """Log and save a grid of ``num_samples`` generated images every ``every_n_steps`` steps.
 
@@ -79,6 +95,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         self.last_grid: Tensor | None = None  # uint8 (3, H, W) on the CPU
         self.saved_paths: list[Path] = []
         self._last_step = -1
+        self._warned_channels = False
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
@@ -92,14 +109,27 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         # without use_ema at train end, the training weights go back in if the EMA has already copied its average in
         with averaged_weights(trainer, pl_module) if self.use_ema else training_weights(trainer, pl_module):
             batches = self._generate(pl_module, self.num_samples, batch_size=self.num_samples, seed=self.seed)
-            images = torch.cat(list(batches))
+            images = torch.cat([check_images(batch, pl_module) for batch in batches])
         bad = int(count_nonfinite(images))  # one sync per grid
         if bad:
             rank_zero_warn(
                 f"SampleGridCallback: {bad} of {len(images)} generated images contain NaN or inf values at step "
                 f"{trainer.global_step} (shown black): the model has diverged."
             )
-        return make_grid(to_uint8(images).cpu(), nrow=self.nrow, padding=2, pad_value=0)
+        images, nrow = to_uint8(images).cpu(), self.nrow
+        if images.dim() == 4 and images.shape[1] not in (1, 3):
+            # A PNG holds 1 or 3 channels: other counts (e.g. 4-channel latents without a decode method) are shown
+            # one grey tile per channel, each sample's channels side by side.
+            channels = images.shape[1]
+            if not self._warned_channels:
+                rank_zero_warn(
+                    f"SampleGridCallback: {type(pl_module).__name__}.sample returns {channels}-channel images, so the "
+                    f"grid shows each channel as a grey tile, {channels} per sample. Give the module a decode method "
+                    "(latent diffusion) to see images."
+                )
+                self._warned_channels = True
+            images, nrow = images.reshape(-1, 1, *images.shape[2:]), nrow * channels
+        return make_grid(images, nrow=nrow, padding=2, pad_value=0)
 
     def _output_dir(self, trainer: "pl.Trainer") -> Path:
         return Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
