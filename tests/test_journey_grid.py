@@ -70,3 +70,29 @@ def test_integer_samples_fail_naming_the_expected_range(tmp_path) -> None:
     loader = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
     with pytest.raises(TypeError, match=r"torch.uint8 tensor.*float tensor \(num_samples, C, H, W\) in \[-1, 1\]"):
         cpu_trainer(max_steps=1, callbacks=[grid]).fit(Uint8Sampler((1, 8, 8)), loader)
+
+
+@pytest.mark.parametrize("returned", ["list", "channels_last", "decoded_ints"])
+def test_fid_checks_what_sample_and_decode_return_as_grids_do(tmp_path, returned) -> None:
+    """FID draws its samples through the same generator as the grids: a list (a pipeline's output), channels-last
+    images or integer decodes are named, not failed on deep inside the feature network or read on the wrong scale."""
+    from lightning_speed.callbacks import FIDCallback
+
+    class Odd(Sampler):
+        def sample(self, num_samples, **kwargs):
+            images = super().sample(num_samples, **kwargs)
+            return list(images) if returned == "list" else images
+
+        def decode(self, images):
+            return images.add(1).mul(127.5).to(torch.uint8) if returned == "decoded_ints" else images
+
+    shape = (8, 8, 1) if returned == "channels_last" else (1, 8, 8)
+    fid = FIDCallback(every_n_steps=1, num_samples=2, batch_size=2, solver_steps=2, on_train_end=False,
+                      feature_extractor="fashion_mnist", reference_images=torch.zeros(4, 1, 8, 8, dtype=torch.uint8),
+                      num_reference=4, cache_dir=str(tmp_path / "cache"))
+    loader = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
+    match = {"list": r"Odd.sample\(2\) returned a list; it must return a float tensor",
+             "channels_last": r"Odd.sample\(2\) returned images of shape \(2, 8, 8, 1\), which look channels-last",
+             "decoded_ints": r"Odd.decode returned a torch.uint8 tensor"}[returned]
+    with pytest.raises((TypeError, ValueError), match=match):
+        cpu_trainer(max_steps=1, callbacks=[fid]).fit(Odd(shape), loader)

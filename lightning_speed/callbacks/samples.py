@@ -29,22 +29,6 @@ from lightning_speed.callbacks.ema import averaged_weights, check_training_weigh
 from lightning_speed.validation import check_int
 
 
-def check_images(images: Any, pl_module: "pl.LightningModule") -> Tensor:
-    """``images`` if it is a float (N, C, H, W) tensor, as ``sample`` must return; else an error saying so."""
-    method = f"{type(pl_module).__name__}.sample"
-    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-        what = f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else (
-            f"a {type(images).__name__}")
-        raise TypeError(f"SampleGridCallback: {method} returned {what}; it must return a float tensor "
-                        "(num_samples, C, H, W) in [-1, 1].")
-    if images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
-        raise ValueError(
-            f"SampleGridCallback: {method} returned images of shape {tuple(images.shape)}, which look channels-last "
-            "(N, H, W, C); it must return (num_samples, C, H, W): permute them with images.permute(0, 3, 1, 2)."
-        )
-    return images
-
-
 class SampleGridCallback(SolverSettings, pl.Callback):
     """Log and save a grid of ``num_samples`` generated images every ``every_n_steps`` steps.
 
@@ -109,7 +93,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
         # without use_ema at train end, the training weights go back in if the EMA has already copied its average in
         with averaged_weights(trainer, pl_module) if self.use_ema else training_weights(trainer, pl_module):
             batches = self._generate(pl_module, self.num_samples, batch_size=self.num_samples, seed=self.seed)
-            images = torch.cat([check_images(batch, pl_module) for batch in batches])
+            images = torch.cat(list(batches))  # checked by generate_batches: float (N, C, H, W)
         bad = int(count_nonfinite(images))  # one sync per grid
         if bad:
             rank_zero_warn(

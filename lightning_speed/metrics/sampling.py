@@ -56,9 +56,25 @@ def generate_batches(
         kwargs["eta"] = eta
     decode = getattr(pl_module, "decode", None)
     decode = decode if callable(decode) else None
+    name = type(pl_module).__name__
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        images = sample(n, **kwargs)
+        images = check_images(sample(n, **kwargs), f"{name}.sample({n})")
         if images.shape[0] != n:
-            raise ValueError(f"{type(pl_module).__name__}.sample({n}) returned {images.shape[0]} images.")
-        yield decode(images) if decode is not None else images
+            raise ValueError(f"{name}.sample({n}) returned {images.shape[0]} images.")
+        yield check_images(decode(images), f"{name}.decode") if decode is not None else images
+
+
+def check_images(images: Any, source: str) -> Tensor:
+    """``images`` if it is a float (N, C, H, W) tensor, as ``sample`` (and ``decode``) must return: anything else
+    would fail deep inside the feature network or the PNG writer, or (integers) be read on the wrong scale."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        what = f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else (
+            f"a {type(images).__name__}")
+        raise TypeError(f"{source} returned {what}; it must return a float tensor (num_samples, C, H, W) in [-1, 1].")
+    if images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
+        raise ValueError(
+            f"{source} returned images of shape {tuple(images.shape)}, which look channels-last (N, H, W, C); it "
+            "must return (num_samples, C, H, W): permute them with images.permute(0, 3, 1, 2)."
+        )
+    return images
