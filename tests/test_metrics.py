@@ -264,3 +264,11 @@ def test_reference_cache_reused_and_invalidated(tmp_path, real, extractor) -> No
 def test_reference_images_validated(extractor) -> None:
     with pytest.raises(ValueError, match="uint8"):
         compute_reference_stats(torch.rand(4, 1, 32, 32), extractor)
+
+
+def test_the_fashion_net_names_the_fix_for_images_of_other_channel_counts() -> None:
+    """4-channel latents reach it when a module has no decode method: the message says what to do."""
+    from lightning_speed.metrics.fashion_net import to_net_input
+
+    with pytest.raises(ValueError, match=r"takes grey or RGB images \(1 or 3 channels\), got 4 channels: decode latents"):
+        to_net_input(torch.zeros(2, 4, 32, 32))

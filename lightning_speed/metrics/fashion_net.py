@@ -33,7 +33,11 @@ def to_net_input(images: Tensor) -> Tensor:
     if x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)
     elif x.shape[1] != 1:
-        raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]}")
+        raise ValueError(
+            f"The Fashion-MNIST feature network takes grey or RGB images (1 or 3 channels), got {x.shape[1]} "
+            "channels: decode latents to images first (a decode method on the module), or give the FID a "
+            "feature_extractor made for these images."
+        )
     h, w = x.shape[-2:]
     if (h, w) == (28, 28):
         x = F.pad(x, (2, 2, 2, 2), value=-1.0)
