@@ -60,6 +60,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMA
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
@@ -157,7 +158,9 @@ class EMAWeightAveraging(_LightningEMA):
     and truncated; the average is held in fp32 under ``bf16-true`` and in fp64 under ``64-true``;
     an average that has not been updated yet stands for the training weights, never the initial ones
     (see the module docstring); and the average's copy of the module copies only its weights, sharing its
-    other attributes (a LightningCLI optimizer factory, which cannot be copied under DDP, stays the module's).
+    other attributes (a LightningCLI optimizer factory, which cannot be copied under DDP, stays the module's);
+    ``validate``/``test``/``predict`` with a ``ckpt_path`` after ``fit`` evaluate the checkpoint's average, as a new
+    Trainer does; and the epoch of the last update is saved, so resuming at an epoch's end does not repeat its update.
 
     ``warmup``, ``inv_gamma`` and ``power``: diffusers' EMA warm-up (see the module docstring); off by default.
 
@@ -178,6 +181,17 @@ class EMAWeightAveraging(_LightningEMA):
         update_starting_at_epoch: int | None = None,
         **kwargs: Any,
     ) -> None:
+        for name in ("avg_fn", "multi_avg_fn"):  # a config lists them as null (AveragedModel's arguments)
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
+        unknown = sorted(set(kwargs) - {"device", "use_buffers"})
+        if unknown:  # Lightning passes these on to AveragedModel; an averaging function would never be called here
+            raise TypeError(
+                f"EMAWeightAveraging got unknown argument(s) {', '.join(unknown)}: it takes device, use_buffers, "
+                "decay, warmup, inv_gamma, power and update_every_n_steps/update_starting_at_step/_epoch, and always "
+                "averages with decay (avg_fn and multi_avg_fn are not used). For another average use Lightning's "
+                "WeightAveraging."
+            )
         # 1 would freeze the average at the weights after the first update; 0 makes it the latest weights.
         decay = check_number(decay, "decay", at_least=0.0, below=1.0,
                              hint="0.999 or 0.9999 are common (1 never moves the average)")
@@ -353,10 +367,7 @@ class EMAWeightAveraging(_LightningEMA):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Keep the training weights, then copy the average into the module (as Lightning does) if it was updated."""
-        if self._shards is not None:
-            self._training_shards = [t.clone() for t in self._held(pl_module)]
-        else:
-            self._training_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self._keep_training_weights(pl_module)
         if not self._updated() and trainer.global_step > 0:
             rank_zero_warn(
                 f"EMAWeightAveraging never updated its average in {trainer.global_step} steps ({self._schedule()}): "
@@ -364,6 +375,13 @@ class EMAWeightAveraging(_LightningEMA):
                 "update_starting_at_step or update_every_n_steps, train longer, or drop the EMA (ema: null)."
             )
         self._copy_average_to_current(pl_module)
+
+    def _keep_training_weights(self, pl_module: "pl.LightningModule") -> None:
+        """Keep a copy of the module's weights, the training weights, for checkpoints and ``training_weights``."""
+        if self._shards is not None:
+            self._training_shards = [t.clone() for t in self._held(pl_module)]
+        else:
+            self._training_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -408,18 +426,38 @@ class EMAWeightAveraging(_LightningEMA):
     def on_load_checkpoint(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:
+        with_average = "current_model_state" in checkpoint and "averaging_state" in checkpoint
         if self._shards is None:
-            return super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        if "current_model_state" not in checkpoint or "averaging_state" not in checkpoint:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        elif not with_average:
             rank_zero_warn(
                 "The checkpoint was not written with EMAWeightAveraging: the average starts from the loaded weights."
             )
             return
-        # The strategy has loaded checkpoint["state_dict"], the average, into the module: keep it, then load the
-        # training weights over it.
-        n_averaged = int(checkpoint["averaging_state"]["n_averaged"])
-        self._shards.load(self._held(pl_module), n_averaged=n_averaged)
-        _load_full_state_dict(trainer, pl_module, checkpoint["current_model_state"])
+        else:
+            # The strategy has loaded checkpoint["state_dict"], the average, into the module: keep it, then load the
+            # training weights over it.
+            n_averaged = int(checkpoint["averaging_state"]["n_averaged"])
+            self._shards.load(self._held(pl_module), n_averaged=n_averaged)
+            _load_full_state_dict(trainer, pl_module, checkpoint["current_model_state"])
+        if with_average and self.holds_average and trainer.state.fn != TrainerFn.FITTING:
+            # validate/test/predict(ckpt_path=...) after a fit, which left an average: evaluate the checkpoint's
+            # average, as a new Trainer does, not its training weights (kept for checkpoints, as at train end)
+            self._updates = None  # the checkpoint's counter
+            self._stash = None
+            self._keep_training_weights(pl_module)
+            self._copy_average_to_current(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # the epoch of the last update too: a fit resumed from a checkpoint written at an epoch's end runs that
+        # epoch's end again, which must not average the weights in a second time
+        return {**super().state_dict(), "latest_update_epoch": self._latest_update_epoch}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._latest_update_epoch = state_dict.get("latest_update_epoch", -1)  # Lightning's checkpoints lack it
 
     @override
     def on_train_batch_end(
