@@ -1,4 +1,5 @@
-"""Your own images: any folder of png/jpg/... files (searched recursively), as a datamodule.
+"""Your own images: any folder of png/jpg/... files (searched recursively, through linked
+folders too), as a datamodule.
 
 Images are turned upright by their EXIF orientation (phone photos taken in portrait), converted to
 ``channels`` (1 = grey, 3 = RGB), resized so the short side is ``image_size`` and centre-cropped to a
@@ -44,6 +45,22 @@ def _file_digests(paths: list[Path]) -> list[str]:
     return [hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() for path in paths]
 
 
+def _walk_files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder``, hidden files and folders (names starting with ".") left out. Linked folders are
+    followed (class folders are often links to where the images live), except a link back to a folder above it."""
+    chains = {str(folder): (os.path.realpath(folder),)}  # the real paths from folder down to each folder walked
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        chain = chains.pop(dirpath)
+        kept = []
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if not name.startswith(".") and real not in chain:
+                chains[os.path.join(dirpath, name)] = (*chain, real)
+                kept.append(name)
+        dirnames[:] = kept
+        yield from (Path(dirpath, name) for name in filenames if not name.startswith("."))
+
+
 def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     """All image files under ``root`` (sorted) with labels and class names; errors if none."""
     folder = Path(root).expanduser()
@@ -52,13 +69,7 @@ def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndar
             f"Image folder {str(folder)!r} does not exist (or is not a folder). Point root at a folder of "
             f"images ({', '.join(IMAGE_EXTENSIONS)}); put them in subfolders to give them class labels."
         )
-    paths = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    paths = sorted(p for p in _walk_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not paths:
         raise FileNotFoundError(
             f"No images found under {str(folder)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)}). "

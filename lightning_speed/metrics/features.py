@@ -23,10 +23,12 @@ Choices (``feature_extractor=``):
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib
 import inspect
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import urllib.error
@@ -46,6 +48,7 @@ INCEPTION_URL = (
 """torch-fidelity's InceptionV3 weights (the same URL as ``torch_fidelity.feature_extractor_inceptionv3``)."""
 
 INCEPTION_FILENAME = INCEPTION_URL.rsplit("/", 1)[-1]
+INCEPTION_SHA256_PREFIX = INCEPTION_FILENAME.rsplit("-", 1)[-1].split(".")[0]  # torch hub's naming: sha256 prefix
 DOWNLOAD_TIMEOUT_S = 10.0
 FASHION_MNIST_WEIGHTS = "fashion_mnist_net.pt"
 FEATURE_EXTRACTOR_CHOICES = ("inception", "fashion_mnist")
@@ -126,12 +129,19 @@ class InceptionFeatures(_FrozenExtractor):
         # Published FIDs resize to 299 px as TensorFlow 1 did (torch-fidelity's bilinear, no antialiasing); torchmetrics
         # antialiases by default since it gained the option, which shifts every FID: ask for the published resize.
         resize = {"antialias": False} if "antialias" in inspect.signature(NoTrainInceptionV3).parameters else {}
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights_path),
-            **resize,
-        )
+        try:
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights_path),
+                **resize,
+            )
+        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as err:
+            # A file that is not these weights (an HTML page saved by a proxy, a partial copy, another network).
+            raise InceptionWeightsUnavailable(
+                f"{weights_path} is not the InceptionV3 weights file ({type(err).__name__}: {str(err)[:200]}).\n"
+                + _inception_fixes(Path(weights_path))
+            ) from err
         self.num_features = 2048
-        self.fingerprint = f"inception-v3-compat-2048-{INCEPTION_FILENAME.rsplit('-', 1)[-1].split('.')[0]}-tf1resize"
+        self.fingerprint = f"inception-v3-compat-2048-{INCEPTION_SHA256_PREFIX}-tf1resize"
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -240,11 +250,30 @@ def ensure_inception_weights(timeout: float = DOWNLOAD_TIMEOUT_S, download: bool
     if download:
         try:
             _download(INCEPTION_URL, path, timeout)
-            return path
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as err:
             reason = f"download failed: {err}"
+        else:
+            if path.is_file() and _sha256_prefix(path) == INCEPTION_SHA256_PREFIX:
+                return path
+            # Not the published file (a proxy's or captive portal's page): never leave it where it would be loaded.
+            path.unlink(missing_ok=True)
+            reason = f"the download is not the published file (sha256 not starting {INCEPTION_SHA256_PREFIX})"
     raise InceptionWeightsUnavailable(
-        f"The standard InceptionV3 weights for FID are not available ({reason}).\n"
+        f"The standard InceptionV3 weights for FID are not available ({reason}).\n" + _inception_fixes(path)
+    )
+
+
+def _sha256_prefix(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[: len(INCEPTION_SHA256_PREFIX)]
+
+
+def _inception_fixes(path: Path) -> str:
+    """Which file to get, from where, where to put it, and the offline alternative."""
+    return (
         f"  File: {INCEPTION_FILENAME}\n"
         f"  From: {INCEPTION_URL}\n"
         f"  Put it at: {path}  (torch hub checkpoint dir; set TORCH_HOME to move it)\n"
