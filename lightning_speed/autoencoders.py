@@ -59,9 +59,14 @@ def _folder_hint(target: str) -> str:
 
 def _check_folder(folder: Path, subfolder: str | None) -> Path:
     where = folder / subfolder if subfolder else folder
+    if where.is_file():  # e.g. the weights file itself, where its folder is meant
+        raise AutoencoderUnavailable(
+            f"The autoencoder {str(where)!r} is a file; it must be the folder that holds "
+            f"{' and '.join(WEIGHT_FILES)}: set the autoencoder to {str(where.parent)!r}."
+        )
     if not where.is_dir():
         raise AutoencoderUnavailable(
-            f"Autoencoder folder {str(where)!r} does not exist. " + _folder_hint("")
+            f"Autoencoder folder {str(where)!r} does not exist. " + _folder_hint(f" ({where.absolute()})")
         )
     missing = [f for f in WEIGHT_FILES if not (where / f).is_file()]
     if missing == ["diffusion_pytorch_model.safetensors"] and (where / "diffusion_pytorch_model.bin").is_file():
@@ -196,12 +201,13 @@ class Autoencoder:
                 return diffusers.AutoencoderKL.from_pretrained(name, **kwargs)
             except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
                 reason = download_failure(err)
-        files = " and ".join(f"{subfolder}/{f}" if subfolder else f for f in WEIGHT_FILES)
+        files = [f"{subfolder}/{f}" if subfolder else f for f in WEIGHT_FILES]
+        folder = Path(name).absolute()
         raise AutoencoderUnavailable(
-            f"Cannot load the autoencoder {name!r}: there is no folder of that name (relative to {os.getcwd()}), and "
-            f"not from the Hugging Face hub either ({reason}). Either download it where "
-            f"there is network (huggingface-cli download {name}) or put {files} from "
-            f"https://huggingface.co/{name} (save_pretrained writes them) in one folder and set the autoencoder to that folder."
+            f"Cannot load the autoencoder {name!r}: there is no folder {str(folder)!r}, and not from the Hugging Face "
+            f"hub either ({reason}). Put {' and '.join(files)} in that folder (or another one, and set the autoencoder "
+            f"to it), e.g. where there is network: hf download {name} {' '.join(files)} --local-dir {folder} "
+            f"(huggingface-cli download with older huggingface_hub; the paper's autoencoder is {SD_VAE_FT_EMA})."
         )
 
     # ------------------------------------------------------------------ facts

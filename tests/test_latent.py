@@ -596,7 +596,7 @@ def test_a_hub_download_without_network_is_named_as_such(monkeypatch: pytest.Mon
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", offline)
     with pytest.raises(AutoencoderUnavailable, match=r"not from the Hugging Face hub either \(no connection to the hub: "
-                                                     r"ConnectionError\)\. Either download it where there is network"):
+                                                     r"ConnectionError\)\. Put config.json and diffusion_pytorch_model.safetensors"):
         Autoencoder.load("lightning-speed-tests/no-such-vae")
     from lightning_speed.autoencoders import download_failure
 

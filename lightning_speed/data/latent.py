@@ -267,6 +267,7 @@ class LatentDataModule(L.LightningDataModule):
             )
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         encode_batch_size = check_int(encode_batch_size, "encode_batch_size", minimum=1)
+        num_workers = check_int(num_workers, "num_workers", minimum=0, hint="0 reads the cache in the main process")
         cache_dtype = check_choice(cache_dtype, "cache_dtype", get_args(CacheDtype))
         encode_precision = check_choice(encode_precision, "encode_precision", get_args(EncodePrecision))
         seed = check_seed(seed)
@@ -282,7 +283,7 @@ class LatentDataModule(L.LightningDataModule):
         self.cache_dir = check_folder(cache_dir, "LatentDataModule.cache_dir")
         self.batch_size, self.random_flip, self.seed = batch_size, check_bool(random_flip, "random_flip"), seed
         self.cache_dtype, self.encode_precision = cache_dtype, encode_precision
-        self.encode_batch_size, self.on_device, self.num_workers = encode_batch_size, on_device, int(num_workers)
+        self.encode_batch_size, self.on_device, self.num_workers = encode_batch_size, on_device, num_workers
         self.encoder_calls = 0  # batches encoded by this object (a cache hit leaves it at 0)
         self._posterior: tuple[Path, np.ndarray] | None = None  # (posterior file, labels) once set up
         self._device_train: LatentBatchLoader | None = None
@@ -401,6 +402,7 @@ class LatentDataModule(L.LightningDataModule):
         has checked the data (``check_attached_model``): a wrong backbone fails before the encoding."""
         check_attached_model(self)
         self.images.prepare_data()  # the files first (downloaded if allowed): the cache's record counts the images
+        self._check_batch_size(self.images.split_size("train"))
         if not self.cache_matches():
             self.build_cache()
 
@@ -409,6 +411,7 @@ class LatentDataModule(L.LightningDataModule):
             return
         if self.trainer is None:  # outside a Trainer nobody called prepare_data
             self.images.prepare_data()
+        self._check_batch_size(self.images.split_size("train"))
         if not self.cache_matches():
             self.build_cache()
         folder = self.cache_folder()
@@ -416,8 +419,17 @@ class LatentDataModule(L.LightningDataModule):
         assert meta is not None
         labels = np.load(folder / meta["files"]["labels"])
         self._posterior = (folder / meta["files"]["posterior"], labels)
-        if len(labels) < self.batch_size:
-            raise ValueError(f"{self.name}: {len(labels)} training images is fewer than batch_size={self.batch_size}.")
+
+    def _check_batch_size(self, count: int) -> None:
+        """Before any encoding: every process must get at least one full batch of its share of the images (both
+        loaders drop the last partial batch, so a smaller share would train on nothing)."""
+        world = int(getattr(self.trainer, "world_size", 1)) if self.trainer is not None else 1
+        if count // world < self.batch_size:
+            share = f" ({count // world} per process on {world} processes)" if world > 1 else ""
+            raise ValueError(
+                f"{self.name}: {count} training images{share} is fewer than batch_size={self.batch_size}: lower "
+                f"batch_size to at most {max(1, count // world)} or add images."
+            )
 
     def teardown(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
