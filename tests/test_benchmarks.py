@@ -497,9 +497,13 @@ def test_a_screen_runs_on_a_base_of_ones_own_outside_configs(tmp_path: Path, hom
     run_script("convergence", ["report", "--no-plots", "--out", str(out), "--summary-file", str(summary)], home)
     # keys named after the file (and the smoke's DDIM-4 curve, not the protocol's DDIM-50)
     assert set(json.loads(summary.read_text())) == {"speedup_my_base_ddim4", "speedup_my_base_half_ddim4"}
-    # its budget form: a run trained to the end of a schedule of half uniform's steps, in a folder of its own
+    # its budget form: a run trained to the end of a schedule of half uniform's steps, in a folder of its own (the
+    # screened run's record, read as the whole of a 2-step schedule: launching one is tested above)
     budget = ["--out", str(tmp_path / "mine_budget"), "--no-summary", "--no-plots"]
-    run_script("convergence", ["launch", "--jobs", "speed_onecycle:0:2", *common[:-2], *budget], home, 400)
+    (tmp_path / "mine_budget" / "speed_onecycle_s0").mkdir(parents=True)
+    record = {**result, "strategy": "speed_onecycle", "stop_at": None, "steps_target": 2,
+              "configs": [*result["configs"], "study/onecycle_lr.yaml"]}
+    (tmp_path / "mine_budget" / "speed_onecycle_s0" / "result.json").write_text(json.dumps(record))
     run_script("convergence", ["report", "--base", str(base), "--include", str(out), "--budget", *budget], home)
     screened = json.loads((tmp_path / "mine_budget" / "speedups.json").read_text())["screen"]["speed_onecycle"]
     assert screened["budget"] is True and screened["step"] == 2 and screened["baseline"] == "uniform"
