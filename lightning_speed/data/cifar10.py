@@ -21,11 +21,9 @@ TEST_FILES = ("test_batch",)
 META_FILE = "batches.meta"
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-_FIXES = (
-    "Fixes: set download: true (CIFAR10DataModule(download=True), --data.download true), or "
-    "point root at the folder holding cifar-10-batches-py/ (extracted from "
-    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)."
-)
+_BY_HAND = ("point root at the folder holding cifar-10-batches-py/ (extracted from "
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz)")
+_FIXES = f"Fixes: set download: true (CIFAR10DataModule(download=True), --data.download true), or {_BY_HAND}."
 
 
 def _get(d: dict[Any, Any], key: str) -> Any:
@@ -116,7 +114,9 @@ class CIFAR10DataModule(UInt8ImageDataModule):
 
                 CIFAR10(root=str(Path(self.root).expanduser()), train=True, download=True)
             except Exception as err:
-                raise RuntimeError(f"Downloading CIFAR-10 into {self.root} failed: {err}. {_FIXES}") from err
+                # download is already on: the fix is the network, or the files placed by hand
+                raise RuntimeError(f"Downloading CIFAR-10 into {self.root} failed: {err}. Check the network, or "
+                                   f"{_BY_HAND}.") from err
             folder, missing = self._batch_folder()
         if missing:
             raise FileNotFoundError(

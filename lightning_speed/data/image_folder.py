@@ -138,6 +138,9 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             left, top = (nw - image_size) // 2, (nh - image_size) // 2
             img = img.crop((left, top, left + image_size, top + image_size))
             array = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
+    except Image.DecompressionBombError as err:  # not an OSError: its message would not name the file
+        raise ValueError(f"{path}: {err} Resize the image, or raise PIL.Image.MAX_IMAGE_PIXELS if the file is "
+                         "trusted.") from err
     except OSError as err:
         raise ValueError(f"{path}: cannot decode image ({err}). Fix or delete the file.") from err
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
