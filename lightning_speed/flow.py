@@ -150,8 +150,7 @@ def q_sample(x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
 def velocity(x0: Tensor, noise: Tensor) -> Tensor:
     """The training target v = dx_t/dt = eps - x0 (the same at every t), in at least float32 as ``q_sample``'s x_t:
     a bf16 difference would round by up to 2^-9 of its size, so even the exact velocity would show a loss."""
-    dtype = torch.promote_types(torch.promote_types(x0.dtype, noise.dtype), torch.float32)
-    return noise.to(dtype) - x0.to(dtype)
+    return at_least_float32(noise) - at_least_float32(x0)
 
 
 def snr(t: Tensor) -> Tensor:

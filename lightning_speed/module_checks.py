@@ -443,24 +443,23 @@ def build_lr_scheduler(factory: Any, optimizer: Any, trainer: Any) -> Any:
     target = next((a for a in (getattr(factory, "func", None), *getattr(factory, "args", ())) if isinstance(a, type)), None)
     one_cycle = bool(target and issubclass(target, torch.optim.lr_scheduler.OneCycleLR))
     if not (one_cycle and keywords.get("total_steps") is None and keywords.get("epochs") is None):
-        return check_lr_scheduler(_build(factory, optimizer, keywords), trainer)
+        return check_lr_scheduler(_build(factory, optimizer, one_cycle, keywords), trainer)
     total = getattr(trainer, "estimated_stepping_batches", math.inf)
     if not math.isfinite(total):
         raise ValueError(
             "OneCycleLR without total_steps runs over the whole training, but this run sets no length: set "
             "trainer.max_steps (or max_epochs), or model.lr_scheduler.init_args.total_steps."
         )
-    return check_lr_scheduler(_build(factory, optimizer, keywords, total_steps=int(total)), trainer)
+    return check_lr_scheduler(_build(factory, optimizer, one_cycle, keywords, total_steps=int(total)), trainer)
 
 
-def _build(factory: Any, optimizer: Any, keywords: dict[str, Any], **extra: Any) -> Any:
+def _build(factory: Any, optimizer: Any, one_cycle: bool, keywords: dict[str, Any], **extra: Any) -> Any:
     """``factory(optimizer, **extra)``. OneCycleLR divides by its warm-up's length, pct_start x total_steps - 1
     steps, in its constructor: a one-step warm-up fails there with a bare ZeroDivisionError, named here instead."""
     try:
         return factory(optimizer, **extra)
     except ZeroDivisionError:
-        scheduler = getattr(factory, "func", None)
-        if not (isinstance(scheduler, type) and issubclass(scheduler, torch.optim.lr_scheduler.OneCycleLR)):
+        if not one_cycle:
             raise
         total, pct = extra.get("total_steps", keywords.get("total_steps")), keywords.get("pct_start", 0.3)
         raise ValueError(

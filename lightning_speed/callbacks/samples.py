@@ -101,7 +101,7 @@ class SampleGridCallback(SolverSettings, pl.Callback):
                 f"{trainer.global_step} (shown black): the model has diverged."
             )
         images, nrow = to_uint8(images).cpu(), self.nrow
-        if images.dim() == 4 and images.shape[1] not in (1, 3):
+        if images.shape[1] not in (1, 3):
             # A PNG holds 1 or 3 channels: other counts (e.g. 4-channel latents without a decode method) are shown
             # one grey tile per channel, each sample's channels side by side.
             channels = images.shape[1]
