@@ -189,6 +189,17 @@ def test_bad_label_shape_raises() -> None:
 
 
 @pytest.mark.parametrize("make", [lambda: UNet(**TINY_UNET, num_classes=3), lambda: DiT(**TINY_DIT, num_classes=3)])
+@pytest.mark.parametrize("labels", [torch.tensor([0.0, 1.7, 2.0]), torch.tensor([True, False, True])])
+def test_non_integer_labels_raise(make, labels) -> None:
+    """A float label would be embedded truncated (1.7 as class 1), a bool one as 0/1: both are refused."""
+    model = make()
+    x, t = _inputs(model)
+    with pytest.raises(TypeError, match="integer class labels"):
+        model(x, t, labels)
+    model(x, t, labels.long())  # the same labels as integers are taken
+
+
+@pytest.mark.parametrize("make", [lambda: UNet(**TINY_UNET, num_classes=3), lambda: DiT(**TINY_DIT, num_classes=3)])
 def test_gradient_step_trains_from_zero_init(make) -> None:
     torch.manual_seed(0)
     model = make()

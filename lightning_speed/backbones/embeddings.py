@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..validation import is_integer_tensor
+
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Transformer-style sin/cos features of (possibly fractional) time steps.
@@ -110,6 +112,9 @@ def check_inputs(
             )
         if y.ndim != 1 or y.shape[0] != batch:
             raise ValueError(f"{name} expects y of shape ({batch},) (one label per image) but got {tuple(y.shape)}.")
+        if not is_integer_tensor(y):  # 2.7 would embed as class 2
+            raise TypeError(f"{name} expects integer class labels y, got {y.dtype}: pass y.long() of whole class "
+                            "numbers (0 .. num_classes - 1).")
     return t
 
 
