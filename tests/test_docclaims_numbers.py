@@ -63,6 +63,20 @@ def test_timestep_analysis_pivots():
     assert [int(g) for g in found.groups()] == pivots
 
 
+def test_notebook_convergence_share():
+    """The notebook's share of uniform draws in the convergence area, at the paper's tau and at the automatic one."""
+    cell = json.loads((REPO / "notebooks" / "timestep_analysis.ipynb").read_text())["cells"][0]
+    text = flat("".join(cell["source"]))
+    found = re.search(r"spends (\d+)% of its draws on at the paper's \$\\tau = (\d+)\$ \((\d+)% at the automatic "
+                      r"\$\\tau = (\d+)\$\)", text)
+    assert found, "the notebook no longer states the convergence share"
+    share, tau, auto_share, auto = (int(g) for g in found.groups())
+    assert auto == auto_tau(NoiseSchedule.create("linear", 1000))
+    for t, pct in ((tau, share), (auto, auto_share)):
+        fraction = analysis.analyse("linear", 1000, tau=t).areas.fractions()["convergence"]
+        assert round(100 * fraction) == pct
+
+
 # ------------------------------------------------------------------ flow_matching.md
 def percent(cell: str) -> float:
     return float(cell.replace("%", "").strip()) / 100
