@@ -381,6 +381,27 @@ def test_host_loader_every_image_once_per_epoch() -> None:
     assert not torch.equal(first, second)
 
 
+def worker_base_seed(loader: torch.utils.data.DataLoader) -> int:
+    """The seed a DataLoader hands its workers (each worker's torch seed is it plus the worker's index)."""
+    return iter(loader)._base_seed
+
+
+def test_host_loader_workers_are_seeded_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP each rank's workers draw their own flips: the same seed on every rank gave them the same ones. One
+    device keeps the seed it had."""
+    def base_seed(rank: int) -> int:
+        dm = ToyDataModule(n=640, on_device=False, batch_size=64)
+        monkeypatch.setattr(dm, "_rank_world", lambda: (rank, 2))
+        dm.setup("fit")
+        return worker_base_seed(dm.train_dataloader())
+
+    single = ToyDataModule(n=640, on_device=False, batch_size=64)
+    single.setup("fit")
+    expected = torch.empty((), dtype=torch.int64).random_(generator=torch.Generator().manual_seed(0)).item()
+    assert worker_base_seed(single.train_dataloader()) == expected == base_seed(0)
+    assert base_seed(1) != base_seed(0)
+
+
 def test_on_device_loader_in_a_lightning_fit() -> None:
     import lightning as L
 

@@ -108,6 +108,24 @@ def test_encode_cache_train_speed_sample_decode_grid_and_fid(files: dict[str, Pa
     assert again.encoder_calls == 0 and cache_state(tmp_path / "cache") == before
 
 
+def test_the_host_loaders_workers_are_seeded_per_rank(files: dict[str, Path], tmp_path: Path) -> None:
+    """Workers draw each batch's latent noise and flips from seeds the loader's generator gives them: under DDP the
+    same generator seed on every rank drew the same noise on every rank. One device keeps its seed."""
+    from types import SimpleNamespace
+
+    data = latent_data(files, tmp_path / "cache", on_device=False)
+    data.setup("fit")
+
+    def base_seed(rank: int, world: int) -> int:
+        strategy = SimpleNamespace(root_device=torch.device("cpu"))
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=world, strategy=strategy)
+        return iter(data.train_dataloader())._base_seed  # what DataLoader seeds its workers with
+
+    seed = torch.empty((), dtype=torch.int64).random_(generator=torch.Generator().manual_seed(data.seed)).item()
+    assert base_seed(0, 1) == base_seed(0, 2) == seed
+    assert base_seed(1, 2) != seed
+
+
 def test_the_on_device_loader_follows_a_changed_batch_size_without_a_new_copy(files: dict[str, Path],
                                                                               tmp_path: Path) -> None:
     data = latent_data(files, tmp_path / "cache", on_device=True)

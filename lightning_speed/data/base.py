@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_speed.distributed import rank_seed
 from lightning_speed.validation import check_int
 
 SPLITS = ("train", "test")
@@ -386,7 +387,9 @@ class UInt8ImageDataModule(L.LightningDataModule):
         return 0, 1
 
     def _loader(self, images: Tensor, labels: Tensor, *, train: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if train else None
+        # Per rank: DataLoader workers take their seeds from it, and under DDP the same seed on every rank would give
+        # every rank's workers the same flips (the shuffle is the DistributedSampler's, seeded apart from this).
+        generator = torch.Generator().manual_seed(rank_seed(self.seed, self._rank_world()[0])) if train else None
         return (HostTrainLoader if train else DataLoader)(
             BatchTensorDataset(images, labels),
             batch_size=self.batch_size,

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lightning_speed.autoencoders import Autoencoder
+from lightning_speed.distributed import rank_seed
 from lightning_speed.validation import check_bool, check_choice, check_folder, check_int
 
 from .base import (
@@ -464,7 +465,8 @@ class LatentDataModule(L.LightningDataModule):
             else:  # batch_size may have changed since (BatchSizeFinder sets it and asks again): the same copy, rebatched
                 cached.batch_size = self.batch_size
             return self._device_train
-        generator = torch.Generator().manual_seed(self.seed)
+        # Per rank, as the image modules' host loaders: workers seeded alike would draw the same latent noise on every rank
+        generator = torch.Generator().manual_seed(rank_seed(self.seed, rank))
         return HostTrainLoader(
             _MemmapPosterior(path, labels), batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=device.type == "cuda",
