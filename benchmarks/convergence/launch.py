@@ -48,7 +48,7 @@ def launch(args: argparse.Namespace) -> None:
     jobs = [job for job in jobs_of(args) if not _finished(args, *job)]
     steps_before = {job: _steps_done(args, *job[:2]) for job in jobs}
     slots = [gpu for _ in range(args.per_gpu) for gpu in (args.gpus or [None])]  # round-robin over GPUs
-    pending, running, failed = list(jobs), [], []
+    pending, running, failed, killed = list(jobs), [], [], []
     retried: set[tuple[str, int, int]] = set()
     log_dir = Path(args.out) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def launch(args: argparse.Namespace) -> None:
                 retried.add(job)
                 pending.insert(0, job)
             elif proc.returncode:
-                failed.append(job)
+                (killed if late else failed).append(job)
     if pending:
         print(f"not started (no time left in this launch): {pending}", flush=True)
     trained = sum(_steps_done(args, *job[:2]) - before for job, before in steps_before.items())
@@ -108,8 +108,12 @@ def launch(args: argparse.Namespace) -> None:
           f"{len(args.gpus or [None])} GPU(s) with up to {args.per_gpu} runs each (compilation and FID included)",
           flush=True)
     report(args)
-    if failed:
-        raise SystemExit(f"runs failed: {failed}; see {log_dir}")
+    problems = [f"runs failed: {failed}; see {log_dir}"] if failed else []
+    if killed:  # not failures of the run: each resumes from its last checkpoint when launched again
+        problems.append(f"runs killed at the deadline, before their own stop had saved them: {killed}; the same "
+                        "command resumes each from its last checkpoint; raise --stop-margin")
+    if problems:
+        raise SystemExit("\n".join(problems))
 
 
 def _eval_interval(args: argparse.Namespace) -> int | None:
