@@ -337,10 +337,11 @@ class DiffusionModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Unweighted loss at uniformly drawn t (a flow's unshifted, so runs of any shift compare), with a fixed seed
-        per batch so evaluations compare."""
+        per batch so evaluations compare; under DDP each rank's batch gets its own seed (rank 0 keeps the batch's)."""
         x0, y = split_batch(batch, self.image_shape, self.num_classes)
         self._check_values(x0, y, "validation")
-        n, gen = x0.shape[0], torch.Generator(device=x0.device).manual_seed(batch_idx)
+        seed = rank_seed(batch_idx, self.global_rank)
+        n, gen = x0.shape[0], torch.Generator(device=x0.device).manual_seed(seed)
         t = (torch.rand(n, device=x0.device, generator=gen, dtype=torch.float32) if self.process == "flow"
              else torch.randint(0, self.num_timesteps, (n,), device=x0.device, generator=gen))
         noise = torch.randn(x0.shape, device=x0.device, generator=gen, dtype=x0.dtype)

@@ -121,6 +121,20 @@ def test_validation_loss_draws_the_same_uniform_times_per_batch() -> None:
     torch.testing.assert_close(t, expected)
 
 
+def test_validation_draws_differ_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP every rank validates other images: with one seed per batch index they were noised with the same t
+    and noise on every rank. Rank 0 keeps the batch's seed, so a run on one device is unchanged."""
+    module = flow_module()
+    batch = torch.rand(6, *SHAPE) * 2 - 1
+    times = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(type(module), "global_rank", property(lambda self, r=rank: r))
+        module.validation_step(batch, 1)
+        times[rank] = module.backbone.seen[-1] / 1000
+    torch.testing.assert_close(times[0], torch.rand(6, generator=torch.Generator().manual_seed(1)))
+    assert not torch.allclose(times[0], times[1])
+
+
 def test_validation_times_stay_float32_under_half_precision_defaults() -> None:
     """precision="bf16-true" makes bf16 the default dtype inside each step, where torch.rand would draw 2^8 distinct
     times per octave (t = 0 included); the validation times are the float32 draws of the seeded generator."""
