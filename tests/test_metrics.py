@@ -4,6 +4,7 @@ offline error, FID behaviour on real images and the reference-statistics cache."
 from __future__ import annotations
 
 import json
+import sys
 import urllib.error
 
 import pytest
@@ -141,6 +142,36 @@ def test_fingerprint_follows_weights() -> None:
     with torch.no_grad():
         b.head.bias.add_(1.0)
     assert FashionMNISTFeatures(a).fingerprint != FashionMNISTFeatures(b).fingerprint
+
+
+def test_custom_fingerprint_follows_the_code(tmp_path, monkeypatch) -> None:
+    """A user's extractor edited in its forward, with the same weights, computes other features: its fingerprint
+    (the key of its cached real statistics) changes with the code, and stays with the code and weights unchanged."""
+    import importlib.util
+
+    path = tmp_path / "user_features.py"
+    monkeypatch.delitem(sys.modules, "user_features", raising=False)
+
+    def fingerprint(source: str) -> tuple[str, torch.Tensor]:
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("user_features", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "user_features", module)
+        spec.loader.exec_module(module)
+        torch.manual_seed(0)
+        net = module.Net()
+        return CustomFeatures(net).fingerprint, net.proj.weight
+
+    source = (
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.proj = nn.Linear(4, 3)\n\n"
+        "    def forward(self, x):\n        return self.proj(x.float().flatten(1)[:, :4] / 255)\n"
+    )
+    (first, weight), (same, _) = fingerprint(source), fingerprint(source)
+    edited, edited_weight = fingerprint(source.replace("/ 255", "/ 127.5 - 1"))
+    assert torch.equal(weight, edited_weight)  # the same weights
+    assert first == same and first != edited
 
 
 # ----------------------------------------------------------------------------- Inception, offline

@@ -94,6 +94,20 @@ def state_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def code_fingerprint(module: nn.Module) -> str:
+    """Short sha256 of the source of every class in ``module`` (its own and its submodules'): a user's extractor
+    whose forward changed with the same weights gives other features, so its cached real statistics must not be
+    reused. A class without inspectable source (defined in a notebook cell, say) counts by its name alone."""
+    digest = hashlib.sha256()
+    for cls in sorted({type(m) for m in module.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        try:
+            digest.update(inspect.getsource(cls).encode())
+        except (OSError, TypeError):
+            pass
+    return digest.hexdigest()[:16]
+
+
 class _FrozenExtractor(nn.Module):
     """Base for the wrappers: always in eval mode, no gradients, has ``num_features`` and ``fingerprint``."""
 
@@ -158,7 +172,7 @@ class CustomFeatures(_FrozenExtractor):
         super().__init__()
         self.module = module.eval().requires_grad_(False)
         label = name or f"{type(module).__module__}.{type(module).__qualname__}"
-        self.fingerprint = f"{label}-{state_fingerprint(module)}"
+        self.fingerprint = f"{label}-{state_fingerprint(module)}-{code_fingerprint(module)}"
         declared = getattr(module, "num_features", None)
         self.num_features = int(declared) if declared is not None else -1
 
