@@ -144,6 +144,13 @@ class Autoencoder:
                 f"Autoencoder wraps a diffusers AutoencoderKL (an nn.Module with encode, decode and config), got "
                 f"{type(vae).__name__}. Load one with Autoencoder.load(folder or hub name)."
             )
+        missing = [k for k in ("in_channels", "latent_channels", "block_out_channels") if getattr(config, k, None) is None]
+        if missing:
+            raise TypeError(
+                f"Autoencoder wraps a diffusers AutoencoderKL, whose config gives in_channels, latent_channels and "
+                f"block_out_channels; {type(vae).__name__}'s config has no {', '.join(missing)}. Use an AutoencoderKL "
+                "(e.g. stabilityai/sd-vae-ft-ema)."
+            )
         factor = scaling_factor if scaling_factor is not None else getattr(config, "scaling_factor", None)
         factor = check_number(factor, "the autoencoder's scaling_factor", above=0.0,
                               hint="pass scaling_factor (0.18215 for sd-vae-ft-ema)")
@@ -257,7 +264,14 @@ class Autoencoder:
     @torch.no_grad()
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images in [-1, 1] (B, C, H, W) -> the posterior's (mean, std) of the *unscaled* latent, fp32."""
-        posterior = self.vae.encode(images.to(self.device, next(self.vae.parameters()).dtype)).latent_dist
+        encoded = self.vae.encode(images.to(self.device, next(self.vae.parameters()).dtype))
+        posterior = getattr(encoded, "latent_dist", None)
+        if posterior is None:  # AutoencoderTiny, VQModel: latents without a posterior to draw training latents from
+            raise TypeError(
+                f"{type(self.vae).__name__}.encode returned {type(encoded).__name__}, which has no latent_dist: "
+                "Autoencoder reads the mean and std of a KL autoencoder's posterior, as diffusers' AutoencoderKL "
+                "returns them. Use an AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema)."
+            )
         return posterior.mean.float(), posterior.std.float()
 
     @torch.no_grad()

@@ -265,6 +265,9 @@ def as_schedule(source: Any) -> NoiseSchedule | FlowSchedule:
             alphas_cumprod = torch.as_tensor(alphas_cumprod).clone()
             alphas_cumprod[-1] = 0
         return NoiseSchedule.from_alphas_cumprod(alphas_cumprod, name=type(source).__name__)
+    if isinstance(source, type):  # e.g. TimestepStrategy(DDPMScheduler): the class, not a scheduler built from it
+        raise TypeError(f"Cannot read a noise schedule from the class {source.__name__}: pass an instance, "
+                        f"{source.__name__}(...), the scheduler the training step noises with.")
     raise TypeError(
         f"Cannot read a noise schedule from {type(source).__name__}: pass a lightning_speed.schedules.NoiseSchedule "
         "(e.g. NoiseSchedule.from_name('linear', 1000)), an alphas_cumprod tensor, an object with an "

@@ -169,6 +169,8 @@ class SolverSettings:
                 "self.process = 'flow' (or self.timesteps = TimestepStrategy(FlowSchedule(shift)))."
             )
         num_timesteps = getattr(pl_module, "num_timesteps", None)
+        if not isinstance(num_timesteps, int):  # a module of one's own: the T of its strategy's schedule
+            num_timesteps = getattr(getattr(pl_module, "timesteps", None), "num_timesteps", None)
         if isinstance(num_timesteps, int) and self.solver in SOLVERS:
             try:
                 check_solver(self.solver, self.solver_steps, self.eta, num_timesteps)
