@@ -319,7 +319,9 @@ class FlowSchedule:
         """The schedule of a diffusers flow-matching scheduler: its fixed shift (``configured_shift``), or with
         dynamic shifting the shift it applies to images of ``num_tokens`` tokens, as its pipelines compute it:
         mu linear in the token count between the config's (base_image_seq_len, base_shift) and
-        (max_image_seq_len, max_shift), then shift exp(mu) (``time_shift_type`` "exponential") or mu ("linear")."""
+        (max_image_seq_len, max_shift), then shift exp(mu) (``time_shift_type`` "exponential") or mu ("linear").
+        That token rule is diffusers' ``calculate_shift`` (Flux, SD3, LTX-Video); a pipeline with its own (CogView4's
+        sqrt rule, Flux.2's step-dependent one) needs its shift stated, ``FlowSchedule(exp(mu))``."""
         name, config = type(scheduler).__name__, scheduler.config
         prediction = getattr(config, "prediction_type", None)
         if getattr(config, "use_flow_sigmas", False) and prediction != "flow_prediction":
