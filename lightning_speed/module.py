@@ -88,6 +88,10 @@ class DiffusionModule(pl.LightningModule):
             choice), as improved DDPM clips pixels and DiT samples latents unclipped. ``sample`` takes it per call.
     """
 
+    # sample() sets its own precision (bf16 autocast under a bf16 Trainer, noise and solver in float32): the
+    # evaluation callbacks do not wrap it in the Trainer's precision context (metrics.sampling.precision_context)
+    sets_sampling_precision = True
+
     def __init__(
         self,
         backbone: nn.Module,

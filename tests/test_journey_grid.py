@@ -96,3 +96,47 @@ def test_fid_checks_what_sample_and_decode_return_as_grids_do(tmp_path, returned
              "decoded_ints": r"Odd.decode returned a torch.uint8 tensor"}[returned]
     with pytest.raises((TypeError, ValueError), match=match):
         cpu_trainer(max_steps=1, callbacks=[fid]).fit(Odd(shape), loader)
+
+
+class NoiseSampler(Sampler):
+    """A ``sample`` as users write it: noise drawn without a dtype, then the network (bf16 under bf16-true)."""
+
+    def __init__(self) -> None:
+        super().__init__((1, 2, 2))
+        self.head = nn.Linear(4, 4)
+
+    def sample(self, num_samples, *, solver="ddim", solver_steps=50, generator=None, eta=None):
+        noise = torch.randn(num_samples, 4, device=self.device, generator=generator)
+        self.sampled_dtype = noise.dtype
+        return self.head(noise).tanh().float().view(num_samples, 1, 2, 2)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_a_sample_of_ones_own_runs_in_the_trainers_precision(tmp_path, precision) -> None:
+    """Lightning runs a module's steps in its precision context; the callbacks call ``sample`` in it too: under
+    bf16-true float32 noise against bf16 weights failed at the first grid, after the training before it."""
+    grid = SampleGridCallback(every_n_steps=1, num_samples=2, nrow=2, solver_steps=2, save_dir=str(tmp_path),
+                              at_train_end=False)
+    module = NoiseSampler()
+    loader = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
+    cpu_trainer(max_steps=1, callbacks=[grid], precision=precision).fit(module, loader)
+    assert grid.saved_paths[0].is_file()
+    assert module.sampled_dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+
+
+def test_diffusion_modules_sampling_keeps_its_own_precision() -> None:
+    """DiffusionModule draws its noise and runs its solver in float32 under its own autocast: the Trainer's bf16-true
+    context (bf16 default dtype) would put them in bf16, so it is not entered for it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from lightning_speed import DiffusionModule
+    from lightning_speed.metrics.sampling import precision_context
+
+    trainer = SimpleNamespace(precision_plugin=HalfPrecision("bf16-true"))
+    for module, expected in ((DiffusionModule(nn.Identity(), image_shape=(1, 4, 4)), torch.float32),
+                             (NoiseSampler(), torch.bfloat16)):
+        module._trainer = trainer
+        with precision_context(module):
+            assert torch.randn(1).dtype == expected

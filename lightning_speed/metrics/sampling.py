@@ -7,6 +7,7 @@ Shared by ``FIDCallback`` and ``SampleGridCallback``, which wrap it in
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,6 +31,17 @@ def sample_method(pl_module: "pl.LightningModule") -> Callable[..., Tensor]:
     return sample
 
 
+def precision_context(pl_module: "pl.LightningModule") -> Any:
+    """The Trainer's precision context, in which Lightning runs a module's own steps: under ``bf16-true`` tensors
+    made without a dtype are bf16 like the weights (a ``sample`` drawing float32 noise failed against them), under
+    ``bf16-mixed`` autocast. A module that sets its own sampling precision says so with ``sets_sampling_precision``
+    (``DiffusionModule``: autocast, its noise and solver in float32) and is left to it."""
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None or getattr(pl_module, "sets_sampling_precision", False):
+        return nullcontext()
+    return trainer.precision_plugin.forward_context()
+
+
 @torch.no_grad()
 def generate_batches(
     pl_module: "pl.LightningModule",
@@ -47,6 +59,7 @@ def generate_batches(
     A fresh generator seeded with ``seed`` on the module's device makes successive calls draw the
     same noise, so evaluations at different steps are comparable. A module with a ``decode`` method
     (``DiffusionModule``: latents -> images with an autoencoder, else the identity) has its samples decoded.
+    ``sample`` runs in the Trainer's precision context (``precision_context``).
     """
     sample = sample_method(pl_module)
     device = pl_module.device
@@ -59,7 +72,8 @@ def generate_batches(
     name = type(pl_module).__name__
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        images = check_images(sample(n, **kwargs), f"{name}.sample({n})")
+        with precision_context(pl_module):
+            images = check_images(sample(n, **kwargs), f"{name}.sample({n})")
         if images.shape[0] != n:
             raise ValueError(f"{name}.sample({n}) returned {images.shape[0]} images.")
         yield check_images(decode(images), f"{name}.decode") if decode is not None else images
