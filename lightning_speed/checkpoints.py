@@ -11,15 +11,18 @@ summarises the mismatch and points to the configuration the checkpoint was train
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 SPECIAL_PATHS = ("last", "best", "hpc")  # Lightning resolves these itself
+NO_STRATEGY = "none (uniform t, unit weights)"  # a run without a time-step strategy
 _SHOWN = 4
 
 
@@ -99,12 +102,43 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return checkpoint
 
 
-def _config_near(path: Path) -> Path | None:
+def config_near(path: Path) -> Path | None:
     """The run's config.yaml: runs/<name>/version_N/config.yaml for runs/<name>/version_N/checkpoints/x.ckpt."""
     for folder in (path.parent, path.parent.parent):
         if (folder / "config.yaml").is_file():
             return folder / "config.yaml"
     return None
+
+
+def trained_strategies(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Any:
+    """The time-step strategy ``checkpoint`` was trained with: the ``timesteps`` value of the run's config.yaml beside
+    it when there is one (a dict with its arguments, a list or None), else the class names its ``TimestepCallback``
+    state is saved under, as a string ("" for none)."""
+    config = config_near(Path(path))
+    if config is not None:
+        try:
+            saved = yaml.safe_load(config.read_text())
+        except (OSError, yaml.YAMLError):
+            saved = None
+        if isinstance(saved, dict) and "timesteps" in saved:
+            return saved["timesteps"]
+    keys = [k for k in checkpoint.get("callbacks") or {} if k.startswith("TimestepCallback{")]
+    return " + ".join(m.group(1) for m in map(re.compile(r"'strategies': '([^']*)'").search, keys) if m)
+
+
+def describe_strategies(value: Any, arguments: bool = True) -> str:
+    """A config's ``timesteps`` value in a few words: ``SpeeD(tau=700, k=5.0)`` (``SpeeD`` without ``arguments``), a
+    list joined by " + ", ``NO_STRATEGY`` for null; a string of class names is returned as it is."""
+    if isinstance(value, list):
+        return " + ".join(describe_strategies(v, arguments) for v in value) or NO_STRATEGY
+    if value is None or value == "":
+        return NO_STRATEGY
+    if not isinstance(value, dict):
+        return str(value)
+    name = str(value.get("class_path", "?")).rsplit(".", 1)[-1]
+    if not arguments:
+        return name
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in (value.get('init_args') or {}).items())})"
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -147,7 +181,7 @@ def check_state_matches(model: nn.Module, state: dict[str, Any], path: str | os.
     shown = max(_SHOWN - len(mismatched), 0)
     lines += [f"  {k}: missing from the checkpoint" for k in missing[:shown]]
     lines += [f"  {k}: not in the model" for k in unexpected[:max(shown - len(missing), 0)]]
-    config = None if path is None else _config_near(Path(path))
+    config = None if path is None else config_near(Path(path))
     if config is not None:
         lines.append(f"Use the configuration it was trained with: lightning-speed fit --config {config} --ckpt_path {path}")
     else:

@@ -32,7 +32,8 @@ from lightning_speed.callbacks.samples import SampleGridCallback
 from lightning_speed.callbacks.guard import CheckpointOnSignal, DivergenceError, DivergenceGuard
 from lightning_speed.callbacks.strategies import TimestepCallback
 from lightning_speed.checkpoints import (
-    check_checkpoint_file, check_checkpoint_matches, load_checkpoint, optimizer_changes,
+    NO_STRATEGY, config_near, check_checkpoint_file, check_checkpoint_matches, describe_strategies, load_checkpoint,
+    optimizer_changes, trained_strategies,
 )
 from lightning_speed.module import DiffusionModule
 from lightning_speed.timesteps import Strategy
@@ -152,6 +153,9 @@ class SpeedArgumentParser(LightningArgumentParser):
                     ". A strategy, schedule or ablation file only adds to a base config: give the base config first, "
                     "e.g. --config configs/fashion_mnist.yaml --config configs/strategies/speed.yaml"
                 )
+            if "invalid choice: 'predict'" in message:
+                headline += (". A diffusion model predicts nothing from a data set: it generates images, with the "
+                             "samples: and fid: callbacks during fit or validate, or DiffusionModule.sample in Python")
             if message.startswith("unrecognized arguments:"):
                 headline += self._close_options(message.split())
             unknown = _UNKNOWN_KEY.match(message)
@@ -327,6 +331,7 @@ def timesteps_args(args: list[str]) -> list[str]:
       they are refused: give them after the class.
     """
     out: list[str] = []
+    unset = set(SpeedCLI.CALLBACK_KEYS)  # callback keys that are null (their default) so far
     current: _StrategySet | None = None
     pending: list[str] = []  # --timesteps.init_args.* options for the current class
     i = 0
@@ -337,12 +342,22 @@ def timesteps_args(args: list[str]) -> list[str]:
         width = 1 if "=" in token else 2
         if name in ("--config", "-c") and value is not None:
             where, config = _load_config(value)
+            if isinstance(config, dict):
+                _check_callback_arguments(where, config, unset)
             if isinstance(config, dict) and "timesteps" in config:
                 current = _check_config_strategy(where, config, current)
                 pending = []
             out += args[i:i + width]
             i += width
             continue
+        key = name[2:].split(".")[0]
+        if key in unset and name.startswith(f"--{key}.") and not name.startswith((f"--{key}.class_path", f"--{key}.help")):
+            raise UsageError(
+                f"The option {name} sets an argument of {key}, but {key} is null before it (no such callback in this "
+                f"run): name its class first, e.g. --{key} {SpeedCLI.CALLBACK_KEYS[key].__name__} {name} VALUE."
+            )
+        if key in SpeedCLI.CALLBACK_KEYS and name in (f"--{key}", f"--{key}.class_path") and value is not None:
+            (unset.add if value in ("null", "None", "") else unset.discard)(key)
         if name in ("--timesteps", "--timesteps.class_path") and value is not None:
             try:
                 parsed = yaml.safe_load(value) if name == "--timesteps" else value
@@ -355,7 +370,7 @@ def timesteps_args(args: list[str]) -> list[str]:
             elif new is not None and (current is None or current[1] != new):
                 if current is not None:
                     if pending:
-                        raise ValueError(
+                        raise UsageError(
                             f"{' '.join(pending)} came before {option}, which starts {new} from its own defaults "
                             f"(nothing of {current[1]} carries over): give {new}'s arguments after it, e.g. "
                             f"{option} --timesteps.init_args.<name> VALUE."
@@ -396,7 +411,7 @@ def _check_config_strategy(where: str, config: dict[str, Any], current: _Strateg
         else:  # a config that trains its own strategy (quickstart.yaml)
             fix = (f"To train {new} with {current[0]} instead, put configs/strategies/uniform.yaml before {where} "
                    f"(it clears {current[1]}), or give the class on the command line: --timesteps {new}.")
-        raise ValueError(
+        raise UsageError(
             f"{where} sets timesteps {new}, but {current[0]} already set {current[1]}: one run trains with one "
             "time-step strategy, and the later one would silently replace the earlier one, keeping any argument "
             f"the two share (such as tau). {fix}"
@@ -406,13 +421,35 @@ def _check_config_strategy(where: str, config: dict[str, Any], current: _Strateg
     if new == "" or current[2]:
         what = "timesteps: null (the uniform baseline)" if new == "" else f"own {new} arguments"
         then = current[0] if current[0].startswith("-") else f"--config {current[0]}"
-        raise ValueError(
+        raise UsageError(
             f"{where} is a base config, and it comes after {current[0]}, which set timesteps {current[1]}: "
             f"the base's {what} would silently replace the strategy's. Give the base config first, then the "
             f"strategy: --config {where} {then}. (For the uniform baseline, put configs/strategies/uniform.yaml "
             "or --timesteps null last.)"
         )
     return current  # a base that sets the class a base before it set: its arguments merge
+
+
+def _check_callback_arguments(where: str, config: dict[str, Any], unset: set[str]) -> None:
+    """A config file that sets arguments of a callback key (``ema: {init_args: ...}``, as study/ema_warmup.yaml) that
+    is null so far: jsonargparse built the key's class from its defaults plus those arguments, turning on a callback
+    the configuration had turned off (an EMA of decay 0.999 after ``ema: null``). ``unset`` is updated."""
+    for key in SpeedCLI.CALLBACK_KEYS:
+        if key not in config:
+            continue
+        value = config[key]
+        if isinstance(value, dict) and "class_path" not in value:
+            if key in unset:
+                raise UsageError(
+                    f"Config file {where} sets arguments of {key} ({key}: without class_path), but {key} is null "
+                    f"before it (the configuration has no such callback): compose the file after a config that sets "
+                    f"{key}, or give the class_path there ({SpeedCLI.CALLBACK_KEYS[key].__module__}."
+                    f"{SpeedCLI.CALLBACK_KEYS[key].__name__})."
+                )
+        elif value is None:
+            unset.add(key)
+        else:
+            unset.discard(key)
 
 
 def check_one_strategy(files: list[str]) -> None:
@@ -450,7 +487,7 @@ class RunConfigCallback(SaveConfigCallback):
 
         Without a logger (``--trainer.logger false``) there is no run folder, and ``trainer.log_dir`` is
         ``default_root_dir``, the current folder: every run there added a config.yaml, config-1.yaml,
-        config-2.yaml, ... Then the config goes next to the checkpoints the run saves (``_config_near``
+        config-2.yaml, ... Then the config goes next to the checkpoints the run saves (``config_near``
         finds it for ``--ckpt_path``), and a run that saves none (validate, test, predict, ``fast_dev_run``,
         ``--trainer.enable_checkpointing false``) writes no config: it leaves no results for it to describe.
         """
@@ -570,6 +607,12 @@ class SpeedCLI(LightningCLI):
         "checkpoint": ModelCheckpoint,
     }
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: a diffusion model has nothing to predict from a data set (``predict`` failed after
+        loading the checkpoint, asking for a ``forward`` method); it generates with sample grids and FID."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
         parser.add_argument(
@@ -685,6 +728,37 @@ class SpeedCLI(LightningCLI):
         _warn_unused(f"--ckpt_path {ckpt_path} holds the state of an optimizer configured otherwise, and resuming "
                      "restores it", changed)
 
+    def _name_strategy_change(self) -> None:
+        """Resuming with another time-step strategy than the checkpoint's trains on with the configured one, from the
+        checkpoint's step: forgetting the strategy file (``--config fashion_mnist.yaml --ckpt_path ...``) turned a
+        SpeeD run into a uniform one, with nothing but Lightning's note on a callback state it could not place."""
+        ckpt_path = self._get(self.config_init, "ckpt_path")
+        if ckpt_path is None or not os.path.isfile(ckpt_path):
+            return
+        checkpoint = load_checkpoint(ckpt_path)
+        theirs = trained_strategies(checkpoint, ckpt_path)
+        installed = " + ".join(c.name for c in self.trainer.callbacks if isinstance(c, TimestepCallback))
+        ours = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+        ours = ours.get("timesteps") if isinstance(ours, dict) else None
+        if isinstance(theirs, str) or (ours is None and installed):  # class names only
+            before, after = describe_strategies(theirs, arguments=False), installed or NO_STRATEGY
+        else:
+            before, after = describe_strategies(theirs), describe_strategies(ours)
+        if before == after:
+            return
+        lost = ("" if describe_strategies(theirs, arguments=False) == (installed or NO_STRATEGY) else
+                ", and the checkpoint's strategy state (sampler's random stream, loss history, curriculum step) is "
+                "not used")
+        config = config_near(Path(ckpt_path))
+        same = f" (or resume with the run's config: --config {config} --ckpt_path {ckpt_path})" if config else ""
+        warnings.warn(
+            f"--ckpt_path {ckpt_path} was trained with the time-step strategy {before}, but this run trains with "
+            f"{after}: the strategy changes at step {checkpoint.get('global_step', '?')}"
+            f"{lost}. To resume the same training, give the strategy file it was trained with after the base "
+            f"config{same}.",
+            UserWarning, stacklevel=2,
+        )
+
     def _check_evaluates_a_checkpoint(self) -> None:
         self._check_ckpt_path()
         if self._get(self.config_init, "ckpt_path") is None:
@@ -699,9 +773,6 @@ class SpeedCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._check_evaluates_a_checkpoint()
-
-    def before_predict(self) -> None:
-        self._check_ckpt_path()
 
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; a run that fails before its first step takes its new log folder with it when that holds
@@ -727,6 +798,7 @@ class SpeedCLI(LightningCLI):
         """
         self._check_ckpt_path()
         self._name_optimizer_changes()
+        self._name_strategy_change()
         check_output_folders(self.trainer)
         if self.trainer.fast_dev_run:
             for callback in self.trainer.checkpoint_callbacks:

@@ -342,8 +342,15 @@ class DiffusionModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Unweighted loss at uniformly drawn t (a flow's unshifted, so runs of any shift compare), with a fixed seed
         per batch so evaluations compare; under DDP each rank's batch gets its own seed (rank 0 keeps the batch's)."""
+        return self._evaluation_loss(batch, batch_idx, "validation", "val/loss")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The validation loss on the data module's test loader (``lightning-speed test``), logged as test/loss."""
+        return self._evaluation_loss(batch, batch_idx, "test", "test/loss")
+
+    def _evaluation_loss(self, batch: Any, batch_idx: int, stage: str, key: str) -> Tensor:
         x0, y = split_batch(batch, self.image_shape, self.num_classes)
-        self._check_values(x0, y, "validation")
+        self._check_values(x0, y, stage)
         seed = rank_seed(batch_idx, self.global_rank)
         n, gen = x0.shape[0], torch.Generator(device=x0.device).manual_seed(seed)
         t = (torch.rand(n, device=x0.device, generator=gen, dtype=torch.float32) if self.process == "flow"
@@ -351,7 +358,7 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.randn(x0.shape, device=x0.device, generator=gen, dtype=x0.dtype)
         losses = self._losses(x0, t, noise, y)
         loss = losses.mse.mean() if losses.vlb is None else (losses.mse + losses.vlb).mean()
-        self.log("val/loss", loss, sync_dist=True)
+        self.log(key, loss, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:

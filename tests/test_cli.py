@@ -122,7 +122,7 @@ def test_help_names_the_command_a_user_types(
             runpy.run_module(entry.split()[-1], run_name="__main__", alter_sys=True)
     assert exit_info.value.code in (0, None)
     usage = " ".join(capsys.readouterr().out.split())  # argparse wraps a long program name
-    assert usage.startswith(f"usage: {entry} [-c CONFIG] {{fit,validate,test,predict}}")
+    assert usage.startswith(f"usage: {entry} [-c CONFIG] {{fit,validate,test}}")
 
 
 def test_console_script_is_declared() -> None:
@@ -509,14 +509,18 @@ def test_a_strategy_file_alone_is_told_to_come_after_a_base_config(
     assert "give the base config first, e.g. --config configs/fashion_mnist.yaml --config configs/strategies/speed.yaml" in first_error
 
 
-def test_a_config_file_that_replaces_another_files_strategy_is_refused(cli_env: Path, no_training: None) -> None:
+def test_a_config_file_that_replaces_another_files_strategy_is_refused(
+    cli_env: Path, no_training: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lightning_speed.cli import check_one_strategy
 
     strategies = REPO / "configs" / "strategies"
     base = str(REPO / "configs" / "fashion_mnist.yaml")
-    with pytest.raises(ValueError) as err:  # before: trained with P2 alone, SpeeD dropped without a word
+    with pytest.raises(SystemExit) as exit_info:  # before: trained with P2 alone, SpeeD dropped without a word
         main(["fit", "--config", base, "--config", str(strategies / "speed.yaml"), "--config", str(strategies / "p2.yaml")])
-    assert f"{strategies / 'p2.yaml'} sets timesteps P2Weighting, but {strategies / 'speed.yaml'} already set SpeeD" in str(err.value)
+    assert exit_info.value.code == 2  # a usage error: the message, no traceback
+    assert capsys.readouterr().err.startswith(
+        f"error: {strategies / 'p2.yaml'} sets timesteps P2Weighting, but {strategies / 'speed.yaml'} already set SpeeD")
     with pytest.raises(ValueError, match="p2.yaml sets timesteps P2Weighting, but .*quickstart.yaml already set SpeeD"):
         check_one_strategy([str(QUICKSTART), str(strategies / "p2.yaml")])
     # what composes: a base's null first, the same class again, a file of init_args only, null (the uniform
@@ -538,7 +542,9 @@ def test_a_config_file_that_replaces_another_files_strategy_is_refused(cli_env: 
     check_one_strategy([str(QUICKSTART), str(strategies / "uniform.yaml"), str(study)])
 
 
-def test_a_base_config_after_a_strategy_file_is_refused(cli_env: Path, no_training: None) -> None:
+def test_a_base_config_after_a_strategy_file_is_refused(
+    cli_env: Path, no_training: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Before: ``--config speed.yaml --config fashion_mnist.yaml`` trained the base's ``timesteps: null`` (the uniform
     baseline, named uniform) and dropped SpeeD without a word; a base of the same class put its arguments over the
     strategy file's (speed_k2.yaml's k 2 became quickstart's 5)."""
@@ -546,9 +552,11 @@ def test_a_base_config_after_a_strategy_file_is_refused(cli_env: Path, no_traini
 
     strategies = REPO / "configs" / "strategies"
     base, speed = REPO / "configs" / "fashion_mnist.yaml", strategies / "speed.yaml"
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(speed), "--config", str(base)])
-    message = str(err.value)
+    assert exit_info.value.code == 2  # a usage error: the message, no traceback
+    message = capsys.readouterr().err.split("\n(the usage")[0]
+    assert message.startswith("error: ")
     assert f"{base} is a base config, and it comes after {speed}, which set timesteps SpeeD" in message
     assert "timesteps: null (the uniform baseline) would silently replace" in message
     assert f"Give the base config first, then the strategy: --config {base} --config {speed}" in message
