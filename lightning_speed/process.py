@@ -187,7 +187,8 @@ class GaussianDiffusion(nn.Module):
             )
         if tuple(t.shape) != (batch,):
             raise ValueError(f"The time steps must be shaped ({batch},), one per image, got {tuple(t.shape)}.")
-        if t.device.type == "cpu" and t.numel() > 0:
+        # (not while compiling: reading the values would break the compiled graph, on the CPU too)
+        if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
             low, high = (int(v) for v in torch.aminmax(t))
             if low < 0 or high >= self.num_timesteps:
                 raise ValueError(

@@ -243,6 +243,22 @@ def test_time_steps_outside_the_schedule_are_refused(t, match):
     with pytest.raises(ValueError, match=match):
         d.training_losses(lambda x, tt: x, torch.zeros(2, 1, 2, 2), t)
 
+def test_training_losses_compile_without_graph_breaks_on_the_cpu():
+    """The CPU check of the step values is eager only: under torch.compile reading them broke every compiled step's
+    graph in two. fullgraph=True fails on any break; aot_eager keeps it fast."""
+    torch._dynamo.reset()
+    d = make(T=50, learn_sigma=True)
+    conv = torch.nn.Conv2d(1, 2, 1)  # epsilon and the variance interpolation of a 1-channel image
+
+    def net(x, t):
+        return conv(x)
+
+    losses = torch.compile(lambda x0, t, noise: d.training_losses(net, x0, t, noise).vlb, backend="aot_eager",
+                           fullgraph=True)
+    x0, noise, t = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2), torch.tensor([0, 7, 49])
+    torch.testing.assert_close(losses(x0, t, noise), d.training_losses(net, x0, t, noise).vlb)
+
+
 # -- zero terminal SNR ------------------------------------------------------------------------
 def test_epsilon_prediction_on_zero_terminal_snr_is_refused():
     with pytest.raises(ValueError, match="zero terminal SNR.*prediction 'v'"):
