@@ -391,6 +391,25 @@ def test_a_new_build_removes_the_files_of_a_build_killed_on_this_host_and_only_t
     assert not [p for p in cache.glob("*.partial") if p not in kept]  # the new build's own files are gone too
 
 
+def test_a_killed_builds_files_are_removed_also_when_the_cache_in_place_is_read(files: dict[str, Path], tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild killed midway leaves a posterior file as large as the cache; a run that goes back to the settings of
+    the cache in place reads that cache (no new build) and still removes the dead build's files."""
+    import socket
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    latent_data(files, cache, image_size=16).setup("fit")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = cache / f"posterior-dddd.npy.{dead.pid}@{socket.gethostname()}.partial"
+    leftover.write_bytes(b"x" * 10)
+    forbid_encoding(monkeypatch)
+    latent_data(files, cache, image_size=16).setup("fit")
+    assert not leftover.exists()
+
+
 @pytest.mark.parametrize("damaged", ["posterior", "labels"])
 def test_a_cut_off_cache_file_is_named_and_the_cache_rebuilt(files: dict[str, Path], tmp_path: Path,
                                                             damaged: str) -> None:

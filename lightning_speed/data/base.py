@@ -362,6 +362,8 @@ class UInt8ImageDataModule(L.LightningDataModule):
         """Load (once) the splits this stage needs; raises here, before any training step."""
         # Outside a Trainer nobody called prepare_data, so the download may happen here.
         self._locate(download=self.download and self.trainer is None)
+        if stage == "fit" and self.trainer is not None:  # a fit's: before the split is decoded (a folder: minutes)
+            self._check_batch_size(self.split_size("train"))
         if stage in (None, "fit"):
             self._split("train")
         if stage in (None, "fit", "validate"):
@@ -372,6 +374,19 @@ class UInt8ImageDataModule(L.LightningDataModule):
     def teardown(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self._device_train = None  # frees the device copy of the train set
+
+    def _check_batch_size(self, count: int) -> None:
+        """Every process must get at least one full batch of the ``count`` training images: batches drop the last
+        partial one. The on-device loader shards ``count // world`` images per rank; the host loader's sampler pads
+        each rank's share up to ``ceil(count / world)``."""
+        world = self._rank_world()[1]
+        share = count // world if self.on_device else -(-count // world)
+        if share < self.batch_size:
+            per = f" ({share} per process on {world} processes)" if world > 1 else ""
+            raise ValueError(
+                f"{self.name}: {count} training images{per} is fewer than batch_size={self.batch_size}: lower "
+                f"batch_size to at most {max(1, share)} or add training images."
+            )
 
     # ------------------------------------------------------------ dataloaders
     def _target_device(self) -> torch.device:
@@ -404,10 +419,7 @@ class UInt8ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
         images, labels = self._split("train")
         if not self.on_device:
-            if images.shape[0] < self.batch_size:
-                raise ValueError(
-                    f"{self.name}: {images.shape[0]} training images is fewer than batch_size={self.batch_size}."
-                )
+            self._check_batch_size(images.shape[0])  # batch_size may have changed since setup (BatchSizeFinder)
             return self._loader(images, labels, train=True)
         device = self._target_device()
         rank, world = self._rank_world()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,6 +84,14 @@ def scan_image_folder(root: str | os.PathLike[str]) -> tuple[list[Path], np.ndar
     else:
         class_names = ("images",)
         labels = np.zeros(len(paths), dtype=np.int64)
+        loose = [r for r in rel if len(r.parts) == 1]
+        if len(loose) < len(rel):  # subfolders that would be classes, but for the loose files beside them
+            warnings.warn(
+                f"{folder}: {len(loose)} image(s) sit directly in it (e.g. {loose[0]}) beside {len(rel) - len(loose)} "
+                "in subfolders, so the subfolders are not classes and every label is 0. To label the images by "
+                "subfolder, move the loose ones into a subfolder (or out of the folder).",
+                UserWarning, stacklevel=2,
+            )
     return paths, labels, class_names
 
 
@@ -129,6 +138,7 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             ImageOps.exif_transpose(img, in_place=True)  # in place: keeps the TIFF tags grey_to_8_bits reads
             img = grey_to_8_bits(img, path)
             img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "RGBA") else img
+            img = img.convert("RGB") if img.mode == "LAB" and channels == 1 else img  # Pillow has no Lab -> grey
             img = img.convert("L" if channels == 1 else "RGB")
             w, h = img.size
             scale = image_size / min(w, h)
@@ -147,7 +157,9 @@ def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
 
 class _DecodeDataset(Dataset):
-    """Decodes one file per index, so that DataLoader workers can share the decoding."""
+    """Decodes one file per index, so that DataLoader workers can share the decoding. A file that does not decode
+    gives its error message instead of an image: ``iter_split`` raises it in the main process, where it reads as
+    itself and not wrapped in a worker's traceback."""
 
     def __init__(self, paths: list[Path], image_size: int, channels: int) -> None:
         self.paths, self.image_size, self.channels = paths, image_size, channels
@@ -155,8 +167,17 @@ class _DecodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(load_image(self.paths[i], self.image_size, self.channels))
+    def __getitem__(self, i: int) -> torch.Tensor | str:
+        try:
+            return torch.from_numpy(load_image(self.paths[i], self.image_size, self.channels))
+        except ValueError as err:
+            return str(err)
+
+
+def _stack_decoded(items: list[torch.Tensor | str]) -> torch.Tensor | str:
+    """A batch of decoded images, or the first file's error message."""
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)  # type: ignore[arg-type]
 
 
 class ImageFolderDataModule(UInt8ImageDataModule):
@@ -272,8 +293,11 @@ class ImageFolderDataModule(UInt8ImageDataModule):
             batch_size=batch_size,
             num_workers=workers,
             prefetch_factor=1 if workers else None,
+            collate_fn=_stack_decoded,
         )
         for start, images in zip(range(0, len(index), batch_size), loader):
+            if isinstance(images, str):
+                raise ValueError(images)
             yield images, torch.from_numpy(labels[index[start : start + batch_size]])
 
     def _load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:

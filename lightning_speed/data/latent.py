@@ -404,6 +404,7 @@ class LatentDataModule(L.LightningDataModule):
         check_attached_model(self)
         self.images.prepare_data()  # the files first (downloaded if allowed): the cache's record counts the images
         self._check_batch_size(self.images.split_size("train"))
+        self._clear_dead_builds()
         if not self.cache_matches():
             self.build_cache()
 
@@ -413,6 +414,7 @@ class LatentDataModule(L.LightningDataModule):
         if self.trainer is None:  # outside a Trainer nobody called prepare_data
             self.images.prepare_data()
         self._check_batch_size(self.images.split_size("train"))
+        self._clear_dead_builds()
         if not self.cache_matches():
             self.build_cache()
         folder = self.cache_folder()
@@ -420,6 +422,13 @@ class LatentDataModule(L.LightningDataModule):
         assert meta is not None
         labels = np.load(folder / meta["files"]["labels"])
         self._posterior = (folder / meta["files"]["posterior"], labels)
+
+    def _clear_dead_builds(self) -> None:
+        """The files a killed build left in the cache folder (a posterior file as large as the cache), also when the
+        cache in place matches and no new build would remove them."""
+        folder = self.cache_folder()
+        if folder.is_dir() and (removed := _remove_dead_builds(folder)):
+            rank_zero_info(f"LatentDataModule: removed {len(removed)} file(s) of an encoding killed earlier in {folder}")
 
     def _check_batch_size(self, count: int) -> None:
         """Before any encoding: every process must get at least one full batch of its share of the images (both
