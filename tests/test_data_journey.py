@@ -90,3 +90,16 @@ def test_a_loose_image_beside_class_folders_warns_that_every_label_is_0(tmp_path
         assert data.num_classes == 1
     (root / "preview.png").unlink()
     assert ImageFolderDataModule(str(root), image_size=8, num_workers=0).class_names == ("cats", "dogs")
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"on_device": "auto"}, TypeError, r"on_device must be true or false.*'auto'"),  # "auto" read as true
+    ({"on_device": "false"}, TypeError, r"on_device must be true or false.*'false'"),
+    ({"random_flip": 1}, TypeError, r"random_flip must be true or false"),
+    ({"image_size": 32.0}, TypeError, r"image_size must be an integer, got 32.0"),  # failed deep inside Pillow
+    ({"batch_size": 0}, ValueError, r"batch_size must be an integer of at least 1"),
+    ({"num_workers": 1.5}, TypeError, r"num_workers must be an integer"),
+])
+def test_image_module_arguments_of_the_wrong_kind_are_refused_when_built(tmp_path: Path, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        ImageFolderDataModule(str(tmp_path), **{"image_size": 8, **kwargs})

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_speed.distributed import rank_seed
-from lightning_speed.validation import check_int
+from lightning_speed.validation import check_bool, check_int
 
 SPLITS = ("train", "test")
 
@@ -284,18 +284,15 @@ class UInt8ImageDataModule(L.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
-        if val_images is not None and val_images < 0:
-            raise ValueError(f"val_images must be >= 0 (or None for the whole test split), got {val_images}.")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.random_flip = random_flip
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        self.num_workers = check_int(num_workers, "num_workers", minimum=0)
+        self.random_flip = check_bool(random_flip, "random_flip")
         self.pad_to = pad_to
+        if val_images is not None:
+            val_images = check_int(val_images, "val_images", minimum=0, hint="or None for the whole test split")
         self.val_images = val_images
-        self.on_device = on_device
+        # a string such as "auto" or "false" would read as true: the on-device loader without a choice being made
+        self.on_device = check_bool(on_device, "on_device", hint="the image modules take true or false")
         self.seed = check_seed(seed)
         self._data: dict[str, tuple[Tensor, Tensor]] = {}
         self._device_train: DeviceBatchLoader | None = None

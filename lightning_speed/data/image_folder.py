@@ -215,8 +215,7 @@ class ImageFolderDataModule(UInt8ImageDataModule):
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}.")
-        if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}.")
+        image_size = check_int(image_size, "image_size", minimum=1)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if split_seed is not None:
