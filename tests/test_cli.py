@@ -241,6 +241,8 @@ def test_quickstart_trains_and_writes_logs_checkpoint_samples_and_fid(cli_env: P
     last = ckpt_dir / "last.ckpt"
     assert last.is_file()
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == max_steps
+    # the README's table: last.ckpt beside epoch=...-step=N.ckpt
+    assert [p.name for p in ckpt_dir.glob(f"epoch=*-step={max_steps}.ckpt")] == [f"epoch=0-step={max_steps}.ckpt"]
 
     grid = read_image(str(version_dir / f"samples_step{max_steps}.png"))
     assert grid.shape[0] == 3 and min(grid.shape[1:]) >= 8 * 32
