@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_speed import flow
@@ -214,6 +214,12 @@ class DiffusionModule(pl.LightningModule):
         """
         if self.compile_mode is not None and self._compiled_losses is None:
             self._compiled_losses = torch.compile(self._losses, mode=self.compile_mode)
+            if self.device.type == "cpu":  # the GPU configs on a machine without one: minutes before the first step
+                rank_zero_info(
+                    f"DiffusionModule: compiling the training step on the CPU (compile_mode={self.compile_mode!r}): "
+                    "the first step waits for it, minutes for the shipped GPU configs; compile_mode null "
+                    "(--model.compile_mode null) trains without."
+                )
 
     # -- checkpoints ------------------------------------------------------------------------
     @classmethod

@@ -532,14 +532,19 @@ def test_compile_sampling_takes_a_compile_mode(monkeypatch):
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_compiled_training_keeps_keys_and_loss(learn_sigma):
-    """configure_model compiles the forward and the loss as a function: same loss, same state_dict keys."""
+def test_compiled_training_keeps_keys_and_loss(learn_sigma, caplog):
+    """configure_model compiles the forward and the loss as a function: same loss, same state_dict keys. On the CPU
+    it says that the first step waits for the compilation, and how to train without."""
+    import logging
+
     torch.manual_seed(0)
     eager = DiffusionModule(TinyBackbone(out_channels=1 + learn_sigma), image_shape=(1, 8, 8), learn_sigma=learn_sigma)
     compiled = DiffusionModule(copy.deepcopy(eager.backbone), image_shape=(1, 8, 8), learn_sigma=learn_sigma,
                                compile_mode="default")
     before = set(compiled.state_dict())
-    compiled.configure_model()
+    with caplog.at_level(logging.INFO):
+        compiled.configure_model()
+    assert "compiling the training step on the CPU" in caplog.text and "--model.compile_mode null" in caplog.text
     assert compiled._compiled_losses is not None
     assert set(compiled.state_dict()) == before and all(k.startswith("backbone.") for k in before)
     assert [n for n, _ in compiled.named_modules()] == [n for n, _ in eager.named_modules()]
