@@ -390,6 +390,7 @@ class CheckpointOnSignal(Callback):
         self.received: int | None = None  # the first stop signal of this run
         self.checkpoint_path: str | None = None  # where the checkpoint was saved, once it was
         self._lightning_handler: Any = None
+        self._rank, self._world_size = 0, 1
 
     # ------------------------------------------------------------------ handlers
     def _install(self) -> None:
@@ -411,13 +412,22 @@ class CheckpointOnSignal(Callback):
             raise KeyboardInterrupt  # the second Ctrl+C: stop now, without a checkpoint
         if self.received is None:
             self.received = signum
-            print(
-                f"Received {signal.Signals(signum).name}: stopping after the current step with a checkpoint"
-                + (" (press Ctrl+C again to stop at once, without one)." if signum == signal.SIGINT else "."),
-                file=sys.stderr,
-                flush=True,
-            )
+            # Ctrl+C reaches every rank of the terminal's process group: rank 0 says it once. A SIGTERM may reach
+            # some ranks only, so each rank that gets one says so, with its rank.
+            if signum != signal.SIGINT or self._rank == 0:
+                where = f" on rank {self._rank}" if self._world_size > 1 and signum != signal.SIGINT else ""
+                print(
+                    f"Received {signal.Signals(signum).name}{where}: stopping after the current step with a checkpoint"
+                    + (" (press Ctrl+C again to stop at once, without one)." if signum == signal.SIGINT else "."),
+                    file=sys.stderr,
+                    flush=True,
+                )
         self._lightning_handler(signum, frame)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new fit (e.g. the resume of a stopped one with this callback) has no signal yet
+            self.received, self.checkpoint_path = None, None
+            self._rank, self._world_size = int(trainer.global_rank), int(trainer.world_size)
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install()
