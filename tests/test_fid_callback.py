@@ -359,6 +359,23 @@ def test_evaluation_shows_a_progress_bar(tmp_path, capsys) -> None:
     assert re.search(r"fid: DDIM-3: +\d+%.* \d+/32 \[\d\d:\d\d<\d\d:\d\d", err), err  # done/total [elapsed<left]
 
 
+def test_validate_says_the_fid_it_logged_and_fit_does_not(tmp_path, caplog) -> None:
+    """The validate results table shows what the module logs: the FID, logged to the loggers at its true step, is
+    said in a line of its own outside a fit (during one it would repeat every evaluation)."""
+    import logging
+
+    fid = fid_callback(tmp_path, num_samples=32, batch_size=16, on_train_end=True, on_validation=True)
+    module = TinyGenerator()
+    with caplog.at_level(logging.INFO):
+        make_trainer(tmp_path, [fid], max_steps=1).fit(module, datamodule=datamodule())
+    assert "fid =" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        make_trainer(tmp_path, [fid], limit_val_batches=1).validate(module, datamodule=datamodule())
+    step, value = fid.history[-1]
+    assert f"fid = {value:.4g} at step {step} (32 samples, DDIM-3)" in caplog.text
+
+
 @pytest.mark.parametrize("make", [lambda: FIDCallback(feature_extractor="fashion_mnist"), SampleGridCallback],
                          ids=["fid", "samples"])
 def test_sampling_callbacks_refuse_a_sharded_strategy_before_any_work(make) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
@@ -564,6 +565,9 @@ class FIDCallback(SolverSettings, pl.Callback):
         metrics[f"{self.name}/seconds"] = time.perf_counter() - start
         self.seconds.append((trainer.global_step, metrics[f"{self.name}/seconds"]))
         self._log(trainer, metrics)
+        if trainer.state.fn != TrainerFn.FITTING:  # validate, test: their results table shows what the module logs
+            rank_zero_info(f"{self.name} = {fid:.4g} at step {trainer.global_step} ({self.num_samples} samples, "
+                           f"{self.solver.upper()}-{self.solver_steps})")
         self.history.append((trainer.global_step, fid))
         self._last_eval_step = trainer.global_step
         return fid
