@@ -110,6 +110,9 @@ def binned_flow_cdf(schedule: FlowSchedule, bin_probs: Tensor, t: Any) -> Tensor
     return cumulative[j] + probs[j] * (x - j)
 
 
+SEED_RANGE = (-(2**63), 2**64)
+"""The seeds ``torch.Generator.manual_seed`` takes: [-2^63, 2^64)."""
+
 PROBABILITY_BINS = 1000
 """Equal bins of [0, 1] in which ``probabilities()`` reports the distribution of flow times."""
 
@@ -276,7 +279,11 @@ class SamplingStrategy(Strategy):
     # -- randomness ---------------------------------------------------------------------
     def manual_seed(self, seed: int) -> None:
         """Give the strategy its own generator, so its draws can be replayed and resumed."""
-        self._seed = check_int(seed, "seed")
+        seed = check_int(seed, "seed")
+        if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:  # torch.Generator refuses it only at the first draw
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), the seeds torch.Generator takes, got {seed}: "
+                             "use a smaller seed, e.g. seed % 2**63.")
+        self._seed = seed
         self._generator = None  # (re)built lazily on the current device
         self._pending_rng = None
 
@@ -431,11 +438,22 @@ class TableWeighting(WeightingStrategy):
         weights = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
         if weights.numel() < 1 or not torch.isfinite(weights).all() or (weights < 0).any():
             raise ValueError(f"{type(self).__name__}: loss weights must be finite and non-negative.")
+        check_float32_weights(self, weights)
         self.table = weights.float()
 
     @override
     def weight(self, t: Tensor) -> Tensor:
         return self.flow_weight(t) if self.process == "flow" else self.table[t]
+
+
+def check_float32_weights(strategy: WeightingStrategy, weights: Tensor) -> None:
+    """Loss weights are applied in float32: one beyond its range would be inf in the loss (float64 ``weights``)."""
+    largest = float(weights.max())
+    if largest > torch.finfo(torch.float32).max:
+        raise ValueError(
+            f"{strategy!r} gives loss weights up to {largest:.3g}, beyond float32's range (3.4e38), so the loss would be "
+            "inf at those t: choose settings with smaller weights (e.g. a larger k or a smaller gamma)."
+        )
 
 
 class WrappedSampling(SamplingStrategy):

@@ -70,8 +70,8 @@ from lightning_speed import flow
 from lightning_speed.flow import FlowSchedule
 from lightning_speed.schedules import NoiseSchedule, Prediction, check_prediction
 from lightning_speed.timesteps.base import (
-    SamplingStrategy, TableSampling, TableWeighting, as_flow_times, binned_flow_cdf, check_run_length, flow_bin,
-    inverse_cdf_sample, probabilities_to_cdf, sample_binned_flow,
+    FLOW_EDGE, SamplingStrategy, TableSampling, TableWeighting, as_flow_times, binned_flow_cdf, check_run_length,
+    flow_bin, inverse_cdf_sample, probabilities_to_cdf, sample_binned_flow,
 )
 from lightning_speed.validation import check_int, check_number
 
@@ -175,6 +175,13 @@ class P2Weighting(TableWeighting):
         if self.k == 0 and self.gamma > 0:
             raise ValueError(
                 "P2 with k = 0 is infinite at t = 1 of a flow, where SNR = 0: use k > 0 (the official value is 1)."
+            )
+        # The weights are computed per step from float32 t: they must stay finite there, up to t = 1 - 2^-24.
+        t = torch.cat([torch.linspace(FLOW_EDGE, 1 - FLOW_EDGE, 4097), 1 - torch.logspace(-7.2, -1, 256)]).float()
+        if not bool(torch.isfinite(flow_p2_weight(t, self.k, self.gamma, self.scale)).all()):
+            raise ValueError(
+                f"{self!r} gives loss weights beyond float32's range (3.4e38) near t = 1 of a flow, where SNR -> 0 and "
+                "the weight approaches scale (1 - t)^2 / k^gamma: choose a larger k or a smaller gamma."
             )
 
     @override

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speed.timesteps.base import SamplingStrategy, WrappedSampling, as_flow_times, check_run_length
+from lightning_speed.timesteps.base import (
+    SEED_RANGE, SamplingStrategy, WrappedSampling, as_flow_times, check_run_length,
+)
 from lightning_speed.validation import check_choice, check_int, check_number
 
 Shape = Literal["linear", "step"]
@@ -128,7 +130,7 @@ class CurriculumSampling(WrappedSampling):
     @override
     def manual_seed(self, seed: int) -> None:
         super().manual_seed(seed)
-        self.early.manual_seed(seed + 1)
+        self.early.manual_seed(seed + 1 if seed + 1 < SEED_RANGE[1] else SEED_RANGE[0])  # wraps at the top seed
 
     def _uniform(self, n: int) -> Tensor:
         if self.process == "flow":
