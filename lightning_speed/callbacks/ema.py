@@ -427,7 +427,12 @@ class EMAWeightAveraging(_LightningEMA):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
     ) -> None:
         with_average = "current_model_state" in checkpoint and "averaging_state" in checkpoint
+        if with_average and trainer.state.fn == TrainerFn.FITTING:
+            _warn_if_average_resumes(checkpoint, self.decay)
         if self._shards is None:
+            if with_average and self._average_model is not None:
+                _widen_to_saved(self._average_model.module, checkpoint["state_dict"])
+                self._pairs = None
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
         elif not with_average:
             rank_zero_warn(
@@ -606,7 +611,8 @@ def _update_lists(
     if len(averaged) != len(current) or len(averaged_buffers) != len(current_buffers):
         raise RuntimeError(
             f"The averaged model has {len(averaged)} tensors but the module has {len(current)}: "
-            "the module's parameters changed after EMAWeightAveraging was set up."
+            "the module's parameters or buffers changed after EMAWeightAveraging copied it at setup. Create them all "
+            "in the module's __init__ or configure_model (called before the copy), not in a later hook or forward."
         )
     lerp: tuple[list[Tensor], list[Tensor]] = ([], [])
     converted: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -636,6 +642,39 @@ def _widen(average: torch.nn.Module, model: torch.nn.Module) -> None:
     for a, c in zip([*average.parameters(), *average.buffers()], [*model.parameters(), *model.buffers()]):
         if a.is_floating_point() and a.dtype != average_dtype(c.dtype):
             a.data = a.data.to(average_dtype(c.dtype))
+
+
+def _warn_if_average_resumes(checkpoint: dict[str, Any], decay: float) -> None:
+    """Warn when a checkpoint's training weights are its average: Lightning's callback writes that after training
+    ended (it copies the average into the module first), and a fit resumed from it trains on from the average. Past
+    two updates with a decay above 0 the two differ in every real run, and the first tensor compared tells."""
+    n_averaged = int(checkpoint["averaging_state"].get("n_averaged", 0))
+    average, current = checkpoint["state_dict"], checkpoint["current_model_state"]
+    floating = [k for k, v in average.items() if isinstance(v, Tensor) and v.is_floating_point()]
+    if n_averaged < 2 or decay == 0 or not floating or average.keys() != current.keys():
+        return
+    if all(torch.equal(average[k], current[k]) for k in floating):
+        rank_zero_warn(
+            f"The checkpoint's training weights are its EMA average ({n_averaged} updates): it was written after "
+            "training ended by Lightning's EMAWeightAveraging, which copies the average into the model first, so this "
+            "fit trains on from the average, not from the weights the run stopped at. Resume from a checkpoint "
+            "written during training (ModelCheckpoint(every_n_train_steps=...)) to continue the run exactly."
+        )
+
+
+@torch.no_grad()
+def _widen_to_saved(average: torch.nn.Module, saved: dict[str, Any]) -> None:
+    """Hold each floating tensor of the ``average`` copy in at least the dtype the checkpoint saved it in, so that
+    loading it does not round it. The copy is made at setup, before the precision plugin converts the module: an
+    fp64 average (``64-true``) would be loaded into an fp32 copy, an fp32 one into a bf16 copy of a module created
+    in bf16 (``trainer.init_module()`` under ``bf16-true``). ``on_fit_start`` then sets the dtype the run averages
+    in."""
+    for name, a in [*average.named_parameters(), *average.named_buffers()]:
+        s = saved.get(name)
+        if isinstance(s, Tensor) and s.is_floating_point() and a.is_floating_point():
+            wider = torch.promote_types(a.dtype, s.dtype)
+            if wider != a.dtype:
+                a.data = a.data.to(wider)
 
 
 def _swap_in_or_out(average: list[Tensor], current: list[Tensor], stash: list[Tensor] | None) -> list[Tensor] | None:
