@@ -101,7 +101,8 @@ class DeviceBatchLoader:
     the same random flips (latent draws) as a run never interrupted: it draws the skipped batches
     again on the device, so every rank, which loads rank 0's state, advances its own generator. A state
     of another epoch (a checkpoint written at an epoch's end) is ignored. Resumed with another
-    ``batch_size`` (or number of devices) the loader warns and, as Lightning counts the batches already
+    ``batch_size`` (or number of devices) the loader warns on rank 0 (unless the datamodule said so: ``resume_said``)
+    and, as Lightning counts the batches already
     trained, continues at the same batch index of the epoch batched anew: that epoch's images between
     ``done * old`` and ``done * new`` in its order are seen twice (smaller batches) or not at all
     (larger ones); later epochs are as in a run with the new size.
@@ -131,6 +132,7 @@ class DeviceBatchLoader:
         self._epoch_set = False
         self._progress = {"epoch": 0, "batches": 0, "batch_size": self.batch_size, "world_size": self.world_size}
         self._resume: dict[str, int] | None = None  # a loaded state, for the next ``iter``
+        self.resume_said = False  # the datamodule said what this resume changes: no warning of its own
 
     def _check_data(self, images: Tensor) -> None:
         if images.dtype != torch.uint8:
@@ -193,10 +195,11 @@ class DeviceBatchLoader:
         """Batches of ``epoch`` already trained on, from a loaded state (0 without one); warns if they were batched
         otherwise."""
         resume, self._resume = self._resume, None
+        said, self.resume_said = self.resume_said, False
         if resume is None or resume["epoch"] != epoch or resume["batches"] == 0:
             return 0
         done = resume["batches"]
-        if (resume["batch_size"], resume["world_size"]) != (self.batch_size, self.world_size):
+        if self.rank == 0 and not said and (resume["batch_size"], resume["world_size"]) != (self.batch_size, self.world_size):
             warnings.warn(
                 f"Resuming epoch {epoch} after {done} batches of {resume['batch_size']} on {resume['world_size']} "
                 f"device(s) with batches of {self.batch_size} on {self.world_size}: training continues at batch {done} "
@@ -243,6 +246,88 @@ class HostTrainLoader(DataLoader):
             )
 
 
+def run_shape(trainer: Any, batch_size: int) -> dict[str, int]:
+    """What makes the images of one optimizer step: ``batch_size`` per process, processes, batches accumulated."""
+    return {"batch_size": int(batch_size), "world_size": int(trainer.world_size),
+            "accumulate_grad_batches": int(getattr(trainer, "accumulate_grad_batches", 1) or 1)}
+
+
+def _images_per_step(shape: dict[str, int]) -> int:
+    return shape["batch_size"] * shape["world_size"] * shape.get("accumulate_grad_batches", 1)
+
+
+def batches_per_epoch(count: int, saved: dict[str, int]) -> int:
+    """Batches per epoch of ``count`` images in ``saved``'s shape (each process its ``count // world`` share)."""
+    return count // saved["world_size"] // saved["batch_size"]
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("" if n == 1 else "es")
+
+
+def world_size_change(saved: dict[str, int], now: dict[str, int], epoch: int, continued: int) -> str:
+    """What resuming a fit of ``saved``'s shape on another number of processes changes: the images per optimizer step
+    (the batch size is per process) and, ``continued`` batches into ``epoch`` (0: none), that epoch."""
+    before, after = _images_per_step(saved), _images_per_step(now)
+    old, new = saved["world_size"], now["world_size"]
+    per = after // now["batch_size"]
+    keep = (f" To keep {before} images per step, set batch_size={before // per}."
+            if before % per == 0 and before != after else "")
+    if continued:
+        epoch_note = (f"Epoch {epoch} continues at batch {continued} with its images shared out anew over "
+                      f"{_processes(new)}, not exactly: some of its images are seen twice or not at all (later epochs "
+                      f"are as in a run on {_processes(new)}). To continue it exactly, resume on {_processes(old)} with "
+                      f"batch_size={saved['batch_size']}.")
+    else:
+        epoch_note = f"Epoch {epoch} starts at its first batch, shared out over {_processes(new)}."
+    return (f"Resuming a fit trained on {_processes(old)} on {_processes(new)}: {before} images per optimizer step "
+            f"before ({saved['batch_size']} per process), {after} now ({now['batch_size']} per process); the batch "
+            f"size is per process.{keep} {epoch_note}")
+
+
+class ResumeShapeMixin:
+    """For a datamodule whose ``batch_size`` is per process: checkpoints record the run's shape (``run_shape``), and a
+    fit resumed on another number of processes says once, on rank 0, what that changes (``world_size_change``)."""
+
+    batch_size: int
+    trainer: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        state: dict[str, Any] = run_shape(trainer, self.batch_size)
+        loader = trainer.train_dataloader
+        if isinstance(loader, DeviceBatchLoader):  # the epoch in progress and its batches trained
+            state["loader"] = loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        trainer = getattr(self, "trainer", None)
+        self._resumed_shape = dict(state) if state and trainer is not None and trainer.state.fn == "fit" else None
+
+    def _say_world_size_change(self, loader: Any) -> None:
+        """After ``train_dataloader`` built ``loader`` (Lightning has restored its loops, not yet the loader's state)."""
+        saved, self._resumed_shape = getattr(self, "_resumed_shape", None), None
+        trainer = getattr(self, "trainer", None)
+        if not saved or trainer is None or int(saved.get("world_size", trainer.world_size)) == trainer.world_size:
+            return
+        progress = saved.get("loader") or {}
+        continued, cut = 0, ""
+        # Lightning hands the loader its saved state only when it restarts the epoch; a host loader restarts it anyway
+        if isinstance(loader, DeviceBatchLoader) and trainer.fit_loop.restarting:
+            epoch, done = progress.get("epoch"), int(progress.get("batches", 0))
+            if epoch == trainer.current_epoch:
+                continued = done
+            elif epoch == trainer.current_epoch - 1 and 0 < done < batches_per_epoch(loader.images.shape[0], saved):
+                cut = (f" The checkpoint was written {done} batches into epoch {epoch}, which Lightning counts as ended "
+                       "(a checkpoint at the end of training): the rest of that epoch is not trained on.")
+            loader.resume_said = True  # on every rank: said here, once
+        if trainer.global_rank == 0:
+            warnings.warn(world_size_change(saved, run_shape(trainer, self.batch_size), trainer.current_epoch,
+                                            continued) + cut, UserWarning, stacklevel=3)
+
+
 def check_seed(seed: int) -> int:
     """A data module's ``seed``: numpy's generators (an image folder's hold-out split) refuse a negative one, and
     torch's would take -1 as 2**64 - 1; Lightning's ``seed_everything`` refuses it too."""
@@ -258,7 +343,7 @@ def check_attached_model(datamodule: L.LightningDataModule) -> None:
         model.check_data(datamodule)
 
 
-class UInt8ImageDataModule(L.LightningDataModule):
+class UInt8ImageDataModule(ResumeShapeMixin, L.LightningDataModule):
     """Base datamodule over in-memory uint8 image arrays; see the module docstring.
 
     Subclasses set ``name``, ``image_shape`` and ``num_classes`` and implement
@@ -417,7 +502,9 @@ class UInt8ImageDataModule(L.LightningDataModule):
         images, labels = self._split("train")
         if not self.on_device:
             self._check_batch_size(images.shape[0])  # batch_size may have changed since setup (BatchSizeFinder)
-            return self._loader(images, labels, train=True)
+            loader = self._loader(images, labels, train=True)
+            self._say_world_size_change(loader)
+            return loader
         device = self._target_device()
         rank, world = self._rank_world()
         cached = self._device_train
@@ -433,6 +520,7 @@ class UInt8ImageDataModule(L.LightningDataModule):
             )
         else:  # batch_size may have changed since (BatchSizeFinder sets it and asks again): the same copy, rebatched
             cached.batch_size = self.batch_size
+        self._say_world_size_change(self._device_train)
         return self._device_train
 
     def val_dataloader(self) -> DataLoader | list:

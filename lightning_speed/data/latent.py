@@ -56,7 +56,8 @@ from lightning_speed.distributed import rank_seed
 from lightning_speed.validation import check_bool, check_choice, check_folder, check_int
 
 from .base import (
-    DeviceBatchLoader, HostTrainLoader, UInt8ImageDataModule, check_attached_model, check_seed, to_unit_range,
+    DeviceBatchLoader, HostTrainLoader, ResumeShapeMixin, UInt8ImageDataModule, check_attached_model, check_seed,
+    to_unit_range,
 )
 
 CACHE_FORMAT = 1
@@ -221,7 +222,7 @@ def _unlink_quietly(*paths: Path) -> None:
             pass
 
 
-class LatentDataModule(L.LightningDataModule):
+class LatentDataModule(ResumeShapeMixin, L.LightningDataModule):
     """An image data module's training images as cached autoencoder latents; see the module docstring.
 
     Args:
@@ -473,14 +474,17 @@ class LatentDataModule(L.LightningDataModule):
                 )
             else:  # batch_size may have changed since (BatchSizeFinder sets it and asks again): the same copy, rebatched
                 cached.batch_size = self.batch_size
+            self._say_world_size_change(self._device_train)
             return self._device_train
         # Per rank, as the image modules' host loaders: workers seeded alike would draw the same latent noise on every rank
         generator = torch.Generator().manual_seed(rank_seed(self.seed, rank))
-        return HostTrainLoader(
+        loader = HostTrainLoader(
             _MemmapPosterior(path, labels), batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=device.type == "cuda",
             collate_fn=_DrawCollate(self.autoencoder.scaling_factor, self.random_flip, self.autoencoder.shift_factor),
         )
+        self._say_world_size_change(loader)
+        return loader
 
     @staticmethod
     def _to_device(path: Path, device: torch.device, chunk: int = 8192) -> Tensor:
