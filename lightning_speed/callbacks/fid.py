@@ -427,6 +427,16 @@ class FIDCallback(SolverSettings, pl.Callback):
         images = checked(datamodule.reference_images(split, n))
         return f"{type(datamodule).__name__}-{split}-{images_fingerprint(images)}", lambda: images
 
+    def _check_unique_name(self, trainer: "pl.Trainer") -> None:
+        """Two FID callbacks of one name would log both their values under the same tags at the same step."""
+        if any(isinstance(other, FIDCallback) and other is not self and other.name == self.name
+               for other in trainer.callbacks):
+            raise ValueError(
+                f"Two FIDCallbacks are named {self.name!r}, so both would log {self.name!r} and "
+                f"'{self.name}/seconds' at the same steps and their curves would mix: give each its own `name` "
+                "(e.g. --final_fid.init_args.name fid_final)."
+            )
+
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Resolve the feature network (a missing Inception file fails here) and load/compute real stats.
 
@@ -444,6 +454,7 @@ class FIDCallback(SolverSettings, pl.Callback):
                 "ranks, and each rank generates a share: raise num_samples (well over the feature dimension)."
             )
         self._check_module(pl_module)
+        self._check_unique_name(trainer)
         if not self.use_ema and self.eval_on_train_end:
             check_training_weights_kept(trainer, self)
         start = time.perf_counter()

@@ -31,12 +31,15 @@ not only the steps since the resume; under DDP it holds the window summed over t
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
@@ -125,6 +128,17 @@ class TimestepMonitor(Callback):
         # The step the run starts from (0, or a resumed checkpoint's) has no window of this fit behind it: with
         # gradient accumulation its first micro-batches end at that global_step and must not flush alone.
         self._last_logged_step = trainer.global_step
+        try:  # max_steps, or the epochs' optimizer steps; inf when unbounded
+            total = trainer.estimated_stepping_batches
+        except MisconfigurationException:  # accumulation that changes between epochs: no estimate
+            total = math.inf
+        every = self.log_every_n_steps
+        if math.isfinite(total) and int(total) // every <= trainer.global_step // every:
+            rank_zero_warn(
+                f"TimestepMonitor(log_every_n_steps={every}) writes its summaries every {every} optimizer steps, but "
+                f"this fit trains from step {trainer.global_step} to {int(total)}, so it will write none: lower "
+                "log_every_n_steps (on the command line, --monitor.init_args.log_every_n_steps)."
+            )
 
     def _tau(self, strategy: TimestepStrategy) -> int | float | str:
         if self.tau is None:
