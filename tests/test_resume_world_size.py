@@ -74,7 +74,7 @@ def test_a_fit_resumed_mid_epoch_on_one_process_says_once_what_changes(tmp_path:
 
 def test_a_fit_resumed_from_the_end_of_training_on_one_process_says_the_epoch_restarts(tmp_path: Path) -> None:
     """``save_last`` at ``max_steps`` writes a checkpoint Lightning counts as an epoch's end: the loader's state of
-    epoch 0 is not used (it used to say nothing at all), and epoch 1 starts at its first batch."""
+    epoch 0 is not used (said, not silent), and epoch 1 starts at its first batch."""
     _fit(tmp_path)
     # 2 processes take 30 images each, 3 batches of 8: the run stopped 2 batches into epoch 0
     said = _about_processes(_fit(tmp_path / "resumed", _as_two_processes(tmp_path / "end.ckpt", 2), max_steps=6))
