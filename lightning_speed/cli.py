@@ -626,7 +626,7 @@ class SpeedCLI(LightningCLI):
             {
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "lightning_speed"},
+                    "init_args": {"save_dir": "runs", "name": "lightning_speed", "default_hp_metric": False},
                 }
             }
         )

@@ -258,7 +258,7 @@ def test_quickstart_trains_and_writes_logs_checkpoint_samples_and_fid(cli_env: P
     loss = [e.value for e in events.Scalars("train/loss")]
     assert len(loss) >= 5 and loss[-1] < loss[0]  # it learned something
     assert "timesteps/share/convergence" in events.Tags()["scalars"]  # the monitor saw SpeeD's sampling
-    assert "hp_metric" not in events.Tags()["scalars"]  # the README's list: Lightning writes no placeholder here
+    assert "hp_metric" not in events.Tags()["scalars"]  # no placeholder (default_hp_metric: false) beside the curves
 
 
 # ------------------------------------------------------------------------------------ the README
