@@ -145,12 +145,15 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
 
-def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | None) -> None:
+def check_checkpoint_matches(model: nn.Module, path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
     """Raise :class:`CheckpointMismatchError` (a short summary) when tensor shapes differ from ``model``'s, or, for
-    a model loaded strictly (``strict_loading``, Lightning's default), when tensors are missing on either side."""
+    a model loaded strictly (``strict_loading``, Lightning's default), when tensors are missing on either side.
+    Returns the loaded checkpoint (memory-mapped) for further checks, None for no path or one Lightning resolves."""
     if path is None or not _is_local(str(path)):
-        return
-    check_state_matches(model, load_checkpoint(path)["state_dict"], path, strict=getattr(model, "strict_loading", True))
+        return None
+    checkpoint = load_checkpoint(path)
+    check_state_matches(model, checkpoint["state_dict"], path, strict=getattr(model, "strict_loading", True))
+    return checkpoint
 
 
 def check_state_matches(model: nn.Module, state: dict[str, Any], path: str | os.PathLike[str] | None = None,

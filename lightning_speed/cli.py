@@ -32,7 +32,7 @@ from lightning_speed.callbacks.samples import SampleGridCallback
 from lightning_speed.callbacks.guard import CheckpointOnSignal, DivergenceError, DivergenceGuard
 from lightning_speed.callbacks.strategies import TimestepCallback
 from lightning_speed.checkpoints import (
-    NO_STRATEGY, config_near, check_checkpoint_file, check_checkpoint_matches, describe_strategies, load_checkpoint,
+    NO_STRATEGY, config_near, check_checkpoint_file, check_checkpoint_matches, describe_strategies,
     optimizer_changes, trained_strategies,
 )
 from lightning_speed.module import DiffusionModule
@@ -709,33 +709,28 @@ class SpeedCLI(LightningCLI):
         _warn_unused(f"--ckpt_path {self.config[subcommand]['ckpt_path']} was trained with other model hyperparameters, "
                      "and LightningCLI restores the checkpoint's", changed)
 
-    def _check_ckpt_path(self) -> None:
-        """A ``--ckpt_path`` that is not a checkpoint, or one of another model size: a short, clear error."""
+    def _check_ckpt_path(self) -> dict[str, Any] | None:
+        """A ``--ckpt_path`` that is not a checkpoint, or one of another model size: a short, clear error. Returns the
+        loaded checkpoint (memory-mapped; None without a local one) for the checks that read it further."""
         ckpt_path = self._get(self.config_init, "ckpt_path")
-        if ckpt_path is not None:
-            check_checkpoint_file(str(ckpt_path))
-            check_checkpoint_matches(self.model, str(ckpt_path))
+        if ckpt_path is None:
+            return None
+        check_checkpoint_file(str(ckpt_path))
+        return check_checkpoint_matches(self.model, str(ckpt_path))
 
-    def _name_optimizer_changes(self) -> None:
+    def _name_optimizer_changes(self, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
         """Resuming restores the checkpoint's optimizer and LR scheduler state over the configured ones: a changed
         ``--model.optimizer.init_args.lr`` would not be used. Each such setting is named in a warning, as
         ``_parse_ckpt_path`` names the model's."""
-        ckpt_path = self._get(self.config_init, "ckpt_path")
-        if ckpt_path is None or not os.path.isfile(ckpt_path):
-            return
         changed = [f"  model.{name.replace('.', '.init_args.', 1)}: configured {ours!r}, checkpoint {theirs!r}"
-                   for name, theirs, ours in optimizer_changes(self.model, load_checkpoint(ckpt_path))]
+                   for name, theirs, ours in optimizer_changes(self.model, checkpoint)]
         _warn_unused(f"--ckpt_path {ckpt_path} holds the state of an optimizer configured otherwise, and resuming "
                      "restores it", changed)
 
-    def _name_strategy_change(self) -> None:
+    def _name_strategy_change(self, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
         """Resuming with another time-step strategy than the checkpoint's trains on with the configured one, from the
         checkpoint's step: forgetting the strategy file (``--config fashion_mnist.yaml --ckpt_path ...``) turned a
         SpeeD run into a uniform one, with nothing but Lightning's note on a callback state it could not place."""
-        ckpt_path = self._get(self.config_init, "ckpt_path")
-        if ckpt_path is None or not os.path.isfile(ckpt_path):
-            return
-        checkpoint = load_checkpoint(ckpt_path)
         theirs = trained_strategies(checkpoint, ckpt_path)
         installed = " + ".join(c.name for c in self.trainer.callbacks if isinstance(c, TimestepCallback))
         ours = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
@@ -796,9 +791,11 @@ class SpeedCLI(LightningCLI):
         Lightning 2.6's ``ModelCheckpoint(save_last=True)`` still saves ``last.ckpt`` at train end
         in a fast_dev_run, and with the logger disabled that lands in ``./checkpoints``.
         """
-        self._check_ckpt_path()
-        self._name_optimizer_changes()
-        self._name_strategy_change()
+        checkpoint = self._check_ckpt_path()  # loaded once for every check of the resume
+        if checkpoint is not None:
+            ckpt_path = str(self._get(self.config_init, "ckpt_path"))
+            self._name_optimizer_changes(ckpt_path, checkpoint)
+            self._name_strategy_change(ckpt_path, checkpoint)
         check_output_folders(self.trainer)
         if self.trainer.fast_dev_run:
             for callback in self.trainer.checkpoint_callbacks:
