@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -294,7 +295,7 @@ class ResumeShapeMixin:
 
     def state_dict(self) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.state.fn != "fit":
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
         state: dict[str, Any] = run_shape(trainer, self.batch_size)
         loader = trainer.train_dataloader
@@ -304,7 +305,7 @@ class ResumeShapeMixin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         trainer = getattr(self, "trainer", None)
-        self._resumed_shape = dict(state) if state and trainer is not None and trainer.state.fn == "fit" else None
+        self._resumed_shape = dict(state) if state and trainer is not None and trainer.state.fn == TrainerFn.FITTING else None
 
     def _say_world_size_change(self, loader: Any) -> None:
         """After ``train_dataloader`` built ``loader`` (Lightning has restored its loops, not yet the loader's state)."""
@@ -326,6 +327,18 @@ class ResumeShapeMixin:
         if trainer.global_rank == 0:
             warnings.warn(world_size_change(saved, run_shape(trainer, self.batch_size), trainer.current_epoch,
                                             continued) + cut, UserWarning, stacklevel=3)
+
+
+def check_batch_fits(name: str, count: int, world: int, batch_size: int, *, padded: bool) -> None:
+    """Every process must get at least one full batch of the ``count`` training images (batches drop the last partial
+    one): ``count // world`` each, or ``ceil(count / world)`` where a DistributedSampler pads the shares (``padded``)."""
+    share = -(-count // world) if padded else count // world
+    if share < batch_size:
+        per = f" ({share} per process on {world} processes)" if world > 1 else ""
+        raise ValueError(
+            f"{name}: {count} training images{per} is fewer than batch_size={batch_size}: lower batch_size to at most "
+            f"{max(1, share)} or add training images."
+        )
 
 
 def check_seed(seed: int) -> int:
@@ -458,17 +471,8 @@ class UInt8ImageDataModule(ResumeShapeMixin, L.LightningDataModule):
             self._device_train = None  # frees the device copy of the train set
 
     def _check_batch_size(self, count: int) -> None:
-        """Every process must get at least one full batch of the ``count`` training images: batches drop the last
-        partial one. The on-device loader shards ``count // world`` images per rank; the host loader's sampler pads
-        each rank's share up to ``ceil(count / world)``."""
-        world = self._rank_world()[1]
-        share = count // world if self.on_device else -(-count // world)
-        if share < self.batch_size:
-            per = f" ({share} per process on {world} processes)" if world > 1 else ""
-            raise ValueError(
-                f"{self.name}: {count} training images{per} is fewer than batch_size={self.batch_size}: lower "
-                f"batch_size to at most {max(1, share)} or add training images."
-            )
+        # the on-device loader shards count // world images per rank; the host loader's sampler pads each share
+        check_batch_fits(self.name, count, self._rank_world()[1], self.batch_size, padded=not self.on_device)
 
     # ------------------------------------------------------------ dataloaders
     def _target_device(self) -> torch.device:

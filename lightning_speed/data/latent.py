@@ -56,8 +56,8 @@ from lightning_speed.distributed import rank_seed
 from lightning_speed.validation import check_bool, check_choice, check_folder, check_int
 
 from .base import (
-    DeviceBatchLoader, HostTrainLoader, ResumeShapeMixin, UInt8ImageDataModule, check_attached_model, check_seed,
-    to_unit_range,
+    DeviceBatchLoader, HostTrainLoader, ResumeShapeMixin, UInt8ImageDataModule, check_attached_model, check_batch_fits,
+    check_seed, to_unit_range,
 )
 
 CACHE_FORMAT = 1
@@ -405,7 +405,6 @@ class LatentDataModule(ResumeShapeMixin, L.LightningDataModule):
         check_attached_model(self)
         self.images.prepare_data()  # the files first (downloaded if allowed): the cache's record counts the images
         self._check_batch_size(self.images.split_size("train"))
-        self._clear_dead_builds()
         if not self.cache_matches():
             self.build_cache()
 
@@ -415,7 +414,7 @@ class LatentDataModule(ResumeShapeMixin, L.LightningDataModule):
         if self.trainer is None:  # outside a Trainer nobody called prepare_data
             self.images.prepare_data()
         self._check_batch_size(self.images.split_size("train"))
-        self._clear_dead_builds()
+        self._clear_dead_builds()  # here, not in prepare_data: setup runs after it, and alone outside a Trainer
         if not self.cache_matches():
             self.build_cache()
         folder = self.cache_folder()
@@ -432,15 +431,9 @@ class LatentDataModule(ResumeShapeMixin, L.LightningDataModule):
             rank_zero_info(f"LatentDataModule: removed {len(removed)} file(s) of an encoding killed earlier in {folder}")
 
     def _check_batch_size(self, count: int) -> None:
-        """Before any encoding: every process must get at least one full batch of its share of the images (both
-        loaders drop the last partial batch, so a smaller share would train on nothing)."""
+        """Before any encoding: every process must get at least one full batch of its ``count // world`` share."""
         world = int(getattr(self.trainer, "world_size", 1)) if self.trainer is not None else 1
-        if count // world < self.batch_size:
-            share = f" ({count // world} per process on {world} processes)" if world > 1 else ""
-            raise ValueError(
-                f"{self.name}: {count} training images{share} is fewer than batch_size={self.batch_size}: lower "
-                f"batch_size to at most {max(1, count // world)} or add images."
-            )
+        check_batch_fits(self.name, count, world, self.batch_size, padded=False)
 
     def teardown(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
