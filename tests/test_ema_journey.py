@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging as LightningEMA
+from _fixtures import cpu_trainer
 from test_ema import Regressor, _averaged
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -26,9 +27,7 @@ def _data(batch_size: int = 8) -> DataLoader:
 
 
 def _trainer(callbacks, steps: int, tmp_path, **kwargs) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                      default_root_dir=tmp_path, **kwargs)
+    return cpu_trainer(max_steps=steps, callbacks=callbacks, default_root_dir=tmp_path, **kwargs)
 
 
 def _diffusers_decay(step: int, decay: float, inv_gamma: float, power: float, update_after_step: int) -> float:

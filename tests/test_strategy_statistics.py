@@ -2,9 +2,9 @@
 must fit the float32 tables and steps they are applied in.
 
 Draws are compared with the sampler's own exact distribution (``probabilities()`` on a DDPM schedule, ``cdf_at`` on a
-flow) at fixed seeds: chi-square over bins pooled to expected counts of at least 20, KS for flow times. The level
-1e-4 keeps a correct sampler from failing by chance (once in 10^4 seeds) while a wrong table fails by far (a step
-drawn 1 % too often in 200k draws is a 5-sigma excess when pooled with its neighbours).
+flow) at fixed seeds: Pearson's chi-square with the steps expecting fewer than 5 draws pooled (``chi_square_ok``, as
+the study strategies' tests use it), KS for flow times. The level 1e-4 keeps a correct sampler from failing by chance
+(once in 10^4 seeds).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import copy
 import warnings
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -26,21 +25,10 @@ from lightning_speed.timesteps import (
     UniformSampling,
 )
 
+from test_study_strategies import chi_square_ok  # pytest puts tests/ on sys.path
+
 LINEAR = NoiseSchedule.from_name("linear", 1000)
 LEVEL = 1e-4
-
-
-def pooled_chi_square(counts: np.ndarray, probs: np.ndarray, minimum: float = 20.0) -> float:
-    """p-value of counts against probs, neighbouring steps pooled until each group expects ``minimum`` draws."""
-    expected, groups, acc_c, acc_e = probs * counts.sum(), [], 0.0, 0.0
-    for c, e in zip(counts, expected):
-        acc_c, acc_e = acc_c + c, acc_e + e
-        if acc_e >= minimum:
-            groups.append((acc_c, acc_e))
-            acc_c = acc_e = 0.0
-    groups[-1] = (groups[-1][0] + acc_c, groups[-1][1] + acc_e)
-    observed, wanted = np.array(groups).T
-    return stats.chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue
 
 
 DDPM_SAMPLERS: dict[str, Callable[[], object]] = {
@@ -61,10 +49,8 @@ def test_ddpm_draws_follow_the_stated_probabilities(name: str) -> None:
     sampler.set_step(400, 1000)  # a curriculum at a = 0.6; the others ignore it
     sampler.manual_seed(11)
     t = strategy.sample(200_000)
-    probs = sampler.probabilities().double().numpy()
-    counts = np.bincount(t.numpy(), minlength=probs.size)
-    assert counts[probs == 0].sum() == 0  # nothing drawn where the table has no mass
-    assert pooled_chi_square(counts, probs) > LEVEL
+    statistic, threshold = chi_square_ok(t, sampler.probabilities().double().numpy(), LEVEL)  # and none without mass
+    assert statistic < threshold
 
 
 FLOW_SAMPLERS: dict[str, Callable[[], object]] = {

@@ -60,9 +60,9 @@ SCHEDULES = {
 }
 
 
-def chi_square_ok(draws: torch.Tensor, probs: np.ndarray) -> tuple[float, float]:
+def chi_square_ok(draws: torch.Tensor, probs: np.ndarray, false_alarm: float = FALSE_ALARM) -> tuple[float, float]:
     """Pearson's statistic of ``draws`` against ``probs`` (bins expecting fewer than 5 pooled) and the
-    threshold that an exact sampler exceeds with probability FALSE_ALARM."""
+    threshold that an exact sampler exceeds with probability ``false_alarm``."""
     n = draws.numel()
     counts = np.bincount(draws.numpy(), minlength=len(probs)).astype(float)
     expected = n * probs
@@ -72,7 +72,7 @@ def chi_square_ok(draws: torch.Tensor, probs: np.ndarray) -> tuple[float, float]
     keep = expected > 0
     assert observed[~keep].sum() == 0, "draws where the table has no mass"
     statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    return statistic, float(stats.chi2.ppf(1 - FALSE_ALARM, keep.sum() - 1))
+    return statistic, float(stats.chi2.ppf(1 - false_alarm, keep.sum() - 1))
 
 
 # --------------------------------------------------------------------------- log-SNR densities
